@@ -1,0 +1,395 @@
+"""Records: the plain-value types that cross from the estimators to everything after them.
+
+Every record is a frozen dataclass of floats, ints and strings (never tensors). Its JSON form,
+``record.to_json()``, is one line of the run log; ``record_from_json`` reads it back. The schema is
+documented in ``docs/log-schema.md``; bump :data:`SCHEMA_VERSION` on any incompatible change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, ClassVar, Literal, TypeAlias
+
+SCHEMA_VERSION = 1
+
+Direction = Literal["forward", "reverse"]
+DIRECTIONS: tuple[Direction, ...] = ("forward", "reverse")
+
+
+class RecordError(ValueError):
+    """A run-log object that does not follow the schema (wrong type or missing field)."""
+
+
+class AlertKind(str, Enum):
+    """What an alert says about a layer."""
+
+    VANISHING = "vanishing"
+    EXPLODING = "exploding"
+    NONFINITE = "nonfinite"
+    RECOVERED = "recovered"
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    """JSON has no NaN/Inf: non-finite floats are written as null."""
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+@dataclass(frozen=True)
+class MeasurementMetrics:
+    """What one measurement says about one layer and direction of one module.
+
+    ``jacobian_*`` summarise sigma_max(J_t), J_t = ds_t/ds_{t-1}, over the measured (t, sequence) pairs.
+    ``lag_norm[str(tau)]`` is the median over sequences of ||ds_T/ds_{T-tau}||_2 (product of tau Jacobians);
+    ``lyapunov_max`` the mean log growth per step of that product. ``None`` means "not measurable here"
+    (for example a sequence too short for any lag).
+    """
+
+    jacobian_sigma_max_mean: float | None
+    jacobian_sigma_max_min: float | None
+    jacobian_sigma_max_max: float | None
+    jacobian_sigma_max_p95: float | None
+    jacobian_frac_above_one: float | None
+    weight_hh_sigma_max: float | None
+    activation_derivative_mean: float | None
+    activation_saturation_ratio: float | None
+    lyapunov_max: float | None
+    lag_norm: Mapping[str, float | None] = field(default_factory=dict)
+    grad_norm: Mapping[str, float | None] = field(default_factory=dict)
+    grad_nonfinite: int = 0
+    # Diagnostics of the estimate itself (optional in the schema).
+    gate_mean: float | None = None
+    jacobian_converged_ratio: float | None = None
+    jacobian_iterations: int | None = None
+    sequences: int | None = None
+    time_steps: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Mapping):
+                out[f.name] = {str(k): _finite_or_none(v) for k, v in value.items()}
+            elif isinstance(value, float):
+                out[f.name] = _finite_or_none(value)
+            else:
+                out[f.name] = value
+        return out
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> MeasurementMetrics:
+        if not isinstance(data, Mapping):
+            raise RecordError(f"'metrics' must be an object, got {type(data).__name__}")
+        kwargs: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in data:
+                continue
+            value = data[f.name]
+            if f.name in ("lag_norm", "grad_norm"):
+                if not isinstance(value, Mapping):
+                    raise RecordError(f"metrics.{f.name} must be an object, got {type(value).__name__}")
+                kwargs[f.name] = {str(k): _as_optional_float(v, f"metrics.{f.name}.{k}") for k, v in value.items()}
+            elif f.name in ("grad_nonfinite", "jacobian_iterations", "sequences", "time_steps"):
+                kwargs[f.name] = _as_optional_int(value, f"metrics.{f.name}")
+            else:
+                kwargs[f.name] = _as_optional_float(value, f"metrics.{f.name}")
+        for f in dataclasses.fields(cls):
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                kwargs.setdefault(f.name, None)
+        if kwargs.get("grad_nonfinite") is None:
+            kwargs["grad_nonfinite"] = 0
+        return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class RunHeader:
+    """First line of a run log: who wrote it, with which settings, watching which modules."""
+
+    kind: ClassVar[str] = "run"
+    run_id: str
+    started: float
+    gradwatch: str
+    torch: str
+    config: Mapping[str, Any]
+    modules: tuple[Mapping[str, Any], ...]
+    rank: int = 0
+    world_size: int = 1
+    schema: int = SCHEMA_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "schema": self.schema,
+            "run_id": self.run_id,
+            "started": self.started,
+            "gradwatch": self.gradwatch,
+            "torch": self.torch,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "config": dict(self.config),
+            "modules": [dict(m) for m in self.modules],
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> RunHeader:
+        modules = data.get("modules", [])
+        config = data.get("config", {})
+        if not isinstance(modules, list) or not all(isinstance(m, Mapping) for m in modules):
+            raise RecordError("'modules' must be a list of objects")
+        if not isinstance(config, Mapping):
+            raise RecordError("'config' must be an object")
+        return cls(
+            run_id=_as_str(data.get("run_id"), "run_id"),
+            started=_as_float(data.get("started"), "started"),
+            gradwatch=str(data.get("gradwatch", "")),
+            torch=str(data.get("torch", "")),
+            config=dict(config),
+            modules=tuple(dict(m) for m in modules),
+            rank=_as_int(data.get("rank", 0), "rank"),
+            world_size=_as_int(data.get("world_size", 1), "world_size"),
+            schema=_as_int(data.get("schema"), "schema"),
+        )
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One measured step of one module, layer and direction."""
+
+    kind: ClassVar[str] = "measurement"
+    step: int
+    time: float
+    module: str
+    layer: int
+    direction: Direction
+    metrics: MeasurementMetrics
+    rank: int = 0
+    run_id: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "run_id": self.run_id,
+            "step": self.step,
+            "time": self.time,
+            "rank": self.rank,
+            "module": self.module,
+            "layer": self.layer,
+            "direction": self.direction,
+            "metrics": self.metrics.to_json(),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Measurement:
+        return cls(
+            step=_as_int(data.get("step"), "step"),
+            time=_as_float(data.get("time"), "time"),
+            module=_as_str(data.get("module"), "module"),
+            layer=_as_int(data.get("layer"), "layer"),
+            direction=_as_direction(data.get("direction")),
+            metrics=MeasurementMetrics.from_json(data.get("metrics")),  # type: ignore[arg-type]
+            rank=_as_int(data.get("rank", 0), "rank"),
+            run_id=str(data.get("run_id", "")),
+        )
+
+
+@dataclass(frozen=True)
+class Alert:
+    """A verdict change for one layer: an episode of vanishing/exploding/non-finite starts, or ends."""
+
+    kind: ClassVar[str] = "alert"
+    step: int
+    time: float
+    module: str
+    layer: int
+    direction: Direction
+    alert: AlertKind
+    metric: str
+    value: float | None
+    threshold: float | None
+    message: str
+    rank: int = 0
+    run_id: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "run_id": self.run_id,
+            "step": self.step,
+            "time": self.time,
+            "rank": self.rank,
+            "module": self.module,
+            "layer": self.layer,
+            "direction": self.direction,
+            "alert": AlertKind(self.alert).value,
+            "metric": self.metric,
+            "value": _finite_or_none(self.value),
+            "threshold": _finite_or_none(self.threshold),
+            "message": self.message,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Alert:
+        try:
+            alert = AlertKind(data.get("alert"))
+        except ValueError as exc:
+            raise RecordError(
+                f"'alert' must be one of {[k.value for k in AlertKind]}, got {data.get('alert')!r}"
+            ) from exc
+        return cls(
+            step=_as_int(data.get("step"), "step"),
+            time=_as_float(data.get("time"), "time"),
+            module=_as_str(data.get("module"), "module"),
+            layer=_as_int(data.get("layer"), "layer"),
+            direction=_as_direction(data.get("direction")),
+            alert=alert,
+            metric=_as_str(data.get("metric"), "metric"),
+            value=_as_optional_float(data.get("value"), "value"),
+            threshold=_as_optional_float(data.get("threshold"), "threshold"),
+            message=_as_str(data.get("message", ""), "message"),
+            rank=_as_int(data.get("rank", 0), "rank"),
+            run_id=str(data.get("run_id", "")),
+        )
+
+
+@dataclass(frozen=True)
+class ClipEvent:
+    """Gradients were rescaled by ``scale = max_norm / norm_before`` before the optimizer step."""
+
+    kind: ClassVar[str] = "clip"
+    step: int
+    time: float
+    norm_before: float | None
+    max_norm: float
+    scale: float
+    rank: int = 0
+    run_id: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "run_id": self.run_id,
+            "step": self.step,
+            "time": self.time,
+            "rank": self.rank,
+            "norm_before": _finite_or_none(self.norm_before),
+            "max_norm": _finite_or_none(self.max_norm),
+            "scale": _finite_or_none(self.scale),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ClipEvent:
+        return cls(
+            step=_as_int(data.get("step"), "step"),
+            time=_as_float(data.get("time"), "time"),
+            norm_before=_as_optional_float(data.get("norm_before"), "norm_before"),
+            max_norm=_as_float(data.get("max_norm"), "max_norm"),
+            scale=_as_float(data.get("scale"), "scale"),
+            rank=_as_int(data.get("rank", 0), "rank"),
+            run_id=str(data.get("run_id", "")),
+        )
+
+
+@dataclass(frozen=True)
+class ErrorRecord:
+    """A fault inside gradwatch that disabled one module or sink; training went on."""
+
+    kind: ClassVar[str] = "error"
+    step: int
+    time: float
+    where: str
+    message: str
+    module: str = ""
+    rank: int = 0
+    run_id: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "run_id": self.run_id,
+            "step": self.step,
+            "time": self.time,
+            "rank": self.rank,
+            "where": self.where,
+            "module": self.module,
+            "message": self.message,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ErrorRecord:
+        return cls(
+            step=_as_int(data.get("step"), "step"),
+            time=_as_float(data.get("time"), "time"),
+            where=_as_str(data.get("where"), "where"),
+            message=_as_str(data.get("message", ""), "message"),
+            module=str(data.get("module", "")),
+            rank=_as_int(data.get("rank", 0), "rank"),
+            run_id=str(data.get("run_id", "")),
+        )
+
+
+Record: TypeAlias = RunHeader | Measurement | Alert | ClipEvent | ErrorRecord
+
+RECORD_TYPES: dict[str, type[Record]] = {
+    cls.kind: cls for cls in (RunHeader, Measurement, Alert, ClipEvent, ErrorRecord)  # type: ignore[misc]
+}
+
+
+def record_from_json(data: Any) -> Record | None:
+    """Parse one decoded log line; ``None`` for a record kind this version does not know (skip it).
+
+    Raises :class:`RecordError` naming the offending field when a known kind is malformed.
+    """
+    if not isinstance(data, Mapping):
+        raise RecordError(f"a log line must be a JSON object, got {type(data).__name__}")
+    kind = data.get("kind")
+    if not isinstance(kind, str):
+        raise RecordError("a log line needs a string field 'kind'")
+    cls = RECORD_TYPES.get(kind)
+    if cls is None:
+        return None
+    if cls is RunHeader:
+        schema = data.get("schema")
+        if schema != SCHEMA_VERSION:
+            raise RecordError(f"unsupported run-log schema {schema!r}; this gradwatch reads schema {SCHEMA_VERSION}")
+    return cls.from_json(data)
+
+
+# --- field validation -------------------------------------------------------------------------------
+
+
+def _as_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RecordError(f"'{name}' must be an integer, got {value!r:.60}")
+    return value
+
+
+def _as_optional_int(value: Any, name: str) -> int | None:
+    return None if value is None else _as_int(value, name)
+
+
+def _as_float(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RecordError(f"'{name}' must be a number, got {value!r:.60}")
+    return float(value)
+
+
+def _as_optional_float(value: Any, name: str) -> float | None:
+    return None if value is None else _as_float(value, name)
+
+
+def _as_str(value: Any, name: str) -> str:
+    if not isinstance(value, str):
+        raise RecordError(f"'{name}' must be a string, got {value!r:.60}")
+    return value
+
+
+def _as_direction(value: Any) -> Direction:
+    if value not in DIRECTIONS:
+        raise RecordError(f"'direction' must be 'forward' or 'reverse', got {value!r:.60}")
+    return value  # type: ignore[no-any-return]

@@ -1,0 +1,64 @@
+"""JSON-lines run log: one record per line, each written whole and flushed."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import IO, Literal
+
+from gradwatch.records import Record
+
+FsyncPolicy = Literal["never", "header", "always"]
+
+
+class JsonlSink:
+    """Append records to a ``.jsonl`` file, one ``write`` call per line so a crash leaves whole lines.
+
+    The file is opened in append mode, so a resumed run adds its own ``run`` header after the old run's
+    records; readers keep the runs apart by ``run_id``. ``fsync`` picks durability over speed:
+    ``"never"`` (flush to the OS only), ``"header"`` (fsync the header line) or ``"always"`` (every line).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, fsync: FsyncPolicy = "header") -> None:
+        if fsync not in ("never", "header", "always"):
+            raise ValueError(f"fsync must be 'never', 'header' or 'always', got {fsync!r}")
+        self.path = Path(path)
+        if self.path.exists() and self.path.is_dir():
+            raise ValueError(f"log path {str(self.path)!r} is a directory; give a file path such as runs/exp.jsonl")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # Line-buffered text would still split a long line into several writes; write bytes ourselves.
+            self._file: IO[bytes] | None = open(self.path, "ab", buffering=0)  # noqa: SIM115
+        except OSError as exc:
+            raise ValueError(
+                f"cannot open log file {str(self.path)!r} for appending: {exc.strerror or exc}. "
+                "Choose a writable path (log='runs/exp.jsonl') or log=None."
+            ) from exc
+        self._fsync = fsync
+        self.lines_written = 0
+
+    def write(self, record: Record) -> None:
+        if self._file is None:
+            raise RuntimeError(f"JsonlSink for {str(self.path)!r} is closed")
+        line = json.dumps(record.to_json(), separators=(",", ":"), allow_nan=False) + "\n"
+        self._file.write(line.encode("utf-8"))  # one unbuffered write: the line is whole or absent
+        self.lines_written += 1
+        if self._fsync == "always" or (self._fsync == "header" and record.kind == "run"):
+            os.fsync(self._file.fileno())
+
+    def flush(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            try:
+                self._file.flush()
+                os.fsync(self._file.fileno())
+            finally:
+                self._file.close()
+                self._file = None
+
+    def __repr__(self) -> str:
+        return f"JsonlSink({str(self.path)!r})"
