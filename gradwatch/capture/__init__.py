@@ -1,0 +1,1 @@
+"""Capture: which modules are recurrent, forward hooks, and replay of fused RNN kernels."""

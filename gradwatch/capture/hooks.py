@@ -1,0 +1,188 @@
+"""Forward hooks that keep detached copies of what a measurement needs, on measured steps only.
+
+The hook never changes a module's inputs or outputs. It keeps the *last* call of a measured step (the last
+micro-batch under gradient accumulation; for cells, the last unbroken chain of calls), sliced to the first
+``max_sequences`` sequences and cloned so later in-place edits by the user cannot reach it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+
+from gradwatch.capture.modules import State, WatchedModule
+
+MAX_CELL_CALLS = 4096  # bound on the recorded chain of one cell per measured step
+
+
+@dataclass(frozen=True)
+class FusedCall:
+    """One call of nn.RNN/LSTM/GRU, time-major and padded, first sequences only."""
+
+    inputs: Tensor  # (T, B, I)
+    lengths: Tensor  # (B,) int64, on inputs.device
+    h0: Tensor | None  # (layers * directions, B, P) or None for zeros
+    c0: Tensor | None  # LSTM only
+    output: Tensor  # (T, B, directions * P), zeros at padded steps
+    h_n: Tensor  # (layers * directions, B, P)
+    c_n: Tensor | None
+
+
+@dataclass(frozen=True)
+class CellCall:
+    """One call of a cell: s_t = cell(x_t, s_{t-1}), first sequences only."""
+
+    x: Tensor  # (B, I)
+    state_in: tuple[Tensor, ...]  # each (B, n_i)
+    state_out: tuple[Tensor, ...]
+
+
+class CallRecorder:
+    """The forward hook of one watched module; records only while ``armed``.
+
+    It is deepcopy- and pickle-safe: a deep copy of the model shares this recorder, which ignores calls from
+    any module but its own; a pickled model gets an inert hook in its place.
+    """
+
+    def __init__(self, watched: WatchedModule, max_sequences: int) -> None:
+        self.watched = watched
+        self.max_sequences = max_sequences
+        self.armed = False
+        self.fused_call: FusedCall | None = None
+        self.cell_calls: list[CellCall] = []
+        self._last_output: tuple[Tensor, ...] | None = None  # the user's tensors, to detect a chain
+
+    def reset(self) -> None:
+        """Drop everything recorded (called after each measurement)."""
+        self.fused_call = None
+        self.cell_calls = []
+        self._last_output = None
+
+    @property
+    def has_data(self) -> bool:
+        return self.fused_call is not None or bool(self.cell_calls)
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        if not self.armed or module is not self.watched.module or not torch.is_grad_enabled():
+            return  # eval / no_grad passes, copies of the model and unmeasured steps are not recorded
+        if _is_compiling():
+            return
+        with torch.no_grad():
+            if self.watched.kind == "fused":
+                self.fused_call = _record_fused(module, args, kwargs, output, self.max_sequences)
+            else:
+                self._record_cell(args, kwargs, output)
+
+    def _record_cell(self, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        x = args[0] if args else kwargs.get("input")
+        state = args[1] if len(args) > 1 else kwargs.get("hx", kwargs.get("state"))
+        if not isinstance(x, Tensor):
+            return
+        out = _as_tuple(output)
+        if x.dim() == 1:  # unbatched call of a built-in cell
+            x = x.unsqueeze(0)
+            out = tuple(t.unsqueeze(0) for t in out)
+            state = None if state is None else tuple(t.unsqueeze(0) for t in _as_tuple(state))
+        if state is None:
+            if self.watched.kind == "custom":
+                return  # a user cell given no state: its shape is unknown, nothing to measure
+            state = tuple(torch.zeros_like(t) for t in out)
+        state_in = _as_tuple(state)
+        k = min(self.max_sequences, x.shape[0])
+        chained = self._last_output is not None and _same_state(state_in, self._last_output)
+        if not chained:
+            self.cell_calls = []
+        if len(self.cell_calls) >= MAX_CELL_CALLS:
+            return
+        self.cell_calls.append(
+            CellCall(
+                x=x[:k].detach().clone(),
+                state_in=tuple(t[:k].detach().clone() for t in state_in),
+                state_out=tuple(t[:k].detach().clone() for t in out),
+            )
+        )
+        self._last_output = out
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> CallRecorder:
+        return self
+
+    def __reduce__(self) -> tuple[Callable[[], Callable[..., None]], tuple[()]]:
+        return (_inert_hook, ())
+
+
+def _inert_hook() -> Callable[..., None]:
+    return _do_nothing
+
+
+def _do_nothing(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+def _is_compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and compiler.is_compiling())
+
+
+def _as_tuple(state: State | Any) -> tuple[Tensor, ...]:
+    if isinstance(state, Tensor):
+        return (state,)
+    if isinstance(state, (tuple, list)) and all(isinstance(t, Tensor) for t in state):
+        return tuple(state)
+    raise TypeError(f"a cell state must be a tensor or a tuple of tensors, got {type(state).__name__}")
+
+
+def _same_state(state_in: tuple[Tensor, ...], last_out: tuple[Tensor, ...]) -> bool:
+    """Is this call's input state the previous call's output (the loop ``h = cell(x_t, h)``)?"""
+    if len(state_in) != len(last_out):
+        return False
+    if all(a is b for a, b in zip(state_in, last_out, strict=True)):
+        return True
+    return all(
+        a.shape == b.shape and bool(torch.equal(a.detach(), b.detach())) for a, b in zip(state_in, last_out, strict=True)
+    )
+
+
+def _record_fused(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any, k: int) -> FusedCall:
+    x = args[0] if args else kwargs["input"]
+    hx = args[1] if len(args) > 1 else kwargs.get("hx")
+    out, h_out = output
+    is_lstm = isinstance(module, nn.LSTM)
+    h0, c0 = (hx if hx is not None else (None, None)) if is_lstm else (hx, None)
+    h_n, c_n = h_out if is_lstm else (h_out, None)
+
+    if isinstance(x, PackedSequence):
+        inputs, lengths = pad_packed_sequence(x)  # original batch order, time-major
+        output_padded, _ = pad_packed_sequence(out, total_length=inputs.shape[0])
+    else:
+        batched = x.dim() == 3
+        inputs = x if batched else x.unsqueeze(1)
+        output_padded = out if batched else out.unsqueeze(1)
+        if batched and getattr(module, "batch_first", False):
+            inputs = inputs.transpose(0, 1)
+            output_padded = output_padded.transpose(0, 1)
+        if not batched:
+            h0 = None if h0 is None else h0.unsqueeze(1)
+            c0 = None if c0 is None else c0.unsqueeze(1)
+            h_n = h_n.unsqueeze(1)
+            c_n = None if c_n is None else c_n.unsqueeze(1)
+        lengths = torch.full((inputs.shape[1],), inputs.shape[0], dtype=torch.long)
+    k = min(k, inputs.shape[1])
+
+    def first(t: Tensor | None, batch_dim: int) -> Tensor | None:
+        return None if t is None else t.narrow(batch_dim, 0, k).detach().clone()
+
+    return FusedCall(
+        inputs=first(inputs, 1),  # type: ignore[arg-type]
+        lengths=lengths[:k].to(device=inputs.device, dtype=torch.long),
+        h0=first(h0, 1),
+        c0=first(c0, 1),
+        output=first(output_padded, 1),  # type: ignore[arg-type]
+        h_n=first(h_n, 1),  # type: ignore[arg-type]
+        c_n=first(c_n, 1),
+    )
+

@@ -1,0 +1,301 @@
+"""Replay of recorded recurrent calls in plain PyTorch, to expose every layer's per-step states.
+
+nn.RNN/LSTM/GRU run fused kernels that hide the states of inner layers and single steps. We recompute
+each layer and direction from the module's own weights (``gradwatch.estimators.cells``), in float32 (float64
+modules stay float64). Layout of a :class:`LayerTrace` (what the estimators receive):
+
+* time-major, in *processing order*: for the reverse direction each sequence is flipped within its own
+  length, so every sequence starts at t = 0 and ``mask[t, b]`` is True for t < L_b (padded steps after);
+* ``states[t]`` is s_t, so the step Jacobian J_t = ds_{t+1}/ds_t is evaluated at (inputs[t], states[t]).
+
+Inter-layer dropout of a module in training mode cannot be replayed (its mask is gone); deeper layers are
+replayed without it — the Jacobians of the deterministic network — and the replay check then compares only
+the first layer's final state, which dropout does not touch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from gradwatch.capture.hooks import CellCall, FusedCall
+from gradwatch.capture.modules import CustomCellSpec
+from gradwatch.estimators.cells import (
+    CellKind,
+    CellWeights,
+    cell_step,
+    cell_step_from_preactivation,
+    input_preactivation,
+    join_state,
+    split_state,
+)
+from gradwatch.records import Direction
+
+FlatStep = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class LayerTrace:
+    """Inputs and states of one layer and direction, ready for the estimators."""
+
+    layer: int
+    direction: Direction
+    inputs: Tensor  # (T, B, I)
+    states: Tensor  # (T + 1, B, D)
+    mask: Tensor  # (T, B) bool
+    weights: CellWeights | None = None  # built-in cells: analytic Jacobians
+    step_function: FlatStep | None = None  # user cells: (x_t, s_{t-1}) -> s_t on flat states
+    recurrent_weight: Tensor | None = None  # W_hh for the weight factor
+
+    @property
+    def previous_states(self) -> Tensor:
+        """s_0 .. s_{T-1}: where each step Jacobian is evaluated."""
+        return self.states[:-1]
+
+
+@dataclass(frozen=True)
+class ReplayCheck:
+    """How far the replay is from what the module itself computed."""
+
+    max_abs_error: float
+    tolerance: float
+    compared: str
+
+    @property
+    def ok(self) -> bool:
+        return self.max_abs_error <= self.tolerance  # NaN compares False: a NaN replay is not ok
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; everything else (float32, float16, bfloat16) is computed in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def replay_tolerance(dtype: torch.dtype) -> float:
+    """Absolute tolerance on replayed outputs (which lie in [-1, 1] for tanh cells)."""
+    return {torch.float64: 1e-8, torch.float32: 1e-4}.get(dtype, 3e-2)
+
+
+# --- fused nn.RNN / nn.LSTM / nn.GRU ------------------------------------------------------------------
+
+
+def fused_layer_weights(module: nn.Module, kind: CellKind, layer: int, direction: Direction) -> CellWeights:
+    """The weights of one layer and direction of a fused module, in the compute dtype."""
+    suffix = f"_l{layer}" + ("_reverse" if direction == "reverse" else "")
+    dtype = compute_dtype(module.weight_hh_l0.dtype)
+
+    def get(name: str) -> Tensor | None:
+        t = getattr(module, name + suffix, None)
+        return None if t is None else t.detach().to(dtype)
+
+    return CellWeights(
+        kind,
+        get("weight_ih"),  # type: ignore[arg-type]
+        get("weight_hh"),  # type: ignore[arg-type]
+        get("bias_ih"),
+        get("bias_hh"),
+        get("weight_hr"),
+    )
+
+
+def fused_parameter_names(module: nn.Module, layer: int, direction: Direction) -> list[str]:
+    """Names of the parameters of one layer and direction (for per-layer gradient norms)."""
+    suffix = f"_l{layer}" + ("_reverse" if direction == "reverse" else "")
+    return [name for name in module._flat_weights_names if name.endswith(suffix)]  # type: ignore[union-attr]
+
+
+def reverse_within_lengths(x: Tensor, lengths: Tensor) -> Tensor:
+    """Flip each sequence of a time-major padded tensor within its own length (padding stays at the end)."""
+    steps = x.shape[0]
+    t = torch.arange(steps, device=x.device)[:, None]
+    lengths = lengths.to(x.device)[None, :]
+    index = torch.where(t < lengths, lengths - 1 - t, t)  # (T, B); an involution
+    return x.gather(0, index[..., None].expand_as(x))
+
+
+def run_layer(weights: CellWeights, inputs: Tensor, s0: Tensor, mask: Tensor) -> Tensor:
+    """All states s_0..s_T of one layer; a sequence's state is held after its last real step."""
+    xi = input_preactivation(weights, inputs)  # one matmul for the whole sequence
+    states = [s0]
+    s = s0
+    for t in range(inputs.shape[0]):
+        s_next = cell_step_from_preactivation(weights, xi[t], s)
+        s = torch.where(mask[t, :, None], s_next, s)
+        states.append(s)
+    return torch.stack(states)
+
+
+@dataclass(frozen=True)
+class FusedReplay:
+    traces: list[LayerTrace]
+    output: Tensor  # (T, B, directions * P), zeros at padded steps
+    h_n: Tensor
+    c_n: Tensor | None
+
+
+def replay_fused(module: nn.Module, kind: CellKind, call: FusedCall) -> FusedReplay:
+    """Recompute every layer and direction of a recorded call with the module's current weights."""
+    dtype = compute_dtype(module.weight_hh_l0.dtype)
+    directions: tuple[Direction, ...] = ("forward", "reverse") if module.bidirectional else ("forward",)
+    num_layers = int(module.num_layers)
+    x = call.inputs.to(dtype)
+    steps, batch = x.shape[0], x.shape[1]
+    lengths = call.lengths.to(x.device)
+    mask = torch.arange(steps, device=x.device)[:, None] < lengths[None, :]
+    traces: list[LayerTrace] = []
+    h_n: list[Tensor] = []
+    c_n: list[Tensor] = []
+    layer_input = x
+    for layer in range(num_layers):
+        outputs = []
+        for d, direction in enumerate(directions):
+            weights = fused_layer_weights(module, kind, layer, direction)
+            index = layer * len(directions) + d
+            h0 = (
+                call.h0[index].to(dtype)
+                if call.h0 is not None
+                else x.new_zeros(batch, weights.output_size)
+            )
+            c0 = None
+            if kind == "lstm":
+                c0 = call.c0[index].to(dtype) if call.c0 is not None else x.new_zeros(batch, weights.hidden_size)
+            seq = layer_input if direction == "forward" else reverse_within_lengths(layer_input, lengths)
+            states = run_layer(weights, seq, join_state(h0, c0), mask)
+            h_seq, c_last = split_state(weights, states)
+            h_seq = h_seq[1:] * mask[..., None]
+            outputs.append(h_seq if direction == "forward" else reverse_within_lengths(h_seq, lengths))
+            h_n.append(split_state(weights, states[-1])[0])
+            if c_last is not None:
+                c_n.append(c_last[-1])
+            traces.append(LayerTrace(layer, direction, seq, states, mask, weights, None, weights.weight_hh))
+        layer_input = torch.cat(outputs, dim=-1)
+    return FusedReplay(traces, layer_input, torch.stack(h_n), torch.stack(c_n) if c_n else None)
+
+
+def check_fused_replay(module: nn.Module, call: FusedCall, replay: FusedReplay) -> ReplayCheck:
+    """Compare the replay with what the fused kernel returned for the same call."""
+    dtype = replay.output.dtype
+    tolerance = replay_tolerance(call.inputs.dtype if call.inputs.dtype != torch.float32 else dtype)
+    if module.training and float(module.dropout) > 0 and int(module.num_layers) > 1:
+        layer0 = 2 if module.bidirectional else 1  # dropout sits between layers: layer 0 is untouched
+        error = (replay.h_n[:layer0] - call.h_n[:layer0].to(dtype)).abs().max()
+        return ReplayCheck(float(error), tolerance, "first layer's final state (inter-layer dropout active)")
+    errors = [(replay.output - call.output.to(dtype)).abs().max(), (replay.h_n - call.h_n.to(dtype)).abs().max()]
+    if replay.c_n is not None and call.c_n is not None:
+        errors.append((replay.c_n - call.c_n.to(dtype)).abs().max())
+    return ReplayCheck(float(torch.stack(errors).max()), tolerance, "outputs and final states")
+
+
+# --- cells (built-in and user-written) ------------------------------------------------------------------
+
+
+def cell_weights(module: nn.Module, kind: CellKind) -> CellWeights:
+    """The weights of an nn.RNNCell/LSTMCell/GRUCell in the compute dtype."""
+    dtype = compute_dtype(module.weight_hh.dtype)
+
+    def get(name: str) -> Tensor | None:
+        t = getattr(module, name, None)
+        return None if t is None else t.detach().to(dtype)
+
+    return CellWeights(kind, get("weight_ih"), get("weight_hh"), get("bias_ih"), get("bias_hh"))  # type: ignore[arg-type]
+
+
+def stack_cell_calls(calls: list[CellCall], dtype: torch.dtype) -> tuple[Tensor, Tensor, list[int]]:
+    """Inputs (T, B, I), recorded flat states (T + 1, B, D) and the sizes of the state's parts."""
+    sizes = [t.shape[-1] for t in calls[0].state_in]
+    inputs = torch.stack([c.x for c in calls]).to(dtype)
+    states = [torch.cat(calls[0].state_in, dim=-1)] + [torch.cat(c.state_out, dim=-1) for c in calls]
+    return inputs, torch.stack(states).to(dtype), sizes
+
+
+def trace_builtin_cell(module: nn.Module, kind: CellKind, calls: list[CellCall], recompute: bool) -> LayerTrace:
+    """A trace from recorded cell calls; ``recompute`` re-runs the chain with the current weights."""
+    weights = cell_weights(module, kind)
+    inputs, states, _ = stack_cell_calls(calls, weights.weight_hh.dtype)
+    if recompute:
+        states = _rerun_chain(lambda x, s: cell_step(weights, x, s), inputs, states[0])
+    mask = torch.ones(inputs.shape[:2], dtype=torch.bool, device=inputs.device)
+    return LayerTrace(0, "forward", inputs, states, mask, weights, None, weights.weight_hh)
+
+
+def check_cell_replay(trace: LayerTrace) -> ReplayCheck:
+    """Does our cell formula reproduce the recorded s_t from (x_t, s_{t-1})? (Built-in cells only.)"""
+    assert trace.weights is not None
+    predicted = cell_step(trace.weights, trace.inputs, trace.previous_states)
+    error = (predicted - trace.states[1:]).abs().max()
+    return ReplayCheck(float(error), replay_tolerance(trace.states.dtype), "cell outputs")
+
+
+def custom_step_function(module: nn.Module, spec: CustomCellSpec, sizes: list[int], dtype: torch.dtype) -> FlatStep:
+    """The user's cell as a function of flat states, bypassing hooks (``module.forward``)."""
+    single = len(sizes) == 1
+
+    def step(x: Tensor, s: Tensor) -> Tensor:
+        parts = tuple(torch.split(s, sizes, dim=-1))
+        state = parts[0] if single else parts
+        param_dtype = _parameter_dtype(module, dtype)
+        if spec.step is not None:
+            out = spec.step(module, x.to(param_dtype), _cast_state(state, param_dtype))
+        else:
+            out = module.forward(x.to(param_dtype), _cast_state(state, param_dtype))
+        out_tuple = (out,) if isinstance(out, Tensor) else tuple(out)
+        return torch.cat(out_tuple, dim=-1).to(dtype)
+
+    return step
+
+
+def trace_custom_cell(
+    module: nn.Module, spec: CustomCellSpec, calls: list[CellCall], recompute: bool
+) -> LayerTrace:
+    """A trace of a user-written cell; its Jacobians come from torch.func on ``step_function``."""
+    dtype = compute_dtype(_parameter_dtype(module, torch.float32))
+    inputs, states, sizes = stack_cell_calls(calls, dtype)
+    step = custom_step_function(module, spec, sizes, dtype)
+    if recompute:
+        states = _rerun_chain(step, inputs, states[0])
+    mask = torch.ones(inputs.shape[:2], dtype=torch.bool, device=inputs.device)
+    weight = None
+    if spec.recurrent_weight is not None:
+        param = dict(module.named_parameters()).get(spec.recurrent_weight)
+        if param is None:
+            raise ValueError(
+                f"register_cell(recurrent_weight={spec.recurrent_weight!r}) names no parameter of "
+                f"{type(module).__name__}; its parameters are {[n for n, _ in module.named_parameters()]}"
+            )
+        weight = param.detach().to(dtype)
+    return LayerTrace(0, "forward", inputs, states, mask, None, step, weight)
+
+
+def _rerun_chain(step: FlatStep, inputs: Tensor, s0: Tensor) -> Tensor:
+    states = [s0]
+    for t in range(inputs.shape[0]):
+        states.append(step(inputs[t], states[-1]))
+    return torch.stack(states)
+
+
+def _parameter_dtype(module: nn.Module, default: torch.dtype) -> torch.dtype:
+    for p in module.parameters():
+        return p.dtype
+    return default
+
+
+def _cast_state(state: Tensor | tuple[Tensor, ...], dtype: torch.dtype) -> Tensor | tuple[Tensor, ...]:
+    if isinstance(state, Tensor):
+        return state.to(dtype)
+    return tuple(t.to(dtype) for t in state)
+
+
+@contextmanager
+def deterministic_mode(module: nn.Module) -> Iterator[None]:
+    """Run a user cell in eval mode (no dropout) and restore every submodule's own training flag."""
+    flags = [(m, m.training) for m in module.modules()]
+    module.train(False)
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
