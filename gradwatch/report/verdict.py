@@ -109,7 +109,7 @@ class _AlertOutcome:
     last_recovery_step: int | None
 
 
-def _verdict_from_alerts(alerts: Sequence[Alert]) -> _AlertOutcome:
+def _verdict_from_alerts(alerts: Sequence[Alert], *, name_ranks: bool) -> _AlertOutcome:
     """Replay alerts per rank: an episode still open at the end gives its verdict; the worst rank wins.
 
     Each alert is the detector's new state for the layer, so the latest one since the last ``recovered``
@@ -121,9 +121,8 @@ def _verdict_from_alerts(alerts: Sequence[Alert]) -> _AlertOutcome:
     worst = _AlertOutcome(Verdict.HEALTHY, "no alert episode open at the end", None, (), None)
     recovered: list[str] = []
     last_recovery: int | None = None
-    multi_rank = len(by_rank) > 1
     for rank, rank_alerts in sorted(by_rank.items()):
-        where = f" on rank {rank}" if multi_rank else ""
+        where = f" on rank {rank}" if name_ranks else ""
         current: Alert | None = None
         episode_start: int | None = None
         for alert in sorted(rank_alerts, key=lambda a: a.step):
@@ -176,7 +175,8 @@ def judge_layer(
     ordered = sorted(measurements, key=lambda m: m.step)
     recovered: tuple[str, ...] = ()
     if run_has_alerts:
-        outcome = _verdict_from_alerts(alerts)
+        ranks = {m.rank for m in ordered} | {a.rank for a in alerts}
+        outcome = _verdict_from_alerts(alerts, name_ranks=len(ranks) > 1)
         verdict, reason, recovered = outcome.verdict, outcome.reason, outcome.recovered
         source: Literal["alerts", "rules"] = "alerts"
         episode_start = outcome.episode_start
