@@ -76,3 +76,12 @@ def test_json_output_is_valid_with_non_finite_values() -> None:
     assert data["runs"][0]["header"]["config"] == {"lr": None, "deep": [[[[1.0]]]]}
     sigma = data["runs"][0]["layers"][0]["metrics"]["jacobian_sigma_max_mean"]
     assert sigma["count"] == 0 and sigma["first"] is None and sigma["trend_per_1000_steps"] is None
+
+
+def test_long_series_are_binned_for_the_chart() -> None:
+    from gradwatch.report.render_html import MAX_CHART_POINTS
+
+    layer = summarize(make_run("vanishing", measurements=3 * MAX_CHART_POINTS, every=1)).runs[0].layers[0]
+    lyapunov = next(m for m in layer.metrics if m.name == "lyapunov_max")
+    points = re.search(r'points="([^"]+)"', chart_svg(lyapunov, []))
+    assert points is not None and len(points.group(1).split()) == MAX_CHART_POINTS

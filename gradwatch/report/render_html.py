@@ -21,6 +21,8 @@ from gradwatch.report.formatting import (
 from gradwatch.report.summary import LayerSummary, MetricSummary, Report, RunSummary
 
 CHART_WIDTH = 340
+MAX_CHART_POINTS = 300
+"""Longer series are averaged into this many bins (about one per pixel) to keep the page small."""
 CHART_HEIGHT = 130
 _MARGIN_LEFT, _MARGIN_RIGHT, _MARGIN_TOP, _MARGIN_BOTTOM = 56, 8, 18, 22
 ALERT_COLORS = {
@@ -139,11 +141,25 @@ def chart_svg(metric: MetricSummary, alerts: Sequence[tuple[int, str, str]]) -> 
     return "".join(parts)
 
 
+def _binned(series: Sequence[tuple[int, float | None]], log_scale: bool) -> list[tuple[int, float | None]]:
+    """The plotted (step, y) points: y on the chart's scale, averaged into at most MAX_CHART_POINTS bins."""
+    points = [(step, _y_value(value, log_scale)) for step, value in series]
+    if len(points) <= MAX_CHART_POINTS:
+        return points
+    out: list[tuple[int, float | None]] = []
+    for index in range(MAX_CHART_POINTS):
+        group = points[
+            index * len(points) // MAX_CHART_POINTS : (index + 1) * len(points) // MAX_CHART_POINTS
+        ]
+        present = [y for _s, y in group if y is not None]
+        out.append((group[len(group) // 2][0], sum(present) / len(present) if present else None))
+    return out
+
+
 def _segments(series: Sequence[tuple[int, float | None]], log_scale: bool) -> list[list[tuple[int, float]]]:
     """Split the series at missing values so the line shows the gap instead of bridging it."""
     segments: list[list[tuple[int, float]]] = [[]]
-    for step, value in series:
-        y = _y_value(value, log_scale)
+    for step, y in _binned(series, log_scale):
         if y is None:
             if segments[-1]:
                 segments.append([])
