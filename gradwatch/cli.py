@@ -2,15 +2,140 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from gradwatch._version import __version__
+from gradwatch.report import command
+from gradwatch.report.follow import follow as follow_logs
+from gradwatch.report.metrics import METRIC_NAMES
+from gradwatch.report.render_text import make_console, render_text
+from gradwatch.report.summary import ReportOptions, StepRange
+from gradwatch.report.verdict import Verdict
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="gradwatch")
 def main() -> None:
     """gradwatch: vanishing/exploding-gradient monitor for PyTorch RNNs."""
+
+
+class _OutputError(click.ClickException):
+    exit_code = 2
+
+
+def _parse_steps(_ctx: click.Context, _param: click.Parameter, value: str | None) -> StepRange:
+    if value is None:
+        return StepRange()
+    try:
+        return StepRange.parse(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _parse_fail_on(
+    _ctx: click.Context, _param: click.Parameter, value: tuple[str, ...]
+) -> frozenset[Verdict]:
+    try:
+        return command.parse_fail_on(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@main.command("report")
+@click.argument("paths", nargs=-1, required=True, metavar="PATH...")
+@click.option(
+    "--format",
+    "output_format",
+    type=click.Choice(["text", "json", "markdown", "html"]),
+    default="text",
+    show_default=True,
+    help="Output format.",
+)
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the report to this file instead of stdout.",
+)
+@click.option(
+    "--module", "modules", multiple=True, help="Only modules matching this name or glob (repeatable)."
+)
+@click.option("--steps", callback=_parse_steps, help="Only steps A <= step < B, written A:B, A: or :B.")
+@click.option(
+    "--metric",
+    "metrics",
+    multiple=True,
+    type=click.Choice(METRIC_NAMES),
+    help="Only these metrics in tables and charts (repeatable).",
+)
+@click.option("--merge-ranks", is_flag=True, help="Merge the ranks of one run_id (DDP) into one report.")
+@click.option(
+    "--fail-on",
+    multiple=True,
+    callback=_parse_fail_on,
+    help="Exit with status 1 if a layer's verdict is one of these: vanishing,exploding,nonfinite.",
+)
+@click.option("--follow", is_flag=True, help="Live view that refreshes as the logs grow (Ctrl-C to stop).")
+@click.option("--follow-interval", type=click.FloatRange(min=0.01), default=1.0, show_default=True)
+@click.option(
+    "--follow-timeout", type=click.FloatRange(min=0), default=None, help="Stop following after seconds."
+)
+@click.pass_context
+def report(
+    ctx: click.Context,
+    paths: tuple[str, ...],
+    output_format: str,
+    output: Path | None,
+    modules: tuple[str, ...],
+    steps: StepRange,
+    metrics: tuple[str, ...],
+    merge_ranks: bool,
+    fail_on: frozenset[Verdict],
+    follow: bool,
+    follow_interval: float,
+    follow_timeout: float | None,
+) -> None:
+    """Summarise gradwatch run logs (files, directories of *.jsonl, globs) and give a verdict per layer."""
+    options = ReportOptions(
+        modules=modules,
+        steps=steps,
+        metrics=metrics or None,
+        merge_ranks=merge_ranks,
+    )
+    stdout = click.get_text_stream("stdout")
+    if follow:
+        result = follow_logs(
+            list(paths),
+            console=make_console(stdout),
+            options=options,
+            interval=follow_interval,
+            timeout=follow_timeout,
+        )
+    else:
+        result = command.make_report(list(paths), options)
+    for line in command.diagnostics(result):
+        click.echo(f"gradwatch report: {line}", err=True)
+    if output is not None:
+        try:
+            output.write_text(command.render(result, output_format), encoding="utf-8")
+        except OSError as exc:
+            raise _OutputError(f"cannot write the report to {str(output)!r}: {exc.strerror or exc}") from None
+    elif not follow:
+        if output_format == "text":
+            render_text(result, make_console(stdout))
+        else:
+            click.echo(command.render(result, output_format), nl=False)
+    status = command.exit_status(result, fail_on)
+    if status == command.EXIT_NOTHING_READ:
+        click.echo("gradwatch report: no usable record was read", err=True)
+    elif status == command.EXIT_FAIL_ON:
+        for run, layer in result.matches(fail_on):
+            click.echo(
+                f"gradwatch report: {run.title}: {layer.title} is {layer.verdict.verdict.value}", err=True
+            )
+    ctx.exit(status)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -94,7 +94,9 @@ class MeasurementMetrics:
             if f.name in ("lag_norm", "grad_norm"):
                 if not isinstance(value, Mapping):
                     raise RecordError(f"metrics.{f.name} must be an object, got {type(value).__name__}")
-                kwargs[f.name] = {str(k): _as_optional_float(v, f"metrics.{f.name}.{k}") for k, v in value.items()}
+                kwargs[f.name] = {
+                    str(k): _as_optional_float(v, f"metrics.{f.name}.{k}") for k, v in value.items()
+                }
             elif f.name in ("grad_nonfinite", "jacobian_iterations", "sequences", "time_steps"):
                 kwargs[f.name] = _as_optional_int(value, f"metrics.{f.name}")
             else:
@@ -336,7 +338,8 @@ class ErrorRecord:
 Record: TypeAlias = RunHeader | Measurement | Alert | ClipEvent | ErrorRecord
 
 RECORD_TYPES: dict[str, type[Record]] = {
-    cls.kind: cls for cls in (RunHeader, Measurement, Alert, ClipEvent, ErrorRecord)  # type: ignore[misc]
+    cls.kind: cls
+    for cls in (RunHeader, Measurement, Alert, ClipEvent, ErrorRecord)  # type: ignore[misc]
 }
 
 
@@ -356,7 +359,9 @@ def record_from_json(data: Any) -> Record | None:
     if cls is RunHeader:
         schema = data.get("schema")
         if schema != SCHEMA_VERSION:
-            raise RecordError(f"unsupported run-log schema {schema!r}; this gradwatch reads schema {SCHEMA_VERSION}")
+            raise RecordError(
+                f"unsupported run-log schema {schema!r}; this gradwatch reads schema {SCHEMA_VERSION}"
+            )
     return cls.from_json(data)
 
 

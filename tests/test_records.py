@@ -66,7 +66,10 @@ def test_unknown_kind_is_skipped() -> None:
     ("data", "field"),
     [
         ({"kind": "measurement", "step": "3"}, "step"),
-        ({"kind": "measurement", "step": 1, "time": 0, "module": "m", "layer": 0, "direction": "up"}, "direction"),
+        (
+            {"kind": "measurement", "step": 1, "time": 0, "module": "m", "layer": 0, "direction": "up"},
+            "direction",
+        ),
         ({"kind": "alert", "alert": "meh"}, "alert"),
         ({"kind": "run", "schema": SCHEMA_VERSION + 1}, "schema"),
         ([1, 2], "JSON object"),

@@ -25,7 +25,9 @@ class JsonlSink:
             raise ValueError(f"fsync must be 'never', 'header' or 'always', got {fsync!r}")
         self.path = Path(path)
         if self.path.exists() and self.path.is_dir():
-            raise ValueError(f"log path {str(self.path)!r} is a directory; give a file path such as runs/exp.jsonl")
+            raise ValueError(
+                f"log path {str(self.path)!r} is a directory; give a file path such as runs/exp.jsonl"
+            )
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # Line-buffered text would still split a long line into several writes; write bytes ourselves.

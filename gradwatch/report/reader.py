@@ -1,0 +1,282 @@
+"""Tolerant run-log reader: turn JSON-lines files into records plus a list of precise problems.
+
+Logs are treated as untrusted data: every line is decoded with :func:`json.loads` only (nothing is
+evaluated, unpickled or used as a path), line length is capped so memory stays bounded, and every fault
+becomes a :class:`Problem` naming the file and line instead of an exception.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gradwatch.records import SCHEMA_VERSION, Record, RecordError, RunHeader, record_from_json
+
+logger = logging.getLogger(__name__)
+
+MAX_LINE_BYTES = 1 << 20
+"""Lines longer than this (1 MiB) are skipped unparsed: no real record comes close."""
+
+MAX_PROBLEMS_PER_FILE = 20
+"""Further problems in one file are only counted, so a garbage file cannot flood the report."""
+
+_CHUNK_BYTES = 1 << 16
+_GLOB_CHARS = frozenset("*?[")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Something in the input that could not be used; ``line`` is 1-based, ``None`` for whole-file issues."""
+
+    path: str
+    line: int | None
+    message: str
+
+    def __str__(self) -> str:
+        where = self.path if self.line is None else f"{self.path}:{self.line}"
+        return f"{where}: {self.message}"
+
+
+@dataclass
+class LogContents:
+    """Everything read from a set of logs: records in file order, problems, and what was skipped."""
+
+    records: list[Record] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+    unknown_kinds: Counter[str] = field(default_factory=Counter)
+    truncated_files: list[str] = field(default_factory=list)
+    truncated_runs: list[tuple[str, int]] = field(default_factory=list)
+    """``(run_id, rank)`` of the last record before each truncated last line: the run that crashed."""
+
+    def extend(self, other: LogContents) -> None:
+        self.records.extend(other.records)
+        self.problems.extend(other.problems)
+        self.files.extend(f for f in other.files if f not in self.files)
+        self.unknown_kinds.update(other.unknown_kinds)
+        self.truncated_files.extend(f for f in other.truncated_files if f not in self.truncated_files)
+        self.truncated_runs.extend(r for r in other.truncated_runs if r not in self.truncated_runs)
+
+
+def expand_paths(patterns: list[str]) -> tuple[list[Path], list[Problem]]:
+    """Resolve files, directories (every ``*.jsonl`` below them) and glob patterns to a sorted file list."""
+    files: list[Path] = []
+    problems: list[Problem] = []
+    for pattern in patterns:
+        path = Path(pattern)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*.jsonl") if p.is_file())
+            if not found:
+                problems.append(Problem(pattern, None, "directory contains no *.jsonl files"))
+        elif path.is_file():
+            found = [path]
+        elif _GLOB_CHARS & set(pattern):
+            found = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+            if not found:
+                problems.append(Problem(pattern, None, "no file matches this pattern"))
+        elif path.exists():
+            problems.append(Problem(pattern, None, "not a regular file or directory"))
+            found = []
+        else:
+            problems.append(Problem(pattern, None, "no such file or directory"))
+            found = []
+        files.extend(p for p in found if p not in files)
+    return files, problems
+
+
+class LogTail:
+    """Incremental reader of one log file: each :meth:`poll` parses the complete lines appended since.
+
+    A partial last line stays buffered until its newline arrives (a running job is mid-write); with
+    ``final=True`` it is reported as a truncated line (the job crashed mid-write). A file that shrank
+    (rotated or rewritten) is read again from the start.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.display = str(path)
+        self._reset()
+
+    def _reset(self) -> None:
+        self._offset = 0
+        self._line_number = 0
+        self._pending = bytearray()
+        self._discarding = False  # inside an over-long line: drop bytes until its newline
+        self._problem_count = 0
+        self._skipping_unsupported_run = False
+        self._skipped_in_unsupported_run = 0
+        self._current_header: RunHeader | None = None
+        self._last_run: tuple[str, int] | None = None
+        self._binary = False
+
+    def poll(self, *, final: bool = False) -> LogContents:
+        """Read what was appended since the last call; never raises for bad content."""
+        out = LogContents(files=[self.display])
+        if self._binary:
+            return out
+        try:
+            size = self.path.stat().st_size
+            if size < self._offset:
+                logger.info("%s shrank; reading it again from the start", self.display)
+                self._reset()
+            with open(self.path, "rb") as handle:
+                handle.seek(self._offset)
+                while chunk := handle.read(_CHUNK_BYTES):
+                    if self._offset == 0 and b"\x00" in chunk[:4096]:
+                        self._binary = True
+                        self._problem(
+                            out, None, "contains NUL bytes: a binary file, not a JSON-lines run log"
+                        )
+                        return out
+                    self._offset += len(chunk)
+                    self._feed(chunk, out)
+        except OSError as exc:
+            self._problem(out, None, f"cannot read: {exc.strerror or exc}")
+            return out
+        if final:
+            self._finish(out)
+        return out
+
+    # -- internals ---------------------------------------------------------------------------------
+
+    def _feed(self, chunk: bytes, out: LogContents) -> None:
+        start = 0
+        while True:
+            newline = chunk.find(b"\n", start)
+            piece = chunk[start:] if newline < 0 else chunk[start:newline]
+            if not self._discarding:
+                self._pending += piece
+                if len(self._pending) > MAX_LINE_BYTES:
+                    self._line_number += 1
+                    self._problem(out, self._line_number, f"line longer than {MAX_LINE_BYTES} bytes; skipped")
+                    self._pending.clear()
+                    self._discarding = True
+            if newline < 0:
+                return
+            if self._discarding:
+                self._discarding = False
+            else:
+                self._line_number += 1
+                self._parse(bytes(self._pending), self._line_number, out)
+                self._pending.clear()
+            start = newline + 1
+
+    def _finish(self, out: LogContents) -> None:
+        if self._offset == 0:
+            self._problem(out, None, "empty file")
+        if self._pending.strip():
+            line = self._line_number + 1
+            self._line_number = line
+            if _is_json(bytes(self._pending)):
+                self._parse(bytes(self._pending), line, out)
+            else:
+                self._problem(
+                    out,
+                    line,
+                    "truncated last line (the run probably crashed while writing); "
+                    f"read the {line - 1} line(s) before it",
+                )
+                out.truncated_files.append(self.display)
+                if self._last_run is not None:
+                    out.truncated_runs.append(self._last_run)
+        self._pending.clear()
+        if self._skipped_in_unsupported_run:
+            self._problem(
+                out,
+                None,
+                f"skipped {self._skipped_in_unsupported_run} record(s) of a run with unsupported schema",
+            )
+            self._skipped_in_unsupported_run = 0
+
+    def _parse(self, raw: bytes, line: int, out: LogContents) -> None:
+        """Parse one line into ``out``: a record, an unknown-kind count, or a problem naming the line."""
+        if not raw.strip():
+            return
+        try:
+            data = json.loads(raw.decode("utf-8"), parse_constant=_non_finite_as_null)
+        except UnicodeDecodeError:
+            self._problem(out, line, "not UTF-8 text")
+            return
+        except json.JSONDecodeError as exc:
+            self._problem(out, line, f"not valid JSON ({exc.msg} at column {exc.colno})")
+            return
+        except RecursionError:
+            self._problem(out, line, "JSON nested too deeply to read")
+            return
+        is_header = isinstance(data, dict) and data.get("kind") == RunHeader.kind
+        if self._skipping_unsupported_run and not is_header:
+            self._skipped_in_unsupported_run += 1
+            return
+        if is_header and data.get("schema") != SCHEMA_VERSION:
+            self._skipping_unsupported_run = True
+            self._problem(
+                out,
+                line,
+                f"unsupported run-log schema {data.get('schema')!r:.40} (this gradwatch reads schema "
+                f"{SCHEMA_VERSION}); the records of this run are skipped",
+            )
+            return
+        try:
+            record = record_from_json(data)
+        except RecordError as exc:
+            self._problem(out, line, f"bad {_kind_of(data)} record: {exc}")
+            return
+        except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+            self._problem(out, line, f"bad {_kind_of(data)} record: {type(exc).__name__}: {exc}")
+            return
+        if record is None:
+            out.unknown_kinds[str(data.get("kind"))[:60]] += 1
+            return
+        if isinstance(record, RunHeader):
+            self._skipping_unsupported_run = False
+            self._current_header = record
+        record = self._with_run_context(record)
+        self._last_run = (record.run_id, record.rank)
+        out.records.append(record)
+
+    def _with_run_context(self, record: Record) -> Record:
+        """Records written without a run_id belong to the run whose header precedes them in this file."""
+        header = self._current_header
+        if header is not None and not isinstance(record, RunHeader) and not record.run_id:
+            return dataclasses.replace(record, run_id=header.run_id)
+        return record
+
+    def _problem(self, out: LogContents, line: int | None, message: str) -> None:
+        self._problem_count += 1
+        if self._problem_count <= MAX_PROBLEMS_PER_FILE:
+            out.problems.append(Problem(self.display, line, message))
+        elif self._problem_count == MAX_PROBLEMS_PER_FILE + 1:
+            out.problems.append(Problem(self.display, line, "too many problems; further ones are not listed"))
+
+
+def _non_finite_as_null(_constant: str) -> None:
+    """``NaN``/``Infinity`` are not JSON; a writer that emits them means "no finite value": null."""
+    return None
+
+
+def _is_json(raw: bytes) -> bool:
+    try:
+        json.loads(raw.decode("utf-8"), parse_constant=_non_finite_as_null)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return False
+    return True
+
+
+def _kind_of(data: object) -> str:
+    kind = data.get("kind") if isinstance(data, dict) else None
+    return repr(kind)[:40] if isinstance(kind, str) else "log"
+
+
+def read_logs(patterns: list[str]) -> LogContents:
+    """Read every file named by ``patterns`` completely (see :func:`expand_paths`)."""
+    files, problems = expand_paths(patterns)
+    contents = LogContents(problems=problems)
+    for path in files:
+        contents.extend(LogTail(path).poll(final=True))
+    return contents

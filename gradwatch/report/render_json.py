@@ -1,0 +1,122 @@
+"""The ``--format json`` output: a stable, documented, machine-readable form of a :class:`Report`.
+
+The layout is documented in docs/report.md; bump :data:`REPORT_JSON_SCHEMA` on any incompatible change.
+Non-finite floats are written as ``null`` (JSON has no NaN/Inf).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from gradwatch._version import __version__
+from gradwatch.report.summary import ClipSummary, LayerSummary, MetricSummary, Report, RunSummary
+
+REPORT_JSON_SCHEMA = 1
+MAX_COPIED_DEPTH = 32
+"""Log-supplied nested objects (header config and modules) are copied only this deep."""
+
+
+def _number(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _json_safe(value: Any, depth: int = 0) -> Any:
+    """A copy of log-supplied data that ``json.dumps(allow_nan=False)`` accepts, bounded in depth."""
+    if depth > MAX_COPIED_DEPTH:
+        return "(nested too deeply; omitted)"
+    if isinstance(value, float):
+        return _number(value)
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v, depth + 1) for v in value]
+    return value
+
+
+def _metric(metric: MetricSummary) -> dict[str, Any]:
+    return {
+        "label": metric.label,
+        "scale": metric.scale,
+        "count": metric.count,
+        "first": _number(metric.first),
+        "last": _number(metric.last),
+        "min": _number(metric.minimum),
+        "max": _number(metric.maximum),
+        "trend_per_1000_steps": _number(metric.trend_per_1000_steps),
+        "sparkline": metric.sparkline,
+    }
+
+
+def _layer(layer: LayerSummary) -> dict[str, Any]:
+    verdict = layer.verdict
+    return {
+        "module": layer.module,
+        "layer": layer.layer,
+        "direction": layer.direction,
+        "module_type": layer.module_type,
+        "ranks": list(layer.ranks),
+        "measurements": layer.measurements,
+        "steps": {"first": layer.first_step, "last": layer.last_step},
+        "longest_lag": None if layer.lag is None else int(layer.lag),
+        "metrics": {metric.name: _metric(metric) for metric in layer.metrics},
+        "alerts": len(layer.alerts),
+        "verdict": {
+            "verdict": verdict.verdict.value,
+            "source": verdict.source,
+            "reason": verdict.reason,
+            "cause": verdict.cause,
+            "suggestions": list(verdict.suggestions),
+            "recovered": list(verdict.recovered),
+        },
+    }
+
+
+def _clips(clips: ClipSummary) -> dict[str, Any]:
+    return {
+        "count": clips.count,
+        "median_scale": _number(clips.median_scale),
+        "median_norm_before": _number(clips.median_norm_before),
+        "max_norm": _number(clips.max_norm),
+    }
+
+
+def _run(run: RunSummary) -> dict[str, Any]:
+    header = run.header
+    return {
+        "run_id": run.run_id,
+        "ranks": list(run.ranks),
+        "merged_ranks": run.merged_ranks,
+        "truncated": run.truncated,
+        "header": None if header is None else _json_safe(header.to_json()),
+        "steps": {"first": run.first_step, "last": run.last_step},
+        "layers": [_layer(layer) for layer in run.layers],
+        "alerts": [_json_safe(alert.to_json()) for alert in run.alerts],
+        "clips": _clips(run.clips),
+        "errors": [_json_safe(error.to_json()) for error in run.errors],
+    }
+
+
+def report_to_json(report: Report) -> dict[str, Any]:
+    """The report as plain JSON-ready data (see docs/report.md for every field)."""
+    return {
+        "schema": REPORT_JSON_SCHEMA,
+        "generator": f"gradwatch {__version__}",
+        "files": list(report.files),
+        "options": {
+            "modules": list(report.options.modules),
+            "steps": {"start": report.options.steps.start, "stop": report.options.steps.stop},
+            "metrics": None if report.options.metrics is None else list(report.options.metrics),
+            "merge_ranks": report.options.merge_ranks,
+        },
+        "verdicts": report.verdict_counts(),
+        "runs": [_run(run) for run in report.runs],
+        "problems": [{"file": p.path, "line": p.line, "message": p.message} for p in report.problems],
+        "skipped_unknown_kinds": dict(report.unknown_kinds),
+    }
+
+
+def render_json(report: Report) -> str:
+    """Indented JSON text (valid JSON: never NaN or Infinity)."""
+    return json.dumps(report_to_json(report), indent=2, ensure_ascii=False, allow_nan=False) + "\n"

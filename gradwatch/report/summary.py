@@ -1,0 +1,361 @@
+"""Summaries of run logs: pure functions from records to a :class:`Report` that the renderers draw.
+
+Runs are kept apart by ``(run_id, rank)``, or by ``run_id`` alone with ``merge_ranks`` (DDP: one file per
+rank). Within a run, each (module, layer, direction) gets a :class:`LayerSummary` with metric statistics,
+its alerts and a verdict (see :mod:`gradwatch.report.verdict`).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from gradwatch.records import Alert, ClipEvent, Direction, ErrorRecord, Measurement, Record, RunHeader
+from gradwatch.report.metrics import MetricSpec, longest_lag, metric_specs
+from gradwatch.report.reader import LogContents, Problem
+from gradwatch.report.sparkline import sparkline
+from gradwatch.report.verdict import SEVERITY, LayerVerdict, Verdict, judge_layer
+
+TREND_STEPS = 1000
+"""Trends are slopes per this many training steps."""
+
+
+@dataclass(frozen=True)
+class StepRange:
+    """Half-open window ``start <= step < stop`` of training steps; ``None`` leaves that side open."""
+
+    start: int | None = None
+    stop: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> StepRange:
+        """Read ``A:B``, ``A:`` or ``:B`` (Python slice style); raise ``ValueError`` naming the form."""
+        start_text, colon, stop_text = text.partition(":")
+        if not colon:
+            raise ValueError(f"steps must look like A:B, A: or :B (for example 100:500), got {text!r}")
+        try:
+            start = int(start_text) if start_text.strip() else None
+            stop = int(stop_text) if stop_text.strip() else None
+        except ValueError:
+            raise ValueError(f"steps must be integers in A:B (for example 100:500), got {text!r}") from None
+        if start is not None and stop is not None and stop <= start:
+            raise ValueError(f"steps A:B needs A < B, got {text!r}")
+        return cls(start, stop)
+
+    def __contains__(self, step: object) -> bool:
+        if not isinstance(step, int):
+            return False
+        return (self.start is None or step >= self.start) and (self.stop is None or step < self.stop)
+
+
+@dataclass(frozen=True)
+class ReportOptions:
+    """What to include: module name patterns (fnmatch), a step window, metric names, rank merging."""
+
+    modules: tuple[str, ...] = ()
+    steps: StepRange = field(default_factory=StepRange)
+    metrics: tuple[str, ...] | None = None
+    merge_ranks: bool = False
+
+    def __post_init__(self) -> None:
+        metric_specs(self.metrics)  # raises ValueError naming unknown metrics and the accepted ones
+
+    def wants_module(self, name: str) -> bool:
+        return not self.modules or any(fnmatch.fnmatchcase(name, pattern) for pattern in self.modules)
+
+
+@dataclass(frozen=True)
+class MetricSummary:
+    """Statistics of one metric over the measured steps of one layer (``None``: no finite value)."""
+
+    name: str
+    label: str
+    scale: str
+    count: int
+    first: float | None
+    last: float | None
+    minimum: float | None
+    maximum: float | None
+    trend_per_1000_steps: float | None
+    """Slope of log(value) (``scale == "log"``) or of the value (``"linear"``) per 1000 steps."""
+    sparkline: str
+    series: tuple[tuple[int, float | None], ...]
+
+
+@dataclass(frozen=True)
+class LayerSummary:
+    """One layer and direction of one module within a run."""
+
+    module: str
+    layer: int
+    direction: Direction
+    module_type: str | None
+    ranks: tuple[int, ...]
+    measurements: int
+    first_step: int | None
+    last_step: int | None
+    lag: str | None
+    metrics: tuple[MetricSummary, ...]
+    alerts: tuple[Alert, ...]
+    verdict: LayerVerdict
+
+    @property
+    def title(self) -> str:
+        return f"{self.module} · layer {self.layer} · {self.direction}"
+
+
+@dataclass(frozen=True)
+class ClipSummary:
+    """Gradient clipping events: how often, and how hard (median ``scale = max_norm / norm_before``)."""
+
+    count: int
+    median_scale: float | None
+    median_norm_before: float | None
+    max_norm: float | None
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """One run (one rank of it, unless ranks were merged)."""
+
+    run_id: str
+    ranks: tuple[int, ...]
+    merged_ranks: bool
+    header: RunHeader | None
+    layers: tuple[LayerSummary, ...]
+    alerts: tuple[Alert, ...]
+    clips: ClipSummary
+    errors: tuple[ErrorRecord, ...]
+    first_step: int | None
+    last_step: int | None
+    truncated: bool
+
+    @property
+    def title(self) -> str:
+        name = self.run_id or "(run without id)"
+        if self.merged_ranks:
+            return f"{name} (ranks {', '.join(map(str, self.ranks))} merged)" if len(self.ranks) > 1 else name
+        return f"{name} rank {self.ranks[0]}" if self.ranks else name
+
+
+@dataclass(frozen=True)
+class Report:
+    """Everything a renderer needs: the runs, and what went wrong reading the logs."""
+
+    runs: tuple[RunSummary, ...]
+    problems: tuple[Problem, ...] = ()
+    files: tuple[str, ...] = ()
+    unknown_kinds: tuple[tuple[str, int], ...] = ()
+    options: ReportOptions = field(default_factory=ReportOptions)
+
+    def layer_verdicts(self) -> list[tuple[RunSummary, LayerSummary]]:
+        return [(run, layer) for run in self.runs for layer in run.layers]
+
+    def verdict_counts(self) -> dict[str, int]:
+        counts = {v.value: 0 for v in Verdict}
+        for _run, layer in self.layer_verdicts():
+            counts[layer.verdict.verdict.value] += 1
+        return counts
+
+    def matches(self, fail_on: Iterable[Verdict]) -> list[tuple[RunSummary, LayerSummary]]:
+        """The layers whose verdict is one of ``fail_on`` (for ``--fail-on`` gating)."""
+        wanted = set(fail_on)
+        return [(run, layer) for run, layer in self.layer_verdicts() if layer.verdict.verdict in wanted]
+
+
+RunKey = tuple[str, int | None]
+
+
+def build_report(contents: LogContents, options: ReportOptions | None = None) -> Report:
+    """Summarise what :func:`gradwatch.report.reader.read_logs` read."""
+    return summarize(
+        contents.records,
+        options,
+        problems=contents.problems,
+        files=contents.files,
+        unknown_kinds=contents.unknown_kinds,
+        truncated_runs=contents.truncated_runs,
+    )
+
+
+def summarize(
+    records: Sequence[Record],
+    options: ReportOptions | None = None,
+    *,
+    problems: Sequence[Problem] = (),
+    files: Sequence[str] = (),
+    unknown_kinds: Mapping[str, int] | None = None,
+    truncated_runs: Iterable[tuple[str, int]] = (),
+) -> Report:
+    """Group records into runs and layers and summarise each (pure: no I/O)."""
+    options = options or ReportOptions()
+    grouped: dict[RunKey, list[Record]] = defaultdict(list)
+    for record in records:
+        grouped[(record.run_id, None if options.merge_ranks else record.rank)].append(record)
+    truncated = {(run_id, None if options.merge_ranks else rank) for run_id, rank in truncated_runs}
+    runs = tuple(
+        _summarize_run(key, run_records, options, truncated=key in truncated)
+        for key, run_records in sorted(grouped.items(), key=lambda item: (item[0][0], item[0][1] or 0))
+    )
+    return Report(
+        runs=runs,
+        problems=tuple(problems),
+        files=tuple(files),
+        unknown_kinds=tuple(sorted((unknown_kinds or {}).items())),
+        options=options,
+    )
+
+
+def _summarize_run(
+    key: RunKey, records: Sequence[Record], options: ReportOptions, *, truncated: bool
+) -> RunSummary:
+    headers = sorted((r for r in records if isinstance(r, RunHeader)), key=lambda h: (h.rank, h.started))
+    header = headers[0] if headers else None
+    all_alerts = [r for r in records if isinstance(r, Alert)]
+    in_window = [r for r in records if not isinstance(r, RunHeader) and r.step in options.steps]
+    measurements = [r for r in in_window if isinstance(r, Measurement) and options.wants_module(r.module)]
+    alerts = sorted(
+        (r for r in in_window if isinstance(r, Alert) and options.wants_module(r.module)),
+        key=lambda a: (a.step, a.rank, a.module, a.layer),
+    )
+    clips = [r for r in in_window if isinstance(r, ClipEvent)]
+    errors = tuple(sorted((r for r in in_window if isinstance(r, ErrorRecord)), key=lambda e: e.step))
+    module_types = _module_types(headers)
+
+    by_layer: dict[tuple[str, int, str], list[Measurement]] = defaultdict(list)
+    alerts_by_layer: dict[tuple[str, int, str], list[Alert]] = defaultdict(list)
+    for m in measurements:
+        by_layer[(m.module, m.layer, m.direction)].append(m)
+    for a in alerts:
+        alerts_by_layer[(a.module, a.layer, a.direction)].append(a)
+    layers = tuple(
+        _summarize_layer(
+            layer_key,
+            by_layer.get(layer_key, []),
+            alerts_by_layer.get(layer_key, []),
+            options,
+            run_has_alerts=bool(all_alerts),
+            module_type=module_types.get(layer_key[0]),
+        )
+        for layer_key in sorted(set(by_layer) | set(alerts_by_layer))
+    )
+    steps = [r.step for r in in_window]
+    ranks = tuple(sorted({r.rank for r in records}))
+    return RunSummary(
+        run_id=key[0],
+        ranks=ranks,
+        merged_ranks=options.merge_ranks,
+        header=header,
+        layers=layers,
+        alerts=tuple(alerts),
+        clips=_summarize_clips(clips),
+        errors=errors,
+        first_step=min(steps) if steps else None,
+        last_step=max(steps) if steps else None,
+        truncated=truncated,
+    )
+
+
+def _module_types(headers: Sequence[RunHeader]) -> dict[str, str]:
+    """Module name -> type name (``LSTM``, ``RNN`` ...) from the header's module list, if it says."""
+    types: dict[str, str] = {}
+    for header in headers:
+        for entry in header.modules:
+            name, kind = entry.get("name"), entry.get("type")
+            if isinstance(name, str) and isinstance(kind, str):
+                types.setdefault(name, kind)
+    return types
+
+
+def _summarize_layer(
+    key: tuple[str, int, str],
+    measurements: list[Measurement],
+    alerts: list[Alert],
+    options: ReportOptions,
+    *,
+    run_has_alerts: bool,
+    module_type: str | None,
+) -> LayerSummary:
+    module, layer, direction = key
+    by_step: dict[int, list[Measurement]] = defaultdict(list)
+    for m in measurements:
+        by_step[m.step].append(m)
+    lag = longest_lag(measurements)
+    metrics = tuple(_summarize_metric(spec, by_step, lag) for spec in metric_specs(options.metrics))
+    steps = sorted(by_step)
+    return LayerSummary(
+        module=module,
+        layer=layer,
+        direction=direction,  # type: ignore[arg-type]
+        module_type=module_type,
+        ranks=tuple(sorted({m.rank for m in measurements} | {a.rank for a in alerts})),
+        measurements=len(measurements),
+        first_step=steps[0] if steps else None,
+        last_step=steps[-1] if steps else None,
+        lag=lag,
+        metrics=metrics,
+        alerts=tuple(alerts),
+        verdict=judge_layer(measurements, alerts, run_has_alerts=run_has_alerts, module_type=module_type),
+    )
+
+
+def _finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+def _summarize_metric(
+    spec: MetricSpec, by_step: Mapping[int, list[Measurement]], lag: str | None
+) -> MetricSummary:
+    """Per step the mean over ranks of the finite readings; statistics over the finite steps."""
+    series: list[tuple[int, float | None]] = []
+    for step in sorted(by_step):
+        readings = [v for m in by_step[step] if _finite(v := spec.read(m.metrics, lag))]
+        series.append((step, statistics.fmean(readings) if readings else None))  # type: ignore[arg-type]
+    finite = [(s, v) for s, v in series if v is not None]
+    values = [v for _s, v in finite]
+    return MetricSummary(
+        name=spec.name,
+        label=spec.label if spec.name != "lag_norm" or lag is None else f"lag norm (τ={lag})",
+        scale=spec.scale,
+        count=len(values),
+        first=values[0] if values else None,
+        last=values[-1] if values else None,
+        minimum=min(values) if values else None,
+        maximum=max(values) if values else None,
+        trend_per_1000_steps=trend_per_1000_steps(finite, log_scale=spec.scale == "log"),
+        sparkline=sparkline([v for _s, v in series], log_scale=spec.scale == "log"),
+        series=tuple(series),
+    )
+
+
+def trend_per_1000_steps(points: Sequence[tuple[int, float]], *, log_scale: bool) -> float | None:
+    """Least-squares slope per 1000 steps of log(value) (``log_scale``) or of the value itself.
+
+    On the log scale a slope of -2.3 means the metric shrinks tenfold every 1000 steps; non-positive
+    values have no logarithm and are left out. ``None`` with fewer than two distinct steps.
+    """
+    usable = [(s, math.log(v) if log_scale else v) for s, v in points if not log_scale or v > 0]
+    if len({s for s, _v in usable}) < 2:
+        return None
+    fit = statistics.linear_regression([float(s) for s, _v in usable], [v for _s, v in usable])
+    return fit.slope * TREND_STEPS
+
+
+def _summarize_clips(clips: Sequence[ClipEvent]) -> ClipSummary:
+    scales = [c.scale for c in clips if math.isfinite(c.scale)]
+    before = [c.norm_before for c in clips if _finite(c.norm_before)]
+    return ClipSummary(
+        count=len(clips),
+        median_scale=statistics.median(scales) if scales else None,
+        median_norm_before=statistics.median(before) if before else None,  # type: ignore[type-var]
+        max_norm=clips[-1].max_norm if clips else None,
+    )
+
+
+def worst_verdict(layers: Iterable[LayerSummary]) -> Verdict:
+    """The most severe verdict among ``layers`` (healthy when there are none)."""
+    return max((layer.verdict.verdict for layer in layers), key=SEVERITY.__getitem__, default=Verdict.HEALTHY)

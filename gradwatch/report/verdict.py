@@ -1,0 +1,326 @@
+"""Per-layer verdicts (healthy / vanishing / exploding / non-finite), their cause and what to try.
+
+The verdict comes from the alert records the monitor's detectors wrote; a log without any alert record
+falls back to :func:`fallback_verdict`, a few fixed rules on the last measurements. The cause is told in
+the lecture's two factors of J_t = diag(f'(a_t)) W_hh: the nonlinearity (saturating or dying units make
+f' small) and the recurrent weight (sigma_max(W_hh) well below or above 1).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Literal
+
+from gradwatch.records import Alert, AlertKind, Measurement
+from gradwatch.report.metrics import longest_lag, total_grad_norm
+
+
+class Verdict(str, Enum):
+    """What a layer's gradients did, ordered from benign to worst by :data:`SEVERITY`."""
+
+    HEALTHY = "healthy"
+    VANISHING = "vanishing"
+    EXPLODING = "exploding"
+    NONFINITE = "nonfinite"
+
+
+SEVERITY: dict[Verdict, int] = {
+    Verdict.HEALTHY: 0,
+    Verdict.VANISHING: 1,
+    Verdict.EXPLODING: 2,
+    Verdict.NONFINITE: 3,
+}
+
+# --- fallback rules (used only when a run has no alert records) ----------------------------------------
+SUSTAINED_MEASUREMENTS = 3
+"""A rule must hold on each of the last this many measurements (or all of them, if fewer)."""
+EXPLODING_LYAPUNOV = 0.05
+"""lyapunov_max above this: the Jacobian product grows by more than ~5% per step."""
+VANISHING_LYAPUNOV = -0.7
+"""lyapunov_max below this: the product shrinks by a factor e^0.7 ≈ 2 per step ..."""
+VANISHING_LAG_NORM = 1e-3
+"""... and the longest measured lag passes back less than 1e-3 of the gradient."""
+
+# --- cause thresholds -------------------------------------------------------------------------------
+SATURATION_HIGH = 0.5
+DERIVATIVE_LOW = 0.25
+DERIVATIVE_HIGH = 0.75
+WEIGHT_LOW = 0.8
+WEIGHT_HIGH = 1.2
+CAUSE_WINDOW = 5
+"""Cause statistics are medians over the last this many measurements of the episode."""
+CLIP_PERCENTILE = 90
+
+
+@dataclass(frozen=True)
+class LayerVerdict:
+    """The verdict for one layer with its evidence (``reason``), cause and suggestions."""
+
+    verdict: Verdict
+    source: Literal["alerts", "rules"]
+    reason: str
+    cause: str
+    suggestions: tuple[str, ...]
+    recovered: tuple[str, ...] = ()
+    """One note per episode that ended with a ``recovered`` alert."""
+
+
+def fallback_verdict(measurements: Sequence[Measurement]) -> tuple[Verdict, str]:
+    """Simple rules on the last measurements, for logs without alert records; swap in real detectors here.
+
+    Rules, first match wins: any measurement with ``grad_nonfinite > 0`` -> non-finite; ``lyapunov_max >
+    0.05`` on each of the last 3 measurements -> exploding; ``lyapunov_max < -0.7`` and the longest-lag
+    ``lag_norm < 1e-3`` on each of the last 3 -> vanishing; otherwise healthy.
+    """
+    ordered = sorted(measurements, key=lambda m: m.step)
+    nonfinite = [m for m in ordered if m.metrics.grad_nonfinite > 0]
+    if nonfinite:
+        return Verdict.NONFINITE, _nonfinite_reason(nonfinite)
+    recent = ordered[-SUSTAINED_MEASUREMENTS:]
+    if not recent:
+        return Verdict.HEALTHY, "no measurements"
+    lag = longest_lag(recent)
+    lyapunov = [m.metrics.lyapunov_max for m in recent]
+    lag_norms = [None if lag is None else m.metrics.lag_norm.get(lag) for m in recent]
+    span = f"the last {len(recent)} measurement(s) (steps {recent[0].step}-{recent[-1].step})"
+    if all(v is not None and v > EXPLODING_LYAPUNOV for v in lyapunov):
+        return Verdict.EXPLODING, f"lyapunov_max > {EXPLODING_LYAPUNOV} on {span}"
+    if all(v is not None and v < VANISHING_LYAPUNOV for v in lyapunov) and all(
+        n is not None and n < VANISHING_LAG_NORM for n in lag_norms
+    ):
+        return (
+            Verdict.VANISHING,
+            f"lyapunov_max < {VANISHING_LYAPUNOV} and lag_norm[{lag}] < {VANISHING_LAG_NORM:g} on {span}",
+        )
+    return Verdict.HEALTHY, f"no rule fired on {span}"
+
+
+@dataclass(frozen=True)
+class _AlertOutcome:
+    verdict: Verdict
+    reason: str
+    episode_start: int | None
+    recovered: tuple[str, ...]
+    last_recovery_step: int | None
+
+
+def _verdict_from_alerts(alerts: Sequence[Alert], *, name_ranks: bool) -> _AlertOutcome:
+    """Replay alerts per rank: an episode still open at the end gives its verdict; the worst rank wins.
+
+    Each alert is the detector's new state for the layer, so the latest one since the last ``recovered``
+    alert says what the episode is now; the episode started at the first alert after that recovery.
+    """
+    by_rank: dict[int, list[Alert]] = defaultdict(list)
+    for alert in alerts:
+        by_rank[alert.rank].append(alert)
+    worst = _AlertOutcome(Verdict.HEALTHY, "no alert episode open at the end", None, (), None)
+    recovered: list[str] = []
+    last_recovery: int | None = None
+    for rank, rank_alerts in sorted(by_rank.items()):
+        where = f" on rank {rank}" if name_ranks else ""
+        current: Alert | None = None
+        episode_start: int | None = None
+        for alert in sorted(rank_alerts, key=lambda a: a.step):
+            if alert.alert == AlertKind.RECOVERED:
+                if current is not None:
+                    recovered.append(
+                        f"{current.alert.value} from step {episode_start}{where}, "
+                        f"recovered at step {alert.step}"
+                    )
+                last_recovery = alert.step if last_recovery is None else max(last_recovery, alert.step)
+                current, episode_start = None, None
+            else:
+                episode_start = alert.step if current is None else episode_start
+                current = alert
+        if current is None:
+            continue
+        verdict = Verdict(current.alert.value)
+        if SEVERITY[verdict] > SEVERITY[worst.verdict]:
+            evidence = "" if current.value is None else f" ({current.metric} = {current.value:.3g}"
+            if evidence and current.threshold is not None:
+                evidence += f", threshold {current.threshold:.3g}"
+            evidence += ")" if evidence else ""
+            since = f" (episode since step {episode_start})" if episode_start != current.step else ""
+            reason = (
+                f"{verdict.value} alert at step {current.step}{where}{evidence}{since}, still open at the end"
+            )
+            worst = _AlertOutcome(verdict, reason, episode_start, (), None)
+    return _AlertOutcome(worst.verdict, worst.reason, worst.episode_start, tuple(recovered), last_recovery)
+
+
+def _nonfinite_reason(nonfinite: Sequence[Measurement]) -> str:
+    return (
+        f"{len(nonfinite)} measurement(s) with non-finite gradients (grad_nonfinite > 0), "
+        f"first at step {nonfinite[0].step}"
+    )
+
+
+def judge_layer(
+    measurements: Sequence[Measurement],
+    alerts: Sequence[Alert],
+    *,
+    run_has_alerts: bool,
+    module_type: str | None = None,
+) -> LayerVerdict:
+    """Verdict, cause and suggestions for one layer from its measurements and alerts (pure function).
+
+    ``run_has_alerts`` says whether the run's detectors wrote any alert at all; if not, the alert-less
+    layer is judged by :func:`fallback_verdict` instead of being called healthy by default.
+    """
+    ordered = sorted(measurements, key=lambda m: m.step)
+    recovered: tuple[str, ...] = ()
+    if run_has_alerts:
+        ranks = {m.rank for m in ordered} | {a.rank for a in alerts}
+        outcome = _verdict_from_alerts(alerts, name_ranks=len(ranks) > 1)
+        verdict, reason, recovered = outcome.verdict, outcome.reason, outcome.recovered
+        source: Literal["alerts", "rules"] = "alerts"
+        episode_start = outcome.episode_start
+        after_recovery = [
+            m for m in ordered if outcome.last_recovery_step is None or m.step > outcome.last_recovery_step
+        ]
+        nonfinite = [m for m in after_recovery if m.metrics.grad_nonfinite > 0]
+        if nonfinite and verdict != Verdict.NONFINITE:
+            verdict, reason, episode_start = (
+                Verdict.NONFINITE,
+                _nonfinite_reason(nonfinite),
+                nonfinite[0].step,
+            )
+    else:
+        verdict, reason = fallback_verdict(ordered)
+        source = "rules"
+        episode_start = None
+    window = [m for m in ordered if episode_start is None or m.step >= episode_start] or ordered
+    window = window[-CAUSE_WINDOW:]
+    cause, weight_is_high = _cause(verdict, window)
+    return LayerVerdict(
+        verdict=verdict,
+        source=source,
+        reason=reason,
+        cause=cause,
+        suggestions=_suggestions(
+            verdict,
+            ordered,
+            episode_start=episode_start,
+            module_type=module_type,
+            weight_is_high=weight_is_high,
+        ),
+        recovered=recovered,
+    )
+
+
+def _median(values: Sequence[float | None]) -> float | None:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return statistics.median(finite) if finite else None
+
+
+def _cause(verdict: Verdict, window: Sequence[Measurement]) -> tuple[str, bool]:
+    """Explain the verdict by the two factors of J_t; return the text and whether W_hh is too large."""
+    derivative = _median([m.metrics.activation_derivative_mean for m in window])
+    saturation = _median([m.metrics.activation_saturation_ratio for m in window])
+    weight = _median([m.metrics.weight_hh_sigma_max for m in window])
+    weight_is_high = weight is not None and weight > WEIGHT_HIGH
+    if verdict == Verdict.HEALTHY:
+        return "", weight_is_high
+    parts: list[str] = []
+    saturating = (saturation is not None and saturation > SATURATION_HIGH) or (
+        derivative is not None and derivative < DERIVATIVE_LOW
+    )
+    factor_values = []
+    if derivative is not None:
+        factor_values.append(f"mean f'(a) = {derivative:.3g}")
+    if saturation is not None:
+        factor_values.append(f"saturation ratio = {saturation:.0%}")
+    nonlinearity = ", ".join(factor_values) or "no activation statistics"
+    weight_text = "σmax(W_hh) unknown" if weight is None else f"σmax(W_hh) = {weight:.3g}"
+    if verdict == Verdict.VANISHING:
+        if saturating:
+            parts.append(
+                f"the nonlinearity is saturating or dying ({nonlinearity}): "
+                "the diagonal factor diag(f'(a_t)) of every J_t is small"
+            )
+        if weight is not None and weight < WEIGHT_LOW:
+            parts.append(
+                f"the recurrent weight norm is well below 1 ({weight_text}), which bounds every ||J_t||"
+            )
+        if not parts:
+            parts.append(
+                f"neither factor alone is extreme ({nonlinearity}; {weight_text}), but Jacobians slightly "
+                "below 1 still shrink the gradient exponentially over many steps"
+            )
+    else:
+        if weight_is_high:
+            text = f"the recurrent weight norm is well above 1 ({weight_text})"
+            if derivative is not None and derivative > DERIVATIVE_HIGH:
+                text += f" and the nonlinearity barely damps it ({nonlinearity}, as with ReLU)"
+            parts.append(text + ", so the product of Jacobians grows with the lag")
+        else:
+            parts.append(
+                f"the recurrent weight is not extreme ({weight_text}; {nonlinearity}), but the Jacobian "
+                "norms exceed 1 on enough steps that their product grows"
+            )
+        if verdict == Verdict.NONFINITE:
+            parts.insert(0, "gradients overflowed to NaN/Inf")
+    return "; ".join(parts), weight_is_high
+
+
+def clip_threshold(measurements: Sequence[Measurement], percentile: int = CLIP_PERCENTILE) -> float | None:
+    """The ``percentile``-th percentile of the finite total gradient norms observed, a clipping threshold."""
+    norms = sorted(n for m in measurements if (n := total_grad_norm(m.metrics)) is not None)
+    if not norms:
+        return None
+    if len(norms) == 1:
+        return norms[0]
+    return statistics.quantiles(norms, n=100, method="inclusive")[percentile - 1]
+
+
+def _clip_suggestion(measurements: Sequence[Measurement], episode_start: int | None) -> str:
+    """Suggest a clipping threshold from the gradient norms seen before the episode (all, if too few)."""
+    before = [m for m in measurements if episode_start is not None and m.step < episode_start]
+    basis = f"before step {episode_start}"
+    if len(before) < SUSTAINED_MEASUREMENTS:
+        before, basis = list(measurements), "over the run"
+    threshold = clip_threshold(before)
+    if threshold is None:
+        return "clip gradients near the typical gradient norm (torch.nn.utils.clip_grad_norm_)"
+    return (
+        f"clip gradients: torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm={threshold:.3g}) "
+        f"(the {CLIP_PERCENTILE}th percentile of the total gradient norm {basis})"
+    )
+
+
+def _suggestions(
+    verdict: Verdict,
+    measurements: Sequence[Measurement],
+    *,
+    episode_start: int | None,
+    module_type: str | None,
+    weight_is_high: bool,
+) -> tuple[str, ...]:
+    if verdict == Verdict.HEALTHY:
+        return ()
+    clip = _clip_suggestion(measurements, episode_start)
+    orthogonal = "initialise W_hh orthogonally (torch.nn.init.orthogonal_) so that σmax(W_hh) starts at 1"
+    kind = (module_type or "").upper()
+    out: list[str] = []
+    if verdict == Verdict.VANISHING:
+        if "LSTM" in kind:
+            out.append("set the forget-gate bias to 1 so the cell state is kept by default")
+        elif "GRU" not in kind:
+            out.append("switch to nn.LSTM or nn.GRU: their gated state carries gradients across many steps")
+        out.append(orthogonal)
+    else:
+        out.append(clip)
+        if weight_is_high:
+            out.append(orthogonal)
+        out.append("lower the learning rate")
+        out.append("shorten the truncation window of backpropagation through time")
+        if verdict == Verdict.NONFINITE:
+            out.append(
+                "skip optimizer steps whose gradients are non-finite (check inputs and loss for NaN/Inf)"
+            )
+    return tuple(out)

@@ -1,0 +1,87 @@
+"""Renderers on their own: escaping, self-contained HTML charts, valid JSON for non-finite values."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+from gradwatch.records import Alert, AlertKind, Measurement, MeasurementMetrics, Record, RunHeader
+from gradwatch.report.render_html import chart_svg, render_html
+from gradwatch.report.render_json import REPORT_JSON_SCHEMA, render_json
+from gradwatch.report.render_markdown import escape_markdown, render_markdown
+from gradwatch.report.summary import summarize
+from tests.report_logs import make_run
+
+
+def test_markdown_escape_neutralises_markup() -> None:
+    assert escape_markdown("a|b") == r"a\|b"
+    assert escape_markdown("<img src=x>") == r"\<img src=x\>"
+    assert escape_markdown("**x** [l](u) `c`") == r"\*\*x\*\* \[l\](u) \`c\`"
+    assert escape_markdown("two\nlines") == "two lines"
+
+
+def test_markdown_details_summary_is_html_escaped() -> None:
+    text = render_markdown(summarize(make_run("healthy", module="<b>x</b>")))
+    assert "<summary>&lt;b&gt;x&lt;/b&gt; · layer 0 · forward: healthy</summary>" in text
+
+
+def test_html_chart_marks_alerts_and_reference_line() -> None:
+    layer = summarize(make_run("exploding")).runs[0].layers[0]
+    sigma = next(m for m in layer.metrics if m.name == "jacobian_sigma_max_mean")
+    svg = chart_svg(sigma, [(500, "exploding", "step 500: <boom>")])
+    assert svg.startswith("<svg") and svg.endswith("</svg>")
+    assert 'class="alert-mark"' in svg and "&lt;boom&gt;" in svg and "<boom>" not in svg
+    assert 'stroke-dasharray="3,3"' in svg  # sigma = 1 lies inside the plotted range
+    assert "(log scale)" in svg
+    outside = chart_svg(sigma, [(10**6, "exploding", "late")])
+    assert "alert-mark" not in outside  # an alert outside the plotted steps is not drawn
+
+
+def test_html_chart_breaks_lines_at_missing_values() -> None:
+    layer = summarize(make_run("nonfinite")).runs[0].layers[0]
+    lyapunov = next(m for m in layer.metrics if m.name == "lyapunov_max")
+    assert lyapunov.series[-1][1] is None
+    svg = chart_svg(lyapunov, [])
+    assert svg.count("<polyline") == 1
+    points = re.search(r'points="([^"]+)"', svg)
+    assert points is not None and len(points.group(1).split()) == lyapunov.count
+
+
+def test_html_escapes_every_log_string() -> None:
+    evil = '<img src=x onerror="alert(1)">'
+    records: list[Record] = [
+        RunHeader(evil, 0.0, evil, evil, {}, ({"name": evil, "type": evil},)),
+        Measurement(0, 0.0, evil, 0, "forward", make_run("healthy")[1].metrics, run_id=evil),  # type: ignore[union-attr]
+        Alert(0, 0.0, evil, 0, "forward", AlertKind.EXPLODING, evil, 1.0, 0.5, evil, run_id=evil),
+    ]
+    page = render_html(summarize(records))
+    assert "<img" not in page and 'onerror="' not in page
+    assert page.count("&lt;img src=x onerror=&quot;alert(1)&quot;&gt;") >= 6
+
+
+def test_json_output_is_valid_with_non_finite_values() -> None:
+    metrics = MeasurementMetrics(
+        math.inf, None, None, math.nan, None, None, None, None, -math.inf, grad_norm={"w": math.nan}
+    )
+    records: list[Record] = [
+        RunHeader("r", math.inf, "0", "0", {"lr": math.nan, "deep": [[[[1.0]]]]}, ()),
+        Measurement(0, 0.0, "rnn", 0, "forward", metrics, run_id="r"),
+        Measurement(10, 0.0, "rnn", 0, "forward", metrics, run_id="r"),
+    ]
+    text = render_json(summarize(records))
+    data = json.loads(text)  # strict JSON: would fail on NaN/Infinity tokens
+    assert "NaN" not in text and "Infinity" not in text
+    assert data["schema"] == REPORT_JSON_SCHEMA
+    assert data["runs"][0]["header"]["config"] == {"lr": None, "deep": [[[[1.0]]]]}
+    sigma = data["runs"][0]["layers"][0]["metrics"]["jacobian_sigma_max_mean"]
+    assert sigma["count"] == 0 and sigma["first"] is None and sigma["trend_per_1000_steps"] is None
+
+
+def test_long_series_are_binned_for_the_chart() -> None:
+    from gradwatch.report.render_html import MAX_CHART_POINTS
+
+    layer = summarize(make_run("vanishing", measurements=3 * MAX_CHART_POINTS, every=1)).runs[0].layers[0]
+    lyapunov = next(m for m in layer.metrics if m.name == "lyapunov_max")
+    points = re.search(r'points="([^"]+)"', chart_svg(lyapunov, []))
+    assert points is not None and len(points.group(1).split()) == MAX_CHART_POINTS
