@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import math
+import re
 import socket
 import ssl
 import time
@@ -429,3 +430,15 @@ def test_from_spec_accepts_the_documented_forms(
 def test_from_spec_rejects_other_forms_and_lists_the_accepted_ones(spec: object) -> None:
     with pytest.raises(ValueError, match="push://host:port"):
         PrometheusSink.from_spec(spec)  # type: ignore[arg-type]
+
+
+def test_every_exported_metric_is_documented() -> None:
+    sink = PrometheusSink(None, registry=CollectorRegistry())
+    for record in synthetic_run().records:
+        sink.write(record)
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "grafana.md").read_text()
+    names = {family.name for family in sink.registry.collect()}
+    sink.close()
+    # Written as `name` or `name{labels}`; counters under their exposed name with _total.
+    undocumented = {n for n in names if not re.search(rf"`{n}(_total)?[`{{]", docs)}
+    assert not undocumented, f"add these to docs/grafana.md: {sorted(undocumented)}"
