@@ -442,3 +442,12 @@ def test_every_exported_metric_is_documented() -> None:
     # Written as `name` or `name{labels}`; counters under their exposed name with _total.
     undocumented = {n for n in names if not re.search(rf"`{n}(_total)?[`{{]", docs)}
     assert not undocumented, f"add these to docs/grafana.md: {sorted(undocumented)}"
+
+
+def test_basic_auth_without_tls_off_loopback_logs_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    with pytest.raises(ValueError):  # the address is not this machine's; the warning comes first
+        PrometheusSink(0, address="192.0.2.1", basic_auth=("user", "password"))
+    assert "without TLS" in caplog.text
+    caplog.clear()
+    PrometheusSink(0, basic_auth=("user", "password")).close()  # loopback: no warning
+    assert "without TLS" not in caplog.text

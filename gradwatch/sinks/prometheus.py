@@ -43,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_PORT = 9400
 DEFAULT_ADDRESS = "127.0.0.1"
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 PREFIX = "gradwatch_"
 
 RUN_LABELS = ("run", "rank")
@@ -118,10 +119,6 @@ JACOBIAN_STATS: tuple[tuple[str, str], ...] = (
 )
 
 
-def _label_value(value: object) -> str:
-    return str(value)
-
-
 class PrometheusSink:
     """Export gradwatch records as Prometheus metrics (see the module docstring for the two modes).
 
@@ -166,7 +163,21 @@ class PrometheusSink:
                 "PrometheusSink with port=None and no push_gateway would export nothing; give a port, a "
                 "push_gateway, or a registry that you serve yourself"
             )
+        if port is None and (certfile is not None or keyfile is not None):
+            raise ValueError("certfile/keyfile secure the exporter; they need a port (not port=None)")
         credentials = BasicAuth(*basic_auth) if basic_auth is not None else None
+        if (
+            credentials is not None
+            and port is not None
+            and certfile is None
+            and address not in LOOPBACK_NAMES
+        ):
+            logger.warning(
+                "gradwatch exporter on %s:%s uses basic auth without TLS: the password crosses the network "
+                "in clear text; give certfile/keyfile too",
+                address,
+                port,
+            )
 
         self.registry = registry if registry is not None else CollectorRegistry()
         self.run_id = run_id
@@ -200,9 +211,6 @@ class PrometheusSink:
         self._warned = False
 
         self._server: MetricsServer | None = None
-        if port is None and (certfile is not None or keyfile is not None):
-            self._metrics.unregister()
-            raise ValueError("certfile/keyfile secure the exporter; they need a port (not port=None)")
         if port is not None:
             try:
                 self._server = MetricsServer(
@@ -320,10 +328,10 @@ class PrometheusSink:
     # --- records -> metrics ---------------------------------------------------------------------------
 
     def _run_labels(self) -> tuple[str, str]:
-        return (self.run_id, _label_value(self.rank))
+        return (self.run_id, str(self.rank))
 
     def _record_run_labels(self, record: Measurement | Alert | ClipEvent | ErrorRecord) -> tuple[str, str]:
-        return (record.run_id or self.run_id, _label_value(record.rank))
+        return (record.run_id or self.run_id, str(record.rank))
 
     def _write_header(self, header: RunHeader) -> None:
         if not self.run_id:
@@ -332,10 +340,8 @@ class PrometheusSink:
             self.run_id = header.run_id
             self.rank = header.rank
             self._step_gauge = self._metrics.training_step.labels(*self._run_labels())
-        run = (header.run_id, _label_value(header.rank))
-        self._metrics.run_info.labels(
-            *run, header.gradwatch, header.torch, _label_value(header.world_size)
-        ).set(1)
+        run = (header.run_id, str(header.rank))
+        self._metrics.run_info.labels(*run, header.gradwatch, header.torch, str(header.world_size)).set(1)
         self._metrics.run_start.labels(*run).set(header.started)
         self._last_step = -1
 
@@ -343,7 +349,7 @@ class PrometheusSink:
         labels = (
             *self._record_run_labels(record),
             record.module,
-            _label_value(record.layer),
+            str(record.layer),
             record.direction,
         )
         metrics: MeasurementMetrics = record.metrics
@@ -374,7 +380,7 @@ class PrometheusSink:
         labels = (
             *self._record_run_labels(record),
             record.module,
-            _label_value(record.layer),
+            str(record.layer),
             record.direction,
         )
         kind = AlertKind(record.alert)
@@ -393,7 +399,7 @@ class PrometheusSink:
     # --- Pushgateway ----------------------------------------------------------------------------------
 
     def _grouping_key(self) -> dict[str, str]:
-        return {**self._grouping_key_extra, "run": self.run_id, "rank": _label_value(self.rank)}
+        return {**self._grouping_key_extra, "run": self.run_id, "rank": str(self.rank)}
 
     def _push(self) -> None:
         """One bounded push; a failure is counted, warned about once, and schedules the next try."""
