@@ -1,0 +1,533 @@
+"""Prometheus sink: every run-log record as Prometheus metrics, scraped from an exporter or pushed.
+
+Two ways out, usable together:
+
+- **exporter** (default): an in-process HTTP(S) server on ``127.0.0.1:9400`` serving this sink's own
+  ``CollectorRegistry`` (so two monitors, and the user's own metrics, never collide);
+- **Pushgateway** (batch jobs): the registry is PUT to ``push_gateway`` under ``job`` and a grouping key
+  holding ``run`` and ``rank`` on every ``flush()`` and at ``close()``. Failures never reach training: they
+  are counted, warned about once, and retried with exponential back-off.
+
+Values are the record's values. A ``None`` field ("not measurable") removes that series, so queries see it
+absent rather than stale; non-finite floats are exported as ``+Inf``/``-Inf``/``NaN`` (the JSON run log can
+only write ``null`` for those). The metric list with meanings is in ``docs/grafana.md``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.exposition import basic_auth_handler, default_handler, push_to_gateway
+
+from gradwatch.records import (
+    Alert,
+    AlertKind,
+    ClipEvent,
+    ErrorRecord,
+    Measurement,
+    MeasurementMetrics,
+    Record,
+    RunHeader,
+)
+from gradwatch.sinks._http_exporter import BasicAuth, MetricsServer
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PORT = 9400
+DEFAULT_ADDRESS = "127.0.0.1"
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+PREFIX = "gradwatch_"
+
+RUN_LABELS = ("run", "rank")
+LAYER_LABELS = (*RUN_LABELS, "module", "layer", "direction")
+
+# Exponential back-off between push attempts after a failure: 1 s, 2 s, 4 s, ... capped at 60 s.
+PUSH_BACKOFF_BASE_S = 1.0
+PUSH_BACKOFF_MAX_S = 60.0
+
+# Alert kinds that open an episode; RECOVERED closes whichever is open.
+EPISODE_KINDS = (AlertKind.VANISHING, AlertKind.EXPLODING, AlertKind.NONFINITE)
+
+
+@dataclass(frozen=True)
+class LayerGauge:
+    """One per-layer gauge fed by one scalar field of :class:`MeasurementMetrics`."""
+
+    field: str
+    name: str
+    help: str
+
+
+# Per-layer scalar gauges, in the order of MeasurementMetrics. The Jacobian summary statistics share one
+# family with a ``stat`` label, the mappings (lag_norm, grad_norm) have their own key label.
+LAYER_GAUGES: tuple[LayerGauge, ...] = (
+    LayerGauge(
+        "jacobian_frac_above_one",
+        "jacobian_above_one_ratio",
+        "Share of measured step Jacobians J_t = ds_t/ds_{t-1} with spectral norm above 1.",
+    ),
+    LayerGauge(
+        "weight_hh_sigma_max", "weight_hh_sigma_max", "Spectral norm (largest singular value) of W_hh."
+    ),
+    LayerGauge(
+        "activation_derivative_mean",
+        "activation_derivative_mean",
+        "Mean derivative of the recurrent nonlinearity over the measured steps.",
+    ),
+    LayerGauge(
+        "activation_saturation_ratio",
+        "activation_saturation_ratio",
+        "Share of hidden units whose nonlinearity is saturated (derivative near 0).",
+    ),
+    LayerGauge(
+        "lyapunov_max",
+        "lyapunov_max",
+        "Top Lyapunov exponent: mean log growth per time step of the Jacobian product norm (<0 vanishing).",
+    ),
+    LayerGauge(
+        "grad_nonfinite",
+        "grad_nonfinite",
+        "Number of non-finite (NaN/Inf) gradient values of this layer at the measured step.",
+    ),
+    LayerGauge("gate_mean", "gate_mean", "Mean gate activation (forget gate for LSTM, update gate for GRU)."),
+    LayerGauge(
+        "jacobian_converged_ratio",
+        "jacobian_converged_ratio",
+        "Share of power iterations for sigma_max(J_t) that converged within max_iter.",
+    ),
+    LayerGauge(
+        "jacobian_iterations", "jacobian_iterations", "Power iterations used for the Jacobian spectral norms."
+    ),
+    LayerGauge("sequences", "measured_sequences", "Sequences of the batch used for this measurement."),
+    LayerGauge("time_steps", "measured_time_steps", "Time steps of the sequences used for this measurement."),
+)
+
+# stat label value -> MeasurementMetrics field
+JACOBIAN_STATS: tuple[tuple[str, str], ...] = (
+    ("mean", "jacobian_sigma_max_mean"),
+    ("min", "jacobian_sigma_max_min"),
+    ("max", "jacobian_sigma_max_max"),
+    ("p95", "jacobian_sigma_max_p95"),
+)
+
+
+class PrometheusSink:
+    """Export gradwatch records as Prometheus metrics (see the module docstring for the two modes).
+
+    ``port``: exporter port (``0`` picks a free one; ``None`` serves nothing, e.g. to only push, or to
+    serve ``registry`` yourself). ``address``: bind address, loopback unless you ask otherwise.
+    ``certfile``/``keyfile``: serve HTTPS. ``basic_auth``: ``(user, password)`` scrapers must present;
+    in push mode it is also sent to the gateway. ``timeout``: seconds for each push.
+    """
+
+    def __init__(
+        self,
+        port: int | None = DEFAULT_PORT,
+        *,
+        address: str = DEFAULT_ADDRESS,
+        registry: CollectorRegistry | None = None,
+        push_gateway: str | None = None,
+        job: str = "gradwatch",
+        grouping_key: Mapping[str, str] | None = None,
+        run_id: str = "",
+        rank: int = 0,
+        certfile: str | None = None,
+        keyfile: str | None = None,
+        basic_auth: tuple[str, str] | None = None,
+        timeout: float = 2.0,
+    ) -> None:
+        if port is not None and (
+            isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535
+        ):
+            raise ValueError(f"port must be an integer in 0..65535 (0 = any free port) or None, got {port!r}")
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+            raise ValueError(f"rank must be a non-negative integer, got {rank!r}")
+        if not (isinstance(timeout, (int, float)) and 0 < timeout <= 60):
+            raise ValueError(f"timeout must be a number of seconds in (0, 60], got {timeout!r}")
+        if push_gateway is not None and not push_gateway.strip():
+            raise ValueError(
+                "push_gateway must be a URL such as 'http://localhost:9091', got an empty string"
+            )
+        if not job:
+            raise ValueError("job must be a non-empty string (the Pushgateway 'job' label)")
+        if port is None and push_gateway is None and registry is None:
+            raise ValueError(
+                "PrometheusSink with port=None and no push_gateway would export nothing; give a port, a "
+                "push_gateway, or a registry that you serve yourself"
+            )
+        if port is None and (certfile is not None or keyfile is not None):
+            raise ValueError("certfile/keyfile secure the exporter; they need a port (not port=None)")
+        credentials = BasicAuth(*basic_auth) if basic_auth is not None else None
+        if (
+            credentials is not None
+            and port is not None
+            and certfile is None
+            and address not in LOOPBACK_NAMES
+        ):
+            logger.warning(
+                "gradwatch exporter on %s:%s uses basic auth without TLS: the password crosses the network "
+                "in clear text; give certfile/keyfile too",
+                address,
+                port,
+            )
+
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.run_id = run_id
+        self.rank = rank
+        self.push_gateway = push_gateway
+        self.job = job
+        self.timeout = float(timeout)
+        self._grouping_key_extra = dict(grouping_key or {})
+        for reserved in ("job", *RUN_LABELS):
+            if reserved in self._grouping_key_extra:
+                raise ValueError(
+                    f"grouping_key must not set {reserved!r}: the sink sets it from job/run_id/rank"
+                )
+        self._push_handler: Callable[..., Any] = (
+            partial(basic_auth_handler, username=credentials.username, password=credentials.password)
+            if credentials is not None
+            else default_handler
+        )
+        self._metrics = _MetricFamilies(self.registry)
+        self._mapping_keys: dict[tuple[str, tuple[str, ...]], set[str]] = {}
+        self._closed = False
+        self._last_step = -1
+        self._step_gauge = self._metrics.training_step.labels(*self._run_labels())
+
+        # Push bookkeeping (all monotonic seconds).
+        self._clock: Callable[[], float] = time.monotonic
+        self.push_attempts = 0
+        self.push_failures = 0
+        self._consecutive_failures = 0
+        self._next_push_at = 0.0
+        self._warned = False
+
+        self._server: MetricsServer | None = None
+        if port is not None:
+            try:
+                self._server = MetricsServer(
+                    self.registry,
+                    address=address,
+                    port=port,
+                    certfile=certfile,
+                    keyfile=keyfile,
+                    basic_auth=credentials,
+                )
+            except ValueError:
+                self._metrics.unregister()  # leave a caller's registry as it was, so a retry can succeed
+                raise
+
+    # --- construction from the watch() argument ------------------------------------------------------
+
+    @classmethod
+    def from_spec(
+        cls, spec: int | str | bool, *, run_id: str = "", rank: int = 0, **options: Any
+    ) -> PrometheusSink:
+        """Build a sink from ``watch(prometheus=...)``.
+
+        Accepted: ``True`` (port 9400), an int port (``0`` = any free port), ``"host:port"`` or
+        ``"[v6addr]:port"`` (exporter bound to that address), ``"push://host:port"`` or
+        ``"push+https://host:port"`` (Pushgateway mode, no exporter).
+        """
+        if spec is True:
+            return cls(DEFAULT_PORT, run_id=run_id, rank=rank, **options)
+        if isinstance(spec, int) and not isinstance(spec, bool):
+            return cls(spec, run_id=run_id, rank=rank, **options)
+        if isinstance(spec, str):
+            text = spec.strip()
+            for scheme, http_scheme in (("push://", "http://"), ("push+https://", "https://")):
+                if text.startswith(scheme) and len(text) > len(scheme):
+                    gateway = http_scheme + text[len(scheme) :]
+                    return cls(None, push_gateway=gateway, run_id=run_id, rank=rank, **options)
+            match = re.fullmatch(
+                r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\[\]/\s]+)):(?P<port>\d{1,5})", text
+            )
+            if match is not None:
+                address = match.group("v6") or match.group("host")
+                return cls(int(match.group("port")), address=address, run_id=run_id, rank=rank, **options)
+            if text.isdigit():
+                return cls(int(text), run_id=run_id, rank=rank, **options)
+        raise ValueError(
+            f"prometheus={spec!r} is not understood; use a port (9400, or 0 for any free port), "
+            "'host:port' for the exporter's bind address, or 'push://host:port' for a Pushgateway"
+        )
+
+    # --- where it serves ------------------------------------------------------------------------------
+
+    @property
+    def port(self) -> int | None:
+        """The exporter's port (the real one when constructed with port 0), or None without exporter."""
+        return self._server.port if self._server is not None else None
+
+    @property
+    def address(self) -> str | None:
+        """The address the exporter's socket is bound to, or None without exporter."""
+        return self._server.bound_address if self._server is not None else None
+
+    @property
+    def url(self) -> str | None:
+        """The exporter's scrape URL, e.g. ``http://127.0.0.1:9400/metrics``, or None without exporter."""
+        return self._server.url if self._server is not None else None
+
+    # --- Sink protocol --------------------------------------------------------------------------------
+
+    def observe_step(self, step: int) -> None:
+        """Record the current training step (called every step, so it only sets one gauge)."""
+        self._last_step = step
+        self._step_gauge.set(step)
+
+    def write(self, record: Record) -> None:
+        """Update the metrics from one record."""
+        if self._closed:
+            raise RuntimeError("PrometheusSink is closed; records written after close() are not exported")
+        if isinstance(record, Measurement):
+            self._write_measurement(record)
+        elif isinstance(record, Alert):
+            self._write_alert(record)
+        elif isinstance(record, ClipEvent):
+            self._write_clip(record)
+        elif isinstance(record, ErrorRecord):
+            self._metrics.errors.labels(*self._record_run_labels(record), record.where).inc()
+        elif isinstance(record, RunHeader):
+            self._write_header(record)
+        else:
+            raise TypeError(f"PrometheusSink.write expects a gradwatch record, got {type(record).__name__}")
+        step = getattr(record, "step", None)
+        if isinstance(step, int) and step > self._last_step:
+            self.observe_step(step)
+
+    def flush(self) -> None:
+        """In push mode, push now unless a failed push's back-off has not yet passed."""
+        if self.push_gateway is not None and not self._closed and self._clock() >= self._next_push_at:
+            self._push()
+
+    def close(self) -> None:
+        """Final push (push mode, ignoring back-off), then stop the exporter; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self.push_gateway is not None:
+                self._push()
+        finally:
+            if self._server is not None:
+                self._server.close()
+
+    def __repr__(self) -> str:
+        where = self.url or f"push {self.push_gateway}"
+        return f"PrometheusSink({where}, run={self.run_id!r}, rank={self.rank})"
+
+    # --- records -> metrics ---------------------------------------------------------------------------
+
+    def _run_labels(self) -> tuple[str, str]:
+        return (self.run_id, str(self.rank))
+
+    def _record_run_labels(self, record: Measurement | Alert | ClipEvent | ErrorRecord) -> tuple[str, str]:
+        return (record.run_id or self.run_id, str(record.rank))
+
+    def _write_header(self, header: RunHeader) -> None:
+        if not self.run_id:
+            # The sink adopts the run's identity so that observe_step() lands on the run's series.
+            self._metrics.training_step.remove(*self._run_labels())
+            self.run_id = header.run_id
+            self.rank = header.rank
+            self._step_gauge = self._metrics.training_step.labels(*self._run_labels())
+        run = (header.run_id, str(header.rank))
+        self._metrics.run_info.labels(*run, header.gradwatch, header.torch, str(header.world_size)).set(1)
+        self._metrics.run_start.labels(*run).set(header.started)
+        self._last_step = -1
+
+    def _write_measurement(self, record: Measurement) -> None:
+        labels = (
+            *self._record_run_labels(record),
+            record.module,
+            str(record.layer),
+            record.direction,
+        )
+        metrics: MeasurementMetrics = record.metrics
+        families = self._metrics
+        for stat, field in JACOBIAN_STATS:
+            _set_or_remove(families.jacobian_sigma_max, (*labels, stat), getattr(metrics, field))
+        for spec in LAYER_GAUGES:
+            _set_or_remove(families.layer[spec.field], labels, getattr(metrics, spec.field))
+        self._write_mapping("lag_norm", families.lag_norm, labels, metrics.lag_norm)
+        self._write_mapping("grad_norm", families.grad_norm, labels, metrics.grad_norm)
+        families.measurements.labels(*labels).inc()
+        families.last_measurement.labels(*labels[: len(RUN_LABELS)]).set(record.time)
+
+    def _write_mapping(
+        self, family: str, gauge: Gauge, labels: tuple[str, ...], values: Mapping[str, float | None]
+    ) -> None:
+        """Set one series per key; keys the previous measurement had and this one lacks are removed."""
+        key = (family, labels)
+        previous = self._mapping_keys.get(key, set())
+        current = {str(k) for k in values}
+        for gone in previous - current:
+            gauge.remove(*labels, gone)
+        for name, value in values.items():
+            _set_or_remove(gauge, (*labels, str(name)), value)
+        self._mapping_keys[key] = current
+
+    def _write_alert(self, record: Alert) -> None:
+        labels = (
+            *self._record_run_labels(record),
+            record.module,
+            str(record.layer),
+            record.direction,
+        )
+        kind = AlertKind(record.alert)
+        self._metrics.alerts.labels(*labels, kind.value).inc()
+        # A layer has one verdict at a time: the new alert's kind is active, every other kind is not.
+        for episode in EPISODE_KINDS:
+            self._metrics.alert_active.labels(*labels, episode.value).set(1 if episode is kind else 0)
+
+    def _write_clip(self, record: ClipEvent) -> None:
+        run = self._record_run_labels(record)
+        self._metrics.clips.labels(*run).inc()
+        self._metrics.clip_scale.labels(*run).set(record.scale)
+        self._metrics.clip_max_norm.labels(*run).set(record.max_norm)
+        _set_or_remove(self._metrics.clip_norm_before, run, record.norm_before)
+
+    # --- Pushgateway ----------------------------------------------------------------------------------
+
+    def _grouping_key(self) -> dict[str, str]:
+        return {**self._grouping_key_extra, "run": self.run_id, "rank": str(self.rank)}
+
+    def _push(self) -> None:
+        """One bounded push; a failure is counted, warned about once, and schedules the next try."""
+        assert self.push_gateway is not None
+        self.push_attempts += 1
+        try:
+            push_to_gateway(
+                self.push_gateway,
+                job=self.job,
+                registry=self.registry,
+                grouping_key=self._grouping_key(),
+                timeout=self.timeout,
+                handler=self._push_handler,
+            )
+        except Exception as exc:  # any failure of the network or the gateway: never into training
+            self.push_failures += 1
+            self._consecutive_failures += 1
+            self._metrics.push_failures.labels(*self._run_labels()).inc()
+            delay = min(PUSH_BACKOFF_MAX_S, PUSH_BACKOFF_BASE_S * 2 ** (self._consecutive_failures - 1))
+            self._next_push_at = self._clock() + delay
+            message = (
+                f"gradwatch could not push metrics to the Pushgateway at {self.push_gateway}: "
+                f"{type(exc).__name__}: {exc}. Training goes on; gradwatch retries with back-off and counts "
+                "failures in gradwatch_push_failures_total (this warning is shown once)."
+            )
+            if not self._warned:
+                self._warned = True
+                warnings.warn(message, RuntimeWarning, stacklevel=2)
+            logger.debug("%s (next try in %.1f s)", message, delay)
+            return
+        if self._consecutive_failures:
+            logger.info("gradwatch pushes to %s work again", self.push_gateway)
+        self._consecutive_failures = 0
+        self._next_push_at = 0.0
+
+
+def _set_or_remove(gauge: Gauge, labels: tuple[str, ...], value: float | None) -> None:
+    """Set the series to ``value``, or remove it when the value is ``None`` (not measurable)."""
+    if value is None:
+        gauge.remove(*labels)
+    else:
+        gauge.labels(*labels).set(float(value))
+
+
+class _MetricFamilies:
+    """Every metric family of one sink, registered in that sink's registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        def gauge(name: str, help_text: str, labels: tuple[str, ...]) -> Gauge:
+            metric = Gauge(PREFIX + name, help_text, labels, registry=registry)
+            self._registered.append(metric)
+            return metric
+
+        def counter(name: str, help_text: str, labels: tuple[str, ...]) -> Counter:
+            # prometheus_client appends _total to the exposed name.
+            metric = Counter(PREFIX + name, help_text, labels, registry=registry)
+            self._registered.append(metric)
+            return metric
+
+        self._registry = registry
+        self._registered: list[Gauge | Counter] = []
+        try:
+            self.jacobian_sigma_max = gauge(
+                "jacobian_sigma_max",
+                "Spectral norm of the step Jacobians J_t = ds_t/ds_{t-1} over the measured steps (stat: "
+                "mean, min, max, p95).",
+                (*LAYER_LABELS, "stat"),
+            )
+            self.layer = {spec.field: gauge(spec.name, spec.help, LAYER_LABELS) for spec in LAYER_GAUGES}
+            self.lag_norm = gauge(
+                "lag_norm",
+                "Median over sequences of the spectral norm of ds_T/ds_{T-lag} (a product of lag Jacobians).",
+                (*LAYER_LABELS, "lag"),
+            )
+            self.grad_norm = gauge(
+                "grad_norm",
+                "L2 norm of the gradient of one parameter at the measured step.",
+                (*LAYER_LABELS, "param"),
+            )
+            self.measurements = counter("measurements", "Measurements exported per layer.", LAYER_LABELS)
+            self.last_measurement = gauge(
+                "last_measurement_timestamp_seconds", "Unix time of the latest measurement.", RUN_LABELS
+            )
+            self.alerts = counter(
+                "alerts",
+                "Alerts raised, by alert kind (an episode starting, or 'recovered').",
+                (*LAYER_LABELS, "alert"),
+            )
+            self.alert_active = gauge(
+                "alert_active",
+                "1 while the layer's latest verdict is this alert kind, 0 otherwise (recovered).",
+                (*LAYER_LABELS, "alert"),
+            )
+            self.clips = counter("clips", "Optimizer steps whose gradients gradwatch clipped.", RUN_LABELS)
+            self.clip_scale = gauge(
+                "clip_scale", "Scale factor max_norm / norm_before of the latest clip.", RUN_LABELS
+            )
+            self.clip_norm_before = gauge(
+                "clip_norm_before", "Total gradient norm before the latest clip.", RUN_LABELS
+            )
+            self.clip_max_norm = gauge("clip_max_norm", "Clipping threshold of the latest clip.", RUN_LABELS)
+            self.training_step = gauge(
+                "training_step", "Current training step of the watched run.", RUN_LABELS
+            )
+            self.errors = counter(
+                "errors",
+                "Faults inside gradwatch that disabled a module or sink (training went on).",
+                (*RUN_LABELS, "where"),
+            )
+            self.push_failures = counter(
+                "push_failures",
+                "Failed pushes to the Pushgateway (a later push carries this count).",
+                RUN_LABELS,
+            )
+            self.run_info = gauge(
+                "run_info",
+                "Constant 1, labelled with the gradwatch and torch versions and world size of the run.",
+                (*RUN_LABELS, "gradwatch_version", "torch_version", "world_size"),
+            )
+            self.run_start = gauge("run_start_time_seconds", "Unix time the run started.", RUN_LABELS)
+        except ValueError as exc:
+            self.unregister()
+            raise ValueError(
+                f"{exc}. The registry already holds gradwatch metrics (another PrometheusSink?); give each "
+                "sink its own registry (the default) instead of sharing one."
+            ) from exc
+
+    def unregister(self) -> None:
+        """Take every family registered so far out of the registry."""
+        while self._registered:
+            self._registry.unregister(self._registered.pop())

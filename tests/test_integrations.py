@@ -1,0 +1,226 @@
+"""integrations/: the Grafana dashboard, Prometheus config and rules, and the compose file hang together."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from prometheus_client import CollectorRegistry, generate_latest
+
+from gradwatch.sinks.prometheus import PrometheusSink
+from tests.prometheus_tools import require_binary
+from tests.synthetic_run import synthetic_run
+
+INTEGRATIONS = Path(__file__).resolve().parent.parent / "integrations"
+DASHBOARD = INTEGRATIONS / "grafana" / "gradwatch.json"
+RULES = INTEGRATIONS / "prometheus" / "gradwatch-rules.yml"
+RULES_TEST = INTEGRATIONS / "prometheus" / "gradwatch-rules.test.yml"
+SCRAPE_CONFIG = INTEGRATIONS / "prometheus" / "prometheus.yml"
+COMPOSE = INTEGRATIONS / "docker-compose.yml"
+PROVISIONING = INTEGRATIONS / "grafana" / "provisioning"
+
+METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+
+
+def dashboard() -> dict[str, Any]:
+    return json.loads(DASHBOARD.read_text())
+
+
+def dashboard_panels() -> list[dict[str, Any]]:
+    return [p for p in dashboard()["panels"] if p["type"] != "row"]
+
+
+def dashboard_expressions() -> list[tuple[str, str]]:
+    """(panel title, PromQL) for every query of the dashboard."""
+    return [(panel["title"], target["expr"]) for panel in dashboard_panels() for target in panel["targets"]]
+
+
+def exported_family_names() -> set[str]:
+    """Every sample name a sink exports after a full synthetic run."""
+    sink = PrometheusSink(None, registry=CollectorRegistry())
+    for record in synthetic_run().records:
+        sink.write(record)
+    names = {sample.name for family in sink.registry.collect() for sample in family.samples}
+    sink.close()
+    return names
+
+
+def recording_rule_names() -> set[str]:
+    groups = yaml.safe_load(RULES.read_text())["groups"]
+    return {rule["record"] for group in groups for rule in group["rules"] if "record" in rule}
+
+
+def alert_names() -> set[str]:
+    groups = yaml.safe_load(RULES.read_text())["groups"]
+    return {rule["alert"] for group in groups for rule in group["rules"] if "alert" in rule}
+
+
+def referenced_metrics(expr: str) -> set[str]:
+    return {token for token in METRIC_NAME.findall(expr) if "gradwatch_" in token}
+
+
+# --- dashboard -----------------------------------------------------------------------------------------
+
+
+def test_dashboard_has_run_and_module_variables_from_label_values() -> None:
+    variables = {v["name"]: v for v in dashboard()["templating"]["list"]}
+    assert (
+        variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    )
+    assert variables["run"]["query"]["query"] == "label_values(gradwatch_training_step, run)"
+    assert variables["module"]["query"]["query"].startswith("label_values(gradwatch_jacobian_sigma_max{")
+    assert variables["module"]["multi"] and variables["module"]["allValue"] == ".*"
+
+
+def test_every_panel_queries_the_datasource_variable_and_filters_by_run() -> None:
+    panels = dashboard_panels()
+    assert len({p["id"] for p in dashboard()["panels"]}) == len(dashboard()["panels"]), (
+        "panel ids must be unique"
+    )
+    for panel in panels:
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            assert target["datasource"]["uid"] == "${datasource}"
+            assert 'run=~"$run"' in target["expr"], (panel["title"], target["expr"])
+
+
+def test_panels_lie_on_the_24_column_grid_without_overlap() -> None:
+    occupied: set[tuple[int, int]] = set()
+    for panel in dashboard()["panels"]:
+        grid = panel["gridPos"]
+        assert grid["x"] >= 0 and grid["x"] + grid["w"] <= 24, panel["title"]
+        cells = {(grid["x"] + dx, grid["y"] + dy) for dx in range(grid["w"]) for dy in range(grid["h"])}
+        assert not cells & occupied, f"panel {panel['title']!r} overlaps another"
+        occupied |= cells
+
+
+@pytest.mark.parametrize(
+    "required",
+    [
+        "gradwatch_jacobian_sigma_max",
+        "gradwatch_jacobian_above_one_ratio",
+        "gradwatch_lag_norm",
+        "gradwatch_lyapunov_max",
+        "gradwatch_weight_hh_sigma_max",
+        "gradwatch_activation_saturation_ratio",
+        "gradwatch_grad_norm",
+        "run_module_layer_direction:gradwatch_alerts:rate5m",
+        "run:gradwatch_clips:rate5m",
+    ],
+)
+def test_dashboard_shows_the_required_metric(required: str) -> None:
+    assert any(required in referenced_metrics(expr) for _, expr in dashboard_expressions())
+
+
+def test_dashboard_only_uses_exported_metrics_or_recording_rules() -> None:
+    known = exported_family_names() | recording_rule_names()
+    for title, expr in dashboard_expressions():
+        unknown = referenced_metrics(expr) - known
+        assert not unknown, f"panel {title!r} uses {unknown}, which neither the sink nor the rules produce"
+
+
+def test_lyapunov_panel_draws_the_zero_line() -> None:
+    (panel,) = [p for p in dashboard_panels() if p["title"] == "Top Lyapunov exponent"]
+    defaults = panel["fieldConfig"]["defaults"]
+    assert defaults["custom"]["thresholdsStyle"]["mode"] == "line"
+    assert [step["value"] for step in defaults["thresholds"]["steps"]] == [None, 0]
+
+
+# --- rules and config ----------------------------------------------------------------------------------
+
+
+def test_rules_alert_on_vanishing_exploding_and_non_finite() -> None:
+    assert {"GradwatchVanishingGradients", "GradwatchExplodingGradients", "GradwatchNonFiniteGradients"} <= (
+        alert_names()
+    )
+
+
+def test_rules_only_use_exported_metrics() -> None:
+    known = exported_family_names() | recording_rule_names()
+    groups = yaml.safe_load(RULES.read_text())["groups"]
+    for rule in (rule for group in groups for rule in group["rules"]):
+        unknown = referenced_metrics(rule["expr"]) - known
+        assert not unknown, f"rule {rule.get('record') or rule.get('alert')} uses unknown {unknown}"
+
+
+def test_scrape_config_targets_the_default_exporter_and_loads_the_rules() -> None:
+    config = yaml.safe_load(SCRAPE_CONFIG.read_text())
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    assert jobs["gradwatch"]["static_configs"][0]["targets"] == ["localhost:9400"]
+    assert jobs["gradwatch-pushgateway"]["honor_labels"] is True
+    assert config["rule_files"] == [RULES.name]
+
+
+def test_compose_mounts_existing_files_and_provisions_the_dashboard() -> None:
+    compose = yaml.safe_load(COMPOSE.read_text())
+    services = compose["services"]
+    assert {"prometheus", "grafana", "pushgateway"} <= set(services)
+    for name, service in services.items():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("."):
+                assert (INTEGRATIONS / source).exists(), f"{name} mounts missing {source}"
+        listen = [arg for arg in service.get("command", []) if "listen-address" in arg]
+        assert all("127.0.0.1:" in arg for arg in listen), f"{name} must listen on loopback only"
+    assert services["grafana"]["environment"]["GF_SERVER_HTTP_ADDR"] == "127.0.0.1"
+    provider = yaml.safe_load((PROVISIONING / "dashboards" / "gradwatch.yml").read_text())["providers"][0]
+    mounted = [
+        v.split(":")[1] for v in services["grafana"]["volumes"] if v.startswith("./grafana/gradwatch.json")
+    ]
+    assert mounted and Path(mounted[0]).parent == Path(provider["options"]["path"])
+    datasource = yaml.safe_load((PROVISIONING / "datasources" / "gradwatch.yml").read_text())["datasources"][
+        0
+    ]
+    assert datasource["type"] == "prometheus" and datasource["url"].endswith(":9090")
+
+
+# --- promtool ------------------------------------------------------------------------------------------
+
+
+def _promtool(
+    *args: str, stdin: bytes | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[bytes]:
+    promtool = require_binary("promtool")
+    return subprocess.run(
+        [promtool, *args], input=stdin, capture_output=True, cwd=cwd, timeout=60, check=False
+    )
+
+
+def test_promtool_check_metrics_is_clean_on_the_exposition() -> None:
+    sink = PrometheusSink(None, registry=CollectorRegistry())
+    for record in synthetic_run().records:
+        sink.write(record)
+    exposition = generate_latest(sink.registry)
+    sink.close()
+    result = _promtool("check", "metrics", stdin=exposition)
+    output = (result.stdout + result.stderr).decode()
+    assert result.returncode == 0 and output == "", output
+
+
+def test_promtool_check_metrics_would_flag_a_bad_name() -> None:
+    """The check above can fail: promtool does complain about a counter without _total."""
+    bad = b"# HELP gradwatch_clips Clips.\n# TYPE gradwatch_clips counter\ngradwatch_clips 1\n"
+    result = _promtool("check", "metrics", stdin=bad)
+    assert "_total" in (result.stdout + result.stderr).decode()
+
+
+def test_promtool_check_rules_passes() -> None:
+    result = _promtool("check", "rules", str(RULES))
+    assert result.returncode == 0, (result.stdout + result.stderr).decode()
+
+
+def test_promtool_rule_unit_tests_pass() -> None:
+    result = _promtool("test", "rules", RULES_TEST.name, cwd=RULES_TEST.parent)
+    output = (result.stdout + result.stderr).decode()
+    assert result.returncode == 0 and "SUCCESS" in output, output
+
+
+def test_promtool_check_config_passes() -> None:
+    result = _promtool("check", "config", str(SCRAPE_CONFIG))
+    assert result.returncode == 0, (result.stdout + result.stderr).decode()
