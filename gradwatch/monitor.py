@@ -1,0 +1,526 @@
+"""``gradwatch.watch()``: wires capture -> estimators -> records -> detection -> sinks, and owns the schedule.
+
+A *step* is one optimizer step (or one ``monitor.step()`` call when no optimizer is given). On step 0 and
+every ``every`` steps after it the monitor measures: forward hooks record the step's inputs, and just before
+the optimizer applies the gradients (a step pre-hook) the monitor replays each recurrent layer, estimates
+its Jacobian norms and writes the records. On every step it checks the gradients for non-finite values and,
+if asked, clips them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+import uuid
+import warnings
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from gradwatch._version import __version__
+from gradwatch.capture.hooks import CallRecorder, CellCall, FusedCall
+from gradwatch.capture.modules import NO_RNN_MESSAGE, WatchedModule, find_rnn_modules, unwrap_model
+from gradwatch.capture.replay import (
+    LayerTrace,
+    check_cell_replay,
+    check_fused_replay,
+    deterministic_mode,
+    fused_parameter_names,
+    replay_fused,
+    trace_builtin_cell,
+    trace_custom_cell,
+)
+from gradwatch.estimators.gradients import gradient_norms
+from gradwatch.estimators.jacobian import builtin_step_jacobians, function_step_jacobians
+from gradwatch.estimators.layer import EstimatorSettings, WarmStart, estimate_layer, layer_metrics
+from gradwatch.records import (
+    ErrorRecord,
+    Measurement,
+    MeasurementMetrics,
+    Record,
+    RunHeader,
+)
+from gradwatch.sinks.base import Sink
+from gradwatch.sinks.jsonl import JsonlSink
+from gradwatch.sinks.logs import LoggingSink
+
+logger = logging.getLogger("gradwatch")
+
+ProbeMode = Literal["fixed", "live"]
+LayerKey = tuple[str, int, str]  # (module name, layer, direction)
+
+
+class GradWatchFault(RuntimeError):
+    """Raised in strict mode when something inside gradwatch fails (the cause is chained)."""
+
+
+@dataclass(frozen=True)
+class WatchConfig:
+    """The validated settings of a monitor; its JSON form goes into the run header."""
+
+    every: int = 50
+    max_sequences: int = 8
+    probe: ProbeMode = "fixed"
+    strict: bool = False
+    seed: int = 0
+    history_size: int = 100_000
+    estimator: EstimatorSettings = field(default_factory=EstimatorSettings)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
+            raise ValueError(f"every must be a positive integer (measure every N steps), got {self.every!r}")
+        if isinstance(self.max_sequences, bool) or not isinstance(self.max_sequences, int) or self.max_sequences < 1:
+            raise ValueError(f"max_sequences must be a positive integer, got {self.max_sequences!r}")
+        if self.probe not in ("fixed", "live"):
+            raise ValueError(
+                f"probe must be 'fixed' (re-measure the sequences seen at the first measurement) or 'live' "
+                f"(measure each measured step's own batch), got {self.probe!r}"
+            )
+        if not isinstance(self.history_size, int) or self.history_size < 0:
+            raise ValueError(f"history_size must be a non-negative integer, got {self.history_size!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["estimator"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in data["estimator"].items()}
+        return data
+
+
+class Monitor:
+    """Watches the recurrent modules of one model. Create it with :func:`gradwatch.watch`."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        config: WatchConfig,
+        sinks: Sequence[Sink] = (),
+        modules: Sequence[WatchedModule] | None = None,
+    ) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.config = config
+        self._watched = list(modules) if modules is not None else find_rnn_modules(model)
+        if not self._watched:
+            raise ValueError(NO_RNN_MESSAGE)
+        self.rank, self.world_size = _distributed_rank()
+        self.run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        self.history: deque[Record] = deque(maxlen=config.history_size or None)
+        self._sinks: list[Sink] = list(sinks)
+        self._step = 0
+        self._closed = False
+        self._disabled_modules: dict[str, str] = {}
+        self._warned: set[str] = set()
+        self._warm_starts: dict[LayerKey, WarmStart] = {}
+        self._probes: dict[str, FusedCall | list[CellCall]] = {}
+        self._generator: torch.Generator | None = None
+        self._recorders: dict[str, CallRecorder] = {}
+        self._handles: list[RemovableHandle] = []
+        self._layer_parameters = self._map_layer_parameters()
+        self._parameters = {
+            name: p for key in self._layer_parameters for name, p in self._layer_parameters[key].items()
+        }
+
+        for watched in self._watched:
+            recorder = CallRecorder(watched, config.max_sequences)
+            self._recorders[watched.name] = recorder
+            self._handles.append(watched.module.register_forward_hook(recorder, with_kwargs=True))
+        if optimizer is not None:
+            if not isinstance(optimizer, torch.optim.Optimizer):
+                raise TypeError(
+                    f"optimizer must be a torch.optim.Optimizer (or None, then call monitor.step() after "
+                    f"backward), got {type(optimizer).__name__}"
+                )
+            self._handles.append(optimizer.register_step_pre_hook(_OptimizerHook(self)))
+        self._arm(self._is_measured(self._step))
+        self._emit(
+            RunHeader(
+                run_id=self.run_id,
+                started=time.time(),
+                gradwatch=__version__,
+                torch=torch.__version__,
+                config=config.to_json(),
+                modules=tuple(w.describe() for w in self._watched),
+                rank=self.rank,
+                world_size=self.world_size,
+            )
+        )
+        self._flush()
+
+    # --- public ---------------------------------------------------------------------------------------
+
+    @property
+    def current_step(self) -> int:
+        """The index of the step in progress (the number of completed steps)."""
+        return self._step
+
+    @property
+    def watched_modules(self) -> list[str]:
+        return [w.name for w in self._watched]
+
+    @property
+    def sinks(self) -> list[Sink]:
+        return list(self._sinks)
+
+    def step(self) -> None:
+        """Close a training step by hand (call it after ``loss.backward()``) when no optimizer was given."""
+        if self.optimizer is not None:
+            raise RuntimeError(
+                "this monitor closes each step from the optimizer's step() already; "
+                "calling monitor.step() as well would count every step twice"
+            )
+        self._end_of_step(None)
+
+    def close(self) -> None:
+        """Remove every hook, flush and close the sinks. Idempotent; the model behaves as before."""
+        if self._closed:
+            return
+        self._closed = True
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for recorder in self._recorders.values():
+            recorder.armed = False
+            recorder.reset()
+        self._probes.clear()
+        for sink in self._sinks:
+            with contextlib.suppress(Exception):
+                sink.flush()
+            try:
+                sink.close()
+            except Exception as exc:  # closing must not fail the user's run
+                warnings.warn(f"gradwatch: closing sink {sink!r} failed: {exc!r}", RuntimeWarning, stacklevel=2)
+
+    def __enter__(self) -> Monitor:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # pragma: no cover - best effort at interpreter exit
+        with contextlib.suppress(Exception):
+            if not self._closed:
+                for sink in self._sinks:
+                    sink.flush()
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to continue where this one stopped (step counter, warm starts)."""
+        return {
+            "step": self._step,
+            "run_id": self.run_id,
+            "warm_starts": {"|".join(map(str, k)): v for k, v in self._warm_starts.items()},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if "step" not in state or not isinstance(state["step"], int):
+            raise ValueError("a gradwatch state_dict needs an integer 'step' (from Monitor.state_dict())")
+        self._step = int(state["step"])
+        self._warm_starts = {}
+        for key, value in dict(state.get("warm_starts", {})).items():
+            name, layer, direction = key.rsplit("|", 2)
+            self._warm_starts[(name, int(layer), direction)] = value
+        self._arm(self._is_measured(self._step))
+
+    # --- the step -------------------------------------------------------------------------------------
+
+    def _is_measured(self, step: int) -> bool:
+        return step % self.config.every == 0
+
+    def _arm(self, measured: bool) -> None:
+        for name, recorder in self._recorders.items():
+            need = measured and name not in self._disabled_modules
+            if self.config.probe == "fixed" and name in self._probes:
+                need = False  # the probe is already kept; nothing to record on this step
+            recorder.armed = need
+
+    def _end_of_step(self, optimizer: torch.optim.Optimizer | None) -> None:
+        if self._closed:
+            return
+        step = self._step
+        try:
+            if self._is_measured(step):
+                self._measure(step)
+        except GradWatchFault:
+            raise
+        except Exception as exc:
+            self._fault("step", "", exc)
+        finally:
+            for recorder in self._recorders.values():
+                recorder.reset()
+            self._step = step + 1
+            self._arm(self._is_measured(self._step))
+
+    def _measure(self, step: int) -> None:
+        grad_stats = gradient_norms(self._parameters)
+        grad_values = {name: value for name, value in zip(grad_stats.norms, grad_stats.values(), strict=True)}
+        records: list[Measurement] = []
+        with torch.random.fork_rng(devices=self._cuda_devices()), torch.no_grad():
+            for watched in self._watched:
+                if watched.name in self._disabled_modules:
+                    continue
+                try:
+                    records.extend(self._measure_module(watched, step, grad_values))
+                except Exception as exc:
+                    self._fault("estimator", watched.name, exc)
+        for record in records:
+            self._emit(record)
+        self._flush()
+
+    def _measure_module(self, watched: WatchedModule, step: int, grads: Mapping[str, float]) -> list[Measurement]:
+        traces = self._traces(watched)
+        if traces is None:
+            return []
+        now = time.time()
+        out = []
+        for trace in traces:
+            key = (watched.name, trace.layer, trace.direction)
+            if trace.weights is not None:
+                jacobians = builtin_step_jacobians(trace.weights, trace.inputs, trace.previous_states)
+            else:
+                assert trace.step_function is not None
+                jacobians = function_step_jacobians(trace.step_function, trace.inputs, trace.previous_states)
+            estimate = estimate_layer(
+                jacobians,
+                trace.mask,
+                trace.recurrent_weight,
+                self.config.estimator,
+                warm_start=self._warm_starts.get(key),
+                generator=self._generator_for(trace.states.device),
+            )
+            self._warm_starts[key] = estimate.warm_start
+            values = layer_metrics(estimate)
+            layer_grads = {
+                local: grads.get(qualified) for local, qualified in self._grad_names(watched, trace).items()
+            }
+            nonfinite = sum(1 for v in layer_grads.values() if v is not None and not math.isfinite(v))
+            metrics = MeasurementMetrics(**values, grad_norm=layer_grads, grad_nonfinite=nonfinite)  # type: ignore[arg-type]
+            out.append(
+                Measurement(
+                    step=step,
+                    time=now,
+                    module=watched.name,
+                    layer=trace.layer,
+                    direction=trace.direction,
+                    metrics=metrics,
+                    rank=self.rank,
+                    run_id=self.run_id,
+                )
+            )
+        return out
+
+    def _traces(self, watched: WatchedModule) -> list[LayerTrace] | None:
+        """Replay the module on its probe (fixed mode) or on this step's recorded call (live mode)."""
+        recorder = self._recorders[watched.name]
+        probe = self._probes.get(watched.name)
+        fresh = probe is None or self.config.probe == "live"
+        if fresh:
+            probe = recorder.fused_call if watched.kind == "fused" else (list(recorder.cell_calls) or None)
+            if probe is None:
+                return None  # the module did not run with gradients on this step
+            if self.config.probe == "fixed":
+                self._probes[watched.name] = probe
+        module = watched.module
+        if watched.kind == "fused":
+            assert isinstance(probe, FusedCall) and watched.cell_kind is not None
+            replay = replay_fused(module, watched.cell_kind, probe)
+            check = check_fused_replay(module, probe, replay) if fresh else None
+            traces = replay.traces
+        elif watched.kind == "cell":
+            assert isinstance(probe, list) and watched.cell_kind is not None
+            trace = trace_builtin_cell(module, watched.cell_kind, probe, recompute=not fresh)
+            check = check_cell_replay(trace) if fresh else None
+            traces = [trace]
+        else:
+            assert isinstance(probe, list) and watched.custom is not None
+            with deterministic_mode(module):
+                traces = [trace_custom_cell(module, watched.custom, probe, recompute=True)]
+            check = None
+        if check is not None and not check.ok:
+            self._probes.pop(watched.name, None)
+            self._warn_once(
+                f"replay:{watched.name}",
+                f"gradwatch: replaying {watched.name} ({type(module).__name__}) did not reproduce its "
+                f"{check.compared} (max abs error {check.max_abs_error:.3g} > {check.tolerance:.3g}); "
+                "skipping this module's measurement",
+            )
+            return None
+        if watched.kind == "custom":
+            return [_DeterministicTrace.wrap(t, module) for t in traces]
+        return traces
+
+    # --- plumbing -------------------------------------------------------------------------------------
+
+    def _map_layer_parameters(self) -> dict[LayerKey, dict[str, nn.Parameter]]:
+        """Which parameters belong to each (module, layer, direction), by qualified name."""
+        out: dict[LayerKey, dict[str, nn.Parameter]] = {}
+        for watched in self._watched:
+            params = dict(watched.module.named_parameters())
+            for layer in range(watched.num_layers):
+                for direction in watched.directions:
+                    if watched.kind == "fused":
+                        names = fused_parameter_names(watched.module, layer, direction)  # type: ignore[arg-type]
+                    else:
+                        names = list(params)
+                    out[(watched.name, layer, direction)] = {f"{watched.name}.{n}": params[n] for n in names}
+        return out
+
+    def _grad_names(self, watched: WatchedModule, trace: LayerTrace) -> dict[str, str]:
+        prefix = f"{watched.name}."
+        return {q[len(prefix) :]: q for q in self._layer_parameters[(watched.name, trace.layer, trace.direction)]}
+
+    def _generator_for(self, device: torch.device) -> torch.Generator:
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device)
+            self._generator.manual_seed(self.config.seed)
+        return self._generator
+
+    def _cuda_devices(self) -> list[int]:
+        if not torch.cuda.is_available():
+            return []
+        return sorted({p.device.index or 0 for p in self._parameters.values() if p.device.type == "cuda"})
+
+    def _emit(self, record: Record) -> None:
+        self.history.append(record)
+        for sink in list(self._sinks):
+            try:
+                sink.write(record)
+            except Exception as exc:
+                self._sink_failed(sink, exc)
+
+    def _flush(self) -> None:
+        for sink in list(self._sinks):
+            try:
+                sink.flush()
+            except Exception as exc:
+                self._sink_failed(sink, exc)
+
+    def _sink_failed(self, sink: Sink, exc: Exception) -> None:
+        if self.config.strict:
+            raise GradWatchFault(f"sink {sink!r} failed: {exc!r}") from exc
+        self._sinks.remove(sink)
+        self._warn(f"gradwatch: sink {sink!r} failed and is disabled: {exc!r}")
+        self._emit(ErrorRecord(self._step, time.time(), f"sink:{sink!r}", repr(exc), rank=self.rank, run_id=self.run_id))
+
+    def _fault(self, where: str, module: str, exc: Exception) -> None:
+        """A fault inside gradwatch: re-raise in strict mode, else disable the module and warn once."""
+        if self.config.strict:
+            raise GradWatchFault(f"gradwatch {where} failed for {module or 'the monitor'}: {exc!r}") from exc
+        if module:
+            self._disabled_modules[module] = repr(exc)
+            self._recorders[module].armed = False
+            self._recorders[module].reset()
+        self._warn(
+            f"gradwatch: {where} failed for {module or 'the monitor'} and "
+            f"{'that module is no longer measured' if module else 'this step was not measured'}: {exc!r}"
+        )
+        self._emit(ErrorRecord(self._step, time.time(), where, repr(exc), module=module, rank=self.rank, run_id=self.run_id))
+
+    def _warn(self, message: str) -> None:
+        from gradwatch.policy.alerts import GradWatchWarning
+
+        warnings.warn(message, GradWatchWarning, stacklevel=3)
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            self._warn(message)
+
+
+class _DeterministicTrace:
+    """Wraps a user cell's step function so every call runs in eval mode (no dropout noise in J v)."""
+
+    @staticmethod
+    def wrap(trace: LayerTrace, module: nn.Module) -> LayerTrace:
+        inner = trace.step_function
+        assert inner is not None
+
+        def step(x: Tensor, s: Tensor) -> Tensor:
+            with deterministic_mode(module):
+                return inner(x, s)
+
+        return replace(trace, step_function=step)
+
+
+class _OptimizerHook:
+    """Optimizer step pre-hook closing the monitor's step; deepcopy/pickle-safe like the forward hooks."""
+
+    def __init__(self, monitor: Monitor) -> None:
+        self.monitor = monitor
+
+    def __call__(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if optimizer is self.monitor.optimizer:
+            self.monitor._end_of_step(optimizer)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _OptimizerHook:
+        return self
+
+    def __reduce__(self) -> tuple[Callable[[], Callable[..., None]], tuple[()]]:
+        from gradwatch.capture.hooks import _inert_hook
+
+        return (_inert_hook, ())
+
+
+def _distributed_rank() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def rank_log_path(path: str | os.PathLike[str], rank: int) -> Path:
+    """``runs/exp.jsonl`` for rank 0, ``runs/exp.rank1.jsonl`` for rank 1, ..."""
+    p = Path(path)
+    return p if rank == 0 else p.with_name(f"{p.stem}.rank{rank}{p.suffix or '.jsonl'}")
+
+
+def watch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    every: int = 50,
+    log: str | os.PathLike[str] | None = None,
+    max_sequences: int = 8,
+    probe: ProbeMode = "fixed",
+    sinks: Iterable[Sink] = (),
+    strict: bool = False,
+    seed: int = 0,
+    estimator: EstimatorSettings | None = None,
+    history_size: int = 100_000,
+) -> Monitor:
+    """Attach a monitor to every recurrent module of ``model``; one line, no change to the training loop.
+
+    With an ``optimizer`` each ``optimizer.step()`` closes a training step; without one, call
+    ``monitor.step()`` after ``loss.backward()``. Measures on step 0 and every ``every`` steps after it, on at
+    most ``max_sequences`` sequences of the batch. ``probe="fixed"`` re-measures the sequences seen at the
+    first measurement with the current weights (trends then depend on the weights alone);
+    ``probe="live"`` measures each measured step's own batch. ``log`` is a JSON-lines run log path.
+    """
+    config = WatchConfig(
+        every=every,
+        max_sequences=max_sequences,
+        probe=probe,
+        strict=strict,
+        seed=seed,
+        history_size=history_size,
+        estimator=estimator or EstimatorSettings(),
+    )
+    modules = find_rnn_modules(model)
+    if not modules:
+        raise ValueError(NO_RNN_MESSAGE)
+    rank, _ = _distributed_rank()
+    all_sinks: list[Sink] = [LoggingSink()]
+    if log is not None:
+        all_sinks.append(JsonlSink(rank_log_path(log, rank)))
+    for sink in sinks:
+        if not all(callable(getattr(sink, m, None)) for m in ("write", "flush", "close")):
+            raise TypeError(f"sinks must have write(record), flush() and close(); {sink!r} does not")
+        all_sinks.append(sink)
+    return Monitor(unwrap_model(model), optimizer, config=config, sinks=all_sinks, modules=modules)
