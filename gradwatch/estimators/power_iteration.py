@@ -19,14 +19,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 MatVec = Callable[[Tensor], Tensor]
 
-#: How many iterations run between two convergence checks (each check is one host synchronisation).
-CONVERGENCE_CHECK_INTERVAL = 2
+#: Iterations between two convergence checks (each check is one host synchronisation). An estimate has
+#: converged when it moved by less than rtol (relatively) since the previous check: measuring the change
+#: over several iterations, not one, guards against stopping while Lanczos stagnates for a step.
+CONVERGENCE_CHECK_INTERVAL = 3
 
 
 @dataclass(frozen=True)
@@ -35,7 +38,7 @@ class SpectralNormEstimate:
 
     sigma: Tensor  # (*batch,) largest singular value estimates (||A v|| for the final unit v)
     right_vectors: Tensor  # (*batch, D) unit vectors, reusable as a warm start
-    converged: Tensor  # (*batch,) bool: relative change below rtol at the last check
+    converged: Tensor  # (*batch,) bool: relative change below rtol since the previous check
     iterations: int  # iterations actually run (the same for the whole batch)
 
 
@@ -44,6 +47,22 @@ def safe_vector_norm(x: Tensor) -> Tensor:
     scale = x.abs().amax(dim=-1, keepdim=True)
     safe_scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     return torch.linalg.vector_norm(x / safe_scale, dim=-1) * scale.squeeze(-1)
+
+
+def random_start_vectors(
+    shape: tuple[int, ...], *, dtype: torch.dtype, device: torch.device, generator: torch.Generator | None
+) -> Tensor:
+    """Random unit vectors along the last axis, drawn from ``generator`` (never the global RNG).
+
+    Without a generator a private one seeded with 0 is used, so results are reproducible and the user's
+    random stream is untouched. A generator on another device draws there and the result is moved.
+    """
+    if generator is None:
+        generator = torch.Generator(device=device).manual_seed(0)
+    draw_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+    vectors = torch.randn(shape, generator=generator, dtype=draw_dtype, device=generator.device)
+    vectors, _ = _normalise(vectors.to(device=device, dtype=dtype))
+    return vectors
 
 
 def _normalise(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -98,18 +117,22 @@ def spectral_norm_power_iteration(
     v, _ = _normalise(v0)
     sigma = torch.full(v.shape[:-1], float("nan"), dtype=v.dtype, device=v.device)
     converged = torch.zeros(v.shape[:-1], dtype=torch.bool, device=v.device)
+    checkpoint = sigma  # the estimate at the previous convergence check
     iterations = 0
     for iterations in range(1, max_iter + 1):  # noqa: B007 (the last value is reported)
         u = matvec(v)
         new_sigma = safe_vector_norm(u)
-        converged = _changed_little(new_sigma, sigma, rtol)
+        converged = _changed_little(new_sigma, checkpoint, rtol)
         sigma = new_sigma
         if iterations == max_iter:
             break  # keep v paired with sigma = ||A v||
         v_next, w_norm = _normalise(rmatvec(u))
         # A^T A v = 0 (zero operator or v in its null space): keep v, sigma stays at its value 0.
         v = torch.where((w_norm > 0).unsqueeze(-1), v_next, v)
-        if iterations % CONVERGENCE_CHECK_INTERVAL == 0 and _all_settled(converged, sigma, active):
+        if iterations % CONVERGENCE_CHECK_INTERVAL != 0:
+            continue
+        checkpoint = sigma
+        if _all_settled(converged, sigma, active):
             # sigma = ||A v_prev||; one more product pairs the returned vector with its estimate.
             sigma = safe_vector_norm(matvec(v))
             break
@@ -185,6 +208,7 @@ def spectral_norm_lanczos(
     scale = alpha.clone()  # largest alpha/beta so far: the reference for "rounding-level" breakdown
     sigma = torch.full(batch_shape, float("nan"), dtype=v.dtype, device=v.device)
     converged = torch.zeros(batch_shape, dtype=torch.bool, device=v.device)
+    checkpoint = sigma  # the estimate at the previous convergence check
     steps = 0
     for j in range(max_iter):
         steps = j + 1
@@ -198,12 +222,14 @@ def spectral_norm_lanczos(
         right_basis[..., j + 1, :] = v_next
         bidiagonal[..., j, j + 1] = beta
         new_sigma = _top_singular_value(bidiagonal[..., : j + 1, : j + 2])
-        converged = _changed_little(new_sigma, sigma, rtol)
+        converged = _changed_little(new_sigma, checkpoint, rtol)
         sigma = new_sigma
         if j + 1 == max_iter:
             break
-        if (j + 1) % CONVERGENCE_CHECK_INTERVAL == 0 and _all_settled(converged, sigma, active):
-            break
+        if (j + 1) % CONVERGENCE_CHECK_INTERVAL == 0:
+            checkpoint = sigma
+            if _all_settled(converged, sigma, active):
+                break
         # alpha_{j+1} u_{j+1} = A v_{j+1} - beta_j u_j, made orthogonal to all earlier u.
         z = matvec(v_next) - beta.unsqueeze(-1) * u
         z = _orthogonalise(z, left_basis, j + 1)
@@ -218,3 +244,25 @@ def spectral_norm_lanczos(
     # Keep NaN for non-finite operators (the cleaned SVD above would otherwise report 0).
     sigma = torch.where(torch.isfinite(sigma), measured, sigma)
     return SpectralNormEstimate(sigma, right_vectors, converged, steps)
+
+
+SpectralMethod = Literal["lanczos", "power"]
+SPECTRAL_METHODS: tuple[SpectralMethod, ...] = ("lanczos", "power")
+
+
+def spectral_norm(
+    method: SpectralMethod,
+    matvec: MatVec,
+    rmatvec: MatVec,
+    v0: Tensor,
+    *,
+    max_iter: int,
+    rtol: float,
+    active: Tensor | None = None,
+) -> SpectralNormEstimate:
+    """Dispatch to :func:`spectral_norm_lanczos` or :func:`spectral_norm_power_iteration` by name."""
+    if method == "lanczos":
+        return spectral_norm_lanczos(matvec, rmatvec, v0, max_iter=max_iter, rtol=rtol, active=active)
+    if method == "power":
+        return spectral_norm_power_iteration(matvec, rmatvec, v0, max_iter=max_iter, rtol=rtol, active=active)
+    raise ValueError(f"unknown spectral norm method {method!r}; expected one of {SPECTRAL_METHODS}")
