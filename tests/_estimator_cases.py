@@ -28,7 +28,9 @@ class CellCase:
         return f"{self.kind}-H{self.hidden_size}{proj}{bias}"
 
 
-def random_cell_weights(case: CellCase, generator: torch.Generator, dtype: torch.dtype = torch.float64) -> CellWeights:
+def random_cell_weights(
+    case: CellCase, generator: torch.Generator, dtype: torch.dtype = torch.float64
+) -> CellWeights:
     """Weights drawn like torch's default RNN init: U(-1/sqrt(H), 1/sqrt(H))."""
     hidden = case.hidden_size
     output = case.proj_size or hidden

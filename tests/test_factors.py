@@ -50,7 +50,12 @@ def test_activation_statistics_reject_bad_input(derivatives, mask, threshold: fl
         activation_statistics(derivatives, mask, threshold)
 
 
-CASES = [CellCase("rnn_tanh", 32), CellCase("lstm", 32), CellCase("lstm", 32, proj_size=16), CellCase("gru", 32)]
+CASES = [
+    CellCase("rnn_tanh", 32),
+    CellCase("lstm", 32),
+    CellCase("lstm", 32, proj_size=16),
+    CellCase("gru", 32),
+]
 
 
 @pytest.mark.parametrize("method", ["lanczos", "power"])
@@ -60,11 +65,15 @@ def test_weight_spectral_norm_of_the_stacked_matrix(case: CellCase, method: str)
     weight_hh = random_cell_weights(case, generator).weight_hh  # (gates * H, P), as torch stores it
     exact = float(torch.linalg.matrix_norm(weight_hh, ord=2))
     max_iter = 40 if method == "lanczos" else 2000
-    estimate = weight_spectral_norm(weight_hh, method=method, max_iter=max_iter, rtol=1e-9, generator=generator)
+    estimate = weight_spectral_norm(
+        weight_hh, method=method, max_iter=max_iter, rtol=1e-9, generator=generator
+    )
     tolerance = 1e-6 if method == "lanczos" else 1e-3  # power iteration crawls on clustered top values
     assert float(estimate.sigma) == pytest.approx(exact, rel=tolerance)
     assert float(estimate.sigma) <= exact * (1 + 1e-12)
-    warm = weight_spectral_norm(weight_hh, v0=estimate.right_vectors, method=method, max_iter=max_iter, rtol=1e-9)
+    warm = weight_spectral_norm(
+        weight_hh, v0=estimate.right_vectors, method=method, max_iter=max_iter, rtol=1e-9
+    )
     assert warm.iterations <= estimate.iterations
     assert float(warm.sigma) == pytest.approx(exact, rel=tolerance)
 

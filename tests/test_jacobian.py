@@ -65,7 +65,9 @@ def test_lstm_gate_values_are_the_cell_to_cell_diagonal_and_derivatives_are_tanh
     # dc_{t+1}/dc_t = diag(f): the forget gate is exactly the diagonal of the cell-to-cell block.
     cell_block = dense[..., projection:, projection:]
     torch.testing.assert_close(jac.gate_values(), torch.diagonal(cell_block, dim1=-2, dim2=-1))
-    assert torch.count_nonzero(cell_block - torch.diag_embed(torch.diagonal(cell_block, dim1=-2, dim2=-1))) == 0
+    assert (
+        torch.count_nonzero(cell_block - torch.diag_embed(torch.diagonal(cell_block, dim1=-2, dim2=-1))) == 0
+    )
     gates = F.linear(x, weights.weight_ih, weights.bias_ih) + F.linear(
         s_prev[..., :projection], weights.weight_hh, weights.bias_hh
     )
@@ -107,7 +109,9 @@ def test_rnn_activation_derivatives_and_no_gates(kind: str) -> None:
     weights = random_cell_weights(case, generator)
     x, s_prev = random_sequences(case, weights, steps=3, batch=2, generator=generator)
     jac = builtin_step_jacobians(weights, x, s_prev)
-    preactivation = (F.linear(x, weights.weight_ih, weights.bias_ih) + F.linear(s_prev, weights.weight_hh, weights.bias_hh))
+    preactivation = F.linear(x, weights.weight_ih, weights.bias_ih) + F.linear(
+        s_prev, weights.weight_hh, weights.bias_hh
+    )
     preactivation = preactivation.detach().requires_grad_(True)
     activation = torch.tanh if kind == "rnn_tanh" else torch.relu
     (expected,) = torch.autograd.grad(activation(preactivation).sum(), preactivation)
@@ -142,8 +146,12 @@ def test_function_path_on_torch_cells_is_right_on_every_call(module_kind: str) -
     jac = function_step_jacobians(step, x, s_prev)
     dense = torch.stack(
         [
-            torch.stack([torch.func.jacrev(lambda s, t=t, b=b: step(x[t, b : b + 1], s[None])[0])(s_prev[t, b])
-                         for b in range(2)])
+            torch.stack(
+                [
+                    torch.func.jacrev(lambda s, t=t, b=b: step(x[t, b : b + 1], s[None])[0])(s_prev[t, b])
+                    for b in range(2)
+                ]
+            )
             for t in range(3)
         ]
     )
@@ -161,8 +169,13 @@ def test_analytic_products_build_no_autograd_graph() -> None:
     case = CellCase("lstm", 4)
     generator = torch.Generator().manual_seed(5)
     weights = random_cell_weights(case, generator)
-    trainable = CellWeights(case.kind, weights.weight_ih.requires_grad_(True), weights.weight_hh.requires_grad_(True),
-                            weights.bias_ih, weights.bias_hh)
+    trainable = CellWeights(
+        case.kind,
+        weights.weight_ih.requires_grad_(True),
+        weights.weight_hh.requires_grad_(True),
+        weights.bias_ih,
+        weights.bias_hh,
+    )
     x, s_prev = random_sequences(case, weights, steps=2, batch=2, generator=generator)
     jac = builtin_step_jacobians(trainable, x, s_prev)
     assert isinstance(jac, AnalyticStepJacobians)
@@ -199,7 +212,9 @@ def test_bad_shapes_raise_clear_errors(x_shape: tuple, s_shape: tuple, message: 
 
 
 def test_bad_vectors_and_time_indices_raise_clear_errors() -> None:
-    weights = random_cell_weights(CellCase("rnn_tanh", 4), torch.Generator().manual_seed(9), dtype=torch.float32)
+    weights = random_cell_weights(
+        CellCase("rnn_tanh", 4), torch.Generator().manual_seed(9), dtype=torch.float32
+    )
     jac = builtin_step_jacobians(weights, torch.zeros(3, 2, 5), torch.zeros(3, 2, 4))
     with pytest.raises(ValueError, match=r"\(\.\.\., T, B, D\)"):
         jac.jvp(torch.zeros(2, 4))

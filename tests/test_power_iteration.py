@@ -28,7 +28,9 @@ def operators(matrices: Tensor):
     )
 
 
-def matrices_with_gap(batch: int, rows: int, columns: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+def matrices_with_gap(
+    batch: int, rows: int, columns: int, generator: torch.Generator
+) -> tuple[Tensor, Tensor]:
     """Random matrices with singular values 2, 1, ... (a clear gap, so power iteration converges fast)."""
     k = min(rows, columns)
     left, _ = torch.linalg.qr(torch.randn(batch, rows, k, generator=generator, dtype=torch.float64))
@@ -39,7 +41,9 @@ def matrices_with_gap(batch: int, rows: int, columns: int, generator: torch.Gene
 
 
 @pytest.mark.parametrize("method", METHODS, ids=METHODS)
-@pytest.mark.parametrize("shape", [(7, 5, 5), (3, 4, 9, 6), (6, 12, 3)], ids=["square", "two-batch-dims", "tall"])
+@pytest.mark.parametrize(
+    "shape", [(7, 5, 5), (3, 4, 9, 6), (6, 12, 3)], ids=["square", "two-batch-dims", "tall"]
+)
 def test_matches_exact_norm(method: str, shape: tuple[int, ...]) -> None:
     generator = torch.Generator().manual_seed(1)
     batch = 1
@@ -97,8 +101,14 @@ def test_non_finite_operator_gives_nan_for_that_element_only(method: str, bad_va
     dense = torch.randn(3, 5, 5, generator=generator, dtype=torch.float64)
     dense[1, 2, 3] = bad_value
     matvec, rmatvec = operators(dense)
-    estimate = spectral_norm(method, matvec, rmatvec, torch.randn(3, 5, generator=generator, dtype=torch.float64),
-                             max_iter=60, rtol=1e-8)
+    estimate = spectral_norm(
+        method,
+        matvec,
+        rmatvec,
+        torch.randn(3, 5, generator=generator, dtype=torch.float64),
+        max_iter=60,
+        rtol=1e-8,
+    )
     assert bool(torch.isnan(estimate.sigma[1]))
     keep = torch.tensor([0, 2])
     exact = torch.linalg.matrix_norm(dense[keep], ord=2)
@@ -144,7 +154,9 @@ def test_huge_entries_do_not_overflow_the_norm() -> None:
     dense = torch.randn(2, 8, 8, generator=generator)
     matvec, rmatvec = operators(dense * 1e30)
     estimate = spectral_norm_lanczos(matvec, rmatvec, torch.randn(2, 8, generator=generator), max_iter=8)
-    torch.testing.assert_close(estimate.sigma / 1e30, torch.linalg.matrix_norm(dense, ord=2), rtol=1e-4, atol=0)
+    torch.testing.assert_close(
+        estimate.sigma / 1e30, torch.linalg.matrix_norm(dense, ord=2), rtol=1e-4, atol=0
+    )
 
 
 @pytest.mark.parametrize(
@@ -203,7 +215,10 @@ def test_property_matches_exact_scales_linearly_and_is_non_negative(matrix: Tens
     assert float(estimate.sigma) >= 0
     assert abs(float(estimate.sigma) - float(exact)) <= 1e-9 * float(exact) + 1e-12
     scaled = spectral_norm_lanczos(*operators(matrix * scale), v0, max_iter=columns, rtol=1e-10)
-    assert abs(float(scaled.sigma) - abs(scale) * float(estimate.sigma)) <= 1e-8 * abs(scale) * float(exact) + 1e-12
+    assert (
+        abs(float(scaled.sigma) - abs(scale) * float(estimate.sigma))
+        <= 1e-8 * abs(scale) * float(exact) + 1e-12
+    )
 
 
 @settings(max_examples=40, deadline=None)

@@ -101,8 +101,9 @@ def test_lyapunov_is_the_mean_log_growth_of_the_real_steps_only() -> None:
     mask[:, 2] = False  # an empty sequence
     jac = builtin_step_jacobians(weights, x, s_prev)
     exponents = lyapunov_max(jac, mask, generator=torch.Generator().manual_seed(11))
-    start = random_start_vectors((3, 6), dtype=torch.float64, device=torch.device("cpu"),
-                                 generator=torch.Generator().manual_seed(11))
+    start = random_start_vectors(
+        (3, 6), dtype=torch.float64, device=torch.device("cpu"), generator=torch.Generator().manual_seed(11)
+    )
     for b, length in enumerate([5, 9]):
         vector = start[b]
         for t in range(length):
@@ -111,8 +112,13 @@ def test_lyapunov_is_the_mean_log_growth_of_the_real_steps_only() -> None:
     assert math.isnan(float(exponents[2]))
 
 
-CASES = [CellCase("rnn_tanh", 16), CellCase("rnn_relu", 16), CellCase("lstm", 12), CellCase("lstm", 12, proj_size=6),
-         CellCase("gru", 16)]
+CASES = [
+    CellCase("rnn_tanh", 16),
+    CellCase("rnn_relu", 16),
+    CellCase("lstm", 12),
+    CellCase("lstm", 12, proj_size=6),
+    CellCase("gru", 16),
+]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.case_id for c in CASES])

@@ -19,7 +19,7 @@ DEFAULT_SATURATION_THRESHOLD = 0.05
 
 
 class ActivationStatistics(NamedTuple):
-    """Masked summaries of |f'(a)| over real steps, sequences and units (0-dim tensors, NaN if no real step)."""
+    """Summaries of |f'(a)| over real steps, sequences and units (0-dim tensors; NaN without real steps)."""
 
     mean: Tensor  # mean |f'|
     saturation_ratio: Tensor  # share of units with |f'| < threshold (for relu: the dead-unit share)
@@ -31,8 +31,14 @@ def activation_statistics(
 ) -> ActivationStatistics:
     """Mean |f'| and the share of saturated units, counting only the real steps (mask (T, B) True)."""
     if not isinstance(derivatives, Tensor) or derivatives.ndim != 3:
-        raise ValueError(f"derivatives must be a tensor (T, B, H), got shape {tuple(getattr(derivatives, 'shape', ()))}")
-    if not isinstance(mask, Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != tuple(derivatives.shape[:2]):
+        raise ValueError(
+            f"derivatives must be a tensor (T, B, H), got shape {tuple(getattr(derivatives, 'shape', ()))}"
+        )
+    if (
+        not isinstance(mask, Tensor)
+        or mask.dtype != torch.bool
+        or tuple(mask.shape) != tuple(derivatives.shape[:2])
+    ):
         raise ValueError(
             f"mask must be a bool tensor of shape (T, B) = {tuple(derivatives.shape[:2])}, "
             f"got {getattr(mask, 'dtype', None)} {tuple(getattr(mask, 'shape', ()))}"
@@ -63,12 +69,26 @@ def weight_spectral_norm(
     sensitivity to h. ``v0`` (P,) is a warm start (ignored unless shape, dtype and device fit).
     """
     if not isinstance(weight_hh, Tensor) or weight_hh.ndim != 2 or 0 in weight_hh.shape:
-        raise ValueError(f"weight_hh must be a non-empty matrix (rows, P), got shape {tuple(getattr(weight_hh, 'shape', ()))}")
+        raise ValueError(
+            "weight_hh must be a non-empty matrix (rows, P), "
+            f"got shape {tuple(getattr(weight_hh, 'shape', ()))}"
+        )
     if not weight_hh.is_floating_point():
         raise TypeError(f"weight_hh must be a floating-point tensor, got dtype {weight_hh.dtype}")
     matrix = weight_hh.detach()
     columns = matrix.shape[1]
-    usable = v0 is not None and tuple(v0.shape) == (columns,) and v0.dtype == matrix.dtype and v0.device == matrix.device
-    start = v0 if usable else random_start_vectors((columns,), dtype=matrix.dtype, device=matrix.device, generator=generator)
+    usable = (
+        v0 is not None
+        and tuple(v0.shape) == (columns,)
+        and v0.dtype == matrix.dtype
+        and v0.device == matrix.device
+    )
+    start = (
+        v0
+        if usable
+        else random_start_vectors((columns,), dtype=matrix.dtype, device=matrix.device, generator=generator)
+    )
     assert start is not None
-    return spectral_norm(method, lambda v: matrix @ v, lambda u: matrix.T @ u, start, max_iter=max_iter, rtol=rtol)
+    return spectral_norm(
+        method, lambda v: matrix @ v, lambda u: matrix.T @ u, start, max_iter=max_iter, rtol=rtol
+    )

@@ -19,7 +19,9 @@ class GradientStats:
 
     def to_host(self) -> tuple[dict[str, float], int]:
         """({name: norm}, non-finite count) as plain Python values in one host transfer."""
-        values = torch.cat([self.norms.double().cpu(), self.nonfinite_count.double().cpu().reshape(1)]).tolist()
+        values = torch.cat(
+            [self.norms.double().cpu(), self.nonfinite_count.double().cpu().reshape(1)]
+        ).tolist()
         return dict(zip(self.names, values[:-1], strict=True)), int(values[-1])
 
 
@@ -32,7 +34,9 @@ def _dense(gradient: Tensor) -> Tensor:
 def gradient_norms(named_params: Mapping[str, Tensor]) -> GradientStats:
     """Norms of every ``param.grad`` (parameters whose grad is None are skipped), via torch._foreach_norm."""
     if not isinstance(named_params, Mapping):
-        raise TypeError(f"named_params must be a mapping name -> parameter, got {type(named_params).__name__}")
+        raise TypeError(
+            f"named_params must be a mapping name -> parameter, got {type(named_params).__name__}"
+        )
     names: list[str] = []
     gradients: list[Tensor] = []
     for name, parameter in named_params.items():
@@ -43,7 +47,9 @@ def gradient_norms(named_params: Mapping[str, Tensor]) -> GradientStats:
             gradients.append(_dense(parameter.grad.detach()))
     if not gradients:
         device = next((p.device for p in named_params.values()), torch.device("cpu"))
-        return GradientStats((), torch.zeros(0, device=device), torch.zeros((), dtype=torch.int64, device=device))
+        return GradientStats(
+            (), torch.zeros(0, device=device), torch.zeros((), dtype=torch.int64, device=device)
+        )
     device = gradients[0].device
     # float32 on one device: grads may mix dtypes (AMP) and devices (model parallel).
     norms = torch.stack([n.to(device=device, dtype=torch.float32) for n in torch._foreach_norm(gradients)])

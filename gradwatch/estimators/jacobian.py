@@ -63,7 +63,9 @@ class StepJacobians(Protocol):
 def _check_sequence_tensors(x: Tensor, s_prev: Tensor, state_size: int | None) -> None:
     """Shapes (T, B, I) and (T, B, D) with matching T, B and a floating dtype, or a clear error."""
     if not isinstance(x, Tensor) or x.ndim != 3:
-        raise ValueError(f"x must be a time-major tensor (T, B, I), got shape {tuple(getattr(x, 'shape', ()))}")
+        raise ValueError(
+            f"x must be a time-major tensor (T, B, I), got shape {tuple(getattr(x, 'shape', ()))}"
+        )
     if not isinstance(s_prev, Tensor) or s_prev.ndim != 3:
         raise ValueError(
             f"s_prev must be a time-major tensor (T, B, D) of states s_0..s_(T-1), "
@@ -76,7 +78,9 @@ def _check_sequence_tensors(x: Tensor, s_prev: Tensor, state_size: int | None) -
     if not s_prev.is_floating_point():
         raise TypeError(f"s_prev must be a floating-point tensor, got dtype {s_prev.dtype}")
     if state_size is not None and s_prev.shape[2] != state_size:
-        raise ValueError(f"s_prev has state size {s_prev.shape[2]}, the cell's flat state has size {state_size}")
+        raise ValueError(
+            f"s_prev has state size {s_prev.shape[2]}, the cell's flat state has size {state_size}"
+        )
 
 
 class _TimeIndexing:
@@ -90,13 +94,18 @@ class _TimeIndexing:
         if t is None:
             expected = (self.time_steps, self.batch_size, self.state_size)
             if v.ndim < 3 or tuple(v.shape[-3:]) != expected:
-                raise ValueError(f"{name} must have shape (..., T, B, D) = (..., {expected}), got {tuple(v.shape)}")
+                raise ValueError(
+                    f"{name} must have shape (..., T, B, D) = (..., {expected}), got {tuple(v.shape)}"
+                )
             return
         if not isinstance(t, int) or not 0 <= t < self.time_steps:
             raise ValueError(f"t must be None or an int in [0, {self.time_steps - 1}], got {t!r}")
         expected = (self.batch_size, self.state_size)
         if v.ndim < 2 or tuple(v.shape[-2:]) != expected:
-            raise ValueError(f"{name} must have shape (..., B, D) = (..., {expected}) when t is an int, got {tuple(v.shape)}")
+            raise ValueError(
+                f"{name} must have shape (..., B, D) = (..., {expected}) when t is an int, "
+                f"got {tuple(v.shape)}"
+            )
 
 
 @dataclass(frozen=True)
@@ -254,7 +263,9 @@ class AnalyticStepJacobians(_TimeIndexing):
                 ],
                 dim=-1,
             )
-            return torch.cat([gate_cotangent @ weights.weight_hh, self._at(k.forget_gate, t) * uc_total], dim=-1)
+            return torch.cat(
+                [gate_cotangent @ weights.weight_hh, self._at(k.forget_gate, t) * uc_total], dim=-1
+            )
         assert self._gru is not None
         k2 = self._gru
         gate_cotangent = torch.cat(
@@ -291,7 +302,7 @@ def builtin_step_jacobians(weights: CellWeights, x: Tensor, s_prev: Tensor) -> A
 
 
 class FunctionStepJacobians(_TimeIndexing):
-    """Step Jacobians of any cell ``step(x, s) -> s_next`` on flat states (N, I), (N, D) -> (N, D), by torch.func.
+    """Step Jacobians of any cell ``step(x, s) -> s_next`` ((N, I), (N, D) -> (N, D)) by torch.func.
 
     The cell must process rows independently (as every RNN cell does): all (t, b) pairs and all extra
     leading vectors are flattened into the cell's own batch dimension, so one jvp/vjp call covers them.

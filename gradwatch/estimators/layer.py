@@ -43,7 +43,7 @@ class EstimatorSettings:
     """Accuracy/cost knobs of one layer measurement (defaults chosen by measurement, docs/estimators.md)."""
 
     method: SpectralMethod = "lanczos"
-    max_iter: int = 24
+    max_iter: int = 32
     rtol: float = 1e-4
     saturation_threshold: float = DEFAULT_SATURATION_THRESHOLD
     lags: tuple[int, ...] | None = None  # None: default_lags(T)
@@ -64,7 +64,9 @@ class EstimatorSettings:
             if not (isinstance(value, (int, float)) and 0 < value < 1):
                 raise ValueError(f"{name} must be a float in (0, 1), got {value!r}")
         if not (isinstance(self.saturation_threshold, (int, float)) and self.saturation_threshold >= 0):
-            raise ValueError(f"saturation_threshold must be a non-negative float, got {self.saturation_threshold!r}")
+            raise ValueError(
+                f"saturation_threshold must be a non-negative float, got {self.saturation_threshold!r}"
+            )
         if self.lags is not None:
             lags = tuple(self.lags)
             if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 1 for t in lags):
@@ -87,10 +89,10 @@ class LayerEstimate:
     """Device tensors for every metric of one layer measurement (0-dim unless noted)."""
 
     jacobian_sigma: Tensor  # (T, B) sigma_max(J_t) per step and sequence, NaN on padded steps
-    jacobian_sigma_mean: Tensor
-    jacobian_sigma_min: Tensor
-    jacobian_sigma_max: Tensor
-    jacobian_sigma_p95: Tensor
+    jacobian_sigma_max_mean: Tensor
+    jacobian_sigma_max_min: Tensor
+    jacobian_sigma_max_max: Tensor
+    jacobian_sigma_max_p95: Tensor
     jacobian_frac_above_one: Tensor
     jacobian_converged_ratio: Tensor
     jacobian_iterations: int
@@ -131,10 +133,10 @@ def _masked_summaries(sigma: Tensor, mask: Tensor) -> dict[str, Tensor]:
     zero = torch.zeros_like(sigma)
     denominator = count.clamp(min=1).to(sigma.dtype)
     summaries = {
-        "jacobian_sigma_mean": torch.where(finite_real, sigma, zero).sum() / denominator,
-        "jacobian_sigma_min": torch.where(finite_real, sigma, torch.full_like(sigma, math.inf)).amin(),
-        "jacobian_sigma_max": torch.where(finite_real, sigma, torch.full_like(sigma, -math.inf)).amax(),
-        "jacobian_sigma_p95": torch.nanquantile(
+        "jacobian_sigma_max_mean": torch.where(finite_real, sigma, zero).sum() / denominator,
+        "jacobian_sigma_max_min": torch.where(finite_real, sigma, torch.full_like(sigma, math.inf)).amin(),
+        "jacobian_sigma_max_max": torch.where(finite_real, sigma, torch.full_like(sigma, -math.inf)).amax(),
+        "jacobian_sigma_max_p95": torch.nanquantile(
             torch.where(finite_real, sigma, torch.full_like(sigma, float("nan"))).flatten(), JACOBIAN_QUANTILE
         ),
         "jacobian_frac_above_one": (finite_real & (sigma > 1)).sum().to(sigma.dtype) / denominator,
@@ -160,14 +162,26 @@ def estimate_layer(
 
     # 1. sigma_max(J_t) for every (t, b) at once: a batch of T*B matrix-free operators.
     step_start = _warm_or_random(
-        warm_start.step_vectors if warm_start else None, (steps, batch, state), jac.dtype, jac.device, generator
+        warm_start.step_vectors if warm_start else None,
+        (steps, batch, state),
+        jac.dtype,
+        jac.device,
+        generator,
     )
     step_estimate = spectral_norm(
-        settings.method, jac.jvp, jac.vjp, step_start, max_iter=settings.max_iter, rtol=settings.rtol, active=mask
+        settings.method,
+        jac.jvp,
+        jac.vjp,
+        step_start,
+        max_iter=settings.max_iter,
+        rtol=settings.rtol,
+        active=mask,
     )
     sigma = torch.where(mask, step_estimate.sigma, torch.full_like(step_estimate.sigma, float("nan")))
     summaries = _masked_summaries(step_estimate.sigma, mask)
-    converged_ratio = (step_estimate.converged & mask).sum().to(jac.dtype) / mask.sum().clamp(min=1).to(jac.dtype)
+    converged_ratio = (step_estimate.converged & mask).sum().to(jac.dtype) / mask.sum().clamp(min=1).to(
+        jac.dtype
+    )
 
     # 2. sigma_max(W_hh).
     weight_sigma: Tensor | None = None
@@ -235,10 +249,10 @@ def estimate_layer(
 
 
 _SCALAR_METRICS = (
-    "jacobian_sigma_mean",
-    "jacobian_sigma_min",
-    "jacobian_sigma_max",
-    "jacobian_sigma_p95",
+    "jacobian_sigma_max_mean",
+    "jacobian_sigma_max_min",
+    "jacobian_sigma_max_max",
+    "jacobian_sigma_max_p95",
     "jacobian_frac_above_one",
     "weight_hh_sigma_max",
     "activation_derivative_mean",
@@ -269,7 +283,10 @@ def layer_metrics(estimate: LayerEstimate) -> dict[str, float | int | dict[str, 
     lyapunov = estimate.lyapunov_per_sequence
     parts.append(nan if lyapunov is None else torch.nanmedian(lyapunov.to(torch.float64)))
     parts.append(estimate.sequences.to(torch.float64).reshape(()))
-    lag_medians = [torch.nanmedian(estimate.lag_norm_per_sequence[k].to(torch.float64)) for k in range(len(estimate.lags))]
+    lag_medians = [
+        torch.nanmedian(estimate.lag_norm_per_sequence[k].to(torch.float64))
+        for k in range(len(estimate.lags))
+    ]
     values = torch.stack(parts + lag_medians).cpu().tolist()  # the one host transfer
 
     scalars = dict(zip(_SCALAR_METRICS, values[: len(_SCALAR_METRICS)], strict=True))
@@ -279,7 +296,9 @@ def layer_metrics(estimate: LayerEstimate) -> dict[str, float | int | dict[str, 
         name: _plain(value) for name, value in scalars.items()
     }
     metrics["lyapunov_max"] = _plain(lyapunov_value)
-    metrics["lag_norm"] = {str(tau): _plain(value) for tau, value in zip(estimate.lags, lag_values, strict=True)}
+    metrics["lag_norm"] = {
+        str(tau): _plain(value) for tau, value in zip(estimate.lags, lag_values, strict=True)
+    }
     metrics["jacobian_iterations"] = estimate.jacobian_iterations
     metrics["sequences"] = int(sequences)
     metrics["time_steps"] = estimate.time_steps

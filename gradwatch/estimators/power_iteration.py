@@ -74,7 +74,9 @@ def _normalise(x: Tensor) -> tuple[Tensor, Tensor]:
 
 def _validate(v0: Tensor, max_iter: int, rtol: float, active: Tensor | None) -> None:
     if not isinstance(v0, Tensor) or v0.ndim < 1 or v0.shape[-1] == 0:
-        raise ValueError(f"v0 must be a tensor of shape (*batch, D) with D >= 1, got {getattr(v0, 'shape', v0)!r}")
+        raise ValueError(
+            f"v0 must be a tensor of shape (*batch, D) with D >= 1, got {getattr(v0, 'shape', v0)!r}"
+        )
     if not v0.is_floating_point():
         raise TypeError(f"v0 must be a floating-point tensor, got dtype {v0.dtype}")
     if not isinstance(max_iter, int) or max_iter < 1:
@@ -82,7 +84,9 @@ def _validate(v0: Tensor, max_iter: int, rtol: float, active: Tensor | None) -> 
     if not rtol > 0:
         raise ValueError(f"rtol must be a positive float, got {rtol!r}")
     if active is not None and active.shape != v0.shape[:-1]:
-        raise ValueError(f"active must have the batch shape {tuple(v0.shape[:-1])} of v0, got {tuple(active.shape)}")
+        raise ValueError(
+            f"active must have the batch shape {tuple(v0.shape[:-1])} of v0, got {tuple(active.shape)}"
+        )
 
 
 def _changed_little(new: Tensor, old: Tensor, rtol: float) -> Tensor:
@@ -119,7 +123,7 @@ def spectral_norm_power_iteration(
     converged = torch.zeros(v.shape[:-1], dtype=torch.bool, device=v.device)
     checkpoint = sigma  # the estimate at the previous convergence check
     iterations = 0
-    for iterations in range(1, max_iter + 1):  # noqa: B007 (the last value is reported)
+    for iterations in range(1, max_iter + 1):
         u = matvec(v)
         new_sigma = safe_vector_norm(u)
         converged = _changed_little(new_sigma, checkpoint, rtol)
@@ -239,7 +243,9 @@ def spectral_norm_lanczos(
     # (one more matvec) so the reported sigma is a guaranteed lower bound, even after rounding in the basis.
     small = bidiagonal[..., :steps, : steps + 1]
     ritz_coefficients = _top_right_singular_vector(small)
-    right_vectors, _ = _normalise(torch.einsum("...k,...kd->...d", ritz_coefficients, right_basis[..., : steps + 1, :]))
+    right_vectors, _ = _normalise(
+        torch.einsum("...k,...kd->...d", ritz_coefficients, right_basis[..., : steps + 1, :])
+    )
     measured = safe_vector_norm(matvec(right_vectors))
     # Keep NaN for non-finite operators (the cleaned SVD above would otherwise report 0).
     sigma = torch.where(torch.isfinite(sigma), measured, sigma)

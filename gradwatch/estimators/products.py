@@ -55,7 +55,9 @@ def default_lags(time_steps: int) -> list[int]:
 def sequence_lengths(mask: Tensor, time_steps: int, batch_size: int) -> Tensor:
     """L_b = mask[:, b].sum() after checking that mask is (T, B) bool and left-aligned (one host sync)."""
     if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
-        raise TypeError(f"mask must be a bool tensor (T, B), got {getattr(mask, 'dtype', type(mask).__name__)}")
+        raise TypeError(
+            f"mask must be a bool tensor (T, B), got {getattr(mask, 'dtype', type(mask).__name__)}"
+        )
     if tuple(mask.shape) != (time_steps, batch_size):
         raise ValueError(f"mask must have shape (T, B) = {(time_steps, batch_size)}, got {tuple(mask.shape)}")
     lengths = mask.sum(dim=0)
@@ -102,8 +104,12 @@ def estimate_lag_norms(
     lag_count = len(checked_lags)
     if lag_count == 0:
         empty = torch.empty((0, batch), dtype=jac.dtype, device=jac.device)
-        raw = SpectralNormEstimate(empty, torch.empty((0, batch, state), dtype=jac.dtype, device=jac.device),
-                                   torch.empty((0, batch), dtype=torch.bool, device=jac.device), 0)
+        raw = SpectralNormEstimate(
+            empty,
+            torch.empty((0, batch, state), dtype=jac.dtype, device=jac.device),
+            torch.empty((0, batch), dtype=torch.bool, device=jac.device),
+            0,
+        )
         return LagNormEstimate((), empty, raw)
     tau = torch.tensor(checked_lags, device=jac.device).unsqueeze(1)  # (K, 1)
     valid = tau <= lengths.unsqueeze(0)  # (K, B)
@@ -113,7 +119,9 @@ def estimate_lag_norms(
     in_window = valid & (time >= start) & (time < lengths.unsqueeze(0))
     in_window_vectors = in_window.unsqueeze(-1)
     # Sweep only the steps some window covers (one host transfer, outside the iteration loops).
-    first_step, last_step = (int(b) for b in torch.stack([torch.where(valid, start, steps).min(), lengths.max()]))
+    first_step, last_step = (
+        int(b) for b in torch.stack([torch.where(valid, start, steps).min(), lengths.max()])
+    )
 
     def product(v: Tensor) -> Tensor:
         for t in range(first_step, last_step):
@@ -129,11 +137,15 @@ def estimate_lag_norms(
     usable_warm_start = (
         v0 is not None and tuple(v0.shape) == shape and v0.dtype == jac.dtype and v0.device == jac.device
     )
-    start_vectors = v0 if usable_warm_start else random_start_vectors(
-        shape, dtype=jac.dtype, device=jac.device, generator=generator
+    start_vectors = (
+        v0
+        if usable_warm_start
+        else random_start_vectors(shape, dtype=jac.dtype, device=jac.device, generator=generator)
     )
     assert start_vectors is not None
-    raw = spectral_norm(method, product, adjoint_product, start_vectors, max_iter=max_iter, rtol=rtol, active=valid)
+    raw = spectral_norm(
+        method, product, adjoint_product, start_vectors, max_iter=max_iter, rtol=rtol, active=valid
+    )
     norms = torch.where(valid, raw.sigma, torch.full_like(raw.sigma, float("nan")))
     return LagNormEstimate(checked_lags, norms, raw)
 
@@ -176,4 +188,6 @@ def lyapunov_max(jac: StepJacobians, mask: Tensor, *, generator: torch.Generator
         safe_growth = torch.where(growth > 0, growth, torch.ones_like(growth)).unsqueeze(-1)
         vector = torch.where((real_steps[t] & (growth > 0)).unsqueeze(-1), image / safe_growth, vector)
     length = lengths.to(jac.dtype)
-    return torch.where(lengths > 0, log_growth / length.clamp(min=1), torch.full_like(log_growth, float("nan")))
+    return torch.where(
+        lengths > 0, log_growth / length.clamp(min=1), torch.full_like(log_growth, float("nan"))
+    )
