@@ -1,0 +1,375 @@
+"""Matrix-free step Jacobians of a recurrent layer over a whole batch of sequences.
+
+Index convention (used by every estimator in this package):
+
+* states s_0 .. s_T, inputs x_0 .. x_{T-1}, s_{t+1} = step(x_t, s_t);
+* J_t = ds_{t+1}/ds_t evaluated at (x_t, s_t), for t = 0 .. T-1;
+* tensors are time-major: x (T, B, I), s_prev (T, B, D) = s_0 .. s_{T-1}, mask (T, B) bool where True marks
+  a real step; sequences are left-aligned and sequence b has L_b = mask[:, b].sum() real steps.
+
+Flat states follow :mod:`gradwatch.estimators.cells`: s = h for RNN/GRU, s = [h; c] for LSTM.
+
+``jvp(v, t=None)`` takes v of shape (..., T, B, D) and applies J_t to v[..., t, :, :] for every t at once;
+``jvp(v, t)`` with an int t takes v of shape (..., B, D) and applies J_t only (the product sweeps use it).
+``vjp`` is the same with J_t^T. Leading dimensions "..." are extra vectors (several lags, say).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from gradwatch.estimators.cells import (
+    CellWeights,
+    hidden_preactivation,
+    input_preactivation,
+    split_state,
+)
+
+StepFunction = Callable[[Tensor, Tensor], Tensor]
+
+
+@runtime_checkable
+class StepJacobians(Protocol):
+    """The step Jacobians J_0 .. J_{T-1} of one layer and direction, as batched matrix-free products."""
+
+    time_steps: int
+    batch_size: int
+    state_size: int
+    dtype: torch.dtype
+    device: torch.device
+
+    def jvp(self, v: Tensor, t: int | None = None) -> Tensor:
+        """J_t v (see the module docstring for the two shape modes)."""
+        ...
+
+    def vjp(self, u: Tensor, t: int | None = None) -> Tensor:
+        """J_t^T u (see the module docstring for the two shape modes)."""
+        ...
+
+    def activation_derivatives(self) -> Tensor | None:
+        """(T, B, H) derivative f'(a) of the candidate nonlinearity, or None when unknown."""
+        ...
+
+    def gate_values(self) -> Tensor | None:
+        """(T, B, H) LSTM forget gate f or GRU update gate z, or None for cells without such a gate."""
+        ...
+
+
+def _check_sequence_tensors(x: Tensor, s_prev: Tensor, state_size: int | None) -> None:
+    """Shapes (T, B, I) and (T, B, D) with matching T, B and a floating dtype, or a clear error."""
+    if not isinstance(x, Tensor) or x.ndim != 3:
+        raise ValueError(
+            f"x must be a time-major tensor (T, B, I), got shape {tuple(getattr(x, 'shape', ()))}"
+        )
+    if not isinstance(s_prev, Tensor) or s_prev.ndim != 3:
+        raise ValueError(
+            f"s_prev must be a time-major tensor (T, B, D) of states s_0..s_(T-1), "
+            f"got shape {tuple(getattr(s_prev, 'shape', ()))}"
+        )
+    if x.shape[:2] != s_prev.shape[:2]:
+        raise ValueError(f"x {tuple(x.shape)} and s_prev {tuple(s_prev.shape)} must agree on (T, B)")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"need at least one time step and one sequence, got (T, B) = {tuple(x.shape[:2])}")
+    if not s_prev.is_floating_point():
+        raise TypeError(f"s_prev must be a floating-point tensor, got dtype {s_prev.dtype}")
+    if state_size is not None and s_prev.shape[2] != state_size:
+        raise ValueError(
+            f"s_prev has state size {s_prev.shape[2]}, the cell's flat state has size {state_size}"
+        )
+
+
+class _TimeIndexing:
+    """Shape checks and coefficient selection shared by the two implementations."""
+
+    time_steps: int
+    batch_size: int
+    state_size: int
+
+    def _check_vector(self, v: Tensor, t: int | None, name: str) -> None:
+        if t is None:
+            expected = (self.time_steps, self.batch_size, self.state_size)
+            if v.ndim < 3 or tuple(v.shape[-3:]) != expected:
+                raise ValueError(
+                    f"{name} must have shape (..., T, B, D) = (..., {expected}), got {tuple(v.shape)}"
+                )
+            return
+        if not isinstance(t, int) or not 0 <= t < self.time_steps:
+            raise ValueError(f"t must be None or an int in [0, {self.time_steps - 1}], got {t!r}")
+        expected = (self.batch_size, self.state_size)
+        if v.ndim < 2 or tuple(v.shape[-2:]) != expected:
+            raise ValueError(
+                f"{name} must have shape (..., B, D) = (..., {expected}) when t is an int, "
+                f"got {tuple(v.shape)}"
+            )
+
+
+@dataclass(frozen=True)
+class _LstmCoefficients:
+    """Per-(t, b) derivative coefficients of one LSTM step (all (T, B, H)), see AnalyticStepJacobians."""
+
+    input_gate_coefficient: Tensor  # g * i(1-i): dc' per unit of d(pre-activation of i)
+    forget_gate_coefficient: Tensor  # c * f(1-f)
+    candidate_coefficient: Tensor  # i * (1 - g^2)
+    forget_gate: Tensor  # f: dc' per unit of dc (the constant error carousel)
+    output_gate_coefficient: Tensor  # tanh(c') * o(1-o): dh per unit of d(pre-activation of o)
+    cell_to_hidden: Tensor  # o * (1 - tanh(c')^2): dh per unit of dc'
+    candidate_derivative: Tensor  # 1 - g^2
+
+
+@dataclass(frozen=True)
+class _GruCoefficients:
+    """Per-(t, b) derivative coefficients of one GRU step (all (T, B, H))."""
+
+    reset_coefficient: Tensor  # (1-z)(1-n^2) * (W_hn h + b_hn) * r(1-r)
+    update_coefficient: Tensor  # (h - n) * z(1-z)
+    candidate_coefficient: Tensor  # (1-z)(1-n^2) * r
+    update_gate: Tensor  # z: the direct path dh' = z dh
+    candidate_derivative: Tensor  # 1 - n^2
+
+
+class AnalyticStepJacobians(_TimeIndexing):
+    """Exact step Jacobians of the built-in cells, one matmul with W_hh (and W_hr) per product.
+
+    All nonlinearity derivatives are computed once for every (t, b) in one batched pass; a product then is
+    ``coefficients * (v @ W_hh^T)`` (jvp) or ``(coefficients * u) @ W_hh`` (vjp):
+
+    * RNN: J = diag(f'(a)) W_hh, a = W_ih x + b_ih + W_hh h + b_hh.
+    * LSTM (s = [h; c]): dc' = f dc + g i(1-i) dz_i + c f(1-f) dz_f + i (1-g^2) dz_g,
+      dh' = W_hr (tanh(c') o(1-o) dz_o + o (1-tanh(c')^2) dc'), dz = W_hh dh (W_hr = I without projection).
+    * GRU: dh' = z dh + (h-n) z(1-z) dq_z + (1-z)(1-n^2) (r dq_n + (W_hn h + b_hn) r(1-r) dq_r),
+      dq = W_hh dh.
+
+    ``activation_derivatives`` is the derivative of the *candidate* nonlinearity, the lecture's f': RNN f'(a);
+    LSTM tanh'(pre-activation of g); GRU tanh'(pre-activation of n). ``gate_values``: LSTM forget gate f,
+    GRU update gate z (both multiply the direct path from s_t to s_{t+1}); None for RNN.
+    """
+
+    def __init__(self, weights: CellWeights, x: Tensor, s_prev: Tensor) -> None:
+        _check_sequence_tensors(x, s_prev, weights.state_size)
+        if weights.weight_ih.shape[1] != x.shape[2]:
+            raise ValueError(f"x has input size {x.shape[2]}, weight_ih expects {weights.weight_ih.shape[1]}")
+        self.weights = weights.to(s_prev.dtype)
+        self.time_steps, self.batch_size, self.state_size = s_prev.shape
+        self.dtype = s_prev.dtype
+        self.device = s_prev.device
+        self.kind = weights.kind
+        with torch.no_grad():
+            self._precompute(x.to(s_prev.dtype), s_prev)
+
+    def _precompute(self, x: Tensor, s_prev: Tensor) -> None:
+        weights = self.weights
+        h, c = split_state(weights, s_prev)
+        preactivation = input_preactivation(weights, x)
+        recurrent = hidden_preactivation(weights, h)
+        self._rnn_derivative: Tensor | None = None
+        self._lstm: _LstmCoefficients | None = None
+        self._gru: _GruCoefficients | None = None
+        if self.kind == "rnn_tanh":
+            self._rnn_derivative = 1 - torch.tanh(preactivation + recurrent) ** 2
+        elif self.kind == "rnn_relu":
+            self._rnn_derivative = ((preactivation + recurrent) > 0).to(s_prev.dtype)
+        elif self.kind == "lstm":
+            assert c is not None
+            i, f, g, o = (preactivation + recurrent).chunk(4, dim=-1)
+            i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+            c_next = f * c + i * g
+            tanh_c = torch.tanh(c_next)
+            self._lstm = _LstmCoefficients(
+                input_gate_coefficient=g * i * (1 - i),
+                forget_gate_coefficient=c * f * (1 - f),
+                candidate_coefficient=i * (1 - g**2),
+                forget_gate=f,
+                output_gate_coefficient=tanh_c * o * (1 - o),
+                cell_to_hidden=o * (1 - tanh_c**2),
+                candidate_derivative=1 - g**2,
+            )
+        elif self.kind == "gru":
+            x_reset, x_update, x_candidate = preactivation.chunk(3, dim=-1)
+            h_reset, h_update, h_candidate = recurrent.chunk(3, dim=-1)
+            r = torch.sigmoid(x_reset + h_reset)
+            z = torch.sigmoid(x_update + h_update)
+            n = torch.tanh(x_candidate + r * h_candidate)
+            through_candidate = (1 - z) * (1 - n**2)
+            self._gru = _GruCoefficients(
+                reset_coefficient=through_candidate * h_candidate * r * (1 - r),
+                update_coefficient=(h - n) * z * (1 - z),
+                candidate_coefficient=through_candidate * r,
+                update_gate=z,
+                candidate_derivative=1 - n**2,
+            )
+        else:  # pragma: no cover - CellWeights.kind is a Literal
+            raise ValueError(f"unknown cell kind {self.kind!r}; expected rnn_tanh, rnn_relu, lstm or gru")
+
+    @staticmethod
+    def _at(coefficient: Tensor, t: int | None) -> Tensor:
+        return coefficient if t is None else coefficient[t]
+
+    @torch.no_grad()
+    def jvp(self, v: Tensor, t: int | None = None) -> Tensor:
+        self._check_vector(v, t, "v")
+        weights = self.weights
+        if self._rnn_derivative is not None:
+            return self._at(self._rnn_derivative, t) * (v @ weights.weight_hh.T)
+        dh, dc = split_state(weights, v)
+        dz = dh @ weights.weight_hh.T
+        if self._lstm is not None:
+            assert dc is not None
+            k = self._lstm
+            dz_i, dz_f, dz_g, dz_o = dz.chunk(4, dim=-1)
+            dc_next = (
+                self._at(k.forget_gate, t) * dc
+                + self._at(k.input_gate_coefficient, t) * dz_i
+                + self._at(k.forget_gate_coefficient, t) * dz_f
+                + self._at(k.candidate_coefficient, t) * dz_g
+            )
+            dh_next = self._at(k.output_gate_coefficient, t) * dz_o + self._at(k.cell_to_hidden, t) * dc_next
+            if weights.weight_hr is not None:
+                dh_next = dh_next @ weights.weight_hr.T
+            return torch.cat([dh_next, dc_next], dim=-1)
+        assert self._gru is not None
+        k2 = self._gru
+        dq_r, dq_z, dq_n = dz.chunk(3, dim=-1)
+        return (
+            self._at(k2.update_gate, t) * dh
+            + self._at(k2.update_coefficient, t) * dq_z
+            + self._at(k2.reset_coefficient, t) * dq_r
+            + self._at(k2.candidate_coefficient, t) * dq_n
+        )
+
+    @torch.no_grad()
+    def vjp(self, u: Tensor, t: int | None = None) -> Tensor:
+        self._check_vector(u, t, "u")
+        weights = self.weights
+        if self._rnn_derivative is not None:
+            return (self._at(self._rnn_derivative, t) * u) @ weights.weight_hh
+        if self._lstm is not None:
+            k = self._lstm
+            uh, uc = split_state(weights, u)
+            assert uc is not None
+            if weights.weight_hr is not None:
+                uh = uh @ weights.weight_hr  # h' = W_hr h_raw, so the cotangent of h_raw is W_hr^T uh
+            uc_total = uc + self._at(k.cell_to_hidden, t) * uh
+            gate_cotangent = torch.cat(
+                [
+                    self._at(k.input_gate_coefficient, t) * uc_total,
+                    self._at(k.forget_gate_coefficient, t) * uc_total,
+                    self._at(k.candidate_coefficient, t) * uc_total,
+                    self._at(k.output_gate_coefficient, t) * uh,
+                ],
+                dim=-1,
+            )
+            return torch.cat(
+                [gate_cotangent @ weights.weight_hh, self._at(k.forget_gate, t) * uc_total], dim=-1
+            )
+        assert self._gru is not None
+        k2 = self._gru
+        gate_cotangent = torch.cat(
+            [
+                self._at(k2.reset_coefficient, t) * u,
+                self._at(k2.update_coefficient, t) * u,
+                self._at(k2.candidate_coefficient, t) * u,
+            ],
+            dim=-1,
+        )
+        return self._at(k2.update_gate, t) * u + gate_cotangent @ weights.weight_hh
+
+    def activation_derivatives(self) -> Tensor | None:
+        if self._rnn_derivative is not None:
+            return self._rnn_derivative
+        if self._lstm is not None:
+            return self._lstm.candidate_derivative
+        assert self._gru is not None
+        return self._gru.candidate_derivative
+
+    def gate_values(self) -> Tensor | None:
+        if self._lstm is not None:
+            return self._lstm.forget_gate
+        if self._gru is not None:
+            return self._gru.update_gate
+        return None
+
+
+def builtin_step_jacobians(weights: CellWeights, x: Tensor, s_prev: Tensor) -> AnalyticStepJacobians:
+    """Analytic step Jacobians of a built-in cell (rnn_tanh, rnn_relu, lstm incl. proj_size, gru)."""
+    if not isinstance(weights, CellWeights):
+        raise TypeError(f"weights must be a CellWeights, got {type(weights).__name__}")
+    return AnalyticStepJacobians(weights, x, s_prev)
+
+
+class FunctionStepJacobians(_TimeIndexing):
+    """Step Jacobians of any cell ``step(x, s) -> s_next`` ((N, I), (N, D) -> (N, D)) by torch.func.
+
+    The cell must process rows independently (as every RNN cell does): all (t, b) pairs and all extra
+    leading vectors are flattened into the cell's own batch dimension, so one jvp/vjp call covers them.
+    (torch.func.vmap is avoided on purpose: it fails on nn.LSTM/GRU, and torch.func.linearize gives silently
+    wrong results from its second call on nn.LSTMCell/GRUCell.)
+    """
+
+    def __init__(self, step: StepFunction, x: Tensor, s_prev: Tensor) -> None:
+        if not callable(step):
+            raise TypeError(f"step must be a callable (x, s) -> s_next, got {type(step).__name__}")
+        _check_sequence_tensors(x, s_prev, None)
+        self.step = step
+        self.x = x.detach()
+        self.s_prev = s_prev.detach()
+        self.time_steps, self.batch_size, self.state_size = s_prev.shape
+        self.dtype = s_prev.dtype
+        self.device = s_prev.device
+
+    def _primals(self, t: int | None, copies: int) -> tuple[Tensor, Tensor]:
+        """x and s flattened to (copies * rows, .), repeated once per extra leading vector."""
+        x = self.x if t is None else self.x[t]
+        s = self.s_prev if t is None else self.s_prev[t]
+        x = x.reshape(-1, x.shape[-1]).repeat(copies, 1)
+        s = s.reshape(-1, s.shape[-1]).repeat(copies, 1)
+        return x, s
+
+    def _flatten(self, v: Tensor, t: int | None) -> tuple[Tensor, int]:
+        trailing = 3 if t is None else 2
+        leading = v.shape[:-trailing]
+        copies = 1
+        for size in leading:
+            copies *= size
+        return v.reshape(-1, self.state_size), copies
+
+    def _checked_output(self, out: Tensor, rows: int) -> Tensor:
+        if out.shape != (rows, self.state_size):
+            raise ValueError(
+                f"the step function must map states (N, {self.state_size}) to states of the same shape, "
+                f"got output shape {tuple(out.shape)} for N = {rows}"
+            )
+        return out
+
+    def jvp(self, v: Tensor, t: int | None = None) -> Tensor:
+        self._check_vector(v, t, "v")
+        flat, copies = self._flatten(v, t)
+        x, s = self._primals(t, copies)
+        with torch.no_grad():
+            _, tangent = torch.func.jvp(lambda state: self.step(x, state), (s,), (flat.to(s.dtype),))
+        return self._checked_output(tangent, flat.shape[0]).reshape(v.shape)
+
+    def vjp(self, u: Tensor, t: int | None = None) -> Tensor:
+        self._check_vector(u, t, "u")
+        flat, copies = self._flatten(u, t)
+        x, s = self._primals(t, copies)
+        with torch.no_grad():
+            out, pullback = torch.func.vjp(lambda state: self.step(x, state), s)
+            self._checked_output(out, flat.shape[0])
+            (cotangent,) = pullback(flat.to(out.dtype))
+        return cotangent.reshape(u.shape)
+
+    def activation_derivatives(self) -> Tensor | None:
+        return None
+
+    def gate_values(self) -> Tensor | None:
+        return None
+
+
+def function_step_jacobians(step: StepFunction, x: Tensor, s_prev: Tensor) -> FunctionStepJacobians:
+    """Step Jacobians of a user-written cell given as a step function on flat states (see the class)."""
+    return FunctionStepJacobians(step, x, s_prev)

@@ -1,0 +1,305 @@
+"""Everything the monitor measures for one layer and direction, in one call, and its one host transfer.
+
+:func:`estimate_layer` runs every estimator on the device and returns tensors (:class:`LayerEstimate`);
+:func:`layer_metrics` turns them into the plain values of :class:`gradwatch.records.MeasurementMetrics`
+with a single device-to-host copy. Summaries over (t, sequence) count only real steps (mask True).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from gradwatch.estimators.factors import (
+    DEFAULT_SATURATION_THRESHOLD,
+    activation_statistics,
+    weight_spectral_norm,
+)
+from gradwatch.estimators.jacobian import StepJacobians
+from gradwatch.estimators.power_iteration import (
+    SPECTRAL_METHODS,
+    SpectralMethod,
+    random_start_vectors,
+    safe_vector_norm,
+    spectral_norm,
+)
+from gradwatch.estimators.products import (
+    DEFAULT_LAG_MAX_ITER,
+    DEFAULT_LAG_RTOL,
+    default_lags,
+    estimate_lag_norms,
+    lyapunov_max,
+    sequence_lengths,
+)
+
+JACOBIAN_QUANTILE = 0.95
+
+
+@dataclass(frozen=True)
+class EstimatorSettings:
+    """Accuracy/cost knobs of one layer measurement (defaults chosen by measurement, docs/estimators.md)."""
+
+    method: SpectralMethod = "lanczos"
+    max_iter: int = 32
+    rtol: float = 1e-4
+    saturation_threshold: float = DEFAULT_SATURATION_THRESHOLD
+    lags: tuple[int, ...] | None = None  # None: default_lags(T)
+    lag_max_iter: int = DEFAULT_LAG_MAX_ITER
+    lag_rtol: float = DEFAULT_LAG_RTOL
+    weight_max_iter: int = 32
+    lyapunov: bool = True
+
+    def __post_init__(self) -> None:
+        if self.method not in SPECTRAL_METHODS:
+            raise ValueError(f"method must be one of {SPECTRAL_METHODS}, got {self.method!r}")
+        for name in ("max_iter", "lag_max_iter", "weight_max_iter"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("rtol", "lag_rtol"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0 < value < 1):
+                raise ValueError(f"{name} must be a float in (0, 1), got {value!r}")
+        if not (isinstance(self.saturation_threshold, (int, float)) and self.saturation_threshold >= 0):
+            raise ValueError(
+                f"saturation_threshold must be a non-negative float, got {self.saturation_threshold!r}"
+            )
+        if self.lags is not None:
+            lags = tuple(self.lags)
+            if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 1 for t in lags):
+                raise ValueError(f"lags must be None or a tuple of positive integers, got {self.lags!r}")
+            object.__setattr__(self, "lags", lags)
+
+
+@dataclass(frozen=True)
+class WarmStart:
+    """Vectors from the previous measurement, reused as start vectors when the shapes still fit."""
+
+    step_vectors: Tensor  # (T, B, D)
+    weight_vector: Tensor | None = None  # (P,)
+    lag_vectors: Tensor | None = None  # (K, B, D) for ``lags``
+    lags: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class LayerEstimate:
+    """Device tensors for every metric of one layer measurement (0-dim unless noted)."""
+
+    jacobian_sigma: Tensor  # (T, B) sigma_max(J_t) per step and sequence, NaN on padded steps
+    jacobian_sigma_max_mean: Tensor
+    jacobian_sigma_max_min: Tensor
+    jacobian_sigma_max_max: Tensor
+    jacobian_sigma_max_p95: Tensor
+    jacobian_frac_above_one: Tensor
+    jacobian_converged_ratio: Tensor
+    jacobian_iterations: int
+    weight_hh_sigma_max: Tensor | None
+    activation_derivative_mean: Tensor | None
+    activation_saturation_ratio: Tensor | None
+    gate_mean: Tensor | None
+    lyapunov_per_sequence: Tensor | None  # (B,)
+    lags: tuple[int, ...]
+    lag_norm_per_sequence: Tensor  # (K, B), NaN where tau > L_b
+    sequences: Tensor  # number of sequences with at least one real step
+    time_steps: int
+    warm_start: WarmStart
+
+
+def _warm_or_random(
+    warm: Tensor | None,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    device: torch.device,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """The warm vectors if shape/dtype/device fit, with non-finite or zero rows replaced by random ones."""
+    fresh = random_start_vectors(shape, dtype=dtype, device=device, generator=generator)
+    if warm is None or tuple(warm.shape) != shape or warm.dtype != dtype or warm.device != device:
+        return fresh
+    usable = torch.isfinite(warm).all(dim=-1) & (safe_vector_norm(warm) > 0)
+    return torch.where(usable.unsqueeze(-1), warm, fresh)
+
+
+def _masked_summaries(sigma: Tensor, mask: Tensor) -> dict[str, Tensor]:
+    """Mean, min, max, p95 and share above one over real steps; all NaN if any real step is non-finite."""
+    real = mask.to(sigma.device)
+    count = real.sum()
+    finite_real = real & torch.isfinite(sigma)
+    any_nonfinite = (real & ~torch.isfinite(sigma)).any() | (count == 0)
+    nan = torch.full((), float("nan"), dtype=sigma.dtype, device=sigma.device)
+    zero = torch.zeros_like(sigma)
+    denominator = count.clamp(min=1).to(sigma.dtype)
+    summaries = {
+        "jacobian_sigma_max_mean": torch.where(finite_real, sigma, zero).sum() / denominator,
+        "jacobian_sigma_max_min": torch.where(finite_real, sigma, torch.full_like(sigma, math.inf)).amin(),
+        "jacobian_sigma_max_max": torch.where(finite_real, sigma, torch.full_like(sigma, -math.inf)).amax(),
+        "jacobian_sigma_max_p95": torch.nanquantile(
+            torch.where(finite_real, sigma, torch.full_like(sigma, float("nan"))).flatten(), JACOBIAN_QUANTILE
+        ),
+        "jacobian_frac_above_one": (finite_real & (sigma > 1)).sum().to(sigma.dtype) / denominator,
+    }
+    return {name: torch.where(any_nonfinite, nan, value) for name, value in summaries.items()}
+
+
+@torch.no_grad()
+def estimate_layer(
+    jac: StepJacobians,
+    mask: Tensor,
+    weight_hh: Tensor | None,
+    settings: EstimatorSettings,
+    warm_start: WarmStart | None = None,
+    generator: torch.Generator | None = None,
+) -> LayerEstimate:
+    """Run every estimator of one layer and direction; no host transfer beyond a few shape/length checks."""
+    if not isinstance(settings, EstimatorSettings):
+        raise TypeError(f"settings must be an EstimatorSettings, got {type(settings).__name__}")
+    steps, batch, state = jac.time_steps, jac.batch_size, jac.state_size
+    lengths = sequence_lengths(mask, steps, batch)
+    mask = mask.to(jac.device)
+
+    # 1. sigma_max(J_t) for every (t, b) at once: a batch of T*B matrix-free operators.
+    step_start = _warm_or_random(
+        warm_start.step_vectors if warm_start else None,
+        (steps, batch, state),
+        jac.dtype,
+        jac.device,
+        generator,
+    )
+    step_estimate = spectral_norm(
+        settings.method,
+        jac.jvp,
+        jac.vjp,
+        step_start,
+        max_iter=settings.max_iter,
+        rtol=settings.rtol,
+        active=mask,
+    )
+    sigma = torch.where(mask, step_estimate.sigma, torch.full_like(step_estimate.sigma, float("nan")))
+    summaries = _masked_summaries(step_estimate.sigma, mask)
+    converged_ratio = (step_estimate.converged & mask).sum().to(jac.dtype) / mask.sum().clamp(min=1).to(
+        jac.dtype
+    )
+
+    # 2. sigma_max(W_hh).
+    weight_sigma: Tensor | None = None
+    weight_vector: Tensor | None = None
+    if weight_hh is not None:
+        warm_weight = warm_start.weight_vector if warm_start else None
+        weight_estimate = weight_spectral_norm(
+            weight_hh,
+            v0=warm_weight,
+            method=settings.method,
+            max_iter=settings.weight_max_iter,
+            generator=generator,
+        )
+        weight_sigma, weight_vector = weight_estimate.sigma, weight_estimate.right_vectors
+
+    # 3. Nonlinearity derivatives and gates.
+    derivatives = jac.activation_derivatives()
+    activation_mean = saturation = None
+    if derivatives is not None:
+        activation_mean, saturation = activation_statistics(derivatives, mask, settings.saturation_threshold)
+    gates = jac.gate_values()
+    gate_mean = None
+    if gates is not None:
+        real = mask.unsqueeze(-1)
+        gate_mean = torch.where(real, gates, torch.zeros_like(gates)).sum() / (
+            real.sum().clamp(min=1).to(gates.dtype) * gates.shape[-1]
+        )
+
+    # 4. Products over time: lag norms and the top Lyapunov exponent.
+    lags = settings.lags if settings.lags is not None else tuple(default_lags(steps))
+    warm_lags = warm_start.lag_vectors if warm_start is not None and warm_start.lags == lags else None
+    lag_estimate = estimate_lag_norms(
+        jac,
+        mask,
+        lags,
+        method=settings.method,
+        max_iter=settings.lag_max_iter,
+        rtol=settings.lag_rtol,
+        generator=generator,
+        v0=warm_lags,
+    )
+    lyapunov = lyapunov_max(jac, mask, generator=generator) if settings.lyapunov else None
+
+    return LayerEstimate(
+        jacobian_sigma=sigma,
+        jacobian_converged_ratio=converged_ratio,
+        jacobian_iterations=step_estimate.iterations,
+        weight_hh_sigma_max=weight_sigma,
+        activation_derivative_mean=activation_mean,
+        activation_saturation_ratio=saturation,
+        gate_mean=gate_mean,
+        lyapunov_per_sequence=lyapunov,
+        lags=lag_estimate.lags,
+        lag_norm_per_sequence=lag_estimate.norms,
+        sequences=(lengths > 0).sum(),
+        time_steps=steps,
+        warm_start=WarmStart(
+            step_vectors=step_estimate.right_vectors,
+            weight_vector=weight_vector,
+            lag_vectors=lag_estimate.estimate.right_vectors,
+            lags=lag_estimate.lags,
+        ),
+        **summaries,
+    )
+
+
+_SCALAR_METRICS = (
+    "jacobian_sigma_max_mean",
+    "jacobian_sigma_max_min",
+    "jacobian_sigma_max_max",
+    "jacobian_sigma_max_p95",
+    "jacobian_frac_above_one",
+    "weight_hh_sigma_max",
+    "activation_derivative_mean",
+    "activation_saturation_ratio",
+    "gate_mean",
+    "jacobian_converged_ratio",
+)
+
+
+def _plain(value: float) -> float | None:
+    """NaN means "not measurable" (None); +-inf is kept (a product that over/underflowed)."""
+    return None if math.isnan(value) else value
+
+
+def layer_metrics(estimate: LayerEstimate) -> dict[str, float | int | dict[str, float | None] | None]:
+    """The MeasurementMetrics fields of one layer estimate (all but grad_norm/grad_nonfinite), one host copy.
+
+    lag_norm[str(tau)] and lyapunov_max are medians over sequences (the lower middle value for an even
+    count, so an infinite value never turns into NaN by interpolation).
+    """
+    reference = estimate.jacobian_sigma
+    nan = torch.full((), float("nan"), dtype=torch.float64, device=reference.device)
+
+    def scalar(value: Tensor | None) -> Tensor:
+        return nan if value is None else value.detach().reshape(()).to(torch.float64)
+
+    parts = [scalar(getattr(estimate, name)) for name in _SCALAR_METRICS]
+    lyapunov = estimate.lyapunov_per_sequence
+    parts.append(nan if lyapunov is None else torch.nanmedian(lyapunov.to(torch.float64)))
+    parts.append(estimate.sequences.to(torch.float64).reshape(()))
+    lag_medians = [
+        torch.nanmedian(estimate.lag_norm_per_sequence[k].to(torch.float64))
+        for k in range(len(estimate.lags))
+    ]
+    values = torch.stack(parts + lag_medians).cpu().tolist()  # the one host transfer
+
+    scalars = dict(zip(_SCALAR_METRICS, values[: len(_SCALAR_METRICS)], strict=True))
+    lyapunov_value, sequences = values[len(_SCALAR_METRICS) : len(_SCALAR_METRICS) + 2]
+    lag_values = values[len(_SCALAR_METRICS) + 2 :]
+    metrics: dict[str, float | int | dict[str, float | None] | None] = {
+        name: _plain(value) for name, value in scalars.items()
+    }
+    metrics["lyapunov_max"] = _plain(lyapunov_value)
+    metrics["lag_norm"] = {
+        str(tau): _plain(value) for tau, value in zip(estimate.lags, lag_values, strict=True)
+    }
+    metrics["jacobian_iterations"] = estimate.jacobian_iterations
+    metrics["sequences"] = int(sequences)
+    metrics["time_steps"] = estimate.time_steps
+    return metrics

@@ -1,0 +1,233 @@
+"""Batched spectral-norm estimators against exact SVDs of dense matrices."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import Tensor
+
+from gradwatch.estimators.power_iteration import (
+    CONVERGENCE_CHECK_INTERVAL,
+    random_start_vectors,
+    safe_vector_norm,
+    spectral_norm,
+    spectral_norm_lanczos,
+    spectral_norm_power_iteration,
+)
+
+METHODS = ["lanczos", "power"]
+
+
+def operators(matrices: Tensor):
+    """matvec / rmatvec of a batch of dense matrices (*batch, M, D)."""
+    return (
+        lambda v: torch.einsum("...md,...d->...m", matrices, v),
+        lambda u: torch.einsum("...md,...m->...d", matrices, u),
+    )
+
+
+def matrices_with_gap(
+    batch: int, rows: int, columns: int, generator: torch.Generator
+) -> tuple[Tensor, Tensor]:
+    """Random matrices with singular values 2, 1, ... (a clear gap, so power iteration converges fast)."""
+    k = min(rows, columns)
+    left, _ = torch.linalg.qr(torch.randn(batch, rows, k, generator=generator, dtype=torch.float64))
+    right, _ = torch.linalg.qr(torch.randn(batch, columns, k, generator=generator, dtype=torch.float64))
+    singular = torch.linspace(1.0, 0.1, k, dtype=torch.float64).repeat(batch, 1)
+    singular[:, 0] = 2.0
+    return left @ torch.diag_embed(singular) @ right.transpose(-1, -2), singular[:, 0]
+
+
+@pytest.mark.parametrize("method", METHODS, ids=METHODS)
+@pytest.mark.parametrize(
+    "shape", [(7, 5, 5), (3, 4, 9, 6), (6, 12, 3)], ids=["square", "two-batch-dims", "tall"]
+)
+def test_matches_exact_norm(method: str, shape: tuple[int, ...]) -> None:
+    generator = torch.Generator().manual_seed(1)
+    batch = 1
+    for size in shape[:-2]:
+        batch *= size
+    dense, _ = matrices_with_gap(batch, shape[-2], shape[-1], generator)
+    dense = dense.reshape(shape)
+    matvec, rmatvec = operators(dense)
+    v0 = torch.randn(*shape[:-2], shape[-1], generator=generator, dtype=torch.float64)
+    estimate = spectral_norm(method, matvec, rmatvec, v0, max_iter=200, rtol=1e-10)
+    exact = torch.linalg.matrix_norm(dense, ord=2)
+    torch.testing.assert_close(estimate.sigma, exact, rtol=1e-7, atol=0)
+    assert bool(estimate.converged.all())
+    # The returned vector achieves the estimate: ||A v|| = sigma with ||v|| = 1.
+    torch.testing.assert_close(safe_vector_norm(estimate.right_vectors), torch.ones_like(exact))
+    torch.testing.assert_close(safe_vector_norm(matvec(estimate.right_vectors)), estimate.sigma)
+
+
+def test_lanczos_is_exact_once_the_krylov_space_is_full_even_without_a_gap() -> None:
+    generator = torch.Generator().manual_seed(2)
+    dense = torch.randn(50, 8, 8, generator=generator, dtype=torch.float64)
+    matvec, rmatvec = operators(dense)
+    v0 = torch.randn(50, 8, generator=generator, dtype=torch.float64)
+    estimate = spectral_norm_lanczos(matvec, rmatvec, v0, max_iter=8, rtol=1e-12)
+    torch.testing.assert_close(estimate.sigma, torch.linalg.matrix_norm(dense, ord=2), rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("method", METHODS, ids=METHODS)
+def test_estimate_never_exceeds_the_exact_norm(method: str) -> None:
+    generator = torch.Generator().manual_seed(3)
+    dense = torch.randn(200, 20, 20, generator=generator, dtype=torch.float64)
+    matvec, rmatvec = operators(dense)
+    v0 = torch.randn(200, 20, generator=generator, dtype=torch.float64)
+    for max_iter in (1, 3, 10):
+        estimate = spectral_norm(method, matvec, rmatvec, v0, max_iter=max_iter, rtol=1e-4)
+        exact = torch.linalg.matrix_norm(dense, ord=2)
+        assert bool((estimate.sigma <= exact * (1 + 1e-12)).all())
+
+
+@pytest.mark.parametrize("method", METHODS, ids=METHODS)
+def test_zero_operator_gives_zero_without_nan(method: str) -> None:
+    dense = torch.zeros(4, 6, 6)
+    matvec, rmatvec = operators(dense)
+    estimate = spectral_norm(method, matvec, rmatvec, torch.randn(4, 6), max_iter=20, rtol=1e-4)
+    assert torch.equal(estimate.sigma, torch.zeros(4))
+    assert bool(estimate.converged.all())
+    assert estimate.iterations <= 2 * CONVERGENCE_CHECK_INTERVAL + 1
+    assert bool(torch.isfinite(estimate.right_vectors).all())
+
+
+@pytest.mark.parametrize("method", METHODS, ids=METHODS)
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_operator_gives_nan_for_that_element_only(method: str, bad_value: float) -> None:
+    generator = torch.Generator().manual_seed(4)
+    dense = torch.randn(3, 5, 5, generator=generator, dtype=torch.float64)
+    dense[1, 2, 3] = bad_value
+    matvec, rmatvec = operators(dense)
+    estimate = spectral_norm(
+        method,
+        matvec,
+        rmatvec,
+        torch.randn(3, 5, generator=generator, dtype=torch.float64),
+        max_iter=60,
+        rtol=1e-8,
+    )
+    assert bool(torch.isnan(estimate.sigma[1]))
+    keep = torch.tensor([0, 2])
+    exact = torch.linalg.matrix_norm(dense[keep], ord=2)
+    torch.testing.assert_close(estimate.sigma[keep], exact, rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("method", METHODS, ids=METHODS)
+def test_zero_start_vector_gives_zero(method: str) -> None:
+    matvec, rmatvec = operators(torch.eye(3).repeat(2, 1, 1))
+    estimate = spectral_norm(method, matvec, rmatvec, torch.zeros(2, 3), max_iter=5, rtol=1e-4)
+    assert torch.equal(estimate.sigma, torch.zeros(2))
+
+
+@pytest.mark.parametrize("method", METHODS, ids=METHODS)
+def test_warm_start_from_the_top_vector_stops_at_the_first_checks(method: str) -> None:
+    generator = torch.Generator().manual_seed(5)
+    dense = torch.randn(10, 30, 30, generator=generator, dtype=torch.float64)
+    _, _, right = torch.linalg.svd(dense)
+    matvec, rmatvec = operators(dense)
+    estimate = spectral_norm(method, matvec, rmatvec, right[:, 0, :], max_iter=100, rtol=1e-6)
+    assert estimate.iterations <= 2 * CONVERGENCE_CHECK_INTERVAL
+    torch.testing.assert_close(estimate.sigma, torch.linalg.matrix_norm(dense, ord=2), rtol=1e-9, atol=0)
+
+
+def test_inactive_elements_do_not_hold_up_stopping() -> None:
+    generator = torch.Generator().manual_seed(6)
+    easy, _ = matrices_with_gap(3, 6, 6, generator)
+    # A matrix with two equal top singular values and a rotating start: power iteration keeps moving.
+    hard = torch.randn(1, 6, 6, generator=generator, dtype=torch.float64) * 1e-3
+    hard[0, 0, 1], hard[0, 1, 0] = 1.0, -0.999
+    dense = torch.cat([easy, hard])
+    matvec, rmatvec = operators(dense)
+    v0 = torch.randn(4, 6, generator=generator, dtype=torch.float64)
+    everything = spectral_norm_power_iteration(matvec, rmatvec, v0, max_iter=300, rtol=1e-12)
+    active = torch.tensor([True, True, True, False])
+    only_easy = spectral_norm_power_iteration(matvec, rmatvec, v0, max_iter=300, rtol=1e-12, active=active)
+    assert only_easy.iterations < everything.iterations
+    assert bool(only_easy.converged[:3].all())
+
+
+def test_huge_entries_do_not_overflow_the_norm() -> None:
+    generator = torch.Generator().manual_seed(7)
+    dense = torch.randn(2, 8, 8, generator=generator)
+    matvec, rmatvec = operators(dense * 1e30)
+    estimate = spectral_norm_lanczos(matvec, rmatvec, torch.randn(2, 8, generator=generator), max_iter=8)
+    torch.testing.assert_close(
+        estimate.sigma / 1e30, torch.linalg.matrix_norm(dense, ord=2), rtol=1e-4, atol=0
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"max_iter": 0}, ValueError),
+        ({"rtol": 0.0}, ValueError),
+        ({"v0": torch.ones(3, dtype=torch.int64)}, TypeError),
+        ({"v0": torch.ones(2, 0)}, ValueError),
+        ({"active": torch.ones(5, dtype=torch.bool)}, ValueError),
+    ],
+    ids=["max-iter", "rtol", "int-v0", "empty-v0", "active-shape"],
+)
+def test_bad_arguments_raise_clear_errors(kwargs: dict, error: type[Exception]) -> None:
+    matvec, rmatvec = operators(torch.eye(3).repeat(2, 1, 1))
+    arguments = {"v0": torch.ones(2, 3), "max_iter": 5, "rtol": 1e-4, **kwargs}
+    v0 = arguments.pop("v0")
+    with pytest.raises(error):
+        spectral_norm_lanczos(matvec, rmatvec, v0, **arguments)
+
+
+def test_unknown_method_is_named_in_the_error() -> None:
+    with pytest.raises(ValueError, match="lanczos"):
+        spectral_norm("svd", lambda v: v, lambda u: u, torch.ones(3), max_iter=3, rtol=1e-4)  # type: ignore[arg-type]
+
+
+def test_random_start_vectors_leave_the_global_rng_alone() -> None:
+    before = torch.get_rng_state()
+    first = random_start_vectors((4, 5), dtype=torch.float64, device=torch.device("cpu"), generator=None)
+    second = random_start_vectors(
+        (4, 5), dtype=torch.float64, device=torch.device("cpu"), generator=torch.Generator().manual_seed(0)
+    )
+    assert torch.equal(torch.get_rng_state(), before)
+    assert torch.equal(first, second)
+    torch.testing.assert_close(safe_vector_norm(first), torch.ones(4, dtype=torch.float64))
+
+
+small_matrices = st.integers(min_value=1, max_value=6).flatmap(
+    lambda rows: st.integers(min_value=1, max_value=6).flatmap(
+        lambda columns: st.lists(
+            st.floats(min_value=-10, max_value=10, allow_nan=False, width=32),
+            min_size=rows * columns,
+            max_size=rows * columns,
+        ).map(lambda values: torch.tensor(values, dtype=torch.float64).reshape(rows, columns))
+    )
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(matrix=small_matrices, scale=st.floats(min_value=-1e3, max_value=1e3).filter(lambda s: abs(s) > 1e-3))
+def test_property_matches_exact_scales_linearly_and_is_non_negative(matrix: Tensor, scale: float) -> None:
+    columns = matrix.shape[1]
+    v0 = torch.linspace(1.0, 2.0, columns, dtype=torch.float64)
+    estimate = spectral_norm_lanczos(*operators(matrix), v0, max_iter=columns, rtol=1e-10)
+    exact = torch.linalg.matrix_norm(matrix, ord=2)
+    assert float(estimate.sigma) >= 0
+    assert abs(float(estimate.sigma) - float(exact)) <= 1e-9 * float(exact) + 1e-12
+    scaled = spectral_norm_lanczos(*operators(matrix * scale), v0, max_iter=columns, rtol=1e-10)
+    assert (
+        abs(float(scaled.sigma) - abs(scale) * float(estimate.sigma))
+        <= 1e-8 * abs(scale) * float(exact) + 1e-12
+    )
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(min_value=0, max_value=2**31 - 1), size=st.integers(min_value=2, max_value=12))
+def test_property_float32_agrees_with_float64(seed: int, size: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    matrix = torch.randn(size, size, generator=generator, dtype=torch.float64)
+    v0 = torch.randn(size, generator=generator, dtype=torch.float64)
+    double = spectral_norm_lanczos(*operators(matrix), v0, max_iter=size, rtol=1e-8)
+    single = spectral_norm_lanczos(*operators(matrix.float()), v0.float(), max_iter=size, rtol=1e-5)
+    assert single.sigma.dtype == torch.float32
+    assert abs(float(single.sigma) - float(double.sigma)) <= 1e-4 * float(double.sigma) + 1e-6

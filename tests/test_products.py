@@ -1,0 +1,182 @@
+"""Lag norms and the top Lyapunov exponent against dense products and theory."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import Tensor
+
+from gradwatch.estimators.jacobian import builtin_step_jacobians, function_step_jacobians
+from gradwatch.estimators.power_iteration import random_start_vectors
+from gradwatch.estimators.products import default_lags, estimate_lag_norms, lag_norms, lyapunov_max
+from tests._estimator_cases import CellCase, dense_step_jacobians, random_cell_weights, random_sequences
+
+
+@pytest.mark.parametrize(
+    ("steps", "expected"),
+    [(0, []), (1, []), (2, [1]), (3, [1, 2]), (5, [1, 2, 4]), (8, [1, 2, 4, 7]), (9, [1, 2, 4, 8])],
+    ids=["T0", "T1", "T2", "T3", "T5", "T8", "T9"],
+)
+def test_default_lags(steps: int, expected: list[int]) -> None:
+    assert default_lags(steps) == expected
+
+
+class ConstantLinearJacobians:
+    """A hand-written operator for the linear cell s_{t+1} = W s_t + U x_t: J_t = W for every t."""
+
+    def __init__(self, matrix: Tensor, steps: int, batch: int) -> None:
+        self.matrix = matrix
+        self.time_steps, self.batch_size, self.state_size = steps, batch, matrix.shape[0]
+        self.dtype, self.device = matrix.dtype, matrix.device
+
+    def jvp(self, v: Tensor, t: int | None = None) -> Tensor:
+        return v @ self.matrix.T
+
+    def vjp(self, u: Tensor, t: int | None = None) -> Tensor:
+        return u @ self.matrix
+
+    def activation_derivatives(self) -> Tensor | None:
+        return None
+
+    def gate_values(self) -> Tensor | None:
+        return None
+
+
+def linear_cell_jacobians(matrix: Tensor, steps: int, batch: int, implementation: str, seed: int):
+    if implementation == "analytic":
+        return ConstantLinearJacobians(matrix, steps, batch)
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(3, matrix.shape[0], generator=generator, dtype=matrix.dtype)
+    x = torch.randn(steps, batch, 3, generator=generator, dtype=matrix.dtype)
+    s_prev = torch.randn(steps, batch, matrix.shape[0], generator=generator, dtype=matrix.dtype)
+    return function_step_jacobians(lambda xi, s: s @ matrix.T + xi @ inputs, x, s_prev)
+
+
+@pytest.mark.parametrize("implementation", ["analytic", "function"])
+@pytest.mark.parametrize("method", ["lanczos", "power"])
+def test_scaled_orthogonal_products_have_norm_scale_to_the_lag(method: str, implementation: str) -> None:
+    generator = torch.Generator().manual_seed(0)
+    orthogonal, _ = torch.linalg.qr(torch.randn(10, 10, generator=generator, dtype=torch.float64))
+    scale = 0.9
+    steps, batch = 20, 3
+    jac = linear_cell_jacobians(scale * orthogonal, steps, batch, implementation, seed=1)
+    mask = torch.ones(steps, batch, dtype=torch.bool)
+    mask[12:, 1] = False  # sequence 1 has 12 real steps
+    lags = [1, 2, 4, 8, 12, 16, 19, 20]
+    norms = lag_norms(jac, mask, lags, method=method, generator=generator)
+    lengths = [20, 12, 20]
+    for tau in lags:
+        for b, length in enumerate(lengths):
+            if tau > length:
+                assert math.isnan(float(norms[tau][b]))
+            else:
+                assert float(norms[tau][b]) == pytest.approx(scale**tau, rel=1e-4)
+
+
+@pytest.mark.parametrize("implementation", ["analytic", "function"])
+def test_lyapunov_of_a_linear_cell_is_the_log_spectral_radius(implementation: str) -> None:
+    generator = torch.Generator().manual_seed(2)
+    size = 24
+    matrix = 0.9 * torch.randn(size, size, generator=generator, dtype=torch.float64) / math.sqrt(size)
+    # Non-normal: one step can stretch by ~1.8 while the product still follows the spectral radius.
+    assert float(torch.linalg.matrix_norm(matrix, ord=2)) > 1.5
+    expected = math.log(float(torch.linalg.eigvals(matrix).abs().max()))
+    steps = 256
+    jac = linear_cell_jacobians(matrix, steps, 3, implementation, seed=3)
+    exponents = lyapunov_max(jac, torch.ones(steps, 3, dtype=torch.bool), generator=generator)
+    assert exponents.shape == (3,)
+    assert float((exponents - expected).abs().max()) < 0.05
+
+
+def test_lyapunov_is_the_mean_log_growth_of_the_real_steps_only() -> None:
+    case = CellCase("gru", 6)
+    generator = torch.Generator().manual_seed(4)
+    weights = random_cell_weights(case, generator)
+    x, s_prev = random_sequences(case, weights, steps=9, batch=3, generator=generator)
+    dense = dense_step_jacobians(weights, x, s_prev)
+    mask = torch.ones(9, 3, dtype=torch.bool)
+    mask[5:, 0] = False
+    mask[:, 2] = False  # an empty sequence
+    jac = builtin_step_jacobians(weights, x, s_prev)
+    exponents = lyapunov_max(jac, mask, generator=torch.Generator().manual_seed(11))
+    start = random_start_vectors(
+        (3, 6), dtype=torch.float64, device=torch.device("cpu"), generator=torch.Generator().manual_seed(11)
+    )
+    for b, length in enumerate([5, 9]):
+        vector = start[b]
+        for t in range(length):
+            vector = dense[t, b] @ vector
+        assert float(exponents[b]) == pytest.approx(math.log(float(vector.norm())) / length, rel=1e-10)
+    assert math.isnan(float(exponents[2]))
+
+
+CASES = [
+    CellCase("rnn_tanh", 16),
+    CellCase("rnn_relu", 16),
+    CellCase("lstm", 12),
+    CellCase("lstm", 12, proj_size=6),
+    CellCase("gru", 16),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.case_id for c in CASES])
+def test_lag_norms_match_dense_products(case: CellCase) -> None:
+    generator = torch.Generator().manual_seed(5)
+    weights = random_cell_weights(case, generator, dtype=torch.float32)
+    steps, batch = 12, 4
+    x, s_prev = random_sequences(case, weights, steps=steps, batch=batch, generator=generator)
+    mask = torch.ones(steps, batch, dtype=torch.bool)
+    mask[7:, 1] = False
+    mask[3:, 2] = False
+    lengths = mask.sum(0).tolist()
+    dense = dense_step_jacobians(weights.to(torch.float64), x.double(), s_prev.double())
+    jac = builtin_step_jacobians(weights, x, s_prev)
+    lags = [*default_lags(steps), steps]
+    estimate = estimate_lag_norms(jac, mask, lags, generator=generator)
+    for k, tau in enumerate(lags):
+        for b, length in enumerate(lengths):
+            value = float(estimate.norms[k, b])
+            if tau > length:
+                assert math.isnan(value)
+                continue
+            product = torch.eye(weights.state_size, dtype=torch.float64)
+            for t in range(length - tau, length):  # the last tau real steps
+                product = dense[t, b] @ product
+            assert value == pytest.approx(float(torch.linalg.matrix_norm(product, ord=2)), rel=1e-2)
+
+
+def test_warm_started_lag_norms_stop_sooner() -> None:
+    case = CellCase("lstm", 16)
+    generator = torch.Generator().manual_seed(6)
+    weights = random_cell_weights(case, generator)
+    x, s_prev = random_sequences(case, weights, steps=10, batch=3, generator=generator)
+    jac = builtin_step_jacobians(weights, x, s_prev)
+    mask = torch.ones(10, 3, dtype=torch.bool)
+    cold = estimate_lag_norms(jac, mask, [1, 4, 9], rtol=1e-6, max_iter=30, generator=generator)
+    warm = estimate_lag_norms(jac, mask, [1, 4, 9], rtol=1e-6, max_iter=30, v0=cold.estimate.right_vectors)
+    assert warm.estimate.iterations < cold.estimate.iterations
+    torch.testing.assert_close(warm.norms, cold.norms, rtol=1e-5, atol=0)
+
+
+def test_mask_errors_and_lag_errors_are_clear() -> None:
+    jac = ConstantLinearJacobians(torch.eye(3), steps=4, batch=2)
+    with pytest.raises(ValueError, match="left-aligned"):
+        lag_norms(jac, torch.tensor([[True, False], [False, True], [False, False], [False, False]]), [1])
+    with pytest.raises(TypeError, match="bool"):
+        lyapunov_max(jac, torch.ones(4, 2))
+    with pytest.raises(ValueError, match="shape"):
+        lag_norms(jac, torch.ones(3, 2, dtype=torch.bool), [1])
+    with pytest.raises(ValueError, match="positive integers"):
+        lag_norms(jac, torch.ones(4, 2, dtype=torch.bool), [0])
+
+
+def test_no_lags_gives_an_empty_result_and_the_global_rng_is_untouched() -> None:
+    jac = ConstantLinearJacobians(torch.eye(3), steps=4, batch=2)
+    mask = torch.ones(4, 2, dtype=torch.bool)
+    before = torch.get_rng_state()
+    assert lag_norms(jac, mask, []) == {}
+    assert set(lag_norms(jac, mask, [1, 3])) == {1, 3}
+    lyapunov_max(jac, mask)
+    assert torch.equal(torch.get_rng_state(), before)
