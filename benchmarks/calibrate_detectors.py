@@ -51,6 +51,10 @@ def random_gain_rnn(gain: float) -> Callable[[int], nn.RNN]:
     return build
 
 
+def orthogonal_rnn(nonlinearity: str, gain: float) -> Callable[[int], nn.RNN]:
+    return lambda hidden: scaled_orthogonal_rnn(nonlinearity, gain, hidden)
+
+
 def default_init(module_type: type, **kwargs: object) -> Callable[[int], nn.Module]:
     return lambda hidden: module_type(4, hidden, **kwargs)
 
@@ -60,14 +64,8 @@ CASES: list[Case] = [
     Case("tanh rnn W=0.2 x orth", lambda h: scaled_orthogonal_rnn("tanh", 0.2, h), expected="vanishing"),
     Case("lstm forget bias 1", lambda h: lstm_forget_bias_one(h), expected="healthy"),
     Case("tanh rnn orth, small x", lambda h: scaled_orthogonal_rnn("tanh", 1.0, h), 0.1, expected="healthy"),
-    *[
-        Case(f"tanh rnn W={g} x orth", (lambda g: lambda h: scaled_orthogonal_rnn("tanh", g, h))(g))
-        for g in (0.5, 0.8, 1.0, 1.2, 1.5)
-    ],
-    *[
-        Case(f"relu rnn W={g} x orth", (lambda g: lambda h: scaled_orthogonal_rnn("relu", g, h))(g))
-        for g in (0.5, 1.0, 1.2, 1.5)
-    ],
+    *[Case(f"tanh rnn W={g} x orth", orthogonal_rnn("tanh", g)) for g in (0.5, 0.8, 1.0, 1.2, 1.5)],
+    *[Case(f"relu rnn W={g} x orth", orthogonal_rnn("relu", g)) for g in (0.5, 1.0, 1.2, 1.5)],
     Case("tanh rnn random gain 0.9", random_gain_rnn(0.9), 0.1),
     Case("tanh rnn default init", default_init(nn.RNN)),
     Case("relu rnn default init", default_init(nn.RNN, nonlinearity="relu")),
