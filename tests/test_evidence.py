@@ -1,0 +1,44 @@
+"""The plain-value helpers behind a verdict: longest lag, growth rate, total gradient norm."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from gradwatch.policy.evidence import growth_rate, longest_lag_norm, total_gradient_norm
+from gradwatch.records import MeasurementMetrics
+
+
+def metrics(lyapunov: float | None, lags: dict[str, float | None]) -> MeasurementMetrics:
+    return MeasurementMetrics(None, None, None, None, None, None, None, None, lyapunov, lags)
+
+
+@pytest.mark.parametrize(
+    ("lags", "expected"),
+    [
+        ({"1": 0.5, "2": 0.25, "16": 1e-5, "31": None}, (16, 1e-5)),
+        ({"1": 0.5, "9": float("inf")}, (9, float("inf"))),
+        ({"1": 0.5, "4": float("nan")}, (1, 0.5)),
+        ({}, None),
+    ],
+    ids=["skips-missing", "inf-counts", "nan-skipped", "empty"],
+)
+def test_longest_lag_norm(lags, expected) -> None:
+    assert longest_lag_norm(lags) == expected
+
+
+def test_growth_rate_prefers_lyapunov_and_falls_back_to_the_lag() -> None:
+    assert growth_rate(metrics(-0.3, {"4": 0.5})) == -0.3
+    assert growth_rate(metrics(None, {"1": 0.9, "4": 0.5**4})) == pytest.approx(math.log(0.5))
+    assert growth_rate(metrics(float("nan"), {"2": 0.0})) == -math.inf
+    assert growth_rate(metrics(None, {})) is None
+
+
+@pytest.mark.parametrize(
+    ("norms", "expected"),
+    [({"a": 3.0, "b": 4.0, "c": None}, 5.0), ({"a": float("nan")}, None), ({}, None)],
+    ids=["sum-of-squares", "non-finite", "empty"],
+)
+def test_total_gradient_norm(norms, expected) -> None:
+    assert total_gradient_norm(norms) == expected

@@ -1,0 +1,71 @@
+"""Which factor drives a verdict (the lecture's J = diag(f') W_hh), and what the message says."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from gradwatch.policy.evidence import Evidence, Verdict
+from gradwatch.policy.explain import Factor, driving_factor, explain_alert, explain_recovery
+from gradwatch.policy.trends import DetectionConfig
+from gradwatch.records import Measurement, MeasurementMetrics
+
+
+def metrics(
+    weight: float, derivative: float, saturation: float, gate: float | None = None
+) -> MeasurementMetrics:
+    return MeasurementMetrics(
+        0.5, 0.1, 1.0, 0.9, 0.0, weight, derivative, saturation, -1.5, {"1": 0.2, "99": 1e-60}, {"w": 2.0},
+        gate_mean=gate,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("values", "verdict", "expected"),
+    [
+        (metrics(0.2, 0.94, 0.0), Verdict.VANISHING, Factor.RECURRENT_WEIGHT),
+        (metrics(1.1, 0.48, 0.52), Verdict.VANISHING, Factor.NONLINEARITY),
+        (metrics(1.0, 0.3, 0.6), Verdict.VANISHING, Factor.NONLINEARITY),
+        (metrics(1.6, 0.95, 0.0, gate=0.5), Verdict.VANISHING, Factor.GATE),
+        (metrics(1.0, 1.0, 0.0), Verdict.VANISHING, Factor.UNKNOWN),
+        (metrics(2.0, 0.55, 0.45), Verdict.EXPLODING, Factor.RECURRENT_WEIGHT),
+        (metrics(0.9, 0.9, 0.0), Verdict.EXPLODING, Factor.UNKNOWN),
+    ],
+    ids=[
+        "small-weight",
+        "dead-relu",
+        "saturated-tanh",
+        "forget-gate",
+        "neither",
+        "large-weight",
+        "no-factor",
+    ],
+)
+def test_driving_factor(values: MeasurementMetrics, verdict: Verdict, expected: Factor) -> None:
+    assert driving_factor(values, verdict) is expected
+
+
+def test_vanishing_message_names_value_threshold_step_factor_and_hint() -> None:
+    measurement = Measurement(12, 0.0, "enc.rnn", 1, "reverse", metrics(0.2, 0.94, 0.0))
+    evidence = Evidence(Verdict.VANISHING, "lyapunov_max", -1.5, -0.8, 99, 1e-60, -1.5)
+    message = explain_alert(measurement, evidence, DetectionConfig(), None)
+    for text in ("vanishing", "enc.rnn layer 1 (reverse) at step 12", "-1.5", "< -0.8", "recurrent weight",
+                 "sigma_max(W_hh) = 0.2", "orthogonal"):  # fmt: skip
+        assert text in message
+
+
+def test_exploding_message_suggests_a_clip_norm() -> None:
+    measurement = Measurement(3, 0.0, "rnn", 0, "forward", metrics(2.0, 0.55, 0.45))
+    evidence = Evidence(Verdict.EXPLODING, "lyapunov_max", 0.4, 0.02, 29, 1e6, 0.4)
+    message = explain_alert(measurement, evidence, DetectionConfig(), 3.25)
+    assert "max_norm ~ 3.25" in message and "> 0.02" in message and "1e+06 > 100" in message
+
+
+def test_recovery_message() -> None:
+    measurement = Measurement(
+        30, 0.0, "rnn", 0, "forward", dataclasses.replace(metrics(1, 1, 0), grad_norm={})
+    )
+    evidence = Evidence(Verdict.HEALTHY, "lyapunov_max", -0.1, None, 19, 0.3, -0.1)
+    message = explain_recovery(measurement, evidence, Verdict.EXPLODING, 10)
+    assert "no longer exploding (since step 10)" in message and "total gradient norm = n/a" in message

@@ -1,0 +1,216 @@
+"""TrendDetector on exact metrics of seeded tiny RNNs (the brief's reference cases), hysteresis and state."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from benchmarks.exact_metrics import exact_measurement, gradient_norms
+from benchmarks.reference_cases import (
+    RecurrentRegressor,
+    lstm_forget_bias_one,
+    regression_batch,
+    scaled_orthogonal_rnn,
+)
+from gradwatch.policy.evidence import Verdict
+from gradwatch.policy.trends import DetectionConfig, TrendDetector
+from gradwatch.records import AlertKind, Measurement, MeasurementMetrics
+
+BATCH = 6
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small dense ops on a shared 2-core machine: extra threads only oversubscribe (10-50x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def measure(module: nn.RNN | nn.LSTM, steps: int, *, scale: float = 1.0, name: str = "rnn", step: int = 0):
+    inputs = torch.randn(steps, BATCH, module.input_size) * scale
+    return exact_measurement(module, inputs, name=name, step=step)
+
+
+def bad_and_healthy() -> tuple[Measurement, Measurement]:
+    bad = measure(scaled_orthogonal_rnn("tanh", 0.2), 100)
+    healthy = measure(lstm_forget_bias_one(), 50)
+    return bad, healthy
+
+
+@pytest.mark.parametrize(
+    ("build", "steps", "expected"),
+    [
+        (lambda: scaled_orthogonal_rnn("relu", 2.0), 30, AlertKind.EXPLODING),
+        (lambda: scaled_orthogonal_rnn("tanh", 0.2), 100, AlertKind.VANISHING),
+        (lstm_forget_bias_one, 50, None),
+    ],
+    ids=[
+        "relu-2x-orthogonal-explodes",
+        "tanh-0.2x-orthogonal-T100-vanishes",
+        "lstm-forget-bias-1-T50-healthy",
+    ],
+)
+@pytest.mark.parametrize(
+    "config", [DetectionConfig(), DetectionConfig.for_diagnosis()], ids=["default", "diagnosis"]
+)
+def test_reference_cases(build, steps: int, expected: AlertKind | None, config: DetectionConfig) -> None:
+    detector = TrendDetector(config)
+    measurement = measure(build(), steps)
+    alerts = [alert for _ in range(config.patience) for alert in detector.update(measurement)]
+    assert [a.alert for a in alerts] == ([] if expected is None else [expected])
+    if expected is not None:
+        assert alerts[0].metric == "lyapunov_max"
+        assert alerts[0].value == pytest.approx(measurement.metrics.lyapunov_max)
+        assert str(measurement.step) in alerts[0].message and "Hint:" in alerts[0].message
+
+
+def test_random_gain_09_has_large_per_step_norms_but_is_not_exploding() -> None:
+    module = nn.RNN(4, 32)
+    with torch.no_grad():
+        module.weight_hh_l0.copy_(torch.randn(32, 32) * 0.9 / 32**0.5)
+    measurement = measure(module, 60, scale=0.1)
+    assert measurement.metrics.jacobian_sigma_max_mean > 1.2  # per-step norms well above 1 ...
+    assert measurement.metrics.lyapunov_max < 0  # ... yet the product shrinks
+    detector = TrendDetector(DetectionConfig.for_diagnosis())
+    assert all(a.alert is not AlertKind.EXPLODING for a in detector.update(measurement))
+
+
+def test_trained_orthogonal_tanh_rnn_raises_no_alert() -> None:
+    generator = torch.Generator().manual_seed(1)
+    model = RecurrentRegressor(scaled_orthogonal_rnn("tanh", 1.0, hidden=16))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    detector = TrendDetector()
+    losses, alerts = [], []
+    for step in range(50):
+        x, y = regression_batch(generator, 20, BATCH, 4, scale=0.1)
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        losses.append(float(loss.detach()))
+        grads = gradient_norms(model.rnn)
+        alerts += detector.update(exact_measurement(model.rnn, x, step=step, grad_norm=grads))
+        optimizer.step()
+    assert alerts == []
+    assert sum(losses[-10:]) < sum(losses[:10])  # it did train
+
+
+def test_one_alert_per_episode_then_one_recovered() -> None:
+    bad, healthy = bad_and_healthy()
+    detector = TrendDetector()
+    alerts = [a for _ in range(10) for a in detector.update(bad)]
+    assert [a.alert for a in alerts] == [AlertKind.VANISHING]
+    assert detector.verdict("rnn") is Verdict.VANISHING
+    recovered = [a for _ in range(10) for a in detector.update(dataclasses.replace(healthy, module="rnn"))]
+    assert [a.alert for a in recovered] == [AlertKind.RECOVERED]
+    assert recovered[0].metric == "lyapunov_max" and recovered[0].threshold == alerts[0].threshold
+    assert detector.verdict("rnn") is Verdict.HEALTHY
+
+
+def test_patience_ignores_an_isolated_bad_reading() -> None:
+    bad, healthy = bad_and_healthy()
+    healthy = dataclasses.replace(healthy, module="rnn")
+    detector = TrendDetector(DetectionConfig(patience=3))
+    sequence = [healthy, bad, bad, healthy, bad, healthy, bad, bad, bad]
+    alerts = [(i, a.alert) for i, m in enumerate(sequence) for a in detector.update(m)]
+    assert alerts == [(8, AlertKind.VANISHING)]
+
+
+def test_layers_and_directions_have_independent_state() -> None:
+    bad, _ = bad_and_healthy()
+    detector = TrendDetector(DetectionConfig.for_diagnosis())
+    keys = [("a", 0, "forward"), ("a", 1, "forward"), ("a", 0, "reverse"), ("b", 0, "forward")]
+    alerts = [
+        a
+        for module, layer, direction in keys
+        for a in detector.update(dataclasses.replace(bad, module=module, layer=layer, direction=direction))
+    ]
+    assert [(a.module, a.layer, a.direction) for a in alerts] == keys
+
+
+def synthetic(grad: float, step: int, lyapunov: float = -0.1) -> Measurement:
+    metrics = MeasurementMetrics(
+        None, None, None, None, None, 1.0, 0.9, 0.0, lyapunov, {"1": 0.9, "19": 0.2}, {"weight_hh_l0": grad}
+    )
+    return Measurement(step=step, time=float(step), module="m", layer=0, direction="forward", metrics=metrics)
+
+
+def test_gradient_norm_spike_is_exploding_after_warmup() -> None:
+    generator = torch.Generator().manual_seed(3)
+    noise = (1 + 0.1 * torch.randn(40, generator=generator)).tolist()
+    detector = TrendDetector(DetectionConfig(patience=2))
+    alerts = [a for step, g in enumerate(noise[:30]) for a in detector.update(synthetic(g, step))]
+    assert alerts == []
+    spikes = [a for step in (30, 31) for a in detector.update(synthetic(1000.0, step))]
+    assert [(a.alert, a.metric, a.value) for a in spikes] == [(AlertKind.EXPLODING, "grad_norm", 1000.0)]
+    assert spikes[0].threshold is not None and 10.0 <= spikes[0].threshold < 1000.0
+    assert "90th percentile" in spikes[0].message  # a clip suggestion from the healthy history
+    recovered = [a for step, g in enumerate(noise[30:], 32) for a in detector.update(synthetic(g, step))]
+    assert [a.alert for a in recovered] == [AlertKind.RECOVERED]
+
+
+def test_unknown_readings_neither_alert_nor_break_a_streak() -> None:
+    bad, _ = bad_and_healthy()
+    unknown = dataclasses.replace(
+        bad, metrics=dataclasses.replace(bad.metrics, lyapunov_max=None, lag_norm={})
+    )
+    detector = TrendDetector(DetectionConfig(patience=2))
+    assert detector.update(unknown) == []
+    assert detector.update(bad) == []
+    assert detector.update(unknown) == []
+    assert [a.alert for a in detector.update(bad)] == [AlertKind.VANISHING]
+
+
+def test_growth_rate_falls_back_to_the_longest_lag_when_lyapunov_is_missing() -> None:
+    bad, _ = bad_and_healthy()
+    no_lyapunov = dataclasses.replace(bad, metrics=dataclasses.replace(bad.metrics, lyapunov_max=None))
+    alerts = TrendDetector(DetectionConfig.for_diagnosis()).update(no_lyapunov)
+    assert [a.alert for a in alerts] == [AlertKind.VANISHING]
+
+
+def test_state_dict_round_trips_through_json_and_continues_identically() -> None:
+    generator = torch.Generator().manual_seed(4)
+    readings = [
+        synthetic(g, s) for s, g in enumerate((1 + 0.1 * torch.randn(20, generator=generator)).tolist())
+    ]
+    readings += [synthetic(500.0, 20 + s) for s in range(4)]
+    original = TrendDetector()
+    for m in readings[:18]:
+        original.update(m)
+    restored = TrendDetector()
+    restored.load_state_dict(json.loads(json.dumps(original.state_dict())))
+    rest_original = [a for m in readings[18:] for a in original.update(m)]
+    rest_restored = [a for m in readings[18:] for a in restored.update(m)]
+    assert rest_original == rest_restored and len(rest_original) == 1
+
+
+def test_reset_forgets_episodes() -> None:
+    bad, _ = bad_and_healthy()
+    detector = TrendDetector(DetectionConfig.for_diagnosis())
+    assert len(detector.update(bad)) == 1
+    detector.reset()
+    assert detector.verdict("rnn") is Verdict.HEALTHY
+    assert len(detector.update(bad)) == 1
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("patience", 0), ("vanishing_lag_norm", 2.0), ("exploding_lag_norm", 0.5), ("gradient_ema_alpha", 1.0)],
+    ids=["patience-0", "vanishing-lag-above-1", "exploding-lag-below-1", "alpha-1"],
+)
+def test_config_rejects_bad_values_naming_the_field(field: str, value: object) -> None:
+    with pytest.raises(ValueError, match=field):
+        DetectionConfig(**{field: value})
+
+
+def test_bad_inputs_get_clear_errors() -> None:
+    with pytest.raises(TypeError, match="Measurement"):
+        TrendDetector().update({"step": 1})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="state_dict"):
+        TrendDetector().load_state_dict({"nope": []})
+    assert DetectionConfig.for_diagnosis(patience=2).patience == 2
