@@ -42,7 +42,13 @@ from gradwatch.capture.replay import (
 from gradwatch.estimators.gradients import gradient_norms
 from gradwatch.estimators.jacobian import builtin_step_jacobians, function_step_jacobians
 from gradwatch.estimators.layer import EstimatorSettings, WarmStart, estimate_layer, layer_metrics
+from gradwatch.policy.alerts import AlertCallback, GradWatchWarning, NonFiniteGradientError, emit_alert
+from gradwatch.policy.clipping import ClipPolicy, apply_clip, make_clip_policy
+from gradwatch.policy.evidence import Verdict
+from gradwatch.policy.nonfinite import NonFinitePolicy, NonFiniteTracker, enforce_nonfinite_policy
+from gradwatch.policy.trends import DetectionConfig, TrendDetector
 from gradwatch.records import (
+    Alert,
     ErrorRecord,
     Measurement,
     MeasurementMetrics,
@@ -50,12 +56,14 @@ from gradwatch.records import (
     RunHeader,
 )
 from gradwatch.sinks.base import Sink
-from gradwatch.sinks.jsonl import JsonlSink
+from gradwatch.sinks.jsonl import FsyncPolicy, JsonlSink
 from gradwatch.sinks.logs import LoggingSink
 
 logger = logging.getLogger("gradwatch")
 
 ProbeMode = Literal["fixed", "live"]
+ClipScope = Literal["monitored", "all"]
+ClipMode = Literal["always", "exploding"]
 LayerKey = tuple[str, int, str]  # (module name, layer, direction)
 
 
@@ -73,7 +81,12 @@ class WatchConfig:
     strict: bool = False
     seed: int = 0
     history_size: int = 100_000
+    nonfinite: NonFinitePolicy = NonFinitePolicy.WARN
+    clip: str | None = None  # description of the clip policy, for the run header
+    clip_scope: ClipScope = "monitored"
+    clip_mode: ClipMode = "always"
     estimator: EstimatorSettings = field(default_factory=EstimatorSettings)
+    detection: DetectionConfig = field(default_factory=DetectionConfig)
 
     def __post_init__(self) -> None:
         if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
@@ -87,10 +100,22 @@ class WatchConfig:
             )
         if not isinstance(self.history_size, int) or self.history_size < 0:
             raise ValueError(f"history_size must be a non-negative integer, got {self.history_size!r}")
+        if self.clip_scope not in ("monitored", "all"):
+            raise ValueError(
+                f"clip_scope must be 'monitored' (the watched RNN parameters) or 'all' (every model "
+                f"parameter), got {self.clip_scope!r}"
+            )
+        if self.clip_mode not in ("always", "exploding"):
+            raise ValueError(
+                f"clip_mode must be 'always' or 'exploding' (only during an exploding episode), "
+                f"got {self.clip_mode!r}"
+            )
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
-        data["estimator"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in data["estimator"].items()}
+        data["nonfinite"] = self.nonfinite.value
+        for part in ("estimator", "detection"):
+            data[part] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in data[part].items()}
         return data
 
 
@@ -105,6 +130,9 @@ class Monitor:
         config: WatchConfig,
         sinks: Sequence[Sink] = (),
         modules: Sequence[WatchedModule] | None = None,
+        run_id: str | None = None,
+        on_alert: Sequence[AlertCallback] = (),
+        clip: ClipPolicy | None = None,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
@@ -113,7 +141,12 @@ class Monitor:
         if not self._watched:
             raise ValueError(NO_RNN_MESSAGE)
         self.rank, self.world_size = _distributed_rank()
-        self.run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        self.run_id = run_id or new_run_id()
+        self.detector = TrendDetector(config.detection)
+        self.clip_policy = clip
+        self._nonfinite = NonFiniteTracker()
+        self._on_alert = list(on_alert)
+        self.clip_count = 0
         self.history: deque[Record] = deque(maxlen=config.history_size or None)
         self._sinks: list[Sink] = list(sinks)
         self._step = 0
@@ -217,6 +250,10 @@ class Monitor:
         return {
             "step": self._step,
             "run_id": self.run_id,
+            "clip_count": self.clip_count,
+            "detector": self.detector.state_dict(),
+            "nonfinite": self._nonfinite.state_dict(),
+            "clip_policy": self.clip_policy.state_dict() if self.clip_policy is not None else None,
             "warm_starts": {"|".join(map(str, k)): v for k, v in self._warm_starts.items()},
         }
 
@@ -224,6 +261,13 @@ class Monitor:
         if "step" not in state or not isinstance(state["step"], int):
             raise ValueError("a gradwatch state_dict needs an integer 'step' (from Monitor.state_dict())")
         self._step = int(state["step"])
+        self.clip_count = int(state.get("clip_count", 0))
+        if "detector" in state:
+            self.detector.load_state_dict(state["detector"])
+        if "nonfinite" in state:
+            self._nonfinite.load_state_dict(state["nonfinite"])
+        if self.clip_policy is not None and state.get("clip_policy") is not None:
+            self.clip_policy.load_state_dict(state["clip_policy"])
         self._warm_starts = {}
         for key, value in dict(state.get("warm_starts", {})).items():
             name, layer, direction = key.rsplit("|", 2)
@@ -246,10 +290,22 @@ class Monitor:
         if self._closed:
             return
         step = self._step
+        alerts: list[Alert] = []
         try:
+            for sink in self._sinks:
+                observe = getattr(sink, "observe_step", None)
+                if observe is not None:
+                    observe(step)
+            grad_values, nonfinite_total = gradient_norms(self._parameters).to_host()
+            if nonfinite_total:
+                alerts += self._handle_nonfinite(step, optimizer)
+            elif self._nonfinite.active():
+                alerts += self._handle_nonfinite(step, optimizer)
+            if self.clip_policy is not None and not nonfinite_total:
+                self._clip(step)
             if self._is_measured(step):
-                self._measure(step)
-        except GradWatchFault:
+                alerts += self._measure(step, grad_values)
+        except (GradWatchFault, NonFiniteGradientError):
             raise
         except Exception as exc:
             self._fault("step", "", exc)
@@ -258,10 +314,59 @@ class Monitor:
                 recorder.reset()
             self._step = step + 1
             self._arm(self._is_measured(self._step))
+        self._deliver(alerts)
 
-    def _measure(self, step: int) -> None:
-        grad_stats = gradient_norms(self._parameters)
-        grad_values = {name: value for name, value in zip(grad_stats.norms, grad_stats.values(), strict=True)}
+    def _deliver(self, alerts: list[Alert]) -> None:
+        """Write alerts to the sinks, then warn/log/call back (which may raise on purpose: not a fault)."""
+        for alert in alerts:
+            self._emit(alert)
+        if alerts:
+            self._flush()
+        for alert in alerts:
+            emit_alert(alert, self._on_alert, stacklevel=5)
+
+    def _handle_nonfinite(self, step: int, optimizer: torch.optim.Optimizer | None) -> list[Alert]:
+        """Per module: count NaN/Inf gradient elements, alert once per episode, apply the policy."""
+        now = time.time()
+        counts = {
+            watched.name: {
+                name: int((~torch.isfinite(p.grad)).sum())
+                for name, p in watched.module.named_parameters()
+                if p.grad is not None
+            }
+            for watched in self._watched
+        }
+        alerts: list[Alert] = []
+        for module, module_counts in counts.items():
+            alerts += self._nonfinite.update(step, module, module_counts, time=now, rank=self.rank, run_id=self.run_id)
+        for module, module_counts in counts.items():
+            if enforce_nonfinite_policy(
+                self.config.nonfinite, module=module, counts=module_counts, step=step, optimizer=optimizer
+            ):
+                break  # every gradient is gone: the optimizer step does nothing
+        return alerts
+
+    def _clip(self, step: int) -> None:
+        assert self.clip_policy is not None
+        if self.config.clip_mode == "exploding" and not self._exploding_now():
+            return
+        parameters = (
+            list(self._parameters.values()) if self.config.clip_scope == "monitored" else list(self.model.parameters())
+        )
+        event = apply_clip(parameters, self.clip_policy, step)
+        if event is not None:
+            self.clip_count += 1
+            self._emit(replace(event, rank=self.rank, run_id=self.run_id))
+
+    def _exploding_now(self) -> bool:
+        return any(
+            self.detector.verdict(w.name, layer, direction) is Verdict.EXPLODING  # type: ignore[arg-type]
+            for w in self._watched
+            for layer in range(w.num_layers)
+            for direction in w.directions
+        )
+
+    def _measure(self, step: int, grad_values: Mapping[str, float]) -> list[Alert]:
         records: list[Measurement] = []
         with torch.random.fork_rng(devices=self._cuda_devices()), torch.no_grad():
             for watched in self._watched:
@@ -271,9 +376,12 @@ class Monitor:
                     records.extend(self._measure_module(watched, step, grad_values))
                 except Exception as exc:
                     self._fault("estimator", watched.name, exc)
+        alerts: list[Alert] = []
         for record in records:
             self._emit(record)
+            alerts += self.detector.update(record)
         self._flush()
+        return alerts
 
     def _measure_module(self, watched: WatchedModule, step: int, grads: Mapping[str, float]) -> list[Measurement]:
         traces = self._traces(watched)
@@ -425,8 +533,6 @@ class Monitor:
         self._emit(ErrorRecord(self._step, time.time(), where, repr(exc), module=module, rank=self.rank, run_id=self.run_id))
 
     def _warn(self, message: str) -> None:
-        from gradwatch.policy.alerts import GradWatchWarning
-
         warnings.warn(message, GradWatchWarning, stacklevel=3)
 
     def _warn_once(self, key: str, message: str) -> None:
@@ -481,6 +587,11 @@ def rank_log_path(path: str | os.PathLike[str], rank: int) -> Path:
     return p if rank == 0 else p.with_name(f"{p.stem}.rank{rank}{p.suffix or '.jsonl'}")
 
 
+def new_run_id() -> str:
+    """A sortable, unique run id: start time plus random suffix."""
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+
+
 def watch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
@@ -489,19 +600,31 @@ def watch(
     log: str | os.PathLike[str] | None = None,
     max_sequences: int = 8,
     probe: ProbeMode = "fixed",
+    on_alert: AlertCallback | Sequence[AlertCallback] | None = None,
+    clip: ClipPolicy | float | str | None = None,
+    clip_scope: ClipScope = "monitored",
+    clip_mode: ClipMode = "always",
+    nonfinite: NonFinitePolicy | str = "warn",
+    prometheus: int | str | bool | None = None,
     sinks: Iterable[Sink] = (),
+    detection: DetectionConfig | None = None,
+    estimator: EstimatorSettings | None = None,
     strict: bool = False,
     seed: int = 0,
-    estimator: EstimatorSettings | None = None,
+    fsync: FsyncPolicy = "header",
     history_size: int = 100_000,
 ) -> Monitor:
-    """Attach a monitor to every recurrent module of ``model``; one line, no change to the training loop.
+    """Attach a monitor to every recurrent module of ``model``: one line, no change to the training loop.
 
     With an ``optimizer`` each ``optimizer.step()`` closes a training step; without one, call
     ``monitor.step()`` after ``loss.backward()``. Measures on step 0 and every ``every`` steps after it, on at
     most ``max_sequences`` sequences of the batch. ``probe="fixed"`` re-measures the sequences seen at the
     first measurement with the current weights (trends then depend on the weights alone);
     ``probe="live"`` measures each measured step's own batch. ``log`` is a JSON-lines run log path.
+    ``clip``: None, a max norm (as ``clip_grad_norm_``), ``"auto"`` (ZClip) or a ClipPolicy.
+    ``nonfinite``: "warn", "raise" or "skip" (the optimizer step does not happen).
+    ``prometheus``: a port (0 = any free one), "host:port" or "push://host:port".
+    Every configuration error is raised here, before training starts.
     """
     config = WatchConfig(
         every=every,
@@ -510,17 +633,60 @@ def watch(
         strict=strict,
         seed=seed,
         history_size=history_size,
+        nonfinite=NonFinitePolicy.parse(nonfinite),
+        clip=None if clip is None else (clip if isinstance(clip, (str, int, float)) else repr(clip)),
+        clip_scope=clip_scope,
+        clip_mode=clip_mode,
         estimator=estimator or EstimatorSettings(),
+        detection=detection or DetectionConfig(),
     )
+    if not isinstance(config.estimator, EstimatorSettings):
+        raise TypeError(f"estimator must be a gradwatch.EstimatorSettings, got {type(config.estimator).__name__}")
+    if not isinstance(config.detection, DetectionConfig):
+        raise TypeError(f"detection must be a gradwatch.DetectionConfig, got {type(config.detection).__name__}")
+    if config.nonfinite is NonFinitePolicy.SKIP and optimizer is None:
+        raise ValueError("nonfinite='skip' needs the optimizer: watch(model, optimizer, nonfinite='skip')")
+    clip_policy = None if clip is None else make_clip_policy(clip)
+    callbacks = _callbacks(on_alert)
     modules = find_rnn_modules(model)
     if not modules:
         raise ValueError(NO_RNN_MESSAGE)
     rank, _ = _distributed_rank()
-    all_sinks: list[Sink] = [LoggingSink()]
-    if log is not None:
-        all_sinks.append(JsonlSink(rank_log_path(log, rank)))
-    for sink in sinks:
+    run_id = new_run_id()
+    user_sinks = list(sinks)
+    for sink in user_sinks:
         if not all(callable(getattr(sink, m, None)) for m in ("write", "flush", "close")):
             raise TypeError(f"sinks must have write(record), flush() and close(); {sink!r} does not")
-        all_sinks.append(sink)
-    return Monitor(unwrap_model(model), optimizer, config=config, sinks=all_sinks, modules=modules)
+    all_sinks: list[Sink] = [LoggingSink()]
+    try:
+        if log is not None:
+            all_sinks.append(JsonlSink(rank_log_path(log, rank), fsync=fsync))
+        if prometheus is not None and prometheus is not False:
+            from gradwatch.sinks.prometheus import PrometheusSink
+
+            all_sinks.append(PrometheusSink.from_spec(prometheus, run_id=run_id, rank=rank))
+    except Exception:
+        for sink in all_sinks:
+            sink.close()
+        raise
+    all_sinks += user_sinks
+    return Monitor(
+        unwrap_model(model),
+        optimizer,
+        config=config,
+        sinks=all_sinks,
+        modules=modules,
+        run_id=run_id,
+        on_alert=callbacks,
+        clip=clip_policy,
+    )
+
+
+def _callbacks(on_alert: AlertCallback | Sequence[AlertCallback] | None) -> list[AlertCallback]:
+    if on_alert is None:
+        return []
+    callbacks = [on_alert] if callable(on_alert) else list(on_alert)
+    for fn in callbacks:
+        if not callable(fn):
+            raise TypeError(f"on_alert must be a callable fn(alert) or a list of them, got {fn!r}")
+    return callbacks

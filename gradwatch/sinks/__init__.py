@@ -2,5 +2,7 @@
 
 from gradwatch.sinks.base import Sink
 from gradwatch.sinks.jsonl import JsonlSink
+from gradwatch.sinks.logs import LoggingSink
+from gradwatch.sinks.prometheus import PrometheusSink
 
-__all__ = ["JsonlSink", "Sink"]
+__all__ = ["JsonlSink", "LoggingSink", "PrometheusSink", "Sink"]
