@@ -13,6 +13,15 @@ from benchmarks.reference_cases import scaled_orthogonal_rnn
 from gradwatch.estimators.cells import cell_step
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small dense ops on a shared 2-core machine: extra threads only oversubscribe."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize(
     ("steps", "expected"),
     [(1, []), (2, [1]), (5, [1, 2, 4]), (20, [1, 2, 4, 8, 16, 19])],
