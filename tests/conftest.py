@@ -6,6 +6,10 @@ import pytest
 import torch
 
 
+# CI has 2 cores: one intra-op thread per test process is faster than oversubscription for these small models.
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
