@@ -2,6 +2,7 @@
 
 from gradwatch._version import __version__
 from gradwatch.capture.modules import register_cell, unregister_cell
+from gradwatch.diagnose import Diagnosis, LayerDiagnosis, diagnose
 from gradwatch.estimators.layer import EstimatorSettings
 from gradwatch.monitor import GradWatchFault, Monitor, watch
 from gradwatch.policy.alerts import (
@@ -12,6 +13,7 @@ from gradwatch.policy.alerts import (
     VanishingGradientWarning,
 )
 from gradwatch.policy.clipping import ClipPolicy, FixedNorm, ZClip
+from gradwatch.policy.evidence import Verdict
 from gradwatch.policy.trends import DetectionConfig
 from gradwatch.records import (
     SCHEMA_VERSION,
@@ -34,6 +36,7 @@ __all__ = [
     "ClipEvent",
     "ClipPolicy",
     "DetectionConfig",
+    "Diagnosis",
     "ErrorRecord",
     "EstimatorSettings",
     "ExplodingGradientWarning",
@@ -41,6 +44,7 @@ __all__ = [
     "GradWatchFault",
     "GradWatchWarning",
     "JsonlSink",
+    "LayerDiagnosis",
     "LoggingSink",
     "Measurement",
     "MeasurementMetrics",
@@ -52,8 +56,10 @@ __all__ = [
     "RunHeader",
     "Sink",
     "VanishingGradientWarning",
+    "Verdict",
     "ZClip",
     "__version__",
+    "diagnose",
     "record_from_json",
     "register_cell",
     "unregister_cell",

@@ -367,21 +367,27 @@ class Monitor:
         )
 
     def _measure(self, step: int, grad_values: Mapping[str, float]) -> list[Alert]:
+        """Measure, record, and run the detector; returns the alerts to deliver."""
+        alerts: list[Alert] = []
+        for record in self._measure_records(step, grad_values):
+            self._emit(record)
+            alerts += self.detector.update(record)
+        self._flush()
+        return alerts
+
+    def _measure_records(self, step: int, grad_values: Mapping[str, float] | None = None) -> list[Measurement]:
+        """One Measurement per layer and direction of every module that ran on this step (no side effects
+        on the user's random stream: the estimators run under a forked RNG)."""
         records: list[Measurement] = []
         with torch.random.fork_rng(devices=self._cuda_devices()), torch.no_grad():
             for watched in self._watched:
                 if watched.name in self._disabled_modules:
                     continue
                 try:
-                    records.extend(self._measure_module(watched, step, grad_values))
+                    records.extend(self._measure_module(watched, step, grad_values or {}))
                 except Exception as exc:
                     self._fault("estimator", watched.name, exc)
-        alerts: list[Alert] = []
-        for record in records:
-            self._emit(record)
-            alerts += self.detector.update(record)
-        self._flush()
-        return alerts
+        return records
 
     def _measure_module(self, watched: WatchedModule, step: int, grads: Mapping[str, float]) -> list[Measurement]:
         traces = self._traces(watched)

@@ -1,0 +1,184 @@
+"""Pre-flight diagnosis: one measurement of a freshly built model, judged by the same rules as training.
+
+``gradwatch.diagnose(model, example_input)`` lets a user compare initialisations and sequence lengths before
+spending compute: it runs one forward pass (no backward, no optimizer), measures every recurrent layer and
+returns a verdict per layer with the alert message the monitor would give.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+from gradwatch.capture.modules import NO_RNN_MESSAGE, find_rnn_modules, unwrap_model
+from gradwatch.estimators.layer import EstimatorSettings
+from gradwatch.monitor import Monitor, WatchConfig
+from gradwatch.policy.evidence import Verdict, longest_lag_norm
+from gradwatch.policy.trends import DetectionConfig
+from gradwatch.records import Alert, Measurement, MeasurementMetrics
+
+
+@dataclass(frozen=True)
+class LayerDiagnosis:
+    """The verdict on one layer and direction, with the evidence and advice."""
+
+    module: str
+    layer: int
+    direction: str
+    verdict: Verdict
+    message: str
+    metrics: MeasurementMetrics
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    """Verdicts for every recurrent layer of a model."""
+
+    layers: tuple[LayerDiagnosis, ...]
+
+    @property
+    def healthy(self) -> bool:
+        return all(d.verdict in (Verdict.HEALTHY, Verdict.UNKNOWN) for d in self.layers)
+
+    def verdict(self, module: str, layer: int = 0, direction: str = "forward") -> Verdict:
+        for d in self.layers:
+            if (d.module, d.layer, d.direction) == (module, layer, direction):
+                return d.verdict
+        raise KeyError(f"no diagnosis for {module} layer {layer} ({direction}); have {self._keys()}")
+
+    def _keys(self) -> list[str]:
+        return [f"{d.module}[{d.layer},{d.direction}]" for d in self.layers]
+
+    def table(self) -> Table:
+        table = Table(title="gradwatch pre-flight diagnosis", show_lines=True)
+        for column in ("layer", "verdict", "lyapunov_max", "longest lag norm", "sigma_max(W_hh)", "mean |f'|"):
+            table.add_column(column)
+        table.add_column("why / what to do", ratio=1)
+        for d in self.layers:
+            m = d.metrics
+            lag = longest_lag_norm(m.lag_norm)
+            colour = {"healthy": "green", "vanishing": "yellow", "exploding": "red"}.get(d.verdict.value, "")
+            table.add_row(
+                f"{d.module} {d.layer} {d.direction}",
+                f"[{colour}]{d.verdict.value}[/]" if colour else d.verdict.value,
+                _fmt(m.lyapunov_max),
+                "n/a" if lag is None else f"{_fmt(lag[1])} (tau={lag[0]})",
+                _fmt(m.weight_hh_sigma_max),
+                _fmt(m.activation_derivative_mean),
+                d.message,
+            )
+        return table
+
+    def __str__(self) -> str:
+        console = Console(width=140, no_color=True, record=True, file=_NullFile())
+        console.print(self.table())
+        return console.export_text()
+
+
+def diagnose(
+    model: nn.Module,
+    example_input: Any,
+    *,
+    max_sequences: int = 8,
+    detection: DetectionConfig | None = None,
+    estimator: EstimatorSettings | None = None,
+    print_report: bool = True,
+    console: Console | None = None,
+) -> Diagnosis:
+    """Measure every recurrent layer of ``model`` on ``example_input`` once and judge it.
+
+    ``example_input`` is what the model's forward takes: a tensor, or a tuple of positional arguments.
+    The model's parameters, gradients and the global random state are left exactly as they were.
+    """
+    modules = find_rnn_modules(model)
+    if not modules:
+        raise ValueError(NO_RNN_MESSAGE)
+    config = WatchConfig(
+        every=1,
+        max_sequences=max_sequences,
+        probe="live",
+        history_size=0,
+        estimator=estimator or EstimatorSettings(),
+        detection=detection or DetectionConfig.for_diagnosis(),
+    )
+    monitor = Monitor(unwrap_model(model), None, config=config, sinks=(), modules=modules)
+    try:
+        args = example_input if isinstance(example_input, tuple) else (example_input,)
+        with _invisible(model), torch.enable_grad():
+            model(*args)
+            measurements: list[Measurement] = []
+            alerts: list[Alert] = []
+            for measurement in monitor._measure_records(0):
+                measurements.append(measurement)
+                alerts += monitor.detector.update(measurement)
+    finally:
+        monitor.close()
+    if not measurements:
+        raise RuntimeError(
+            "gradwatch.diagnose: the model's forward did not run any recurrent module with this input "
+            f"(watched: {[m.name for m in modules]})"
+        )
+    by_key = {(a.module, a.layer, a.direction): a for a in alerts}
+    layers = []
+    for m in measurements:
+        key = (m.module, m.layer, m.direction)
+        verdict = monitor.detector.verdict(m.module, m.layer, m.direction)
+        if verdict is Verdict.HEALTHY and _unmeasurable(m.metrics):
+            verdict = Verdict.UNKNOWN
+        alert = by_key.get(key)
+        message = alert.message if alert is not None else _healthy_message(m.metrics, verdict)
+        layers.append(LayerDiagnosis(m.module, m.layer, m.direction, verdict, message, m.metrics))
+    diagnosis = Diagnosis(tuple(layers))
+    if print_report:
+        (console or Console()).print(diagnosis.table())
+    return diagnosis
+
+
+def _unmeasurable(metrics: MeasurementMetrics) -> bool:
+    return metrics.lyapunov_max is None or longest_lag_norm(metrics.lag_norm) is None
+
+
+def _healthy_message(metrics: MeasurementMetrics, verdict: Verdict) -> str:
+    if verdict is Verdict.UNKNOWN:
+        return "not measurable: the sequence is too short for any product of Jacobians (use T >= 2)"
+    rate = metrics.lyapunov_max
+    horizon = "unbounded" if rate is None or rate >= 0 else f"{-1 / rate:.3g} steps"
+    return (
+        f"healthy: the Jacobian product neither vanishes nor explodes over this sequence "
+        f"(lyapunov_max = {_fmt(rate)}, memory horizon {horizon})"
+    )
+
+
+@contextlib.contextmanager
+def _invisible(model: nn.Module) -> Iterator[None]:
+    """Keep the user's random stream and gradients untouched by the diagnostic forward pass."""
+    grads = {p: p.grad for p in model.parameters()}
+    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            for p, g in grads.items():
+                p.grad = g
+
+
+def _fmt(value: float | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.3g}"
+
+
+class _NullFile:
+    def write(self, text: str) -> int:
+        return len(text)
+
+    def flush(self) -> None:
+        pass

@@ -1,0 +1,71 @@
+"""gradwatch.diagnose: one measurement of a fresh model, judged with the monitor's rules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import gradwatch
+from gradwatch.policy.evidence import Verdict
+from tests.rnn_cases import lstm_forget_bias_one, scaled_orthogonal_rnn
+
+CASES = [
+    ("relu-2x-orthogonal", lambda: scaled_orthogonal_rnn(2.0, "relu"), 50, Verdict.EXPLODING),
+    ("tanh-0.2x-orthogonal-T100", lambda: scaled_orthogonal_rnn(0.2, "tanh"), 100, Verdict.VANISHING),
+    ("tanh-orthogonal-small-inputs-T20", lambda: scaled_orthogonal_rnn(1.0, "tanh"), 20, Verdict.HEALTHY),
+    ("lstm-forget-bias-1-T50", lstm_forget_bias_one, 50, Verdict.HEALTHY),
+]
+
+
+@pytest.mark.parametrize(("name", "make", "steps", "expected"), CASES, ids=[c[0] for c in CASES])
+def test_reference_cases(name, make, steps, expected):
+    model = make()
+    scale = 0.1 if "small-inputs" in name else 1.0
+    diagnosis = gradwatch.diagnose(model, scale * torch.randn(steps, 8, 4), print_report=False)
+    assert diagnosis.verdict(type(model).__name__.lower()) is expected, diagnosis.layers[0].message
+    assert diagnosis.healthy is (expected is Verdict.HEALTHY)
+
+
+def test_message_names_the_factor_and_a_hint():
+    diagnosis = gradwatch.diagnose(scaled_orthogonal_rnn(0.2), torch.randn(100, 4, 4), print_report=False)
+    message = diagnosis.layers[0].message
+    assert "sigma_max(W_hh)" in message and "Hint" in message and "orthogonal" in message
+
+
+def test_diagnosis_is_invisible_to_the_model_and_rng():
+    model = nn.Sequential()
+    model.add_module("rnn", nn.LSTM(4, 8, num_layers=2, dropout=0.5))
+    x = torch.randn(12, 3, 4)
+    state = torch.random.get_rng_state()
+    params = [p.detach().clone() for p in model.parameters()]
+    diagnosis = gradwatch.diagnose(model.rnn, x, print_report=False)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters(), strict=True))
+    assert all(p.grad is None for p in model.parameters())
+    assert not model.rnn._forward_hooks
+    assert {(d.layer, d.direction) for d in diagnosis.layers} == {(0, "forward"), (1, "forward")}
+
+
+def test_printed_table_lists_every_layer(capsys):
+    gradwatch.diagnose(nn.GRU(4, 8, bidirectional=True), torch.randn(10, 2, 4))
+    out = capsys.readouterr().out
+    assert "pre-flight diagnosis" in out and "reverse" in out and "forward" in out
+
+
+def test_length_one_sequence_is_not_measurable_not_an_error():
+    diagnosis = gradwatch.diagnose(nn.RNN(4, 8), torch.randn(1, 2, 4), print_report=False)
+    assert diagnosis.layers[0].verdict is Verdict.UNKNOWN
+
+
+def test_a_model_whose_forward_skips_the_rnn_is_a_clear_error():
+    class Skips(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.RNN(2, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+    with pytest.raises(RuntimeError, match="did not run any recurrent module"):
+        gradwatch.diagnose(Skips(), torch.randn(3, 1, 2), print_report=False)
