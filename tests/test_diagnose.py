@@ -8,12 +8,12 @@ from torch import nn
 
 import gradwatch
 from gradwatch.policy.evidence import Verdict
-from tests.rnn_cases import lstm_forget_bias_one, scaled_orthogonal_rnn
+from benchmarks.reference_cases import lstm_forget_bias_one, scaled_orthogonal_rnn
 
 CASES = [
-    ("relu-2x-orthogonal", lambda: scaled_orthogonal_rnn(2.0, "relu"), 50, Verdict.EXPLODING),
-    ("tanh-0.2x-orthogonal-T100", lambda: scaled_orthogonal_rnn(0.2, "tanh"), 100, Verdict.VANISHING),
-    ("tanh-orthogonal-small-inputs-T20", lambda: scaled_orthogonal_rnn(1.0, "tanh"), 20, Verdict.HEALTHY),
+    ("relu-2x-orthogonal", lambda: scaled_orthogonal_rnn("relu", 2.0), 50, Verdict.EXPLODING),
+    ("tanh-0.2x-orthogonal-T100", lambda: scaled_orthogonal_rnn("tanh", 0.2), 100, Verdict.VANISHING),
+    ("tanh-orthogonal-small-inputs-T20", lambda: scaled_orthogonal_rnn("tanh", 1.0), 20, Verdict.HEALTHY),
     ("lstm-forget-bias-1-T50", lstm_forget_bias_one, 50, Verdict.HEALTHY),
 ]
 
@@ -28,7 +28,7 @@ def test_reference_cases(name, make, steps, expected):
 
 
 def test_message_names_the_factor_and_a_hint():
-    diagnosis = gradwatch.diagnose(scaled_orthogonal_rnn(0.2), torch.randn(100, 4, 4), print_report=False)
+    diagnosis = gradwatch.diagnose(scaled_orthogonal_rnn("tanh", 0.2), torch.randn(100, 4, 4), print_report=False)
     message = diagnosis.layers[0].message
     assert "sigma_max(W_hh)" in message and "Hint" in message and "orthogonal" in message
 

@@ -1,0 +1,216 @@
+"""The monitor's alerts, non-finite policy and clipping, end to end through watch() (issue 3's cases)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import gradwatch
+from benchmarks.reference_cases import (
+    RecurrentRegressor,
+    adding_problem_batch,
+    lstm_forget_bias_one,
+    regression_batch,
+    scaled_orthogonal_rnn,
+)
+from gradwatch.records import Alert, AlertKind, ClipEvent
+
+
+def _observe(model: nn.Module, steps: int, seq_len: int, measured_steps: int, scale: float = 1.0, lr: float = 0.0,
+             **watch_kwargs) -> tuple[gradwatch.Monitor, list[Alert]]:
+    """Train (or, with lr=0, just run) a regressor for `measured_steps` measured steps; collect alerts."""
+    generator = torch.Generator().manual_seed(0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    alerts: list[Alert] = []
+    monitor = gradwatch.watch(model, optimizer, every=1, on_alert=alerts.append, **watch_kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gradwatch.GradWatchWarning)
+        for _ in range(measured_steps):
+            x, y = regression_batch(generator, seq_len, 8, 4, scale)
+            loss = nn.functional.mse_loss(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    monitor.close()
+    return monitor, alerts
+
+
+def test_relu_rnn_with_twice_orthogonal_weight_alerts_exploding_once():
+    torch.manual_seed(0)
+    monitor, alerts = _observe(RecurrentRegressor(scaled_orthogonal_rnn("relu", 2.0)), 0, 30, 8)
+    assert [a.alert for a in alerts] == [AlertKind.EXPLODING]
+    assert alerts[0].module == "rnn" and alerts[0].step == 2  # patience 3: the third measurement confirms
+    assert "sigma_max(W_hh)" in alerts[0].message and "Hint" in alerts[0].message
+    assert [r for r in monitor.history if isinstance(r, Alert)] == alerts
+
+
+def test_tanh_rnn_with_small_orthogonal_weight_alerts_vanishing_on_T100():
+    torch.manual_seed(0)
+    _, alerts = _observe(RecurrentRegressor(scaled_orthogonal_rnn("tanh", 0.2)), 0, 100, 6)
+    assert [a.alert for a in alerts] == [AlertKind.VANISHING]
+    assert alerts[0].metric == "lyapunov_max" and alerts[0].value < alerts[0].threshold < 0
+
+
+def test_trained_orthogonal_tanh_rnn_with_small_inputs_raises_no_alert():
+    torch.manual_seed(0)
+    monitor, alerts = _observe(RecurrentRegressor(scaled_orthogonal_rnn("tanh", 1.0)), 0, 20, 50, scale=0.1, lr=0.05)
+    assert alerts == []
+    assert sum(1 for r in monitor.history if r.kind == "measurement") == 50
+
+
+def test_lstm_with_forget_bias_one_raises_no_alert():
+    torch.manual_seed(0)
+    lstm = lstm_forget_bias_one()
+    model = RecurrentRegressor.__new__(RecurrentRegressor)
+    nn.Module.__init__(model)
+    model.rnn, model.readout = lstm, nn.Linear(32, 1)
+    _, alerts = _observe(model, 0, 50, 6)
+    assert alerts == []
+
+
+def test_alert_reaches_warnings_logging_callbacks_and_log(tmp_path, caplog):
+    torch.manual_seed(0)
+    model = RecurrentRegressor(scaled_orthogonal_rnn("relu", 2.0))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    seen: list[Alert] = []
+    log = tmp_path / "run.jsonl"
+    generator = torch.Generator().manual_seed(0)
+    with gradwatch.watch(model, optimizer, every=1, on_alert=seen.append, log=log), caplog.at_level(logging.WARNING):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", gradwatch.ExplodingGradientWarning)
+            with pytest.raises(gradwatch.ExplodingGradientWarning, match="exploding gradients in rnn"):
+                for _ in range(5):
+                    x, y = regression_batch(generator, 30, 8, 4, 1.0)
+                    optimizer.zero_grad()
+                    nn.functional.mse_loss(model(x), y).backward()
+                    optimizer.step()
+    assert len(seen) == 1
+    assert any("exploding gradients in rnn" in r.getMessage() for r in caplog.records if r.name == "gradwatch")
+    kinds = [json.loads(line)["kind"] for line in log.read_text().splitlines()]
+    assert kinds.count("alert") == 1
+
+
+def _nan_grads_model() -> tuple[nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = RecurrentRegressor(nn.RNN(2, 4))
+    return model, torch.optim.Adam(model.parameters(), lr=0.1)
+
+
+def _step_with(model: nn.Module, optimizer: torch.optim.Optimizer, poison: bool) -> None:
+    x, y = torch.randn(5, 3, 2), torch.randn(3, 1)
+    optimizer.zero_grad()
+    loss = nn.functional.mse_loss(model(x), y)
+    loss.backward()
+    if poison:
+        model.rnn.weight_hh_l0.grad[0, 0] = float("nan")
+    optimizer.step()
+
+
+def test_nonfinite_warn_alerts_once_per_episode_then_recovers():
+    model, _ = _nan_grads_model()
+    alerts: list[Alert] = []
+    with gradwatch.watch(model, every=100, on_alert=alerts.append) as monitor:  # no optimizer: weights stay
+        with pytest.warns(gradwatch.NonFiniteGradientWarning, match="weight_hh_l0"):
+            for poison in (False, True, True, True, False):
+                model.zero_grad()
+                nn.functional.mse_loss(model(torch.randn(5, 3, 2)), torch.randn(3, 1)).backward()
+                if poison:
+                    model.rnn.weight_hh_l0.grad[0, 0] = float("nan")
+                monitor.step()
+    assert [a.alert for a in alerts] == [AlertKind.NONFINITE, AlertKind.RECOVERED]
+    assert alerts[0].step == 1 and alerts[1].step == 4
+
+
+def test_nonfinite_raise_names_module_and_parameter():
+    model, optimizer = _nan_grads_model()
+    with gradwatch.watch(model, optimizer, nonfinite="raise"):
+        _step_with(model, optimizer, False)
+        with pytest.raises(gradwatch.NonFiniteGradientError, match=r"weight_hh_l0.*module 'rnn'"):
+            _step_with(model, optimizer, True)
+
+
+def test_nonfinite_skip_leaves_parameters_and_adam_state_unchanged():
+    model, optimizer = _nan_grads_model()
+    with gradwatch.watch(model, optimizer, nonfinite="skip"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", gradwatch.GradWatchWarning)
+        _step_with(model, optimizer, False)
+        params = [p.detach().clone() for p in model.parameters()]
+        state = {k: {n: v.clone() for n, v in s.items()} for k, s in optimizer.state.items()}
+        _step_with(model, optimizer, True)
+        assert all(torch.equal(a, b) for a, b in zip(params, model.parameters(), strict=True))
+        for key, saved in state.items():
+            for name, value in saved.items():
+                assert torch.equal(optimizer.state[key][name], value), name
+        _step_with(model, optimizer, False)  # training goes on afterwards
+        assert not all(torch.equal(a, b) for a, b in zip(params, model.parameters(), strict=True))
+
+
+def test_skip_without_optimizer_is_a_configuration_error():
+    with pytest.raises(ValueError, match="needs the optimizer"):
+        gradwatch.watch(nn.RNN(2, 2), nonfinite="skip")
+    with pytest.raises(ValueError, match="nonfinite"):
+        gradwatch.watch(nn.RNN(2, 2), nonfinite="ignore")
+
+
+def test_fixed_clip_equals_clip_grad_norm_and_is_logged():
+    torch.manual_seed(0)
+    ours = RecurrentRegressor(nn.RNN(2, 4))
+    theirs = RecurrentRegressor(nn.RNN(2, 4))
+    theirs.load_state_dict(ours.state_dict())
+    opt_ours = torch.optim.SGD(ours.parameters(), lr=0.1)
+    opt_theirs = torch.optim.SGD(theirs.parameters(), lr=0.1)
+    monitor = gradwatch.watch(ours, opt_ours, clip=0.01, clip_scope="all", every=100)
+    x, y = torch.randn(6, 3, 2), torch.randn(3, 1)
+    for model, optimizer in ((ours, opt_ours), (theirs, opt_theirs)):
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        if model is theirs:
+            torch.nn.utils.clip_grad_norm_(theirs.parameters(), 0.01)
+        optimizer.step()
+    for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+        assert torch.equal(a, b)
+    clips = [r for r in monitor.history if isinstance(r, ClipEvent)]
+    assert len(clips) == 1 and clips[0].max_norm == 0.01 and 0 < clips[0].scale < 1
+    assert monitor.clip_count == 1
+    monitor.close()
+
+
+def test_clip_mode_exploding_clips_only_during_an_episode():
+    torch.manual_seed(0)
+    model = RecurrentRegressor(scaled_orthogonal_rnn("relu", 2.0))
+    monitor, alerts = _observe(model, 0, 30, 5, clip=1e-6, clip_mode="exploding")
+    clips = [r.step for r in monitor.history if isinstance(r, ClipEvent)]
+    assert alerts and clips == [s for s in range(5) if s > alerts[0].step]
+
+
+def _adding_problem(clip: object, seed: int = 1, steps: int = 200) -> int | None:
+    """Relu RNN, SGD lr 1.5 on the adding problem; returns the first step whose loss is non-finite."""
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    model = RecurrentRegressor(nn.RNN(2, 8, nonlinearity="relu"))
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.5)
+    monitor = gradwatch.watch(model, optimizer, every=50, clip=clip, clip_scope="all")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", gradwatch.GradWatchWarning)
+            for step in range(steps):
+                x, y = adding_problem_batch(generator, 30, 16)
+                loss = nn.functional.mse_loss(model(x), y)
+                if not torch.isfinite(loss):
+                    return step
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+    finally:
+        monitor.close()
+    return None
+
+
+def test_auto_clipping_keeps_the_adding_problem_finite():
+    assert _adding_problem(None) is not None  # without clipping the loss goes non-finite within 200 steps
+    assert _adding_problem("auto") is None
