@@ -175,6 +175,8 @@ class Monitor:
                 )
             self._handles.append(optimizer.register_step_pre_hook(_OptimizerHook(self)))
         self._arm(self._is_measured(self._step))
+        if self.prometheus_url is not None:
+            logger.info("gradwatch: Prometheus metrics at %s", self.prometheus_url)
         self._emit(
             RunHeader(
                 run_id=self.run_id,
@@ -203,6 +205,15 @@ class Monitor:
     @property
     def sinks(self) -> list[Sink]:
         return list(self._sinks)
+
+    @property
+    def prometheus_url(self) -> str | None:
+        """The scrape URL of the Prometheus exporter (with the real port when ``prometheus=0``), if any."""
+        for sink in self._sinks:
+            url = getattr(sink, "url", None)
+            if isinstance(url, str) and url.startswith("http"):
+                return url
+        return None
 
     def step(self) -> None:
         """Close a training step by hand (call it after ``loss.backward()``) when no optimizer was given."""
