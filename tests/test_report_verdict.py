@@ -44,8 +44,9 @@ def _alert(step: int, kind: AlertKind, rank: int = 0) -> Alert:
 
 FALLBACK_CASES = {
     "healthy": ([-0.05, -0.04, -0.06], [0.5] * 3, 0, Verdict.HEALTHY),
-    "exploding-sustained": ([0.0, 0.1, 0.2, 0.3], [5.0] * 4, 0, Verdict.EXPLODING),
-    "exploding-not-sustained": ([0.2, 0.3, 0.01], [5.0] * 3, 0, Verdict.HEALTHY),
+    "exploding-sustained": ([0.0, 0.1, 0.2, 0.3], [500.0] * 4, 0, Verdict.EXPLODING),
+    "exploding-not-sustained": ([0.2, 0.3, 0.01], [500.0] * 3, 0, Verdict.HEALTHY),
+    "growing-but-short-lag": ([0.1, 0.2, 0.3], [5.0] * 3, 0, Verdict.HEALTHY),
     "vanishing": ([-0.9, -1.0, -1.2], [1e-5] * 3, 0, Verdict.VANISHING),
     "negative-but-lag-ok": ([-0.9, -1.0, -1.2], [1e-2] * 3, 0, Verdict.HEALTHY),
     "missing-lyapunov": ([None, 0.2, 0.3], [5.0] * 3, 0, Verdict.HEALTHY),
@@ -99,7 +100,7 @@ def test_nonfinite_gradients_override_alerts_unless_recovered_after() -> None:
 
 
 def test_layers_without_alerts_in_a_run_with_alerts_are_healthy_not_rule_judged() -> None:
-    exploding = [_m(s, lyapunov=0.5) for s in range(0, 50, 10)]
+    exploding = [_m(s, lyapunov=0.5, lag=500.0) for s in range(0, 50, 10)]
     assert judge_layer(exploding, [], run_has_alerts=True).verdict == Verdict.HEALTHY
     assert judge_layer(exploding, [], run_has_alerts=False).verdict == Verdict.EXPLODING
 
@@ -123,7 +124,7 @@ def test_layers_without_alerts_in_a_run_with_alerts_are_healthy_not_rule_judged(
 def test_cause_names_the_lecture_factor(kind: str, factors: dict, expected: str) -> None:
     lyapunov = -1.0 if kind == "vanishing" else 0.3
     ms = [
-        _m(s, lyapunov=lyapunov, lag=1e-6 if kind == "vanishing" else 5.0, **factors)
+        _m(s, lyapunov=lyapunov, lag=1e-6 if kind == "vanishing" else 500.0, **factors)
         for s in range(0, 50, 10)
     ]
     verdict = judge_layer(ms, [], run_has_alerts=False)

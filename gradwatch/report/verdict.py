@@ -1,7 +1,7 @@
 """Per-layer verdicts (healthy / vanishing / exploding / non-finite), their cause and what to try.
 
 The verdict comes from the alert records the monitor's detectors wrote; a log without any alert record
-falls back to :func:`fallback_verdict`, a few fixed rules on the last measurements. The cause is told in
+falls back to :func:`fallback_verdict`, which replays the monitor's detector over the measurements. The cause is told in
 the lecture's two factors of J_t = diag(f'(a_t)) W_hh: the nonlinearity (saturating or dying units make
 f' small) and the recurrent weight (sigma_max(W_hh) well below or above 1).
 """
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Literal
 
+from gradwatch.policy.trends import TrendDetector
 from gradwatch.records import Alert, AlertKind, Measurement
 from gradwatch.report.metrics import longest_lag, total_grad_norm
 
@@ -36,15 +37,8 @@ SEVERITY: dict[Verdict, int] = {
     Verdict.NONFINITE: 3,
 }
 
-# --- fallback rules (used only when a run has no alert records) ----------------------------------------
 SUSTAINED_MEASUREMENTS = 3
-"""A rule must hold on each of the last this many measurements (or all of them, if fewer)."""
-EXPLODING_LYAPUNOV = 0.05
-"""lyapunov_max above this: the Jacobian product grows by more than ~5% per step."""
-VANISHING_LYAPUNOV = -0.7
-"""lyapunov_max below this: the product shrinks by a factor e^0.7 ≈ 2 per step ..."""
-VANISHING_LAG_NORM = 1e-3
-"""... and the longest measured lag passes back less than 1e-3 of the gradient."""
+"""Fewest measurements before an episode from which a clipping threshold is suggested."""
 
 # --- cause thresholds -------------------------------------------------------------------------------
 SATURATION_HIGH = 0.5
@@ -71,33 +65,28 @@ class LayerVerdict:
 
 
 def fallback_verdict(measurements: Sequence[Measurement]) -> tuple[Verdict, str]:
-    """Simple rules on the last measurements, for logs without alert records; swap in real detectors here.
+    """For logs without alert records: replay the monitor's own detector over the measurements.
 
-    Rules, first match wins: any measurement with ``grad_nonfinite > 0`` -> non-finite; ``lyapunov_max >
-    0.05`` on each of the last 3 measurements -> exploding; ``lyapunov_max < -0.7`` and the longest-lag
-    ``lag_norm < 1e-3`` on each of the last 3 -> vanishing; otherwise healthy.
+    Any measurement with ``grad_nonfinite > 0`` -> non-finite; otherwise the verdict is the one
+    :class:`gradwatch.policy.trends.TrendDetector` (default :class:`DetectionConfig`) reaches at the end,
+    so a log written without alerts is judged exactly as a live run would have been.
     """
     ordered = sorted(measurements, key=lambda m: m.step)
     nonfinite = [m for m in ordered if m.metrics.grad_nonfinite > 0]
     if nonfinite:
         return Verdict.NONFINITE, _nonfinite_reason(nonfinite)
-    recent = ordered[-SUSTAINED_MEASUREMENTS:]
-    if not recent:
+    if not ordered:
         return Verdict.HEALTHY, "no measurements"
-    lag = longest_lag(recent)
-    lyapunov = [m.metrics.lyapunov_max for m in recent]
-    lag_norms = [None if lag is None else m.metrics.lag_norm.get(lag) for m in recent]
-    span = f"the last {len(recent)} measurement(s) (steps {recent[0].step}-{recent[-1].step})"
-    if all(v is not None and v > EXPLODING_LYAPUNOV for v in lyapunov):
-        return Verdict.EXPLODING, f"lyapunov_max > {EXPLODING_LYAPUNOV} on {span}"
-    if all(v is not None and v < VANISHING_LYAPUNOV for v in lyapunov) and all(
-        n is not None and n < VANISHING_LAG_NORM for n in lag_norms
-    ):
-        return (
-            Verdict.VANISHING,
-            f"lyapunov_max < {VANISHING_LYAPUNOV} and lag_norm[{lag}] < {VANISHING_LAG_NORM:g} on {span}",
-        )
-    return Verdict.HEALTHY, f"no rule fired on {span}"
+    detector = TrendDetector()
+    alerts: list[Alert] = []
+    for measurement in ordered:
+        alerts += detector.update(measurement)
+    last = ordered[-1]
+    state = detector.verdict(last.module, last.layer, last.direction)
+    span = f"{len(ordered)} measurement(s), steps {ordered[0].step}-{last.step}"
+    if state.value in (Verdict.EXPLODING.value, Verdict.VANISHING.value) and alerts:
+        return Verdict(state.value), f"{alerts[-1].message} (the monitor's detector replayed over {span})"
+    return Verdict.HEALTHY, f"the monitor's detector found no open episode over {span}"
 
 
 @dataclass(frozen=True)
