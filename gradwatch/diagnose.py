@@ -59,7 +59,14 @@ class Diagnosis:
 
     def table(self) -> Table:
         table = Table(title="gradwatch pre-flight diagnosis", show_lines=True)
-        for column in ("layer", "verdict", "lyapunov_max", "longest lag norm", "sigma_max(W_hh)", "mean |f'|"):
+        for column in (
+            "layer",
+            "verdict",
+            "lyapunov_max",
+            "longest lag norm",
+            "sigma_max(W_hh)",
+            "mean |f'|",
+        ):
             table.add_column(column)
         table.add_column("why / what to do", ratio=1)
         for d in self.layers:

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import gradwatch
-from gradwatch.policy.evidence import Verdict
 from benchmarks.reference_cases import lstm_forget_bias_one, scaled_orthogonal_rnn
+from gradwatch.policy.evidence import Verdict
 
 CASES = [
     ("relu-2x-orthogonal", lambda: scaled_orthogonal_rnn("relu", 2.0), 50, Verdict.EXPLODING),
@@ -28,7 +28,9 @@ def test_reference_cases(name, make, steps, expected):
 
 
 def test_message_names_the_factor_and_a_hint():
-    diagnosis = gradwatch.diagnose(scaled_orthogonal_rnn("tanh", 0.2), torch.randn(100, 4, 4), print_report=False)
+    diagnosis = gradwatch.diagnose(
+        scaled_orthogonal_rnn("tanh", 0.2), torch.randn(100, 4, 4), print_report=False
+    )
     message = diagnosis.layers[0].message
     assert "sigma_max(W_hh)" in message and "Hint" in message and "orthogonal" in message
 

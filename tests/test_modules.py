@@ -96,9 +96,9 @@ def test_register_cell_works_as_decorator_and_rejects_non_modules():
         assert custom_cell_spec(Tiny()) is not None
     finally:
         unregister_cell(Tiny)
-    with pytest.raises(TypeError, match="nn.Module"):
+    with pytest.raises(TypeError, match=r"nn\.Module"):
         register_cell(int)  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="nn.Module"):
+    with pytest.raises(TypeError, match=r"nn\.Module"):
         register_cell("cell")  # type: ignore[arg-type]
 
 
@@ -106,5 +106,5 @@ def test_no_recurrent_module_message_says_what_was_looked_for():
     assert find_rnn_modules(nn.Linear(2, 2)) == []
     for word in ("LSTM", "GRUCell", "register_cell"):
         assert word in NO_RNN_MESSAGE
-    with pytest.raises(TypeError, match="nn.Module"):
+    with pytest.raises(TypeError, match=r"nn\.Module"):
         find_rnn_modules("model")  # type: ignore[arg-type]

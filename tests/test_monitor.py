@@ -144,9 +144,15 @@ def test_layers_and_directions_each_get_a_record():
     _, monitor = _train(model, 1, {"every": 1})
     keys = {(r.layer, r.direction) for r in monitor.history if isinstance(r, Measurement)}
     assert keys == {(0, "forward"), (0, "reverse"), (1, "forward"), (1, "reverse")}
-    grads = next(r for r in monitor.history if isinstance(r, Measurement) and r.layer == 1 and r.direction == "reverse")
-    assert set(grads.metrics.grad_norm) == {"weight_ih_l1_reverse", "weight_hh_l1_reverse", "bias_ih_l1_reverse",
-                                            "bias_hh_l1_reverse"}
+    grads = next(
+        r for r in monitor.history if isinstance(r, Measurement) and r.layer == 1 and r.direction == "reverse"
+    )
+    assert set(grads.metrics.grad_norm) == {
+        "weight_ih_l1_reverse",
+        "weight_hh_l1_reverse",
+        "bias_ih_l1_reverse",
+        "bias_hh_l1_reverse",
+    }
 
 
 def test_schedule_measures_step_zero_and_every_n():

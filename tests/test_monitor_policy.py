@@ -21,8 +21,15 @@ from benchmarks.reference_cases import (
 from gradwatch.records import Alert, AlertKind, ClipEvent
 
 
-def _observe(model: nn.Module, steps: int, seq_len: int, measured_steps: int, scale: float = 1.0, lr: float = 0.0,
-             **watch_kwargs) -> tuple[gradwatch.Monitor, list[Alert]]:
+def _observe(
+    model: nn.Module,
+    steps: int,
+    seq_len: int,
+    measured_steps: int,
+    scale: float = 1.0,
+    lr: float = 0.0,
+    **watch_kwargs,
+) -> tuple[gradwatch.Monitor, list[Alert]]:
     """Train (or, with lr=0, just run) a regressor for `measured_steps` measured steps; collect alerts."""
     generator = torch.Generator().manual_seed(0)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
@@ -58,7 +65,9 @@ def test_tanh_rnn_with_small_orthogonal_weight_alerts_vanishing_on_T100():
 
 def test_trained_orthogonal_tanh_rnn_with_small_inputs_raises_no_alert():
     torch.manual_seed(0)
-    monitor, alerts = _observe(RecurrentRegressor(scaled_orthogonal_rnn("tanh", 1.0)), 0, 20, 50, scale=0.1, lr=0.05)
+    monitor, alerts = _observe(
+        RecurrentRegressor(scaled_orthogonal_rnn("tanh", 1.0)), 0, 20, 50, scale=0.1, lr=0.05
+    )
     assert alerts == []
     assert sum(1 for r in monitor.history if r.kind == "measurement") == 50
 
@@ -80,17 +89,22 @@ def test_alert_reaches_warnings_logging_callbacks_and_log(tmp_path, caplog):
     seen: list[Alert] = []
     log = tmp_path / "run.jsonl"
     generator = torch.Generator().manual_seed(0)
-    with gradwatch.watch(model, optimizer, every=1, on_alert=seen.append, log=log), caplog.at_level(logging.WARNING):
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", gradwatch.ExplodingGradientWarning)
-            with pytest.raises(gradwatch.ExplodingGradientWarning, match="exploding gradients in rnn"):
-                for _ in range(5):
-                    x, y = regression_batch(generator, 30, 8, 4, 1.0)
-                    optimizer.zero_grad()
-                    nn.functional.mse_loss(model(x), y).backward()
-                    optimizer.step()
+    with (
+        gradwatch.watch(model, optimizer, every=1, on_alert=seen.append, log=log),
+        caplog.at_level(logging.WARNING),
+        warnings.catch_warnings(),
+    ):
+        warnings.simplefilter("error", gradwatch.ExplodingGradientWarning)
+        with pytest.raises(gradwatch.ExplodingGradientWarning, match="exploding gradients in rnn"):
+            for _ in range(5):
+                x, y = regression_batch(generator, 30, 8, 4, 1.0)
+                optimizer.zero_grad()
+                nn.functional.mse_loss(model(x), y).backward()
+                optimizer.step()
     assert len(seen) == 1
-    assert any("exploding gradients in rnn" in r.getMessage() for r in caplog.records if r.name == "gradwatch")
+    assert any(
+        "exploding gradients in rnn" in r.getMessage() for r in caplog.records if r.name == "gradwatch"
+    )
     kinds = [json.loads(line)["kind"] for line in log.read_text().splitlines()]
     assert kinds.count("alert") == 1
 
@@ -114,14 +128,14 @@ def _step_with(model: nn.Module, optimizer: torch.optim.Optimizer, poison: bool)
 def test_nonfinite_warn_alerts_once_per_episode_then_recovers():
     model, _ = _nan_grads_model()
     alerts: list[Alert] = []
-    with gradwatch.watch(model, every=100, on_alert=alerts.append) as monitor:  # no optimizer: weights stay
-        with pytest.warns(gradwatch.NonFiniteGradientWarning, match="weight_hh_l0"):
-            for poison in (False, True, True, True, False):
-                model.zero_grad()
-                nn.functional.mse_loss(model(torch.randn(5, 3, 2)), torch.randn(3, 1)).backward()
-                if poison:
-                    model.rnn.weight_hh_l0.grad[0, 0] = float("nan")
-                monitor.step()
+    monitor = gradwatch.watch(model, every=100, on_alert=alerts.append)  # no optimizer: the weights stay
+    with monitor, pytest.warns(gradwatch.NonFiniteGradientWarning, match="weight_hh_l0"):
+        for poison in (False, True, True, True, False):
+            model.zero_grad()
+            nn.functional.mse_loss(model(torch.randn(5, 3, 2)), torch.randn(3, 1)).backward()
+            if poison:
+                model.rnn.weight_hh_l0.grad[0, 0] = float("nan")
+            monitor.step()
     assert [a.alert for a in alerts] == [AlertKind.NONFINITE, AlertKind.RECOVERED]
     assert alerts[0].step == 1 and alerts[1].step == 4
 

@@ -15,7 +15,9 @@ import gradwatch
 from tests.prometheus_tools import free_port, query, require_binary, running_server, wait_until
 
 
-def _train(model: nn.Module, monitor: gradwatch.Monitor, optimizer: torch.optim.Optimizer, steps: int) -> None:
+def _train(
+    model: nn.Module, monitor: gradwatch.Monitor, optimizer: torch.optim.Optimizer, steps: int
+) -> None:
     for _ in range(steps):
         out, _ = model(torch.randn(12, 4, 3))
         optimizer.zero_grad()
@@ -70,7 +72,9 @@ def test_real_prometheus_scrapes_the_values_of_the_run_log(tmp_path):
         exporter_port = int(monitor.prometheus_url.rsplit(":", 1)[1].split("/")[0])
         config = {
             "global": {"scrape_interval": "250ms"},
-            "scrape_configs": [{"job_name": "gradwatch", "static_configs": [{"targets": [f"127.0.0.1:{exporter_port}"]}]}],
+            "scrape_configs": [
+                {"job_name": "gradwatch", "static_configs": [{"targets": [f"127.0.0.1:{exporter_port}"]}]}
+            ],
         }
         (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
         port = free_port()

@@ -22,7 +22,13 @@ from gradwatch.capture.replay import (
 FUSED_GRID = [
     (cls, layers, bidirectional, batch_first, proj, bias, packed, given_state)
     for cls, layers, bidirectional, batch_first, proj, bias, packed, given_state in itertools.product(
-        [nn.RNN, nn.LSTM, nn.GRU], [1, 2], [False, True], [False, True], [0, 3], [True, False], [False, True],
+        [nn.RNN, nn.LSTM, nn.GRU],
+        [1, 2],
+        [False, True],
+        [False, True],
+        [0, 3],
+        [True, False],
+        [False, True],
         [False, True],
     )
     if not (proj and cls is not nn.LSTM)
@@ -44,14 +50,20 @@ def _record(module: nn.Module, *args: object) -> CallRecorder:
     FUSED_GRID,
     ids=lambda v: getattr(v, "__name__", str(v)),
 )
-def test_fused_replay_reproduces_module(cls, layers, bidirectional, batch_first, proj, bias, packed, given_state):
+def test_fused_replay_reproduces_module(
+    cls, layers, bidirectional, batch_first, proj, bias, packed, given_state
+):
     kwargs = {"proj_size": proj} if cls is nn.LSTM else {}
-    module = cls(5, 6, num_layers=layers, bidirectional=bidirectional, batch_first=batch_first, bias=bias, **kwargs)
+    module = cls(
+        5, 6, num_layers=layers, bidirectional=bidirectional, batch_first=batch_first, bias=bias, **kwargs
+    )
     steps, batch, dirs = 7, 4, 2 if bidirectional else 1
     x = torch.randn(batch, steps, 5) if batch_first else torch.randn(steps, batch, 5)
     args: list[object] = [x]
     if packed:
-        args = [pack_padded_sequence(x, torch.tensor([7, 3, 5, 1]), batch_first=batch_first, enforce_sorted=False)]
+        args = [
+            pack_padded_sequence(x, torch.tensor([7, 3, 5, 1]), batch_first=batch_first, enforce_sorted=False)
+        ]
     if given_state:
         h0 = torch.randn(layers * dirs, batch, proj or 6)
         args.append((h0, torch.randn(layers * dirs, batch, 6)) if cls is nn.LSTM else h0)

@@ -29,7 +29,9 @@ class LoggingSink:
                 record.step, _fmt(record.norm_before), _fmt(record.max_norm), record.scale,
             )  # fmt: skip
         elif isinstance(record, ErrorRecord):
-            self.logger.warning("step %d: gradwatch fault in %s: %s", record.step, record.where, record.message)
+            self.logger.warning(
+                "step %d: gradwatch fault in %s: %s", record.step, record.where, record.message
+            )
         elif isinstance(record, Alert):
             pass  # emitted (and logged) by the alert path itself
 
