@@ -428,6 +428,7 @@ class Monitor:
     def _traces(self, watched: WatchedModule) -> list[LayerTrace] | None:
         """Replay the module on its probe (fixed mode) or on this step's recorded call (live mode)."""
         recorder = self._recorders[watched.name]
+        recorder.settle()  # calls recorded inside a torch.compile'd forward
         probe = self._probes.get(watched.name)
         fresh = probe is None or self.config.probe == "live"
         if fresh:

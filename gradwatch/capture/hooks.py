@@ -3,6 +3,10 @@
 The hook never changes a module's inputs or outputs. It keeps the *last* call of a measured step (the last
 micro-batch under gradient accumulation; for cells, the last unbroken chain of calls), sliced to the first
 ``max_sequences`` sequences and cloned so later in-place edits by the user cannot reach it.
+
+Under ``torch.compile`` the hook body is traced, so it cannot copy tensors eagerly: it only appends the call's
+tensors to a list (Dynamo replays that as a side effect after the graph runs) and :meth:`CallRecorder.settle`
+copies them at the end of the step. No graph break, so ``fullgraph=True`` keeps working.
 """
 
 from __future__ import annotations
@@ -56,25 +60,40 @@ class CallRecorder:
         self.fused_call: FusedCall | None = None
         self.cell_calls: list[CellCall] = []
         self._last_output: tuple[Tensor, ...] | None = None  # the user's tensors, to detect a chain
+        self._deferred: list[tuple[tuple[Any, ...], dict[str, Any], Any]] = []  # calls seen while compiling
 
     def reset(self) -> None:
         """Drop everything recorded (called after each measurement)."""
         self.fused_call = None
         self.cell_calls = []
         self._last_output = None
+        self._deferred = []
 
     @property
     def has_data(self) -> bool:
+        self.settle()
         return self.fused_call is not None or bool(self.cell_calls)
+
+    def settle(self) -> None:
+        """Record, in call order, the calls a compiled forward handed over (call before reading the data)."""
+        deferred, self._deferred = self._deferred, []
+        for args, kwargs, output in deferred:
+            self._record(args, kwargs, output)
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         if not self.armed or module is not self.watched.module or not torch.is_grad_enabled():
             return  # eval / no_grad passes, copies of the model and unmeasured steps are not recorded
         if _is_compiling():
+            # Traced by Dynamo: keep references only (a side effect it replays); settle() copies them eagerly.
+            self._deferred.append((args, kwargs, output))
             return
+        self.settle()
+        self._record(args, kwargs, output)
+
+    def _record(self, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         with torch.no_grad():
             if self.watched.kind == "fused":
-                self.fused_call = _record_fused(module, args, kwargs, output, self.max_sequences)
+                self.fused_call = _record_fused(self.watched.module, args, kwargs, output, self.max_sequences)
             else:
                 self._record_cell(args, kwargs, output)
 
