@@ -90,7 +90,8 @@ def test_lstm_training_writes_a_header_and_one_measurement_per_step(tmp_path: Pa
     assert isinstance(records[0], RunHeader)
     assert [m["name"] for m in records[0].modules] == ["rnn"]
     measurements = [r for r in records if isinstance(r, Measurement)]
-    assert sorted({(m.step, m.layer) for m in measurements}) == [(s, layer) for s in range(4) for layer in (0, 1)]
+    expected = [(step, layer) for step in range(4) for layer in (0, 1)]
+    assert sorted({(m.step, m.layer) for m in measurements}) == expected
     assert all(m.metrics.jacobian_sigma_max_mean is not None for m in measurements)
     assert all(m.run_id == records[0].run_id for m in measurements)
     assert callback.monitor is None  # teardown closed the monitor
@@ -160,7 +161,8 @@ def test_checkpoint_carries_the_step_counter(tmp_path: Path) -> None:
     trainer.save_checkpoint(checkpoint)
 
     resumed = _trainer(GradWatchCallback(log=log, every=1), max_steps=4)
-    resumed.fit(SequenceRegressor(nn.GRU(3, 5, batch_first=True), 5), _loader(batches=4), ckpt_path=checkpoint)
+    fresh_model = SequenceRegressor(nn.GRU(3, 5, batch_first=True), 5)
+    resumed.fit(fresh_model, _loader(batches=4), ckpt_path=checkpoint)
     records = _read(log)
     headers = [r for r in records if isinstance(r, RunHeader)]
     assert len(headers) == 2
@@ -184,7 +186,8 @@ def test_options_lightning_owns_are_rejected(options: dict, message: str) -> Non
 def test_gradwatch_imports_without_lightning_and_the_callback_names_the_extra() -> None:
     script = (
         "import sys\n"
-        "sys.modules['lightning'] = sys.modules['lightning.pytorch'] = sys.modules['pytorch_lightning'] = None\n"
+        "for name in ('lightning', 'lightning.pytorch', 'pytorch_lightning'):\n"
+        "    sys.modules[name] = None\n"
         "import gradwatch\n"
         "assert 'gradwatch.lightning' not in sys.modules\n"
         "try:\n"
