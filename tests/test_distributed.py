@@ -189,3 +189,10 @@ def test_a_rank_waits_for_rank_zeros_run_id_only_within_the_bound(ddp_logs: Path
 
 def test_outside_torch_distributed_the_own_run_id_is_kept() -> None:
     assert shared_run_id("solo") == "solo"
+
+
+def test_an_explicit_run_id_is_used_and_validated() -> None:
+    with gradwatch.watch(nn.LSTM(2, 3), run_id="my-run") as monitor:
+        assert monitor.run_id == "my-run"
+    with pytest.raises(ValueError, match="run_id must be a non-empty string"):
+        gradwatch.watch(nn.LSTM(2, 3), run_id="")
