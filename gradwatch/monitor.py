@@ -17,7 +17,7 @@ import time
 import uuid
 import warnings
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -39,6 +39,7 @@ from gradwatch.capture.replay import (
     trace_builtin_cell,
     trace_custom_cell,
 )
+from gradwatch.distributed import LogRanks, check_log_ranks, shared_run_id, writes_log
 from gradwatch.estimators.gradients import gradient_norms
 from gradwatch.estimators.jacobian import builtin_step_jacobians, function_step_jacobians
 from gradwatch.estimators.layer import EstimatorSettings, WarmStart, estimate_layer, layer_metrics
@@ -390,7 +391,7 @@ class Monitor:
         """One Measurement per layer and direction of every module that ran on this step (no side effects
         on the user's random stream: the estimators run under a forked RNG)."""
         records: list[Measurement] = []
-        with torch.random.fork_rng(devices=self._cuda_devices()), torch.no_grad():
+        with torch.random.fork_rng(devices=self._cuda_devices()), torch.no_grad(), _autocast_off():
             for watched in self._watched:
                 if watched.name in self._disabled_modules:
                     continue
@@ -445,6 +446,7 @@ class Monitor:
     def _traces(self, watched: WatchedModule) -> list[LayerTrace] | None:
         """Replay the module on its probe (fixed mode) or on this step's recorded call (live mode)."""
         recorder = self._recorders[watched.name]
+        recorder.settle()  # calls recorded inside a torch.compile'd forward
         probe = self._probes.get(watched.name)
         fresh = probe is None or self.config.probe == "live"
         if fresh:
@@ -592,6 +594,16 @@ class _OptimizerHook:
         return (_inert_hook, ())
 
 
+@contextlib.contextmanager
+def _autocast_off() -> Iterator[None]:
+    """Measure in the module's own precision even if optimizer.step() runs inside a torch.autocast block."""
+    with contextlib.ExitStack() as stack:
+        for device_type in ("cpu", "cuda"):
+            if device_type == "cpu" or torch.cuda.is_available():
+                stack.enter_context(torch.autocast(device_type, enabled=False))
+        yield
+
+
 def _distributed_rank() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -630,6 +642,8 @@ def watch(
     seed: int = 0,
     fsync: FsyncPolicy = "header",
     history_size: int = 100_000,
+    run_id: str | None = None,
+    log_ranks: LogRanks = "all",
 ) -> Monitor:
     """Attach a monitor to every recurrent module of ``model``: one line, no change to the training loop.
 
@@ -641,6 +655,8 @@ def watch(
     ``clip``: None, a max norm (as ``clip_grad_norm_``), ``"auto"`` (ZClip) or a ClipPolicy.
     ``nonfinite``: "warn", "raise" or "skip" (the optimizer step does not happen).
     ``prometheus``: a port (0 = any free one), "host:port" or "push://host:port".
+    Under torch.distributed every rank measures its own batch; ``log_ranks="all"`` writes one log per rank
+    (``NAME.rank<r>.jsonl`` for r > 0), ``"zero"`` only rank 0's. ``run_id`` defaults to rank 0's new id.
     Every configuration error is raised here, before training starts.
     """
     config = WatchConfig(
@@ -668,15 +684,18 @@ def watch(
     modules = find_rnn_modules(model)
     if not modules:
         raise ValueError(NO_RNN_MESSAGE)
+    log_ranks = check_log_ranks(log_ranks)
+    if run_id is not None and (not isinstance(run_id, str) or not run_id):
+        raise ValueError(f"run_id must be a non-empty string (or None for a new one), got {run_id!r}")
     rank, _ = _distributed_rank()
-    run_id = new_run_id()
+    run_id = run_id or shared_run_id(new_run_id())
     user_sinks = list(sinks)
     for sink in user_sinks:
         if not all(callable(getattr(sink, m, None)) for m in ("write", "flush", "close")):
             raise TypeError(f"sinks must have write(record), flush() and close(); {sink!r} does not")
     all_sinks: list[Sink] = [LoggingSink()]
     try:
-        if log is not None:
+        if log is not None and writes_log(log_ranks, rank):
             all_sinks.append(JsonlSink(rank_log_path(log, rank), fsync=fsync))
         if prometheus is not None and prometheus is not False:
             from gradwatch.sinks.prometheus import PrometheusSink

@@ -3,12 +3,16 @@
 The hook never changes a module's inputs or outputs. It keeps the *last* call of a measured step (the last
 micro-batch under gradient accumulation; for cells, the last unbroken chain of calls), sliced to the first
 ``max_sequences`` sequences and cloned so later in-place edits by the user cannot reach it.
+
+Under ``torch.compile`` the hook body is traced, so it cannot copy tensors eagerly: it only appends the call's
+tensors to a list (Dynamo replays that as a side effect after the graph runs) and :meth:`CallRecorder.settle`
+copies them at the end of the step. No graph break, so ``fullgraph=True`` keeps working.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -18,6 +22,9 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 from gradwatch.capture.modules import State, WatchedModule
 
 MAX_CELL_CALLS = 4096  # bound on the recorded chain of one cell per measured step
+
+PendingCall = tuple[tuple[Any, ...], dict[str, Any], Any, "torch.dtype | None"]
+"""(args, kwargs, output, autocast dtype) of a call made inside a torch.compile'd forward, copied later."""
 
 
 @dataclass(frozen=True)
@@ -31,6 +38,7 @@ class FusedCall:
     output: Tensor  # (T, B, directions * P), zeros at padded steps
     h_n: Tensor  # (layers * directions, B, P)
     c_n: Tensor | None
+    autocast_dtype: torch.dtype | None = None  # the call ran under torch.autocast with this dtype
 
 
 @dataclass(frozen=True)
@@ -40,6 +48,7 @@ class CellCall:
     x: Tensor  # (B, I)
     state_in: tuple[Tensor, ...]  # each (B, n_i)
     state_out: tuple[Tensor, ...]
+    autocast_dtype: torch.dtype | None = None  # the call ran under torch.autocast with this dtype
 
 
 class CallRecorder:
@@ -56,29 +65,49 @@ class CallRecorder:
         self.fused_call: FusedCall | None = None
         self.cell_calls: list[CellCall] = []
         self._last_output: tuple[Tensor, ...] | None = None  # the user's tensors, to detect a chain
+        self._deferred: list[PendingCall] = []  # calls seen inside a compiled forward
 
     def reset(self) -> None:
         """Drop everything recorded (called after each measurement)."""
         self.fused_call = None
         self.cell_calls = []
         self._last_output = None
+        self._deferred = []
 
     @property
     def has_data(self) -> bool:
+        self.settle()
         return self.fused_call is not None or bool(self.cell_calls)
+
+    def settle(self) -> None:
+        """Record, in call order, the calls a compiled forward handed over (call before reading the data)."""
+        deferred, self._deferred = self._deferred, []
+        for args, kwargs, output, autocast_dtype in deferred:
+            self._record(args, kwargs, output, autocast_dtype)
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         if not self.armed or module is not self.watched.module or not torch.is_grad_enabled():
             return  # eval / no_grad passes, copies of the model and unmeasured steps are not recorded
         if _is_compiling():
+            # Traced by Dynamo: keep references only (a side effect it replays); settle() copies them eagerly.
+            self._deferred.append((args, kwargs, output, _autocast_dtype(output)))
             return
+        self.settle()
+        self._record(args, kwargs, output, _autocast_dtype(output))
+
+    def _record(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any, autocast: torch.dtype | None
+    ) -> None:
         with torch.no_grad():
             if self.watched.kind == "fused":
-                self.fused_call = _record_fused(module, args, kwargs, output, self.max_sequences)
+                call = _record_fused(self.watched.module, args, kwargs, output, self.max_sequences)
+                self.fused_call = replace(call, autocast_dtype=autocast)
             else:
-                self._record_cell(args, kwargs, output)
+                self._record_cell(args, kwargs, output, autocast)
 
-    def _record_cell(self, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+    def _record_cell(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any, autocast: torch.dtype | None = None
+    ) -> None:
         x = args[0] if args else kwargs.get("input")
         state = args[1] if len(args) > 1 else kwargs.get("hx", kwargs.get("state"))
         if not isinstance(x, Tensor):
@@ -104,6 +133,7 @@ class CallRecorder:
                 x=x[:k].detach().clone(),
                 state_in=tuple(t[:k].detach().clone() for t in state_in),
                 state_out=tuple(t[:k].detach().clone() for t in out),
+                autocast_dtype=autocast,
             )
         )
         self._last_output = out
@@ -121,6 +151,27 @@ def _inert_hook() -> Callable[..., None]:
 
 def _do_nothing(*args: Any, **kwargs: Any) -> None:
     return None
+
+
+def _autocast_dtype(output: Any) -> torch.dtype | None:
+    """The lower precision dtype the call ran under, if torch.autocast was on for the output's device."""
+    first = output if isinstance(output, Tensor) else next(_tensors(output), None)
+    if first is None:
+        return None
+    device_type = first.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def _tensors(value: Any) -> Iterator[Tensor]:
+    if isinstance(value, Tensor):
+        yield value
+    elif isinstance(value, PackedSequence):
+        yield value.data
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _tensors(item)
 
 
 def _is_compiling() -> bool:

@@ -50,6 +50,7 @@ class LayerTrace:
     weights: CellWeights | None = None  # built-in cells: analytic Jacobians
     step_function: FlatStep | None = None  # user cells: (x_t, s_{t-1}) -> s_t on flat states
     recurrent_weight: Tensor | None = None  # W_hh for the weight factor
+    autocast_dtype: torch.dtype | None = None  # the recorded calls ran under torch.autocast in this dtype
 
     @property
     def previous_states(self) -> Tensor:
@@ -179,7 +180,10 @@ def replay_fused(module: nn.Module, kind: CellKind, call: FusedCall) -> FusedRep
 def check_fused_replay(module: nn.Module, call: FusedCall, replay: FusedReplay) -> ReplayCheck:
     """Compare the replay with what the fused kernel returned for the same call."""
     dtype = replay.output.dtype
-    tolerance = replay_tolerance(call.inputs.dtype if call.inputs.dtype != torch.float32 else dtype)
+    # The loosest of the replay's, the inputs' and the outputs' precision (under autocast the kernel ran in
+    # float16/bfloat16 on float32 inputs).
+    dtypes = (dtype, call.inputs.dtype, call.output.dtype, call.autocast_dtype or dtype)
+    tolerance = max(replay_tolerance(d) for d in dtypes)
     if module.training and float(module.dropout) > 0 and int(module.num_layers) > 1:
         layer0 = 2 if module.bidirectional else 1  # dropout sits between layers: layer 0 is untouched
         error = (replay.h_n[:layer0] - call.h_n[:layer0].to(dtype)).abs().max()
@@ -219,7 +223,8 @@ def trace_builtin_cell(module: nn.Module, kind: CellKind, calls: list[CellCall],
     if recompute:
         states = _rerun_chain(lambda x, s: cell_step(weights, x, s), inputs, states[0])
     mask = torch.ones(inputs.shape[:2], dtype=torch.bool, device=inputs.device)
-    return LayerTrace(0, "forward", inputs, states, mask, weights, None, weights.weight_hh)
+    autocast = next((c.autocast_dtype for c in calls if c.autocast_dtype is not None), None)
+    return LayerTrace(0, "forward", inputs, states, mask, weights, None, weights.weight_hh, autocast)
 
 
 def check_cell_replay(trace: LayerTrace) -> ReplayCheck:
@@ -227,7 +232,9 @@ def check_cell_replay(trace: LayerTrace) -> ReplayCheck:
     assert trace.weights is not None
     predicted = cell_step(trace.weights, trace.inputs, trace.previous_states)
     error = (predicted - trace.states[1:]).abs().max()
-    return ReplayCheck(float(error), replay_tolerance(trace.states.dtype), "cell outputs")
+    dtypes = (trace.states.dtype, trace.autocast_dtype or trace.states.dtype)  # autocast: the kernel's precision
+    tolerance = max(replay_tolerance(d) for d in dtypes)
+    return ReplayCheck(float(error), tolerance, "cell outputs")
 
 
 def custom_step_function(module: nn.Module, spec: CustomCellSpec, sizes: list[int], dtype: torch.dtype) -> FlatStep:

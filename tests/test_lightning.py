@@ -1,0 +1,202 @@
+"""GradWatchCallback: Lightning training writes the expected records, once per optimizer step."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import gradwatch
+from gradwatch.records import Alert, AlertKind, Measurement, RunHeader, record_from_json
+
+pl = pytest.importorskip("lightning.pytorch", reason="needs Lightning: pip install 'gradwatch[lightning]'")
+from gradwatch.lightning import GradWatchCallback  # noqa: E402
+
+
+class SequenceRegressor(pl.LightningModule):
+    """An RNN -> linear model predicting a value per time step; counts its training_step calls."""
+
+    def __init__(self, rnn: nn.Module, hidden: int, lr: float = 1e-2) -> None:
+        super().__init__()
+        self.rnn = rnn
+        self.head = nn.Linear(hidden, 1)
+        self.lr = lr
+        self.batches_seen = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(x)
+        return self.head(out).squeeze(-1)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        self.batches_seen += 1
+        x, y = batch
+        return nn.functional.mse_loss(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def _loader(batches: int, batch_size: int = 4, steps: int = 8, features: int = 3) -> DataLoader:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(batches * batch_size, steps, features, generator=generator)
+    y = torch.randn(batches * batch_size, steps, generator=generator)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
+
+
+def _trainer(callback: GradWatchCallback, max_steps: int, **kwargs: object) -> pl.Trainer:
+    return pl.Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        devices=1,
+        callbacks=[callback],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def _read(path: Path) -> list:
+    return [record_from_json(json.loads(line)) for line in path.read_text().splitlines()]
+
+
+def _exploding_rnn() -> nn.RNN:
+    """A ReLU RNN with W_hh = 1.5 I and positive inputs: every J_t = 1.5 I, so ||J^15|| = 1.5^15 > 100."""
+    rnn = nn.RNN(3, 4, nonlinearity="relu", batch_first=True)
+    with torch.no_grad():
+        rnn.weight_hh_l0.copy_(1.5 * torch.eye(4))
+        rnn.weight_ih_l0.abs_()
+        rnn.bias_ih_l0.fill_(0.1)
+        rnn.bias_hh_l0.zero_()
+    return rnn
+
+
+def test_lstm_training_writes_a_header_and_one_measurement_per_step(tmp_path: Path) -> None:
+    log = tmp_path / "exp.jsonl"
+    model = SequenceRegressor(nn.LSTM(3, 6, num_layers=2, batch_first=True), 6)
+    callback = GradWatchCallback(log=log, every=1)
+    _trainer(callback, max_steps=4).fit(model, _loader(batches=4))
+
+    records = _read(log)
+    assert isinstance(records[0], RunHeader)
+    assert [m["name"] for m in records[0].modules] == ["rnn"]
+    measurements = [r for r in records if isinstance(r, Measurement)]
+    expected = [(step, layer) for step in range(4) for layer in (0, 1)]
+    assert sorted({(m.step, m.layer) for m in measurements}) == expected
+    assert all(m.metrics.jacobian_sigma_max_mean is not None for m in measurements)
+    assert all(m.run_id == records[0].run_id for m in measurements)
+    assert callback.monitor is None  # teardown closed the monitor
+
+
+@pytest.mark.parametrize("accumulate", [1, 2, 3], ids=["accumulate-1", "accumulate-2", "accumulate-3"])
+def test_gradient_accumulation_measures_once_per_optimizer_step(tmp_path: Path, accumulate: int) -> None:
+    log = tmp_path / "exp.jsonl"
+    model = SequenceRegressor(nn.GRU(3, 5, batch_first=True), 5)
+    callback = GradWatchCallback(log=log, every=1)
+    trainer = _trainer(callback, max_steps=3, accumulate_grad_batches=accumulate)
+    trainer.fit(model, _loader(batches=3 * accumulate))
+
+    assert model.batches_seen == 3 * accumulate
+    steps = [r.step for r in _read(log) if isinstance(r, Measurement)]
+    assert steps == [0, 1, 2]
+    assert trainer.global_step == 3
+
+
+def test_exploding_init_raises_an_exploding_alert(tmp_path: Path) -> None:
+    log = tmp_path / "exp.jsonl"
+    model = SequenceRegressor(_exploding_rnn(), 4, lr=0.0)  # lr 0: the weights stay exploding
+    callback = GradWatchCallback(log=log, every=1)
+    loader = DataLoader(TensorDataset(torch.rand(16, 16, 3), torch.zeros(16, 16)), batch_size=4)
+    with pytest.warns(gradwatch.ExplodingGradientWarning):
+        _trainer(callback, max_steps=4).fit(model, loader)
+
+    records = _read(log)
+    lyapunov = [r.metrics.lyapunov_max for r in records if isinstance(r, Measurement)]
+    assert lyapunov == pytest.approx([torch.log(torch.tensor(1.5)).item()] * 4, rel=1e-3)
+    alerts = [r for r in records if isinstance(r, Alert)]
+    assert [a.alert for a in alerts] == [AlertKind.EXPLODING]
+    assert alerts[0].module == "rnn"
+
+
+def test_skipped_amp_steps_are_not_steps_nor_nonfinite_alerts(tmp_path: Path) -> None:
+    """A GradScaler that finds inf skips optimizer.step(): the callback must not count or flag that step."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    class InfOnSecondBatch(SequenceRegressor):
+        def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+            loss = super().training_step(batch, batch_idx)
+            return loss * float("inf") if batch_idx == 1 else loss
+
+    log = tmp_path / "exp.jsonl"
+    model = InfOnSecondBatch(nn.RNN(3, 4, batch_first=True), 4)  # CPU float16 autocast runs nn.RNN in fp16
+    callback = GradWatchCallback(log=log, every=1)
+    precision = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", gradwatch.NonFiniteGradientWarning)
+        trainer = _trainer(callback, max_steps=4, plugins=[precision])
+        trainer.fit(model, _loader(batches=5))
+
+    records = _read(log)
+    assert not [r for r in records if isinstance(r, Alert)]
+    # Lightning counts the skipped step in global_step; gradwatch counts optimizer steps taken (3 of 4).
+    assert model.batches_seen == trainer.global_step == 4
+    assert [r.step for r in records if isinstance(r, Measurement)] == [0, 1, 2]
+
+
+def test_checkpoint_carries_the_step_counter(tmp_path: Path) -> None:
+    log = tmp_path / "exp.jsonl"
+    model = SequenceRegressor(nn.GRU(3, 5, batch_first=True), 5)
+    trainer = _trainer(GradWatchCallback(log=log, every=1), max_steps=2)
+    trainer.fit(model, _loader(batches=4))
+    checkpoint = tmp_path / "two.ckpt"
+    trainer.save_checkpoint(checkpoint)
+
+    resumed = _trainer(GradWatchCallback(log=log, every=1), max_steps=4)
+    fresh_model = SequenceRegressor(nn.GRU(3, 5, batch_first=True), 5)
+    resumed.fit(fresh_model, _loader(batches=4), ckpt_path=checkpoint)
+    records = _read(log)
+    headers = [r for r in records if isinstance(r, RunHeader)]
+    assert len(headers) == 2
+    second_run = [r.step for r in records if isinstance(r, Measurement) and r.run_id == headers[1].run_id]
+    assert second_run == [2, 3]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"optimizer": None}, "does not take 'optimizer'"),
+        ({"nonfinite": "skip"}, "nonfinite='skip' is not available"),
+    ],
+    ids=["optimizer", "nonfinite-skip"],
+)
+def test_options_lightning_owns_are_rejected(options: dict, message: str) -> None:
+    with pytest.raises((TypeError, ValueError), match=message):
+        GradWatchCallback(**options)
+
+
+def test_gradwatch_imports_without_lightning_and_the_callback_names_the_extra() -> None:
+    script = (
+        "import sys\n"
+        "for name in ('lightning', 'lightning.pytorch', 'pytorch_lightning'):\n"
+        "    sys.modules[name] = None\n"
+        "import gradwatch\n"
+        "assert 'gradwatch.lightning' not in sys.modules\n"
+        "try:\n"
+        "    import gradwatch.lightning\n"
+        "except ImportError as exc:\n"
+        "    print(exc)\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=60, check=True
+    )
+    assert "pip install 'gradwatch[lightning]'" in result.stdout
