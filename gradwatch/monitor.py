@@ -39,7 +39,7 @@ from gradwatch.capture.replay import (
     trace_builtin_cell,
     trace_custom_cell,
 )
-from gradwatch.distributed import LogRanks, check_log_ranks, shared_run_id, writes_log
+from gradwatch.distributed import LogRanks, check_log_ranks, distributed_rank, shared_run_id, writes_log
 from gradwatch.estimators.gradients import gradient_norms
 from gradwatch.estimators.jacobian import builtin_step_jacobians, function_step_jacobians
 from gradwatch.estimators.layer import EstimatorSettings, WarmStart, estimate_layer, layer_metrics
@@ -141,7 +141,7 @@ class Monitor:
         self._watched = list(modules) if modules is not None else find_rnn_modules(model)
         if not self._watched:
             raise ValueError(NO_RNN_MESSAGE)
-        self.rank, self.world_size = _distributed_rank()
+        self.rank, self.world_size = distributed_rank()
         self.run_id = run_id or new_run_id()
         self.detector = TrendDetector(config.detection)
         self.clip_policy = clip
@@ -604,12 +604,6 @@ def _autocast_off() -> Iterator[None]:
         yield
 
 
-def _distributed_rank() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 def rank_log_path(path: str | os.PathLike[str], rank: int) -> Path:
     """``runs/exp.jsonl`` for rank 0, ``runs/exp.rank1.jsonl`` for rank 1, ..."""
     p = Path(path)
@@ -687,7 +681,7 @@ def watch(
     log_ranks = check_log_ranks(log_ranks)
     if run_id is not None and (not isinstance(run_id, str) or not run_id):
         raise ValueError(f"run_id must be a non-empty string (or None for a new one), got {run_id!r}")
-    rank, _ = _distributed_rank()
+    rank, _ = distributed_rank()
     run_id = run_id or shared_run_id(new_run_id())
     user_sinks = list(sinks)
     for sink in user_sinks:
