@@ -1,4 +1,4 @@
-"""``gradwatch demo``: a small RNN on the adding problem, monitored live, in a healthy, vanishing or exploding setup."""
+"""``gradwatch demo``: a small RNN on the adding problem, monitored live (healthy, vanishing or exploding)."""
 
 from gradwatch.demo.run import DemoOptions, DemoResult, DemoSetupError, run_demo
 from gradwatch.demo.scenarios import CELLS, SCENARIOS, Scenario, build_model, scenario_for

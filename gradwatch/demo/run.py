@@ -66,7 +66,9 @@ class DemoOptions:
         if self.port is not None and (
             isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535
         ):
-            raise ValueError(f"port must be in 0..65535 (0 = any free port) or None (no exporter), got {self.port!r}")
+            raise ValueError(
+                f"port must be in 0..65535 (0 = any free port) or None (no exporter), got {self.port!r}"
+            )
         scenario_for(self.scenario, self.cell, self.seq_len)  # raises on an unknown scenario/cell/seq_len
 
 
@@ -206,14 +208,17 @@ def run_demo(options: DemoOptions, console: Console) -> DemoResult:
     """Train the scenario's network with the monitor on, printing progress, alerts and the final report."""
     scenario = scenario_for(options.scenario, options.cell, options.seq_len)
     console.rule(f"gradwatch demo: {scenario.name} {scenario.cell}")
-    console.print(f"Task: the adding problem, T = {scenario.seq_len} (predicting the mean gives MSE {BASELINE_MSE:.3f}).")
+    baseline = f"always predicting 1 gives MSE {BASELINE_MSE:.3f}"
+    console.print(f"Task: the adding problem, T = {scenario.seq_len} ({baseline}).")
     console.print(f"Model: {scenario.describe()}.", highlight=False)
     if scenario.adjusted:
         console.print(
             f"[bold]Adjusted:[/] --cell {scenario.requested_cell} with --scenario {scenario.name} "
             f"trains --cell {scenario.cell}.",
         )
-    console.print(f"Expected verdict: [bold]{scenario.expected_verdict}[/]. Why: {scenario.why}", highlight=False)
+    console.print(
+        f"Expected verdict: [bold]{scenario.expected_verdict}[/]. Why: {scenario.why}", highlight=False
+    )
 
     torch.manual_seed(options.seed)
     model = build_model(scenario, options.hidden_size)
@@ -273,7 +278,10 @@ def _print_summary(result: DemoResult, console: Console) -> None:
         f"final loss {_format(result.final_loss)}.",
         highlight=False,
     )
-    console.print(f"Run log: {result.log_path}  (gradwatch report {result.log_path} --format html -o report.html)", highlight=False)
+    console.print(
+        f"Run log: {result.log_path}  (gradwatch report {result.log_path} --format html -o report.html)",
+        highlight=False,
+    )
     others = [name for name in ("healthy", "vanishing", "exploding") if name != scenario.name]
     console.print(
         f"Try next: gradwatch demo --scenario {others[0]}, --scenario {others[1]}, or --cell lstm / gru.",

@@ -1,4 +1,4 @@
-"""The demo's scenarios: which cell, initialisation and sequence length make gradients healthy, vanish or explode.
+"""The demo's scenarios: the cell, initialisation and sequence length that make gradients vanish or explode.
 
 The lecture's step Jacobian is J_t = diag(f'(a_t)) W_hh: a product of such factors vanishes when both
 factors keep ||J_t|| below 1 and explodes when W_hh is large enough to keep it above 1 (especially with
@@ -54,10 +54,7 @@ class Scenario:
 
     def describe(self) -> str:
         """One line naming the model and its initialisation."""
-        if self.cell == "rnn":
-            model = f"nn.RNN({self.nonlinearity})"
-        else:
-            model = f"nn.{self.cell.upper()}"
+        model = f"nn.RNN({self.nonlinearity})" if self.cell == "rnn" else f"nn.{self.cell.upper()}"
         parts = [f"{model}, W_hh = {self.recurrent_gain:g} x orthogonal"]
         if self.gate_bias is not None:
             gate = "forget" if self.cell == "lstm" else "update (z)"
@@ -155,7 +152,7 @@ ADJUSTED: dict[tuple[ScenarioName, CellName], tuple[CellName, str]] = {
         "a GRU's state is a convex mix of h_{t-1} and a tanh candidate, so it stays in [-1, 1]; a large "
         "W_hh makes its dynamics chaotic rather than steadily growing, and then not even the monitor's "
         "replay can follow it (measured: replay errors of 2e-3 at W_hh = 3 x orthogonal). The exploding "
-        "scenario trains the ReLU nn.RNN instead"
+        "scenario trains the ReLU nn.RNN instead",
     ),
 }
 """Combinations that make no sense as asked, with the cell used instead and why."""
@@ -168,7 +165,9 @@ def scenario_for(name: str, cell: str, seq_len: int | None = None) -> Scenario:
     if cell not in CELLS:
         raise ValueError(f"unknown cell {cell!r}; choose from {', '.join(CELLS)}")
     if seq_len is not None and (isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2):
-        raise ValueError(f"seq_len must be an integer >= 2 (the adding problem marks two steps), got {seq_len!r}")
+        raise ValueError(
+            f"seq_len must be an integer >= 2 (the adding problem marks two steps), got {seq_len!r}"
+        )
     requested: CellName = cell  # type: ignore[assignment]
     scenario: ScenarioName = name  # type: ignore[assignment]
     used, note = ADJUSTED.get((scenario, requested), (requested, ""))
