@@ -7,6 +7,8 @@ from pathlib import Path
 import click
 
 from gradwatch._version import __version__
+from gradwatch.demo import CELLS, SCENARIOS, DemoOptions, DemoSetupError, run_demo
+from gradwatch.demo.run import DEFAULT_PORT
 from gradwatch.report import command
 from gradwatch.report.follow import follow as follow_logs
 from gradwatch.report.metrics import METRIC_NAMES
@@ -136,6 +138,66 @@ def report(
                 f"gradwatch report: {run.title}: {layer.title} is {layer.verdict.verdict.value}", err=True
             )
     ctx.exit(status)
+
+
+@main.command("demo")
+@click.option("--cell", type=click.Choice(CELLS), default="rnn", show_default=True, help="Recurrent cell.")
+@click.option(
+    "--scenario",
+    type=click.Choice(SCENARIOS),
+    default="vanishing",
+    show_default=True,
+    help="Which gradient regime the initialisation sets up (see docs/demo.md).",
+)
+@click.option("--steps", type=click.IntRange(min=1), default=200, show_default=True, help="Training steps.")
+@click.option(
+    "--seq-len", type=click.IntRange(min=2), default=None, help="Sequence length (default: the scenario's)."
+)
+@click.option(
+    "--every", type=click.IntRange(min=1), default=10, show_default=True, help="Measure every N steps."
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the model and the data.")
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=DEFAULT_PORT,
+    show_default=True,
+    help="Prometheus exporter port on localhost (0 = any free port).",
+)
+@click.option("--no-prometheus", is_flag=True, help="Do not start the Prometheus exporter.")
+@click.option(
+    "--log-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("runs"),
+    show_default=True,
+    help="Directory for the run log (JSON lines).",
+)
+def demo(
+    cell: str,
+    scenario: str,
+    steps: int,
+    seq_len: int | None,
+    every: int,
+    seed: int,
+    port: int,
+    no_prometheus: bool,
+    log_dir: Path,
+) -> None:
+    """Train a small RNN on the adding problem with gradwatch on: live Jacobian norms, alerts, report."""
+    options = DemoOptions(
+        cell=cell,
+        scenario=scenario,
+        steps=steps,
+        seq_len=seq_len,
+        every=every,
+        seed=seed,
+        port=None if no_prometheus else port,
+        log_dir=log_dir,
+    )
+    try:
+        run_demo(options, make_console(click.get_text_stream("stdout")))
+    except (DemoSetupError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 if __name__ == "__main__":  # pragma: no cover

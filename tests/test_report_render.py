@@ -6,8 +6,10 @@ import json
 import math
 import re
 
+import pytest
+
 from gradwatch.records import Alert, AlertKind, Measurement, MeasurementMetrics, Record, RunHeader
-from gradwatch.report.render_html import chart_svg, render_html
+from gradwatch.report.render_html import axis_labels, chart_svg, render_html
 from gradwatch.report.render_json import REPORT_JSON_SCHEMA, render_json
 from gradwatch.report.render_markdown import escape_markdown, render_markdown
 from gradwatch.report.summary import summarize
@@ -85,3 +87,17 @@ def test_long_series_are_binned_for_the_chart() -> None:
     lyapunov = next(m for m in layer.metrics if m.name == "lyapunov_max")
     points = re.search(r'points="([^"]+)"', chart_svg(lyapunov, []))
     assert points is not None and len(points.group(1).split()) == MAX_CHART_POINTS
+
+
+@pytest.mark.parametrize(
+    ("low", "high", "expected"),
+    [
+        (1.998, 2.004, ("1.998", "2.004")),  # a nearly flat series: 3 digits would read "2" at both ends
+        (2.0, 2.01, ("2", "2.01")),
+        (1.06e3, 9.43e3, ("1.06e+03", "9.43e+03")),
+        (0.5, 1.5, ("0.5", "1.5")),
+    ],
+    ids=["flat-needs-4-digits", "three-digits-suffice", "scientific", "plain"],
+)
+def test_html_axis_labels_tell_the_ends_apart(low: float, high: float, expected: tuple[str, str]) -> None:
+    assert axis_labels(low, high) == expected

@@ -73,6 +73,19 @@ def _y_value(value: float | None, log_scale: bool) -> float | None:
     return math.log10(value) if log_scale else value
 
 
+def axis_labels(low: float, high: float) -> tuple[str, str]:
+    """The y-axis end labels, with as many significant digits as it takes to tell them apart (up to 6).
+
+    A nearly flat series (sigma_max(W_hh) from 2 to 2.01) would otherwise read "2" at both ends.
+    """
+    low_text, high_text = format_number(low), format_number(high)
+    for digits in range(4, 7):
+        if low_text != high_text:
+            break
+        low_text, high_text = f"{low:.{digits}g}", f"{high:.{digits}g}"
+    return low_text, high_text
+
+
 def chart_svg(metric: MetricSummary, alerts: Sequence[tuple[int, str, str]]) -> str:
     """An inline SVG line chart of ``metric.series``; ``alerts`` are (step, kind, label) marks."""
     log_scale = metric.scale == "log"
@@ -129,11 +142,11 @@ def chart_svg(metric: MetricSummary, alerts: Sequence[tuple[int, str, str]]) -> 
         else:
             coords = " ".join(f"{x_of(s):.1f},{y_of(y):.1f}" for s, y in segment)
             parts.append(f'<polyline points="{coords}" fill="none" stroke="#1565c0" stroke-width="1.5"/>')
-    to_label = (lambda y: format_number(10**y)) if log_scale else format_number
+    low_label, high_label = axis_labels(10**y_low, 10**y_high) if log_scale else axis_labels(y_low, y_high)
     label_x = _MARGIN_LEFT - 4
     parts += [
-        f'<text x="{label_x}" y="{_MARGIN_TOP + 8}" text-anchor="end">{esc(to_label(y_high))}</text>',
-        f'<text x="{label_x}" y="{bottom}" text-anchor="end">{esc(to_label(y_low))}</text>',
+        f'<text x="{label_x}" y="{_MARGIN_TOP + 8}" text-anchor="end">{esc(high_label)}</text>',
+        f'<text x="{label_x}" y="{bottom}" text-anchor="end">{esc(low_label)}</text>',
         f'<text x="{_MARGIN_LEFT}" y="{CHART_HEIGHT - 6}">step {x_low}</text>',
         f'<text x="{_MARGIN_LEFT + plot_w}" y="{CHART_HEIGHT - 6}" text-anchor="end">{x_high}</text>',
         "</svg>",
