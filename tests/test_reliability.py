@@ -347,7 +347,7 @@ def test_a_resumed_run_continues_alerts_clipping_and_measurements_exactly(tmp_pa
     assert resumed.clip_policy.state_dict() == uninterrupted.clip_policy.state_dict()  # type: ignore[union-attr]
 
     report = make_report([str(log)], ReportOptions())
-    assert [run.header.run_id for run in report.runs] == [first.run_id, resumed.run_id]  # type: ignore[union-attr]
+    assert {run.header.run_id for run in report.runs} == {first.run_id, resumed.run_id}  # type: ignore[union-attr]
     contents = read_logs([str(log)])
     assert not contents.problems
     assert {r.run_id for r in contents.records} == {first.run_id, resumed.run_id}
