@@ -19,6 +19,7 @@ import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -56,8 +57,14 @@ from gradwatch.records import (
     Record,
     RunHeader,
 )
+from gradwatch.resume import (
+    probe_from_state,
+    probe_to_state,
+    warm_start_from_state,
+    warm_start_to_state,
+)
 from gradwatch.sinks.base import Sink
-from gradwatch.sinks.jsonl import FsyncPolicy, JsonlSink
+from gradwatch.sinks.jsonl import FSYNC_POLICIES, FsyncPolicy, JsonlSink
 from gradwatch.sinks.logs import LoggingSink
 
 logger = logging.getLogger("gradwatch")
@@ -154,6 +161,8 @@ class Monitor:
         self._closed = False
         self._disabled_modules: dict[str, str] = {}
         self._warned: set[str] = set()
+        self.fault_counts: dict[str, int] = {}
+        """How often each part of gradwatch failed ("capture:rnn", "sink:JsonlSink(...)", "clip", ...)."""
         self._warm_starts: dict[LayerKey, WarmStart] = {}
         self._probes: dict[str, FusedCall | list[CellCall]] = {}
         self._generator: torch.Generator | None = None
@@ -165,7 +174,9 @@ class Monitor:
         }
 
         for watched in self._watched:
-            recorder = CallRecorder(watched, config.max_sequences)
+            recorder = CallRecorder(
+                watched, config.max_sequences, on_fault=partial(self._fault, "capture", watched.name)
+            )
             self._recorders[watched.name] = recorder
             self._handles.append(watched.module.register_forward_hook(recorder, with_kwargs=True))
         if optimizer is not None:
@@ -258,7 +269,10 @@ class Monitor:
                     sink.flush()
 
     def state_dict(self) -> dict[str, Any]:
-        """What a resumed run needs to continue where this one stopped (step counter, warm starts)."""
+        """What a resumed run needs to continue where this one stopped: step counter, detector windows,
+        clip policy, warm-start vectors, kept probes, random generator. Only tensors and plain values, so
+        ``torch.load`` reads it with its safe default ``weights_only=True``."""
+        generator = self._generator
         return {
             "step": self._step,
             "run_id": self.run_id,
@@ -266,11 +280,18 @@ class Monitor:
             "detector": self.detector.state_dict(),
             "nonfinite": self._nonfinite.state_dict(),
             "clip_policy": self.clip_policy.state_dict() if self.clip_policy is not None else None,
-            "warm_starts": {"|".join(map(str, k)): v for k, v in self._warm_starts.items()},
+            "warm_starts": {
+                "|".join(map(str, key)): warm_start_to_state(warm) for key, warm in self._warm_starts.items()
+            },
+            "probes": {name: probe_to_state(probe) for name, probe in self._probes.items()},
+            "generator": None
+            if generator is None
+            else {"device": str(generator.device), "state": generator.get_state()},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if "step" not in state or not isinstance(state["step"], int):
+        """Continue from ``state_dict()`` of an earlier monitor on the same model (the run_id stays new)."""
+        if not isinstance(state, Mapping) or not isinstance(state.get("step"), int):
             raise ValueError("a gradwatch state_dict needs an integer 'step' (from Monitor.state_dict())")
         self._step = int(state["step"])
         self.clip_count = int(state.get("clip_count", 0))
@@ -283,7 +304,17 @@ class Monitor:
         self._warm_starts = {}
         for key, value in dict(state.get("warm_starts", {})).items():
             name, layer, direction = key.rsplit("|", 2)
-            self._warm_starts[(name, int(layer), direction)] = value
+            self._warm_starts[(name, int(layer), direction)] = warm_start_from_state(value)
+        self._probes = {
+            name: probe_from_state(probe)
+            for name, probe in dict(state.get("probes", {})).items()
+            if name in self._recorders
+        }
+        generator = state.get("generator")
+        self._generator = None
+        if generator is not None:
+            self._generator = torch.Generator(device=torch.device(generator["device"]))
+            self._generator.set_state(generator["state"])
         self._arm(self._is_measured(self._step))
 
     # --- the step -------------------------------------------------------------------------------------
@@ -304,17 +335,22 @@ class Monitor:
         step = self._step
         alerts: list[Alert] = []
         try:
-            for sink in self._sinks:
+            for sink in list(self._sinks):
                 observe = getattr(sink, "observe_step", None)
                 if observe is not None:
-                    observe(step)
-            grad_values, nonfinite_total = gradient_norms(self._parameters).to_host()
-            if nonfinite_total:
-                alerts += self._handle_nonfinite(step, optimizer)
-            elif self._nonfinite.active():
-                alerts += self._handle_nonfinite(step, optimizer)
+                    try:
+                        observe(step)
+                    except Exception as exc:
+                        self._sink_failed(sink, exc)
+            grad_values: Mapping[str, float] = {}
+            nonfinite_total = 0
+            with self._guard("gradients"):
+                grad_values, nonfinite_total = gradient_norms(self._parameters).to_host()
+                if nonfinite_total or self._nonfinite.active():
+                    alerts += self._handle_nonfinite(step, optimizer)
             if self.clip_policy is not None and not nonfinite_total:
-                self._clip(step)
+                with self._guard("clip"):
+                    self._clip(step)
             if self._is_measured(step):
                 alerts += self._measure(step, grad_values)
         except (GradWatchFault, NonFiniteGradientError):
@@ -383,7 +419,12 @@ class Monitor:
         alerts: list[Alert] = []
         for record in self._measure_records(step, grad_values):
             self._emit(record)
-            alerts += self.detector.update(record)
+            if record.module in self._disabled_modules:
+                continue  # its detector failed on an earlier layer of this measurement
+            try:
+                alerts += self.detector.update(record)
+            except Exception as exc:
+                self._fault("detector", record.module, exc)
         self._flush()
         return alerts
 
@@ -515,9 +556,11 @@ class Monitor:
             return []
         return sorted({p.device.index or 0 for p in self._parameters.values() if p.device.type == "cuda"})
 
-    def _emit(self, record: Record) -> None:
+    def _emit(self, record: Record, *, skip: Sink | None = None) -> None:
         self.history.append(record)
         for sink in list(self._sinks):
+            if sink is skip:
+                continue
             try:
                 sink.write(record)
             except Exception as exc:
@@ -531,25 +574,65 @@ class Monitor:
                 self._sink_failed(sink, exc)
 
     def _sink_failed(self, sink: Sink, exc: Exception) -> None:
+        """A sink raised. I/O errors (disk full, broken pipe) degrade: the record is dropped, later ones are
+        tried again, one warning. Any other error disables (and closes) the sink. Both write one error record
+        to the other sinks, at the first failure only."""
         if self.config.strict:
             raise GradWatchFault(f"sink {sink!r} failed: {exc!r}") from exc
-        self._sinks.remove(sink)
-        self._warn(f"gradwatch: sink {sink!r} failed and is disabled: {exc!r}")
-        self._emit(ErrorRecord(self._step, time.time(), f"sink:{sink!r}", repr(exc), rank=self.rank, run_id=self.run_id))
+        where = f"sink:{sink!r}"
+        failures = self.fault_counts[where] = self.fault_counts.get(where, 0) + 1
+        if isinstance(exc, OSError):
+            if failures > 1:
+                return
+            self._warn(
+                f"gradwatch: sink {sink!r} failed with an I/O error ({exc!r}); records it cannot take are "
+                "dropped and counted in monitor.fault_counts, later ones are tried again"
+            )
+        else:
+            with contextlib.suppress(ValueError):
+                self._sinks.remove(sink)
+            with contextlib.suppress(Exception):
+                sink.close()
+            self._warn(f"gradwatch: sink {sink!r} failed and is disabled: {exc!r}")
+        error = ErrorRecord(self._step, time.time(), where, repr(exc), rank=self.rank, run_id=self.run_id)
+        self._emit(error, skip=sink)
 
     def _fault(self, where: str, module: str, exc: Exception) -> None:
-        """A fault inside gradwatch: re-raise in strict mode, else disable the module and warn once."""
+        """A fault inside gradwatch: re-raise in strict mode, else disable the module (or the part: clipping)
+        and warn once; the first fault of each place also goes to the sinks as an error record."""
         if self.config.strict:
             raise GradWatchFault(f"gradwatch {where} failed for {module or 'the monitor'}: {exc!r}") from exc
+        key = f"{where}:{module}" if module else where
+        failures = self.fault_counts[key] = self.fault_counts.get(key, 0) + 1
         if module:
             self._disabled_modules[module] = repr(exc)
             self._recorders[module].armed = False
             self._recorders[module].reset()
-        self._warn(
-            f"gradwatch: {where} failed for {module or 'the monitor'} and "
-            f"{'that module is no longer measured' if module else 'this step was not measured'}: {exc!r}"
+            consequence = "that module is no longer measured"
+        elif where == "clip":
+            self.clip_policy = None
+            consequence = "gradient clipping is off from now on"
+        else:
+            consequence = "gradwatch skips it on every step where it fails"
+        if failures > 1:
+            return
+        self._warn(f"gradwatch: {where} failed for {module or 'the monitor'} and {consequence}: {exc!r}")
+        self._emit(
+            ErrorRecord(
+                self._step, time.time(), where, repr(exc), module=module, rank=self.rank, run_id=self.run_id
+            )
         )
-        self._emit(ErrorRecord(self._step, time.time(), where, repr(exc), module=module, rank=self.rank, run_id=self.run_id))
+
+    @contextlib.contextmanager
+    def _guard(self, where: str) -> Iterator[None]:
+        """Run one monitor-wide part of the step (gradient check, clipping) so a fault in it is a gradwatch
+        fault; deliberate errors (GradWatchFault, nonfinite='raise') pass through."""
+        try:
+            yield
+        except (GradWatchFault, NonFiniteGradientError):
+            raise
+        except Exception as exc:
+            self._fault(where, "", exc)
 
     def _warn(self, message: str) -> None:
         warnings.warn(message, GradWatchWarning, stacklevel=3)
@@ -673,6 +756,7 @@ def watch(
         raise TypeError(f"detection must be a gradwatch.DetectionConfig, got {type(config.detection).__name__}")
     if config.nonfinite is NonFinitePolicy.SKIP and optimizer is None:
         raise ValueError("nonfinite='skip' needs the optimizer: watch(model, optimizer, nonfinite='skip')")
+    _check_watch_options(optimizer, strict=strict, seed=seed, fsync=fsync)
     clip_policy = None if clip is None else make_clip_policy(clip)
     callbacks = _callbacks(on_alert)
     modules = find_rnn_modules(model)
@@ -700,16 +784,40 @@ def watch(
             sink.close()
         raise
     all_sinks += user_sinks
-    return Monitor(
-        unwrap_model(model),
-        optimizer,
-        config=config,
-        sinks=all_sinks,
-        modules=modules,
-        run_id=run_id,
-        on_alert=callbacks,
-        clip=clip_policy,
-    )
+    try:
+        return Monitor(
+            unwrap_model(model),
+            optimizer,
+            config=config,
+            sinks=all_sinks,
+            modules=modules,
+            run_id=run_id,
+            on_alert=callbacks,
+            clip=clip_policy,
+        )
+    except Exception:
+        for sink in all_sinks[: len(all_sinks) - len(user_sinks)]:  # ours only: release files and ports
+            with contextlib.suppress(Exception):
+                sink.close()
+        raise
+
+
+def _check_watch_options(optimizer: object, *, strict: object, seed: object, fsync: object) -> None:
+    """Options that are checked nowhere else, so that a typo fails at watch() rather than later (or never)."""
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"optimizer must be a torch.optim.Optimizer (or None, then call monitor.step() after "
+            f"backward), got {type(optimizer).__name__}"
+        )
+    if not isinstance(strict, bool):
+        raise TypeError(f"strict must be True or False, got {strict!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an integer, got {seed!r}")
+    if fsync not in FSYNC_POLICIES:
+        raise ValueError(
+            f"fsync must be one of {', '.join(map(repr, FSYNC_POLICIES))} (when to fsync the run log), "
+            f"got {fsync!r}"
+        )
 
 
 def _callbacks(on_alert: AlertCallback | Sequence[AlertCallback] | None) -> list[AlertCallback]:

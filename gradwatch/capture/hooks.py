@@ -55,12 +55,20 @@ class CallRecorder:
     """The forward hook of one watched module; records only while ``armed``.
 
     It is deepcopy- and pickle-safe: a deep copy of the model shares this recorder, which ignores calls from
-    any module but its own; a pickled model gets an inert hook in its place.
+    any module but its own; a pickled model gets an inert hook in its place. A failure while recording never
+    reaches the user's forward pass when ``on_fault`` is set: the exception goes to it instead (the monitor
+    disables the module there, or re-raises in strict mode).
     """
 
-    def __init__(self, watched: WatchedModule, max_sequences: int) -> None:
+    def __init__(
+        self,
+        watched: WatchedModule,
+        max_sequences: int,
+        on_fault: Callable[[Exception], None] | None = None,
+    ) -> None:
         self.watched = watched
         self.max_sequences = max_sequences
+        self.on_fault = on_fault
         self.armed = False
         self.fused_call: FusedCall | None = None
         self.cell_calls: list[CellCall] = []
@@ -92,8 +100,15 @@ class CallRecorder:
             # Traced by Dynamo: keep references only (a side effect it replays); settle() copies them eagerly.
             self._deferred.append((args, kwargs, output, _autocast_dtype(output)))
             return
-        self.settle()
-        self._record(args, kwargs, output, _autocast_dtype(output))
+        try:
+            self.settle()
+            self._record(args, kwargs, output, _autocast_dtype(output))
+        except Exception as exc:
+            if self.on_fault is None:
+                raise
+            self.reset()
+            self.armed = False
+            self.on_fault(exc)
 
     def _record(
         self, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any, autocast: torch.dtype | None
@@ -101,7 +116,8 @@ class CallRecorder:
         with torch.no_grad():
             if self.watched.kind == "fused":
                 call = _record_fused(self.watched.module, args, kwargs, output, self.max_sequences)
-                self.fused_call = replace(call, autocast_dtype=autocast)
+                if call is not None:
+                    self.fused_call = replace(call, autocast_dtype=autocast)
             else:
                 self._record_cell(args, kwargs, output, autocast)
 
@@ -110,8 +126,8 @@ class CallRecorder:
     ) -> None:
         x = args[0] if args else kwargs.get("input")
         state = args[1] if len(args) > 1 else kwargs.get("hx", kwargs.get("state"))
-        if not isinstance(x, Tensor):
-            return
+        if not isinstance(x, Tensor) or (x.dim() > 1 and x.shape[0] == 0):
+            return  # an empty batch has nothing to measure; keep the chain recorded so far
         out = _as_tuple(output)
         if x.dim() == 1:  # unbatched call of a built-in cell
             x = x.unsqueeze(0)
@@ -198,7 +214,10 @@ def _same_state(state_in: tuple[Tensor, ...], last_out: tuple[Tensor, ...]) -> b
     )
 
 
-def _record_fused(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any, k: int) -> FusedCall:
+def _record_fused(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any, k: int
+) -> FusedCall | None:
+    """The call's first ``k`` sequences, or None for an empty batch (no sequence, nothing to measure)."""
     x = args[0] if args else kwargs["input"]
     hx = args[1] if len(args) > 1 else kwargs.get("hx")
     out, h_out = output
@@ -222,6 +241,8 @@ def _record_fused(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, An
             h_n = h_n.unsqueeze(1)
             c_n = None if c_n is None else c_n.unsqueeze(1)
         lengths = torch.full((inputs.shape[1],), inputs.shape[0], dtype=torch.long)
+    if inputs.shape[0] == 0 or inputs.shape[1] == 0:
+        return None
     k = min(k, inputs.shape[1])
 
     def first(t: Tensor | None, batch_dim: int) -> Tensor | None:
