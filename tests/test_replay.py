@@ -152,3 +152,18 @@ def test_broken_chain_starts_a_new_segment():
     for _ in range(2):
         h = cell(torch.randn(2, 3), h)
     assert len(recorder.cell_calls) == 2
+
+
+def test_exploding_recurrence_drift_is_accepted_but_wrong_weights_are_not():
+    torch.manual_seed(0)
+    module = nn.GRU(4, 16)
+    with torch.no_grad():
+        module.weight_hh_l0.mul_(12.0)  # chaotic: rounding differences grow along the sequence
+    recorder = _record(module, 3 * torch.randn(200, 3, 4))
+    replay = replay_fused(module, "gru", recorder.fused_call)
+    check = check_fused_replay(module, recorder.fused_call, replay)
+    assert check.ok
+    with torch.no_grad():
+        module.weight_hh_l0.mul_(1.5)
+    wrong = replay_fused(module, "gru", recorder.fused_call)
+    assert not check_fused_replay(module, recorder.fused_call, wrong).ok
