@@ -159,3 +159,16 @@ def test_clip_threshold_is_the_90th_percentile_of_the_healthy_phase() -> None:
     assert f"max_norm={np.percentile(before, 90):.3g}" in verdict.suggestions[0]
     assert "before step 500" in verdict.suggestions[0]
     assert clip_threshold([]) is None
+
+
+def test_clipping_already_on_is_acknowledged_instead_of_suggested() -> None:
+    from gradwatch.records import ClipEvent
+
+    ms = [_m(s, lyapunov=0.3, lag=500.0) for s in range(0, 50, 10)]
+    clips = [ClipEvent(s, 0.0, 50.0, 1.0, 0.02) for s in range(5)]
+    plain = judge_layer(ms, [], run_has_alerts=False)
+    clipped = judge_layer(ms, [], run_has_alerts=False, clips=clips)
+    assert plain.verdict == clipped.verdict == Verdict.EXPLODING
+    assert any("clip_grad_norm_" in s for s in plain.suggestions)
+    assert any("already clipped (5 clip(s), median max_norm 1)" in s for s in clipped.suggestions)
+    assert not any("clip_grad_norm_" in s for s in clipped.suggestions)

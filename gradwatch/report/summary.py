@@ -240,6 +240,7 @@ def _summarize_run(
             options,
             run_has_alerts=bool(all_alerts),
             module_type=module_types.get(layer_key[0]),
+            clips=clips,
         )
         for layer_key in sorted(set(by_layer) | set(alerts_by_layer))
     )
@@ -279,6 +280,7 @@ def _summarize_layer(
     *,
     run_has_alerts: bool,
     module_type: str | None,
+    clips: Sequence[ClipEvent] = (),
 ) -> LayerSummary:
     module, layer, direction = key
     by_step: dict[int, list[Measurement]] = defaultdict(list)
@@ -299,7 +301,9 @@ def _summarize_layer(
         lag=lag,
         metrics=metrics,
         alerts=tuple(alerts),
-        verdict=judge_layer(measurements, alerts, run_has_alerts=run_has_alerts, module_type=module_type),
+        verdict=judge_layer(
+            measurements, alerts, run_has_alerts=run_has_alerts, module_type=module_type, clips=clips
+        ),
     )
 
 

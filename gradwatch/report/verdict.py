@@ -17,7 +17,7 @@ from enum import Enum
 from typing import Literal
 
 from gradwatch.policy.trends import TrendDetector
-from gradwatch.records import Alert, AlertKind, Measurement
+from gradwatch.records import Alert, AlertKind, ClipEvent, Measurement
 from gradwatch.report.metrics import longest_lag, total_grad_norm
 
 
@@ -155,6 +155,7 @@ def judge_layer(
     *,
     run_has_alerts: bool,
     module_type: str | None = None,
+    clips: Sequence[ClipEvent] = (),
 ) -> LayerVerdict:
     """Verdict, cause and suggestions for one layer from its measurements and alerts (pure function).
 
@@ -197,6 +198,7 @@ def judge_layer(
             episode_start=episode_start,
             module_type=module_type,
             weight_is_high=weight_is_high,
+            clips=clips,
         ),
         recovered=recovered,
     )
@@ -289,10 +291,18 @@ def _suggestions(
     episode_start: int | None,
     module_type: str | None,
     weight_is_high: bool,
+    clips: Sequence[ClipEvent] = (),
 ) -> tuple[str, ...]:
     if verdict == Verdict.HEALTHY:
         return ()
     clip = _clip_suggestion(measurements, episode_start)
+    if clips:
+        max_norms = sorted(c.max_norm for c in clips)
+        clip = (
+            f"gradients are already clipped ({len(clips)} clip(s), median max_norm "
+            f"{max_norms[len(max_norms) // 2]:.3g}): clipping bounds each update but not the growth of the "
+            "Jacobian products — fix its cause below"
+        )
     orthogonal = "initialise W_hh orthogonally (torch.nn.init.orthogonal_) so that σmax(W_hh) starts at 1"
     kind = (module_type or "").upper()
     out: list[str] = []
