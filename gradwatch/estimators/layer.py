@@ -153,7 +153,7 @@ def estimate_layer(
     warm_start: WarmStart | None = None,
     generator: torch.Generator | None = None,
 ) -> LayerEstimate:
-    """Run every estimator of one layer and direction; no host transfer beyond a few shape/length checks."""
+    """Run every estimator of one layer and direction; host syncs only for mask and convergence checks."""
     if not isinstance(settings, EstimatorSettings):
         raise TypeError(f"settings must be an EstimatorSettings, got {type(settings).__name__}")
     steps, batch, state = jac.time_steps, jac.batch_size, jac.state_size

@@ -26,6 +26,10 @@ from torch import Tensor
 
 MatVec = Callable[[Tensor], Tensor]
 
+#: Classical Gram-Schmidt passes per Lanczos step (1 measured as accurate as 2 on RNN Jacobians, see
+#: docs/estimators.md; the reported sigma is re-measured as ||A v|| either way, so it stays a lower bound).
+REORTHOGONALISATION_PASSES = 1
+
 #: Iterations between two convergence checks (each check is one host synchronisation). An estimate has
 #: converged when it moved by less than rtol (relatively) since the previous check: measuring the change
 #: over several iterations, not one, guards against stopping while Lanczos stagnates for a step.
@@ -143,18 +147,24 @@ def spectral_norm_power_iteration(
     return SpectralNormEstimate(sigma, v, converged, iterations)
 
 
-def _orthogonalise(w: Tensor, basis: Tensor, count: int) -> Tensor:
-    """Remove the components of w along the first ``count`` basis vectors (classical Gram-Schmidt, twice).
+def _orthogonalise(w: Tensor, basis: Tensor, count: int, passes: int) -> Tensor:
+    """Remove the components of w along the first ``count`` basis vectors (classical Gram-Schmidt).
 
-    basis: (*batch, K, D) orthonormal rows (zero rows allowed); w: (*batch, D). Twice is enough for
-    orthogonality to working precision ("twice is enough", Giraud et al. 2005).
+    basis: (K, N, D) with orthonormal (or zero) vectors basis[k, n] for each of the N batch elements,
+    w: (N, D). The basis index comes first so each new vector is one contiguous write and every basis
+    vector is a contiguous block. Two passes give orthogonality to working precision ("twice is
+    enough", Giraud et al. 2005); one pass on top of the three-term recurrence kept the top Ritz value as
+    accurate on RNN Jacobians at half the memory traffic (docs/estimators.md).
     """
     if count == 0:
         return w
-    active_basis = basis[..., :count, :]
-    for _ in range(2):
-        coefficients = torch.einsum("...kd,...d->...k", active_basis, w)
-        w = w - torch.einsum("...kd,...k->...d", active_basis, coefficients)
+    for _ in range(passes):
+        # One contiguous (N, D) block per basis vector: on CPU these per-vector loops measured 2-5x faster
+        # than einsum/bmm over the (count, N, D) slice (which reshuffles it), near the memory-bandwidth floor.
+        coefficients = [(basis[k] * w).sum(dim=-1, keepdim=True) for k in range(count)]
+        w = w.clone()
+        for k in range(count):
+            w.addcmul_(basis[k], coefficients[k], value=-1)
     return w
 
 
@@ -193,6 +203,7 @@ def spectral_norm_lanczos(
     max_iter: int = 24,
     rtol: float = 1e-4,
     active: Tensor | None = None,
+    reorthogonalisation_passes: int = REORTHOGONALISATION_PASSES,
 ) -> SpectralNormEstimate:
     """Golub-Kahan-Lanczos bidiagonalisation with full reorthogonalisation, started from v0.
 
@@ -203,11 +214,13 @@ def spectral_norm_lanczos(
     batch_shape = v0.shape[:-1]
     v, _ = _normalise(v0)
     first_u = matvec(v)
-    right_basis = v.new_zeros((*batch_shape, max_iter + 1, v.shape[-1]))
-    left_basis = v.new_zeros((*batch_shape, max_iter, first_u.shape[-1]))
+    elements = v[..., 0].numel()
+    # Krylov bases, basis index first: right_basis[k] = v_k, left_basis[k] = u_k for all batch elements.
+    right_basis = v.new_zeros((max_iter + 1, elements, v.shape[-1]))
+    left_basis = v.new_zeros((max_iter, elements, first_u.shape[-1]))
     # Row j holds alpha_j at column j and beta_j at column j + 1: U_k^T A V_{k+1}.
     bidiagonal = v.new_zeros((*batch_shape, max_iter, max_iter + 1))
-    right_basis[..., 0, :] = v
+    right_basis[0] = v.reshape(elements, -1)
     u, alpha = _normalise(first_u)
     scale = alpha.clone()  # largest alpha/beta so far: the reference for "rounding-level" breakdown
     sigma = torch.full(batch_shape, float("nan"), dtype=v.dtype, device=v.device)
@@ -216,27 +229,28 @@ def spectral_norm_lanczos(
     steps = 0
     for j in range(max_iter):
         steps = j + 1
-        left_basis[..., j, :] = u
+        left_basis[j] = u.reshape(elements, -1)
         bidiagonal[..., j, j] = alpha
         # beta_j v_{j+1} = A^T u_j - alpha_j v_j, then made orthogonal to all earlier v.
-        w = rmatvec(u) - alpha.unsqueeze(-1) * right_basis[..., j, :]
-        w = _orthogonalise(w, right_basis, j + 1)
+        w = rmatvec(u) - alpha.unsqueeze(-1) * right_basis[j].view(v.shape)
+        w = _orthogonalise(w.reshape(elements, -1), right_basis, j + 1, reorthogonalisation_passes).view(
+            v.shape
+        )
         v_next, beta = _breakdown_to_zero(w, safe_vector_norm(w), scale)
         scale = torch.maximum(scale, beta)
-        right_basis[..., j + 1, :] = v_next
+        right_basis[j + 1] = v_next.reshape(elements, -1)
         bidiagonal[..., j, j + 1] = beta
-        new_sigma = _top_singular_value(bidiagonal[..., : j + 1, : j + 2])
-        converged = _changed_little(new_sigma, checkpoint, rtol)
-        sigma = new_sigma
-        if j + 1 == max_iter:
-            break
-        if (j + 1) % CONVERGENCE_CHECK_INTERVAL == 0:
+        is_check = (j + 1) % CONVERGENCE_CHECK_INTERVAL == 0
+        if is_check or j + 1 == max_iter:  # the small SVDs are only needed where they are looked at
+            sigma = _top_singular_value(bidiagonal[..., : j + 1, : j + 2])
+            converged = _changed_little(sigma, checkpoint, rtol)
             checkpoint = sigma
-            if _all_settled(converged, sigma, active):
+            if j + 1 == max_iter or _all_settled(converged, sigma, active):
                 break
         # alpha_{j+1} u_{j+1} = A v_{j+1} - beta_j u_j, made orthogonal to all earlier u.
         z = matvec(v_next) - beta.unsqueeze(-1) * u
-        z = _orthogonalise(z, left_basis, j + 1)
+        z = _orthogonalise(z.reshape(elements, -1), left_basis, j + 1, reorthogonalisation_passes)
+        z = z.view(first_u.shape)
         u, alpha = _breakdown_to_zero(z, safe_vector_norm(z), scale)
         scale = torch.maximum(scale, alpha)
     # Ritz vector: V_{k+1} y for the top right singular vector y of the small matrix; re-measured as ||A v||
@@ -244,7 +258,9 @@ def spectral_norm_lanczos(
     small = bidiagonal[..., :steps, : steps + 1]
     ritz_coefficients = _top_right_singular_vector(small)
     right_vectors, _ = _normalise(
-        torch.einsum("...k,...kd->...d", ritz_coefficients, right_basis[..., : steps + 1, :])
+        torch.einsum("nk,knd->nd", ritz_coefficients.reshape(elements, -1), right_basis[: steps + 1]).view(
+            v.shape
+        )
     )
     measured = safe_vector_norm(matvec(right_vectors))
     # Keep NaN for non-finite operators (the cleaned SVD above would otherwise report 0).
