@@ -32,11 +32,13 @@ from gradwatch.capture.hooks import CallRecorder, CellCall, FusedCall
 from gradwatch.capture.modules import NO_RNN_MESSAGE, WatchedModule, find_rnn_modules, unwrap_model
 from gradwatch.capture.replay import (
     LayerTrace,
+    check_cell_against_module,
     check_cell_replay,
     check_fused_replay,
     deterministic_mode,
     fused_parameter_names,
     replay_fused,
+    rerun_fused,
     trace_builtin_cell,
     trace_custom_cell,
 )
@@ -500,12 +502,13 @@ class Monitor:
         if watched.kind == "fused":
             assert isinstance(probe, FusedCall) and watched.cell_kind is not None
             replay = replay_fused(module, watched.cell_kind, probe)
-            check = check_fused_replay(module, probe, replay) if fresh else None
+            reference = probe if fresh else rerun_fused(module, probe)  # a kept probe: re-run the module
+            check = check_fused_replay(module, reference, replay)
             traces = replay.traces
         elif watched.kind == "cell":
             assert isinstance(probe, list) and watched.cell_kind is not None
             trace = trace_builtin_cell(module, watched.cell_kind, probe, recompute=not fresh)
-            check = check_cell_replay(trace) if fresh else None
+            check = check_cell_replay(trace) if fresh else check_cell_against_module(module, trace)
             traces = [trace]
         else:
             assert isinstance(probe, list) and watched.custom is not None

@@ -131,7 +131,7 @@ class FaultCase:
 
 CASES = [
     # probe="live": the hooks record on every measured step (a fixed probe is recorded once).
-    FaultCase("capture", FusedModel, (hooks_module, "_record_fused"), "rnn", {"probe": "live"}),
+    FaultCase("capture", FusedModel, (hooks_module, "record_fused_call"), "rnn", {"probe": "live"}),
     # A cell is called once per time step: its second call is still on step 0.
     FaultCase(
         "capture", CellModel, (hooks_module.CallRecorder, "_record_cell"), "cell", {"probe": "live"}, step=0
@@ -227,7 +227,7 @@ def test_a_fault_leaves_training_bit_identical_with_one_warning_and_one_error_re
 
 
 def test_a_disabled_module_is_not_measured_again_but_the_run_goes_on(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(hooks_module, "_record_fused", _failing_from_second_call(hooks_module._record_fused))
+    monkeypatch.setattr(hooks_module, "record_fused_call", _failing_from_second_call(hooks_module.record_fused_call))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", gradwatch.GradWatchWarning)
         _, monitor = _train(FusedModel(), {"every": 1, "probe": "live"})

@@ -280,3 +280,40 @@ def test_probe_fixed_remeasures_the_first_batch():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         monitor.close()
+
+
+class DriftingGRU(nn.GRU):
+    """A GRU whose forward stops matching its weights once `drift` is set (a module the replay cannot copy)."""
+
+    drift = False
+
+    def forward(self, x, hx=None):
+        out, h = super().forward(x, hx)
+        return (out + 0.5, h + 0.5) if self.drift else (out, h)
+
+
+@pytest.mark.parametrize("probe", ["fixed", "live"])
+def test_replay_is_checked_on_every_measurement(probe):
+    model = SeqModel(DriftingGRU(3, 6), 6)
+    _, monitor = _train(model, 2, {"every": 1, "probe": probe})
+    assert sum(isinstance(r, Measurement) for r in monitor.history) == 2
+    model.rnn.drift = True
+    with pytest.warns(gradwatch.GradWatchWarning, match="did not reproduce"):
+        out, _ = model(torch.randn(9, 4, 3))
+        out.sum().backward()
+        monitor.optimizer.step()
+    assert sum(isinstance(r, Measurement) for r in monitor.history) == 2  # the mismatching step is skipped
+    monitor.close()
+
+
+def test_fixed_probe_cell_is_checked_against_the_module():
+    model = CellLoop()
+    _, monitor = _train(model, 2, {"every": 1})
+    original = model.cell.forward
+    model.cell.forward = lambda x, hx=None: tuple(t + 0.5 for t in original(x, hx))
+    with pytest.warns(gradwatch.GradWatchWarning, match="did not reproduce"):
+        out, _ = model(torch.randn(9, 4, 3))
+        out.sum().backward()
+        monitor.optimizer.step()
+    assert sum(isinstance(r, Measurement) for r in monitor.history) == 2
+    monitor.close()

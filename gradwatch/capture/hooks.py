@@ -115,7 +115,7 @@ class CallRecorder:
     ) -> None:
         with torch.no_grad():
             if self.watched.kind == "fused":
-                call = _record_fused(self.watched.module, args, kwargs, output, self.max_sequences)
+                call = record_fused_call(self.watched.module, args, kwargs, output, self.max_sequences)
                 if call is not None:
                     self.fused_call = replace(call, autocast_dtype=autocast)
             else:
@@ -214,7 +214,7 @@ def _same_state(state_in: tuple[Tensor, ...], last_out: tuple[Tensor, ...]) -> b
     )
 
 
-def _record_fused(
+def record_fused_call(
     module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any, k: int
 ) -> FusedCall | None:
     """The call's first ``k`` sequences, or None for an empty batch (no sequence, nothing to measure)."""

@@ -22,7 +22,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from gradwatch.capture.hooks import CellCall, FusedCall
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from gradwatch.capture.hooks import CellCall, FusedCall, record_fused_call
 from gradwatch.capture.modules import CustomCellSpec
 from gradwatch.estimators.cells import (
     CellKind,
@@ -214,6 +216,30 @@ def check_fused_replay(module: nn.Module, call: FusedCall, replay: FusedReplay) 
     return full
 
 
+def rerun_fused(module: nn.Module, call: FusedCall) -> FusedCall:
+    """Run the module itself (``module.forward``: no hooks) on a kept probe with its current weights.
+
+    The fixed probe's replay is checked against this on every measurement. The caller runs it under
+    ``torch.no_grad()`` and a forked RNG, so inter-layer dropout leaves the user's random stream untouched.
+    """
+    dtype = module.weight_hh_l0.dtype
+    x = call.inputs.to(dtype)
+    steps = x.shape[0]
+    h0 = None if call.h0 is None else call.h0.to(dtype)
+    c0 = None if call.c0 is None else call.c0.to(dtype)
+    hx: object = (h0, c0) if isinstance(module, nn.LSTM) and h0 is not None and c0 is not None else h0
+    if isinstance(module, nn.LSTM) and (h0 is None or c0 is None):
+        hx = None
+    if bool((call.lengths == steps).all()):
+        inputs: object = x.transpose(0, 1) if module.batch_first else x
+    else:
+        inputs = pack_padded_sequence(x, call.lengths.cpu(), enforce_sorted=False)
+    output = module.forward(inputs, hx)
+    rerun = record_fused_call(module, (inputs, hx), {}, output, call.inputs.shape[1])
+    assert rerun is not None
+    return rerun
+
+
 # --- cells (built-in and user-written) ------------------------------------------------------------------
 
 
@@ -255,6 +281,20 @@ def check_cell_replay(trace: LayerTrace) -> ReplayCheck:
     dtypes = (trace.states.dtype, trace.autocast_dtype or trace.states.dtype)  # autocast: the kernel's precision
     tolerance = max(replay_tolerance(d) for d in dtypes)
     return ReplayCheck(float(error), tolerance, "cell outputs")
+
+
+def check_cell_against_module(module: nn.Module, trace: LayerTrace) -> ReplayCheck:
+    """Do the module's own outputs (``module.forward``, all steps batched) match the replayed states?"""
+    assert trace.weights is not None
+    steps, batch = trace.inputs.shape[:2]
+    dtype = module.weight_hh.dtype
+    x = trace.inputs.reshape(steps * batch, -1).to(dtype)
+    h, c = split_state(trace.weights, trace.previous_states.reshape(steps * batch, -1).to(dtype))
+    out = module.forward(x, h if c is None else (h, c))
+    predicted = torch.cat(out, dim=-1) if isinstance(out, tuple) else out
+    error = (predicted.to(trace.states.dtype) - trace.states[1:].reshape(steps * batch, -1)).abs().max()
+    tolerance = max(replay_tolerance(trace.states.dtype), replay_tolerance(dtype))
+    return ReplayCheck(float(error), tolerance, "cell outputs (module re-run)")
 
 
 def custom_step_function(module: nn.Module, spec: CustomCellSpec, sizes: list[int], dtype: torch.dtype) -> FlatStep:
