@@ -12,6 +12,7 @@ import gc
 import os
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -71,10 +72,13 @@ class WorkerResult:
     detail: dict[str, Any]
 
 
-Step = Callable[[], None]
 Instrument = Callable[
     [LanguageModel, torch.optim.Optimizer, WorkerSettings], contextlib.AbstractContextManager
 ]
+
+
+# An instrument is a context manager around the timed steps; the dict it yields may carry "after_step",
+# called as after_step(step, loss) after each optimizer step (step 0 = the instrument's first step).
 
 
 @contextlib.contextmanager
@@ -119,12 +123,14 @@ def live_tensor_summary() -> tuple[int, int]:
     gc.collect()
     storages: dict[int, int] = {}
     count = 0
-    for obj in gc.get_objects():
-        with contextlib.suppress(Exception):
-            if isinstance(obj, Tensor):
-                count += 1
-                storage = obj.untyped_storage()
-                storages[storage.data_ptr()] = storage.nbytes()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # isinstance() on deprecated torch module attributes warns
+        for obj in gc.get_objects():
+            with contextlib.suppress(Exception):
+                if isinstance(obj, Tensor):
+                    count += 1
+                    storage = obj.untyped_storage()
+                    storages[storage.data_ptr()] = storage.nbytes()
     return count, sum(storages.values())
 
 
@@ -141,17 +147,26 @@ def run_worker(settings: WorkerSettings) -> WorkerResult:
     inputs, targets = tokens[:-1], tokens[1:]
     loss_function = nn.CrossEntropyLoss()
 
+    after_step: Callable[[int, Tensor], None] | None = None
+    step_index = 0
+
     def train_step() -> None:
+        nonlocal step_index
         optimizer.zero_grad(set_to_none=True)
         logits = model(inputs)
         loss = loss_function(logits.reshape(-1, settings.vocabulary), targets.reshape(-1))
         loss.backward()
         optimizer.step()
+        if after_step is not None:
+            after_step(step_index, loss)
+        step_index += 1
 
     for _ in range(settings.warmup_steps):  # allocator and Adam state warm, before any instrumentation
         train_step()
     instrument = INSTRUMENTS[settings.instrument]
     with instrument(model, optimizer, settings) as detail:
+        after_step = detail.pop("after_step", None)  # a peer's per-step logging call, if it has one
+        step_index = 0
         train_step()  # step 0 of the instrumentation (gradwatch measures it cold): not timed
         _synchronise(device)
         gc.collect()
