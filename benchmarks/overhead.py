@@ -114,6 +114,43 @@ def summarise(kind: str, hidden: int, runs: dict[str, list[dict]]) -> Summary:
     )
 
 
+def per_step_check_seconds(
+    kind: str, hidden: int, vocabulary: int, repeats: int = 200
+) -> tuple[float, float]:
+    """Median extra seconds of the per-step gradient checks (non-finite count, norms), measured in-process.
+
+    Two identical Adam optimizers over the same model, one watched at every=10**9 (only the per-step checks
+    run) and one not, step alternately on the same gradients: their difference is the checks' own cost,
+    free of the run-to-run noise of the block timings above.
+    """
+    import time
+
+    import torch
+
+    import gradwatch
+    from benchmarks.training import LanguageModel
+
+    torch.manual_seed(0)
+    model = LanguageModel(kind, vocabulary, hidden)
+    tokens = torch.randint(0, vocabulary, (65, 32))
+    bare = torch.optim.Adam(model.parameters(), lr=1e-6)
+    watched = torch.optim.Adam(model.parameters(), lr=1e-6)
+    model(tokens[:-1]).reshape(-1, vocabulary).logsumexp(-1).mean().backward()
+    monitor = gradwatch.watch(model, watched, every=NONFINITE_ONLY_EVERY)
+    try:
+        watched.step()  # step 0: the one measurement of this schedule, not timed
+        differences = []
+        for _ in range(repeats):
+            begin = time.perf_counter()
+            bare.step()
+            middle = time.perf_counter()
+            watched.step()
+            differences.append((time.perf_counter() - middle) - (middle - begin))
+    finally:
+        monitor.close()
+    return median(differences)
+
+
 def percent(ratio: float) -> str:
     return "n/a" if math.isnan(ratio) else f"{100 * ratio:+.1f}%"
 
@@ -177,6 +214,14 @@ def main(argv: list[str] | None = None) -> int:
             summaries.append(summarise(kind, hidden, runs))
             raw[f"{kind}-{hidden}"] = runs
     print_tables(summaries)
+    print("\nPer-step checks alone, in-process (watched minus bare optimizer.step(), median of 200 pairs)\n")
+    rows = []
+    for kind in args.kinds:
+        for hidden in hidden_sizes:
+            extra = per_step_check_seconds(kind, hidden, args.vocabulary)
+            bare_step = next(s.bare_step_s for s in summaries if s.kind == kind and s.hidden == hidden)
+            rows.append([f"{kind} H={hidden}", extra * 1e3, bare_step * 1e3, percent(extra / bare_step)])
+    print(format_table(["model", "checks ms", "bare training step ms", "overhead"], rows))
     if args.json is not None:
         args.json.write_text(json.dumps({"summaries": [asdict(s) for s in summaries], "runs": raw}, indent=1))
     return 0
