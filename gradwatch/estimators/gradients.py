@@ -1,9 +1,10 @@
-"""Per-parameter gradient norms and the count of non-finite gradient elements, without host syncs."""
+"""Per-parameter gradient norms and the count of non-finite gradient elements, with one host sync."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -15,14 +16,28 @@ class GradientStats:
 
     names: tuple[str, ...]
     norms: Tensor  # (len(names),) 2-norm of each gradient
-    nonfinite_count: Tensor  # 0-dim int64: NaN/Inf elements over all gradients
+    gradients: tuple[Tensor, ...] = field(default=(), repr=False)  # kept for the exact non-finite count
+
+    @property
+    def nonfinite_count(self) -> Tensor:
+        """0-dim int64: NaN/Inf elements over all gradients (one extra pass over them)."""
+        if not self.gradients:
+            return torch.zeros((), dtype=torch.int64, device=self.norms.device)
+        device = self.norms.device
+        return torch.stack([(~torch.isfinite(g)).sum().to(device) for g in self.gradients]).sum()
 
     def to_host(self) -> tuple[dict[str, float], int]:
-        """({name: norm}, non-finite count) as plain Python values in one host transfer."""
-        values = torch.cat(
-            [self.norms.double().cpu(), self.nonfinite_count.double().cpu().reshape(1)]
-        ).tolist()
-        return dict(zip(self.names, values[:-1], strict=True)), int(values[-1])
+        """({name: norm}, non-finite count) as plain Python values; one host transfer when all is finite.
+
+        A NaN or Inf element makes its gradient's norm NaN or Inf, so finite norms prove a zero count and
+        the per-element pass is skipped (it used to double the cost of the per-step check). Only a
+        non-finite norm (a bad element, or finite values whose norm overflows) pays for the exact count.
+        """
+        values = self.norms.double().cpu().tolist()
+        count = 0
+        if not all(math.isfinite(v) for v in values):
+            count = int(self.nonfinite_count)
+        return dict(zip(self.names, values, strict=True)), count
 
 
 def _dense(gradient: Tensor) -> Tensor:
@@ -47,11 +62,8 @@ def gradient_norms(named_params: Mapping[str, Tensor]) -> GradientStats:
             gradients.append(_dense(parameter.grad.detach()))
     if not gradients:
         device = next((p.device for p in named_params.values()), torch.device("cpu"))
-        return GradientStats(
-            (), torch.zeros(0, device=device), torch.zeros((), dtype=torch.int64, device=device)
-        )
+        return GradientStats((), torch.zeros(0, device=device))
     device = gradients[0].device
     # float32 on one device: grads may mix dtypes (AMP) and devices (model parallel).
     norms = torch.stack([n.to(device=device, dtype=torch.float32) for n in torch._foreach_norm(gradients)])
-    nonfinite = torch.stack([(~torch.isfinite(g)).sum().to(device) for g in gradients]).sum()
-    return GradientStats(tuple(names), norms, nonfinite)
+    return GradientStats(tuple(names), norms, tuple(gradients))

@@ -19,7 +19,7 @@ below ~1e-38 reads 0 (vanished). The Lyapunov exponent renormalises every step a
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -118,20 +118,24 @@ def estimate_lag_norms(
     # in_window[t, k, b]: J_t is a factor of P_{tau_k, b}.
     in_window = valid & (time >= start) & (time < lengths.unsqueeze(0))
     in_window_vectors = in_window.unsqueeze(-1)
-    # Sweep only the steps some window covers (one host transfer, outside the iteration loops).
-    first_step, last_step = (
-        int(b) for b in torch.stack([torch.where(valid, start, steps).min(), lengths.max()])
-    )
+    # Which lags each step touches, on the host once, outside the iteration loops (one transfer).
+    spans = _active_lag_spans(in_window.any(dim=2).cpu())
 
-    def product(v: Tensor) -> Tensor:
-        for t in range(first_step, last_step):
-            v = torch.where(in_window_vectors[t], jac.jvp(v, t), v)
+    def sweep(v: Tensor, apply: Callable[[Tensor, int], Tensor], order: Iterable[int]) -> Tensor:
+        # J_t is applied only to the rows of lags whose window covers t (in_window selects the sequences
+        # within them): lag tau touches tau steps, so a sweep costs sum(tau) * B row products, not K * T * B.
+        v = v.clone()
+        for t in order:
+            for lo, hi in spans[t]:
+                rows = v[lo:hi]
+                v[lo:hi] = torch.where(in_window_vectors[t, lo:hi], apply(rows, t), rows)
         return v
 
+    def product(v: Tensor) -> Tensor:
+        return sweep(v, jac.jvp, range(steps))
+
     def adjoint_product(u: Tensor) -> Tensor:
-        for t in reversed(range(first_step, last_step)):
-            u = torch.where(in_window_vectors[t], jac.vjp(u, t), u)
-        return u
+        return sweep(u, jac.vjp, reversed(range(steps)))
 
     shape = (lag_count, batch, state)
     usable_warm_start = (
@@ -148,6 +152,26 @@ def estimate_lag_norms(
     )
     norms = torch.where(valid, raw.sigma, torch.full_like(raw.sigma, float("nan")))
     return LagNormEstimate(checked_lags, norms, raw)
+
+
+def _active_lag_spans(touched: Tensor) -> list[list[tuple[int, int]]]:
+    """For each step t, the maximal runs [lo, hi) of lag indices k with touched[t, k] (a (T, K) bool).
+
+    With lags sorted ascending (the default) each step touches one run, the longest lags, so the sweep
+    slices views instead of gathering rows.
+    """
+    spans: list[list[tuple[int, int]]] = []
+    for row in touched.tolist():
+        runs: list[tuple[int, int]] = []
+        lo = None
+        for k, hit in enumerate([*row, False]):
+            if hit and lo is None:
+                lo = k
+            elif not hit and lo is not None:
+                runs.append((lo, k))
+                lo = None
+        spans.append(runs)
+    return spans
 
 
 def lag_norms(

@@ -1,0 +1,289 @@
+"""Benchmark: what gradwatch.watch costs a realistic CPU training loop (LSTM/GRU language model, Adam).
+
+Run from the repository root:
+
+    python3 -m benchmarks.overhead                      # LSTM and GRU, H=256, T=64, B=32 (~12 min on 2 cores)
+    python3 -m benchmarks.overhead --hidden 256 512     # the full grid of docs/performance.md
+    python3 -m benchmarks.overhead --quick              # H=128, a smoke run (~3 min)
+
+Variants, each in its own process, alternated round by round (order rotated), ``--repeats`` rounds:
+
+* bare          -- no gradwatch;
+* default       -- gradwatch.watch(model, optimizer) at the default schedule (every=50): the timed block of
+                   50 steps holds exactly one measurement, as in a long run;
+* every-step    -- every=1: every timed step is measured (gives the cost of one measurement);
+* nonfinite     -- every=10**9: only the per-step gradient checks (non-finite count and norms) remain.
+
+Each process trains 2 warm-up steps bare, attaches the variant, runs its step 0 untimed (gradwatch measures
+it from a cold start), resets the peak-RSS mark and times the block step by step. Ratios are formed between
+runs of the same round and their median is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from benchmarks.harness import (
+    alternating,
+    format_table,
+    machine,
+    median,
+    megabytes,
+    paired_ratios,
+    run_worker,
+    set_threads,
+)
+from benchmarks.training import WorkerSettings, worker_main
+
+NONFINITE_ONLY_EVERY = 10**9
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    instrument: str
+    every: int
+    timed_steps: int
+
+
+def variants(block: int, measured_steps: int) -> list[Variant]:
+    return [
+        Variant("bare", "bare", 1, block),
+        Variant("default", "gradwatch", 50, block),
+        Variant("every-step", "gradwatch", 1, measured_steps),
+        Variant("nonfinite", "gradwatch", NONFINITE_ONLY_EVERY, block),
+    ]
+
+
+@dataclass(frozen=True)
+class Summary:
+    kind: str
+    hidden: int
+    bare_step_s: float
+    default_ratio: float  # median over rounds of default block time / bare block time
+    composed_default_ratio: float  # (49 unmeasured + 1 measured step) / 50 bare steps, from medians
+    nonfinite_ratio: float
+    measured_step_s: float
+    measurement_s: float  # measured step minus bare step
+    measurement_vs_step: float
+    peak_rss_bare_mb: float
+    peak_rss_measured_mb: float
+    peak_rss_overhead: float  # every-step peak / bare peak - 1
+    retained_mb: float  # live tensor bytes with gradwatch (default) minus bare, after the timed steps
+    rss_growth_default_mb: float
+
+
+def summarise(kind: str, hidden: int, runs: dict[str, list[dict]]) -> Summary:
+    bare, default, every, nonfinite = (runs[n] for n in ("bare", "default", "every-step", "nonfinite"))
+
+    def totals(results: list[dict]) -> list[float]:
+        return [r["total_seconds"] for r in results]
+
+    def step_median(results: list[dict]) -> float:
+        return median([s for r in results for s in r["step_seconds"]])
+
+    bare_step = step_median(bare)
+    measured_step = step_median(every)
+    unmeasured_step = step_median(nonfinite)
+    measurement = measured_step - bare_step
+    peak_bare = median([r["peak_rss_bytes"] or math.nan for r in bare])
+    peak_measured = median([r["peak_rss_bytes"] or math.nan for r in every])
+    retained = median(
+        [d["live_tensor_bytes"] - b["live_tensor_bytes"] for d, b in zip(default, bare, strict=True)]
+    )
+    return Summary(
+        kind=kind,
+        hidden=hidden,
+        bare_step_s=bare_step,
+        default_ratio=median(paired_ratios(totals(default), totals(bare))),
+        composed_default_ratio=(49 * unmeasured_step + measured_step) / (50 * bare_step),
+        nonfinite_ratio=median(paired_ratios(totals(nonfinite), totals(bare))),
+        measured_step_s=measured_step,
+        measurement_s=measurement,
+        measurement_vs_step=measurement / bare_step,
+        peak_rss_bare_mb=megabytes(peak_bare),
+        peak_rss_measured_mb=megabytes(peak_measured),
+        peak_rss_overhead=peak_measured / peak_bare - 1,
+        retained_mb=megabytes(retained),
+        rss_growth_default_mb=megabytes(median([r["rss_growth_bytes"] or math.nan for r in default])),
+    )
+
+
+def per_step_check_seconds(
+    kind: str, hidden: int, vocabulary: int, repeats: int = 200
+) -> tuple[float, float]:
+    """Median extra seconds of the per-step gradient checks (non-finite count, norms), measured in-process.
+
+    Two identical Adam optimizers over the same model, one watched at every=10**9 (only the per-step checks
+    run) and one not, step alternately on the same gradients: their difference is the checks' own cost,
+    free of the run-to-run noise of the block timings above.
+    """
+    import time
+
+    import torch
+
+    import gradwatch
+    from benchmarks.training import LanguageModel
+
+    torch.manual_seed(0)
+    model = LanguageModel(kind, vocabulary, hidden)
+    tokens = torch.randint(0, vocabulary, (65, 32))
+    bare = torch.optim.Adam(model.parameters(), lr=1e-6)
+    watched = torch.optim.Adam(model.parameters(), lr=1e-6)
+    model(tokens[:-1]).reshape(-1, vocabulary).logsumexp(-1).mean().backward()
+    monitor = gradwatch.watch(model, watched, every=NONFINITE_ONLY_EVERY)
+    try:
+        watched.step()  # step 0: the one measurement of this schedule, not timed
+        differences = []
+        for _ in range(repeats):
+            begin = time.perf_counter()
+            bare.step()
+            middle = time.perf_counter()
+            watched.step()
+            differences.append((time.perf_counter() - middle) - (middle - begin))
+    finally:
+        monitor.close()
+    return median(differences)
+
+
+def percent(ratio: float) -> str:
+    return "n/a" if math.isnan(ratio) else f"{100 * ratio:+.1f}%"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--kinds", nargs="+", default=["lstm", "gru"], choices=["lstm", "gru"])
+    parser.add_argument("--hidden", nargs="+", type=int, default=[256])
+    parser.add_argument("--time-steps", type=int, default=64, help="T (default 64)")
+    parser.add_argument("--batch", type=int, default=32, help="B (default 32)")
+    parser.add_argument("--vocabulary", type=int, default=1000)
+    parser.add_argument("--repeats", type=int, default=5, help="alternating rounds (>= 5 for the docs)")
+    parser.add_argument("--block", type=int, default=50, help="timed steps per run (50 = one default period)")
+    parser.add_argument("--measured-steps", type=int, default=4, help="timed steps of the every-step variant")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads per run (default 1, see README)"
+    )
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--quick", action="store_true", help="H=128 only: a smoke run")
+    parser.add_argument("--json", type=Path, help="also write the raw runs and summaries here")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker is not None:
+        print(json.dumps(worker_main(json.loads(args.worker))))
+        return 0
+
+    hidden_sizes = [128] if args.quick else args.hidden
+    set_threads(args.threads)
+    print(machine(args.device).describe())
+    print(
+        f"model: embedding -> RNN -> linear, V={args.vocabulary}, T={args.time_steps}, B={args.batch}, Adam; "
+        f"{args.repeats} alternating rounds, medians; block {args.block} steps"
+    )
+    summaries: list[Summary] = []
+    raw: dict[str, dict[str, list[dict]]] = {}
+    for kind in args.kinds:
+        for hidden in hidden_sizes:
+            runs: dict[str, list[dict]] = {v.name: [] for v in variants(args.block, args.measured_steps)}
+            for round_index, variant in alternating(variants(args.block, args.measured_steps), args.repeats):
+                settings = WorkerSettings(
+                    kind=kind,
+                    hidden=hidden,
+                    steps=args.time_steps,
+                    batch=args.batch,
+                    vocabulary=args.vocabulary,
+                    instrument=variant.instrument,
+                    every=variant.every,
+                    timed_steps=variant.timed_steps,
+                    threads=args.threads,
+                    device=args.device,
+                )
+                result = run_worker("benchmarks.overhead", asdict(settings))
+                runs[variant.name].append(result)
+                print(
+                    f"  {kind} H={hidden} round {round_index + 1}/{args.repeats} {variant.name:<10} "
+                    f"{result['total_seconds']:.2f} s",
+                    file=sys.stderr,
+                )
+            summaries.append(summarise(kind, hidden, runs))
+            raw[f"{kind}-{hidden}"] = runs
+    print_tables(summaries)
+    print("\nPer-step checks alone, in-process (watched minus bare optimizer.step(), median of 200 pairs)\n")
+    rows = []
+    for kind in args.kinds:
+        for hidden in hidden_sizes:
+            extra = per_step_check_seconds(kind, hidden, args.vocabulary)
+            bare_step = next(s.bare_step_s for s in summaries if s.kind == kind and s.hidden == hidden)
+            rows.append([f"{kind} H={hidden}", extra * 1e3, bare_step * 1e3, percent(extra / bare_step)])
+    print(format_table(["model", "checks ms", "bare training step ms", "overhead"], rows))
+    if args.json is not None:
+        args.json.write_text(json.dumps({"summaries": [asdict(s) for s in summaries], "runs": raw}, indent=1))
+    return 0
+
+
+def print_tables(summaries: list[Summary]) -> None:
+    print("\nTraining-time overhead (median of per-round ratios against bare, same block length)\n")
+    print(
+        format_table(
+            ["model", "bare step s", "default (every=50)", "composed 49+1", "non-finite check only"],
+            [
+                [
+                    f"{s.kind} H={s.hidden}",
+                    s.bare_step_s,
+                    percent(s.default_ratio - 1),
+                    percent(s.composed_default_ratio - 1),
+                    percent(s.nonfinite_ratio - 1),
+                ]
+                for s in summaries
+            ],
+        )
+    )
+    print("\nOne measurement (every=1 step minus bare step, medians)\n")
+    print(
+        format_table(
+            ["model", "measured step s", "measurement s", "measurement / training step"],
+            [
+                [
+                    f"{s.kind} H={s.hidden}",
+                    s.measured_step_s,
+                    s.measurement_s,
+                    f"{s.measurement_vs_step:.2f}x",
+                ]
+                for s in summaries
+            ],
+        )
+    )
+    print("\nMemory (peak RSS over the timed steps; live tensors after them)\n")
+    print(
+        format_table(
+            [
+                "model",
+                "bare peak MB",
+                "measured peak MB",
+                "overhead",
+                "retained MB",
+                "RSS growth MB (default)",
+            ],
+            [
+                [
+                    f"{s.kind} H={s.hidden}",
+                    s.peak_rss_bare_mb,
+                    s.peak_rss_measured_mb,
+                    percent(s.peak_rss_overhead),
+                    s.retained_mb,
+                    s.rss_growth_default_mb,
+                ]
+                for s in summaries
+            ],
+        )
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

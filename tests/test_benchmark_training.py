@@ -1,0 +1,56 @@
+"""The benchmark training worker and the scaling probe, on tiny models (fast, in-process)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks.scaling import Size, time_measurements
+from benchmarks.training import LanguageModel, WorkerSettings, run_worker
+
+
+def tiny(instrument: str, every: int = 1, timed_steps: int = 4) -> WorkerSettings:
+    return WorkerSettings(
+        kind="gru",
+        hidden=8,
+        steps=6,
+        batch=3,
+        vocabulary=11,
+        instrument=instrument,
+        every=every,
+        timed_steps=timed_steps,
+        warmup_steps=1,
+    )
+
+
+def test_language_model_shapes_and_bad_kind() -> None:
+    model = LanguageModel("lstm", vocabulary=11, hidden=4)
+    assert model(torch.zeros(5, 2, dtype=torch.long)).shape == (5, 2, 11)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        LanguageModel("transformer", vocabulary=11, hidden=4)
+
+
+def test_bare_worker_times_every_step_and_reports_memory() -> None:
+    result = run_worker(tiny("bare"))
+    assert len(result.step_seconds) == 4
+    assert all(s > 0 for s in result.step_seconds)
+    assert result.total_seconds >= sum(result.step_seconds)
+    assert result.peak_rss_bytes is None or result.peak_rss_bytes > 0
+    assert result.live_tensors > 0
+    assert result.detail == {}
+
+
+@pytest.mark.parametrize(
+    ("every", "expected"), [(1, 5), (2, 3), (10**9, 1)], ids=["every1", "every2", "never"]
+)
+def test_gradwatch_worker_measures_on_its_schedule(every: int, expected: int) -> None:
+    # Step 0 (untimed) is always measured; timed steps 1..4 add the multiples of ``every``.
+    result = run_worker(tiny("gradwatch", every=every))
+    assert result.detail["measurements"] == expected
+    assert len(result.step_seconds) == 4
+
+
+def test_scaling_probe_times_a_cold_and_a_warm_measurement() -> None:
+    torch.set_num_threads(1)
+    cold, warm = time_measurements("gru", Size(hidden=6, steps=5, batch=2, layers=2), seed=0)
+    assert cold > 0 and warm > 0

@@ -1,0 +1,104 @@
+"""The lag-product sweep touches only the lags whose window covers each step, and stays exact."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import Tensor
+
+from gradwatch.estimators.jacobian import builtin_step_jacobians
+from gradwatch.estimators.products import _active_lag_spans, default_lags, estimate_lag_norms
+from tests._estimator_cases import CellCase, dense_step_jacobians, random_cell_weights, random_sequences
+
+
+@pytest.mark.parametrize(
+    ("touched", "expected"),
+    [
+        ([[False, False, False]], [[]]),
+        ([[True, True, True]], [[(0, 3)]]),
+        ([[False, True, True]], [[(1, 3)]]),
+        ([[True, False, True]], [[(0, 1), (2, 3)]]),
+        ([[False, True, False], [True, True, False]], [[(1, 2)], [(0, 2)]]),
+    ],
+    ids=["none", "all", "suffix", "two-runs", "two-steps"],
+)
+def test_active_lag_spans_are_the_maximal_runs(touched: list[list[bool]], expected: list) -> None:
+    assert _active_lag_spans(torch.tensor(touched)) == expected
+
+
+class CountingJacobians:
+    """Wraps a StepJacobians and counts the (vector, sequence) rows each per-step product receives."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.time_steps, self.batch_size, self.state_size = (
+            inner.time_steps,
+            inner.batch_size,
+            inner.state_size,
+        )
+        self.dtype, self.device = inner.dtype, inner.device
+        self.jvp_rows = 0
+        self.jvp_calls = 0
+
+    def jvp(self, v: Tensor, t: int | None = None) -> Tensor:
+        self.jvp_calls += 1
+        self.jvp_rows += v[..., 0].numel()
+        return self.inner.jvp(v, t)
+
+    def vjp(self, u: Tensor, t: int | None = None) -> Tensor:
+        return self.inner.vjp(u, t)
+
+    def activation_derivatives(self) -> Tensor | None:
+        return None
+
+    def gate_values(self) -> Tensor | None:
+        return None
+
+
+def test_a_product_sweep_costs_sum_of_lags_times_batch_rows() -> None:
+    case = CellCase("gru", 6)
+    generator = torch.Generator().manual_seed(1)
+    weights = random_cell_weights(case, generator, dtype=torch.float32)
+    steps, batch = 16, 3
+    x, s_prev = random_sequences(case, weights, steps=steps, batch=batch, generator=generator)
+    counting = CountingJacobians(builtin_step_jacobians(weights, x, s_prev))
+    lags = default_lags(steps)  # 1, 2, 4, 8, 15
+    estimate = estimate_lag_norms(
+        counting, torch.ones(steps, batch, dtype=torch.bool), lags, method="power", max_iter=1
+    )
+    # power iteration with max_iter=1: exactly one product sweep (A v); each lag tau is applied on its
+    # own tau steps, so the sweep costs sum(tau) * B rows instead of K * T * B.
+    assert estimate.estimate.iterations == 1
+    assert counting.jvp_rows == sum(lags) * batch
+    assert counting.jvp_calls == steps - 1  # step 0 lies in no window (the longest lag is T - 1)
+
+
+@pytest.mark.parametrize("lags", [[8, 1, 11, 2], [3, 12, 5]], ids=["unsorted-gaps", "unsorted"])
+def test_unsorted_lags_with_variable_lengths_match_dense_products(lags: list[int]) -> None:
+    case = CellCase("lstm", 5)
+    generator = torch.Generator().manual_seed(7)
+    weights = random_cell_weights(case, generator, dtype=torch.float32)
+    steps, batch = 12, 4
+    x, s_prev = random_sequences(case, weights, steps=steps, batch=batch, generator=generator)
+    mask = torch.ones(steps, batch, dtype=torch.bool)
+    mask[9:, 0] = False
+    mask[2:, 3] = False
+    lengths = mask.sum(0).tolist()
+    dense = dense_step_jacobians(weights.to(torch.float64), x.double(), s_prev.double())
+    jac = builtin_step_jacobians(weights, x, s_prev)
+    warm = torch.randn(len(lags), batch, weights.state_size, generator=generator)
+    warm_copy = warm.clone()
+    estimate = estimate_lag_norms(jac, mask, lags, v0=warm, rtol=1e-6, max_iter=40)
+    assert torch.equal(warm, warm_copy)  # the sweep works on its own copy
+    for k, tau in enumerate(lags):
+        for b, length in enumerate(lengths):
+            value = float(estimate.norms[k, b])
+            if tau > length:
+                assert math.isnan(value)
+                continue
+            product = torch.eye(weights.state_size, dtype=torch.float64)
+            for t in range(length - tau, length):
+                product = dense[t, b] @ product
+            assert value == pytest.approx(float(torch.linalg.matrix_norm(product, ord=2)), rel=1e-3)
