@@ -101,7 +101,11 @@ class WatchConfig:
     def __post_init__(self) -> None:
         if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
             raise ValueError(f"every must be a positive integer (measure every N steps), got {self.every!r}")
-        if isinstance(self.max_sequences, bool) or not isinstance(self.max_sequences, int) or self.max_sequences < 1:
+        if (
+            isinstance(self.max_sequences, bool)
+            or not isinstance(self.max_sequences, int)
+            or self.max_sequences < 1
+        ):
             raise ValueError(f"max_sequences must be a positive integer, got {self.max_sequences!r}")
         if self.probe not in ("fixed", "live"):
             raise ValueError(
@@ -256,7 +260,9 @@ class Monitor:
             try:
                 sink.close()
             except Exception as exc:  # closing must not fail the user's run
-                warnings.warn(f"gradwatch: closing sink {sink!r} failed: {exc!r}", RuntimeWarning, stacklevel=2)
+                warnings.warn(
+                    f"gradwatch: closing sink {sink!r} failed: {exc!r}", RuntimeWarning, stacklevel=2
+                )
 
     def __enter__(self) -> Monitor:
         return self
@@ -388,7 +394,9 @@ class Monitor:
         }
         alerts: list[Alert] = []
         for module, module_counts in counts.items():
-            alerts += self._nonfinite.update(step, module, module_counts, time=now, rank=self.rank, run_id=self.run_id)
+            alerts += self._nonfinite.update(
+                step, module, module_counts, time=now, rank=self.rank, run_id=self.run_id
+            )
         for module, module_counts in counts.items():
             if enforce_nonfinite_policy(
                 self.config.nonfinite, module=module, counts=module_counts, step=step, optimizer=optimizer
@@ -401,7 +409,9 @@ class Monitor:
         if self.config.clip_mode == "exploding" and not self._exploding_now():
             return
         parameters = (
-            list(self._parameters.values()) if self.config.clip_scope == "monitored" else list(self.model.parameters())
+            list(self._parameters.values())
+            if self.config.clip_scope == "monitored"
+            else list(self.model.parameters())
         )
         event = apply_clip(parameters, self.clip_policy, step)
         if event is not None:
@@ -430,7 +440,9 @@ class Monitor:
         self._flush()
         return alerts
 
-    def _measure_records(self, step: int, grad_values: Mapping[str, float] | None = None) -> list[Measurement]:
+    def _measure_records(
+        self, step: int, grad_values: Mapping[str, float] | None = None
+    ) -> list[Measurement]:
         """One Measurement per layer and direction of every module that ran on this step (no side effects
         on the user's random stream: the estimators run under a forked RNG)."""
         records: list[Measurement] = []
@@ -444,7 +456,9 @@ class Monitor:
                     self._fault("estimator", watched.name, exc)
         return records
 
-    def _measure_module(self, watched: WatchedModule, step: int, grads: Mapping[str, float]) -> list[Measurement]:
+    def _measure_module(
+        self, watched: WatchedModule, step: int, grads: Mapping[str, float]
+    ) -> list[Measurement]:
         traces = self._traces(watched)
         if traces is None:
             return []
@@ -546,7 +560,9 @@ class Monitor:
 
     def _grad_names(self, watched: WatchedModule, trace: LayerTrace) -> dict[str, str]:
         prefix = f"{watched.name}."
-        return {q[len(prefix) :]: q for q in self._layer_parameters[(watched.name, trace.layer, trace.direction)]}
+        return {
+            q[len(prefix) :]: q for q in self._layer_parameters[(watched.name, trace.layer, trace.direction)]
+        }
 
     def _generator_for(self, device: torch.device) -> torch.Generator:
         if self._generator is None or self._generator.device != device:
@@ -754,9 +770,13 @@ def watch(
         detection=detection or DetectionConfig(),
     )
     if not isinstance(config.estimator, EstimatorSettings):
-        raise TypeError(f"estimator must be a gradwatch.EstimatorSettings, got {type(config.estimator).__name__}")
+        raise TypeError(
+            f"estimator must be a gradwatch.EstimatorSettings, got {type(config.estimator).__name__}"
+        )
     if not isinstance(config.detection, DetectionConfig):
-        raise TypeError(f"detection must be a gradwatch.DetectionConfig, got {type(config.detection).__name__}")
+        raise TypeError(
+            f"detection must be a gradwatch.DetectionConfig, got {type(config.detection).__name__}"
+        )
     if config.nonfinite is NonFinitePolicy.SKIP and optimizer is None:
         raise ValueError("nonfinite='skip' needs the optimizer: watch(model, optimizer, nonfinite='skip')")
     _check_watch_options(optimizer, strict=strict, seed=seed, fsync=fsync)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-
 # CI has 2 cores: one intra-op thread per test process is faster than oversubscription for these small models.
 torch.set_num_threads(1)
 

@@ -227,7 +227,9 @@ def test_a_fault_leaves_training_bit_identical_with_one_warning_and_one_error_re
 
 
 def test_a_disabled_module_is_not_measured_again_but_the_run_goes_on(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(hooks_module, "record_fused_call", _failing_from_second_call(hooks_module.record_fused_call))
+    monkeypatch.setattr(
+        hooks_module, "record_fused_call", _failing_from_second_call(hooks_module.record_fused_call)
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", gradwatch.GradWatchWarning)
         _, monitor = _train(FusedModel(), {"every": 1, "probe": "live"})

@@ -283,7 +283,7 @@ def test_probe_fixed_remeasures_the_first_batch():
 
 
 class DriftingGRU(nn.GRU):
-    """A GRU whose forward stops matching its weights once `drift` is set (a module the replay cannot copy)."""
+    """A GRU whose forward stops matching its weights once `drift` is set (the replay cannot copy it)."""
 
     drift = False
 

@@ -210,7 +210,8 @@ def _same_state(state_in: tuple[Tensor, ...], last_out: tuple[Tensor, ...]) -> b
     if all(a is b for a, b in zip(state_in, last_out, strict=True)):
         return True
     return all(
-        a.shape == b.shape and bool(torch.equal(a.detach(), b.detach())) for a, b in zip(state_in, last_out, strict=True)
+        a.shape == b.shape and bool(torch.equal(a.detach(), b.detach()))
+        for a, b in zip(state_in, last_out, strict=True)
     )
 
 
@@ -257,4 +258,3 @@ def record_fused_call(
         h_n=first(h_n, 1),  # type: ignore[arg-type]
         c_n=first(c_n, 1),
     )
-

@@ -62,7 +62,9 @@ def register_cell(
     elif isinstance(target, nn.Module):
         _registered_instances[target] = spec
     else:
-        raise TypeError(f"register_cell expects an nn.Module subclass or instance, got {type(target).__name__}")
+        raise TypeError(
+            f"register_cell expects an nn.Module subclass or instance, got {type(target).__name__}"
+        )
     return target
 
 
@@ -115,7 +117,15 @@ class WatchedModule:
             "layers": self.num_layers,
             "directions": list(self.directions),
         }
-        for attr in ("input_size", "hidden_size", "proj_size", "nonlinearity", "batch_first", "dropout", "bias"):
+        for attr in (
+            "input_size",
+            "hidden_size",
+            "proj_size",
+            "nonlinearity",
+            "batch_first",
+            "dropout",
+            "bias",
+        ):
             if hasattr(self.module, attr) and isinstance(getattr(self.module, attr), (int, float, str, bool)):
                 info[attr] = getattr(self.module, attr)
         return info
@@ -164,7 +174,9 @@ def find_rnn_modules(model: nn.Module) -> list[WatchedModule]:
             found.append(WatchedModule(name or _root_name(module), module, "custom", None, spec))
             continue
         if isinstance(module, FUSED_TYPES):
-            found.append(WatchedModule(name or _root_name(module), module, "fused", builtin_cell_kind(module)))
+            found.append(
+                WatchedModule(name or _root_name(module), module, "fused", builtin_cell_kind(module))
+            )
         elif isinstance(module, CELL_TYPES):
             found.append(WatchedModule(name or _root_name(module), module, "cell", builtin_cell_kind(module)))
     return found

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from gradwatch.capture.hooks import CellCall, FusedCall, record_fused_call
@@ -162,14 +161,14 @@ def replay_fused(module: nn.Module, kind: CellKind, call: FusedCall) -> FusedRep
         for d, direction in enumerate(directions):
             weights = fused_layer_weights(module, kind, layer, direction)
             index = layer * len(directions) + d
-            h0 = (
-                call.h0[index].to(dtype)
-                if call.h0 is not None
-                else x.new_zeros(batch, weights.output_size)
-            )
+            h0 = call.h0[index].to(dtype) if call.h0 is not None else x.new_zeros(batch, weights.output_size)
             c0 = None
             if kind == "lstm":
-                c0 = call.c0[index].to(dtype) if call.c0 is not None else x.new_zeros(batch, weights.hidden_size)
+                c0 = (
+                    call.c0[index].to(dtype)
+                    if call.c0 is not None
+                    else x.new_zeros(batch, weights.hidden_size)
+                )
             seq = layer_input if direction == "forward" else reverse_within_lengths(layer_input, lengths)
             states = run_layer(weights, seq, join_state(h0, c0), mask)
             h_seq, c_last = split_state(weights, states)
@@ -194,7 +193,10 @@ def check_fused_replay(module: nn.Module, call: FusedCall, replay: FusedReplay) 
         layer0 = 2 if module.bidirectional else 1  # dropout sits between layers: layer 0 is untouched
         error = (replay.h_n[:layer0] - call.h_n[:layer0].to(dtype)).abs().max()
         return ReplayCheck(float(error), tolerance, "first layer's final state (inter-layer dropout active)")
-    errors = [(replay.output - call.output.to(dtype)).abs().max(), (replay.h_n - call.h_n.to(dtype)).abs().max()]
+    errors = [
+        (replay.output - call.output.to(dtype)).abs().max(),
+        (replay.h_n - call.h_n.to(dtype)).abs().max(),
+    ]
     if replay.c_n is not None and call.c_n is not None:
         errors.append((replay.c_n - call.c_n.to(dtype)).abs().max())
     full = ReplayCheck(float(torch.stack(errors).max()), tolerance, "outputs and final states")
@@ -205,13 +207,15 @@ def check_fused_replay(module: nn.Module, call: FusedCall, replay: FusedReplay) 
     # replay (other weights or formula) is wrong from the start: accept the replay when the forward
     # direction's first steps agree, which a few steps of amplification cannot spoil.
     width = replay.output.shape[-1] // (2 if module.bidirectional else 1)
-    early = (replay.output[:EARLY_STEPS, :, :width] - call.output[:EARLY_STEPS, :, :width].to(dtype)).abs().max()
+    early = (
+        (replay.output[:EARLY_STEPS, :, :width] - call.output[:EARLY_STEPS, :, :width].to(dtype)).abs().max()
+    )
     if replay.output.shape[0] > EARLY_STEPS and float(early) <= tolerance:
         return ReplayCheck(
             float(early),
             tolerance,
-            f"first {EARLY_STEPS} steps (later steps drift by {full.max_abs_error:.2g}: the recurrence amplifies "
-            "rounding)",
+            f"first {EARLY_STEPS} steps (later steps drift by {full.max_abs_error:.2g}: "
+            "the recurrence amplifies rounding)",
         )
     return full
 
@@ -262,7 +266,9 @@ def stack_cell_calls(calls: list[CellCall], dtype: torch.dtype) -> tuple[Tensor,
     return inputs, torch.stack(states).to(dtype), sizes
 
 
-def trace_builtin_cell(module: nn.Module, kind: CellKind, calls: list[CellCall], recompute: bool) -> LayerTrace:
+def trace_builtin_cell(
+    module: nn.Module, kind: CellKind, calls: list[CellCall], recompute: bool
+) -> LayerTrace:
     """A trace from recorded cell calls; ``recompute`` re-runs the chain with the current weights."""
     weights = cell_weights(module, kind)
     inputs, states, _ = stack_cell_calls(calls, weights.weight_hh.dtype)
@@ -278,7 +284,10 @@ def check_cell_replay(trace: LayerTrace) -> ReplayCheck:
     assert trace.weights is not None
     predicted = cell_step(trace.weights, trace.inputs, trace.previous_states)
     error = (predicted - trace.states[1:]).abs().max()
-    dtypes = (trace.states.dtype, trace.autocast_dtype or trace.states.dtype)  # autocast: the kernel's precision
+    dtypes = (
+        trace.states.dtype,
+        trace.autocast_dtype or trace.states.dtype,
+    )  # autocast: the kernel's precision
     tolerance = max(replay_tolerance(d) for d in dtypes)
     return ReplayCheck(float(error), tolerance, "cell outputs")
 
@@ -297,7 +306,9 @@ def check_cell_against_module(module: nn.Module, trace: LayerTrace) -> ReplayChe
     return ReplayCheck(float(error), tolerance, "cell outputs (module re-run)")
 
 
-def custom_step_function(module: nn.Module, spec: CustomCellSpec, sizes: list[int], dtype: torch.dtype) -> FlatStep:
+def custom_step_function(
+    module: nn.Module, spec: CustomCellSpec, sizes: list[int], dtype: torch.dtype
+) -> FlatStep:
     """The user's cell as a function of flat states, bypassing hooks (``module.forward``)."""
     single = len(sizes) == 1
 

@@ -232,8 +232,13 @@ def run_demo(options: DemoOptions, console: Console) -> DemoResult:
     with _alerts_shown_once(), _one_torch_thread():
         monitor = _start_monitor(model, optimizer, options, scenario, log_path, printer)
         url = _prometheus_url(monitor)
-        console.print(f"Run log: {log_path}", highlight=False)
-        console.print(f"Prometheus metrics: {url}" if url else "Prometheus exporter: off", highlight=False)
+        # soft_wrap: a path or URL is never broken across lines (people copy them)
+        console.print(f"Run log: {log_path}", highlight=False, soft_wrap=True)
+        console.print(
+            f"Prometheus metrics: {url}" if url else "Prometheus exporter: off",
+            highlight=False,
+            soft_wrap=True,
+        )
         progress = Progress(
             TextColumn("[progress.description]{task.description}"),
             BarColumn(),
@@ -281,6 +286,7 @@ def _print_summary(result: DemoResult, console: Console) -> None:
     console.print(
         f"Run log: {result.log_path}  (gradwatch report {result.log_path} --format html -o report.html)",
         highlight=False,
+        soft_wrap=True,
     )
     others = [name for name in ("healthy", "vanishing", "exploding") if name != scenario.name]
     console.print(

@@ -1,9 +1,9 @@
 """Per-layer verdicts (healthy / vanishing / exploding / non-finite), their cause and what to try.
 
 The verdict comes from the alert records the monitor's detectors wrote; a log without any alert record
-falls back to :func:`fallback_verdict`, which replays the monitor's detector over the measurements. The cause is told in
-the lecture's two factors of J_t = diag(f'(a_t)) W_hh: the nonlinearity (saturating or dying units make
-f' small) and the recurrent weight (sigma_max(W_hh) well below or above 1).
+falls back to :func:`fallback_verdict`, which replays the monitor's detector over the measurements. The
+cause is told in the lecture's two factors of J_t = diag(f'(a_t)) W_hh: the nonlinearity (saturating or
+dying units make f' small) and the recurrent weight (sigma_max(W_hh) well below or above 1).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Literal
 
 from gradwatch.policy.trends import TrendDetector
 from gradwatch.records import Alert, AlertKind, ClipEvent, Measurement
-from gradwatch.report.metrics import longest_lag, total_grad_norm
+from gradwatch.report.metrics import total_grad_norm
 
 
 class Verdict(str, Enum):
