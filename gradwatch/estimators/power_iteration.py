@@ -179,19 +179,29 @@ def _breakdown_to_zero(x: Tensor, norm: Tensor, scale: Tensor) -> tuple[Tensor, 
 
 
 def _top_singular_value(bidiagonal: Tensor) -> Tensor:
-    """sigma_max of a batch of small matrices; non-finite matrices give NaN instead of a LAPACK error."""
+    """sigma_max of a batch of small matrices; non-finite matrices give NaN instead of a LAPACK error.
+
+    sigma_max(B)^2 is the largest eigenvalue of the symmetric (tridiagonal) B B^T: a batched symmetric
+    eigensolver is several times faster than a batched SVD here, and the top value loses no accuracy.
+    """
     finite = torch.isfinite(bidiagonal).flatten(-2).all(dim=-1)
     cleaned = torch.where(finite[..., None, None], bidiagonal, torch.zeros_like(bidiagonal))
-    top = torch.linalg.svdvals(cleaned)[..., 0]
+    # Scale to a largest entry of 1 first, so squaring neither overflows nor underflows.
+    scale = cleaned.abs().amax(dim=(-2, -1), keepdim=True)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    unit = cleaned / scale
+    top = torch.linalg.eigvalsh(unit @ unit.mT)[..., -1].clamp(min=0).sqrt() * scale[..., 0, 0]
     return torch.where(finite, top, torch.full_like(top, float("nan")))
 
 
 def _top_right_singular_vector(bidiagonal: Tensor) -> Tensor:
-    """Right singular vector of the largest singular value (zero for non-finite matrices)."""
+    """Right singular vector of the largest singular value: the top eigenvector of B^T B (zero if non-finite)."""
     finite = torch.isfinite(bidiagonal).flatten(-2).all(dim=-1)
     cleaned = torch.where(finite[..., None, None], bidiagonal, torch.zeros_like(bidiagonal))
-    _, _, right_transposed = torch.linalg.svd(cleaned, full_matrices=False)
-    return right_transposed[..., 0, :]
+    scale = cleaned.abs().amax(dim=(-2, -1), keepdim=True)
+    unit = cleaned / torch.where(scale > 0, scale, torch.ones_like(scale))
+    _, vectors = torch.linalg.eigh(unit.mT @ unit)
+    return vectors[..., :, -1]
 
 
 @torch.no_grad()
@@ -215,9 +225,11 @@ def spectral_norm_lanczos(
     v, _ = _normalise(v0)
     first_u = matvec(v)
     elements = v[..., 0].numel()
-    # Krylov bases, basis index first: right_basis[k] = v_k, left_basis[k] = u_k for all batch elements.
-    right_basis = v.new_zeros((max_iter + 1, elements, v.shape[-1]))
-    left_basis = v.new_zeros((max_iter, elements, first_u.shape[-1]))
+    # Krylov basis, basis index first: right_basis[k] = v_k for all batch elements.
+    # Only V is stored and reorthogonalised ("one-sided" Lanczos bidiagonalisation, Simon & Zha 2000): U
+    # follows the three-term recurrence, which kept the top Ritz value as accurate on RNN Jacobians at half
+    # the memory and traffic. Slots are written before they are read, so the basis needs no zeroing.
+    right_basis = v.new_empty((max_iter + 1, elements, v.shape[-1]))
     # Row j holds alpha_j at column j and beta_j at column j + 1: U_k^T A V_{k+1}.
     bidiagonal = v.new_zeros((*batch_shape, max_iter, max_iter + 1))
     right_basis[0] = v.reshape(elements, -1)
@@ -229,7 +241,6 @@ def spectral_norm_lanczos(
     steps = 0
     for j in range(max_iter):
         steps = j + 1
-        left_basis[j] = u.reshape(elements, -1)
         bidiagonal[..., j, j] = alpha
         # beta_j v_{j+1} = A^T u_j - alpha_j v_j, then made orthogonal to all earlier v.
         w = rmatvec(u) - alpha.unsqueeze(-1) * right_basis[j].view(v.shape)
@@ -249,8 +260,7 @@ def spectral_norm_lanczos(
                 break
         # alpha_{j+1} u_{j+1} = A v_{j+1} - beta_j u_j, made orthogonal to all earlier u.
         z = matvec(v_next) - beta.unsqueeze(-1) * u
-        z = _orthogonalise(z.reshape(elements, -1), left_basis, j + 1, reorthogonalisation_passes)
-        z = z.view(first_u.shape)
+        z = z.view(first_u.shape)  # one-sided: only V is reorthogonalised (Simon & Zha 2000)
         u, alpha = _breakdown_to_zero(z, safe_vector_norm(z), scale)
         scale = torch.maximum(scale, alpha)
     # Ritz vector: V_{k+1} y for the top right singular vector y of the small matrix; re-measured as ||A v||
