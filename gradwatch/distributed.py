@@ -7,12 +7,19 @@ group's key-value store (rank 0 writes, the others wait with a bound), so a rank
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import itertools
+import json
 import logging
+import time
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import Literal
 
 import torch
+
+from gradwatch.records import Measurement, MeasurementMetrics, record_from_json
 
 logger = logging.getLogger(__name__)
 
@@ -74,3 +81,97 @@ def shared_run_id(own_run_id: str, timeout_s: float = RUN_ID_TIMEOUT_S) -> str:
             own_run_id,
         )
         return own_run_id
+
+
+# --- global view: every rank's measurement combined, through the store ----------------------------------
+
+GLOBAL_RANK = -1
+"""The ``rank`` of a record that combines all ranks' measurements (``watch(..., global_view=True)``)."""
+GLOBAL_VIEW_TIMEOUT_S = 2.0
+
+
+def combine_metrics(per_rank: Sequence[MeasurementMetrics]) -> MeasurementMetrics:
+    """One rank-independent summary: min of minima, max of maxima, sums of counts, means of the rest.
+
+    Means are over the ranks that reported a value (None is "not measurable" on that rank). Gradient norms
+    are the same on every rank after DDP's all-reduce, so their mean is that value.
+    """
+    fields = {f.name for f in dataclasses.fields(MeasurementMetrics)}
+    combined: dict[str, object] = {}
+    for name in fields:
+        values = [getattr(m, name) for m in per_rank]
+        if name in ("lag_norm", "grad_norm"):
+            keys = sorted({k for v in values for k in v}, key=lambda k: (len(k), k))
+            combined[name] = {k: _reduce([v.get(k) for v in values], "mean") for k in keys}
+        elif name in ("grad_nonfinite", "sequences"):
+            combined[name] = int(sum(v or 0 for v in values))
+        elif name in ("jacobian_iterations", "time_steps"):
+            present = [v for v in values if v is not None]
+            combined[name] = max(present) if present else None
+        elif name.endswith("_min"):
+            combined[name] = _reduce(values, "min")
+        elif name.endswith("_max") and name != "lyapunov_max":
+            combined[name] = _reduce(values, "max")
+        else:
+            combined[name] = _reduce(values, "mean")
+    return MeasurementMetrics(**combined)  # type: ignore[arg-type]
+
+
+def _reduce(values: Sequence[float | None], how: str) -> float | None:
+    present = [float(v) for v in values if v is not None]
+    if not present:
+        return None
+    if how == "min":
+        return min(present)
+    if how == "max":
+        return max(present)
+    return sum(present) / len(present)
+
+
+class GlobalView:
+    """Share each rank's measurements through the process group's key-value store; rank 0 combines them.
+
+    No collective runs: ranks > 0 only write their records (a few hundred bytes per layer and measurement),
+    rank 0 waits at most ``timeout_s`` for the others and combines what arrived, so a rank that measures
+    on another schedule or skipped the RNN delays rank 0 by at most the timeout and never hangs anyone.
+    """
+
+    def __init__(
+        self, run_id: str, rank: int, world_size: int, timeout_s: float = GLOBAL_VIEW_TIMEOUT_S
+    ) -> None:
+        from torch.distributed.distributed_c10d import _get_default_store
+
+        self.store = _get_default_store()
+        self.run_id, self.rank, self.world_size, self.timeout_s = run_id, rank, world_size, timeout_s
+
+    def _key(self, record: Measurement, rank: int) -> str:
+        return (
+            f"gradwatch/{self.run_id}/{record.step}/{record.module}/{record.layer}/{record.direction}/{rank}"
+        )
+
+    def exchange(self, records: Sequence[Measurement]) -> list[Measurement]:
+        """Publish this rank's records; on rank 0, return the combined (rank -1) records."""
+        if self.rank != 0:
+            for record in records:
+                self.store.set(self._key(record, self.rank), json.dumps(record.to_json()))
+            return []
+        combined = []
+        deadline = time.monotonic() + self.timeout_s
+        for record in records:
+            keys = [self._key(record, r) for r in range(1, self.world_size)]
+            # A rank that did not measure this layer in time makes wait() raise: combine what arrived.
+            with contextlib.suppress(Exception):
+                self.store.wait(keys, timedelta(seconds=max(0.0, deadline - time.monotonic())))
+            others = []
+            for key in keys:
+                if self.store.check([key]):
+                    parsed = record_from_json(json.loads(bytes(self.store.get(key)).decode("utf-8")))
+                    self.store.delete_key(key)
+                    if isinstance(parsed, Measurement):
+                        others.append(parsed.metrics)
+            combined.append(
+                dataclasses.replace(
+                    record, rank=GLOBAL_RANK, metrics=combine_metrics([record.metrics, *others])
+                )
+            )
+        return combined

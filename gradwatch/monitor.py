@@ -42,7 +42,14 @@ from gradwatch.capture.replay import (
     trace_builtin_cell,
     trace_custom_cell,
 )
-from gradwatch.distributed import LogRanks, check_log_ranks, distributed_rank, shared_run_id, writes_log
+from gradwatch.distributed import (
+    GlobalView,
+    LogRanks,
+    check_log_ranks,
+    distributed_rank,
+    shared_run_id,
+    writes_log,
+)
 from gradwatch.estimators.gradients import gradient_norms
 from gradwatch.estimators.jacobian import builtin_step_jacobians, function_step_jacobians
 from gradwatch.estimators.layer import EstimatorSettings, WarmStart, estimate_layer, layer_metrics
@@ -95,6 +102,7 @@ class WatchConfig:
     clip: str | None = None  # description of the clip policy, for the run header
     clip_scope: ClipScope = "monitored"
     clip_mode: ClipMode = "always"
+    global_view: bool = False
     estimator: EstimatorSettings = field(default_factory=EstimatorSettings)
     detection: DetectionConfig = field(default_factory=DetectionConfig)
 
@@ -159,6 +167,11 @@ class Monitor:
         self.detector = TrendDetector(config.detection)
         self.clip_policy = clip
         self._nonfinite = NonFiniteTracker()
+        self._global_view = (
+            GlobalView(self.run_id, self.rank, self.world_size)
+            if config.global_view and self.world_size > 1
+            else None
+        )
         self._on_alert = list(on_alert)
         self.clip_count = 0
         self.history: deque[Record] = deque(maxlen=config.history_size or None)
@@ -429,7 +442,8 @@ class Monitor:
     def _measure(self, step: int, grad_values: Mapping[str, float]) -> list[Alert]:
         """Measure, record, and run the detector; returns the alerts to deliver."""
         alerts: list[Alert] = []
-        for record in self._measure_records(step, grad_values):
+        records = self._measure_records(step, grad_values)
+        for record in records:
             self._emit(record)
             if record.module in self._disabled_modules:
                 continue  # its detector failed on an earlier layer of this measurement
@@ -437,6 +451,13 @@ class Monitor:
                 alerts += self.detector.update(record)
             except Exception as exc:
                 self._fault("detector", record.module, exc)
+        if self._global_view is not None:
+            try:
+                for combined in self._global_view.exchange(records):
+                    self._emit(combined)  # rank -1: all ranks combined (no detector: the ranks alert)
+            except Exception as exc:
+                self._global_view = None
+                self._fault("global_view", "", exc)
         self._flush()
         return alerts
 
@@ -740,6 +761,7 @@ def watch(
     history_size: int = 100_000,
     run_id: str | None = None,
     log_ranks: LogRanks = "all",
+    global_view: bool = False,
 ) -> Monitor:
     """Attach a monitor to every recurrent module of ``model``: one line, no change to the training loop.
 
@@ -753,6 +775,7 @@ def watch(
     ``prometheus``: a port (0 = any free one), "host:port" or "push://host:port".
     Under torch.distributed every rank measures its own batch; ``log_ranks="all"`` writes one log per rank
     (``NAME.rank<r>.jsonl`` for r > 0), ``"zero"`` only rank 0's. ``run_id`` defaults to rank 0's new id.
+    ``global_view=True`` adds, on rank 0, records of rank -1 that combine every rank's measurement.
     Every configuration error is raised here, before training starts.
     """
     config = WatchConfig(
@@ -766,6 +789,7 @@ def watch(
         clip=None if clip is None else (clip if isinstance(clip, (str, int, float)) else repr(clip)),
         clip_scope=clip_scope,
         clip_mode=clip_mode,
+        global_view=global_view,
         estimator=estimator or EstimatorSettings(),
         detection=detection or DetectionConfig(),
     )
@@ -773,6 +797,8 @@ def watch(
         raise TypeError(
             f"estimator must be a gradwatch.EstimatorSettings, got {type(config.estimator).__name__}"
         )
+    if not isinstance(global_view, bool):
+        raise TypeError(f"global_view must be True or False, got {global_view!r}")
     if not isinstance(config.detection, DetectionConfig):
         raise TypeError(
             f"detection must be a gradwatch.DetectionConfig, got {type(config.detection).__name__}"

@@ -46,13 +46,26 @@ class SkippableRnn(nn.Module):
 
 
 def _train(
-    rank: int, log: Path, *, every: int, skip_steps: tuple[int, ...] = (), log_ranks: str = "all"
+    rank: int,
+    log: Path,
+    *,
+    every: int,
+    skip_steps: tuple[int, ...] = (),
+    log_ranks: str = "all",
+    global_view: bool = False,
 ) -> None:
     """A few DDP steps; each rank draws its own batches (its shard of the data)."""
     torch.manual_seed(0)  # identical initial weights on every rank (DDP also broadcasts them)
     model = DistributedDataParallel(SkippableRnn(), find_unused_parameters=True)  # `bypass` is unused
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
-    monitor = gradwatch.watch(model, optimizer, every=every, log=log, log_ranks=log_ranks)  # type: ignore[arg-type]
+    monitor = gradwatch.watch(
+        model,
+        optimizer,
+        every=every,
+        log=log,
+        log_ranks=log_ranks,  # type: ignore[arg-type]
+        global_view=global_view,
+    )
     data = torch.Generator().manual_seed(100 + rank)
     for step in range(STEPS):
         x = torch.randn(4, 7, 3, generator=data)
@@ -77,6 +90,9 @@ def _worker(rank: int, port: int, root: str) -> None:
             rank, base / "uneven" / "exp.jsonl", every=1 if rank == 0 else 2, skip_steps=(1,) if rank else ()
         )
         _train(rank, base / "zero" / "exp.jsonl", every=1, log_ranks="zero")
+        _train(rank, base / "global" / "exp.jsonl", every=1, global_view=True)
+        # Rank 1 measures only every other step: rank 0 combines what arrives within the bound.
+        _train(rank, base / "global-uneven" / "exp.jsonl", every=1 if rank == 0 else 2, global_view=True)
         dist.barrier()
         if rank == 1:  # rank 0 never publishes this run id: rank 1 must give up after the bound, keep its own
             started = time.monotonic()
@@ -96,7 +112,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def ddp_logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("ddp")
-    for name in ("all", "uneven", "zero"):
+    for name in ("all", "uneven", "zero", "global", "global-uneven"):
         (root / name).mkdir()
     # fork, not spawn: the children inherit the imported torch (a fresh import costs seconds per process).
     # The parent runs torch with one thread (conftest), so no thread pool is forked mid-flight.
@@ -196,3 +212,41 @@ def test_an_explicit_run_id_is_used_and_validated() -> None:
         assert monitor.run_id == "my-run"
     with pytest.raises(ValueError, match="run_id must be a non-empty string"):
         gradwatch.watch(nn.LSTM(2, 3), run_id="")
+
+
+def test_global_view_combines_the_ranks_on_rank_zero(ddp_logs: Path) -> None:
+    rank0 = _read(ddp_logs / "global" / "exp.jsonl")
+    rank1 = _read(ddp_logs / "global" / "exp.rank1.jsonl")
+    by_rank = {
+        r: {m.step: m for m in records if isinstance(m, Measurement) and m.rank == r}
+        for r, records in ((0, rank0), (1, rank1), (-1, rank0))
+    }
+    assert sorted(by_rank[-1]) == list(range(STEPS))
+    assert not any(isinstance(m, Measurement) and m.rank == -1 for m in rank1)
+    for step, combined in by_rank[-1].items():
+        a, b = by_rank[0][step].metrics, by_rank[1][step].metrics
+        c = combined.metrics
+        assert c.jacobian_sigma_max_mean == pytest.approx(
+            (a.jacobian_sigma_max_mean + b.jacobian_sigma_max_mean) / 2
+        )
+        assert c.jacobian_sigma_max_max == max(a.jacobian_sigma_max_max, b.jacobian_sigma_max_max)
+        assert c.jacobian_sigma_max_min == min(a.jacobian_sigma_max_min, b.jacobian_sigma_max_min)
+        assert c.sequences == a.sequences + b.sequences
+
+
+def test_global_view_with_uneven_schedules_does_not_hang(ddp_logs: Path) -> None:
+    rank0 = _read(ddp_logs / "global-uneven" / "exp.jsonl")
+    combined = {m.step: m for m in rank0 if isinstance(m, Measurement) and m.rank == -1}
+    assert sorted(combined) == list(range(STEPS))  # rank 0 measured every step and always combined
+    assert {combined[s].metrics.sequences for s in combined if s % 2 == 0} == {8}  # both ranks (4 + 4)
+    assert {combined[s].metrics.sequences for s in combined if s % 2 == 1} == {4}  # rank 0 alone
+
+
+def test_merged_report_ignores_the_global_view_records(ddp_logs: Path) -> None:
+    logs = [str(ddp_logs / "global" / "exp.jsonl"), str(ddp_logs / "global" / "exp.rank1.jsonl")]
+    separate = CliRunner().invoke(cli_main, ["report", *logs, "--format", "json"])
+    merged = CliRunner().invoke(cli_main, ["report", *logs, "--format", "json", "--merge-ranks"])
+    assert separate.exit_code == 0 and merged.exit_code == 0
+    assert sorted(run["ranks"][0] for run in json.loads(separate.stdout)["runs"]) == [-1, 0, 1]
+    (run,) = json.loads(merged.stdout)["runs"]
+    assert -1 not in run["ranks"]

@@ -195,7 +195,7 @@ def _top_singular_value(bidiagonal: Tensor) -> Tensor:
 
 
 def _top_right_singular_vector(bidiagonal: Tensor) -> Tensor:
-    """Right singular vector of the largest singular value: the top eigenvector of B^T B (zero if non-finite)."""
+    """Right singular vector of the top singular value: the top eigenvector of B^T B (0 if non-finite)."""
     finite = torch.isfinite(bidiagonal).flatten(-2).all(dim=-1)
     cleaned = torch.where(finite[..., None, None], bidiagonal, torch.zeros_like(bidiagonal))
     scale = cleaned.abs().amax(dim=(-2, -1), keepdim=True)

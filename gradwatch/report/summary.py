@@ -14,6 +14,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from gradwatch.distributed import GLOBAL_RANK
 from gradwatch.records import Alert, ClipEvent, Direction, ErrorRecord, Measurement, Record, RunHeader
 from gradwatch.report.metrics import MetricSpec, longest_lag, metric_specs
 from gradwatch.report.reader import LogContents, Problem
@@ -195,6 +196,8 @@ def summarize(
     options = options or ReportOptions()
     grouped: dict[RunKey, list[Record]] = defaultdict(list)
     for record in records:
+        if options.merge_ranks and record.rank == GLOBAL_RANK:
+            continue  # global_view records already combine the ranks: merged, they would count twice
         grouped[(record.run_id, None if options.merge_ranks else record.rank)].append(record)
     truncated = {(run_id, None if options.merge_ranks else rank) for run_id, rank in truncated_runs}
     runs = tuple(
