@@ -174,29 +174,14 @@ class Measurement:
     run_id: str = ""
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "run_id": self.run_id,
-            "step": self.step,
-            "time": self.time,
-            "rank": self.rank,
-            "module": self.module,
-            "layer": self.layer,
-            "direction": self.direction,
-            "metrics": self.metrics.to_json(),
-        }
+        return {**_envelope_json(self), **_layer_json(self), "metrics": self.metrics.to_json()}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Measurement:
         return cls(
-            step=_as_int(data.get("step"), "step"),
-            time=_as_float(data.get("time"), "time"),
-            module=_as_str(data.get("module"), "module"),
-            layer=_as_int(data.get("layer"), "layer"),
-            direction=_as_direction(data.get("direction")),
+            **_envelope_fields(data),
+            **_layer_fields(data),
             metrics=MeasurementMetrics.from_json(data.get("metrics")),  # type: ignore[arg-type]
-            rank=_as_int(data.get("rank", 0), "rank"),
-            run_id=str(data.get("run_id", "")),
         )
 
 
@@ -220,14 +205,8 @@ class Alert:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "kind": self.kind,
-            "run_id": self.run_id,
-            "step": self.step,
-            "time": self.time,
-            "rank": self.rank,
-            "module": self.module,
-            "layer": self.layer,
-            "direction": self.direction,
+            **_envelope_json(self),
+            **_layer_json(self),
             "alert": AlertKind(self.alert).value,
             "metric": self.metric,
             "value": _finite_or_none(self.value),
@@ -244,18 +223,13 @@ class Alert:
                 f"'alert' must be one of {[k.value for k in AlertKind]}, got {data.get('alert')!r}"
             ) from exc
         return cls(
-            step=_as_int(data.get("step"), "step"),
-            time=_as_float(data.get("time"), "time"),
-            module=_as_str(data.get("module"), "module"),
-            layer=_as_int(data.get("layer"), "layer"),
-            direction=_as_direction(data.get("direction")),
+            **_envelope_fields(data),
+            **_layer_fields(data),
             alert=alert,
             metric=_as_str(data.get("metric"), "metric"),
             value=_as_optional_float(data.get("value"), "value"),
             threshold=_as_optional_float(data.get("threshold"), "threshold"),
             message=_as_str(data.get("message", ""), "message"),
-            rank=_as_int(data.get("rank", 0), "rank"),
-            run_id=str(data.get("run_id", "")),
         )
 
 
@@ -274,11 +248,7 @@ class ClipEvent:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "kind": self.kind,
-            "run_id": self.run_id,
-            "step": self.step,
-            "time": self.time,
-            "rank": self.rank,
+            **_envelope_json(self),
             "norm_before": _finite_or_none(self.norm_before),
             "max_norm": _finite_or_none(self.max_norm),
             "scale": _finite_or_none(self.scale),
@@ -287,13 +257,10 @@ class ClipEvent:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> ClipEvent:
         return cls(
-            step=_as_int(data.get("step"), "step"),
-            time=_as_float(data.get("time"), "time"),
+            **_envelope_fields(data),
             norm_before=_as_optional_float(data.get("norm_before"), "norm_before"),
             max_norm=_as_float(data.get("max_norm"), "max_norm"),
             scale=_as_float(data.get("scale"), "scale"),
-            rank=_as_int(data.get("rank", 0), "rank"),
-            run_id=str(data.get("run_id", "")),
         )
 
 
@@ -312,11 +279,7 @@ class ErrorRecord:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "kind": self.kind,
-            "run_id": self.run_id,
-            "step": self.step,
-            "time": self.time,
-            "rank": self.rank,
+            **_envelope_json(self),
             "where": self.where,
             "module": self.module,
             "message": self.message,
@@ -325,13 +288,10 @@ class ErrorRecord:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> ErrorRecord:
         return cls(
-            step=_as_int(data.get("step"), "step"),
-            time=_as_float(data.get("time"), "time"),
+            **_envelope_fields(data),
             where=_as_str(data.get("where"), "where"),
             message=_as_str(data.get("message", ""), "message"),
             module=str(data.get("module", "")),
-            rank=_as_int(data.get("rank", 0), "rank"),
-            run_id=str(data.get("run_id", "")),
         )
 
 
@@ -363,6 +323,40 @@ def record_from_json(data: Any) -> Record | None:
                 f"unsupported run-log schema {schema!r}; this gradwatch reads schema {SCHEMA_VERSION}"
             )
     return cls.from_json(data)
+
+
+# --- the fields every step record shares -------------------------------------------------------------
+
+
+def _envelope_json(record: Measurement | Alert | ClipEvent | ErrorRecord) -> dict[str, Any]:
+    return {
+        "kind": record.kind,
+        "run_id": record.run_id,
+        "step": record.step,
+        "time": record.time,
+        "rank": record.rank,
+    }
+
+
+def _envelope_fields(data: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "step": _as_int(data.get("step"), "step"),
+        "time": _as_float(data.get("time"), "time"),
+        "rank": _as_int(data.get("rank", 0), "rank"),
+        "run_id": str(data.get("run_id", "")),
+    }
+
+
+def _layer_json(record: Measurement | Alert) -> dict[str, Any]:
+    return {"module": record.module, "layer": record.layer, "direction": record.direction}
+
+
+def _layer_fields(data: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "module": _as_str(data.get("module"), "module"),
+        "layer": _as_int(data.get("layer"), "layer"),
+        "direction": _as_direction(data.get("direction")),
+    }
 
 
 # --- field validation -------------------------------------------------------------------------------
