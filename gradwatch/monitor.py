@@ -18,13 +18,14 @@ import uuid
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from gradwatch._version import __version__
@@ -471,8 +472,12 @@ class Monitor:
             for watched in self._watched:
                 if watched.name in self._disabled_modules:
                     continue
+                # A user cell runs in eval mode while it is measured: dropout inside it would make every
+                # J v of the iteration a different matrix.
+                custom = watched.kind == "custom"
                 try:
-                    records.extend(self._measure_module(watched, step, grad_values or {}))
+                    with deterministic_mode(watched.module) if custom else nullcontext():
+                        records.extend(self._measure_module(watched, step, grad_values or {}))
                 except Exception as exc:
                     self._fault("estimator", watched.name, exc)
         return records
@@ -547,8 +552,7 @@ class Monitor:
             traces = [trace]
         else:
             assert isinstance(probe, list) and watched.custom is not None
-            with deterministic_mode(module):
-                traces = [trace_custom_cell(module, watched.custom, probe, recompute=True)]
+            traces = [trace_custom_cell(module, watched.custom, probe, recompute=True)]
             check = None
         if check is not None and not check.ok:
             self._probes.pop(watched.name, None)
@@ -559,8 +563,6 @@ class Monitor:
                 "skipping this module's measurement",
             )
             return None
-        if watched.kind == "custom":
-            return [_DeterministicTrace.wrap(t, module) for t in traces]
         return traces
 
     # --- plumbing -------------------------------------------------------------------------------------
@@ -681,21 +683,6 @@ class Monitor:
         if key not in self._warned:
             self._warned.add(key)
             self._warn(message)
-
-
-class _DeterministicTrace:
-    """Wraps a user cell's step function so every call runs in eval mode (no dropout noise in J v)."""
-
-    @staticmethod
-    def wrap(trace: LayerTrace, module: nn.Module) -> LayerTrace:
-        inner = trace.step_function
-        assert inner is not None
-
-        def step(x: Tensor, s: Tensor) -> Tensor:
-            with deterministic_mode(module):
-                return inner(x, s)
-
-        return replace(trace, step_function=step)
 
 
 class _OptimizerHook:
