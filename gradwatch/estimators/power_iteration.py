@@ -35,6 +35,12 @@ REORTHOGONALISATION_PASSES = 1
 #: over several iterations, not one, guards against stopping while Lanczos stagnates for a step.
 CONVERGENCE_CHECK_INTERVAL = 3
 
+#: Lanczos: consecutive checks an element's estimate must pass before it counts as converged. One window
+#: is not enough once elements stop on their own: when the start vector barely touches the top singular
+#: direction, the Ritz value first settles on sigma_2 (a relu Jacobian sat at 0.9386 for 6 iterations,
+#: then rose to sigma_1 = 0.9728). Two windows caught every such case in docs/estimators.md's study.
+CONSECUTIVE_CHECKS = 2
+
 
 @dataclass(frozen=True)
 class SpectralNormEstimate:
@@ -43,7 +49,8 @@ class SpectralNormEstimate:
     sigma: Tensor  # (*batch,) largest singular value estimates (||A v|| for the final unit v)
     right_vectors: Tensor  # (*batch, D) unit vectors, reusable as a warm start
     converged: Tensor  # (*batch,) bool: relative change below rtol since the previous check
-    iterations: int  # iterations actually run (the same for the whole batch)
+    iterations: int  # iterations run by the slowest element
+    element_iterations: Tensor | None = None  # (*batch,) iterations each element ran (Lanczos only)
 
 
 def safe_vector_norm(x: Tensor) -> Tensor:
@@ -178,6 +185,35 @@ def _breakdown_to_zero(x: Tensor, norm: Tensor, scale: Tensor) -> tuple[Tensor, 
     return x / safe.unsqueeze(-1), norm
 
 
+def _symmetric_eigenvalues(matrix: Tensor) -> Tensor:
+    """Ascending eigenvalues of a batch of symmetric matrices, robust to LAPACK's rare failures.
+
+    Bidiagonals with exact zeros (an exhausted Krylov space, e.g. relu layers with dead units) can make
+    float32 ``syevd`` report "failed to converge"; float64 and then an SVD (whose squares are the
+    eigenvalues of these positive semi-definite matrices) take over instead of failing the measurement.
+    """
+    try:
+        return torch.linalg.eigvalsh(matrix)
+    except torch.linalg.LinAlgError:
+        pass
+    try:
+        return torch.linalg.eigvalsh(matrix.double()).to(matrix.dtype)
+    except torch.linalg.LinAlgError:
+        return torch.linalg.svdvals(matrix.double()).flip(-1).to(matrix.dtype)
+
+
+def _symmetric_top_eigenvector(matrix: Tensor) -> Tensor:
+    """Eigenvector of the largest eigenvalue of a batch of symmetric positive semi-definite matrices."""
+    try:
+        return torch.linalg.eigh(matrix)[1][..., :, -1]
+    except torch.linalg.LinAlgError:
+        pass
+    try:
+        return torch.linalg.eigh(matrix.double())[1][..., :, -1].to(matrix.dtype)
+    except torch.linalg.LinAlgError:
+        return torch.linalg.svd(matrix.double())[0][..., :, 0].to(matrix.dtype)
+
+
 def _top_singular_value(bidiagonal: Tensor) -> Tensor:
     """sigma_max of a batch of small matrices; non-finite matrices give NaN instead of a LAPACK error.
 
@@ -190,7 +226,7 @@ def _top_singular_value(bidiagonal: Tensor) -> Tensor:
     scale = cleaned.abs().amax(dim=(-2, -1), keepdim=True)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     unit = cleaned / scale
-    top = torch.linalg.eigvalsh(unit @ unit.mT)[..., -1].clamp(min=0).sqrt() * scale[..., 0, 0]
+    top = _symmetric_eigenvalues(unit @ unit.mT)[..., -1].clamp(min=0).sqrt() * scale[..., 0, 0]
     return torch.where(finite, top, torch.full_like(top, float("nan")))
 
 
@@ -200,8 +236,43 @@ def _top_right_singular_vector(bidiagonal: Tensor) -> Tensor:
     cleaned = torch.where(finite[..., None, None], bidiagonal, torch.zeros_like(bidiagonal))
     scale = cleaned.abs().amax(dim=(-2, -1), keepdim=True)
     unit = cleaned / torch.where(scale > 0, scale, torch.ones_like(scale))
-    _, vectors = torch.linalg.eigh(unit.mT @ unit)
-    return vectors[..., :, -1]
+    return _symmetric_top_eigenvector(unit.mT @ unit)
+
+
+Restrict = Callable[[Tensor], tuple[MatVec, MatVec]]
+"""``restrict(rows)``: the operator restricted to the flat batch elements ``rows`` (a 1-D index into the
+flattened batch), as (matvec, rmatvec) on (len(rows), D) / (len(rows), M) tensors."""
+
+
+@dataclass
+class _LanczosState:
+    """The Krylov state of the elements still iterating (row r belongs to flat batch element rows[r])."""
+
+    rows: Tensor  # (n,) flat batch indices
+    right_basis: Tensor  # (max_iter + 1, n, D): v_0 .. v_k, basis index first
+    bidiagonal: Tensor  # (n, max_iter, max_iter + 1): row j holds alpha_j at column j, beta_j at j + 1
+    u: Tensor  # (n, M) current left vector
+    alpha: Tensor  # (n,)
+    scale: Tensor  # (n,) largest alpha/beta so far: the reference for "rounding-level" breakdown
+    checkpoint: Tensor  # (n,) the estimate at the previous convergence check
+    streak: Tensor  # (n,) consecutive checks passed so far
+
+    def keep(self, kept: Tensor, filled: int) -> _LanczosState:
+        """Only the rows ``kept`` (bool over the current rows); basis slots >= ``filled`` are not copied."""
+        basis = self.right_basis.new_empty(
+            (self.right_basis.shape[0], int(kept.sum()), self.right_basis.shape[2])
+        )
+        basis[:filled] = self.right_basis[:filled, kept]
+        return _LanczosState(
+            rows=self.rows[kept],
+            right_basis=basis,
+            bidiagonal=self.bidiagonal[kept],
+            u=self.u[kept],
+            alpha=self.alpha[kept],
+            scale=self.scale[kept],
+            checkpoint=self.checkpoint[kept],
+            streak=self.streak[kept],
+        )
 
 
 @torch.no_grad()
@@ -213,69 +284,152 @@ def spectral_norm_lanczos(
     max_iter: int = 24,
     rtol: float = 1e-4,
     active: Tensor | None = None,
+    restrict: Restrict | None = None,
+    check_interval: int = CONVERGENCE_CHECK_INTERVAL,
+    quiet_checks: int = CONSECUTIVE_CHECKS,
     reorthogonalisation_passes: int = REORTHOGONALISATION_PASSES,
 ) -> SpectralNormEstimate:
     """Golub-Kahan-Lanczos bidiagonalisation with full reorthogonalisation, started from v0.
 
-    Each iteration costs one matvec and one rmatvec. The Krylov bases U, V are stored for the whole batch
-    ((*batch, max_iter + 1, D) and (*batch, max_iter, M)). ``active`` as in power iteration.
+    Each iteration costs one matvec and one rmatvec. The Krylov basis V is stored for the whole batch
+    ((max_iter + 1, N, D)). ``active`` as in power iteration. With ``restrict`` (see :data:`Restrict`) the
+    batch is compacted at every convergence check: elements that converged (estimate changed by less than
+    rtol over each of the last CONSECUTIVE_CHECKS check intervals) are finished (their Ritz vector
+    is formed) and leave the iteration, so the cost follows the average element, not the slowest one;
+    inactive elements never enter it (their sigma is ||A v0||). ``check_interval`` and ``quiet_checks``
+    tune the test: checks every few iterations (each is a batch of small eigenproblems and one host
+    synchronisation) and how many consecutive ones an element must pass.
     """
     _validate(v0, max_iter, rtol, active)
+    if check_interval < 1 or quiet_checks < 1:
+        raise ValueError(
+            "check_interval and quiet_checks must be positive integers, "
+            f"got {check_interval!r} and {quiet_checks!r}"
+        )
     batch_shape = v0.shape[:-1]
+    size = v0.shape[-1]
     v, _ = _normalise(v0)
-    first_u = matvec(v)
     elements = v[..., 0].numel()
-    # Krylov basis, basis index first: right_basis[k] = v_k for all batch elements.
+    flat_v = v.reshape(elements, size)
+
+    def full_matvec(x: Tensor) -> Tensor:
+        return matvec(x.view(*batch_shape, size)).reshape(elements, -1)
+
+    def full_rmatvec(y: Tensor) -> Tensor:
+        return rmatvec(y.view(*batch_shape, y.shape[-1])).reshape(elements, size)
+
+    # What each element ends with: its Ritz vector, the small problem's estimate (NaN marks a non-finite
+    # operator), whether it converged and how many iterations it ran.
+    final_vectors = flat_v.clone()
+    final_estimate = torch.zeros(elements, dtype=v.dtype, device=v.device)
+    final_converged = torch.zeros(elements, dtype=torch.bool, device=v.device)
+    final_iterations = torch.zeros(elements, dtype=torch.long, device=v.device)
+
+    rows = torch.arange(elements, device=v.device)
+    flat_active = None if active is None else active.reshape(elements).to(v.device)
+    op_matvec, op_rmatvec = full_matvec, full_rmatvec
+    if restrict is not None and flat_active is not None and not bool(flat_active.all()):
+        rows = rows[flat_active]  # padded steps never enter the iteration
+        op_matvec, op_rmatvec = restrict(rows)
+    if rows.numel() == 0:
+        return _finish(
+            full_matvec, final_vectors, final_estimate, final_converged, final_iterations, batch_shape, 0
+        )
+    start = flat_v[rows]
+    first_u = op_matvec(start)
+    u, alpha = _normalise(first_u)
+    n = rows.numel()
     # Only V is stored and reorthogonalised ("one-sided" Lanczos bidiagonalisation, Simon & Zha 2000): U
     # follows the three-term recurrence, which kept the top Ritz value as accurate on RNN Jacobians at half
     # the memory and traffic. Slots are written before they are read, so the basis needs no zeroing.
-    right_basis = v.new_empty((max_iter + 1, elements, v.shape[-1]))
-    # Row j holds alpha_j at column j and beta_j at column j + 1: U_k^T A V_{k+1}.
-    bidiagonal = v.new_zeros((*batch_shape, max_iter, max_iter + 1))
-    right_basis[0] = v.reshape(elements, -1)
-    u, alpha = _normalise(first_u)
-    scale = alpha.clone()  # largest alpha/beta so far: the reference for "rounding-level" breakdown
-    sigma = torch.full(batch_shape, float("nan"), dtype=v.dtype, device=v.device)
-    converged = torch.zeros(batch_shape, dtype=torch.bool, device=v.device)
-    checkpoint = sigma  # the estimate at the previous convergence check
+    right_basis = v.new_empty((max_iter + 1, n, size))
+    right_basis[0] = start
+    state = _LanczosState(
+        rows=rows,
+        right_basis=right_basis,
+        bidiagonal=v.new_zeros((n, max_iter, max_iter + 1)),
+        u=u,
+        alpha=alpha,
+        scale=alpha.clone(),
+        # alpha_0 = ||A v_0|| is the estimate of the one-vector Krylov space: from a warm start that is
+        # already right, the first two checks can pass and the element stops after 2 intervals.
+        checkpoint=alpha.clone(),
+        streak=torch.zeros(n, dtype=torch.long, device=v.device),
+    )
+
+    def finish_rows(selected: Tensor, steps: int, sigma: Tensor, converged: Tensor) -> None:
+        """Form the Ritz vectors V_{k+1} y of the ``selected`` rows (y: top right singular vector of their
+        small matrix) and store them with their estimate and convergence flag."""
+        small = state.bidiagonal[selected, :steps, : steps + 1]
+        coefficients = _top_right_singular_vector(small)
+        vectors = torch.einsum("nk,knd->nd", coefficients, state.right_basis[: steps + 1, selected])
+        targets = state.rows[selected]
+        final_vectors[targets] = _normalise(vectors)[0]
+        final_estimate[targets] = sigma[selected]
+        final_converged[targets] = converged[selected]
+        final_iterations[targets] = steps
+
     steps = 0
     for j in range(max_iter):
         steps = j + 1
-        bidiagonal[..., j, j] = alpha
+        state.bidiagonal[:, j, j] = state.alpha
         # beta_j v_{j+1} = A^T u_j - alpha_j v_j, then made orthogonal to all earlier v.
-        w = rmatvec(u) - alpha.unsqueeze(-1) * right_basis[j].view(v.shape)
-        w = _orthogonalise(w.reshape(elements, -1), right_basis, j + 1, reorthogonalisation_passes).view(
-            v.shape
-        )
-        v_next, beta = _breakdown_to_zero(w, safe_vector_norm(w), scale)
-        scale = torch.maximum(scale, beta)
-        right_basis[j + 1] = v_next.reshape(elements, -1)
-        bidiagonal[..., j, j + 1] = beta
-        is_check = (j + 1) % CONVERGENCE_CHECK_INTERVAL == 0
-        if is_check or j + 1 == max_iter:  # the small SVDs are only needed where they are looked at
-            sigma = _top_singular_value(bidiagonal[..., : j + 1, : j + 2])
-            converged = _changed_little(sigma, checkpoint, rtol)
-            checkpoint = sigma
-            if j + 1 == max_iter or _all_settled(converged, sigma, active):
+        w = op_rmatvec(state.u) - state.alpha.unsqueeze(-1) * state.right_basis[j]
+        w = _orthogonalise(w, state.right_basis, j + 1, reorthogonalisation_passes)
+        v_next, beta = _breakdown_to_zero(w, safe_vector_norm(w), state.scale)
+        state.scale = torch.maximum(state.scale, beta)
+        state.right_basis[j + 1] = v_next
+        state.bidiagonal[:, j, j + 1] = beta
+        if (j + 1) % check_interval == 0 or j + 1 == max_iter:
+            # The small SVDs are only needed where they are looked at.
+            sigma = _top_singular_value(state.bidiagonal[:, : j + 1, : j + 2])
+            passed = _changed_little(sigma, state.checkpoint, rtol)
+            state.streak = torch.where(passed, state.streak + 1, torch.zeros_like(state.streak))
+            converged = state.streak >= quiet_checks
+            state.checkpoint = sigma
+            settled = converged | ~torch.isfinite(sigma)
+            if restrict is None and flat_active is not None:
+                settled = settled | ~flat_active[state.rows]
+            everyone = j + 1 == max_iter or bool(settled.all())
+            if everyone:
+                finish_rows(torch.ones_like(settled), steps, sigma, converged)
                 break
-        # alpha_{j+1} u_{j+1} = A v_{j+1} - beta_j u_j, made orthogonal to all earlier u.
-        z = matvec(v_next) - beta.unsqueeze(-1) * u
-        z = z.view(first_u.shape)  # one-sided: only V is reorthogonalised (Simon & Zha 2000)
-        u, alpha = _breakdown_to_zero(z, safe_vector_norm(z), scale)
-        scale = torch.maximum(scale, alpha)
-    # Ritz vector: V_{k+1} y for the top right singular vector y of the small matrix; re-measured as ||A v||
-    # (one more matvec) so the reported sigma is a guaranteed lower bound, even after rounding in the basis.
-    small = bidiagonal[..., :steps, : steps + 1]
-    ritz_coefficients = _top_right_singular_vector(small)
-    right_vectors, _ = _normalise(
-        torch.einsum("nk,knd->nd", ritz_coefficients.reshape(elements, -1), right_basis[: steps + 1]).view(
-            v.shape
-        )
+            if restrict is not None and bool(settled.any()):
+                finish_rows(settled, steps, sigma, converged)
+                kept = ~settled
+                state = state.keep(kept, j + 2)
+                v_next, beta = v_next[kept], beta[kept]
+                op_matvec, op_rmatvec = restrict(state.rows)
+        # alpha_{j+1} u_{j+1} = A v_{j+1} - beta_j u_j (one-sided: U is not reorthogonalised).
+        z = op_matvec(v_next) - beta.unsqueeze(-1) * state.u
+        state.u, state.alpha = _breakdown_to_zero(z, safe_vector_norm(z), state.scale)
+        state.scale = torch.maximum(state.scale, state.alpha)
+    return _finish(
+        full_matvec, final_vectors, final_estimate, final_converged, final_iterations, batch_shape, steps
     )
-    measured = safe_vector_norm(matvec(right_vectors))
-    # Keep NaN for non-finite operators (the cleaned SVD above would otherwise report 0).
-    sigma = torch.where(torch.isfinite(sigma), measured, sigma)
-    return SpectralNormEstimate(sigma, right_vectors, converged, steps)
+
+
+def _finish(
+    full_matvec: MatVec,
+    vectors: Tensor,
+    estimate: Tensor,
+    converged: Tensor,
+    iterations: Tensor,
+    batch_shape: torch.Size,
+    steps: int,
+) -> SpectralNormEstimate:
+    """Re-measure every final vector as ||A v|| (one matvec), so the reported sigma is a guaranteed lower
+    bound even after rounding in the basis; NaN stays NaN for non-finite operators."""
+    measured = safe_vector_norm(full_matvec(vectors))
+    sigma = torch.where(torch.isfinite(estimate), measured, estimate)
+    size = vectors.shape[-1]
+    return SpectralNormEstimate(
+        sigma.view(batch_shape),
+        vectors.view(*batch_shape, size),
+        converged.view(batch_shape),
+        steps,
+        iterations.view(batch_shape),
+    )
 
 
 SpectralMethod = Literal["lanczos", "power"]
@@ -291,10 +445,24 @@ def spectral_norm(
     max_iter: int,
     rtol: float,
     active: Tensor | None = None,
+    restrict: Restrict | None = None,
+    check_interval: int = CONVERGENCE_CHECK_INTERVAL,
+    quiet_checks: int = CONSECUTIVE_CHECKS,
 ) -> SpectralNormEstimate:
-    """Dispatch to :func:`spectral_norm_lanczos` or :func:`spectral_norm_power_iteration` by name."""
+    """Dispatch to :func:`spectral_norm_lanczos` or :func:`spectral_norm_power_iteration` by name
+    (``restrict``, ``check_interval`` and ``quiet_checks`` tune Lanczos; power iteration ignores them)."""
     if method == "lanczos":
-        return spectral_norm_lanczos(matvec, rmatvec, v0, max_iter=max_iter, rtol=rtol, active=active)
+        return spectral_norm_lanczos(
+            matvec,
+            rmatvec,
+            v0,
+            max_iter=max_iter,
+            rtol=rtol,
+            active=active,
+            restrict=restrict,
+            check_interval=check_interval,
+            quiet_checks=quiet_checks,
+        )
     if method == "power":
         return spectral_norm_power_iteration(matvec, rmatvec, v0, max_iter=max_iter, rtol=rtol, active=active)
     raise ValueError(f"unknown spectral norm method {method!r}; expected one of {SPECTRAL_METHODS}")
