@@ -24,8 +24,8 @@ import torch
 
 from gradwatch.estimators.cells import CellKind, CellWeights, cell_step, gate_count
 from gradwatch.estimators.jacobian import builtin_step_jacobians
-from gradwatch.estimators.layer import EstimatorSettings, estimate_layer
-from gradwatch.estimators.power_iteration import random_start_vectors, spectral_norm
+from gradwatch.estimators.layer import EstimatorSettings, estimate_layer, estimate_step_norms
+from gradwatch.estimators.power_iteration import random_start_vectors
 
 KINDS: dict[str, CellKind] = {"rnn": "rnn_tanh", "lstm": "lstm", "gru": "gru"}
 
@@ -109,15 +109,7 @@ def run_case(kind: str, hidden: int, steps: int, batch: int, sample: int, repeat
             device=s_prev.device,
             generator=torch.Generator().manual_seed(1),
         )
-        result = spectral_norm(
-            settings.method,
-            jac.jvp,
-            jac.vjp,
-            start,
-            max_iter=settings.max_iter,
-            rtol=settings.rtol,
-            active=mask,
-        )
+        result = estimate_step_norms(jac, mask, settings, start)
         return result.sigma, result.iterations
 
     exact_times, estimate_times, layer_times = [], [], []

@@ -14,6 +14,7 @@ from gradwatch.estimators.jacobian import (
     StepJacobians,
     builtin_step_jacobians,
     function_step_jacobians,
+    select_operators,
 )
 from tests._estimator_cases import CellCase, dense_step_jacobians, random_cell_weights, random_sequences
 
@@ -52,6 +53,37 @@ def test_products_match_jacrev_in_both_time_modes(case: CellCase, implementation
     for t in range(x.shape[0]):
         torch.testing.assert_close(jac.jvp(v[:, t], t), torch.einsum("bij,nbj->nbi", dense[t], v[:, t]))
         torch.testing.assert_close(jac.vjp(v[0, t], t), torch.einsum("bij,bi->bj", dense[t], v[0, t]))
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("case", CASES, ids=[c.case_id for c in CASES])
+def test_selected_operators_are_the_dense_jacobians_at_those_flat_positions(
+    case: CellCase, implementation: str
+) -> None:
+    generator = torch.Generator().manual_seed(3)
+    weights = random_cell_weights(case, generator)
+    x, s_prev = random_sequences(case, weights, steps=4, batch=3, generator=generator)
+    dense = dense_step_jacobians(weights, x, s_prev).flatten(0, 1)  # (T * B, D, D), flat index t * B + b
+    jac = make_jacobians(implementation, weights, x, s_prev)
+    index = torch.tensor([11, 0, 5, 6])  # unordered, across time steps and sequences
+    subset = select_operators(jac, index)
+    assert subset is not None
+    assert (subset.time_steps, subset.batch_size, subset.state_size) == (1, 4, s_prev.shape[-1])
+    v = torch.randn(4, s_prev.shape[-1], generator=generator, dtype=s_prev.dtype)
+    torch.testing.assert_close(subset.jvp(v, 0), torch.einsum("nij,nj->ni", dense[index], v))
+    torch.testing.assert_close(subset.vjp(v, 0), torch.einsum("nij,ni->nj", dense[index], v))
+    # The original operators are untouched.
+    full = torch.randn(*s_prev.shape, generator=generator, dtype=s_prev.dtype)
+    torch.testing.assert_close(
+        jac.jvp(full).flatten(0, 1), torch.einsum("nij,nj->ni", dense, full.flatten(0, 1))
+    )
+
+
+def test_operators_without_select_are_not_selected() -> None:
+    class Plain:
+        pass
+
+    assert select_operators(Plain(), torch.tensor([0])) is None  # type: ignore[arg-type]
 
 
 def test_lstm_gate_values_are_the_cell_to_cell_diagonal_and_derivatives_are_tanh_prime() -> None:

@@ -26,16 +26,22 @@ TARGET_CASES = [
 ]
 
 
+@pytest.mark.parametrize("seed", [0, 1], ids=["seed0", "seed1"])
 @pytest.mark.parametrize("case", TARGET_CASES, ids=[c.case_id for c in TARGET_CASES])
-def test_accuracy_target_p99_relative_error_below_one_percent(case: CellCase) -> None:
-    """Default settings, cold start, float32: p99 over (t, sequence) of the relative error <= 1%."""
-    generator = torch.Generator().manual_seed(0)
+def test_accuracy_target_p99_relative_error_below_one_percent(case: CellCase, seed: int) -> None:
+    """Default settings, cold start, float32: p99 over (t, sequence) of the relative error <= 1%.
+
+    8 sequences (the default max_sequences) x 16 steps = 128 pairs, so the 99th percentile is a percentile
+    and not the single worst pair: Lanczos, like any Krylov method, can stop on sigma_2 for an operator
+    whose start vector barely touches the top singular direction (docs/estimators.md measures how often).
+    """
+    generator = torch.Generator().manual_seed(seed)
     weights = random_cell_weights(case, generator, dtype=torch.float32)
-    steps = 12 if case.hidden_size <= 16 else 8  # keeps the dense reference fast at H = 128
-    x, s_prev = random_sequences(case, weights, steps=steps, batch=4, generator=generator)
+    steps, batch = 16, 8
+    x, s_prev = random_sequences(case, weights, steps=steps, batch=batch, generator=generator)
     exact = exact_sigma_max(dense_step_jacobians(weights.to(torch.float64), x.double(), s_prev.double()))
     jac = builtin_step_jacobians(weights, x, s_prev)
-    mask = torch.ones(steps, 4, dtype=torch.bool)
+    mask = torch.ones(steps, batch, dtype=torch.bool)
     settings = EstimatorSettings(lags=(), lyapunov=False)  # only the step Jacobians matter here
     estimate = estimate_layer(jac, mask, None, settings, generator=generator)
     relative_error = (estimate.jacobian_sigma.double() - exact).abs() / exact

@@ -16,8 +16,9 @@ Flat states follow :mod:`gradwatch.estimators.cells`: s = h for RNN/GRU, s = [h;
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -58,6 +59,18 @@ class StepJacobians(Protocol):
     def gate_values(self) -> Tensor | None:
         """(T, B, H) LSTM forget gate f or GRU update gate z, or None for cells without such a gate."""
         ...
+
+
+def _flat_rows(tensor: Tensor, index: Tensor) -> Tensor:
+    """(T, B, ...) -> (1, len(index), ...): the (t, b) pairs at flat positions t * B + b, as one step."""
+    return tensor.reshape(1, -1, *tensor.shape[2:])[:, index]
+
+
+def select_operators(jac: StepJacobians, index: Tensor) -> StepJacobians | None:
+    """The operators at flat (t, b) positions ``index`` as a one-step batch of len(index) "sequences"
+    (jvp(v, 0) then applies each to its own row), or None if ``jac`` cannot select (a user's own class)."""
+    select = getattr(jac, "select", None)
+    return select(index) if callable(select) else None
 
 
 def _check_sequence_tensors(x: Tensor, s_prev: Tensor, state_size: int | None) -> None:
@@ -204,6 +217,26 @@ class AnalyticStepJacobians(_TimeIndexing):
             )
         else:  # pragma: no cover - CellWeights.kind is a Literal
             raise ValueError(f"unknown cell kind {self.kind!r}; expected rnn_tanh, rnn_relu, lstm or gru")
+
+    def select(self, index: Tensor) -> AnalyticStepJacobians:
+        """Only the operators at flat (t, b) positions ``index``, as one step of len(index) sequences.
+
+        Lanczos uses it to drop converged operators: the coefficients are gathered once per compaction,
+        and every later product costs len(index) rows instead of T * B.
+        """
+        subset = copy.copy(self)
+        subset.time_steps, subset.batch_size = 1, int(index.numel())
+        if self._rnn_derivative is not None:
+            subset._rnn_derivative = _flat_rows(self._rnn_derivative, index)
+        if self._lstm is not None:
+            subset._lstm = _LstmCoefficients(
+                **{f.name: _flat_rows(getattr(self._lstm, f.name), index) for f in fields(_LstmCoefficients)}
+            )
+        if self._gru is not None:
+            subset._gru = _GruCoefficients(
+                **{f.name: _flat_rows(getattr(self._gru, f.name), index) for f in fields(_GruCoefficients)}
+            )
+        return subset
 
     @staticmethod
     def _at(coefficient: Tensor, t: int | None) -> Tensor:
@@ -362,6 +395,10 @@ class FunctionStepJacobians(_TimeIndexing):
             self._checked_output(out, flat.shape[0])
             (cotangent,) = pullback(flat.to(out.dtype))
         return cotangent.reshape(u.shape)
+
+    def select(self, index: Tensor) -> FunctionStepJacobians:
+        """Only the operators at flat (t, b) positions ``index``, as one step of len(index) sequences."""
+        return FunctionStepJacobians(self.step, _flat_rows(self.x, index), _flat_rows(self.s_prev, index))
 
     def activation_derivatives(self) -> Tensor | None:
         return None

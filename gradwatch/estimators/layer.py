@@ -8,6 +8,7 @@ with a single device-to-host copy. Summaries over (t, sequence) count only real 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -18,10 +19,12 @@ from gradwatch.estimators.factors import (
     activation_statistics,
     weight_spectral_norm,
 )
-from gradwatch.estimators.jacobian import StepJacobians
+from gradwatch.estimators.jacobian import StepJacobians, select_operators
 from gradwatch.estimators.power_iteration import (
     SPECTRAL_METHODS,
+    MatVec,
     SpectralMethod,
+    SpectralNormEstimate,
     random_start_vectors,
     safe_vector_norm,
     spectral_norm,
@@ -144,6 +147,38 @@ def _masked_summaries(sigma: Tensor, mask: Tensor) -> dict[str, Tensor]:
     return {name: torch.where(any_nonfinite, nan, value) for name, value in summaries.items()}
 
 
+def _step_restriction(jac: StepJacobians) -> Callable[[Tensor], tuple[MatVec, MatVec]] | None:
+    """Lanczos' ``restrict`` for the step Jacobians: the flat (t, b) rows still iterating, or None when
+    ``jac`` cannot select operators (then every operator runs every iteration)."""
+    if not callable(getattr(jac, "select", None)):
+        return None
+
+    def restrict(rows: Tensor) -> tuple[MatVec, MatVec]:
+        subset = select_operators(jac, rows)
+        assert subset is not None
+        return (lambda v: subset.jvp(v, 0)), (lambda u: subset.vjp(u, 0))
+
+    return restrict
+
+
+@torch.no_grad()
+def estimate_step_norms(
+    jac: StepJacobians, mask: Tensor, settings: EstimatorSettings, start: Tensor
+) -> SpectralNormEstimate:
+    """sigma_max(J_t) for every (t, b) from start vectors (T, B, D); padded steps (mask False) are skipped
+    where the operators can be restricted, and converged operators leave the iteration early."""
+    return spectral_norm(
+        settings.method,
+        jac.jvp,
+        jac.vjp,
+        start,
+        max_iter=settings.max_iter,
+        rtol=settings.rtol,
+        active=mask.to(jac.device),
+        restrict=_step_restriction(jac),
+    )
+
+
 @torch.no_grad()
 def estimate_layer(
     jac: StepJacobians,
@@ -168,15 +203,7 @@ def estimate_layer(
         jac.device,
         generator,
     )
-    step_estimate = spectral_norm(
-        settings.method,
-        jac.jvp,
-        jac.vjp,
-        step_start,
-        max_iter=settings.max_iter,
-        rtol=settings.rtol,
-        active=mask,
-    )
+    step_estimate = estimate_step_norms(jac, mask, settings, step_start)
     sigma = torch.where(mask, step_estimate.sigma, torch.full_like(step_estimate.sigma, float("nan")))
     summaries = _masked_summaries(step_estimate.sigma, mask)
     converged_ratio = (step_estimate.converged & mask).sum().to(jac.dtype) / mask.sum().clamp(min=1).to(
