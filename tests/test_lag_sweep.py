@@ -102,3 +102,23 @@ def test_unsorted_lags_with_variable_lengths_match_dense_products(lags: list[int
             for t in range(length - tau, length):
                 product = dense[t, b] @ product
             assert value == pytest.approx(float(torch.linalg.matrix_norm(product, ord=2)), rel=1e-3)
+
+
+def test_converged_long_lags_leave_and_later_sweeps_shrink_to_the_short_lags() -> None:
+    case = CellCase("lstm", 8)
+    generator = torch.Generator().manual_seed(2)
+    weights = random_cell_weights(case, generator, dtype=torch.float32)
+    steps, batch = 24, 3
+    x, s_prev = random_sequences(case, weights, steps=steps, batch=batch, generator=generator)
+    counting = CountingJacobians(builtin_step_jacobians(weights, x, s_prev))
+    lags = [1, 2, 23]
+    estimate = estimate_lag_norms(counting, torch.ones(steps, batch, dtype=torch.bool), lags, rtol=1e-6)
+    iterations = estimate.estimate.element_iterations
+    assert iterations is not None
+    longest, shortest = iterations[2].max(), iterations[:2].max()
+    assert int(longest) < int(shortest)  # the product over 23 steps has a wide gap: it converges first
+    # Forward sweeps: the start, one per iteration, one final re-measurement. Without compaction all of
+    # them would cover the 23 steps of the longest lag; with it, those after the long lag left cover 2.
+    without_compaction = (int(shortest) + 1) * (steps - 1)
+    with_compaction = (int(longest) + 2) * (steps - 1) + (int(shortest) + 1) * 2
+    assert counting.jvp_calls <= with_compaction < without_compaction

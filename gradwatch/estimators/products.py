@@ -27,6 +27,7 @@ from torch import Tensor
 
 from gradwatch.estimators.jacobian import StepJacobians
 from gradwatch.estimators.power_iteration import (
+    MatVec,
     SpectralMethod,
     SpectralNormEstimate,
     random_start_vectors,
@@ -36,6 +37,13 @@ from gradwatch.estimators.power_iteration import (
 
 DEFAULT_LAG_MAX_ITER = 12
 DEFAULT_LAG_RTOL = 1e-3
+
+#: Lanczos convergence test for the lag products. A product matvec is a whole sweep over time, so a check
+#: (small eigenproblems over K * B elements and one host sync) is cheap next to it: check after every
+#: iteration and ask for three quiet ones in a row. Long products have well separated top singular values
+#: (their spectrum spreads with tau) and leave after 3-4 iterations, which shrinks later sweeps to the
+#: steps of the short lags.
+_LAG_CONVERGENCE_TEST = {"check_interval": 1, "quiet_checks": 3}
 
 
 def default_lags(time_steps: int) -> list[int]:
@@ -121,21 +129,52 @@ def estimate_lag_norms(
     # Which lags each step touches, on the host once, outside the iteration loops (one transfer).
     spans = _active_lag_spans(in_window.any(dim=2).cpu())
 
-    def sweep(v: Tensor, apply: Callable[[Tensor, int], Tensor], order: Iterable[int]) -> Tensor:
-        # J_t is applied only to the rows of lags whose window covers t (in_window selects the sequences
+    def sweep(
+        v: Tensor,
+        apply: Callable[[Tensor, int], Tensor],
+        order: Iterable[int],
+        spans: list[list[tuple[int, int]]],
+        window: Tensor,
+    ) -> Tensor:
+        # J_t is applied only to the rows of lags whose window covers t (window selects the sequences
         # within them): lag tau touches tau steps, so a sweep costs sum(tau) * B row products, not K * T * B.
         v = v.clone()
         for t in order:
             for lo, hi in spans[t]:
                 rows = v[lo:hi]
-                v[lo:hi] = torch.where(in_window_vectors[t, lo:hi], apply(rows, t), rows)
+                v[lo:hi] = torch.where(window[t, lo:hi], apply(rows, t), rows)
         return v
 
     def product(v: Tensor) -> Tensor:
-        return sweep(v, jac.jvp, range(steps))
+        return sweep(v, jac.jvp, range(steps), spans, in_window_vectors)
 
     def adjoint_product(u: Tensor) -> Tensor:
-        return sweep(u, jac.vjp, reversed(range(steps)))
+        return sweep(u, jac.vjp, reversed(range(steps)), spans, in_window_vectors)
+
+    def restrict(rows: Tensor) -> tuple[MatVec, MatVec]:
+        # Only the (lag, sequence) pairs at flat positions rows = k * B + b still iterate: sweep the steps
+        # their windows cover. Long lags usually converge first (a product's spectrum spreads out with
+        # tau), and then the sweeps shrink from T steps to the few steps of the short lags.
+        kept = torch.zeros(lag_count * batch, dtype=torch.bool, device=jac.device)
+        kept[rows] = True
+        window = in_window & kept.view(1, lag_count, batch)
+        kept_spans = _active_lag_spans(window.any(dim=2).cpu())
+        window_vectors = window.unsqueeze(-1)
+
+        def embed(x: Tensor) -> Tensor:
+            full = x.new_zeros((lag_count * batch, x.shape[-1]))
+            full[rows] = x
+            return full.view(lag_count, batch, -1)
+
+        def restricted_product(v: Tensor) -> Tensor:
+            swept = sweep(embed(v), jac.jvp, range(steps), kept_spans, window_vectors)
+            return swept.reshape(lag_count * batch, -1)[rows]
+
+        def restricted_adjoint(u: Tensor) -> Tensor:
+            swept = sweep(embed(u), jac.vjp, reversed(range(steps)), kept_spans, window_vectors)
+            return swept.reshape(lag_count * batch, -1)[rows]
+
+        return restricted_product, restricted_adjoint
 
     shape = (lag_count, batch, state)
     usable_warm_start = (
@@ -148,7 +187,15 @@ def estimate_lag_norms(
     )
     assert start_vectors is not None
     raw = spectral_norm(
-        method, product, adjoint_product, start_vectors, max_iter=max_iter, rtol=rtol, active=valid
+        method,
+        product,
+        adjoint_product,
+        start_vectors,
+        max_iter=max_iter,
+        rtol=rtol,
+        active=valid,
+        restrict=restrict,
+        **_LAG_CONVERGENCE_TEST,
     )
     norms = torch.where(valid, raw.sigma, torch.full_like(raw.sigma, float("nan")))
     return LagNormEstimate(checked_lags, norms, raw)
