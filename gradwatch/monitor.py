@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from gradwatch._version import __version__
+from gradwatch.background import BackgroundWorker
 from gradwatch.capture.hooks import CallRecorder, CellCall, FusedCall
 from gradwatch.capture.modules import NO_RNN_MESSAGE, WatchedModule, find_rnn_modules, unwrap_model
 from gradwatch.capture.replay import (
@@ -51,8 +52,9 @@ from gradwatch.distributed import (
     shared_run_id,
     writes_log,
 )
+from gradwatch.estimators.cells import CellWeights
 from gradwatch.estimators.gradients import gradient_norms
-from gradwatch.estimators.jacobian import builtin_step_jacobians, function_step_jacobians
+from gradwatch.estimators.jacobian import StepJacobians, builtin_step_jacobians, function_step_jacobians
 from gradwatch.estimators.layer import EstimatorSettings, WarmStart, estimate_layer, layer_metrics
 from gradwatch.policy.alerts import AlertCallback, GradWatchWarning, NonFiniteGradientError, emit_alert
 from gradwatch.policy.clipping import ClipPolicy, apply_clip, make_clip_policy
@@ -104,6 +106,7 @@ class WatchConfig:
     clip_scope: ClipScope = "monitored"
     clip_mode: ClipMode = "always"
     global_view: bool = False
+    background: bool = False
     estimator: EstimatorSettings = field(default_factory=EstimatorSettings)
     detection: DetectionConfig = field(default_factory=DetectionConfig)
 
@@ -142,6 +145,53 @@ class WatchConfig:
         return data
 
 
+@dataclass
+class _LayerJob:
+    """One layer and direction, frozen at the measured step, ready for the estimators."""
+
+    module: str
+    layer: int
+    direction: str
+    jacobians: StepJacobians
+    mask: torch.Tensor
+    recurrent_weight: torch.Tensor | None
+    generator: torch.Generator
+    grads: dict[str, float | None]
+
+
+@dataclass
+class _ModuleJob:
+    name: str
+    layers: list[_LayerJob]  # still to estimate
+    ready: list[Measurement]  # already estimated on the training thread (user cells)
+
+
+@dataclass
+class _MeasurementJob:
+    step: int
+    time: float
+    modules: list[_ModuleJob]
+
+
+@dataclass
+class _MeasurementResult:
+    step: int
+    records: list[Measurement]
+    faults: list[tuple[str, Exception]]  # (module, what its estimate raised)
+
+
+def _copy_weights(weights: CellWeights) -> CellWeights:
+    """Private copies of a layer's weights: the optimizer updates the originals in place."""
+    return replace(
+        weights,
+        **{
+            name: getattr(weights, name).detach().clone()
+            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
+            if getattr(weights, name) is not None
+        },
+    )
+
+
 class Monitor:
     """Watches the recurrent modules of one model. Create it with :func:`gradwatch.watch`."""
 
@@ -175,7 +225,10 @@ class Monitor:
         )
         self._on_alert = list(on_alert)
         self.clip_count = 0
-        self.history: deque[Record] = deque(maxlen=config.history_size or None)
+        self._history: deque[Record] = deque(maxlen=config.history_size or None)
+        self._background: BackgroundWorker[_MeasurementResult] | None = (
+            BackgroundWorker() if config.background else None
+        )
         self._sinks: list[Sink] = list(sinks)
         self._step = 0
         self._closed = False
@@ -226,6 +279,19 @@ class Monitor:
     # --- public ---------------------------------------------------------------------------------------
 
     @property
+    def history(self) -> deque[Record]:
+        """The records the sinks got, oldest first (up to ``history_size``); waits for a measurement still
+        running in the background, so it is complete up to the last finished step."""
+        self.wait()
+        return self._history
+
+    def wait(self) -> None:
+        """Deliver a measurement still running in the background: its records, detector updates and
+        alerts. A no-op without one (and with ``background=False``)."""
+        if self._background is not None and self._background.busy:
+            self._deliver(self._collect(wait=True))
+
+    @property
     def current_step(self) -> int:
         """The index of the step in progress (the number of completed steps)."""
         return self._step
@@ -260,7 +326,15 @@ class Monitor:
         """Remove every hook, flush and close the sinks. Idempotent; the model behaves as before."""
         if self._closed:
             return
-        self._closed = True
+        strict_fault: GradWatchFault | None = None
+        try:
+            self.wait()  # the last measurement's records go out before the sinks close
+        except GradWatchFault as exc:  # strict mode: raised after the monitor is closed properly
+            strict_fault = exc
+        finally:
+            self._closed = True
+            if self._background is not None:
+                self._background.shutdown()
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -277,6 +351,8 @@ class Monitor:
                 warnings.warn(
                     f"gradwatch: closing sink {sink!r} failed: {exc!r}", RuntimeWarning, stacklevel=2
                 )
+        if strict_fault is not None:
+            raise strict_fault
 
     def __enter__(self) -> Monitor:
         return self
@@ -294,6 +370,7 @@ class Monitor:
         """What a resumed run needs to continue where this one stopped: step counter, detector windows,
         clip policy, warm-start vectors, kept probes, random generator. Only tensors and plain values, so
         ``torch.load`` reads it with its safe default ``weights_only=True``."""
+        self.wait()  # warm starts and the generator belong to a measurement in flight until it is done
         generator = self._generator
         return {
             "step": self._step,
@@ -315,6 +392,7 @@ class Monitor:
         """Continue from ``state_dict()`` of an earlier monitor on the same model (the run_id stays new)."""
         if not isinstance(state, Mapping) or not isinstance(state.get("step"), int):
             raise ValueError("a gradwatch state_dict needs an integer 'step' (from Monitor.state_dict())")
+        self.wait()
         self._step = int(state["step"])
         self.clip_count = int(state.get("clip_count", 0))
         if "detector" in state:
@@ -355,7 +433,7 @@ class Monitor:
         if self._closed:
             return
         step = self._step
-        alerts: list[Alert] = []
+        alerts: list[Alert] = self._collect(wait=False)  # a background measurement that has finished
         try:
             for sink in list(self._sinks):
                 observe = getattr(sink, "observe_step", None)
@@ -441,33 +519,73 @@ class Monitor:
         )
 
     def _measure(self, step: int, grad_values: Mapping[str, float]) -> list[Alert]:
-        """Measure, record, and run the detector; returns the alerts to deliver."""
+        """Measure, record, and run the detector; returns the alerts to deliver.
+
+        In background mode the replay and snapshots happen now and the estimators run on the worker
+        thread; their records and alerts are delivered at a later step boundary (or by wait()/close()).
+        """
+        if self._background is None:
+            return self._publish(self._estimate(self._prepare(step, grad_values)))
+        # One measurement at a time: the previous one's warm starts feed this one.
+        alerts = self._collect(wait=True)
+        job = self._prepare(step, grad_values)
+        if not any(module.layers for module in job.modules):
+            return alerts + self._publish(self._estimate(job))
+        self._background.submit(partial(self._estimate, job))
+        return alerts
+
+    def _collect(self, *, wait: bool) -> list[Alert]:
+        """Publish a finished background measurement (waiting for it if ``wait``); its alerts."""
+        if self._background is None:
+            return []
+        try:
+            done, result = self._background.take(wait=wait)
+        except Exception as exc:
+            self._fault("measure", "", exc)
+            return []
+        if not done or result is None:
+            return []
+        return self._publish(result)
+
+    def _publish(self, result: _MeasurementResult) -> list[Alert]:
+        """Report estimator faults, write the records, update the detector; returns the alerts."""
+        for module, exc in result.faults:
+            self._fault("estimator", module, exc, step=result.step)
         alerts: list[Alert] = []
-        records = self._measure_records(step, grad_values)
-        for record in records:
+        for record in result.records:
             self._emit(record)
             if record.module in self._disabled_modules:
                 continue  # its detector failed on an earlier layer of this measurement
             try:
                 alerts += self.detector.update(record)
             except Exception as exc:
-                self._fault("detector", record.module, exc)
+                self._fault("detector", record.module, exc, step=record.step)
         if self._global_view is not None:
             try:
-                for combined in self._global_view.exchange(records):
+                for combined in self._global_view.exchange(result.records):
                     self._emit(combined)  # rank -1: all ranks combined (no detector: the ranks alert)
             except Exception as exc:
                 self._global_view = None
-                self._fault("global_view", "", exc)
+                self._fault("global_view", "", exc, step=result.step)
         self._flush()
         return alerts
 
     def _measure_records(
         self, step: int, grad_values: Mapping[str, float] | None = None
     ) -> list[Measurement]:
-        """One Measurement per layer and direction of every module that ran on this step (no side effects
-        on the user's random stream: the estimators run under a forked RNG)."""
-        records: list[Measurement] = []
+        """One Measurement per layer and direction of every module that ran on this step, synchronously
+        (no side effects on the user's random stream: the replay runs under a forked RNG)."""
+        result = self._estimate(self._prepare(step, grad_values or {}))
+        for module, exc in result.faults:
+            self._fault("estimator", module, exc, step=step)
+        return result.records
+
+    def _prepare(self, step: int, grad_values: Mapping[str, float]) -> _MeasurementJob:
+        """The training-thread half of a measurement: replay every module on its probe and freeze what the
+        estimators need (weights copied in background mode, as the optimizer is about to change them).
+        User cells are estimated here too: their step function calls the live module."""
+        job = _MeasurementJob(step=step, time=time.time(), modules=[])
+        snapshot = self._background is not None
         with torch.random.fork_rng(devices=self._cuda_devices()), torch.no_grad(), _autocast_off():
             for watched in self._watched:
                 if watched.name in self._disabled_modules:
@@ -477,54 +595,89 @@ class Monitor:
                 custom = watched.kind == "custom"
                 try:
                     with deterministic_mode(watched.module) if custom else nullcontext():
-                        records.extend(self._measure_module(watched, step, grad_values or {}))
+                        layers = self._layer_jobs(watched, grad_values, snapshot=snapshot and not custom)
+                        if custom:
+                            ready = [self._estimate_layer(step, job.time, layer) for layer in layers]
+                            job.modules.append(_ModuleJob(watched.name, [], ready))
+                        else:
+                            job.modules.append(_ModuleJob(watched.name, layers, []))
                 except Exception as exc:
                     self._fault("estimator", watched.name, exc)
-        return records
+        return job
 
-    def _measure_module(
-        self, watched: WatchedModule, step: int, grads: Mapping[str, float]
-    ) -> list[Measurement]:
+    def _layer_jobs(
+        self, watched: WatchedModule, grads: Mapping[str, float], *, snapshot: bool
+    ) -> list[_LayerJob]:
         traces = self._traces(watched)
         if traces is None:
             return []
-        now = time.time()
-        out = []
+        jobs = []
         for trace in traces:
-            key = (watched.name, trace.layer, trace.direction)
+            jacobians: StepJacobians
             if trace.weights is not None:
-                jacobians = builtin_step_jacobians(trace.weights, trace.inputs, trace.previous_states)
+                weights = _copy_weights(trace.weights) if snapshot else trace.weights
+                jacobians = builtin_step_jacobians(weights, trace.inputs, trace.previous_states)
             else:
                 assert trace.step_function is not None
                 jacobians = function_step_jacobians(trace.step_function, trace.inputs, trace.previous_states)
-            estimate = estimate_layer(
-                jacobians,
-                trace.mask,
-                trace.recurrent_weight,
-                self.config.estimator,
-                warm_start=self._warm_starts.get(key),
-                generator=self._generator_for(trace.states.device),
-            )
-            self._warm_starts[key] = estimate.warm_start
-            values = layer_metrics(estimate)
-            layer_grads = {
-                local: grads.get(qualified) for local, qualified in self._grad_names(watched, trace).items()
-            }
-            nonfinite = sum(1 for v in layer_grads.values() if v is not None and not math.isfinite(v))
-            metrics = MeasurementMetrics(**values, grad_norm=layer_grads, grad_nonfinite=nonfinite)  # type: ignore[arg-type]
-            out.append(
-                Measurement(
-                    step=step,
-                    time=now,
+            recurrent = trace.recurrent_weight
+            if snapshot and recurrent is not None:
+                recurrent = recurrent.detach().clone()
+            jobs.append(
+                _LayerJob(
                     module=watched.name,
                     layer=trace.layer,
                     direction=trace.direction,
-                    metrics=metrics,
-                    rank=self.rank,
-                    run_id=self.run_id,
+                    jacobians=jacobians,
+                    mask=trace.mask,
+                    recurrent_weight=recurrent,
+                    generator=self._generator_for(trace.states.device),
+                    grads={
+                        local: grads.get(qualified)
+                        for local, qualified in self._grad_names(watched, trace).items()
+                    },
                 )
             )
-        return out
+        return jobs
+
+    def _estimate(self, job: _MeasurementJob) -> _MeasurementResult:
+        """The estimator half: pure tensor work on the job's own tensors (safe on the worker thread). A
+        module whose estimate fails gives no records and one fault, reported when the result is published."""
+        result = _MeasurementResult(step=job.step, records=[], faults=[])
+        with torch.no_grad(), _autocast_off():
+            for module in job.modules:
+                try:
+                    records = [self._estimate_layer(job.step, job.time, layer) for layer in module.layers]
+                except Exception as exc:
+                    result.faults.append((module.name, exc))
+                    continue
+                result.records.extend(module.ready + records)
+        return result
+
+    def _estimate_layer(self, step: int, now: float, layer: _LayerJob) -> Measurement:
+        key = (layer.module, layer.layer, layer.direction)
+        estimate = estimate_layer(
+            layer.jacobians,
+            layer.mask,
+            layer.recurrent_weight,
+            self.config.estimator,
+            warm_start=self._warm_starts.get(key),
+            generator=layer.generator,
+        )
+        self._warm_starts[key] = estimate.warm_start
+        values = layer_metrics(estimate)
+        nonfinite = sum(1 for v in layer.grads.values() if v is not None and not math.isfinite(v))
+        metrics = MeasurementMetrics(**values, grad_norm=layer.grads, grad_nonfinite=nonfinite)  # type: ignore[arg-type]
+        return Measurement(
+            step=step,
+            time=now,
+            module=layer.module,
+            layer=layer.layer,
+            direction=layer.direction,
+            metrics=metrics,
+            rank=self.rank,
+            run_id=self.run_id,
+        )
 
     def _traces(self, watched: WatchedModule) -> list[LayerTrace] | None:
         """Replay the module on its probe (fixed mode) or on this step's recorded call (live mode)."""
@@ -599,14 +752,14 @@ class Monitor:
         return sorted({p.device.index or 0 for p in self._parameters.values() if p.device.type == "cuda"})
 
     def _emit(self, record: Record, *, skip: Sink | None = None) -> None:
-        self.history.append(record)
+        self._history.append(record)
         for sink in list(self._sinks):
             if sink is skip:
                 continue
             try:
                 sink.write(record)
             except Exception as exc:
-                self._sink_failed(sink, exc)
+                self._sink_failed(sink, exc, step=getattr(record, "step", None))
 
     def _flush(self) -> None:
         for sink in list(self._sinks):
@@ -615,7 +768,7 @@ class Monitor:
             except Exception as exc:
                 self._sink_failed(sink, exc)
 
-    def _sink_failed(self, sink: Sink, exc: Exception) -> None:
+    def _sink_failed(self, sink: Sink, exc: Exception, *, step: int | None = None) -> None:
         """A sink raised. I/O errors (disk full, broken pipe) degrade: the record is dropped, later ones are
         tried again, one warning. Any other error disables (and closes) the sink. Both write one error record
         to the other sinks, at the first failure only."""
@@ -636,12 +789,20 @@ class Monitor:
             with contextlib.suppress(Exception):
                 sink.close()
             self._warn(f"gradwatch: sink {sink!r} failed and is disabled: {exc!r}")
-        error = ErrorRecord(self._step, time.time(), where, repr(exc), rank=self.rank, run_id=self.run_id)
+        error = ErrorRecord(
+            self._step if step is None else step,
+            time.time(),
+            where,
+            repr(exc),
+            rank=self.rank,
+            run_id=self.run_id,
+        )
         self._emit(error, skip=sink)
 
-    def _fault(self, where: str, module: str, exc: Exception) -> None:
+    def _fault(self, where: str, module: str, exc: Exception, *, step: int | None = None) -> None:
         """A fault inside gradwatch: re-raise in strict mode, else disable the module (or the part: clipping)
-        and warn once; the first fault of each place also goes to the sinks as an error record."""
+        and warn once; the first fault of each place also goes to the sinks as an error record, stamped
+        with ``step`` (the measured step, for a background measurement) or the current one."""
         if self.config.strict:
             raise GradWatchFault(f"gradwatch {where} failed for {module or 'the monitor'}: {exc!r}") from exc
         key = f"{where}:{module}" if module else where
@@ -661,7 +822,13 @@ class Monitor:
         self._warn(f"gradwatch: {where} failed for {module or 'the monitor'} and {consequence}: {exc!r}")
         self._emit(
             ErrorRecord(
-                self._step, time.time(), where, repr(exc), module=module, rank=self.rank, run_id=self.run_id
+                self._step if step is None else step,
+                time.time(),
+                where,
+                repr(exc),
+                module=module,
+                rank=self.rank,
+                run_id=self.run_id,
             )
         )
 
@@ -749,6 +916,7 @@ def watch(
     run_id: str | None = None,
     log_ranks: LogRanks = "all",
     global_view: bool = False,
+    background: bool | None = None,
 ) -> Monitor:
     """Attach a monitor to every recurrent module of ``model``: one line, no change to the training loop.
 
@@ -763,6 +931,9 @@ def watch(
     Under torch.distributed every rank measures its own batch; ``log_ranks="all"`` writes one log per rank
     (``NAME.rank<r>.jsonl`` for r > 0), ``"zero"`` only rank 0's. ``run_id`` defaults to rank 0's new id.
     ``global_view=True`` adds, on rank 0, records of rank -1 that combine every rank's measurement.
+    ``background=True`` runs the estimators on a worker thread beside the next training steps (records and
+    alerts arrive a few steps later; ``monitor.wait()`` delivers them); ``None`` chooses it when every
+    watched module is a built-in RNN on the CPU and ``global_view`` is off.
     Every configuration error is raised here, before training starts.
     """
     config = WatchConfig(
@@ -798,6 +969,10 @@ def watch(
     modules = find_rnn_modules(model)
     if not modules:
         raise ValueError(NO_RNN_MESSAGE)
+    config = replace(
+        config,
+        background=_resolve_background(background, modules, global_view=global_view, clip_mode=clip_mode),
+    )
     log_ranks = check_log_ranks(log_ranks)
     if run_id is not None and (not isinstance(run_id, str) or not run_id):
         raise ValueError(f"run_id must be a non-empty string (or None for a new one), got {run_id!r}")
@@ -836,6 +1011,32 @@ def watch(
             with contextlib.suppress(Exception):
                 sink.close()
         raise
+
+
+def _resolve_background(
+    background: object, modules: Sequence[WatchedModule], *, global_view: bool, clip_mode: str
+) -> bool:
+    """The background setting: explicit True/False, or None = on where it helps and is safe (built-in RNNs
+    on the CPU, where a spare core runs the estimators; user cells call the live module, CUDA work would
+    queue behind training on the same stream, the global view exchanges at the measured step, and
+    clip_mode="exploding" should react to a verdict at once)."""
+    if background is not None and not isinstance(background, bool):
+        raise TypeError(f"background must be True, False or None (choose automatically), got {background!r}")
+    if background and global_view:
+        raise ValueError(
+            "background=True cannot be combined with global_view=True: the ranks exchange their "
+            "measurements at the measured step; use one or the other"
+        )
+    if background is not None:
+        return background
+    if global_view or clip_mode == "exploding":
+        return False
+    for watched in modules:
+        if watched.kind == "custom":
+            return False
+        if any(p.device.type != "cpu" for p in watched.module.parameters()):
+            return False
+    return True
 
 
 def _check_watch_options(optimizer: object, *, strict: object, seed: object, fsync: object) -> None:

@@ -230,7 +230,8 @@ def test_deepcopy_and_save_of_a_watched_model(tmp_path):
     monitor.close()
 
 
-def test_a_fault_in_an_estimator_degrades_to_one_warning(monkeypatch):
+@pytest.mark.parametrize("background", [False, True], ids=["inline", "background"])
+def test_a_fault_in_an_estimator_degrades_to_one_warning(monkeypatch, background):
     import gradwatch.monitor as monitor_module
 
     def broken(*args, **kwargs):
@@ -239,12 +240,17 @@ def test_a_fault_in_an_estimator_degrades_to_one_warning(monkeypatch):
     monkeypatch.setattr(monitor_module, "estimate_layer", broken)
     model = SeqModel(nn.GRU(3, 4), 4)
     with pytest.warns(gradwatch.GradWatchWarning, match="injected"):
-        losses, monitor = _train(model, 3, {"every": 1})
+        losses, monitor = _train(model, 3, {"every": 1, "background": background})
+        monitor.wait()
     assert len(losses) == 3
     errors = [r for r in monitor.history if r.kind == "error"]
-    assert len(errors) == 1 and errors[0].module == "rnn"
+    assert len(errors) == 1 and errors[0].module == "rnn" and errors[0].step == 0
+    # Strict mode raises in the step itself, or (background) when the result is taken back.
     with pytest.raises(gradwatch.GradWatchFault, match="injected"):
-        _train(SeqModel(nn.GRU(3, 4), 4), 1, {"every": 1, "strict": True})
+        _, strict = _train(
+            SeqModel(nn.GRU(3, 4), 4), 1, {"every": 1, "strict": True, "background": background}
+        )
+        strict.wait()
 
 
 @pytest.mark.parametrize(

@@ -205,7 +205,8 @@ def test_a_full_disk_degrades_to_one_warning_and_the_log_stays_readable(tmp_path
     log = tmp_path / "run.jsonl"
     model = SeqModel()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    monitor = gradwatch.watch(model, optimizer, every=1, log=log, fsync="never")
+    # background=False: the disk fills at exact steps, so each measurement must be written at its own step.
+    monitor = gradwatch.watch(model, optimizer, every=1, log=log, fsync="never", background=False)
     jsonl = next(s for s in monitor.sinks if isinstance(s, JsonlSink))
     disk = DiskFullFile(jsonl._file)
     jsonl._file = disk  # type: ignore[assignment]
@@ -265,7 +266,9 @@ def test_fsync_is_exposed_and_each_line_is_fsynced_when_asked(
     monkeypatch.setattr("gradwatch.sinks.jsonl.os.fsync", lambda fd: synced.append(fd))
     model = SeqModel()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    monitor = gradwatch.watch(model, optimizer, every=1, log=tmp_path / "run.jsonl", fsync="always")
+    monitor = gradwatch.watch(
+        model, optimizer, every=1, log=tmp_path / "run.jsonl", fsync="always", background=False
+    )
     _train(model, optimizer, range(3))
     lines = (tmp_path / "run.jsonl").read_text().count("\n")
     assert len(synced) == lines == 4  # header + 3 measurements, each fsynced

@@ -1,0 +1,213 @@
+"""Background measurement: the estimators on a worker thread give the same records as inline, later."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import gradwatch
+import gradwatch.monitor as monitor_module
+from gradwatch.background import BackgroundWorker
+from gradwatch.records import Alert, Measurement
+from tests.test_monitor import CellLoop, CustomLoop, SeqModel
+
+# --- the worker ---------------------------------------------------------------------------------------
+
+
+def test_worker_runs_one_job_and_hands_back_its_result_or_its_exception() -> None:
+    worker: BackgroundWorker[int] = BackgroundWorker()
+    assert worker.take(wait=False) == (False, None)
+    release = threading.Event()
+    worker.submit(lambda: release.wait(5) and 42)
+    assert worker.busy
+    assert worker.take(wait=False) == (False, None)  # still running
+    with pytest.raises(RuntimeError, match="still pending"):
+        worker.submit(lambda: 0)
+    release.set()
+    assert worker.take(wait=True) == (True, 42)
+    assert not worker.busy
+
+    def failing() -> int:
+        raise ValueError("inside the job")
+
+    worker.submit(failing)
+    with pytest.raises(ValueError, match="inside the job"):
+        worker.take(wait=True)
+    assert not worker.busy
+    worker.shutdown()
+    worker.shutdown()  # idempotent
+
+
+def test_jobs_run_off_the_calling_thread() -> None:
+    worker: BackgroundWorker[str] = BackgroundWorker()
+    worker.submit(lambda: threading.current_thread().name)
+    _, name = worker.take(wait=True)
+    assert name != threading.current_thread().name and name is not None and "gradwatch" in name
+    worker.shutdown()
+
+
+# --- the monitor ----------------------------------------------------------------------------------------
+
+
+def _models() -> dict[str, nn.Module]:
+    return {
+        "lstm-2layer": SeqModel(nn.LSTM(3, 6, num_layers=2, dropout=0.3), 6),
+        "gru-bidirectional": SeqModel(nn.GRU(3, 6, bidirectional=True), 12),
+    }
+
+
+def _train(model: nn.Module, steps: int, **watch: Any) -> tuple[list[torch.Tensor], Any]:
+    torch.manual_seed(1)
+    data = [(torch.randn(9, 4, 3), torch.randn(9, 4)) for _ in range(steps)]
+    torch.manual_seed(2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    monitor = gradwatch.watch(model, optimizer, **watch)
+    losses, state = [], None
+    for x, y in data:
+        optimizer.zero_grad()
+        out, state = model(x, state)
+        state = tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
+        loss = nn.functional.mse_loss(out, y)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.detach())
+    monitor.close()
+    return losses, monitor
+
+
+def _measurements(monitor: Any) -> list[tuple]:
+    return [
+        (r.step, r.module, r.layer, r.direction, r.metrics)
+        for r in monitor.history
+        if isinstance(r, Measurement)
+    ]
+
+
+@pytest.mark.parametrize("name", ["lstm-2layer", "gru-bidirectional"])
+def test_background_records_equal_inline_records_and_training_is_untouched(name: str) -> None:
+    torch.manual_seed(0)
+    inline_model = _models()[name]
+    background_model = _models()[name]
+    background_model.load_state_dict(inline_model.state_dict())
+    losses_inline, inline = _train(inline_model, 7, every=2, background=False)
+    losses_background, background = _train(background_model, 7, every=2, background=True)
+    assert inline.config.background is False and background.config.background is True
+    assert all(torch.equal(a, b) for a, b in zip(losses_inline, losses_background, strict=True))
+    for p, q in zip(inline_model.parameters(), background_model.parameters(), strict=True):
+        assert torch.equal(p, q)
+    records = _measurements(background)
+    assert [r[0] for r in records] == sorted(r[0] for r in records)  # in step order
+    assert {r[0] for r in records} == {0, 2, 4, 6}
+    assert records == _measurements(inline)  # the same numbers, bit for bit
+
+
+def test_background_estimates_use_the_weights_of_the_measured_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The optimizer updates the weights in place while the worker runs: the estimate must not see that."""
+    real_estimate = monitor_module.estimate_layer
+    started = threading.Event()
+
+    def slow_estimate(*args: Any, **kwargs: Any) -> Any:
+        started.set()
+        time.sleep(0.2)  # the training thread runs optimizer.step() meanwhile
+        return real_estimate(*args, **kwargs)
+
+    torch.manual_seed(0)
+    inline_model = SeqModel(nn.RNN(3, 6), 6)
+    background_model = SeqModel(nn.RNN(3, 6), 6)
+    background_model.load_state_dict(inline_model.state_dict())
+    _, inline = _train(inline_model, 3, every=2, background=False)
+    monkeypatch.setattr(monitor_module, "estimate_layer", slow_estimate)
+    _, background = _train(background_model, 3, every=2, background=True)
+    assert started.is_set()
+    assert _measurements(background) == _measurements(inline)
+
+
+def test_alerts_and_records_arrive_on_the_training_thread_by_wait_and_close(tmp_path) -> None:
+    torch.manual_seed(4)
+    rnn = nn.RNN(3, 6, nonlinearity="relu")
+    with torch.no_grad():
+        rnn.weight_hh_l0.copy_(2.5 * torch.linalg.qr(torch.randn(6, 6))[0])
+        rnn.bias_hh_l0.fill_(0.5)
+    threads: list[str] = []
+    log = tmp_path / "run.jsonl"
+    with pytest.warns(gradwatch.GradWatchWarning):
+        _, monitor = _train(
+            SeqModel(rnn, 6),
+            12,
+            every=1,
+            log=log,
+            background=True,
+            on_alert=lambda alert: threads.append(threading.current_thread().name),
+        )
+    assert threads and set(threads) == {threading.current_thread().name}
+    assert any(isinstance(r, Alert) for r in monitor.history)
+    logged_steps = [
+        line
+        for line in log.read_text().splitlines()
+        if '"kind": "measurement"' in line.replace('":"', '": "')
+    ]
+    assert len(logged_steps) == 12  # the last one, still running at close(), was written too
+
+
+def test_state_dict_waits_for_the_measurement_in_flight(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_estimate = monitor_module.estimate_layer
+
+    def slow_estimate(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.1)
+        return real_estimate(*args, **kwargs)
+
+    monkeypatch.setattr(monitor_module, "estimate_layer", slow_estimate)
+    model = SeqModel(nn.GRU(3, 4), 4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    monitor = gradwatch.watch(model, optimizer, every=5, background=True)
+    out, _ = model(torch.randn(5, 2, 3))
+    out.sum().backward()
+    optimizer.step()  # step 0 is measured; its estimate is now running
+    state = monitor.state_dict()
+    assert list(state["warm_starts"]) == ["rnn|0|forward"]
+    assert [r.step for r in monitor._history if isinstance(r, Measurement)] == [0]
+    monitor.close()
+
+
+@pytest.mark.parametrize(
+    ("model", "watch", "expected"),
+    [
+        (lambda: SeqModel(nn.LSTM(3, 6), 6), {}, True),
+        (CellLoop, {}, True),
+        (CustomLoop, {}, False),  # a user cell's step function calls the live module
+        (lambda: SeqModel(nn.GRU(3, 6), 6), {"clip": 1.0, "clip_mode": "exploding"}, False),
+        (lambda: SeqModel(nn.GRU(3, 6), 6), {"background": False}, False),
+        (CustomLoop, {"background": True}, True),
+    ],
+    ids=["fused-cpu", "cell-cpu", "custom-cell", "clip-exploding", "off", "forced-on"],
+)
+def test_background_is_chosen_where_it_is_safe(model: Any, watch: dict, expected: bool) -> None:
+    monitor = gradwatch.watch(model(), **watch)
+    assert monitor.config.background is expected
+    monitor.close()
+
+
+def test_a_forced_background_custom_cell_is_still_measured_right() -> None:
+    torch.manual_seed(0)
+    inline_model, background_model = CustomLoop(), CustomLoop()
+    background_model.load_state_dict(inline_model.state_dict())
+    _, inline = _train(inline_model, 3, every=1, background=False)
+    _, background = _train(background_model, 3, every=1, background=True)
+    assert _measurements(background) == _measurements(inline)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"background": "yes"}, TypeError, "background must be True, False or None"),
+        ({"background": True, "global_view": True}, ValueError, "cannot be combined with global_view"),
+    ],
+)
+def test_bad_background_options_are_clear_errors(kwargs: dict, error: type, message: str) -> None:
+    with pytest.raises(error, match=message):
+        gradwatch.watch(SeqModel(nn.GRU(3, 4), 4), **kwargs)
