@@ -9,9 +9,12 @@ Run from the repository root:
 Variants, each in its own process, alternated round by round (order rotated), ``--repeats`` rounds:
 
 * bare          -- no gradwatch;
-* default       -- gradwatch.watch(model, optimizer) at the default schedule (every=50): the timed block of
-                   50 steps holds exactly one measurement, as in a long run;
-* every-step    -- every=1: every timed step is measured (gives the cost of one measurement);
+* default       -- gradwatch.watch(model, optimizer) with its defaults (every=50; on the CPU the estimators
+                   run on a background thread): the timed block of 50 steps holds exactly one measurement,
+                   as in a long run, and ends by waiting for it (so background work is paid in full);
+* inline        -- the same with background=False: the estimators run inside optimizer.step();
+* every-step    -- every=1, background=False: every timed step is measured (the compute cost of one
+                   measurement);
 * nonfinite     -- every=10**9: only the per-step gradient checks (non-finite count and norms) remain.
 
 Each process trains 2 warm-up steps bare, attaches the variant, runs its step 0 untimed (gradwatch measures
@@ -49,13 +52,15 @@ class Variant:
     instrument: str
     every: int
     timed_steps: int
+    background: bool | None = None
 
 
 def variants(block: int, measured_steps: int) -> list[Variant]:
     return [
         Variant("bare", "bare", 1, block),
         Variant("default", "gradwatch", 50, block),
-        Variant("every-step", "gradwatch", 1, measured_steps),
+        Variant("inline", "gradwatch", 50, block, background=False),
+        Variant("every-step", "gradwatch", 1, measured_steps, background=False),
         Variant("nonfinite", "gradwatch", NONFINITE_ONLY_EVERY, block),
     ]
 
@@ -66,12 +71,16 @@ class Summary:
     hidden: int
     bare_step_s: float
     default_ratio: float  # median over rounds of default block time / bare block time
-    composed_default_ratio: float  # (49 unmeasured + 1 measured step) / 50 bare steps, from medians
+    inline_ratio: float  # the same for background=False
+    composed_inline_ratio: float  # (49 unmeasured + 1 measured step) / 50 bare steps, from medians
     nonfinite_ratio: float
     measured_step_s: float
     measurement_s: float  # measured step minus bare step
     measurement_vs_step: float
+    wall_cost_steps: float  # (default block - bare block) / bare step: what one measurement costs the run
     peak_rss_bare_mb: float
+    peak_rss_default_mb: float
+    peak_rss_default_overhead: float
     peak_rss_measured_mb: float
     peak_rss_overhead: float  # every-step peak / bare peak - 1
     retained_mb: float  # live tensor bytes with gradwatch (default) minus bare, after the timed steps
@@ -79,7 +88,9 @@ class Summary:
 
 
 def summarise(kind: str, hidden: int, runs: dict[str, list[dict]]) -> Summary:
-    bare, default, every, nonfinite = (runs[n] for n in ("bare", "default", "every-step", "nonfinite"))
+    bare, default, inline, every, nonfinite = (
+        runs[n] for n in ("bare", "default", "inline", "every-step", "nonfinite")
+    )
 
     def totals(results: list[dict]) -> list[float]:
         return [r["total_seconds"] for r in results]
@@ -93,6 +104,9 @@ def summarise(kind: str, hidden: int, runs: dict[str, list[dict]]) -> Summary:
     measurement = measured_step - bare_step
     peak_bare = median([r["peak_rss_bytes"] or math.nan for r in bare])
     peak_measured = median([r["peak_rss_bytes"] or math.nan for r in every])
+    peak_default = median([r["peak_rss_bytes"] or math.nan for r in default])
+    default_ratio = median(paired_ratios(totals(default), totals(bare)))
+    block = len(bare[0]["step_seconds"])
     retained = median(
         [d["live_tensor_bytes"] - b["live_tensor_bytes"] for d, b in zip(default, bare, strict=True)]
     )
@@ -100,13 +114,17 @@ def summarise(kind: str, hidden: int, runs: dict[str, list[dict]]) -> Summary:
         kind=kind,
         hidden=hidden,
         bare_step_s=bare_step,
-        default_ratio=median(paired_ratios(totals(default), totals(bare))),
-        composed_default_ratio=(49 * unmeasured_step + measured_step) / (50 * bare_step),
+        default_ratio=default_ratio,
+        inline_ratio=median(paired_ratios(totals(inline), totals(bare))),
+        composed_inline_ratio=((block - 1) * unmeasured_step + measured_step) / (block * bare_step),
         nonfinite_ratio=median(paired_ratios(totals(nonfinite), totals(bare))),
         measured_step_s=measured_step,
         measurement_s=measurement,
         measurement_vs_step=measurement / bare_step,
+        wall_cost_steps=(default_ratio - 1) * block,
         peak_rss_bare_mb=megabytes(peak_bare),
+        peak_rss_default_mb=megabytes(peak_default),
+        peak_rss_default_overhead=peak_default / peak_bare - 1,
         peak_rss_measured_mb=megabytes(peak_measured),
         peak_rss_overhead=peak_measured / peak_bare - 1,
         retained_mb=megabytes(retained),
@@ -200,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
                     vocabulary=args.vocabulary,
                     instrument=variant.instrument,
                     every=variant.every,
+                    background=variant.background,
                     timed_steps=variant.timed_steps,
                     threads=args.threads,
                     device=args.device,
@@ -231,29 +250,47 @@ def print_tables(summaries: list[Summary]) -> None:
     print("\nTraining-time overhead (median of per-round ratios against bare, same block length)\n")
     print(
         format_table(
-            ["model", "bare step s", "default (every=50)", "composed 49+1", "non-finite check only"],
+            [
+                "model",
+                "bare step s",
+                "default (every=50)",
+                "inline (background=False)",
+                "inline composed 49+1",
+                "non-finite check only",
+            ],
             [
                 [
                     f"{s.kind} H={s.hidden}",
                     s.bare_step_s,
                     percent(s.default_ratio - 1),
-                    percent(s.composed_default_ratio - 1),
+                    percent(s.inline_ratio - 1),
+                    percent(s.composed_inline_ratio - 1),
                     percent(s.nonfinite_ratio - 1),
                 ]
                 for s in summaries
             ],
         )
     )
-    print("\nOne measurement (every=1 step minus bare step, medians)\n")
+    print(
+        "\nOne measurement: compute (every=1 inline step minus bare step) and what the default run pays for "
+        "it (default block minus bare block), in training steps\n"
+    )
     print(
         format_table(
-            ["model", "measured step s", "measurement s", "measurement / training step"],
+            [
+                "model",
+                "measured step s",
+                "measurement s",
+                "compute / training step",
+                "default run pays (steps)",
+            ],
             [
                 [
                     f"{s.kind} H={s.hidden}",
                     s.measured_step_s,
                     s.measurement_s,
                     f"{s.measurement_vs_step:.2f}x",
+                    f"{s.wall_cost_steps:.2f}",
                 ]
                 for s in summaries
             ],
@@ -265,7 +302,9 @@ def print_tables(summaries: list[Summary]) -> None:
             [
                 "model",
                 "bare peak MB",
-                "measured peak MB",
+                "every-step peak MB",
+                "overhead",
+                "default peak MB",
                 "overhead",
                 "retained MB",
                 "RSS growth MB (default)",
@@ -276,6 +315,8 @@ def print_tables(summaries: list[Summary]) -> None:
                     s.peak_rss_bare_mb,
                     s.peak_rss_measured_mb,
                     percent(s.peak_rss_overhead),
+                    s.peak_rss_default_mb,
+                    percent(s.peak_rss_default_overhead),
                     s.retained_mb,
                     s.rss_growth_default_mb,
                 ]

@@ -53,6 +53,7 @@ class WorkerSettings:
     layers: int = 1
     instrument: str = "bare"
     every: int = 50
+    background: bool | None = None  # gradwatch: None = its default (automatic choice)
     timed_steps: int = 50
     warmup_steps: int = 2
     threads: int | None = 1
@@ -92,11 +93,15 @@ def no_instrument(
 def gradwatch_instrument(
     model: LanguageModel, optimizer: torch.optim.Optimizer, settings: WorkerSettings
 ) -> Iterator[dict]:
-    """gradwatch.watch at ``settings.every`` with its defaults (a logging sink only, no run log)."""
+    """gradwatch.watch at ``settings.every`` with its defaults (a logging sink only, no run log).
+
+    "settle" waits for step 0's cold measurement before the timing starts; "drain" waits for the last
+    measurement inside the timed block, so a measurement running in the background is paid in full.
+    """
     import gradwatch
 
-    monitor = gradwatch.watch(model, optimizer, every=settings.every)
-    detail: dict[str, Any] = {}
+    monitor = gradwatch.watch(model, optimizer, every=settings.every, background=settings.background)
+    detail: dict[str, Any] = {"settle": monitor.wait, "drain": monitor.wait}
     try:
         yield detail
     finally:
@@ -166,8 +171,12 @@ def run_worker(settings: WorkerSettings) -> WorkerResult:
     instrument = INSTRUMENTS[settings.instrument]
     with instrument(model, optimizer, settings) as detail:
         after_step = detail.pop("after_step", None)  # a peer's per-step logging call, if it has one
+        settle = detail.pop("settle", None)
+        drain = detail.pop("drain", None)
         step_index = 0
         train_step()  # step 0 of the instrumentation (gradwatch measures it cold): not timed
+        if settle is not None:
+            settle()
         _synchronise(device)
         gc.collect()
         reset_peak_rss()
@@ -183,6 +192,9 @@ def run_worker(settings: WorkerSettings) -> WorkerResult:
             step_seconds.append(time.perf_counter() - begin)
             if index == 0:
                 rss_first = rss_bytes()
+        if drain is not None:
+            drain()  # work still running in the background belongs to this block
+            _synchronise(device)
         total = time.perf_counter() - started
         peak = peak_rss_bytes()
         rss_last = rss_bytes()

@@ -107,6 +107,7 @@ def test_overhead_summary_pairs_runs_of_the_same_round() -> None:
     runs = {
         "bare": [run(10.0, 0.2, 100 * mib, 50 * mib), run(20.0, 0.2, 100 * mib, 50 * mib)],
         "default": [run(11.0, 0.2, 101 * mib, 51 * mib), run(21.0, 0.2, 101 * mib, 51 * mib)],
+        "inline": [run(12.0, 0.2, 101 * mib, 51 * mib), run(22.0, 0.2, 101 * mib, 51 * mib)],
         "every-step": [run(5.0, 0.5, 110 * mib, 51 * mib), run(5.0, 0.5, 110 * mib, 51 * mib)],
         "nonfinite": [run(10.1, 0.201, 100 * mib, 50 * mib), run(20.2, 0.201, 100 * mib, 50 * mib)],
     }
@@ -115,6 +116,10 @@ def test_overhead_summary_pairs_runs_of_the_same_round() -> None:
     assert summary.nonfinite_ratio == pytest.approx(1.01)
     assert summary.measurement_s == pytest.approx(0.3)
     assert summary.measurement_vs_step == pytest.approx(1.5)
-    assert summary.composed_default_ratio == pytest.approx((49 * 0.201 + 0.5) / (50 * 0.2))
+    assert summary.inline_ratio == pytest.approx(median([1.2, 1.1]))
+    block = 3  # steps per run in these fake results
+    assert summary.composed_inline_ratio == pytest.approx(((block - 1) * 0.201 + 0.5) / (block * 0.2))
+    assert summary.wall_cost_steps == pytest.approx((median([1.1, 1.05]) - 1) * block)
     assert summary.peak_rss_overhead == pytest.approx(0.1)
+    assert summary.peak_rss_default_overhead == pytest.approx(0.01)
     assert summary.retained_mb == pytest.approx(1.0)
