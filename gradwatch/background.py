@@ -7,11 +7,45 @@ finished results back at its next step boundary.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import sys
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Generic, TypeVar
 
 Result = TypeVar("Result")
+
+
+def _load_malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, or None elsewhere (musl, macOS, Windows)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return trim
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def release_free_memory() -> None:
+    """Give memory freed by a finished job back to the OS. glibc serves each thread from its own arena
+    and keeps what the worker freed there (measured: +50 MB RSS on an LSTM H=256 run) unless trimmed."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+def _run_and_release(job: Callable[[], Result]) -> Result:
+    try:
+        return job()
+    finally:
+        release_free_memory()
 
 
 class BackgroundWorker(Generic[Result]):
@@ -33,7 +67,7 @@ class BackgroundWorker(Generic[Result]):
             raise RuntimeError("a background measurement is still pending: take() it before submitting")
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self._name)
-        self._pending = self._executor.submit(job)
+        self._pending = self._executor.submit(_run_and_release, job)
 
     def take(self, *, wait: bool) -> tuple[bool, Result | None]:
         """(True, result) for a finished job (waiting for it if ``wait``), else (False, None).

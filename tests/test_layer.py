@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from gradwatch.estimators.jacobian import builtin_step_jacobians
-from gradwatch.estimators.layer import EstimatorSettings, WarmStart, estimate_layer, layer_metrics
+from gradwatch.estimators.layer import (
+    EstimatorSettings,
+    WarmStart,
+    estimate_layer,
+    estimate_step_norms,
+    layer_metrics,
+)
 from gradwatch.records import MeasurementMetrics
 from tests._estimator_cases import (
     CellCase,
@@ -196,3 +202,26 @@ def test_settings_and_power_method_work_end_to_end() -> None:
     assert set(metrics["lag_norm"]) == {"1", "3"}
     with pytest.raises(TypeError, match="EstimatorSettings"):
         estimate_layer(jac, mask, None, {"method": "power"})  # type: ignore[arg-type]
+
+
+def test_step_norms_in_memory_bounded_chunks_match_one_batch() -> None:
+    weights, x, s_prev, mask = ragged_gru_layer(seed=3)
+    jac = builtin_step_jacobians(weights, x, s_prev)
+    start = torch.randn(s_prev.shape, generator=torch.Generator().manual_seed(4), dtype=s_prev.dtype)
+    whole = estimate_step_norms(jac, mask, EstimatorSettings(rtol=1e-7, max_iter=16), start)
+    # 16 entries per chunk = one operator of size 16 at a time: 40 Lanczos runs.
+    chunked = estimate_step_norms(
+        jac, mask, EstimatorSettings(rtol=1e-7, max_iter=16, chunk_entries=16), start
+    )
+    assert chunked.sigma.shape == whole.sigma.shape == mask.shape
+    assert chunked.right_vectors.shape == s_prev.shape
+    torch.testing.assert_close(chunked.sigma[mask], whole.sigma[mask], rtol=1e-5, atol=0)
+    assert chunked.element_iterations is not None
+    assert bool((chunked.element_iterations[~mask] == 0).all())  # padded steps never iterate
+    exact = exact_sigma_max(dense_step_jacobians(weights.to(torch.float64), x.double(), s_prev.double()))
+    torch.testing.assert_close(chunked.sigma[mask].double(), exact[mask], rtol=1e-4, atol=0)
+
+
+def test_chunk_entries_must_be_a_positive_integer() -> None:
+    with pytest.raises(ValueError, match="chunk_entries must be a positive integer"):
+        EstimatorSettings(chunk_entries=0)

@@ -17,7 +17,7 @@ Convergence is checked every few iterations with one host synchronisation per ch
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -154,14 +154,13 @@ def spectral_norm_power_iteration(
     return SpectralNormEstimate(sigma, v, converged, iterations)
 
 
-def _orthogonalise(w: Tensor, basis: Tensor, count: int, passes: int) -> Tensor:
+def _orthogonalise(w: Tensor, basis: Sequence[Tensor], count: int, passes: int) -> Tensor:
     """Remove the components of w along the first ``count`` basis vectors (classical Gram-Schmidt).
 
-    basis: (K, N, D) with orthonormal (or zero) vectors basis[k, n] for each of the N batch elements,
-    w: (N, D). The basis index comes first so each new vector is one contiguous write and every basis
-    vector is a contiguous block. Two passes give orthogonality to working precision ("twice is
-    enough", Giraud et al. 2005); one pass on top of the three-term recurrence kept the top Ritz value as
-    accurate on RNN Jacobians at half the memory traffic (docs/estimators.md).
+    basis: K blocks (N, D) with orthonormal (or zero) vectors basis[k][n] for each of the N batch elements,
+    w: (N, D). Each basis vector is one contiguous block. Two passes give orthogonality to working
+    precision ("twice is enough", Giraud et al. 2005); one pass on top of the three-term recurrence kept
+    the top Ritz value as accurate on RNN Jacobians at half the memory traffic (docs/estimators.md).
     """
     if count == 0:
         return w
@@ -249,7 +248,9 @@ class _LanczosState:
     """The Krylov state of the elements still iterating (row r belongs to flat batch element rows[r])."""
 
     rows: Tensor  # (n,) flat batch indices
-    right_basis: Tensor  # (max_iter + 1, n, D): v_0 .. v_k, basis index first
+    # v_0 .. v_k, one (n, D) block per basis vector: allocated as the iteration goes, so the memory follows
+    # the iterations actually run (a warm start needs a third of max_iter), not max_iter.
+    right_basis: list[Tensor]
     bidiagonal: Tensor  # (n, max_iter, max_iter + 1): row j holds alpha_j at column j, beta_j at j + 1
     u: Tensor  # (n, M) current left vector
     alpha: Tensor  # (n,)
@@ -257,22 +258,18 @@ class _LanczosState:
     checkpoint: Tensor  # (n,) the estimate at the previous convergence check
     streak: Tensor  # (n,) consecutive checks passed so far
 
-    def keep(self, kept: Tensor, filled: int) -> _LanczosState:
-        """Only the rows ``kept`` (bool over the current rows); basis slots >= ``filled`` are not copied."""
-        basis = self.right_basis.new_empty(
-            (self.right_basis.shape[0], int(kept.sum()), self.right_basis.shape[2])
-        )
-        basis[:filled] = self.right_basis[:filled, kept]
-        return _LanczosState(
-            rows=self.rows[kept],
-            right_basis=basis,
-            bidiagonal=self.bidiagonal[kept],
-            u=self.u[kept],
-            alpha=self.alpha[kept],
-            scale=self.scale[kept],
-            checkpoint=self.checkpoint[kept],
-            streak=self.streak[kept],
-        )
+    def keep(self, kept: Tensor) -> None:
+        """Keep only the rows ``kept`` (bool over the current rows). Basis vectors are replaced one at a
+        time, so compaction never holds two copies of the whole basis."""
+        self.rows = self.rows[kept]
+        for index, vector in enumerate(self.right_basis):
+            self.right_basis[index] = vector[kept]
+        self.bidiagonal = self.bidiagonal[kept]
+        self.u = self.u[kept]
+        self.alpha = self.alpha[kept]
+        self.scale = self.scale[kept]
+        self.checkpoint = self.checkpoint[kept]
+        self.streak = self.streak[kept]
 
 
 @torch.no_grad()
@@ -341,9 +338,8 @@ def spectral_norm_lanczos(
     n = rows.numel()
     # Only V is stored and reorthogonalised ("one-sided" Lanczos bidiagonalisation, Simon & Zha 2000): U
     # follows the three-term recurrence, which kept the top Ritz value as accurate on RNN Jacobians at half
-    # the memory and traffic. Slots are written before they are read, so the basis needs no zeroing.
-    right_basis = v.new_empty((max_iter + 1, n, size))
-    right_basis[0] = start
+    # the memory and traffic.
+    right_basis = [start]
     state = _LanczosState(
         rows=rows,
         right_basis=right_basis,
@@ -362,7 +358,9 @@ def spectral_norm_lanczos(
         small matrix) and store them with their estimate and convergence flag."""
         small = state.bidiagonal[selected, :steps, : steps + 1]
         coefficients = _top_right_singular_vector(small)
-        vectors = torch.einsum("nk,knd->nd", coefficients, state.right_basis[: steps + 1, selected])
+        vectors = torch.einsum(
+            "nk,knd->nd", coefficients, torch.stack([vector[selected] for vector in state.right_basis])
+        )
         targets = state.rows[selected]
         final_vectors[targets] = _normalise(vectors)[0]
         final_estimate[targets] = sigma[selected]
@@ -378,7 +376,7 @@ def spectral_norm_lanczos(
         w = _orthogonalise(w, state.right_basis, j + 1, reorthogonalisation_passes)
         v_next, beta = _breakdown_to_zero(w, safe_vector_norm(w), state.scale)
         state.scale = torch.maximum(state.scale, beta)
-        state.right_basis[j + 1] = v_next
+        state.right_basis.append(v_next)
         state.bidiagonal[:, j, j + 1] = beta
         if (j + 1) % check_interval == 0 or j + 1 == max_iter:
             # The small SVDs are only needed where they are looked at.
@@ -397,7 +395,7 @@ def spectral_norm_lanczos(
             if restrict is not None and bool(settled.any()):
                 finish_rows(settled, steps, sigma, converged)
                 kept = ~settled
-                state = state.keep(kept, j + 2)
+                state.keep(kept)
                 v_next, beta = v_next[kept], beta[kept]
                 op_matvec, op_rmatvec = restrict(state.rows)
         # alpha_{j+1} u_{j+1} = A v_{j+1} - beta_j u_j (one-sided: U is not reorthogonalised).
