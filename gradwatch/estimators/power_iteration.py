@@ -257,6 +257,7 @@ class _LanczosState:
     scale: Tensor  # (n,) largest alpha/beta so far: the reference for "rounding-level" breakdown
     checkpoint: Tensor  # (n,) the estimate at the previous convergence check
     streak: Tensor  # (n,) consecutive checks passed so far
+    required: Tensor  # (n,) consecutive checks each element needs
 
     def keep(self, kept: Tensor) -> None:
         """Keep only the rows ``kept`` (bool over the current rows). Basis vectors are replaced one at a
@@ -270,6 +271,7 @@ class _LanczosState:
         self.scale = self.scale[kept]
         self.checkpoint = self.checkpoint[kept]
         self.streak = self.streak[kept]
+        self.required = self.required[kept]
 
 
 @torch.no_grad()
@@ -283,7 +285,7 @@ def spectral_norm_lanczos(
     active: Tensor | None = None,
     restrict: Restrict | None = None,
     check_interval: int = CONVERGENCE_CHECK_INTERVAL,
-    quiet_checks: int = CONSECUTIVE_CHECKS,
+    quiet_checks: int | Tensor = CONSECUTIVE_CHECKS,
     reorthogonalisation_passes: int = REORTHOGONALISATION_PASSES,
 ) -> SpectralNormEstimate:
     """Golub-Kahan-Lanczos bidiagonalisation with full reorthogonalisation, started from v0.
@@ -295,10 +297,13 @@ def spectral_norm_lanczos(
     is formed) and leave the iteration, so the cost follows the average element, not the slowest one;
     inactive elements never enter it (their sigma is ||A v0||). ``check_interval`` and ``quiet_checks``
     tune the test: checks every few iterations (each is a batch of small eigenproblems and one host
-    synchronisation) and how many consecutive ones an element must pass.
+    synchronisation) and how many consecutive ones an element must pass (an int, or a (*batch,) integer
+    tensor: a start vector from an earlier estimate of the same operator cannot stall on sigma_2 the way
+    a random one can, so it may be trusted after fewer).
     """
     _validate(v0, max_iter, rtol, active)
-    if check_interval < 1 or quiet_checks < 1:
+    required = torch.as_tensor(quiet_checks, device=v0.device).expand(v0.shape[:-1]).reshape(-1)
+    if check_interval < 1 or required.is_floating_point() or bool((required < 1).any()):
         raise ValueError(
             "check_interval and quiet_checks must be positive integers, "
             f"got {check_interval!r} and {quiet_checks!r}"
@@ -351,6 +356,7 @@ def spectral_norm_lanczos(
         # already right, the first two checks can pass and the element stops after 2 intervals.
         checkpoint=alpha.clone(),
         streak=torch.zeros(n, dtype=torch.long, device=v.device),
+        required=required.to(v.device)[rows],
     )
 
     def finish_rows(selected: Tensor, steps: int, sigma: Tensor, converged: Tensor) -> None:
@@ -383,7 +389,7 @@ def spectral_norm_lanczos(
             sigma = _top_singular_value(state.bidiagonal[:, : j + 1, : j + 2])
             passed = _changed_little(sigma, state.checkpoint, rtol)
             state.streak = torch.where(passed, state.streak + 1, torch.zeros_like(state.streak))
-            converged = state.streak >= quiet_checks
+            converged = state.streak >= state.required
             state.checkpoint = sigma
             settled = converged | ~torch.isfinite(sigma)
             if restrict is None and flat_active is not None:
@@ -445,7 +451,7 @@ def spectral_norm(
     active: Tensor | None = None,
     restrict: Restrict | None = None,
     check_interval: int = CONVERGENCE_CHECK_INTERVAL,
-    quiet_checks: int = CONSECUTIVE_CHECKS,
+    quiet_checks: int | Tensor = CONSECUTIVE_CHECKS,
 ) -> SpectralNormEstimate:
     """Dispatch to :func:`spectral_norm_lanczos` or :func:`spectral_norm_power_iteration` by name
     (``restrict``, ``check_interval`` and ``quiet_checks`` tune Lanczos; power iteration ignores them)."""
