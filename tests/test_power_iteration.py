@@ -341,3 +341,33 @@ def test_small_eigenproblem_failures_fall_back_instead_of_raising(
     )
     torch.testing.assert_close(estimate.sigma, top, rtol=1e-8, atol=0)
     assert remaining == {"eigvalsh": 0, "eigh": 0}
+
+
+def test_per_element_quiet_checks_let_trusted_starts_stop_sooner() -> None:
+    generator = torch.Generator().manual_seed(11)
+    dense = torch.randn(2, 30, 30, generator=generator, dtype=torch.float64).repeat(2, 1, 1)
+    matvec, rmatvec = operators(dense)
+    v0 = torch.randn(2, 30, generator=generator, dtype=torch.float64).repeat(2, 1)
+    calls: list[Tensor] = []
+    estimate = spectral_norm_lanczos(
+        matvec,
+        rmatvec,
+        v0,
+        max_iter=30,
+        rtol=1e-6,
+        restrict=restriction_of(dense, calls),
+        check_interval=1,
+        quiet_checks=torch.tensor([1, 1, 4, 4]),
+    )
+    assert estimate.element_iterations is not None
+    trusted, checked = estimate.element_iterations[:2], estimate.element_iterations[2:]
+    assert bool((checked - trusted >= 3).all())  # same operators and starts: three more quiet checks
+    exact = torch.linalg.matrix_norm(dense, ord=2)
+    torch.testing.assert_close(estimate.sigma, exact, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("quiet_checks", [0, torch.tensor([1, 0]), torch.tensor([1.0, 2.0])])
+def test_quiet_checks_must_be_positive_integers(quiet_checks: object) -> None:
+    matvec, rmatvec = operators(torch.eye(3).repeat(2, 1, 1))
+    with pytest.raises(ValueError, match="quiet_checks must be positive integers"):
+        spectral_norm_lanczos(matvec, rmatvec, torch.ones(2, 3), quiet_checks=quiet_checks)  # type: ignore[arg-type]
