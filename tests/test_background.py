@@ -211,3 +211,21 @@ def test_a_forced_background_custom_cell_is_still_measured_right() -> None:
 def test_bad_background_options_are_clear_errors(kwargs: dict, error: type, message: str) -> None:
     with pytest.raises(error, match=message):
         gradwatch.watch(SeqModel(nn.GRU(3, 4), 4), **kwargs)
+
+
+def test_the_worker_thread_adopts_torch_thread_settings_before_any_job(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """BLAS calls on a fresh thread ignore torch.set_num_threads until the thread asks for it; the worker
+    asks first, so its matmuls cannot spread over every core beside a single-threaded training loop."""
+    import gradwatch.background as background_module
+
+    adopted: list[str] = []
+    monkeypatch.setattr(
+        background_module, "_adopt_torch_threads", lambda: adopted.append(threading.current_thread().name)
+    )
+    worker: BackgroundWorker[str] = BackgroundWorker()
+    worker.submit(lambda: threading.current_thread().name)
+    _, job_thread = worker.take(wait=True)
+    worker.shutdown()
+    assert adopted == [job_thread]
