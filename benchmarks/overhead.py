@@ -17,9 +17,13 @@ Variants, each in its own process, alternated round by round (order rotated), ``
                    measurement);
 * nonfinite     -- every=10**9: only the per-step gradient checks (non-finite count and norms) remain.
 
-Each process trains 2 warm-up steps bare, attaches the variant, runs its step 0 untimed (gradwatch measures
-it from a cold start), resets the peak-RSS mark and times the block step by step. Ratios are formed between
-runs of the same round and their median is reported.
+Each process trains 2 warm-up steps bare, attaches the variant and runs its step 0 untimed (gradwatch
+measures it from a cold start, and the run waits for that measurement). The 50-step variants then run 49
+more untimed steps, so the timed block is steps 50..99: it starts with the measured step 50 and holds the
+49 steps during which a background measurement runs, as in a long run; the block ends by waiting for any
+measurement still running. The peak-RSS mark is reset just before the block.
+
+Ratios are formed between runs of the same round and their median is reported.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from benchmarks.harness import (
 from benchmarks.training import WorkerSettings, worker_main
 
 NONFINITE_ONLY_EVERY = 10**9
+DEFAULT_EVERY = 50  # gradwatch.watch's default schedule
 
 
 @dataclass(frozen=True)
@@ -53,15 +58,17 @@ class Variant:
     every: int
     timed_steps: int
     background: bool | None = None
+    lead_in_steps: int = 0
 
 
 def variants(block: int, measured_steps: int) -> list[Variant]:
+    lead_in = DEFAULT_EVERY - 1  # every variant runs the same untimed steps before its block
     return [
-        Variant("bare", "bare", 1, block),
-        Variant("default", "gradwatch", 50, block),
-        Variant("inline", "gradwatch", 50, block, background=False),
+        Variant("bare", "bare", 1, block, lead_in_steps=lead_in),
+        Variant("default", "gradwatch", DEFAULT_EVERY, block, lead_in_steps=lead_in),
+        Variant("inline", "gradwatch", DEFAULT_EVERY, block, background=False, lead_in_steps=lead_in),
         Variant("every-step", "gradwatch", 1, measured_steps, background=False),
-        Variant("nonfinite", "gradwatch", NONFINITE_ONLY_EVERY, block),
+        Variant("nonfinite", "gradwatch", NONFINITE_ONLY_EVERY, block, lead_in_steps=lead_in),
     ]
 
 
@@ -219,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                     instrument=variant.instrument,
                     every=variant.every,
                     background=variant.background,
+                    lead_in_steps=variant.lead_in_steps,
                     timed_steps=variant.timed_steps,
                     threads=args.threads,
                     device=args.device,

@@ -56,6 +56,10 @@ class WorkerSettings:
     background: bool | None = None  # gradwatch: None = its default (automatic choice)
     timed_steps: int = 50
     warmup_steps: int = 2
+    # Untimed instrumented steps after step 0, so the timed block can start with a measured step: at
+    # every=50, lead_in_steps=49 times steps 50..99, whose first step is measured, as in a long run where
+    # the estimators of step 50 run (inline or in the background) within the 50 steps that follow.
+    lead_in_steps: int = 0
     threads: int | None = 1
     seed: int = 0
     device: str = "cpu"
@@ -177,6 +181,8 @@ def run_worker(settings: WorkerSettings) -> WorkerResult:
         train_step()  # step 0 of the instrumentation (gradwatch measures it cold): not timed
         if settle is not None:
             settle()
+        for _ in range(settings.lead_in_steps):
+            train_step()
         _synchronise(device)
         gc.collect()
         reset_peak_rss()
