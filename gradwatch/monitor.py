@@ -55,7 +55,13 @@ from gradwatch.distributed import (
 from gradwatch.estimators.cells import CellWeights
 from gradwatch.estimators.gradients import gradient_norms
 from gradwatch.estimators.jacobian import StepJacobians, builtin_step_jacobians, function_step_jacobians
-from gradwatch.estimators.layer import EstimatorSettings, WarmStart, estimate_layer, layer_metrics
+from gradwatch.estimators.layer import (
+    BACKGROUND_CHUNK_ENTRIES,
+    EstimatorSettings,
+    WarmStart,
+    estimate_layer,
+    layer_metrics,
+)
 from gradwatch.policy.alerts import AlertCallback, GradWatchWarning, NonFiniteGradientError, emit_alert
 from gradwatch.policy.clipping import ClipPolicy, apply_clip, make_clip_policy
 from gradwatch.policy.evidence import Verdict
@@ -656,11 +662,14 @@ class Monitor:
 
     def _estimate_layer(self, step: int, now: float, layer: _LayerJob) -> Measurement:
         key = (layer.module, layer.layer, layer.direction)
+        settings = self.config.estimator
+        if self._background is not None and settings.chunk_entries is None:
+            settings = replace(settings, chunk_entries=BACKGROUND_CHUNK_ENTRIES)
         estimate = estimate_layer(
             layer.jacobians,
             layer.mask,
             layer.recurrent_weight,
-            self.config.estimator,
+            settings,
             warm_start=self._warm_starts.get(key),
             generator=layer.generator,
         )

@@ -41,10 +41,14 @@ from gradwatch.estimators.products import (
 JACOBIAN_QUANTILE = 0.95
 
 #: Largest block of step operators one Lanczos run takes, in state entries (operators x D). The Krylov
-#: basis holds one such block per iteration: 2**17 float32 entries = 512 KiB, so the basis stays near
-#: 10-20 MB however many (t, b) pairs are measured. Measured on LSTM H=256 (512 operators of size 512):
-#: two blocks of 256 cost +5% time for half the peak memory (+24 instead of +49 MB).
-DEFAULT_CHUNK_ENTRIES = 2**17
+#: basis holds one such block per iteration, so the block bounds the memory however many (t, b) pairs are
+#: measured. Measured cold on LSTM H=256 (size-512 operators), peak memory / time: 2**16 entries +28 MB /
+#: 0.66 s, 2**17 +35 MB / 0.52 s, 2**18 +50 MB / 0.47 s (1024 operators, 2 threads). The default
+#: (``chunk_entries=None``) is 2**18 inline; the monitor's background worker uses 2**16, because its
+#: allocations cannot reuse the memory the training thread freed (glibc serves threads from separate
+#: arenas) and its time is hidden behind training anyway.
+DEFAULT_CHUNK_ENTRIES = 2**18
+BACKGROUND_CHUNK_ENTRIES = 2**16
 
 #: Lanczos convergence test of the step Jacobians: checks every 2 iterations; an operator started from a
 #: random vector must pass 3 in a row (a window of 6 iterations, which a Ritz value stalled on sigma_2
@@ -69,13 +73,15 @@ class EstimatorSettings:
     lag_rtol: float = DEFAULT_LAG_RTOL
     weight_max_iter: int = 32
     lyapunov: bool = True
-    chunk_entries: int = DEFAULT_CHUNK_ENTRIES
+    chunk_entries: int | None = None  # None: DEFAULT_CHUNK_ENTRIES (BACKGROUND_CHUNK_ENTRIES off-thread)
 
     def __post_init__(self) -> None:
         if self.method not in SPECTRAL_METHODS:
             raise ValueError(f"method must be one of {SPECTRAL_METHODS}, got {self.method!r}")
         for name in ("max_iter", "lag_max_iter", "weight_max_iter", "chunk_entries"):
             value = getattr(self, name)
+            if name == "chunk_entries" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         for name in ("rtol", "lag_rtol"):
@@ -197,7 +203,8 @@ def estimate_step_norms(
     if warm is not None:
         quiet = torch.where(warm.to(jac.device), WARM_QUIET_CHECKS, quiet)
     count = steps * batch
-    per_chunk = max(1, settings.chunk_entries // state)
+    entries = DEFAULT_CHUNK_ENTRIES if settings.chunk_entries is None else settings.chunk_entries
+    per_chunk = max(1, entries // state)
     if restrict is None or settings.method != "lanczos" or per_chunk >= count:
         return spectral_norm(
             settings.method,
