@@ -41,7 +41,8 @@ class BenchmarkResult:
     estimate_seconds: float  # sigma_max(J_t) for all (t, b)
     layer_seconds: float  # the full estimate_layer call (adds W_hh, lags, Lyapunov, factors)
     p99_relative_error: float
-    iterations: int
+    iterations: int  # the slowest operator's
+    mean_iterations: float  # per operator (converged operators leave the iteration early)
 
     @property
     def speedup(self) -> float:
@@ -101,7 +102,7 @@ def run_case(kind: str, hidden: int, steps: int, batch: int, sample: int, repeat
     mask = torch.ones(steps, batch, dtype=torch.bool)
     settings = EstimatorSettings()
 
-    def estimate() -> tuple[torch.Tensor, int]:
+    def estimate() -> tuple[torch.Tensor, int, float]:
         jac = builtin_step_jacobians(weights, x, s_prev)
         start = random_start_vectors(
             tuple(s_prev.shape),
@@ -110,17 +111,19 @@ def run_case(kind: str, hidden: int, steps: int, batch: int, sample: int, repeat
             generator=torch.Generator().manual_seed(1),
         )
         result = estimate_step_norms(jac, mask, settings, start)
-        return result.sigma, result.iterations
+        per_operator = result.element_iterations
+        mean = float("nan") if per_operator is None else float(per_operator.float().mean())
+        return result.sigma, result.iterations, mean
 
     exact_times, estimate_times, layer_times = [], [], []
     exact = sigma = None
-    iterations = 0
+    iterations, mean_iterations = 0, float("nan")
     for _ in range(repeats):
         began = time.perf_counter()
         exact = exact_sigma(weights, x_pairs, s_pairs)
         exact_times.append((time.perf_counter() - began) / len(chosen) * pair_count)
         began = time.perf_counter()
-        sigma, iterations = estimate()
+        sigma, iterations, mean_iterations = estimate()
         estimate_times.append(time.perf_counter() - began)
         began = time.perf_counter()
         estimate_layer(
@@ -144,6 +147,7 @@ def run_case(kind: str, hidden: int, steps: int, batch: int, sample: int, repeat
         statistics.median(layer_times),
         float(torch.quantile(relative, 0.99)),
         iterations,
+        mean_iterations,
     )
 
 
@@ -152,7 +156,7 @@ def print_result(result: BenchmarkResult) -> None:
         f"{result.kind:>4} H={result.hidden:<5} T={result.steps:<4} B={result.batch:<3} "
         f"exact {result.exact_seconds:9.3f} s (extrapolated from {result.sampled_pairs} of "
         f"{result.steps * result.batch} Jacobians)  estimate {result.estimate_seconds:7.3f} s "
-        f"({result.iterations} Lanczos it.)  speedup {result.speedup:7.1f}x  "
+        f"(Lanczos it.: {result.mean_iterations:.1f} mean, {result.iterations} max)  speedup {result.speedup:7.1f}x  "
         f"p99 rel. error {100 * result.p99_relative_error:.3f}%  full layer {result.layer_seconds:7.3f} s",
         flush=True,
     )

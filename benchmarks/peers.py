@@ -168,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
                     every=args.every,
                     timed_steps=args.block,
                     threads=args.threads,
+                    # The block starts with the logging/measured step (as in overhead.py): a background
+                    # measurement then runs within the block's later steps, as in a long run.
+                    lead_in_steps=args.every - 1,
                 )
                 result = run_worker("benchmarks.peers", asdict(settings))
                 runs[name].append(result)
