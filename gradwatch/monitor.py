@@ -332,11 +332,11 @@ class Monitor:
         """Remove every hook, flush and close the sinks. Idempotent; the model behaves as before."""
         if self._closed:
             return
-        strict_fault: GradWatchFault | None = None
+        pending_error: Exception | None = None
         try:
             self.wait()  # the last measurement's records go out before the sinks close
-        except GradWatchFault as exc:  # strict mode: raised after the monitor is closed properly
-            strict_fault = exc
+        except Exception as exc:  # strict mode, or an alert callback raising on purpose: raised after
+            pending_error = exc  # the monitor is closed properly
         finally:
             self._closed = True
             if self._background is not None:
@@ -357,8 +357,8 @@ class Monitor:
                 warnings.warn(
                     f"gradwatch: closing sink {sink!r} failed: {exc!r}", RuntimeWarning, stacklevel=2
                 )
-        if strict_fault is not None:
-            raise strict_fault
+        if pending_error is not None:
+            raise pending_error
 
     def __enter__(self) -> Monitor:
         return self

@@ -229,3 +229,24 @@ def test_the_worker_thread_adopts_torch_thread_settings_before_any_job(
     _, job_thread = worker.take(wait=True)
     worker.shutdown()
     assert adopted == [job_thread]
+
+
+def test_close_finishes_closing_before_it_reraises_what_the_last_measurement_raised(tmp_path) -> None:
+    """Publishing the last measurement can raise on purpose (strict mode, a user's alert callback):
+    close() still removes the hooks and closes the log, then raises."""
+    model = SeqModel(nn.GRU(3, 4), 4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    monitor = gradwatch.watch(model, optimizer, every=1, background=True, log=tmp_path / "run.jsonl")
+    out, _ = model(torch.randn(5, 2, 3))
+    out.sum().backward()
+    optimizer.step()  # step 0's measurement is now pending on the worker
+
+    def publish_raising(result: Any) -> list:
+        raise KeyError("raised while publishing")
+
+    monitor._publish = publish_raising  # type: ignore[method-assign]
+    with pytest.raises(KeyError, match="raised while publishing"):
+        monitor.close()
+    assert monitor._closed and not monitor._handles
+    assert all(sink._file is None for sink in monitor.sinks if hasattr(sink, "_file"))  # log closed
+    monitor.close()  # idempotent afterwards
