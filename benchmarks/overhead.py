@@ -81,6 +81,9 @@ class Summary:
     inline_ratio: float  # the same for background=False
     composed_inline_ratio: float  # (49 unmeasured + 1 measured step) / 50 bare steps, from medians
     nonfinite_ratio: float
+    default_excess: float  # median over rounds of (block total / (steps x the block's own median step) - 1)
+    inline_excess: float
+    nonfinite_excess: float  # the control: step times are right-skewed even without any measurement
     measured_step_s: float
     measurement_s: float  # measured step minus bare step
     measurement_vs_step: float
@@ -92,6 +95,17 @@ class Summary:
     peak_rss_overhead: float  # every-step peak / bare peak - 1
     retained_mb: float  # live tensor bytes with gradwatch (default) minus bare, after the timed steps
     rss_growth_default_mb: float
+
+
+def excess_over_own_median(results: list[dict]) -> float:
+    """Median over runs of a block's total against steps x its own median step, minus 1.
+
+    Free of run-to-run drift (each block is compared with itself), so it resolves a few percent where
+    block ratios between runs cannot on a noisy machine; compare it with the no-measurement control.
+    """
+    return median(
+        [sum(r["step_seconds"]) / (len(r["step_seconds"]) * median(r["step_seconds"])) - 1 for r in results]
+    )
 
 
 def summarise(kind: str, hidden: int, runs: dict[str, list[dict]]) -> Summary:
@@ -125,6 +139,9 @@ def summarise(kind: str, hidden: int, runs: dict[str, list[dict]]) -> Summary:
         inline_ratio=median(paired_ratios(totals(inline), totals(bare))),
         composed_inline_ratio=((block - 1) * unmeasured_step + measured_step) / (block * bare_step),
         nonfinite_ratio=median(paired_ratios(totals(nonfinite), totals(bare))),
+        default_excess=excess_over_own_median(default),
+        inline_excess=excess_over_own_median(inline),
+        nonfinite_excess=excess_over_own_median(nonfinite),
         measured_step_s=measured_step,
         measurement_s=measurement,
         measurement_vs_step=measurement / bare_step,
@@ -274,6 +291,22 @@ def print_tables(summaries: list[Summary]) -> None:
                     percent(s.inline_ratio - 1),
                     percent(s.composed_inline_ratio - 1),
                     percent(s.nonfinite_ratio - 1),
+                ]
+                for s in summaries
+            ],
+        )
+    )
+    print("\nWithin each block: total against 50 x its own median step (the control shows the skew)\n")
+    print(
+        format_table(
+            ["model", "default", "inline", "non-finite check only (control)", "default minus control"],
+            [
+                [
+                    f"{s.kind} H={s.hidden}",
+                    percent(s.default_excess),
+                    percent(s.inline_excess),
+                    percent(s.nonfinite_excess),
+                    percent(s.default_excess - s.nonfinite_excess),
                 ]
                 for s in summaries
             ],
