@@ -290,11 +290,12 @@ def spectral_norm_lanczos(
 ) -> SpectralNormEstimate:
     """Golub-Kahan-Lanczos bidiagonalisation with full reorthogonalisation, started from v0.
 
-    Each iteration costs one matvec and one rmatvec. The Krylov basis V is stored for the whole batch
-    ((max_iter + 1, N, D)). ``active`` as in power iteration. With ``restrict`` (see :data:`Restrict`) the
-    batch is compacted at every convergence check: elements that converged (estimate changed by less than
-    rtol over each of the last CONSECUTIVE_CHECKS check intervals) are finished (their Ritz vector
-    is formed) and leave the iteration, so the cost follows the average element, not the slowest one;
+    Each iteration costs one matvec and one rmatvec. The Krylov basis V grows by one (N, D) block per
+    iteration (up to max_iter + 1 of them). ``active`` as in power iteration. With ``restrict`` (see
+    :data:`Restrict`) the batch is compacted at every convergence check: elements that converged
+    (estimate changed by less than rtol over each of their last ``quiet_checks`` check intervals) are
+    finished (their Ritz vector is formed) and leave the iteration, so the cost follows the average
+    element, not the slowest one;
     inactive elements never enter it (their sigma is ||A v0||). ``check_interval`` and ``quiet_checks``
     tune the test: checks every few iterations (each is a batch of small eigenproblems and one host
     synchronisation) and how many consecutive ones an element must pass (an int, or a (*batch,) integer
