@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from gradwatch._version import __version__
-from gradwatch.background import BackgroundWorker
+from gradwatch.background import BackgroundWorker, spare_core_for_worker
 from gradwatch.capture.hooks import CallRecorder, CellCall, FusedCall
 from gradwatch.capture.modules import NO_RNN_MESSAGE, WatchedModule, find_rnn_modules, unwrap_model
 from gradwatch.capture.replay import (
@@ -1025,10 +1025,11 @@ def watch(
 def _resolve_background(
     background: object, modules: Sequence[WatchedModule], *, global_view: bool, clip_mode: str
 ) -> bool:
-    """The background setting: explicit True/False, or None = on where it helps and is safe (built-in RNNs
-    on the CPU, where a spare core runs the estimators; user cells call the live module, CUDA work would
+    """The background setting: explicit True/False, or None = on only where it helps and is safe: built-in
+    RNNs on the CPU when the worker's threads fit on cores that training leaves idle
+    (:func:`gradwatch.background.spare_core_for_worker`); user cells call the live module, CUDA work would
     queue behind training on the same stream, the global view exchanges at the measured step, and
-    clip_mode="exploding" should react to a verdict at once)."""
+    clip_mode="exploding" should react to a verdict at once."""
     if background is not None and not isinstance(background, bool):
         raise TypeError(f"background must be True, False or None (choose automatically), got {background!r}")
     if background and global_view:
@@ -1045,7 +1046,7 @@ def _resolve_background(
             return False
         if any(p.device.type != "cpu" for p in watched.module.parameters()):
             return False
-    return True
+    return spare_core_for_worker()
 
 
 def _check_watch_options(optimizer: object, *, strict: object, seed: object, fsync: object) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from typing import Any
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 
 import gradwatch
+import gradwatch.background as background_module
 import gradwatch.monitor as monitor_module
 from gradwatch.background import BackgroundWorker
 from gradwatch.records import Alert, Measurement
@@ -186,7 +188,10 @@ def test_state_dict_waits_for_the_measurement_in_flight(monkeypatch: pytest.Monk
     ],
     ids=["fused-cpu", "cell-cpu", "custom-cell", "clip-exploding", "off", "forced-on"],
 )
-def test_background_is_chosen_where_it_is_safe(model: Any, watch: dict, expected: bool) -> None:
+def test_background_is_chosen_where_it_is_safe(
+    model: Any, watch: dict, expected: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(monitor_module, "spare_core_for_worker", lambda: True)
     monitor = gradwatch.watch(model(), **watch)
     assert monitor.config.background is expected
     monitor.close()
@@ -250,3 +255,51 @@ def test_close_finishes_closing_before_it_reraises_what_the_last_measurement_rai
     assert monitor._closed and not monitor._handles
     assert all(sink._file is None for sink in monitor.sinks if hasattr(sink, "_file"))  # log closed
     monitor.close()  # idempotent afterwards
+
+
+@pytest.mark.parametrize(
+    ("training_threads", "expected"),
+    [(1, True), (2, False)],
+    ids=["one-thread-spare-core", "every-core"],
+)
+def test_the_default_runs_inline_when_training_uses_every_core(
+    training_threads: int, expected: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(background_module, "available_cores", lambda: 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: training_threads)
+    monitor = gradwatch.watch(SeqModel(nn.LSTM(3, 6), 6))
+    assert monitor.config.background is expected
+    monitor.close()
+    forced = gradwatch.watch(SeqModel(nn.LSTM(3, 6), 6), background=True)
+    assert forced.config.background is True  # background=True still forces the worker
+    forced.close()
+
+
+@pytest.mark.parametrize(
+    ("cores", "threads", "fits"),
+    [(2, 1, True), (2, 2, False), (16, 16, False), (16, 8, True), (16, 12, False), (1, 1, False)],
+)
+def test_a_worker_needs_as_many_idle_cores_as_training_threads(cores: int, threads: int, fits: bool) -> None:
+    assert background_module.worker_fits(cores, threads) is fits
+
+
+@pytest.mark.parametrize(
+    ("cpu_max", "expected"),
+    [("max 100000\n", None), ("100000 100000\n", 1), ("150000 100000\n", 2), ("garbage", None)],
+    ids=["no-quota", "one-cpu", "one-and-a-half", "unreadable"],
+)
+def test_available_cores_respects_a_cgroup_quota(tmp_path: Any, cpu_max: str, expected: int | None) -> None:
+    path = tmp_path / "cpu.max"
+    path.write_text(cpu_max)
+    affinity = len(os.sched_getaffinity(0))
+    assert background_module.available_cores(str(path)) == min(affinity, expected or affinity)
+    assert background_module.available_cores(str(tmp_path / "missing")) == affinity
+
+
+def test_the_worker_thread_runs_at_a_lower_os_priority() -> None:
+    worker: background_module.BackgroundWorker[int] = background_module.BackgroundWorker()
+    worker.submit(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+    _, niceness = worker.take(wait=True)
+    worker.shutdown()
+    ours = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert niceness == min(19, ours + background_module.WORKER_NICENESS)
