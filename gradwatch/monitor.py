@@ -719,7 +719,7 @@ class Monitor:
             traces = [trace]
         else:
             assert isinstance(probe, list) and watched.custom is not None
-            traces = [trace_custom_cell(module, watched.custom, probe, recompute=True)]
+            traces = [trace_custom_cell(module, watched.custom, probe, recompute=True, weights=recorded)]
             check = None
         if check is not None and not check.ok:
             self._probes.pop(watched.name, None)

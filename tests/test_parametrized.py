@@ -471,3 +471,36 @@ def test_a_cell_registered_state_first_is_measured_exactly() -> None:
     }
     x = batches(1)[0]
     assert_matches(record, exact_sigmas(rnn_step, w, x, x.new_zeros(BATCH, HIDDEN)))
+
+
+def test_a_user_cell_is_measured_at_the_weights_of_its_recorded_calls() -> None:
+    """SGD moves the cell's parameters before monitor.step(): the step function runs at the recorded ones."""
+    torch.manual_seed(0)
+    model = StateFirstModel()
+    gradwatch.register_cell(model.cell, state_first=True)
+    try:
+        optimizer = torch.optim.SGD(model.parameters(), lr=2.0)
+        monitor = gradwatch.watch(model, every=1, probe="live", estimator=EXACT)
+        used = []
+        for x in batches(2):
+            optimizer.zero_grad()
+            model(x).backward()
+            cell = model.cell
+            used.append(
+                {
+                    "weight_ih": cell.w_in.weight.detach().clone(),
+                    "bias_ih": cell.w_in.bias.detach().clone(),
+                    "weight_hh": cell.w_rec.weight.detach().clone(),
+                    "bias_hh": cell.w_rec.bias.detach().clone(),
+                }
+            )
+            optimizer.step()
+            monitor.step()
+        records = [r for r in monitor.history if isinstance(r, Measurement)]
+        monitor.close()
+    finally:
+        gradwatch.unregister_cell(model.cell)
+    assert [r.step for r in records] == [0, 1]
+    for record, w in zip(records, used, strict=True):
+        x = batches(2)[record.step]
+        assert_matches(record, exact_sigmas(rnn_step, w, x, x.new_zeros(BATCH, HIDDEN)))

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
-from gradwatch.capture.modules import State, WatchedModule, weight_names
+from gradwatch.capture.modules import CELL_TYPES, FUSED_TYPES, State, WatchedModule, weight_names
 
 MAX_CELL_CALLS = 4096  # bound on the recorded chain of one cell per measured step
 
@@ -180,8 +180,7 @@ class CallRecorder:
             )
         )
         self._last_output = out
-        if self.watched.kind == "cell":
-            self._keep_weights(self.watched.module)
+        self._keep_weights(self.watched.module)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> CallRecorder:
         return self
@@ -235,7 +234,10 @@ def frozen_parametrizations(module: nn.Module) -> Iterator[None]:
 
 def used_weights(module: nn.Module) -> dict[str, Tensor | None]:
     """The weights a built-in RNN or cell computes with right now, by name (effective values: a
-    parametrized weight is evaluated, a weight-dropped one is whatever tensor the wrapper assigned)."""
+    parametrized weight is evaluated, a weight-dropped one is whatever tensor the wrapper assigned); for a
+    user cell, its parameters by name."""
+    if not isinstance(module, FUSED_TYPES + CELL_TYPES):  # a user cell: all its parameters
+        return dict(module.named_parameters())
     if isinstance(module, nn.RNNBase) and len(module._flat_weights) == len(module._flat_weights_names):
         # The tensors the last forward actually used (RNNBase refreshes them at each forward, and a
         # weight-drop wrapper's setattr goes straight into this list).

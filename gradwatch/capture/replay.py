@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence
+from torch.nn.utils.stateless import _reparametrize_module
 
 from gradwatch.capture.hooks import CellCall, FusedCall, frozen_parametrizations, record_fused_call
 from gradwatch.capture.modules import CustomCellSpec, weight_names
@@ -350,12 +351,23 @@ def check_cell_against_module(module: nn.Module, trace: LayerTrace) -> ReplayChe
 
 
 def custom_step_function(
-    module: nn.Module, spec: CustomCellSpec, sizes: list[int], dtype: torch.dtype
+    module: nn.Module,
+    spec: CustomCellSpec,
+    sizes: list[int],
+    dtype: torch.dtype,
+    weights: Weights | None = None,
 ) -> FlatStep:
-    """The user's cell as a function of flat states, bypassing hooks (``module.forward``)."""
+    """The user's cell as a function of flat states, bypassing hooks (``module.forward``); with ``weights``
+    (parameters by name, as the recorded calls had them) those stand in for the live parameters."""
     single = len(sizes) == 1
 
     def step(x: Tensor, s: Tensor) -> Tensor:
+        if weights is None:
+            return live_step(x, s)
+        with _reparametrize_module(module, weights):
+            return live_step(x, s)
+
+    def live_step(x: Tensor, s: Tensor) -> Tensor:
         parts = tuple(torch.split(s, sizes, dim=-1))
         state = parts[0] if single else parts
         param_dtype = _parameter_dtype(module, dtype)
@@ -372,18 +384,25 @@ def custom_step_function(
 
 
 def trace_custom_cell(
-    module: nn.Module, spec: CustomCellSpec, calls: list[CellCall], recompute: bool
+    module: nn.Module,
+    spec: CustomCellSpec,
+    calls: list[CellCall],
+    recompute: bool,
+    weights: Weights | None = None,
 ) -> LayerTrace:
-    """A trace of a user-written cell; its Jacobians come from torch.func on ``step_function``."""
+    """A trace of a user-written cell at ``weights`` (its parameters as the recorded calls had them; None:
+    the live ones); its Jacobians come from torch.func on ``step_function``."""
     dtype = compute_dtype(_parameter_dtype(module, torch.float32))
     inputs, states, sizes = stack_cell_calls(calls, dtype)
-    step = custom_step_function(module, spec, sizes, dtype)
+    step = custom_step_function(module, spec, sizes, dtype, weights)
     if recompute:
         states = _rerun_chain(step, inputs, states[0])
     mask = torch.ones(inputs.shape[:2], dtype=torch.bool, device=inputs.device)
     weight = None
     if spec.recurrent_weight is not None:
-        param = dict(module.named_parameters()).get(spec.recurrent_weight)
+        param = (weights if weights is not None else dict(module.named_parameters())).get(
+            spec.recurrent_weight
+        )
         if param is None:
             raise ValueError(
                 f"register_cell(recurrent_weight={spec.recurrent_weight!r}) names no parameter of "
