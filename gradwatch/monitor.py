@@ -701,20 +701,25 @@ class Monitor:
             if self.config.probe == "fixed":
                 self._probes[watched.name] = probe
         module = watched.module
+        # A fresh call is measured at the weights its forward used, kept by the hook (the optimizer may have
+        # moved them since: LBFGS steps after its last closure); a kept probe is re-run at the current ones.
+        recorded = recorder.weights if fresh else None
         if watched.kind == "fused":
             assert isinstance(probe, FusedCall) and watched.cell_kind is not None
-            replay = replay_fused(module, watched.cell_kind, probe)
             reference = probe if fresh else rerun_fused(module, probe)  # a kept probe: re-run the module
+            replay = replay_fused(module, watched.cell_kind, probe, recorded)
             check = check_fused_replay(module, reference, replay)
             traces = replay.traces
         elif watched.kind == "cell":
             assert isinstance(probe, list) and watched.cell_kind is not None
-            trace = trace_builtin_cell(module, watched.cell_kind, probe, recompute=not fresh)
+            trace = trace_builtin_cell(
+                module, watched.cell_kind, probe, recompute=not fresh, weights=recorded
+            )
             check = check_cell_replay(trace) if fresh else check_cell_against_module(module, trace)
             traces = [trace]
         else:
             assert isinstance(probe, list) and watched.custom is not None
-            traces = [trace_custom_cell(module, watched.custom, probe, recompute=True)]
+            traces = [trace_custom_cell(module, watched.custom, probe, recompute=True, weights=recorded)]
             check = None
         if check is not None and not check.ok:
             self._probes.pop(watched.name, None)
@@ -730,24 +735,44 @@ class Monitor:
     # --- plumbing -------------------------------------------------------------------------------------
 
     def _map_layer_parameters(self) -> dict[LayerKey, dict[str, nn.Parameter]]:
-        """Which parameters belong to each (module, layer, direction), by qualified name."""
+        """Which leaf parameters belong to each (module, layer, direction), by qualified name.
+
+        A parametrized or weight-dropped weight is attributed to the leaves it is computed from
+        (``WatchedModule.weight_leaves``); ``self._local_names`` keeps each leaf's name in grad_norm."""
         out: dict[LayerKey, dict[str, nn.Parameter]] = {}
+        self._local_names: dict[LayerKey, dict[str, str]] = {}
         for watched in self._watched:
             params = dict(watched.module.named_parameters())
             for layer in range(watched.num_layers):
                 for direction in watched.directions:
+                    key = (watched.name, layer, direction)
                     if watched.kind == "fused":
                         names = fused_parameter_names(watched.module, layer, direction)  # type: ignore[arg-type]
+                        leaves = {
+                            local: p for n in names for local, p in watched.weight_leaves.get(n, {}).items()
+                        }
+                    elif watched.kind == "cell":
+                        leaves = {local: p for w in watched.weight_leaves.values() for local, p in w.items()}
                     else:
-                        names = list(params)
-                    out[(watched.name, layer, direction)] = {f"{watched.name}.{n}": params[n] for n in names}
+                        leaves = params
+                    # a leaf inside the module: "<module>.<local>"; on a parent (fastai's WeightDropout):
+                    # already named relative to the model
+                    local_to_qualified = {
+                        local: f"{watched.name}.{local}" if local in params else local for local in leaves
+                    }
+                    out[key] = {local_to_qualified[local]: p for local, p in leaves.items()}
+                    self._local_names[key] = local_to_qualified
+            if watched.unattributed_weights:
+                self._warn(
+                    f"gradwatch: {watched.name} computes {', '.join(watched.unattributed_weights)} in its "
+                    "forward from no parameter gradwatch could find (not a parameter, not parametrized, no "
+                    "'<name>_raw' on it or a parent module); its Jacobians are measured, but grad_norm "
+                    "leaves those weights out"
+                )
         return out
 
     def _grad_names(self, watched: WatchedModule, trace: LayerTrace) -> dict[str, str]:
-        prefix = f"{watched.name}."
-        return {
-            q[len(prefix) :]: q for q in self._layer_parameters[(watched.name, trace.layer, trace.direction)]
-        }
+        return dict(self._local_names[(watched.name, trace.layer, trace.direction)])
 
     def _generator_for(self, device: torch.device) -> torch.Generator:
         if self._generator is None or self._generator.device != device:
@@ -978,6 +1003,8 @@ def watch(
     modules = find_rnn_modules(model)
     if not modules:
         raise ValueError(NO_RNN_MESSAGE)
+    if optimizer is not None:
+        _check_optimizer_holds_watched(optimizer, modules)
     config = replace(
         config,
         background=_resolve_background(background, modules, global_view=global_view, clip_mode=clip_mode),
@@ -1064,6 +1091,31 @@ def _check_watch_options(optimizer: object, *, strict: object, seed: object, fsy
         raise ValueError(
             f"fsync must be one of {', '.join(map(repr, FSYNC_POLICIES))} (when to fsync the run log), "
             f"got {fsync!r}"
+        )
+
+
+def _check_optimizer_holds_watched(
+    optimizer: torch.optim.Optimizer, modules: Sequence[WatchedModule]
+) -> None:
+    """The hooked optimizer closes each step; one that holds none of the watched parameters steps on its own
+    schedule and is no sign that the watched weights just got their gradients."""
+    watched = {
+        id(p): f"{w.name}.{local}" if local in dict(w.module.named_parameters()) else local
+        for w in modules
+        for local, p in (
+            dict(w.module.named_parameters())
+            if w.kind == "custom"
+            else {n: q for leaves in w.weight_leaves.values() for n, q in leaves.items()}
+        ).items()
+    }
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    if watched and not held & set(watched):
+        names = sorted(watched.values())
+        shown = ", ".join(names[:6]) + (f", ... ({len(names)} in all)" if len(names) > 6 else "")
+        raise ValueError(
+            f"the optimizer passed to watch() holds none of the watched parameters ({shown}); gradwatch "
+            "closes each step from that optimizer's step(). Pass the optimizer that holds them, or "
+            "optimizer=None and call monitor.step() after loss.backward()"
         )
 
 

@@ -12,6 +12,7 @@ copies them at the end of the step. No graph break, so ``fullgraph=True`` keeps 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -19,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
-from gradwatch.capture.modules import State, WatchedModule
+from gradwatch.capture.modules import CELL_TYPES, FUSED_TYPES, State, WatchedModule, weight_names
 
 MAX_CELL_CALLS = 4096  # bound on the recorded chain of one cell per measured step
 
@@ -74,6 +75,10 @@ class CallRecorder:
         self.cell_calls: list[CellCall] = []
         self._last_output: tuple[Tensor, ...] | None = None  # the user's tensors, to detect a chain
         self._deferred: list[PendingCall] = []  # calls seen inside a compiled forward
+        # The effective weights (parametrized, weight-dropped) the kept call ran with, copied at record time:
+        # the optimizer may move the parameters before the measurement (LBFGS, a second optimizer).
+        self.weights: dict[str, Tensor] | None = None
+        self._weight_sources: list[tuple[Tensor | None, int]] = []  # what self.weights was copied from
 
     def reset(self) -> None:
         """Drop everything recorded (called after each measurement)."""
@@ -81,6 +86,23 @@ class CallRecorder:
         self.cell_calls = []
         self._last_output = None
         self._deferred = []
+        self.weights = None
+        self._weight_sources = []
+
+    def _keep_weights(self, module: nn.Module) -> None:
+        """Copy the weights this call used, unless they are the very tensors (same version) copied last."""
+        used = used_weights(module)
+        sources = [(t, -1 if t is None else t._version) for t in used.values()]
+        if (
+            self.weights is not None
+            and len(sources) == len(self._weight_sources)
+            and all(
+                a is b and va == vb for (a, va), (b, vb) in zip(sources, self._weight_sources, strict=True)
+            )
+        ):
+            return
+        self.weights = {n: t.detach().clone() for n, t in used.items() if t is not None}
+        self._weight_sources = sources
 
     @property
     def has_data(self) -> bool:
@@ -118,14 +140,17 @@ class CallRecorder:
                 call = record_fused_call(self.watched.module, args, kwargs, output, self.max_sequences)
                 if call is not None:
                     self.fused_call = replace(call, autocast_dtype=autocast)
+                    self._keep_weights(self.watched.module)
             else:
                 self._record_cell(args, kwargs, output, autocast)
 
     def _record_cell(
         self, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any, autocast: torch.dtype | None = None
     ) -> None:
-        x = args[0] if args else kwargs.get("input")
-        state = args[1] if len(args) > 1 else kwargs.get("hx", kwargs.get("state"))
+        custom = self.watched.custom
+        x_at, state_at = (1, 0) if custom is not None and custom.state_first else (0, 1)
+        x = args[x_at] if len(args) > x_at else kwargs.get("input", kwargs.get("x"))
+        state = args[state_at] if len(args) > state_at else kwargs.get("hx", kwargs.get("state"))
         if not isinstance(x, Tensor) or (x.dim() > 1 and x.shape[0] == 0):
             return  # an empty batch has nothing to measure; keep the chain recorded so far
         out = _as_tuple(output)
@@ -138,6 +163,8 @@ class CallRecorder:
                 return  # a user cell given no state: its shape is unknown, nothing to measure
             state = tuple(torch.zeros_like(t) for t in out)
         state_in = _as_tuple(state)
+        if self.watched.kind == "custom" and not self.cell_calls:
+            check_custom_signature(self.watched, x, state_in, out)
         k = min(self.max_sequences, x.shape[0])
         chained = self._last_output is not None and _same_state(state_in, self._last_output)
         if not chained:
@@ -153,12 +180,70 @@ class CallRecorder:
             )
         )
         self._last_output = out
+        self._keep_weights(self.watched.module)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> CallRecorder:
         return self
 
     def __reduce__(self) -> tuple[Callable[[], Callable[..., None]], tuple[()]]:
         return (_inert_hook, ())
+
+
+def check_custom_signature(
+    watched: WatchedModule, x: Tensor, state_in: tuple[Tensor, ...], out: tuple[Tensor, ...]
+) -> None:
+    """A registered cell must return a new state shaped like its state; say how to register it if not."""
+    if [tuple(t.shape) for t in state_in] == [tuple(t.shape) for t in out]:
+        return
+    assert watched.custom is not None
+    order = "cell(state, x_t)" if watched.custom.state_first else "cell(x_t, state)"
+    shapes = ", ".join(str(tuple(t.shape)) for t in state_in)
+    hint = (
+        "If its forward is cell(state, x_t), register it with "
+        f"gradwatch.register_cell({type(watched.module).__name__}, state_first=True)"
+        if not watched.custom.state_first
+        else "If its forward is cell(x_t, state), register it without state_first=True"
+    )
+    swapped = (tuple(x.shape),) == tuple(tuple(t.shape) for t in out)
+    raise ValueError(
+        f"registered cell {watched.name} ({type(watched.module).__name__}) was called with a state of "
+        f"shape {shapes} but returned {', '.join(str(tuple(t.shape)) for t in out)}: gradwatch reads the "
+        f"call as {order} -> new_state, with new_state shaped like state. "
+        + (hint + "." if swapped else hint + "; for another signature pass step=lambda cell, x, state: ...")
+    )
+
+
+@contextmanager
+def frozen_parametrizations(module: nn.Module) -> Iterator[None]:
+    """Parametrizations in eval mode while gradwatch reads a weight or re-runs the module.
+
+    spectral_norm does a power iteration, updating its buffers in place, whenever the weight is read in
+    training mode; in eval mode it uses the vectors the last forward left, i.e. the weight that forward used.
+    Reading it must not change what the model computes next.
+    """
+    lists = [m for m in module.modules() if isinstance(m, nn.utils.parametrize.ParametrizationList)]
+    flags = [(m, m.training) for p in lists for m in p.modules()]
+    for m, _ in flags:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def used_weights(module: nn.Module) -> dict[str, Tensor | None]:
+    """The weights a built-in RNN or cell computes with right now, by name (effective values: a
+    parametrized weight is evaluated, a weight-dropped one is whatever tensor the wrapper assigned); for a
+    user cell, its parameters by name."""
+    if not isinstance(module, FUSED_TYPES + CELL_TYPES):  # a user cell: all its parameters
+        return dict(module.named_parameters())
+    if isinstance(module, nn.RNNBase) and len(module._flat_weights) == len(module._flat_weights_names):
+        # The tensors the last forward actually used (RNNBase refreshes them at each forward, and a
+        # weight-drop wrapper's setattr goes straight into this list).
+        return dict(zip(module._flat_weights_names, module._flat_weights, strict=True))
+    with frozen_parametrizations(module):
+        return {name: getattr(module, name, None) for name in weight_names(module)}
 
 
 def _inert_hook() -> Callable[..., None]:

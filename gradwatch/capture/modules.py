@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, TypeVar
 
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from gradwatch.estimators.cells import CellKind
 
@@ -27,11 +28,12 @@ class CustomCellSpec:
 
     step: StepFunction | None = None
     recurrent_weight: str | None = None
+    state_first: bool = False  # the cell's forward is ``cell(state, x_t)``
 
     def run(self, cell: nn.Module, x: Tensor, state: State) -> State:
         if self.step is not None:
             return self.step(cell, x, state)
-        return cell(x, state)  # type: ignore[no-any-return]
+        return cell(state, x) if self.state_first else cell(x, state)  # type: ignore[no-any-return]
 
 
 _registered_classes: dict[type[nn.Module], CustomCellSpec] = {}
@@ -45,16 +47,22 @@ def register_cell(
     *,
     step: StepFunction | None = None,
     recurrent_weight: str | None = None,
+    state_first: bool = False,
 ) -> CellTarget:
     """Tell gradwatch that a module class (or one instance) is a recurrent cell it should watch.
 
     The cell is called once per time step as ``cell(x_t, state) -> new_state`` where ``state`` is a tensor
     of shape (batch, n) or a tuple of such tensors (flattened into one state vector s = [h; c; ...]).
-    If its ``forward`` has another signature, pass ``step(cell, x_t, state) -> new_state``.
+    A cell whose ``forward`` is ``cell(state, x_t)`` needs ``state_first=True`` (the forward hook then reads
+    the state from the first argument). For any other signature pass ``step(cell, x_t, state) -> new_state``
+    (how to run one step when measuring); the hook still reads x_t and the state from the first two
+    arguments in the order ``state_first`` says.
     ``recurrent_weight`` names the parameter that plays W_hh (reported as ``weight_hh_sigma_max``).
     Usable as a class decorator: ``@gradwatch.register_cell``.
     """
-    spec = CustomCellSpec(step=step, recurrent_weight=recurrent_weight)
+    if not isinstance(state_first, bool):
+        raise TypeError(f"state_first must be True or False, got {state_first!r}")
+    spec = CustomCellSpec(step=step, recurrent_weight=recurrent_weight, state_first=state_first)
     if isinstance(target, type):
         if not issubclass(target, nn.Module):
             raise TypeError(f"register_cell expects an nn.Module subclass or instance, got class {target!r}")
@@ -96,6 +104,15 @@ class WatchedModule:
     kind: ModuleKind
     cell_kind: CellKind | None  # for built-in modules
     custom: CustomCellSpec | None = None
+    weight_leaves: dict[str, dict[str, nn.Parameter]] = field(default_factory=dict)
+    """For each weight the forward reads (``weight_hh_l0``), the leaf parameters behind it, by name relative
+    to the module (a leaf on a parent module: its name relative to the model). Empty for a weight whose leaf
+    could not be found (see :func:`weight_leaves`)."""
+
+    @property
+    def unattributed_weights(self) -> list[str]:
+        """Weights the forward reads that are neither parameters nor backed by a leaf gradwatch found."""
+        return [name for name, leaves in self.weight_leaves.items() if not leaves]
 
     @property
     def num_layers(self) -> int:
@@ -128,6 +145,11 @@ class WatchedModule:
         ):
             if hasattr(self.module, attr) and isinstance(getattr(self.module, attr), (int, float, str, bool)):
                 info[attr] = getattr(self.module, attr)
+        derived = {n: sorted(leaves) for n, leaves in self.weight_leaves.items() if list(leaves) != [n]}
+        if derived:
+            info["weight_leaves"] = derived  # parametrized or weight-dropped weights -> their leaves
+        if self.unattributed_weights:
+            info["unattributed_weights"] = self.unattributed_weights
         return info
 
 
@@ -168,7 +190,8 @@ def find_rnn_modules(model: nn.Module) -> list[WatchedModule]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"gradwatch.watch expects a torch.nn.Module, got {type(model).__name__}")
     found: list[WatchedModule] = []
-    for name, module in _walk(unwrap_model(model), ""):
+    root = unwrap_model(model)
+    for name, module in _walk(root, ""):
         spec = custom_cell_spec(module)
         if spec is not None:
             found.append(WatchedModule(name or _root_name(module), module, "custom", None, spec))
@@ -179,7 +202,67 @@ def find_rnn_modules(model: nn.Module) -> list[WatchedModule]:
             )
         elif isinstance(module, CELL_TYPES):
             found.append(WatchedModule(name or _root_name(module), module, "cell", builtin_cell_kind(module)))
-    return found
+    qualified = {id(m): n for n, m in _walk(root, "")}
+    return [
+        replace(w, weight_leaves=weight_leaves(w.module, _ancestors(root, qualified[id(w.module)])))
+        if w.kind != "custom"
+        else w
+        for w in found
+    ]
+
+
+def weight_names(module: nn.Module) -> list[str]:
+    """The weights the forward of a built-in RNN or cell reads, in its own order."""
+    if isinstance(module, FUSED_TYPES):
+        return list(module._flat_weights_names)  # type: ignore[arg-type]
+    names = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if getattr(module, "bias", True) else [])
+    return names
+
+
+def weight_leaves(
+    module: nn.Module, ancestors: list[tuple[str, nn.Module]] | None = None
+) -> dict[str, dict[str, nn.Parameter]]:
+    """The leaf parameters behind each weight of a built-in RNN or cell.
+
+    * a plain parameter is its own leaf;
+    * a parametrized weight (``torch.nn.utils.parametrize``: orthogonal, spectral_norm, weight_norm) is
+      computed from ``parametrizations.<name>.original`` (``original0``/``original1`` for weight_norm) and any
+      parameters of the parametrizations themselves;
+    * a dropped weight (AWD-LSTM's WeightDrop: the parameter deleted and re-assigned on every forward from
+      ``<name>_raw``) comes from ``<name>_raw`` on the module itself (salesforce) or on the nearest parent
+      (fastai's WeightDropout), named relative to the model there;
+    * anything else has no leaf gradwatch can find: an empty dict.
+    """
+    out: dict[str, dict[str, nn.Parameter]] = {}
+    own = dict(module.named_parameters())
+    for name in weight_names(module):
+        param = module._parameters.get(name)
+        if param is not None:
+            out[name] = {name: param}
+        elif parametrize.is_parametrized(module, name):
+            prefix = f"parametrizations.{name}."
+            out[name] = {n: p for n, p in own.items() if n.startswith(prefix)}
+        elif f"{name}_raw" in module._parameters and module._parameters[f"{name}_raw"] is not None:
+            out[name] = {f"{name}_raw": module._parameters[f"{name}_raw"]}  # type: ignore[dict-item]
+        else:
+            out[name] = {}
+            for prefix, parent in ancestors or []:
+                raw = parent._parameters.get(f"{name}_raw")
+                if raw is not None:
+                    out[name] = {f"{prefix}.{name}_raw" if prefix else f"{name}_raw": raw}
+                    break
+    return out
+
+
+def _ancestors(root: nn.Module, name: str) -> list[tuple[str, nn.Module]]:
+    """The modules above ``root.<name>``, nearest first, with their names relative to ``root``."""
+    parts = name.split(".") if name else []
+    chain: list[tuple[str, nn.Module]] = [("", root)]
+    module = root
+    for i, part in enumerate(parts[:-1]):
+        module = getattr(module, part)
+        chain.append((".".join(parts[: i + 1]), module))
+    return chain[::-1] if parts else []
 
 
 def _root_name(module: nn.Module) -> str:

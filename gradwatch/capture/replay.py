@@ -22,9 +22,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence
+from torch.nn.utils.stateless import _reparametrize_module
 
-from gradwatch.capture.hooks import CellCall, FusedCall, record_fused_call
-from gradwatch.capture.modules import CustomCellSpec
+from gradwatch.capture.hooks import CellCall, FusedCall, frozen_parametrizations, record_fused_call
+from gradwatch.capture.modules import CustomCellSpec, weight_names
 from gradwatch.estimators.cells import (
     CellKind,
     CellWeights,
@@ -89,13 +90,35 @@ def replay_tolerance(dtype: torch.dtype) -> float:
 # --- fused nn.RNN / nn.LSTM / nn.GRU ------------------------------------------------------------------
 
 
-def fused_layer_weights(module: nn.Module, kind: CellKind, layer: int, direction: Direction) -> CellWeights:
-    """The weights of one layer and direction of a fused module, in the compute dtype."""
+Weights = dict[str, Tensor]
+"""Effective weights by the name the forward reads (``weight_hh_l0``), e.g. as kept by the forward hook."""
+
+
+def current_weights(module: nn.Module) -> Weights:
+    """The module's effective weights now: parametrizations evaluated (without updating their state),
+    a weight-dropped weight as its wrapper last assigned it."""
+    with frozen_parametrizations(module):
+        out = {name: getattr(module, name, None) for name in weight_names(module)}
+    return {name: t.detach() for name, t in out.items() if t is not None}
+
+
+def _weights_dtype(weights: Weights, name: str) -> torch.dtype:
+    if name not in weights:
+        raise ValueError(f"the module has no weight {name!r} (its weights are {sorted(weights)})")
+    return compute_dtype(weights[name].dtype)
+
+
+def fused_layer_weights(
+    module: nn.Module, kind: CellKind, layer: int, direction: Direction, weights: Weights | None = None
+) -> CellWeights:
+    """The weights of one layer and direction of a fused module (``weights``: the recorded effective
+    weights; None: the current ones), in the compute dtype."""
     suffix = f"_l{layer}" + ("_reverse" if direction == "reverse" else "")
-    dtype = compute_dtype(module.weight_hh_l0.dtype)
+    weights = current_weights(module) if weights is None else weights
+    dtype = _weights_dtype(weights, "weight_hh_l0")
 
     def get(name: str) -> Tensor | None:
-        t = getattr(module, name + suffix, None)
+        t = weights.get(name + suffix)
         return None if t is None else t.detach().to(dtype)
 
     return CellWeights(
@@ -109,7 +132,8 @@ def fused_layer_weights(module: nn.Module, kind: CellKind, layer: int, direction
 
 
 def fused_parameter_names(module: nn.Module, layer: int, direction: Direction) -> list[str]:
-    """Names of the parameters of one layer and direction (for per-layer gradient norms)."""
+    """Names of the weights of one layer and direction, as the forward reads them (the leaf parameters
+    behind them: ``WatchedModule.weight_leaves``)."""
     suffix = f"_l{layer}" + ("_reverse" if direction == "reverse" else "")
     return [name for name in module._flat_weights_names if name.endswith(suffix)]  # type: ignore[union-attr]
 
@@ -143,9 +167,13 @@ class FusedReplay:
     c_n: Tensor | None
 
 
-def replay_fused(module: nn.Module, kind: CellKind, call: FusedCall) -> FusedReplay:
-    """Recompute every layer and direction of a recorded call with the module's current weights."""
-    dtype = compute_dtype(module.weight_hh_l0.dtype)
+def replay_fused(
+    module: nn.Module, kind: CellKind, call: FusedCall, weights: Weights | None = None
+) -> FusedReplay:
+    """Recompute every layer and direction of a recorded call with ``weights`` (those the recorded forward
+    used) or, when None, the module's current weights."""
+    weights = current_weights(module) if weights is None else weights
+    dtype = _weights_dtype(weights, "weight_hh_l0")
     directions: tuple[Direction, ...] = ("forward", "reverse") if module.bidirectional else ("forward",)
     num_layers = int(module.num_layers)
     x = call.inputs.to(dtype)
@@ -159,25 +187,31 @@ def replay_fused(module: nn.Module, kind: CellKind, call: FusedCall) -> FusedRep
     for layer in range(num_layers):
         outputs = []
         for d, direction in enumerate(directions):
-            weights = fused_layer_weights(module, kind, layer, direction)
+            layer_weights = fused_layer_weights(module, kind, layer, direction, weights)
             index = layer * len(directions) + d
-            h0 = call.h0[index].to(dtype) if call.h0 is not None else x.new_zeros(batch, weights.output_size)
+            h0 = (
+                call.h0[index].to(dtype)
+                if call.h0 is not None
+                else x.new_zeros(batch, layer_weights.output_size)
+            )
             c0 = None
             if kind == "lstm":
                 c0 = (
                     call.c0[index].to(dtype)
                     if call.c0 is not None
-                    else x.new_zeros(batch, weights.hidden_size)
+                    else x.new_zeros(batch, layer_weights.hidden_size)
                 )
             seq = layer_input if direction == "forward" else reverse_within_lengths(layer_input, lengths)
-            states = run_layer(weights, seq, join_state(h0, c0), mask)
-            h_seq, c_last = split_state(weights, states)
+            states = run_layer(layer_weights, seq, join_state(h0, c0), mask)
+            h_seq, c_last = split_state(layer_weights, states)
             h_seq = h_seq[1:] * mask[..., None]
             outputs.append(h_seq if direction == "forward" else reverse_within_lengths(h_seq, lengths))
-            h_n.append(split_state(weights, states[-1])[0])
+            h_n.append(split_state(layer_weights, states[-1])[0])
             if c_last is not None:
                 c_n.append(c_last[-1])
-            traces.append(LayerTrace(layer, direction, seq, states, mask, weights, None, weights.weight_hh))
+            traces.append(
+                LayerTrace(layer, direction, seq, states, mask, layer_weights, None, layer_weights.weight_hh)
+            )
         layer_input = torch.cat(outputs, dim=-1)
     return FusedReplay(traces, layer_input, torch.stack(h_n), torch.stack(c_n) if c_n else None)
 
@@ -224,9 +258,15 @@ def rerun_fused(module: nn.Module, call: FusedCall) -> FusedCall:
     """Run the module itself (``module.forward``: no hooks) on a kept probe with its current weights.
 
     The fixed probe's replay is checked against this on every measurement. The caller runs it under
-    ``torch.no_grad()`` and a forked RNG, so inter-layer dropout leaves the user's random stream untouched.
+    ``torch.no_grad()`` and a forked RNG, so inter-layer dropout leaves the user's random stream untouched;
+    parametrizations are frozen so that reading the weights (spectral_norm) updates none of their state.
     """
-    dtype = module.weight_hh_l0.dtype
+    with frozen_parametrizations(module):
+        return _rerun_fused(module, call)
+
+
+def _rerun_fused(module: nn.Module, call: FusedCall) -> FusedCall:
+    dtype = current_weights(module)["weight_hh_l0"].dtype
     x = call.inputs.to(dtype)
     steps = x.shape[0]
     h0 = None if call.h0 is None else call.h0.to(dtype)
@@ -247,12 +287,14 @@ def rerun_fused(module: nn.Module, call: FusedCall) -> FusedCall:
 # --- cells (built-in and user-written) ------------------------------------------------------------------
 
 
-def cell_weights(module: nn.Module, kind: CellKind) -> CellWeights:
-    """The weights of an nn.RNNCell/LSTMCell/GRUCell in the compute dtype."""
-    dtype = compute_dtype(module.weight_hh.dtype)
+def cell_weights(module: nn.Module, kind: CellKind, weights: Weights | None = None) -> CellWeights:
+    """The weights of an nn.RNNCell/LSTMCell/GRUCell (``weights``: recorded; None: current) in the
+    compute dtype."""
+    weights = current_weights(module) if weights is None else weights
+    dtype = _weights_dtype(weights, "weight_hh")
 
     def get(name: str) -> Tensor | None:
-        t = getattr(module, name, None)
+        t = weights.get(name)
         return None if t is None else t.detach().to(dtype)
 
     return CellWeights(kind, get("weight_ih"), get("weight_hh"), get("bias_ih"), get("bias_hh"))  # type: ignore[arg-type]
@@ -267,10 +309,11 @@ def stack_cell_calls(calls: list[CellCall], dtype: torch.dtype) -> tuple[Tensor,
 
 
 def trace_builtin_cell(
-    module: nn.Module, kind: CellKind, calls: list[CellCall], recompute: bool
+    module: nn.Module, kind: CellKind, calls: list[CellCall], recompute: bool, weights: Weights | None = None
 ) -> LayerTrace:
-    """A trace from recorded cell calls; ``recompute`` re-runs the chain with the current weights."""
-    weights = cell_weights(module, kind)
+    """A trace from recorded cell calls at ``weights`` (the recorded calls' own; None: the current ones);
+    ``recompute`` re-runs the chain with those weights."""
+    weights = cell_weights(module, kind, weights)
     inputs, states, _ = stack_cell_calls(calls, weights.weight_hh.dtype)
     if recompute:
         states = _rerun_chain(lambda x, s: cell_step(weights, x, s), inputs, states[0])
@@ -296,10 +339,11 @@ def check_cell_against_module(module: nn.Module, trace: LayerTrace) -> ReplayChe
     """Do the module's own outputs (``module.forward``, all steps batched) match the replayed states?"""
     assert trace.weights is not None
     steps, batch = trace.inputs.shape[:2]
-    dtype = module.weight_hh.dtype
+    dtype = current_weights(module)["weight_hh"].dtype
     x = trace.inputs.reshape(steps * batch, -1).to(dtype)
     h, c = split_state(trace.weights, trace.previous_states.reshape(steps * batch, -1).to(dtype))
-    out = module.forward(x, h if c is None else (h, c))
+    with frozen_parametrizations(module):
+        out = module.forward(x, h if c is None else (h, c))
     predicted = torch.cat(out, dim=-1) if isinstance(out, tuple) else out
     error = (predicted.to(trace.states.dtype) - trace.states[1:].reshape(steps * batch, -1)).abs().max()
     tolerance = max(replay_tolerance(trace.states.dtype), replay_tolerance(dtype))
@@ -307,17 +351,30 @@ def check_cell_against_module(module: nn.Module, trace: LayerTrace) -> ReplayChe
 
 
 def custom_step_function(
-    module: nn.Module, spec: CustomCellSpec, sizes: list[int], dtype: torch.dtype
+    module: nn.Module,
+    spec: CustomCellSpec,
+    sizes: list[int],
+    dtype: torch.dtype,
+    weights: Weights | None = None,
 ) -> FlatStep:
-    """The user's cell as a function of flat states, bypassing hooks (``module.forward``)."""
+    """The user's cell as a function of flat states, bypassing hooks (``module.forward``); with ``weights``
+    (parameters by name, as the recorded calls had them) those stand in for the live parameters."""
     single = len(sizes) == 1
 
     def step(x: Tensor, s: Tensor) -> Tensor:
+        if weights is None:
+            return live_step(x, s)
+        with _reparametrize_module(module, weights):
+            return live_step(x, s)
+
+    def live_step(x: Tensor, s: Tensor) -> Tensor:
         parts = tuple(torch.split(s, sizes, dim=-1))
         state = parts[0] if single else parts
         param_dtype = _parameter_dtype(module, dtype)
         if spec.step is not None:
             out = spec.step(module, x.to(param_dtype), _cast_state(state, param_dtype))
+        elif spec.state_first:
+            out = module.forward(_cast_state(state, param_dtype), x.to(param_dtype))
         else:
             out = module.forward(x.to(param_dtype), _cast_state(state, param_dtype))
         out_tuple = (out,) if isinstance(out, Tensor) else tuple(out)
@@ -327,18 +384,25 @@ def custom_step_function(
 
 
 def trace_custom_cell(
-    module: nn.Module, spec: CustomCellSpec, calls: list[CellCall], recompute: bool
+    module: nn.Module,
+    spec: CustomCellSpec,
+    calls: list[CellCall],
+    recompute: bool,
+    weights: Weights | None = None,
 ) -> LayerTrace:
-    """A trace of a user-written cell; its Jacobians come from torch.func on ``step_function``."""
+    """A trace of a user-written cell at ``weights`` (its parameters as the recorded calls had them; None:
+    the live ones); its Jacobians come from torch.func on ``step_function``."""
     dtype = compute_dtype(_parameter_dtype(module, torch.float32))
     inputs, states, sizes = stack_cell_calls(calls, dtype)
-    step = custom_step_function(module, spec, sizes, dtype)
+    step = custom_step_function(module, spec, sizes, dtype, weights)
     if recompute:
         states = _rerun_chain(step, inputs, states[0])
     mask = torch.ones(inputs.shape[:2], dtype=torch.bool, device=inputs.device)
     weight = None
     if spec.recurrent_weight is not None:
-        param = dict(module.named_parameters()).get(spec.recurrent_weight)
+        param = (weights if weights is not None else dict(module.named_parameters())).get(
+            spec.recurrent_weight
+        )
         if param is None:
             raise ValueError(
                 f"register_cell(recurrent_weight={spec.recurrent_weight!r}) names no parameter of "
