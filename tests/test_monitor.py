@@ -323,3 +323,21 @@ def test_fixed_probe_cell_is_checked_against_the_module():
         monitor.optimizer.step()
     assert sum(isinstance(r, Measurement) for r in monitor.history) == 2
     monitor.close()
+
+
+def test_fixed_probe_with_unchanged_weights_reads_the_same_lyapunov_exponent_every_time() -> None:
+    """lr = 0 and probe="fixed": every measurement sees the same Jacobians, so lambda (and not only sigma
+    and the lag norms) must read the same each time; it used to move by ~0.05 at T = 10 with the random
+    start vector of each measurement."""
+    torch.manual_seed(0)
+    model = SeqModel(nn.GRU(3, 16), 16)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    x, y = torch.randn(10, 4, 3), torch.randn(10, 4)
+    with gradwatch.watch(model, optimizer, every=1, background=False) as monitor:
+        for _ in range(6):
+            optimizer.zero_grad()
+            nn.functional.mse_loss(model(x)[0], y).backward()
+            optimizer.step()
+        lyapunov = [r.metrics.lyapunov_max for r in monitor.history if isinstance(r, Measurement)]
+    assert len(lyapunov) == 6 and lyapunov[0] is not None
+    assert lyapunov == [lyapunov[0]] * 6

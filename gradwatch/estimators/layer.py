@@ -330,7 +330,8 @@ def estimate_layer(
         generator=generator,
         v0=warm_lags,
     )
-    lyapunov = lyapunov_max(jac, mask, generator=generator) if settings.lyapunov else None
+    # No generator: lyapunov_max's own fixed start makes lambda a function of the Jacobians alone.
+    lyapunov = lyapunov_max(jac, mask) if settings.lyapunov else None
 
     return LayerEstimate(
         jacobian_sigma=sigma,
