@@ -341,3 +341,40 @@ def test_fixed_probe_with_unchanged_weights_reads_the_same_lyapunov_exponent_eve
         lyapunov = [r.metrics.lyapunov_max for r in monitor.history if isinstance(r, Measurement)]
     assert len(lyapunov) == 6 and lyapunov[0] is not None
     assert lyapunov == [lyapunov[0]] * 6
+
+
+def _train_on_lengths(monitor_options: dict, lengths: list[int]) -> tuple[list[Measurement], list[str]]:
+    """One optimizer step per entry of ``lengths`` (that many time steps), every step measured."""
+    torch.manual_seed(0)
+    model = SeqModel(nn.GRU(3, 6), 6)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with gradwatch.watch(model, optimizer, every=1, background=False, **monitor_options) as monitor:
+            for steps in lengths:
+                x, y = torch.randn(steps, 4, 3), torch.randn(steps, 4)
+                optimizer.zero_grad()
+                nn.functional.mse_loss(model(x)[0], y).backward()
+                optimizer.step()
+            records = [r for r in monitor.history if isinstance(r, Measurement)]
+    messages = [str(w.message) for w in caught if issubclass(w.category, gradwatch.GradWatchWarning)]
+    return records, messages
+
+
+def test_a_fixed_probe_too_short_to_judge_is_renewed_by_a_longer_batch_and_warned_about_once() -> None:
+    """A first batch of T = 1 has no lag norm and no Lyapunov verdict; it used to be kept for good."""
+    records, messages = _train_on_lengths({}, [1, 1, 5, 12, 12, 30])
+    # 1 (kept, warned), 1 (kept), 5 (longer: renewed), 12 (renewed, now long enough), then kept for good.
+    assert [r.metrics.time_steps for r in records] == [1, 1, 5, 12, 12, 12]
+    assert records[0].metrics.lag_norm == {}
+    assert records[-1].metrics.lag_norm.keys() == {"1", "2", "4", "8", "11"}
+    short = [m for m in messages if "fixed probe" in m]
+    assert len(short) == 1 and "only 1 time step" in short[0] and "8" in short[0]
+
+
+def test_a_fixed_probe_of_enough_steps_is_kept_whatever_comes_later() -> None:
+    records, messages = _train_on_lengths({}, [9, 30, 4, 30])
+    assert [r.metrics.time_steps for r in records] == [9, 9, 9, 9]
+    assert not [m for m in messages if "fixed probe" in m]
+    live, _ = _train_on_lengths({"probe": "live"}, [1, 30, 4])
+    assert [r.metrics.time_steps for r in live] == [1, 30, 4]
