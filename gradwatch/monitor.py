@@ -87,10 +87,12 @@ from gradwatch.sinks.logs import LoggingSink
 
 logger = logging.getLogger("gradwatch")
 
-#: probe="fixed" keeps a probe only once it has this many time steps (its longest kept sequence): lags
-#: 1, 2, 4, 7 then reach back far enough for a verdict (a vanishing one needs a lag norm < 1e-3). A shorter
-#: probe is kept for now and replaced by the next measured batch that is longer, until one reaches this.
+#: probe="fixed" keeps a probe for good only once it has this many time steps (its longest kept sequence):
+#: lags 1, 2, 4, 7 then reach back far enough for a verdict (a vanishing one needs a lag norm < 1e-3). A
+#: shorter probe is kept for now and replaced by the next measured batch that is longer, until one has it.
 FIXED_PROBE_MIN_STEPS = 8
+#: A probe shorter than this has no lag norm and no Lyapunov exponent: no verdict at all (one warning).
+VERDICT_MIN_STEPS = 2
 
 ProbeMode = Literal["fixed", "live"]
 ClipScope = Literal["monitored", "all"]
@@ -718,14 +720,16 @@ class Monitor:
         if fresh and fixed:
             self._probes[watched.name] = probe
             self._probe_steps[watched.name] = steps = _probe_length(probe)
-            if steps < FIXED_PROBE_MIN_STEPS:
-                self._warn_once(
-                    f"short-probe:{watched.name}",
-                    f"gradwatch: the fixed probe of {watched.name} has only {steps} time step(s) (fewer "
-                    f"than {FIXED_PROBE_MIN_STEPS}): its lag norms reach back {max(steps - 1, 0)} step(s), "
-                    "too few to judge vanishing or exploding gradients; it is replaced by the next measured "
-                    f"batch that is longer, until one has {FIXED_PROBE_MIN_STEPS} steps",
+            if steps < VERDICT_MIN_STEPS:
+                message = (
+                    f"gradwatch: the fixed probe of {watched.name} has only {steps} time step(s): no lag "
+                    "norm and no Lyapunov exponent, so no vanishing/exploding verdict; it is replaced by "
+                    f"the next measured batch that is longer, until one has {FIXED_PROBE_MIN_STEPS} steps"
                 )
+                try:
+                    self._warn_once(f"short-probe:{watched.name}", message)
+                except Warning:  # GradWatchWarning turned into an error: a notice, not a reason to fail
+                    logger.warning(message)
         module = watched.module
         if watched.kind == "fused":
             assert isinstance(probe, FusedCall) and watched.cell_kind is not None

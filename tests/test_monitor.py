@@ -369,12 +369,31 @@ def test_a_fixed_probe_too_short_to_judge_is_renewed_by_a_longer_batch_and_warne
     assert records[0].metrics.lag_norm == {}
     assert records[-1].metrics.lag_norm.keys() == {"1", "2", "4", "8", "11"}
     short = [m for m in messages if "fixed probe" in m]
-    assert len(short) == 1 and "only 1 time step" in short[0] and "8" in short[0]
+    assert len(short) == 1 and "only 1 time step" in short[0] and "8 steps" in short[0]
 
 
 def test_a_fixed_probe_of_enough_steps_is_kept_whatever_comes_later() -> None:
     records, messages = _train_on_lengths({}, [9, 30, 4, 30])
     assert [r.metrics.time_steps for r in records] == [9, 9, 9, 9]
-    assert not [m for m in messages if "fixed probe" in m]
+    short, quiet = _train_on_lengths({}, [5, 3, 6])  # short, but each carries a verdict: renewed silently
+    assert [r.metrics.time_steps for r in short] == [5, 5, 6]
+    assert not [m for m in messages + quiet if "fixed probe" in m]
     live, _ = _train_on_lengths({"probe": "live"}, [1, 30, 4])
     assert [r.metrics.time_steps for r in live] == [1, 30, 4]
+
+
+def test_the_short_probe_notice_never_fails_a_measurement(caplog: pytest.LogCaptureFixture) -> None:
+    """With GradWatchWarning turned into an error the notice goes to the log and the run measures on."""
+    torch.manual_seed(0)
+    model = SeqModel(nn.GRU(3, 6), 6)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", gradwatch.GradWatchWarning)
+        with gradwatch.watch(model, optimizer, every=1, background=False, strict=True) as monitor:
+            for steps in (1, 12):
+                optimizer.zero_grad()
+                nn.functional.mse_loss(model(torch.randn(steps, 4, 3))[0], torch.randn(steps, 4)).backward()
+                optimizer.step()
+            records = [r for r in monitor.history if isinstance(r, Measurement)]
+    assert [r.metrics.time_steps for r in records] == [1, 12]
+    assert any("fixed probe of rnn has only 1 time step" in r.getMessage() for r in caplog.records)
