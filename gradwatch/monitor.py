@@ -970,7 +970,8 @@ def watch(
     With an ``optimizer`` each ``optimizer.step()`` closes a training step; without one, call
     ``monitor.step()`` after ``loss.backward()``. Measures on step 0 and every ``every`` steps after it, on at
     most ``max_sequences`` sequences of the batch. ``probe="fixed"`` re-measures the sequences seen at the
-    first measurement with the current weights (trends then depend on the weights alone);
+    first measurement with the current weights (trends then depend on the weights alone; a probe shorter
+    than FIXED_PROBE_MIN_STEPS = 8 steps is replaced by the next longer measured batch);
     ``probe="live"`` measures each measured step's own batch. ``log`` is a JSON-lines run log path.
     ``clip``: None, a max norm (as ``clip_grad_norm_``), ``"auto"`` (ZClip) or a ClipPolicy.
     ``nonfinite``: "warn", "raise" or "skip" (the optimizer step does not happen).
