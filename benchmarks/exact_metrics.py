@@ -123,18 +123,19 @@ def product_norms(jacobians: Tensor, lags: list[int]) -> dict[int, Tensor]:
     return norms
 
 
-def lyapunov_exponents(jacobians: Tensor, generator: torch.Generator) -> Tensor:
-    """(B,) finite-time top Lyapunov exponent: mean log growth of a renormalised vector through J_0..J_{T-1}."""
+def lyapunov_exponents(jacobians: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """(B,) finite-time top Lyapunov exponent, (1/T) log ||J_{T-1} ... J_0||_2 (what gradwatch's
+    lyapunov_max estimates): the dense product, renormalised after every step so that it cannot
+    over/underflow. ``generator`` is unused (kept for callers of the old random-vector version)."""
     time_steps, batch, state_size, _ = jacobians.shape
-    vector = torch.randn(batch, state_size, dtype=jacobians.dtype, generator=generator)
-    vector = vector / torch.linalg.vector_norm(vector, dim=-1, keepdim=True)
-    log_growth = torch.zeros(batch, dtype=jacobians.dtype)
+    product = torch.eye(state_size, dtype=jacobians.dtype).expand(batch, state_size, state_size)
+    log_norm = torch.zeros(batch, dtype=jacobians.dtype)
     for t in range(time_steps):
-        vector = (jacobians[t] @ vector.unsqueeze(-1)).squeeze(-1)
-        growth = torch.linalg.vector_norm(vector, dim=-1)
-        log_growth += torch.log(growth)
-        vector = vector / growth.clamp_min(torch.finfo(vector.dtype).tiny).unsqueeze(-1)
-    return log_growth / time_steps
+        product = jacobians[t] @ product
+        norm = torch.linalg.matrix_norm(product, ord=2)
+        log_norm += torch.log(norm)
+        product = product / norm.clamp_min(torch.finfo(product.dtype).tiny).view(batch, 1, 1)
+    return log_norm / time_steps
 
 
 def exact_metrics(

@@ -9,14 +9,12 @@ gradients). Needs ``pip install 'gradwatch[lightning]'``.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from gradwatch.estimators.layer import WarmStart
 from gradwatch.monitor import Monitor, watch
 
 try:  # Lightning 2.x ships as `lightning` (unified) and as the standalone `pytorch_lightning`
@@ -90,30 +88,18 @@ class GradWatchCallback(Callback):
             self.monitor = None
 
     def state_dict(self) -> dict[str, Any]:
-        state = self.monitor.state_dict() if self.monitor is not None else dict(self._pending_state or {})
-        return _loadable_with_weights_only(state)
+        """Monitor.state_dict(): tensors and plain values only, so Lightning loads it ``weights_only``."""
+        return self.monitor.state_dict() if self.monitor is not None else dict(self._pending_state or {})
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Hand the state to Monitor.load_state_dict, which converts the plain warm starts back itself."""
         if not state_dict:
             return
         state = dict(state_dict)
-        state["warm_starts"] = {k: WarmStart(**v) for k, v in dict(state.get("warm_starts", {})).items()}
         if self.monitor is not None:
             self.monitor.load_state_dict(state)
         else:  # Lightning restores callbacks before on_fit_start creates the monitor
             self._pending_state = state
-
-
-def _loadable_with_weights_only(state: Mapping[str, Any]) -> dict[str, Any]:
-    """Monitor state with its WarmStart records as plain dicts: Lightning loads checkpoints weights_only."""
-    out = dict(state)
-    out["warm_starts"] = {
-        key: {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
-        if isinstance(value, WarmStart)
-        else value
-        for key, value in dict(state.get("warm_starts", {})).items()
-    }
-    return out
 
 
 def _scaler_will_skip(trainer: Trainer, optimizer: Optimizer) -> bool:

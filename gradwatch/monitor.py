@@ -87,6 +87,13 @@ from gradwatch.sinks.logs import LoggingSink
 
 logger = logging.getLogger("gradwatch")
 
+#: probe="fixed" keeps a probe for good only once it has this many time steps (its longest kept sequence):
+#: lags 1, 2, 4, 7 then reach back far enough for a verdict (a vanishing one needs a lag norm < 1e-3). A
+#: shorter probe is kept for now and replaced by the next measured batch that is longer, until one has it.
+FIXED_PROBE_MIN_STEPS = 8
+#: A probe shorter than this has no lag norm and no Lyapunov exponent: no verdict at all (one warning).
+VERDICT_MIN_STEPS = 2
+
 ProbeMode = Literal["fixed", "live"]
 ClipScope = Literal["monitored", "all"]
 ClipMode = Literal["always", "exploding"]
@@ -244,6 +251,7 @@ class Monitor:
         """How often each part of gradwatch failed ("capture:rnn", "sink:JsonlSink(...)", "clip", ...)."""
         self._warm_starts: dict[LayerKey, WarmStart] = {}
         self._probes: dict[str, FusedCall | list[CellCall]] = {}
+        self._probe_steps: dict[str, int] = {}  # time steps of each kept probe (see FIXED_PROBE_MIN_STEPS)
         self._generator: torch.Generator | None = None
         self._recorders: dict[str, CallRecorder] = {}
         self._handles: list[RemovableHandle] = []
@@ -416,6 +424,7 @@ class Monitor:
             for name, probe in dict(state.get("probes", {})).items()
             if name in self._recorders
         }
+        self._probe_steps = {name: _probe_length(probe) for name, probe in self._probes.items()}
         generator = state.get("generator")
         self._generator = None
         if generator is not None:
@@ -431,8 +440,8 @@ class Monitor:
     def _arm(self, measured: bool) -> None:
         for name, recorder in self._recorders.items():
             need = measured and name not in self._disabled_modules
-            if self.config.probe == "fixed" and name in self._probes:
-                need = False  # the probe is already kept; nothing to record on this step
+            if self.config.probe == "fixed" and self._probe_steps.get(name, 0) >= FIXED_PROBE_MIN_STEPS:
+                need = False  # a long enough probe is kept; nothing to record on this step
             recorder.armed = need
 
     def _end_of_step(self, optimizer: torch.optim.Optimizer | None) -> None:
@@ -692,14 +701,35 @@ class Monitor:
         """Replay the module on its probe (fixed mode) or on this step's recorded call (live mode)."""
         recorder = self._recorders[watched.name]
         recorder.settle()  # calls recorded inside a torch.compile'd forward
-        probe = self._probes.get(watched.name)
-        fresh = probe is None or self.config.probe == "live"
-        if fresh:
-            probe = recorder.fused_call if watched.kind == "fused" else (list(recorder.cell_calls) or None)
-            if probe is None:
-                return None  # the module did not run with gradients on this step
-            if self.config.probe == "fixed":
-                self._probes[watched.name] = probe
+        fixed = self.config.probe == "fixed"
+        kept = self._probes.get(watched.name) if fixed else None
+        kept_steps = self._probe_steps.get(watched.name, 0)
+        recorded = recorder.fused_call if watched.kind == "fused" else (list(recorder.cell_calls) or None)
+        # A kept probe shorter than FIXED_PROBE_MIN_STEPS gives way to a longer batch (the recorder stays
+        # armed on measured steps until then): a first batch of T = 1 must not blind the monitor for good.
+        renew = (
+            kept is not None
+            and recorded is not None
+            and kept_steps < FIXED_PROBE_MIN_STEPS
+            and _probe_length(recorded) > kept_steps
+        )
+        fresh = kept is None or renew
+        probe = recorded if fresh else kept
+        if probe is None:
+            return None  # the module did not run with gradients on this step
+        if fresh and fixed:
+            self._probes[watched.name] = probe
+            self._probe_steps[watched.name] = steps = _probe_length(probe)
+            if steps < VERDICT_MIN_STEPS:
+                message = (
+                    f"gradwatch: the fixed probe of {watched.name} has only {steps} time step(s): no lag "
+                    "norm and no Lyapunov exponent, so no vanishing/exploding verdict; it is replaced by "
+                    f"the next measured batch that is longer, until one has {FIXED_PROBE_MIN_STEPS} steps"
+                )
+                try:
+                    self._warn_once(f"short-probe:{watched.name}", message)
+                except Warning:  # GradWatchWarning turned into an error: a notice, not a reason to fail
+                    logger.warning(message)
         module = watched.module
         # A fresh call is measured at the weights its forward used, kept by the hook (the optimizer may have
         # moved them since: LBFGS steps after its last closure); a kept probe is re-run at the current ones.
@@ -723,6 +753,7 @@ class Monitor:
             check = None
         if check is not None and not check.ok:
             self._probes.pop(watched.name, None)
+            self._probe_steps.pop(watched.name, None)
             self._warn_once(
                 f"replay:{watched.name}",
                 f"gradwatch: replaying {watched.name} ({type(module).__name__}) did not reproduce its "
@@ -915,6 +946,13 @@ def _autocast_off() -> Iterator[None]:
         yield
 
 
+def _probe_length(probe: FusedCall | list[CellCall]) -> int:
+    """Time steps of a probe: its longest kept sequence (fused call) or its number of cell calls."""
+    if isinstance(probe, FusedCall):
+        return int(probe.lengths.max()) if probe.lengths.numel() else 0
+    return len(probe)
+
+
 def rank_log_path(path: str | os.PathLike[str], rank: int) -> Path:
     """``runs/exp.jsonl`` for rank 0, ``runs/exp.rank1.jsonl`` for rank 1, ..."""
     p = Path(path)
@@ -957,7 +995,8 @@ def watch(
     With an ``optimizer`` each ``optimizer.step()`` closes a training step; without one, call
     ``monitor.step()`` after ``loss.backward()``. Measures on step 0 and every ``every`` steps after it, on at
     most ``max_sequences`` sequences of the batch. ``probe="fixed"`` re-measures the sequences seen at the
-    first measurement with the current weights (trends then depend on the weights alone);
+    first measurement with the current weights (trends then depend on the weights alone; a probe shorter
+    than FIXED_PROBE_MIN_STEPS = 8 steps is replaced by the next longer measured batch);
     ``probe="live"`` measures each measured step's own batch. ``log`` is a JSON-lines run log path.
     ``clip``: None, a max norm (as ``clip_grad_norm_``), ``"auto"`` (ZClip) or a ClipPolicy.
     ``nonfinite``: "warn", "raise" or "skip" (the optimizer step does not happen).

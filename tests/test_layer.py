@@ -123,6 +123,25 @@ def test_warm_start_reuses_vectors_and_a_misfit_one_is_ignored() -> None:
     torch.testing.assert_close(ignored.jacobian_sigma, cold.jacobian_sigma, rtol=1e-5, atol=0, equal_nan=True)
 
 
+def test_a_warm_start_rebuilt_from_plain_values_keeps_its_lag_vectors() -> None:
+    """A checkpoint stores ``lags`` as a list; WarmStart(**state) must still match the measurement's lags
+    (a tuple), or the lag products silently restart cold after a resume."""
+    weights, x, s_prev, mask = ragged_gru_layer(seed=3)
+    jac = builtin_step_jacobians(weights, x, s_prev)
+    settings = EstimatorSettings()
+    first = estimate_layer(jac, mask, weights.weight_hh, settings, generator=torch.Generator().manual_seed(4))
+    plain = {f.name: getattr(first.warm_start, f.name) for f in dataclasses.fields(WarmStart)}
+    plain["lags"] = list(plain["lags"])
+    rebuilt = WarmStart(**plain)
+    assert rebuilt.lags == first.warm_start.lags and isinstance(rebuilt.lags, tuple)
+
+    def again(warm: WarmStart) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(9)
+        return estimate_layer(jac, mask, weights.weight_hh, settings, warm, generator).lag_norm_per_sequence
+
+    assert torch.equal(again(rebuilt).nan_to_num(), again(first.warm_start).nan_to_num())
+
+
 def test_same_generator_seed_gives_identical_results_and_global_rng_is_untouched() -> None:
     weights, x, s_prev, mask = ragged_gru_layer(seed=5)
     jac = builtin_step_jacobians(weights, x, s_prev)

@@ -200,3 +200,45 @@ def test_gradwatch_imports_without_lightning_and_the_callback_names_the_extra() 
         [sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=60, check=True
     )
     assert "pip install 'gradwatch[lightning]'" in result.stdout
+
+
+def _measurements(path: Path) -> list[dict]:
+    """Measurement records as JSON without what differs between two runs (run id, wall-clock time)."""
+    return [
+        {k: v for k, v in r.to_json().items() if k not in ("run_id", "time")}
+        for r in _read(path)
+        if isinstance(r, Measurement)
+    ]
+
+
+def test_a_resumed_fit_measures_exactly_like_an_uninterrupted_one(tmp_path: Path) -> None:
+    """Lag warm starts survive a Lightning checkpoint: every record of the resumed fit, lag norms included,
+    equals the uninterrupted fit's bit for bit (cold lag starts move the last bits of the lag norms)."""
+
+    def model() -> SequenceRegressor:
+        torch.manual_seed(3)
+        return SequenceRegressor(nn.GRU(3, 5, batch_first=True), 5)
+
+    # Every batch is the same, so the resumed epoch's batch order cannot matter.
+    generator = torch.Generator().manual_seed(1)
+    x, y = torch.randn(4, 9, 3, generator=generator), torch.randn(4, 9, generator=generator)
+    loader = DataLoader(TensorDataset(x.repeat(4, 1, 1), y.repeat(4, 1)), batch_size=4, shuffle=False)
+    options = {"every": 1, "background": False}
+
+    whole = tmp_path / "whole.jsonl"
+    _trainer(GradWatchCallback(log=whole, **options), max_steps=4).fit(model(), loader)
+
+    split = tmp_path / "split.jsonl"
+    first = _trainer(GradWatchCallback(log=split, **options), max_steps=2)
+    first.fit(model(), loader)
+    checkpoint = tmp_path / "two.ckpt"
+    first.save_checkpoint(checkpoint)
+    resumed_callback = GradWatchCallback(log=split, **options)
+    _trainer(resumed_callback, max_steps=4).fit(model(), loader, ckpt_path=checkpoint)
+
+    expected, got = _measurements(whole), _measurements(split)
+    assert [m["step"] for m in got] == [0, 1, 2, 3]
+    assert all(len(m["metrics"]["lag_norm"]) == 4 for m in got)  # lags 1, 2, 4, 8
+    assert got == expected
+    state = resumed_callback.state_dict()
+    assert all(isinstance(w["lags"], list) for w in state["warm_starts"].values())  # plain, weights_only

@@ -323,3 +323,77 @@ def test_fixed_probe_cell_is_checked_against_the_module():
         monitor.optimizer.step()
     assert sum(isinstance(r, Measurement) for r in monitor.history) == 2
     monitor.close()
+
+
+def test_fixed_probe_with_unchanged_weights_reads_the_same_lyapunov_exponent_every_time() -> None:
+    """lr = 0 and probe="fixed": every measurement sees the same Jacobians, so lambda (and not only sigma
+    and the lag norms) must read the same each time; it used to move by ~0.05 at T = 10 with the random
+    start vector of each measurement."""
+    torch.manual_seed(0)
+    model = SeqModel(nn.GRU(3, 16), 16)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    x, y = torch.randn(10, 4, 3), torch.randn(10, 4)
+    with gradwatch.watch(model, optimizer, every=1, background=False) as monitor:
+        for _ in range(6):
+            optimizer.zero_grad()
+            nn.functional.mse_loss(model(x)[0], y).backward()
+            optimizer.step()
+        lyapunov = [r.metrics.lyapunov_max for r in monitor.history if isinstance(r, Measurement)]
+    assert len(lyapunov) == 6 and lyapunov[0] is not None
+    assert lyapunov == [lyapunov[0]] * 6
+
+
+def _train_on_lengths(monitor_options: dict, lengths: list[int]) -> tuple[list[Measurement], list[str]]:
+    """One optimizer step per entry of ``lengths`` (that many time steps), every step measured."""
+    torch.manual_seed(0)
+    model = SeqModel(nn.GRU(3, 6), 6)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with gradwatch.watch(model, optimizer, every=1, background=False, **monitor_options) as monitor:
+            for steps in lengths:
+                x, y = torch.randn(steps, 4, 3), torch.randn(steps, 4)
+                optimizer.zero_grad()
+                nn.functional.mse_loss(model(x)[0], y).backward()
+                optimizer.step()
+            records = [r for r in monitor.history if isinstance(r, Measurement)]
+    messages = [str(w.message) for w in caught if issubclass(w.category, gradwatch.GradWatchWarning)]
+    return records, messages
+
+
+def test_a_fixed_probe_too_short_to_judge_is_renewed_by_a_longer_batch_and_warned_about_once() -> None:
+    """A first batch of T = 1 has no lag norm and no Lyapunov verdict; it used to be kept for good."""
+    records, messages = _train_on_lengths({}, [1, 1, 5, 12, 12, 30])
+    # 1 (kept, warned), 1 (kept), 5 (longer: renewed), 12 (renewed, now long enough), then kept for good.
+    assert [r.metrics.time_steps for r in records] == [1, 1, 5, 12, 12, 12]
+    assert records[0].metrics.lag_norm == {}
+    assert records[-1].metrics.lag_norm.keys() == {"1", "2", "4", "8", "11"}
+    short = [m for m in messages if "fixed probe" in m]
+    assert len(short) == 1 and "only 1 time step" in short[0] and "8 steps" in short[0]
+
+
+def test_a_fixed_probe_of_enough_steps_is_kept_whatever_comes_later() -> None:
+    records, messages = _train_on_lengths({}, [9, 30, 4, 30])
+    assert [r.metrics.time_steps for r in records] == [9, 9, 9, 9]
+    short, quiet = _train_on_lengths({}, [5, 3, 6])  # short, but each carries a verdict: renewed silently
+    assert [r.metrics.time_steps for r in short] == [5, 5, 6]
+    assert not [m for m in messages + quiet if "fixed probe" in m]
+    live, _ = _train_on_lengths({"probe": "live"}, [1, 30, 4])
+    assert [r.metrics.time_steps for r in live] == [1, 30, 4]
+
+
+def test_the_short_probe_notice_never_fails_a_measurement(caplog: pytest.LogCaptureFixture) -> None:
+    """With GradWatchWarning turned into an error the notice goes to the log and the run measures on."""
+    torch.manual_seed(0)
+    model = SeqModel(nn.GRU(3, 6), 6)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", gradwatch.GradWatchWarning)
+        with gradwatch.watch(model, optimizer, every=1, background=False, strict=True) as monitor:
+            for steps in (1, 12):
+                optimizer.zero_grad()
+                nn.functional.mse_loss(model(torch.randn(steps, 4, 3))[0], torch.randn(steps, 4)).backward()
+                optimizer.step()
+            records = [r for r in monitor.history if isinstance(r, Measurement)]
+    assert [r.metrics.time_steps for r in records] == [1, 12]
+    assert any("fixed probe of rnn has only 1 time step" in r.getMessage() for r in caplog.records)

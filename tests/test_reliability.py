@@ -371,6 +371,28 @@ def test_state_dict_holds_only_tensors_and_plain_values() -> None:
     assert loaded["warm_starts"]["rnn|0|forward"]["step_vectors"].shape[:2] == (8, 4)
 
 
+def test_every_warm_start_survives_torch_save_and_a_weights_only_load() -> None:
+    """Step, weight and lag vectors of every layer come back equal, with lags that still match the
+    measurement's (a tuple), so the resumed monitor starts warm exactly where the first one stopped."""
+    model = SeqModel(nn.LSTM(3, 4, num_layers=2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    with gradwatch.watch(model, optimizer, every=1) as monitor:
+        _train(model, optimizer, range(2))
+        state = monitor.state_dict()
+        saved = dict(monitor._warm_starts)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    with gradwatch.watch(model, optimizer, every=1) as resumed:
+        resumed.load_state_dict(torch.load(buffer, weights_only=True))
+        loaded = dict(resumed._warm_starts)
+    assert set(loaded) == set(saved) and len(saved) == 2  # one per layer
+    for key, warm in saved.items():
+        assert loaded[key].lags == warm.lags == (1, 2, 4, 7)
+        for name in ("step_vectors", "weight_vector", "lag_vectors"):
+            assert torch.equal(getattr(loaded[key], name), getattr(warm, name)), (key, name)
+
+
 @pytest.mark.parametrize(
     "state",
     [{}, {"step": "3"}, {"step": 3, "warm_starts": {"rnn|0|forward": {"lags": [1]}}}],

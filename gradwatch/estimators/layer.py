@@ -108,6 +108,11 @@ class WarmStart:
     lag_vectors: Tensor | None = None  # (K, B, D) for ``lags``
     lags: tuple[int, ...] = ()
 
+    def __post_init__(self) -> None:
+        # Always a tuple of ints: the lag warm start is reused only when ``lags`` equals the measurement's
+        # lags (a tuple), and a list from a checkpoint (``WarmStart(**state)``) would never compare equal.
+        object.__setattr__(self, "lags", tuple(int(lag) for lag in self.lags))
+
 
 @dataclass(frozen=True)
 class LayerEstimate:
@@ -325,7 +330,8 @@ def estimate_layer(
         generator=generator,
         v0=warm_lags,
     )
-    lyapunov = lyapunov_max(jac, mask, generator=generator) if settings.lyapunov else None
+    # No generator: lyapunov_max's own fixed start makes lambda a function of the Jacobians alone.
+    lyapunov = lyapunov_max(jac, mask) if settings.lyapunov else None
 
     return LayerEstimate(
         jacobian_sigma=sigma,
