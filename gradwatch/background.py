@@ -1,8 +1,10 @@
 """One measurement at a time on a private thread, so the estimators can run beside the training step.
 
-Only pure tensor work goes there (the estimators on snapshots taken at the measured step). Everything
-that talks to the user (sinks, warnings, callbacks, detectors) stays on the training thread, which takes
-finished results back at its next step boundary.
+Only pure tensor work goes there (the estimators on snapshots taken at the measured step), plus handing
+the finished records to the sinks declared safe for it (:class:`~gradwatch.sinks.base.LiveSink`, e.g. the
+Prometheus exporter). Everything else that talks to the user (the other sinks, warnings, callbacks,
+detectors, fault reports) stays on the training thread, which takes finished results back at its next step
+boundary.
 """
 
 from __future__ import annotations

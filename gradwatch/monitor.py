@@ -81,7 +81,7 @@ from gradwatch.resume import (
     warm_start_from_state,
     warm_start_to_state,
 )
-from gradwatch.sinks.base import Sink
+from gradwatch.sinks.base import LiveSink, Sink
 from gradwatch.sinks.jsonl import FSYNC_POLICIES, FsyncPolicy, JsonlSink
 from gradwatch.sinks.logs import LoggingSink
 
@@ -191,6 +191,7 @@ class _MeasurementResult:
     step: int
     records: list[Measurement]
     faults: list[tuple[str, Exception]]  # (module, what its estimate raised)
+    live_faults: list[tuple[Sink, Exception]] = field(default_factory=list)  # (sink, what write_live raised)
 
 
 def _copy_weights(weights: CellWeights) -> CellWeights:
@@ -537,7 +538,8 @@ class Monitor:
         """Measure, record, and run the detector; returns the alerts to deliver.
 
         In background mode the replay and snapshots happen now and the estimators run on the worker
-        thread; their records and alerts are delivered at a later step boundary (or by wait()/close()).
+        thread, which hands the records to the live sinks (Prometheus) as soon as they are done; the other
+        sinks, the detector and the alerts get them at a later step boundary (or by wait()/close()).
         """
         if self._background is None:
             return self._publish(self._estimate(self._prepare(step, grad_values)))
@@ -546,8 +548,24 @@ class Monitor:
         job = self._prepare(step, grad_values)
         if not any(module.layers for module in job.modules):
             return alerts + self._publish(self._estimate(job))
-        self._background.submit(partial(self._estimate, job))
+        live_sinks = [sink for sink in self._sinks if isinstance(sink, LiveSink)]  # chosen here, not there
+        self._background.submit(partial(self._estimate_and_show_live, job, live_sinks))
         return alerts
+
+    def _estimate_and_show_live(self, job: _MeasurementJob, live_sinks: list[LiveSink]) -> _MeasurementResult:
+        """The worker's job: estimate, then give the records at once to the sinks that take them from this
+        thread (so an exporter shows them without waiting for another step). A sink that raises gets no
+        more of them; its fault is kept in the result and reported on the training thread at publication.
+        Touches no monitor state besides what _estimate does."""
+        result = self._estimate(job)
+        for sink in live_sinks:
+            for record in result.records:
+                try:
+                    sink.write_live(record)
+                except Exception as exc:
+                    result.live_faults.append((sink, exc))
+                    break
+        return result
 
     def _collect(self, *, wait: bool) -> list[Alert]:
         """Publish a finished background measurement (waiting for it if ``wait``); its alerts."""
@@ -563,9 +581,13 @@ class Monitor:
         return self._publish(result)
 
     def _publish(self, result: _MeasurementResult) -> list[Alert]:
-        """Report estimator faults, write the records, update the detector; returns the alerts."""
+        """Report estimator and live-sink faults, write the records, update the detector; returns the
+        alerts. A live sink already showing a record takes it again here without showing it twice."""
         for module, exc in result.faults:
             self._fault("estimator", module, exc, step=result.step)
+        for sink, exc in result.live_faults:
+            if sink in self._sinks:  # not a sink that failed and was disabled meanwhile
+                self._sink_failed(sink, exc, step=result.step)
         alerts: list[Alert] = []
         for record in result.records:
             self._emit(record)
@@ -1004,9 +1026,11 @@ def watch(
     Under torch.distributed every rank measures its own batch; ``log_ranks="all"`` writes one log per rank
     (``NAME.rank<r>.jsonl`` for r > 0), ``"zero"`` only rank 0's. ``run_id`` defaults to rank 0's new id.
     ``global_view=True`` adds, on rank 0, records of rank -1 that combine every rank's measurement.
-    ``background=True`` runs the estimators on a worker thread beside the next training steps (records and
-    alerts arrive a few steps later; ``monitor.wait()`` delivers them); ``None`` chooses it when every
-    watched module is a built-in RNN on the CPU and ``global_view`` is off.
+    ``background=True`` runs the estimators on a worker thread beside the next training steps: the
+    Prometheus exporter (any :class:`~gradwatch.sinks.base.LiveSink`) shows each measurement as soon as
+    it is done; the run log, logging, alerts and callbacks get it at the next step boundary, in step order
+    (``monitor.wait()`` delivers it at once); ``None`` chooses it when every watched module is a built-in
+    RNN on the CPU and ``global_view`` is off.
     Every configuration error is raised here, before training starts.
     """
     config = WatchConfig(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import urllib.request
 from typing import Any
 
 import pytest
@@ -303,3 +304,168 @@ def test_the_worker_thread_runs_at_a_lower_os_priority() -> None:
     worker.shutdown()
     ours = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     assert niceness == min(19, ours + background_module.WORKER_NICENESS)
+
+
+# --- live sinks: measurements reach the exporter without waiting for a step -----------------------------
+
+
+class RecordingLiveSink:
+    """A LiveSink that notes which thread gave it what, in order (optionally slow in write_live)."""
+
+    def __init__(self, live_delay: float = 0.0) -> None:
+        self.events: list[tuple[str, str, int | None]] = []  # (call, thread name, record step)
+        self.live_delay = live_delay
+        self._lock = threading.Lock()
+
+    def _note(self, call: str, record: Any = None) -> None:
+        with self._lock:
+            self.events.append((call, threading.current_thread().name, getattr(record, "step", None)))
+
+    def write(self, record: Any) -> None:
+        if isinstance(record, Measurement):
+            self._note("write", record)
+
+    def write_live(self, record: Measurement) -> None:
+        time.sleep(self.live_delay)
+        self._note("write_live", record)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self._note("close")
+
+
+def _one_step(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    out, _ = model(torch.randn(7, 3, 3))
+    optimizer.zero_grad()
+    out.square().mean().backward()
+    optimizer.step()
+
+
+def _poll(probe: Any, timeout: float) -> Any:
+    """``probe()`` until it is not None, for at most ``timeout`` seconds (then None)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = probe()
+        if value is not None:
+            return value
+        time.sleep(0.01)
+    return None
+
+
+def test_the_exporter_shows_a_background_measurement_without_another_step() -> None:
+    """Issue 12.3: a finished background measurement must be exported at once, not at the next step; the
+    run log, history and alerts still wait for the training thread; counters count each record once."""
+    torch.manual_seed(0)
+    model = SeqModel(nn.LSTM(3, 6, num_layers=2), 6)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    monitor = gradwatch.watch(model, optimizer, every=2, prometheus=0, background=True)
+    sink = next(s for s in monitor.sinks if isinstance(s, gradwatch.PrometheusSink))
+    run = {"run": monitor.run_id, "rank": "0"}
+    layers = [{**run, "module": "rnn", "layer": str(layer), "direction": "forward"} for layer in (0, 1)]
+    try:
+        _one_step(model, optimizer)  # step 0 is measured; nothing else happens on the training thread
+        started = time.monotonic()
+        seen = _poll(
+            lambda: sink.registry.get_sample_value(
+                "gradwatch_jacobian_sigma_max", {**layers[1], "stat": "max"}
+            ),
+            timeout=5.0,
+        )
+        latency = time.monotonic() - started
+        assert seen is not None, "the step-0 measurement never reached the exporter without another step"
+        assert latency < 2.0, f"the exporter showed the measurement {latency:.2f} s after the step"
+        body = urllib.request.urlopen(monitor.prometheus_url, timeout=5).read().decode()
+        assert "gradwatch_jacobian_sigma_max{" in body  # what a scrape sees, over HTTP
+        assert not [r for r in monitor._history if isinstance(r, Measurement)]  # not published yet
+        # Two more measured steps (2 and 4): each record is exported once, live, and again written (not
+        # re-applied) at publication, so the counter equals the number of measurements per layer.
+        for _ in range(5):
+            _one_step(model, optimizer)
+        monitor.wait()
+        records = [r for r in monitor._history if isinstance(r, Measurement)]
+        assert [r.step for r in records] == [0, 0, 2, 2, 4, 4]
+        for layer, labels in enumerate(layers):
+            assert sink.registry.get_sample_value("gradwatch_measurements_total", labels) == 3
+            last = [r for r in records if r.layer == layer][-1]
+            exported = sink.registry.get_sample_value(
+                "gradwatch_jacobian_sigma_max", {**labels, "stat": "max"}
+            )
+            assert exported == last.metrics.jacobian_sigma_max_max
+    finally:
+        monitor.close()
+
+
+def test_live_sinks_get_measurements_on_the_worker_and_write_in_step_order_on_the_training_thread() -> None:
+    torch.manual_seed(0)
+    model = SeqModel(nn.GRU(3, 5), 5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    live = RecordingLiveSink()
+    monitor = gradwatch.watch(model, optimizer, every=1, background=True, sinks=[live])
+    training_thread = threading.current_thread().name
+    for _ in range(4):
+        _one_step(model, optimizer)
+    monitor.close()
+    live_events = [(thread, step) for call, thread, step in live.events if call == "write_live"]
+    written = [(thread, step) for call, thread, step in live.events if call == "write"]
+    assert [step for _, step in live_events] == [0, 1, 2, 3]
+    assert all(thread != training_thread and "gradwatch" in thread for thread, _ in live_events)
+    assert written == [(training_thread, step) for step in range(4)]  # in step order, training thread
+    for step in range(4):  # each record is shown live before it is published
+        assert live.events.index(("write_live", live_events[step][0], step)) < live.events.index(
+            ("write", training_thread, step)
+        )
+    assert live.events[-1][0] == "close"
+
+
+def test_close_waits_for_a_live_delivery_in_progress_before_closing_the_sinks(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = SeqModel(nn.GRU(3, 5, num_layers=2), 5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    live = RecordingLiveSink(live_delay=0.2)
+    monitor = gradwatch.watch(
+        model, optimizer, every=1, background=True, sinks=[live], log=tmp_path / "run.jsonl"
+    )
+    _one_step(model, optimizer)
+    monitor.close()  # the worker is still giving the two step-0 records to the slow sink
+    calls = [call for call, _, _ in live.events]
+    assert calls == ["write_live", "write_live", "write", "write", "close"]
+    logged = (tmp_path / "run.jsonl").read_text()
+    assert logged.count('"measurement"') == 2
+
+
+def test_strict_mode_raises_a_live_sink_fault_on_the_training_thread() -> None:
+    class Broken(RecordingLiveSink):
+        def write_live(self, record: Measurement) -> None:
+            raise ValueError("live write broke")
+
+    model = SeqModel(nn.GRU(3, 5), 5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    monitor = gradwatch.watch(model, optimizer, every=1, background=True, strict=True, sinks=[Broken()])
+    _one_step(model, optimizer)
+    with pytest.raises(gradwatch.GradWatchFault, match="live write broke") as info:
+        monitor.wait()  # the worker survived; the fault surfaces here, on this thread
+    assert isinstance(info.value.__cause__, ValueError)
+    _one_step(model, optimizer)  # the worker still measures
+    with pytest.raises(gradwatch.GradWatchFault):
+        monitor.close()
+
+
+def test_a_live_sink_with_io_errors_stays_attached_and_gets_every_record_at_publication() -> None:
+    class FullDisk(RecordingLiveSink):
+        def write_live(self, record: Measurement) -> None:
+            raise OSError(28, "No space left on device")
+
+    model = SeqModel(nn.GRU(3, 5), 5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    sink = FullDisk()
+    with pytest.warns(gradwatch.GradWatchWarning, match="I/O error") as caught:
+        monitor = gradwatch.watch(model, optimizer, every=1, background=True, sinks=[sink])
+        for _ in range(3):
+            _one_step(model, optimizer)
+        monitor.close()
+    assert len([w for w in caught if issubclass(w.category, gradwatch.GradWatchWarning)]) == 1
+    assert sink in monitor.sinks  # an I/O error degrades, it does not disable
+    assert [step for call, _, step in sink.events if call == "write"] == [0, 1, 2]  # published as usual
+    assert monitor.fault_counts == {f"sink:{sink!r}": 3}

@@ -104,6 +104,14 @@ class FailingSink(ListSink):
         return f"FailingSink({self.method})"
 
 
+class FailingLiveSink(FailingSink):
+    """A LiveSink whose write_live (called on gradwatch's worker thread) raises from its second call on."""
+
+    def write_live(self, record: Record) -> None:
+        if self.method == "write_live":
+            self._maybe_fail()
+
+
 def _failing_from_second_call(original: Callable[..., Any]) -> Callable[..., Any]:
     calls = {"n": 0}
 
@@ -145,6 +153,17 @@ CASES = [
     # The header is the sink's first write, the step-0 measurement its second.
     FaultCase("sink", FusedModel, None, "", {}, FailingSink(RuntimeError("injected fault")), step=0),
     FaultCase("sink", FusedModel, None, "", {}, FailingSink(RuntimeError("injected fault"), "observe_step")),
+    # Background (the default here): step 1's measurement is the second given live, on the worker thread;
+    # the fault is reported on the training thread when that measurement is published.
+    FaultCase(
+        "sink",
+        FusedModel,
+        None,
+        "",
+        {},
+        FailingLiveSink(RuntimeError("injected fault"), "write_live"),
+        step=1,
+    ),
 ]
 CASE_IDS = [
     "hook-fused",
@@ -157,6 +176,7 @@ CASE_IDS = [
     "clipping",
     "sink-write",
     "sink-observe-step",
+    "sink-write-live",
 ]
 
 

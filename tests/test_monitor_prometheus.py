@@ -69,6 +69,7 @@ def test_real_prometheus_scrapes_the_values_of_the_run_log(tmp_path):
     monitor = gradwatch.watch(model, optimizer, every=2, prometheus=0, log=log)
     try:
         _train(model, monitor, optimizer, 5)  # measures at steps 0, 2, 4
+        monitor.wait()  # step 4's measurement: exported at once, in the run log once published
         exporter_port = int(monitor.prometheus_url.rsplit(":", 1)[1].split("/")[0])
         config = {
             "global": {"scrape_interval": "250ms"},

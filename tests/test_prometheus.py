@@ -7,9 +7,11 @@ import math
 import re
 import socket
 import ssl
+import threading
 import time
 import urllib.error
 import urllib.request
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Gauge
 from prometheus_client.parser import text_string_to_metric_families
 
 from gradwatch.records import Alert, AlertKind, Measurement, MeasurementMetrics, RunHeader
-from gradwatch.sinks.base import Sink
+from gradwatch.sinks.base import LiveSink, Sink
 from gradwatch.sinks.prometheus import JACOBIAN_STATS, LAYER_GAUGES, PrometheusSink
 from tests.synthetic_run import MODULE, SyntheticRun, synthetic_run
 from tests.tls_files import self_signed_certificate
@@ -232,6 +234,62 @@ def test_write_rejects_non_records(sink: PrometheusSink) -> None:
         sink.write({"kind": "measurement"})  # type: ignore[arg-type]
 
 
+# --- live writes from the background worker ------------------------------------------------------------
+
+
+def test_a_record_shown_live_is_not_applied_again_when_written_at_publication(sink: PrometheusSink) -> None:
+    assert isinstance(sink, LiveSink)
+    first = _measurement(1)
+    sink.write_live(first)
+    assert sink.registry.get_sample_value("gradwatch_measurements_total", LABELS) == 1
+    assert sink.registry.get_sample_value("gradwatch_lyapunov_max", LABELS) == -0.1
+    step = {"run": "run-a", "rank": "0"}
+    assert sink.registry.get_sample_value("gradwatch_training_step", step) == 0  # left to the training thread
+    sink.write(first)  # the same record, published on the training thread
+    assert sink.registry.get_sample_value("gradwatch_measurements_total", LABELS) == 1
+    assert sink.registry.get_sample_value("gradwatch_training_step", step) == 1
+    sink.write(_measurement(1))  # an equal but distinct record is a new measurement
+    sink.write(_measurement(2, lyapunov_max=-0.3))  # and so is one never shown live
+    assert sink.registry.get_sample_value("gradwatch_measurements_total", LABELS) == 3
+    assert sink.registry.get_sample_value("gradwatch_lyapunov_max", LABELS) == -0.3
+
+
+def test_write_live_after_close_is_ignored_and_rejects_non_measurements(sink: PrometheusSink) -> None:
+    with pytest.raises(TypeError, match="Measurement"):
+        sink.write_live(RunHeader("run-a", 0.0, "0", "0", {}, ()))  # type: ignore[arg-type]
+    sink.close()
+    sink.write_live(_measurement(1))  # the monitor may close a failing sink while the worker delivers
+    assert sink.registry.get_sample_value("gradwatch_measurements_total", LABELS) is None
+
+
+def test_live_and_training_thread_writes_interleave_safely(sink: PrometheusSink) -> None:
+    """The worker's write_live and the training thread's write share the mapping-key bookkeeping."""
+    rounds = 300
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            for i in range(rounds):
+                sink.write_live(_measurement(i, lag_norm={str(1 + i % 3): 0.5}))
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    for i in range(rounds):
+        sink.write(_measurement(i, lag_norm={str(4 + i % 2): 0.5}))
+    thread.join(timeout=30)
+    assert not errors and not thread.is_alive()
+    assert sink.registry.get_sample_value("gradwatch_measurements_total", LABELS) == 2 * rounds
+    lags = {
+        sample.labels["lag"]
+        for family in sink.registry.collect()
+        if family.name == "gradwatch_lag_norm"
+        for sample in family.samples
+    }
+    assert len(lags) == 1  # only the latest measurement's keys remain, whichever thread wrote it
+
+
 # --- registries ----------------------------------------------------------------------------------------
 
 
@@ -391,6 +449,35 @@ def test_push_to_a_closed_port_warns_once_counts_backs_off_and_never_raises() ->
     assert sink.push_failures == 3
     assert sink.registry.get_sample_value("gradwatch_push_failures_total", {"run": "run-a", "rank": "0"}) == 3
     assert elapsed < 1.0, f"failing pushes took {elapsed:.2f} s"
+
+
+def test_a_failed_live_push_warns_on_the_training_thread_not_on_the_worker() -> None:
+    sink = PrometheusSink(
+        None, push_gateway=f"http://127.0.0.1:{_closed_port()}", run_id="run-a", timeout=1.0
+    )
+    fake_now = [1000.0]
+    sink._clock = lambda: fake_now[0]
+    worker_warnings: list[warnings.WarningMessage] = []
+
+    def worker() -> None:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            sink.write_live(_measurement(1))  # pushes at once, from this thread: fails
+        worker_warnings.extend(caught)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join(timeout=10)
+    assert sink.push_attempts == 1 and sink.push_failures == 1
+    assert not [w for w in worker_warnings if "could not push" in str(w.message)]
+    with pytest.warns(RuntimeWarning, match="could not push metrics"):
+        sink.flush()  # inside the back-off: no new attempt, but the warning is shown here
+    assert sink.push_attempts == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # shown once only
+        sink.flush()
+        sink.close()
+    assert sink.push_attempts == 2  # the final push at close() ignores the back-off
 
 
 # --- from_spec -----------------------------------------------------------------------------------------

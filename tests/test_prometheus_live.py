@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
+from torch import nn
 
+import gradwatch
 from gradwatch.records import Measurement
 from gradwatch.sinks.prometheus import JACOBIAN_STATS, LAYER_GAUGES, PrometheusSink
 from tests.prometheus_tools import (
@@ -252,3 +256,77 @@ def test_push_mode_delivers_each_flush_and_the_final_state(pushgateway: str) -> 
     sink.close()  # the final push carries the last step
     assert _pushed(pushgateway)[step] == 25
     assert sink.push_failures == 0 and sink.push_attempts == 2
+
+
+# --- background measurements reach Prometheus without another step ---------------------------------------
+
+
+def _scraped_after(prometheus_url: str, expr: str, after: float) -> bool | None:
+    """True once every series of ``expr`` holds a sample scraped after Unix time ``after``."""
+    stamps = query(prometheus_url, f"timestamp({expr})")
+    return True if stamps and all(float(s["value"][1]) > after for s in stamps) else None
+
+
+def test_a_background_measurement_reaches_prometheus_without_another_step(tmp_path: Path) -> None:
+    """Issue 12.3: one training step, then nothing on the training thread: the real Prometheus server must
+    scrape the finished measurement's sigma_max from the exporter; at publication later (wait()) the
+    measurements counter stays at 1 (shown live, not counted again)."""
+    prometheus = require_binary("prometheus")
+    torch.manual_seed(0)
+    model = nn.LSTM(3, 8)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    monitor = gradwatch.watch(model, optimizer, every=10, prometheus=0, background=True)
+    try:
+        sink = next(s for s in monitor.sinks if isinstance(s, PrometheusSink))
+        config = yaml.safe_load(SCRAPE_CONFIG.read_text())
+        config["global"] = {"scrape_interval": "100ms", "evaluation_interval": "100ms"}
+        config.pop("rule_files", None)
+        (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "gradwatch"]
+        job["static_configs"] = [{"targets": [f"127.0.0.1:{sink.port}"]}]
+        config["scrape_configs"] = [job]
+        (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+        port = free_port()
+        argv = [
+            prometheus,
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--log.level=warn",
+        ]
+        run = f'run="{monitor.run_id}"'
+        sigma_max = f'gradwatch_jacobian_sigma_max{{{run}, stat="max"}}'
+        with running_server(argv, port=port, log=tmp_path / "prometheus.log") as server:
+            wait_until(
+                lambda: query(server.url, f"gradwatch_run_info{{{run}}}") or None,
+                timeout=10,
+                what="a first scrape of the exporter",
+            )
+            assert not query(server.url, sigma_max)
+            out, _ = model(torch.randn(12, 4, 3))
+            out.square().mean().backward()
+            optimizer.step()  # step 0, measured in the background; the loop now "pauses"
+            stepped = time.monotonic()
+            (scraped,) = wait_until(
+                lambda: query(server.url, sigma_max) or None,
+                timeout=10,
+                what="sigma_max of step 0 without another training step",
+            )
+            latency = time.monotonic() - stepped
+            assert monitor.current_step == 1
+            assert not [r for r in monitor._history if isinstance(r, Measurement)]  # not yet published
+            assert latency < 2.0, f"Prometheus saw the measurement {latency:.2f} s after the step"
+
+            monitor.wait()  # publication on this thread: run log, history, detector
+            published = time.time()
+            (record,) = [r for r in monitor.history if isinstance(r, Measurement)]
+            assert float(scraped["value"][1]) == record.metrics.jacobian_sigma_max_max
+            counter = f"gradwatch_measurements_total{{{run}}}"
+            wait_until(
+                lambda: _scraped_after(server.url, counter, published),
+                timeout=10,
+                what="a scrape after publication",
+            )
+            (count,) = query(server.url, counter)
+            assert float(count["value"][1]) == 1  # shown live, written at publication, counted once
+    finally:
+        monitor.close()

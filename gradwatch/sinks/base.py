@@ -1,10 +1,10 @@
-"""The one small interface every sink implements."""
+"""The one small interface every sink implements, and the optional live extension."""
 
 from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
-from gradwatch.records import Record
+from gradwatch.records import Measurement, Record
 
 
 @runtime_checkable
@@ -20,3 +20,27 @@ class Sink(Protocol):
     def flush(self) -> None: ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class LiveSink(Sink, Protocol):
+    """A sink that also takes background measurements the moment they finish, from gradwatch's worker.
+
+    With ``background=True`` the estimators run on a worker thread, and the records reach ``write`` only
+    at the next training-step boundary (or ``wait()``/``close()``), on the training thread, in step order.
+    A sink implementing ``write_live`` gets each :class:`Measurement` of a finished background measurement
+    on the worker thread first, without waiting for a step (a dashboard then shows it during a long
+    evaluation or checkpoint). The contract:
+
+    - ``write_live`` runs on the worker thread, concurrently with ``write``/``flush`` on the training
+      thread: the sink guards its own state. It must be quick; an exception is caught and reported on the
+      training thread at publication as a fault of this sink (``strict=True`` re-raises it there).
+    - The same record object is given to ``write`` later, at publication: ``write`` must then not apply it
+      a second time in a way that changes what the sink shows (a counter must not count it twice).
+    - A closed sink ignores ``write_live`` (the monitor may close a failing sink while the worker
+      delivers).
+
+    Alerts, error records and everything else arrive through ``write`` only.
+    """
+
+    def write_live(self, record: Measurement) -> None: ...

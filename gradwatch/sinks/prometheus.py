@@ -11,12 +11,20 @@ Two ways out, usable together:
 Values are the record's values. A ``None`` field ("not measurable") removes that series, so queries see it
 absent rather than stale; non-finite floats are exported as ``+Inf``/``-Inf``/``NaN`` (the JSON run log can
 only write ``null`` for those). The metric list with meanings is in ``docs/grafana.md``.
+
+The sink is a :class:`~gradwatch.sinks.base.LiveSink`: with background measurement, gradwatch's worker
+thread hands it each finished measurement at once (``write_live``), so the per-layer gauges,
+``gradwatch_measurements_total`` and ``gradwatch_last_measurement_timestamp_seconds`` change (and, in push
+mode, are pushed) without waiting for a training step; alerts, errors, clips and the step gauge follow at
+publication on the training thread. A lock serialises the two threads' writes; the publication ``write``
+of a record already shown live changes nothing, so no counter counts it twice.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -197,7 +205,12 @@ class PrometheusSink:
             else default_handler
         )
         self._metrics = _MetricFamilies(self.registry)
+        # _lock guards what write() and write_live() share across the training and worker threads: the
+        # mapping keys, the closed flag and the records shown live (by identity, so a record given to
+        # write() later is recognised; each entry is dropped at that write()).
+        self._lock = threading.RLock()
         self._mapping_keys: dict[tuple[str, tuple[str, ...]], set[str]] = {}
+        self._shown_live: dict[int, Measurement] = {}
         self._closed = False
         self._last_step = -1
         self._step_gauge = self._metrics.training_step.labels(*self._run_labels())
@@ -209,6 +222,8 @@ class PrometheusSink:
         self._consecutive_failures = 0
         self._next_push_at = 0.0
         self._warned = False
+        self._unshown_warning: str | None = None  # a failed push's warning, shown on the training thread
+        self._push_lock = threading.Lock()  # one push at a time; guards the push bookkeeping above
 
         self._server: MetricsServer | None = None
         if port is not None:
@@ -285,38 +300,61 @@ class PrometheusSink:
         self._step_gauge.set(step)
 
     def write(self, record: Record) -> None:
-        """Update the metrics from one record."""
-        if self._closed:
-            raise RuntimeError("PrometheusSink is closed; records written after close() are not exported")
-        if isinstance(record, Measurement):
-            self._write_measurement(record)
-        elif isinstance(record, Alert):
-            self._write_alert(record)
-        elif isinstance(record, ClipEvent):
-            self._write_clip(record)
-        elif isinstance(record, ErrorRecord):
-            self._metrics.errors.labels(*self._record_run_labels(record), record.where).inc()
-        elif isinstance(record, RunHeader):
-            self._write_header(record)
-        else:
-            raise TypeError(f"PrometheusSink.write expects a gradwatch record, got {type(record).__name__}")
+        """Update the metrics from one record (a measurement already shown by ``write_live``: nothing)."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("PrometheusSink is closed; records written after close() are not exported")
+            if isinstance(record, Measurement):
+                if self._shown_live.pop(id(record), None) is not record:
+                    self._write_measurement(record)
+            elif isinstance(record, Alert):
+                self._write_alert(record)
+            elif isinstance(record, ClipEvent):
+                self._write_clip(record)
+            elif isinstance(record, ErrorRecord):
+                self._metrics.errors.labels(*self._record_run_labels(record), record.where).inc()
+            elif isinstance(record, RunHeader):
+                self._write_header(record)
+            else:
+                raise TypeError(
+                    f"PrometheusSink.write expects a gradwatch record, got {type(record).__name__}"
+                )
         step = getattr(record, "step", None)
         if isinstance(step, int) and step > self._last_step:
             self.observe_step(step)
 
+    def write_live(self, record: Measurement) -> None:
+        """Export a finished background measurement now, from the worker thread (push mode: push it,
+        unless a failed push's back-off has not yet passed). Leaves the step gauge to the training thread;
+        ignored once the sink is closed. See :class:`~gradwatch.sinks.base.LiveSink`."""
+        if not isinstance(record, Measurement):
+            raise TypeError(f"PrometheusSink.write_live expects a Measurement, got {type(record).__name__}")
+        with self._lock:
+            if self._closed:
+                return
+            self._write_measurement(record)
+            self._shown_live[id(record)] = record
+        if self.push_gateway is not None:
+            self._push_if_due()
+
     def flush(self) -> None:
         """In push mode, push now unless a failed push's back-off has not yet passed."""
-        if self.push_gateway is not None and not self._closed and self._clock() >= self._next_push_at:
-            self._push()
+        if self.push_gateway is not None:
+            self._push_if_due()
+            self._show_push_warning()
 
     def close(self) -> None:
         """Final push (push mode, ignoring back-off), then stop the exporter; idempotent."""
-        if self._closed:
-            return
-        self._closed = True
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._shown_live.clear()
         try:
             if self.push_gateway is not None:
-                self._push()
+                with self._push_lock:
+                    self._push()
+                self._show_push_warning()
         finally:
             if self._server is not None:
                 self._server.close()
@@ -401,8 +439,22 @@ class PrometheusSink:
     def _grouping_key(self) -> dict[str, str]:
         return {**self._grouping_key_extra, "run": self.run_id, "rank": str(self.rank)}
 
+    def _push_if_due(self) -> None:
+        """Push unless closed or inside a failed push's back-off (from either thread)."""
+        with self._push_lock:
+            if not self._closed and self._clock() >= self._next_push_at:
+                self._push()
+
+    def _show_push_warning(self) -> None:
+        """Show the one push-failure warning on the calling (training) thread, not on the worker's."""
+        with self._push_lock:
+            message, self._unshown_warning = self._unshown_warning, None
+        if message is not None:
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+
     def _push(self) -> None:
-        """One bounded push; a failure is counted, warned about once, and schedules the next try."""
+        """One bounded push (the caller holds ``_push_lock``); a failure is counted, its warning kept for
+        the training thread (once), and it schedules the next try."""
         assert self.push_gateway is not None
         self.push_attempts += 1
         try:
@@ -427,7 +479,7 @@ class PrometheusSink:
             )
             if not self._warned:
                 self._warned = True
-                warnings.warn(message, RuntimeWarning, stacklevel=2)
+                self._unshown_warning = message
             logger.debug("%s (next try in %.1f s)", message, delay)
             return
         if self._consecutive_failures:
