@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import time
 import uuid
@@ -163,6 +162,7 @@ class _LayerJob:
     recurrent_weight: torch.Tensor | None
     generator: torch.Generator
     grads: dict[str, float | None]
+    grad_nonfinite: int = 0  # NaN/Inf gradient elements of this layer's parameters
 
 
 @dataclass
@@ -449,16 +449,18 @@ class Monitor:
                     except Exception as exc:
                         self._sink_failed(sink, exc)
             grad_values: Mapping[str, float] = {}
+            grad_nonfinite: Mapping[str, int] = {}
             nonfinite_total = 0
             with self._guard("gradients"):
-                grad_values, nonfinite_total = gradient_norms(self._parameters).to_host()
+                grad_values, grad_nonfinite = gradient_norms(self._parameters).to_host_per_parameter()
+                nonfinite_total = sum(grad_nonfinite.values())
                 if nonfinite_total or self._nonfinite.active():
                     alerts += self._handle_nonfinite(step, optimizer)
             if self.clip_policy is not None and not nonfinite_total:
                 with self._guard("clip"):
                     self._clip(step)
             if self._is_measured(step):
-                alerts += self._measure(step, grad_values)
+                alerts += self._measure(step, grad_values, grad_nonfinite)
         except (GradWatchFault, NonFiniteGradientError):
             raise
         except Exception as exc:
@@ -524,17 +526,19 @@ class Monitor:
             for direction in w.directions
         )
 
-    def _measure(self, step: int, grad_values: Mapping[str, float]) -> list[Alert]:
+    def _measure(
+        self, step: int, grad_values: Mapping[str, float], grad_nonfinite: Mapping[str, int] | None = None
+    ) -> list[Alert]:
         """Measure, record, and run the detector; returns the alerts to deliver.
 
         In background mode the replay and snapshots happen now and the estimators run on the worker
         thread; their records and alerts are delivered at a later step boundary (or by wait()/close()).
         """
         if self._background is None:
-            return self._publish(self._estimate(self._prepare(step, grad_values)))
+            return self._publish(self._estimate(self._prepare(step, grad_values, grad_nonfinite)))
         # One measurement at a time: the previous one's warm starts feed this one.
         alerts = self._collect(wait=True)
-        job = self._prepare(step, grad_values)
+        job = self._prepare(step, grad_values, grad_nonfinite)
         if not any(module.layers for module in job.modules):
             return alerts + self._publish(self._estimate(job))
         self._background.submit(partial(self._estimate, job))
@@ -586,7 +590,9 @@ class Monitor:
             self._fault("estimator", module, exc, step=step)
         return result.records
 
-    def _prepare(self, step: int, grad_values: Mapping[str, float]) -> _MeasurementJob:
+    def _prepare(
+        self, step: int, grad_values: Mapping[str, float], grad_nonfinite: Mapping[str, int] | None = None
+    ) -> _MeasurementJob:
         """The training-thread half of a measurement: replay every module on its probe and freeze what the
         estimators need (weights copied in background mode, as the optimizer is about to change them).
         User cells are estimated here too: their step function calls the live module."""
@@ -601,7 +607,9 @@ class Monitor:
                 custom = watched.kind == "custom"
                 try:
                     with deterministic_mode(watched.module) if custom else nullcontext():
-                        layers = self._layer_jobs(watched, grad_values, snapshot=snapshot and not custom)
+                        layers = self._layer_jobs(
+                            watched, grad_values, snapshot=snapshot and not custom, nonfinite=grad_nonfinite
+                        )
                         if custom:
                             ready = [self._estimate_layer(step, job.time, layer) for layer in layers]
                             job.modules.append(_ModuleJob(watched.name, [], ready))
@@ -612,7 +620,12 @@ class Monitor:
         return job
 
     def _layer_jobs(
-        self, watched: WatchedModule, grads: Mapping[str, float], *, snapshot: bool
+        self,
+        watched: WatchedModule,
+        grads: Mapping[str, float],
+        *,
+        snapshot: bool,
+        nonfinite: Mapping[str, int] | None = None,
     ) -> list[_LayerJob]:
         traces = self._traces(watched)
         if traces is None:
@@ -642,6 +655,10 @@ class Monitor:
                         local: grads.get(qualified)
                         for local, qualified in self._grad_names(watched, trace).items()
                     },
+                    grad_nonfinite=sum(
+                        (nonfinite or {}).get(qualified, 0)
+                        for qualified in self._grad_names(watched, trace).values()
+                    ),
                 )
             )
         return jobs
@@ -675,8 +692,7 @@ class Monitor:
         )
         self._warm_starts[key] = estimate.warm_start
         values = layer_metrics(estimate)
-        nonfinite = sum(1 for v in layer.grads.values() if v is not None and not math.isfinite(v))
-        metrics = MeasurementMetrics(**values, grad_norm=layer.grads, grad_nonfinite=nonfinite)  # type: ignore[arg-type]
+        metrics = MeasurementMetrics(**values, grad_norm=layer.grads, grad_nonfinite=layer.grad_nonfinite)  # type: ignore[arg-type]
         return Measurement(
             step=step,
             time=now,

@@ -228,3 +228,45 @@ def _adding_problem(clip: object, seed: int = 1, steps: int = 200) -> int | None
 def test_auto_clipping_keeps_the_adding_problem_finite():
     assert _adding_problem(None) is not None  # without clipping the loss goes non-finite within 200 steps
     assert _adding_problem("auto") is None
+
+
+def test_huge_but_finite_gradients_are_logged_as_finite_norms_not_as_nonfinite():
+    """Issue #19.1: float32 norms of |g| ~ 1e21 overflow; the record must keep the norms, count 0 elements."""
+    torch.manual_seed(0)
+    model = nn.RNN(3, 6)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    alerts: list[Alert] = []
+    monitor = gradwatch.watch(model, optimizer, every=1, on_alert=alerts.append)
+    output, _ = model(torch.randn(5, 2, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gradwatch.GradWatchWarning)
+        optimizer.zero_grad()
+        (output.sum() * 1e21).backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+        expected = {n: float(torch.linalg.vector_norm(p.grad.double())) for n, p in model.named_parameters()}
+        assert max(expected.values()) > 1e20  # the float32 sum of squares overflows
+        optimizer.step()
+    monitor.close()
+    (measurement,) = [r for r in monitor.history if isinstance(r, gradwatch.Measurement)]
+    assert measurement.metrics.grad_nonfinite == 0
+    for name, norm in expected.items():
+        assert measurement.metrics.grad_norm[name] == pytest.approx(norm, rel=1e-6)
+    assert not [a for a in alerts if a.alert is AlertKind.NONFINITE]
+
+
+def test_grad_nonfinite_counts_nan_elements():
+    torch.manual_seed(0)
+    model = nn.RNN(3, 6)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    monitor = gradwatch.watch(model, optimizer, every=1)
+    output, _ = model(torch.randn(5, 2, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gradwatch.GradWatchWarning)
+        optimizer.zero_grad()
+        output.sum().backward()
+        model.weight_hh_l0.grad[0, :4] = float("nan")
+        model.bias_hh_l0.grad[1] = float("inf")
+        optimizer.step()
+    monitor.close()
+    (measurement,) = [r for r in monitor.history if isinstance(r, gradwatch.Measurement)]
+    assert measurement.metrics.grad_nonfinite == 5  # elements, not the 2 parameters whose norm is non-finite

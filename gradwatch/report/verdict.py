@@ -143,8 +143,12 @@ def _verdict_from_alerts(alerts: Sequence[Alert], *, name_ranks: bool) -> _Alert
 
 
 def _nonfinite_reason(nonfinite: Sequence[Measurement]) -> str:
+    """grad_nonfinite counts NaN/Inf elements; logs of gradwatch <= 0.1.0 counted non-finite float32 norms,
+    which includes huge finite gradients whose norm overflowed (docs/log-schema.md). Both are > 0 only
+    when a grad_norm entry is null, so the rule is the same and the wording covers both."""
     return (
-        f"{len(nonfinite)} measurement(s) with non-finite gradients (grad_nonfinite > 0), "
+        f"{len(nonfinite)} measurement(s) with non-finite gradients (grad_nonfinite > 0: NaN/Inf gradient "
+        "elements, or in logs of gradwatch <= 0.1.0 gradient norms beyond the float32 range), "
         f"first at step {nonfinite[0].step}"
     )
 
