@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import time
 import uuid
@@ -64,6 +65,7 @@ from gradwatch.estimators.layer import (
 from gradwatch.policy.alerts import AlertCallback, GradWatchWarning, NonFiniteGradientError, emit_alert
 from gradwatch.policy.clipping import ClipPolicy, apply_clip, make_clip_policy
 from gradwatch.policy.evidence import Verdict
+from gradwatch.policy.explain import explain_nonfinite_context
 from gradwatch.policy.nonfinite import NonFinitePolicy, NonFiniteTracker, enforce_nonfinite_policy
 from gradwatch.policy.trends import DetectionConfig, TrendDetector
 from gradwatch.records import (
@@ -248,6 +250,7 @@ class Monitor:
         self._recorders: dict[str, CallRecorder] = {}
         self._handles: list[RemovableHandle] = []
         self._layer_parameters = self._map_layer_parameters()
+        self._module_gradient_names: dict[str, list[str]] | None = None  # built on first use
         self._parameters = {
             name: p for key in self._layer_parameters for name, p in self._layer_parameters[key].items()
         }
@@ -454,6 +457,11 @@ class Monitor:
             with self._guard("gradients"):
                 grad_values, grad_nonfinite = gradient_norms(self._parameters).to_host_per_parameter()
                 nonfinite_total = sum(grad_nonfinite.values())
+                if nonfinite_total and self._background is not None and self._background.busy:
+                    # Rare path: the non-finite alert quotes the latest Jacobian verdict (an exploding
+                    # product names the cause), so the measurement still running must be published first.
+                    alerts += self._collect(wait=True)
+                alerts += self._observe_gradient_growth(step, grad_values)
                 if nonfinite_total or self._nonfinite.active():
                     alerts += self._handle_nonfinite(step, optimizer)
             if self.clip_policy is not None and not nonfinite_total:
@@ -481,6 +489,26 @@ class Monitor:
         for alert in alerts:
             emit_alert(alert, self._on_alert, stacklevel=5)
 
+    def _observe_gradient_growth(self, step: int, grad_values: Mapping[str, float]) -> list[Alert]:
+        """Every step: each module's total gradient norm (host floats, already synced) to the growth test."""
+        if not self.config.detection.gradient_growth_test:
+            return []
+        names = self._module_gradient_names
+        if names is None:
+            names = {}
+            for (module, _, _), parameters in self._layer_parameters.items():
+                names.setdefault(module, []).extend(parameters)
+            self._module_gradient_names = names
+        now = time.time()
+        alerts: list[Alert] = []
+        for module, module_names in names.items():
+            values = [grad_values[n] for n in module_names if n in grad_values]
+            total = math.hypot(*values) if values else None  # NaN/Inf: skipped by the growth test
+            alerts += self.detector.observe_gradient_norms(
+                step, module, total, time=now, rank=self.rank, run_id=self.run_id
+            )
+        return alerts
+
     def _handle_nonfinite(self, step: int, optimizer: torch.optim.Optimizer | None) -> list[Alert]:
         """Per module: count NaN/Inf gradient elements, alert once per episode, apply the policy."""
         now = time.time()
@@ -494,8 +522,13 @@ class Monitor:
         }
         alerts: list[Alert] = []
         for module, module_counts in counts.items():
+            context = explain_nonfinite_context(
+                self.detector.latest_jacobian_reading(module),
+                self.detector.growth_episode_start(module),
+                self.detector.config,
+            )
             alerts += self._nonfinite.update(
-                step, module, module_counts, time=now, rank=self.rank, run_id=self.run_id
+                step, module, module_counts, time=now, rank=self.rank, run_id=self.run_id, context=context
             )
         for module, module_counts in counts.items():
             if enforce_nonfinite_policy(
