@@ -50,7 +50,9 @@ def driving_factor(metrics: MeasurementMetrics, verdict: Verdict) -> Factor:
         return Factor.NONLINEARITY
     saturation = metrics.activation_saturation_ratio
     if saturation is not None and saturation > SATURATED_SHARE:
-        derivative_decay = max(derivative_decay, -math.log(1 - saturation))
+        # Every unit saturated (share 1, as in a fully saturated tanh): an unbounded decay, not log(0).
+        saturated_decay = math.inf if saturation >= 1 else -math.log(1 - saturation)
+        derivative_decay = max(derivative_decay, saturated_decay)
     if weight_decay == derivative_decay == 0.0:
         return Factor.UNKNOWN
     return Factor.RECURRENT_WEIGHT if weight_decay >= derivative_decay else Factor.NONLINEARITY
