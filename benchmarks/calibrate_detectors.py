@@ -6,12 +6,23 @@ verdict of ``DetectionConfig.for_diagnosis()`` and the margin to each threshold:
   explode: lambda_explode - lambda (> 0: healthy side) and log10(exploding_lag_norm / lag) (> 0: healthy side)
 A case is flagged only when BOTH conditions of a kind cross, so one positive margin suffices to stay healthy.
 
+The extreme bound (an exploding product that alerts without patience) is read off the same table: the
+longest lag norm of every healthy case, and of the brief's fast explosion (relu, W_hh = 1.6 x orthogonal,
+H = 48, T = 40, inputs x 0.1) over seeds.
+
+The every-step gradient-growth test is calibrated on training runs: per step, the total gradient norm of
+the RNN's parameters against the median of the previous ``gradient_growth_window`` steps; the table shows
+the largest ratio of each run (healthy runs must stay below ``gradient_growth_factor``) and, for the
+exploding ones, the first step the test fires and the first step the loss is non-finite.
+
 Run from the repository root:  python3 -m benchmarks.calibrate_detectors [--steps 20,50,100,200]
 """
 
 from __future__ import annotations
 
 import math
+import statistics
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -118,12 +129,88 @@ def row(name: str, measurement: Measurement, config: DetectionConfig, expected: 
     )
 
 
+def fast_explosion_lags(seeds: range) -> list[tuple[int, float, float]]:
+    """(seed, lambda, longest lag norm) of the brief's fast explosion at initialisation (exact, float64)."""
+    rows = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        module = scaled_orthogonal_rnn("relu", 1.6, hidden=48)
+        measurement = exact_measurement(module, torch.randn(40, 8, 4) * 0.1)
+        rate, longest = growth_rate(measurement.metrics), longest_lag_norm(measurement.metrics.lag_norm)
+        assert rate is not None and longest is not None
+        rows.append((seed, rate, longest[1]))
+    return rows
+
+
+@dataclass(frozen=True)
+class TrainingRun:
+    """A training run for the gradient-growth calibration: model, optimizer, sequence length, input scale."""
+
+    name: str
+    build: Callable[[], nn.RNN | nn.LSTM | nn.GRU]
+    optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+    time_steps: int = 20
+    input_scale: float = 1.0
+    steps: int = 150
+
+
+def adam(lr: float) -> Callable[[list[nn.Parameter]], torch.optim.Optimizer]:
+    return lambda params: torch.optim.Adam(params, lr=lr)
+
+
+def sgd(lr: float) -> Callable[[list[nn.Parameter]], torch.optim.Optimizer]:
+    return lambda params: torch.optim.SGD(params, lr=lr)
+
+
+TRAINING_RUNS: list[TrainingRun] = [
+    TrainingRun("lstm default, adam 1e-2", lambda: nn.LSTM(4, 32), adam(1e-2)),
+    TrainingRun("lstm forget bias 1, sgd 0.5", lambda: lstm_forget_bias_one(32), sgd(0.5), 50),
+    TrainingRun("gru default, adam 1e-2", lambda: nn.GRU(4, 32), adam(1e-2)),
+    TrainingRun("gru default, sgd 0.5", lambda: nn.GRU(4, 32), sgd(0.5), 50),
+    TrainingRun("tanh rnn default, adam 1e-2", lambda: nn.RNN(4, 32), adam(1e-2)),
+    TrainingRun("tanh rnn orth, small x, sgd 0.05", lambda: scaled_orthogonal_rnn("tanh", 1.0, 32), sgd(0.05), 20, 0.1),
+    TrainingRun("tanh rnn default, sgd 0.1, T=100", lambda: nn.RNN(4, 32), sgd(0.1), 100),
+    TrainingRun("EXPLODING tanh W=0.1 x orth, sgd 1.0, T=200", lambda: scaled_orthogonal_rnn("tanh", 0.1, 32), sgd(1.0), 200, 1.0, 20),
+]  # fmt: skip
+
+
+def growth_ratios(
+    run: TrainingRun, seed: int, config: DetectionConfig
+) -> tuple[float, int | None, int | None]:
+    """(largest norm / running median, first step over gradient_growth_factor, first non-finite loss step)."""
+    torch.manual_seed(seed)
+    model = RecurrentRegressor(run.build())  # type: ignore[arg-type]
+    optimizer = run.optimizer(list(model.parameters()))
+    generator = torch.Generator().manual_seed(seed)
+    history: deque[float] = deque(maxlen=config.gradient_growth_window)
+    largest, fired, nonfinite = 0.0, None, None
+    for step in range(run.steps):
+        x, y = regression_batch(generator, run.time_steps, 8, 4, scale=run.input_scale)
+        optimizer.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        if nonfinite is None and not math.isfinite(loss.item()):
+            nonfinite = step
+        norms = [float(torch.linalg.vector_norm(p.grad.double())) for p in model.rnn.parameters()]
+        total = math.hypot(*norms)
+        if math.isfinite(total) and total > 0:
+            if len(history) >= config.gradient_growth_min_history:
+                ratio = total / math.exp(statistics.median(history))
+                largest = max(largest, ratio)
+                if fired is None and ratio > config.gradient_growth_factor:
+                    fired = step
+            history.append(math.log(total))
+        optimizer.step()
+    return largest, fired, nonfinite
+
+
 @click.command()
 @click.option("--steps", default="20,50,100,200", help="comma-separated sequence lengths T")
 @click.option("--hidden", default=32, show_default=True)
 @click.option("--batch", default=8, show_default=True)
 @click.option("--seed", default=0, show_default=True)
-def main(steps: str, hidden: int, batch: int, seed: int) -> None:
+@click.option("--growth-seeds", default=3, show_default=True, help="training seeds per growth run (0: skip)")
+def main(steps: str, hidden: int, batch: int, seed: int, growth_seeds: int) -> None:
     """Print exact metrics, verdicts and threshold margins for the calibration cases."""
     torch.set_num_threads(1)
     config = DetectionConfig.for_diagnosis()
@@ -146,6 +233,26 @@ def main(steps: str, hidden: int, batch: int, seed: int) -> None:
     click.echo("--- trained: tanh rnn orth, small x, T=20, after 50 SGD steps")
     torch.manual_seed(seed)
     click.echo(row("trained tanh rnn", trained_tanh_rnn(hidden, batch, seed), config, "healthy"))
+    click.echo(
+        f"--- extreme bound {config.exploding_extreme_lag_norm:g}: fast explosion (relu W=1.6 x orth, H=48, "
+        "T=40, x 0.1) at init"
+    )
+    for case_seed, rate, lag in fast_explosion_lags(range(6)):
+        click.echo(
+            f"seed {case_seed}: lambda={rate:+.3f} lag39={lag:8.2e} -> extreme: {lag > config.exploding_extreme_lag_norm}"
+        )
+    if growth_seeds:
+        click.echo(
+            f"--- gradient growth (every step): norm / median of the last {config.gradient_growth_window}, "
+            f"threshold {config.gradient_growth_factor:g}"
+        )
+        for run in TRAINING_RUNS:
+            for run_seed in range(growth_seeds):
+                largest, fired, nonfinite = growth_ratios(run, run_seed, config)
+                click.echo(
+                    f"{run.name:45s} seed {run_seed}: max ratio {largest:9.3g} (log10 {math.log10(largest):+.2f}) "
+                    f"fires at {fired}, loss non-finite at {nonfinite}"
+                )
 
 
 if __name__ == "__main__":

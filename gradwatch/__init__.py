@@ -1,5 +1,7 @@
 """gradwatch: watch recurrent networks train, and hear early when gradients vanish or explode."""
 
+import logging
+
 from gradwatch._version import __version__
 from gradwatch.capture.modules import register_cell, unregister_cell
 from gradwatch.diagnose import Diagnosis, LayerDiagnosis, diagnose
@@ -28,6 +30,11 @@ from gradwatch.records import (
     record_from_json,
 )
 from gradwatch.sinks import JsonlSink, LoggingSink, PrometheusSink, Sink
+
+# Library convention (logging HOWTO, "Configuring Logging for a Library"): without it, Python's last-resort
+# handler prints every alert the monitor logs to stderr, and the user sees each alert twice (log + warning).
+# An application that configures logging still gets the records: they propagate to its handlers.
+logging.getLogger("gradwatch").addHandler(logging.NullHandler())
 
 __all__ = [
     "SCHEMA_VERSION",

@@ -65,6 +65,7 @@ from gradwatch.estimators.layer import (
 from gradwatch.policy.alerts import AlertCallback, GradWatchWarning, NonFiniteGradientError, emit_alert
 from gradwatch.policy.clipping import ClipPolicy, apply_clip, make_clip_policy
 from gradwatch.policy.evidence import Verdict
+from gradwatch.policy.explain import explain_nonfinite_context
 from gradwatch.policy.nonfinite import NonFinitePolicy, NonFiniteTracker, enforce_nonfinite_policy
 from gradwatch.policy.trends import DetectionConfig, TrendDetector
 from gradwatch.records import (
@@ -170,6 +171,7 @@ class _LayerJob:
     recurrent_weight: torch.Tensor | None
     generator: torch.Generator
     grads: dict[str, float | None]
+    grad_nonfinite: int = 0  # NaN/Inf gradient elements of this layer's parameters
 
 
 @dataclass
@@ -257,6 +259,7 @@ class Monitor:
         self._recorders: dict[str, CallRecorder] = {}
         self._handles: list[RemovableHandle] = []
         self._layer_parameters = self._map_layer_parameters()
+        self._module_gradient_names: dict[str, list[str]] | None = None  # built on first use
         self._parameters = {
             name: p for key in self._layer_parameters for name, p in self._layer_parameters[key].items()
         }
@@ -459,16 +462,23 @@ class Monitor:
                     except Exception as exc:
                         self._sink_failed(sink, exc)
             grad_values: Mapping[str, float] = {}
+            grad_nonfinite: Mapping[str, int] = {}
             nonfinite_total = 0
             with self._guard("gradients"):
-                grad_values, nonfinite_total = gradient_norms(self._parameters).to_host()
+                grad_values, grad_nonfinite = gradient_norms(self._parameters).to_host_per_parameter()
+                nonfinite_total = sum(grad_nonfinite.values())
+                if nonfinite_total and self._background is not None and self._background.busy:
+                    # Rare path: the non-finite alert quotes the latest Jacobian verdict (an exploding
+                    # product names the cause), so the measurement still running must be published first.
+                    alerts += self._collect(wait=True)
+                alerts += self._observe_gradient_growth(step, grad_values)
                 if nonfinite_total or self._nonfinite.active():
                     alerts += self._handle_nonfinite(step, optimizer)
             if self.clip_policy is not None and not nonfinite_total:
                 with self._guard("clip"):
                     self._clip(step)
             if self._is_measured(step):
-                alerts += self._measure(step, grad_values)
+                alerts += self._measure(step, grad_values, grad_nonfinite)
         except (GradWatchFault, NonFiniteGradientError):
             raise
         except Exception as exc:
@@ -489,6 +499,26 @@ class Monitor:
         for alert in alerts:
             emit_alert(alert, self._on_alert, stacklevel=5)
 
+    def _observe_gradient_growth(self, step: int, grad_values: Mapping[str, float]) -> list[Alert]:
+        """Every step: each module's total gradient norm (host floats, already synced) to the growth test."""
+        if not self.config.detection.gradient_growth_test:
+            return []
+        names = self._module_gradient_names
+        if names is None:
+            names = {}
+            for (module, _, _), parameters in self._layer_parameters.items():
+                names.setdefault(module, []).extend(parameters)
+            self._module_gradient_names = names
+        now = time.time()
+        alerts: list[Alert] = []
+        for module, module_names in names.items():
+            values = [grad_values[n] for n in module_names if n in grad_values]
+            total = math.hypot(*values) if values else None  # NaN/Inf: skipped by the growth test
+            alerts += self.detector.observe_gradient_norms(
+                step, module, total, time=now, rank=self.rank, run_id=self.run_id
+            )
+        return alerts
+
     def _handle_nonfinite(self, step: int, optimizer: torch.optim.Optimizer | None) -> list[Alert]:
         """Per module: count NaN/Inf gradient elements, alert once per episode, apply the policy."""
         now = time.time()
@@ -502,8 +532,13 @@ class Monitor:
         }
         alerts: list[Alert] = []
         for module, module_counts in counts.items():
+            context = explain_nonfinite_context(
+                self.detector.latest_jacobian_reading(module),
+                self.detector.growth_episode_start(module),
+                self.detector.config,
+            )
             alerts += self._nonfinite.update(
-                step, module, module_counts, time=now, rank=self.rank, run_id=self.run_id
+                step, module, module_counts, time=now, rank=self.rank, run_id=self.run_id, context=context
             )
         for module, module_counts in counts.items():
             if enforce_nonfinite_policy(
@@ -534,7 +569,9 @@ class Monitor:
             for direction in w.directions
         )
 
-    def _measure(self, step: int, grad_values: Mapping[str, float]) -> list[Alert]:
+    def _measure(
+        self, step: int, grad_values: Mapping[str, float], grad_nonfinite: Mapping[str, int] | None = None
+    ) -> list[Alert]:
         """Measure, record, and run the detector; returns the alerts to deliver.
 
         In background mode the replay and snapshots happen now and the estimators run on the worker
@@ -542,10 +579,10 @@ class Monitor:
         sinks, the detector and the alerts get them at a later step boundary (or by wait()/close()).
         """
         if self._background is None:
-            return self._publish(self._estimate(self._prepare(step, grad_values)))
+            return self._publish(self._estimate(self._prepare(step, grad_values, grad_nonfinite)))
         # One measurement at a time: the previous one's warm starts feed this one.
         alerts = self._collect(wait=True)
-        job = self._prepare(step, grad_values)
+        job = self._prepare(step, grad_values, grad_nonfinite)
         if not any(module.layers for module in job.modules):
             return alerts + self._publish(self._estimate(job))
         live_sinks = [sink for sink in self._sinks if isinstance(sink, LiveSink)]  # chosen here, not there
@@ -617,7 +654,9 @@ class Monitor:
             self._fault("estimator", module, exc, step=step)
         return result.records
 
-    def _prepare(self, step: int, grad_values: Mapping[str, float]) -> _MeasurementJob:
+    def _prepare(
+        self, step: int, grad_values: Mapping[str, float], grad_nonfinite: Mapping[str, int] | None = None
+    ) -> _MeasurementJob:
         """The training-thread half of a measurement: replay every module on its probe and freeze what the
         estimators need (weights copied in background mode, as the optimizer is about to change them).
         User cells are estimated here too: their step function calls the live module."""
@@ -632,7 +671,9 @@ class Monitor:
                 custom = watched.kind == "custom"
                 try:
                     with deterministic_mode(watched.module) if custom else nullcontext():
-                        layers = self._layer_jobs(watched, grad_values, snapshot=snapshot and not custom)
+                        layers = self._layer_jobs(
+                            watched, grad_values, snapshot=snapshot and not custom, nonfinite=grad_nonfinite
+                        )
                         if custom:
                             ready = [self._estimate_layer(step, job.time, layer) for layer in layers]
                             job.modules.append(_ModuleJob(watched.name, [], ready))
@@ -643,7 +684,12 @@ class Monitor:
         return job
 
     def _layer_jobs(
-        self, watched: WatchedModule, grads: Mapping[str, float], *, snapshot: bool
+        self,
+        watched: WatchedModule,
+        grads: Mapping[str, float],
+        *,
+        snapshot: bool,
+        nonfinite: Mapping[str, int] | None = None,
     ) -> list[_LayerJob]:
         traces = self._traces(watched)
         if traces is None:
@@ -673,6 +719,10 @@ class Monitor:
                         local: grads.get(qualified)
                         for local, qualified in self._grad_names(watched, trace).items()
                     },
+                    grad_nonfinite=sum(
+                        (nonfinite or {}).get(qualified, 0)
+                        for qualified in self._grad_names(watched, trace).values()
+                    ),
                 )
             )
         return jobs
@@ -706,8 +756,7 @@ class Monitor:
         )
         self._warm_starts[key] = estimate.warm_start
         values = layer_metrics(estimate)
-        nonfinite = sum(1 for v in layer.grads.values() if v is not None and not math.isfinite(v))
-        metrics = MeasurementMetrics(**values, grad_norm=layer.grads, grad_nonfinite=nonfinite)  # type: ignore[arg-type]
+        metrics = MeasurementMetrics(**values, grad_norm=layer.grads, grad_nonfinite=layer.grad_nonfinite)  # type: ignore[arg-type]
         return Measurement(
             step=step,
             time=now,

@@ -69,3 +69,30 @@ def test_recovery_message() -> None:
     evidence = Evidence(Verdict.HEALTHY, "lyapunov_max", -0.1, None, 19, 0.3, -0.1)
     message = explain_recovery(measurement, evidence, Verdict.EXPLODING, 10)
     assert "no longer exploding (since step 10)" in message and "total gradient norm = n/a" in message
+
+
+def test_collapsed_product_is_told_in_words_not_as_a_non_finite_exponent() -> None:
+    """Issue #18.5: saturated tanh RNN, lyapunov_max = -inf; no "shrinks by e every 0 steps"."""
+    from gradwatch.policy.trends import TrendDetector
+
+    collapsed = dataclasses.replace(
+        metrics(3.0, 1.4e-4, 1.0), lyapunov_max=float("-inf"), lag_norm={"1": 0.0, "49": 0.0}
+    )
+    (alert,) = TrendDetector(DetectionConfig.for_diagnosis()).update(
+        Measurement(7, 0.0, "rnn", 0, "forward", collapsed)
+    )
+    assert alert.alert.value == "vanishing"
+    assert "collapses to 0 within one step" in alert.message
+    assert "every 0 steps" not in alert.message and "-inf <" not in alert.message
+    assert "nonlinearity" in alert.message and "mean |f'| = 0.00014" in alert.message
+
+
+def test_overflowed_product_is_told_in_words() -> None:
+    overflowed = dataclasses.replace(
+        metrics(3.0, 0.9, 0.0), lyapunov_max=float("inf"), lag_norm={"1": 3.0, "49": float("inf")}
+    )
+    measurement = Measurement(7, 0.0, "rnn", 0, "forward", overflowed)
+    evidence = Evidence(Verdict.EXPLODING, "lyapunov_max", float("inf"), 0.02, 49, float("inf"), float("inf"))
+    message = explain_alert(measurement, evidence, DetectionConfig(), None)
+    assert "overflows the float range" in message and "every 0 steps" not in message
+    assert "alerted at once" in message

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -52,3 +54,21 @@ def test_no_gradients_and_bad_input() -> None:
         gradient_norms([torch.ones(2)])  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="'weight'"):
         gradient_norms({"weight": 3.0})  # type: ignore[dict-item]
+
+
+def test_huge_finite_gradients_get_finite_norms_and_a_zero_count() -> None:
+    """Issue #19.1: every element finite (|g| = 3.2e21) but the float32 sum of squares overflows."""
+    huge = torch.nn.Parameter(torch.zeros(4, 5))
+    huge.grad = torch.full((4, 5), 3.2e21)
+    huge.grad[0, 0] = -1.5e21
+    half = torch.nn.Parameter(torch.zeros(3, dtype=torch.float16))
+    half.grad = torch.tensor([6.0e4, 6.0e4, 1.0], dtype=torch.float16)  # float16 squares overflow too
+    bad = torch.nn.Parameter(torch.zeros(3))
+    bad.grad = torch.tensor([1.0, float("nan"), 1e30])
+    stats = gradient_norms({"huge": huge, "half": half, "bad": bad})
+    norms, counts = stats.to_host_per_parameter()
+    assert norms["huge"] == pytest.approx(float(torch.linalg.vector_norm(huge.grad.double())), rel=1e-12)
+    assert norms["half"] == pytest.approx(float(torch.linalg.vector_norm(half.grad.double())), rel=1e-12)
+    assert counts == {"huge": 0, "half": 0, "bad": 1}
+    assert math.isnan(norms["bad"])
+    assert stats.to_host()[1] == 1

@@ -51,9 +51,25 @@ def test_relu_rnn_with_twice_orthogonal_weight_alerts_exploding_once():
     torch.manual_seed(0)
     monitor, alerts = _observe(RecurrentRegressor(scaled_orthogonal_rnn("relu", 2.0)), 0, 30, 8)
     assert [a.alert for a in alerts] == [AlertKind.EXPLODING]
-    assert alerts[0].module == "rnn" and alerts[0].step == 2  # patience 3: the third measurement confirms
+    # The lag norm (1e6 over 29 steps) is far past exploding_extreme_lag_norm: the first measurement alerts
+    # (issue #12.2; before, patience 3 waited for the third measurement).
+    assert alerts[0].module == "rnn" and alerts[0].step == 0
+    assert "alerted at once" in alerts[0].message
     assert "sigma_max(W_hh)" in alerts[0].message and "Hint" in alerts[0].message
     assert [r for r in monitor.history if isinstance(r, Alert)] == alerts
+
+
+def test_borderline_exploding_product_still_waits_for_patience():
+    torch.manual_seed(0)
+    monitor, alerts = _observe(RecurrentRegressor(scaled_orthogonal_rnn("relu", 1.5)), 0, 50, 8)
+    lags = [
+        max(v for v in r.metrics.lag_norm.values() if v is not None)
+        for r in monitor.history
+        if isinstance(r, gradwatch.Measurement)
+    ]
+    config = gradwatch.DetectionConfig()
+    assert all(config.exploding_lag_norm < lag < config.exploding_extreme_lag_norm for lag in lags)
+    assert [(a.alert, a.step) for a in alerts] == [(AlertKind.EXPLODING, 2)]  # the third measurement
 
 
 def test_tanh_rnn_with_small_orthogonal_weight_alerts_vanishing_on_T100():
@@ -228,3 +244,133 @@ def _adding_problem(clip: object, seed: int = 1, steps: int = 200) -> int | None
 def test_auto_clipping_keeps_the_adding_problem_finite():
     assert _adding_problem(None) is not None  # without clipping the loss goes non-finite within 200 steps
     assert _adding_problem("auto") is None
+
+
+def test_huge_but_finite_gradients_are_logged_as_finite_norms_not_as_nonfinite():
+    """Issue #19.1: float32 norms of |g| ~ 1e21 overflow; the record must keep the norms, count 0 elements."""
+    torch.manual_seed(0)
+    model = nn.RNN(3, 6)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    alerts: list[Alert] = []
+    monitor = gradwatch.watch(model, optimizer, every=1, on_alert=alerts.append)
+    output, _ = model(torch.randn(5, 2, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gradwatch.GradWatchWarning)
+        optimizer.zero_grad()
+        (output.sum() * 1e21).backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+        expected = {n: float(torch.linalg.vector_norm(p.grad.double())) for n, p in model.named_parameters()}
+        assert max(expected.values()) > 1e20  # the float32 sum of squares overflows
+        optimizer.step()
+    monitor.close()
+    (measurement,) = [r for r in monitor.history if isinstance(r, gradwatch.Measurement)]
+    assert measurement.metrics.grad_nonfinite == 0
+    for name, norm in expected.items():
+        assert measurement.metrics.grad_norm[name] == pytest.approx(norm, rel=1e-6)
+    assert not [a for a in alerts if a.alert is AlertKind.NONFINITE]
+
+
+def test_grad_nonfinite_counts_nan_elements():
+    torch.manual_seed(0)
+    model = nn.RNN(3, 6)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    monitor = gradwatch.watch(model, optimizer, every=1)
+    output, _ = model(torch.randn(5, 2, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gradwatch.GradWatchWarning)
+        optimizer.zero_grad()
+        output.sum().backward()
+        model.weight_hh_l0.grad[0, :4] = float("nan")
+        model.bias_hh_l0.grad[1] = float("inf")
+        optimizer.step()
+    monitor.close()
+    (measurement,) = [r for r in monitor.history if isinstance(r, gradwatch.Measurement)]
+    assert measurement.metrics.grad_nonfinite == 5  # elements, not the 2 parameters whose norm is non-finite
+
+
+def _fast_explosion(seed: int) -> tuple[gradwatch.Monitor, list[Alert]]:
+    """Issue #12.2: relu RNN, W_hh = 1.6 x orthogonal, H = 48, T = 40, inputs x 0.1, SGD lr 1e-3, every=2."""
+    torch.manual_seed(seed)
+    model = RecurrentRegressor(scaled_orthogonal_rnn("relu", 1.6, hidden=48))
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(seed)
+    alerts: list[Alert] = []
+    monitor = gradwatch.watch(model, optimizer, every=2, on_alert=alerts.append)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gradwatch.GradWatchWarning)
+        for _ in range(4):
+            x, y = regression_batch(generator, 40, 8, 4, 0.1)
+            loss = nn.functional.mse_loss(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    monitor.close()
+    return monitor, alerts
+
+
+def test_extreme_explosion_alerts_at_once_and_the_nan_names_its_cause():
+    monitor, alerts = _fast_explosion(seed=3)
+    (first,) = [r for r in monitor.history if isinstance(r, gradwatch.Measurement)][:1]
+    lag = max(v for v in first.metrics.lag_norm.values() if v is not None)
+    assert first.step == 0 and first.metrics.lyapunov_max > 0
+    assert lag > gradwatch.DetectionConfig().exploding_extreme_lag_norm
+    assert [(a.alert, a.step) for a in alerts] == [(AlertKind.EXPLODING, 0), (AlertKind.NONFINITE, 1)]
+    exploding, nonfinite = alerts
+    assert "sigma_max(W_hh) = 1.6 > 1" in exploding.message
+    assert "follows an exploding measurement" in nonfinite.message
+    assert "sigma_max(W_hh) = 1.6 > 1" in nonfinite.message and "orthogonally" in nonfinite.message
+
+
+def test_nan_after_an_unconfirmed_exploding_measurement_still_names_the_cause():
+    # seed 0: the step-0 product (lag ~1.4e3) is exploding but below the extreme bound, so patience holds
+    # the exploding alert; the NaN two steps later must still say what drove it.
+    _, alerts = _fast_explosion(seed=0)
+    assert [a.alert for a in alerts] == [AlertKind.NONFINITE]
+    assert "follows an exploding measurement" in alerts[0].message
+    assert "sigma_max(W_hh) = 1.6 > 1" in alerts[0].message
+
+
+def test_gradient_growth_under_contracting_jacobians_warns_before_the_overflow():
+    """Issue #18.4: tanh RNN, W_hh radius 0.1, T = 200, SGD lr 1.0: vanishing Jacobians, exploding norms."""
+    torch.manual_seed(0)
+    model = RecurrentRegressor(scaled_orthogonal_rnn("tanh", 0.1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    generator = torch.Generator().manual_seed(0)
+    alerts: list[Alert] = []
+    monitor = gradwatch.watch(model, optimizer, every=5, on_alert=alerts.append)
+    first_overflow = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gradwatch.GradWatchWarning)
+        for step in range(16):
+            x, y = regression_batch(generator, 200, 8, 4, 1.0)
+            loss = nn.functional.mse_loss(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            norm = float(torch.linalg.vector_norm(model.rnn.weight_hh_l0.grad.double()))
+            if first_overflow is None and norm > 1e10:
+                first_overflow = step
+            optimizer.step()
+    monitor.close()
+    growth = [a for a in alerts if a.metric == "grad_norm_growth"]
+    assert [a.alert for a in growth] == [AlertKind.EXPLODING]
+    assert first_overflow is not None and growth[0].step < first_overflow
+    assert "contract" in growth[0].message and "not come from the recurrence" in growth[0].message
+    assert [a for a in monitor.history if isinstance(a, Alert) and a.metric == "grad_norm_growth"] == growth
+
+
+@pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU, nn.RNN], ids=["lstm", "gru", "tanh-rnn"])
+def test_healthy_training_with_adam_raises_no_alert(cell):
+    torch.manual_seed(0)
+    model = RecurrentRegressor(cell(4, 32))
+    generator = torch.Generator().manual_seed(0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    alerts: list[Alert] = []
+    monitor = gradwatch.watch(model, optimizer, every=25, on_alert=alerts.append)
+    for _ in range(150):
+        x, y = regression_batch(generator, 20, 8, 4, 1.0)
+        loss = nn.functional.mse_loss(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    monitor.close()
+    assert alerts == []

@@ -185,3 +185,19 @@ def test_enforce_skip_and_warn() -> None:
     assert all(p.grad is None for p in model.parameters())
     with pytest.raises(ValueError, match="optimizer"):
         enforce_nonfinite_policy("skip", module="m", counts={"weight": 1}, step=0)
+
+
+def test_tracker_message_carries_the_explosion_it_follows() -> None:
+    """Issue #12.2: a NaN after an exploding measurement names that cause and fix, not the generic hint."""
+    from gradwatch.policy.explain import explain_nonfinite_context
+    from gradwatch.policy.trends import DetectionConfig, JacobianReading, Verdict
+
+    reading = JacobianReading(0, 0, "forward", Verdict.EXPLODING, 0.21, 39, 2.6e4, "driven by W", "fix W")
+    context = explain_nonfinite_context(reading, None, DetectionConfig())
+    assert context is not None
+    (alert,) = NonFiniteTracker().update(1, "rnn", {"weight_hh_l0": 3}, context=context)
+    assert "follows an exploding measurement" in alert.message and "step 0" in alert.message
+    assert "driven by W" in alert.message and "Hint: fix W" in alert.message
+    healthy = JacobianReading(0, 0, "forward", Verdict.HEALTHY, -0.1, 39, 0.1, "", "")
+    assert explain_nonfinite_context(healthy, None, DetectionConfig()) is None
+    assert "since step 4" in (explain_nonfinite_context(healthy, 4, DetectionConfig()) or "")

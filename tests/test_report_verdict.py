@@ -172,3 +172,26 @@ def test_clipping_already_on_is_acknowledged_instead_of_suggested() -> None:
     assert any("clip_grad_norm_" in s for s in plain.suggestions)
     assert any("already clipped (5 clip(s), median max_norm 1)" in s for s in clipped.suggestions)
     assert not any("clip_grad_norm_" in s for s in clipped.suggestions)
+
+
+def test_grad_nonfinite_old_and_new_meaning_are_both_read_sensibly() -> None:
+    """Issue #19.1: old logs counted non-finite float32 norms (null grad_norm), new ones NaN/Inf elements."""
+    old_log = [_m(0, lyapunov=-0.05, grad_norm={"w": None, "b": None}, nonfinite=2), _m(10, lyapunov=-0.05)]
+    verdict, reason = fallback_verdict(old_log)
+    assert verdict == Verdict.NONFINITE
+    assert "NaN/Inf gradient elements" in reason and "beyond the float32 range" in reason
+    # The same overflow in a new log: finite norms beyond float32, no non-finite elements, and the huge
+    # norm reaches the report (sqrt of summed squares would overflow to inf for 1e200).
+    new_log = [_m(0, lyapunov=-0.05, grad_norm={"w": 1e200, "b": 1e200}), _m(10, lyapunov=-0.05)]
+    assert fallback_verdict(new_log)[0] == Verdict.HEALTHY
+    assert total_grad_norm(new_log[0].metrics) == pytest.approx(2**0.5 * 1e200)
+
+
+@pytest.mark.parametrize("value", [float("-inf"), None], ids=["in-memory", "from-the-log"])
+def test_collapsed_vanishing_alert_is_explained_in_words(value: float | None) -> None:
+    """Issue #18.5: a -inf exponent (written as null in the log) reads as a collapse, not as '-inf'."""
+    alert = Alert(5, 0.0, "rnn", 0, "forward", AlertKind.VANISHING, "lyapunov_max", value, -0.8, "m")
+    measurements = [_m(5, lyapunov=None, lag=0.0, activation_derivative_mean=1.4e-4)]
+    verdict = judge_layer(measurements, [alert], run_has_alerts=True)
+    assert verdict.verdict == Verdict.VANISHING
+    assert "collapses to 0 within one step" in verdict.reason and "-inf," not in verdict.reason

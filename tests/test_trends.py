@@ -214,3 +214,68 @@ def test_bad_inputs_get_clear_errors() -> None:
     with pytest.raises(ValueError, match="state_dict"):
         TrendDetector().load_state_dict({"nope": []})
     assert DetectionConfig.for_diagnosis(patience=2).patience == 2
+
+
+def _growth_alerts(
+    detector: TrendDetector, norms: list[float], start: int = 0
+) -> list[tuple[int, AlertKind]]:
+    return [
+        (a.step, a.alert)
+        for step, norm in enumerate(norms, start)
+        for a in detector.observe_gradient_norms(step, "m", norm, time=float(step))
+    ]
+
+
+def test_gradient_growth_fires_before_the_nan_and_blames_the_learning_rate_when_jacobians_contract() -> None:
+    """Issue #18.4: gradient norms 9, 4, 26, 66,563, 39,351,008 (steps 1-5) under vanishing Jacobians."""
+    detector = TrendDetector()
+    bad, _ = bad_and_healthy()  # a vanishing measurement of module "rnn"
+    detector.update(dataclasses.replace(bad, module="m", step=0))
+    alerts = [
+        a
+        for step, norm in enumerate([9.0, 4.0, 26.0, 66_563.0, 39_351_008.0], 1)
+        for a in detector.observe_gradient_norms(step, "m", norm, time=float(step))
+    ]
+    assert [(a.step, a.alert, a.metric) for a in alerts] == [(4, AlertKind.EXPLODING, "grad_norm_growth")]
+    assert alerts[0].value == 66_563.0 and alerts[0].threshold == pytest.approx(9.0 * 1e3)
+    assert "contract" in alerts[0].message and "not come from the recurrence" in alerts[0].message
+    assert "learning rate" in alerts[0].message
+    assert detector.growth_episode_open("m")
+
+
+def test_gradient_growth_blames_the_recurrent_weight_when_jacobians_expand() -> None:
+    detector = TrendDetector()
+    exploding = exact_measurement(scaled_orthogonal_rnn("relu", 2.0), torch.randn(30, 8, 4), name="m")
+    detector.update(exploding)
+    (alert,) = [
+        a
+        for s, n in enumerate([1.0, 1.2, 0.9, 5e3])
+        for a in detector.observe_gradient_norms(s, "m", n, time=0.0)
+    ]
+    assert "expand" in alert.message and "sigma_max(W_hh) = 2 > 1" in alert.message
+
+
+def test_gradient_growth_is_silent_on_early_decline_and_noise_and_recovers_once() -> None:
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.exp(0.5 * torch.randn(200, generator=generator)).tolist()  # ~x1.6 jitter (log-normal)
+    decline = [100.0 * 0.95**step * noise[step] for step in range(100)]  # 2+ decades of normal decline
+    detector = TrendDetector()
+    assert _growth_alerts(detector, decline) == []
+    level = decline[-1]
+    spike = [level * 1e4] * 3 + [level * noise[i] for i in range(100, 110)]
+    assert _growth_alerts(detector, spike, 100) == [(100, AlertKind.EXPLODING), (105, AlertKind.RECOVERED)]
+    assert _growth_alerts(detector, [float("nan"), float("inf"), 0.0, None], 120) == []  # type: ignore[list-item]
+
+
+def test_gradient_growth_state_round_trips_and_the_spike_test_does_not_alert_twice() -> None:
+    detector = TrendDetector(DetectionConfig(patience=1))
+    for step in range(12):
+        detector.update(synthetic(1.0, step))
+        detector.observe_gradient_norms(step, "m", 1.0, time=0.0)
+    assert _growth_alerts(detector, [5e3], 12) == [(12, AlertKind.EXPLODING)]
+    restored = TrendDetector(DetectionConfig(patience=1))
+    restored.load_state_dict(json.loads(json.dumps(detector.state_dict())))
+    assert restored.growth_episode_open("m")
+    # The measurement of the same step sees the same spike: part of the open growth episode, no 2nd alert.
+    assert restored.update(synthetic(5e3, 12)) == []
+    assert DetectionConfig.for_diagnosis().gradient_growth_test is False

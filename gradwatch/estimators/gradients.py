@@ -27,17 +27,44 @@ class GradientStats:
         return torch.stack([(~torch.isfinite(g)).sum().to(device) for g in self.gradients]).sum()
 
     def to_host(self) -> tuple[dict[str, float], int]:
-        """({name: norm}, non-finite count) as plain Python values; one host transfer when all is finite.
+        """({name: norm}, NaN/Inf element count) as plain Python values (see ``to_host_per_parameter``)."""
+        norms, counts = self.to_host_per_parameter()
+        return norms, sum(counts.values())
 
-        A NaN or Inf element makes its gradient's norm NaN or Inf, so finite norms prove a zero count and
+    def to_host_per_parameter(self) -> tuple[dict[str, float], dict[str, int]]:
+        """({name: norm}, {name: NaN/Inf element count}); one host transfer when every norm is finite.
+
+        A NaN or Inf element makes its gradient's norm NaN or Inf, so finite norms prove zero counts and
         the per-element pass is skipped (it used to double the cost of the per-step check). Only a
-        non-finite norm (a bad element, or finite values whose norm overflows) pays for the exact count.
+        non-finite norm pays for the exact count, and only for its own gradients: one with finite
+        elements whose float32 norm overflowed (|g| > ~1e19 everywhere, the strongest explosion signal)
+        gets its norm recomputed without overflow (float64, scaled by its largest element).
         """
         values = self.norms.double().cpu().tolist()
-        count = 0
-        if not all(math.isfinite(v) for v in values):
-            count = int(self.nonfinite_count)
-        return dict(zip(self.names, values, strict=True)), count
+        counts = dict.fromkeys(self.names, 0)
+        suspects = [i for i, v in enumerate(values) if not math.isfinite(v)]
+        if suspects and self.gradients:
+            device = self.norms.device
+            exact = [_count_and_norm(self.gradients[i]) for i in suspects]
+            host = torch.stack([torch.stack(pair).to(device) for pair in exact]).cpu().tolist()
+            for i, (count, norm) in zip(suspects, host, strict=True):
+                counts[self.names[i]] = int(count)
+                if count == 0:
+                    values[i] = norm
+        return dict(zip(self.names, values, strict=True)), counts
+
+
+def _count_and_norm(gradient: Tensor) -> tuple[Tensor, Tensor]:
+    """(NaN/Inf element count, overflow-free 2-norm) of one gradient, both float64 0-dim on its device.
+
+    The norm is max|g| * ||g / max|g|||, in float64: no square can overflow, whatever the gradient's dtype.
+    It is only meaningful when the count is 0.
+    """
+    count = (~torch.isfinite(gradient)).sum().double()
+    wide = gradient.double()
+    largest = wide.abs().amax() if wide.numel() else torch.zeros((), dtype=torch.float64, device=wide.device)
+    scale = torch.where(largest > 0, largest, torch.ones_like(largest))
+    return count, largest * torch.linalg.vector_norm(wide / scale)
 
 
 def _dense(gradient: Tensor) -> Tensor:

@@ -72,4 +72,4 @@ def total_gradient_norm(grad_norm: Mapping[str, float | None]) -> float | None:
     values = [v for v in grad_norm.values() if v is not None]
     if not values or not all(math.isfinite(v) for v in values):
         return None
-    return math.sqrt(math.fsum(v * v for v in values))
+    return math.hypot(*values)  # no overflow for norms beyond 1e154 (squares would be inf)

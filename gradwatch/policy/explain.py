@@ -16,7 +16,7 @@ from gradwatch.policy.evidence import Evidence, Verdict, total_gradient_norm
 from gradwatch.records import Measurement, MeasurementMetrics
 
 if TYPE_CHECKING:
-    from gradwatch.policy.trends import DetectionConfig
+    from gradwatch.policy.trends import DetectionConfig, JacobianReading
 
 # A gated cell whose gate keeps less than this share of the state per step forgets within a few steps.
 GATE_KEEPS_MEMORY = 0.85
@@ -50,7 +50,9 @@ def driving_factor(metrics: MeasurementMetrics, verdict: Verdict) -> Factor:
         return Factor.NONLINEARITY
     saturation = metrics.activation_saturation_ratio
     if saturation is not None and saturation > SATURATED_SHARE:
-        derivative_decay = max(derivative_decay, -math.log(1 - saturation))
+        # Every unit saturated (share 1, as in a fully saturated tanh): an unbounded decay, not log(0).
+        saturated_decay = math.inf if saturation >= 1 else -math.log(1 - saturation)
+        derivative_decay = max(derivative_decay, saturated_decay)
     if weight_decay == derivative_decay == 0.0:
         return Factor.UNKNOWN
     return Factor.RECURRENT_WEIGHT if weight_decay >= derivative_decay else Factor.NONLINEARITY
@@ -135,6 +137,21 @@ def _evidence_text(evidence: Evidence, config: DetectionConfig) -> str:
         )
     rate = evidence.growth_rate
     lag = f"||ds_T/ds_(T-{evidence.longest_lag})|| = {_format(evidence.longest_lag_norm)}"
+    collapsed = evidence.verdict is Verdict.VANISHING and (
+        (rate is not None and math.isinf(rate)) or evidence.longest_lag_norm == 0
+    )
+    if collapsed:
+        # lyapunov_max = -inf: some step Jacobian is exactly 0 in float precision (every |f'| underflowed),
+        # so "shrinks by e every 0 steps" would be the formula, not a description.
+        return (
+            f"the product of step Jacobians collapses to 0 within one step ({lag}, lyapunov_max = -inf: "
+            "a step Jacobian is 0 in float precision)"
+        )
+    if evidence.verdict is Verdict.EXPLODING and rate is not None and math.isinf(rate):
+        return (
+            f"the product of step Jacobians overflows the float range within the sequence ({lag}, "
+            "lyapunov_max = +inf)"
+        )
     if evidence.verdict is Verdict.VANISHING:
         horizon = math.inf if rate is None or rate == 0 else 1 / abs(rate)
         return (
@@ -160,11 +177,113 @@ def explain_alert(
     """The message of a vanishing/exploding alert: what, where, the value vs threshold, why, what to do."""
     factor = driving_factor(measurement.metrics, evidence.verdict)
     replaced = f" (previous episode: {previous.value})" if previous is not Verdict.HEALTHY else ""
+    extreme = ""
+    lag = evidence.longest_lag_norm
+    if (
+        evidence.verdict is Verdict.EXPLODING
+        and evidence.metric == "lyapunov_max"
+        and lag is not None
+        and (lag > config.exploding_extreme_lag_norm or math.isinf(lag))
+    ):
+        extreme = (
+            f" (beyond the extreme bound {config.exploding_extreme_lag_norm:g}: alerted at once, "
+            "without waiting for more measurements)"
+        )
+    cause = _cause(factor, evidence.verdict, measurement.metrics)
     return (
         f"{evidence.verdict.value} gradients in {_where(measurement)}{replaced}: "
-        f"{_evidence_text(evidence, config)}; {_cause(factor, evidence.verdict, measurement.metrics)} "
+        f"{_evidence_text(evidence, config)}{extreme}; {cause} "
         f"[{_factors(measurement.metrics)}]. Hint: {_hint(factor, evidence.verdict, suggested_clip)}."
     )
+
+
+def cause_and_hint(
+    metrics: MeasurementMetrics, verdict: Verdict, suggested_clip: float | None
+) -> tuple[str, str]:
+    """The cause (with the measured factors) and the hint an alert of ``verdict`` would give."""
+    factor = driving_factor(metrics, verdict)
+    return f"{_cause(factor, verdict, metrics)} [{_factors(metrics)}]", _hint(factor, verdict, suggested_clip)
+
+
+def _reading_text(reading: JacobianReading) -> str:
+    lag = f"||ds_T/ds_(T-{reading.longest_lag})|| = {_format(reading.longest_lag_norm)}"
+    return (
+        f"layer {reading.layer} ({reading.direction}) at step {reading.step}: {reading.verdict.value}, "
+        f"lyapunov_max = {_format(reading.growth_rate)}, {lag}"
+    )
+
+
+def explain_gradient_growth(
+    module: str,
+    step: int,
+    total_norm: float,
+    median: float,
+    history: int,
+    config: DetectionConfig,
+    reading: JacobianReading | None,
+) -> str:
+    """The message of an every-step gradient-growth alert, with the cause read off the latest Jacobians.
+
+    Contracting Jacobians (lambda <= 0) cannot amplify a gradient through the recurrence, so the growth
+    comes from the loss scale or the learning rate (each update makes the loss surface steeper); expanding
+    ones point at the recurrent weight (or, with sigma_max(W_hh) <= 1, at aligned per-step Jacobians).
+    """
+    ratio = total_norm / median
+    head = (
+        f"exploding gradients in {module} at step {step}: the total gradient norm {_format(total_norm)} is "
+        f"{_format(ratio)} x the median {_format(median)} of the previous {history} steps (threshold "
+        f"{config.gradient_growth_factor:g} x)"
+    )
+    clip = f"clip gradients at max_norm ~ {_format(median * 10)} (10 x the running median)"
+    if reading is None:
+        return (
+            f"{head}; no Jacobian measurement of {module} yet, so whether the recurrence drives it is "
+            f"not known. Hint: {clip}; lower the learning rate."
+        )
+    rate = reading.growth_rate
+    if rate is None or rate <= config.exploding_growth_rate or reading.verdict is not Verdict.EXPLODING:
+        return (
+            f"{head}; the step Jacobians contract (latest measurement, {_reading_text(reading)}), so the "
+            "growth does not come from the recurrence: it comes from the loss scale or the learning rate "
+            "(each update lands where the loss is steeper). Hint: lower the learning rate; check the loss "
+            f"scale (mean instead of sum reduction, AMP loss scaling); {clip}."
+        )
+    return (
+        f"{head}; the step Jacobians expand (latest measurement, {_reading_text(reading)}): {reading.cause}. "
+        f"Hint: {reading.hint}."
+    )
+
+
+def explain_gradient_growth_recovery(
+    module: str, step: int, started: int | None, total_norm: float, baseline: float
+) -> str:
+    return (
+        f"recovered: the total gradient norm of {module} is back near its pre-episode median at step {step} "
+        f"(since step {started}): {_format(total_norm)} against {_format(baseline)}"
+    )
+
+
+def explain_nonfinite_context(
+    reading: JacobianReading | None, growth_start: int | None, config: DetectionConfig
+) -> str | None:
+    """What a non-finite alert adds when it follows an explosion: the same cause and fix, or None."""
+    if reading is not None and reading.verdict is Verdict.EXPLODING:
+        return (
+            f"it follows an exploding measurement ({_reading_text(reading)}): {reading.cause}. "
+            f"Hint: {reading.hint}"
+        )
+    if growth_start is not None:
+        contract = (
+            f" while the step Jacobians contract ({_reading_text(reading)}), so the cause is the loss scale "
+            "or the learning rate, not the recurrence"
+            if reading is not None
+            else ""
+        )
+        return (
+            f"it follows exploding gradient norms since step {growth_start}{contract}. Hint: lower the "
+            "learning rate, clip gradients"
+        )
+    return None
 
 
 def explain_recovery(

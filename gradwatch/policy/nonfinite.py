@@ -112,8 +112,13 @@ class NonFiniteTracker:
         direction: Direction = "forward",
         rank: int = 0,
         run_id: str = "",
+        context: str | None = None,
     ) -> list[Alert]:
-        """Feed one step's per-parameter non-finite element counts of a module; returns [] or one Alert."""
+        """Feed one step's per-parameter non-finite element counts of a module; returns [] or one Alert.
+
+        ``context`` (from ``explain_nonfinite_context``) says what explosion the NaN/Inf follows, with its
+        cause and fix; it replaces the generic hint.
+        """
         if not isinstance(counts, Mapping):
             raise TypeError(
                 f"counts must map parameter name -> non-finite element count, got {type(counts).__name__}"
@@ -131,11 +136,18 @@ class NonFiniteTracker:
         if summary is not None:
             self._episodes[key] = step
             names = ", ".join(summary.parameters)
-            message = (
+            head = (
                 f"non-finite gradients in {module} at step {step}: {summary.total} NaN/Inf element(s) in "
-                f"parameter(s) {names}. Hint: lower the learning rate, clip gradients, check the loss and "
-                "inputs for NaN/Inf; nonfinite='skip' skips such optimizer steps, 'raise' stops training"
+                f"parameter(s) {names}"
             )
+            policy = "nonfinite='skip' skips such optimizer steps, 'raise' stops training"
+            if context is None:
+                message = (
+                    f"{head}. Hint: lower the learning rate, clip gradients, check the loss and inputs for "
+                    f"NaN/Inf; {policy}"
+                )
+            else:
+                message = f"{head}; {context}; {policy}"
             return [Alert(alert=AlertKind.NONFINITE, value=float(summary.total), message=message, **common)]
         del self._episodes[key]
         message = f"recovered: gradients of {module} are finite again at step {step} (since step {started})"

@@ -15,7 +15,13 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from gradwatch.policy.evidence import Evidence, Verdict, growth_rate, longest_lag_norm, total_gradient_norm
-from gradwatch.policy.explain import explain_alert, explain_recovery
+from gradwatch.policy.explain import (
+    cause_and_hint,
+    explain_alert,
+    explain_gradient_growth,
+    explain_gradient_growth_recovery,
+    explain_recovery,
+)
 from gradwatch.records import Alert, AlertKind, Direction, Measurement
 
 LayerKey = tuple[str, int, str]
@@ -32,6 +38,10 @@ class DetectionConfig:
     per-step decay leaves the whole-sequence gradient intact) from alerting.
     The gradient-norm spike test (exploding) is a z-score on the log of the total gradient norm with an EMA
     mean/variance, as in ZClip, after ``gradient_warmup`` measurements of the layer.
+    An exploding product beyond ``exploding_extreme_lag_norm`` (or beyond the float range) alerts at once,
+    without patience: it is not a borderline trend, and the run may be NaN by the next measurement.
+    The gradient-growth test runs on every step (``observe_gradient_norms``): the module's total gradient
+    norm above ``gradient_growth_factor`` x the median of its last ``gradient_growth_window`` finite norms.
     """
 
     patience: int = 3
@@ -40,12 +50,17 @@ class DetectionConfig:
     vanishing_lag_norm: float = 1e-3
     exploding_growth_rate: float = 0.02
     exploding_lag_norm: float = 100.0
+    exploding_extreme_lag_norm: float = 1e4
     gradient_spike_test: bool = True
     gradient_z_threshold: float = 3.0
     gradient_spike_factor: float = 10.0
     gradient_warmup: int = 10
     gradient_ema_alpha: float = 0.9
     clip_history: int = 50
+    gradient_growth_test: bool = True
+    gradient_growth_factor: float = 1e3
+    gradient_growth_window: int = 25
+    gradient_growth_min_history: int = 3
 
     def __post_init__(self) -> None:
         def require(condition: bool, name: str, accepted: str) -> None:
@@ -54,7 +69,13 @@ class DetectionConfig:
                     f"DetectionConfig.{name}={getattr(self, name)!r} is invalid: expected {accepted}"
                 )
 
-        for name in ("patience", "recovery_patience", "clip_history"):
+        for name in (
+            "patience",
+            "recovery_patience",
+            "clip_history",
+            "gradient_growth_window",
+            "gradient_growth_min_history",
+        ):
             value = getattr(self, name)
             require(
                 isinstance(value, int) and not isinstance(value, bool) and value >= 1, name, "an integer >= 1"
@@ -70,6 +91,8 @@ class DetectionConfig:
             "exploding_lag_norm",
             "gradient_z_threshold",
             "gradient_spike_factor",
+            "exploding_extreme_lag_norm",
+            "gradient_growth_factor",
         ):
             value = getattr(self, name)
             require(
@@ -84,6 +107,17 @@ class DetectionConfig:
         )
         require(self.vanishing_lag_norm < 1, "vanishing_lag_norm", "a number < 1")
         require(self.exploding_lag_norm > 1, "exploding_lag_norm", "a number > 1")
+        require(
+            self.exploding_extreme_lag_norm >= self.exploding_lag_norm,
+            "exploding_extreme_lag_norm",
+            "a number >= exploding_lag_norm",
+        )
+        require(self.gradient_growth_factor > 1, "gradient_growth_factor", "a number > 1")
+        require(
+            self.gradient_growth_min_history <= self.gradient_growth_window,
+            "gradient_growth_min_history",
+            "an integer <= gradient_growth_window",
+        )
         require(0 < self.gradient_ema_alpha < 1, "gradient_ema_alpha", "a number strictly between 0 and 1")
 
     @property
@@ -94,7 +128,12 @@ class DetectionConfig:
     @classmethod
     def for_diagnosis(cls, **overrides: Any) -> DetectionConfig:
         """One-shot pre-flight diagnosis: one measurement per layer decides (no patience, no spike test)."""
-        settings: dict[str, Any] = {"patience": 1, "recovery_patience": 1, "gradient_spike_test": False}
+        settings: dict[str, Any] = {
+            "patience": 1,
+            "recovery_patience": 1,
+            "gradient_spike_test": False,
+            "gradient_growth_test": False,
+        }
         settings.update(overrides)
         return cls(**settings)
 
@@ -140,6 +179,80 @@ class GradientNormStatistics:
         self.variance = alpha * self.variance + (1 - alpha) * (value - self.mean) ** 2
 
 
+@dataclass(frozen=True)
+class JacobianReading:
+    """The raw Jacobian-product verdict of a layer's latest measurement, with its cause and fix in words.
+
+    The non-finite and gradient-growth alerts quote it: a NaN that follows an exploding product has the
+    product's cause; a growing gradient whose Jacobians contract does not come from the recurrence.
+    """
+
+    step: int
+    layer: int
+    direction: str
+    verdict: Verdict
+    growth_rate: float | None
+    longest_lag: int | None
+    longest_lag_norm: float | None
+    cause: str
+    hint: str
+
+    def to_json(self) -> dict[str, Any]:
+        def finite(value: float | None) -> float | str | None:
+            return value if value is None or math.isfinite(value) else repr(value)  # "inf" / "-inf"
+
+        return {
+            "step": self.step, "layer": self.layer, "direction": self.direction,
+            "verdict": self.verdict.value, "growth_rate": finite(self.growth_rate),
+            "longest_lag": self.longest_lag, "longest_lag_norm": finite(self.longest_lag_norm),
+            "cause": self.cause, "hint": self.hint,
+        }  # fmt: skip
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> JacobianReading:
+        def number(value: object) -> float | None:
+            return None if value is None else float(value)  # type: ignore[arg-type]
+
+        return cls(
+            step=int(data["step"]),
+            layer=int(data["layer"]),
+            direction=str(data["direction"]),
+            verdict=Verdict(data["verdict"]),
+            growth_rate=number(data["growth_rate"]),
+            longest_lag=None if data["longest_lag"] is None else int(data["longest_lag"]),
+            longest_lag_norm=number(data["longest_lag_norm"]),
+            cause=str(data["cause"]),
+            hint=str(data["hint"]),
+        )
+
+
+@dataclass
+class GradientGrowthState:
+    """Per module: recent log total gradient norms (every step) and the open growth episode, if any."""
+
+    history: deque[float] = field(default_factory=deque)
+    episode_start: int | None = None
+    baseline: float | None = None  # log median when the episode started
+    calm_streak: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "history": list(self.history),
+            "episode_start": self.episode_start,
+            "baseline": self.baseline,
+            "calm_streak": self.calm_streak,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], window: int) -> GradientGrowthState:
+        return cls(
+            history=deque((float(v) for v in data["history"]), maxlen=window),
+            episode_start=None if data["episode_start"] is None else int(data["episode_start"]),
+            baseline=None if data["baseline"] is None else float(data["baseline"]),
+            calm_streak=int(data["calm_streak"]),
+        )
+
+
 @dataclass
 class LayerState:
     """Everything the detector remembers about one (module, layer, direction)."""
@@ -152,9 +265,11 @@ class LayerState:
     streak: int = 0
     gradient: GradientNormStatistics = field(default_factory=GradientNormStatistics)
     healthy_gradient_norms: deque[float] = field(default_factory=deque)
+    latest: JacobianReading | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "latest": None if self.latest is None else self.latest.to_json(),
             "episode": self.episode.value,
             "episode_start": self.episode_start,
             "episode_metric": self.episode_metric,
@@ -182,6 +297,7 @@ class LayerState:
                 variance=float(data["gradient_variance"]),
             ),
             healthy_gradient_norms=deque((float(v) for v in data["healthy_gradient_norms"]), maxlen=history),
+            latest=None if data.get("latest") is None else JacobianReading.from_json(data["latest"]),
         )
 
 
@@ -209,6 +325,7 @@ class TrendDetector:
             raise TypeError(f"config must be a DetectionConfig or None, got {type(config).__name__}")
         self.config = config or DetectionConfig()
         self._states: dict[LayerKey, LayerState] = {}
+        self._growth: dict[str, GradientGrowthState] = {}
 
     def verdict(self, module: str, layer: int = 0, direction: Direction = "forward") -> Verdict:
         """The current episode of a layer (HEALTHY when none, or never seen)."""
@@ -240,6 +357,7 @@ class TrendDetector:
         evidence = self._classify(measurement, state)
         if evidence.verdict is Verdict.UNKNOWN:
             return []
+        extreme = evidence.verdict is Verdict.EXPLODING and self._is_extreme(evidence)
         if evidence.verdict is state.episode:
             state.candidate, state.streak = state.episode, 0
             return []
@@ -250,6 +368,8 @@ class TrendDetector:
         needed = (
             self.config.recovery_patience if evidence.verdict is Verdict.HEALTHY else self.config.patience
         )
+        if extreme:
+            needed = 1  # far past the threshold: no borderline trend to confirm, the next step may be NaN
         if state.streak < needed:
             return []
         return [self._transition(measurement, state, evidence)]
@@ -257,6 +377,23 @@ class TrendDetector:
     def _classify(self, measurement: Measurement, state: LayerState) -> Evidence:
         """Raw verdict of one measurement; also advances the gradient-norm statistics."""
         evidence = classify_jacobian_products(measurement, self.config)
+        if evidence.verdict is not Verdict.UNKNOWN:
+            cause, hint = cause_and_hint(
+                measurement.metrics,
+                evidence.verdict,
+                self.suggested_clip_norm(measurement.module, measurement.layer, measurement.direction),
+            )
+            state.latest = JacobianReading(
+                step=measurement.step,
+                layer=measurement.layer,
+                direction=measurement.direction,
+                verdict=evidence.verdict,
+                growth_rate=evidence.growth_rate,
+                longest_lag=evidence.longest_lag,
+                longest_lag_norm=evidence.longest_lag_norm,
+                cause=cause,
+                hint=hint,
+            )
         total = total_gradient_norm(measurement.metrics.grad_norm)
         if total is None or total <= 0 or not self.config.gradient_spike_test:
             if total is not None and total > 0 and evidence.verdict is Verdict.HEALTHY:
@@ -272,6 +409,8 @@ class TrendDetector:
             and total > spike_threshold
         )
         state.gradient.update(log_norm, self.config)
+        if self.growth_episode_open(measurement.module):
+            spike = False  # the every-step growth test already alerted on this explosion: one alert, not two
         if spike and evidence.verdict is not Verdict.EXPLODING:
             return replace(
                 evidence,
@@ -284,6 +423,116 @@ class TrendDetector:
         if evidence.verdict is Verdict.HEALTHY:
             state.healthy_gradient_norms.append(total)
         return replace(evidence, grad_z_score=z_score)
+
+    def _is_extreme(self, evidence: Evidence) -> bool:
+        """An exploding product far past the threshold, or beyond the float range (inf lag or rate)."""
+        if evidence.metric != "lyapunov_max":
+            return False
+        lag, rate = evidence.longest_lag_norm, evidence.growth_rate
+        return (lag is not None and lag > self.config.exploding_extreme_lag_norm) or (
+            rate is not None and math.isinf(rate)
+        )
+
+    def latest_jacobian_reading(self, module: str) -> JacobianReading | None:
+        """The module's most recent Jacobian verdict (over its layers: exploding before vanishing before
+        healthy at the same step), or None before its first measurement."""
+        readings = [
+            state.latest for (name, _, _), state in self._states.items() if name == module and state.latest
+        ]
+        if not readings:
+            return None
+        rank = {Verdict.EXPLODING: 2, Verdict.VANISHING: 1}
+        return max(readings, key=lambda r: (r.step, rank.get(r.verdict, 0)))  # type: ignore[union-attr]
+
+    def growth_episode_open(self, module: str) -> bool:
+        """Whether the every-step gradient-growth test has an open episode for the module."""
+        growth = self._growth.get(module)
+        return growth is not None and growth.episode_start is not None
+
+    def growth_episode_start(self, module: str) -> int | None:
+        growth = self._growth.get(module)
+        return None if growth is None else growth.episode_start
+
+    def observe_gradient_norms(
+        self,
+        step: int,
+        module: str,
+        total_norm: float | None,
+        *,
+        time: float,
+        rank: int = 0,
+        run_id: str = "",
+    ) -> list[Alert]:
+        """Feed one step's total gradient norm of a module (every step); returns [] or one Alert.
+
+        Exploding when log(norm) exceeds the median of the last ``gradient_growth_window`` finite log
+        norms by log(``gradient_growth_factor``): a median is robust to the normal early-training decline
+        and to single spikes. The baseline is frozen during the episode; it ends (``recovered``) after
+        ``recovery_patience`` steps back below sqrt(factor) x that baseline. Non-finite or zero norms are
+        skipped (the non-finite tracker reports NaN/Inf).
+        """
+        config = self.config
+        if not config.gradient_growth_test or total_norm is None:
+            return []
+        if not math.isfinite(total_norm) or total_norm <= 0:
+            return []
+        growth = self._growth.setdefault(
+            module, GradientGrowthState(history=deque(maxlen=config.gradient_growth_window))
+        )
+        log_norm = math.log(total_norm)
+        trigger = math.log(config.gradient_growth_factor)
+        common: dict[str, Any] = {
+            "step": step, "time": time, "module": module, "layer": 0, "direction": "forward",
+            "metric": "grad_norm_growth", "rank": rank, "run_id": run_id,
+        }  # fmt: skip
+        if growth.episode_start is not None:
+            assert growth.baseline is not None
+            if log_norm - growth.baseline < trigger / 2:
+                growth.calm_streak += 1
+            else:
+                growth.calm_streak = 0
+            if growth.calm_streak < config.recovery_patience:
+                return []
+            started, baseline = growth.episode_start, math.exp(growth.baseline)
+            growth.episode_start, growth.baseline, growth.calm_streak = None, None, 0
+            growth.history.clear()
+            growth.history.append(log_norm)
+            message = explain_gradient_growth_recovery(module, step, started, total_norm, baseline)
+            return [
+                Alert(
+                    alert=AlertKind.RECOVERED,
+                    value=total_norm,
+                    threshold=baseline * config.gradient_growth_factor,
+                    message=message,
+                    **common,
+                )
+            ]
+        if len(growth.history) < config.gradient_growth_min_history:
+            growth.history.append(log_norm)
+            return []
+        median = statistics.median(growth.history)
+        if log_norm - median <= trigger:
+            growth.history.append(log_norm)
+            return []
+        growth.episode_start, growth.baseline, growth.calm_streak = step, median, 0
+        message = explain_gradient_growth(
+            module,
+            step,
+            total_norm,
+            math.exp(median),
+            len(growth.history),
+            config,
+            self.latest_jacobian_reading(module),
+        )
+        return [
+            Alert(
+                alert=AlertKind.EXPLODING,
+                value=total_norm,
+                threshold=math.exp(median) * config.gradient_growth_factor,
+                message=message,
+                **common,
+            )
+        ]
 
     def _transition(self, measurement: Measurement, state: LayerState, evidence: Evidence) -> Alert:
         """End the current episode or start a new one, and describe it as an Alert."""
@@ -333,8 +582,9 @@ class TrendDetector:
         return evidence.growth_rate
 
     def reset(self) -> None:
-        """Forget every layer (episodes, streaks, gradient statistics)."""
+        """Forget every layer (episodes, streaks, gradient statistics) and every module's growth history."""
         self._states.clear()
+        self._growth.clear()
 
     def state_dict(self) -> dict[str, Any]:
         """Plain JSON-able state: {"layers": [{"module", "layer", "direction", "state": {...}}, ...]}."""
@@ -342,7 +592,8 @@ class TrendDetector:
             "layers": [
                 {"module": module, "layer": layer, "direction": direction, "state": state.to_json()}
                 for (module, layer, direction), state in self._states.items()
-            ]
+            ],
+            "growth": {module: growth.to_json() for module, growth in self._growth.items()},
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -355,8 +606,12 @@ class TrendDetector:
                 )
                 for entry in layers
             }
+            growth = {
+                str(module): GradientGrowthState.from_json(data, self.config.gradient_growth_window)
+                for module, data in state_dict.get("growth", {}).items()
+            }
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(
                 f"not a TrendDetector state_dict (expected {{'layers': [...]}}): {exc!r}"
             ) from exc
-        self._states = states
+        self._states, self._growth = states, growth

@@ -20,7 +20,7 @@ def total_grad_norm(metrics: MeasurementMetrics) -> float | None:
     norms = list(metrics.grad_norm.values())
     if not norms or any(n is None or not math.isfinite(n) for n in norms):
         return None
-    return math.sqrt(sum(n * n for n in norms))  # type: ignore[operator]
+    return math.hypot(*norms)  # type: ignore[arg-type]  # no overflow where squares would be inf
 
 
 def longest_lag(measurements: Iterable[Measurement]) -> str | None:

@@ -130,10 +130,7 @@ def _verdict_from_alerts(alerts: Sequence[Alert], *, name_ranks: bool) -> _Alert
             continue
         verdict = Verdict(current.alert.value)
         if SEVERITY[verdict] > SEVERITY[worst.verdict]:
-            evidence = "" if current.value is None else f" ({current.metric} = {current.value:.3g}"
-            if evidence and current.threshold is not None:
-                evidence += f", threshold {current.threshold:.3g}"
-            evidence += ")" if evidence else ""
+            evidence = _alert_evidence(current)
             since = f" (episode since step {episode_start})" if episode_start != current.step else ""
             reason = (
                 f"{verdict.value} alert at step {current.step}{where}{evidence}{since}, still open at the end"
@@ -142,9 +139,34 @@ def _verdict_from_alerts(alerts: Sequence[Alert], *, name_ranks: bool) -> _Alert
     return _AlertOutcome(worst.verdict, worst.reason, worst.episode_start, tuple(recovered), last_recovery)
 
 
+def _alert_evidence(alert: Alert) -> str:
+    """The " (metric = value, threshold t)" evidence, or words when the value is not a number one can read.
+
+    A vanishing/exploding alert on ``lyapunov_max`` has a finite value unless the product of Jacobians
+    collapsed to exactly 0 (-inf) or overflowed (+inf); the run log writes both as null, and no other
+    verdict of that metric has a null value, so null is read the same way.
+    """
+    value = alert.value
+    if alert.metric == "lyapunov_max" and (value is None or math.isinf(value)):
+        if alert.alert == AlertKind.VANISHING:
+            return " (the product of step Jacobians collapses to 0 within one step: lyapunov_max = -inf)"
+        if alert.alert == AlertKind.EXPLODING:
+            return " (the product of step Jacobians overflows the float range: lyapunov_max = +inf)"
+    if value is None:
+        return ""
+    evidence = f" ({alert.metric} = {value:.3g}"
+    if alert.threshold is not None:
+        evidence += f", threshold {alert.threshold:.3g}"
+    return evidence + ")"
+
+
 def _nonfinite_reason(nonfinite: Sequence[Measurement]) -> str:
+    """grad_nonfinite counts NaN/Inf elements; logs of gradwatch <= 0.1.0 counted non-finite float32 norms,
+    which includes huge finite gradients whose norm overflowed (docs/log-schema.md). Both are > 0 only
+    when a grad_norm entry is null, so the rule is the same and the wording covers both."""
     return (
-        f"{len(nonfinite)} measurement(s) with non-finite gradients (grad_nonfinite > 0), "
+        f"{len(nonfinite)} measurement(s) with non-finite gradients (grad_nonfinite > 0: NaN/Inf gradient "
+        "elements, or in logs of gradwatch <= 0.1.0 gradient norms beyond the float32 range), "
         f"first at step {nonfinite[0].step}"
     )
 
