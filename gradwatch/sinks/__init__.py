@@ -4,5 +4,6 @@ from gradwatch.sinks.base import Sink
 from gradwatch.sinks.jsonl import JsonlSink
 from gradwatch.sinks.logs import LoggingSink
 from gradwatch.sinks.prometheus import PrometheusSink
+from gradwatch.sinks.tensorboard import TensorBoardSink
 
-__all__ = ["JsonlSink", "LoggingSink", "PrometheusSink", "Sink"]
+__all__ = ["JsonlSink", "LoggingSink", "PrometheusSink", "Sink", "TensorBoardSink"]
