@@ -121,6 +121,11 @@ def report(
 ) -> None:
     """Summarise gradwatch run logs (files, directories of *.jsonl, globs) and give a verdict per layer."""
     if output_format == "tensorboard":
+        if modules or steps != StepRange() or metrics or merge_ranks or fail_on:
+            raise click.UsageError(
+                "--format tensorboard converts whole logs: --module, --steps, --metric, --merge-ranks and "
+                "--fail-on do not apply (filter in TensorBoard)"
+            )
         ctx.exit(_export_tensorboard(list(paths), output, follow=follow))
     options = ReportOptions(
         modules=modules,

@@ -208,6 +208,10 @@ def test_report_converter_reads_logs_without_histograms_and_needs_an_output(tmp_
     empty.write_text("")
     nothing = runner.invoke(main, ["report", "--format", "tensorboard", "-o", str(out), str(empty)])
     assert nothing.exit_code == 2 and "no usable record" in nothing.output
+    filtered = runner.invoke(
+        main, ["report", "--format", "tensorboard", "-o", str(out), "--steps", "0:2", str(old)]
+    )
+    assert filtered.exit_code == 2 and "--steps" in filtered.output and "do not apply" in filtered.output
 
 
 def test_histogram_matches_exact_step_jacobian_norms() -> None:

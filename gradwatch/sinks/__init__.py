@@ -1,4 +1,4 @@
-"""Sinks: where records go (run log, Prometheus, logging)."""
+"""Sinks: where records go (run log, Prometheus, TensorBoard, logging)."""
 
 from gradwatch.sinks.base import Sink
 from gradwatch.sinks.jsonl import JsonlSink
