@@ -23,6 +23,7 @@ from gradwatch.sinks.tensorboard import (
     LAG_LAYOUT_CATEGORY,
     TensorBoardSink,
     clip_scalars,
+    lag_curve_image,
     layer_tag_prefix,
     measurement_scalars,
 )
@@ -184,7 +185,21 @@ def test_report_converter_writes_the_same_events(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     run_id = lines[0]["run_id"]
     assert [p.name for p in out.iterdir()] == [run_id]
-    _check_events_equal_log(_accumulator(out / run_id), lines)
+    converted = _accumulator(out / run_id)
+    _check_events_equal_log(converted, lines)
+    # the converter also draws each measurement's lag-norm decay curve (the live sink leaves it off)
+    expected_images: dict[str, list[int]] = {}
+    for m in (line for line in lines if line["kind"] == "measurement"):
+        if sum(1 for v in m["metrics"]["lag_norm"].values() if v) >= 2:
+            prefix = layer_tag_prefix(m["module"], m["layer"], m["direction"])
+            expected_images.setdefault(f"{prefix}/lag_norm_curve", []).append(m["step"])
+    assert expected_images
+    assert sorted(converted.Tags()["images"]) == sorted(expected_images)
+    for tag, steps in expected_images.items():
+        images = converted.Images(tag)
+        assert [e.step for e in images] == steps
+        assert (images[0].width, images[0].height) == (360, 240)
+    assert _accumulator(tmp_path / "tb").Tags()["images"] == []
 
 
 def test_report_converter_reads_logs_without_histograms_and_needs_an_output(tmp_path: Path) -> None:
@@ -288,6 +303,44 @@ def test_histogram_field_round_trips_and_old_metrics_stay_readable() -> None:
                 },
             }
         )
+
+
+def test_lag_curve_image_draws_the_points_it_has() -> None:
+    assert lag_curve_image({"1": 2.0, "2": None, "T-1": 3.0}) is None  # one finite numbered lag: no curve
+    image = lag_curve_image({"1": 0.8, "2": 0.5, "4": 0.2, "8": 0.03, "16": 1e-4})
+    assert image.shape == (240, 360, 3) and image.dtype == np.uint8
+    orange = (image[..., 0] > 200) & (image[..., 1] < 120) & (image[..., 2] < 60)
+    rows, columns = np.nonzero(orange)
+    # tau=1 (norm 0.8, near the top) is left and high, tau=16 (1e-4, the lowest value) right and low
+    assert columns.min() < 70 and columns.max() > 330
+    assert rows[columns.argmin()] < 40 and rows[columns.argmax()] > 190
+
+
+def test_events_arrive_within_flush_secs_without_close(tmp_path: Path) -> None:
+    """flush() (called by the monitor after every measurement) leaves the writing to SummaryWriter's thread,
+    which flushes by itself every flush_secs: the events are readable without close()."""
+    import time
+
+    log, _ = _train(tmp_path)
+    from gradwatch.records import record_from_json
+
+    sink = TensorBoardSink(tmp_path / "live", flush_secs=1)
+    records = [record_from_json(line) for line in _lines(log)]
+    for record in records:
+        sink.write(record)
+    sink.flush()
+    deadline = time.monotonic() + 20
+    try:
+        while True:  # the writer's timer may fire while it is still writing: retry until all is there
+            try:
+                _check_events_equal_log(_accumulator(tmp_path / "live"), _lines(log))
+                break
+            except (AssertionError, KeyError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.3)
+    finally:
+        sink.close()
 
 
 def test_sink_refuses_a_file_as_log_dir(tmp_path: Path) -> None:

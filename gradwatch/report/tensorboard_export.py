@@ -2,9 +2,10 @@
 
 The records are read with the report's tolerant reader and written through the same
 :class:`~gradwatch.sinks.tensorboard.TensorBoardSink` a live run uses, so an exported run has exactly the
-tags, steps and wall times it would have had with ``watch(..., tensorboard=DIR)``. Each run (``run_id``)
-becomes its own TensorBoard run, ``DIR/<run_id>``, and rank r > 0 of it ``DIR/<run_id>/rank<r>``; records
-that combine all ranks (rank -1) go with rank 0's.
+tags, steps and wall times it would have had with ``watch(..., tensorboard=DIR)``, plus the lag-norm
+decay-curve images (``lag_images=True``; a live run leaves them off). Each run (``run_id``) becomes its
+own TensorBoard run, ``DIR/<run_id>``, and rank r > 0 of it ``DIR/<run_id>/rank<r>``; records that combine
+all ranks (rank -1) go with rank 0's.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def export_tensorboard(paths: list[str], out_dir: str | os.PathLike[str]) -> Exp
             directory = run_directory(out, record.run_id, rank)
             sink = sinks.get(directory)
             if sink is None:
-                sink = sinks[directory] = TensorBoardSink(directory)
+                sink = sinks[directory] = TensorBoardSink(directory, lag_images=True)
             sink.write(record)
             key = str(directory.relative_to(out))
             result.runs[key] = result.runs.get(key, 0) + (0 if isinstance(record, RunHeader) else 1)
