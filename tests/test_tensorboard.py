@@ -366,3 +366,13 @@ def test_sink_close_is_idempotent_and_flushes(tmp_path: Path) -> None:
     _check_events_equal_log(_accumulator(tmp_path / "again"), _lines(log))
     with pytest.raises(RuntimeError, match="closed"):
         sink.write(records[0])
+
+
+def test_missing_tensorboard_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import of it raises ImportError
+    with pytest.raises(ImportError, match=r"pip install 'gradwatch\[tensorboard\]'"):
+        TensorBoardSink(tmp_path / "tb")
+    with pytest.raises(ImportError, match=r"gradwatch\[tensorboard\]"):
+        gradwatch.watch(nn.RNN(2, 3), tensorboard=tmp_path / "tb")
