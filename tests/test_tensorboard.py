@@ -30,8 +30,8 @@ from gradwatch.sinks.tensorboard import (
 
 
 def _exploding_lstm() -> nn.Module:
-    """A 2-layer bidirectional LSTM (every tag dimension) whose first layer's forward RNN ... plus an
-    exploding ReLU RNN in the same model so that an alert is raised."""
+    """A 2-layer bidirectional LSTM (every layer/direction of the tag layout) feeding a ReLU RNN with
+    W_hh = 1.5 I (every J_t = 1.5 I: exploding), so that the run has alerts."""
 
     class Model(nn.Module):
         def __init__(self) -> None:
