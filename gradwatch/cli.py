@@ -45,21 +45,41 @@ def _parse_fail_on(
         raise click.BadParameter(str(exc)) from None
 
 
+def _export_tensorboard(paths: list[str], output: Path | None, *, follow: bool) -> int:
+    """``--format tensorboard``: convert the logs to event files under ``-o DIR``; 2 if nothing was read."""
+    from gradwatch.report.tensorboard_export import export_tensorboard
+
+    if output is None or follow:
+        raise click.UsageError("--format tensorboard needs -o DIR (the event file directory) and no --follow")
+    try:
+        result = export_tensorboard(paths, output)
+    except (ValueError, ImportError, OSError) as exc:
+        raise _OutputError(f"cannot write TensorBoard events to {str(output)!r}: {exc}") from None
+    for problem in result.problems:
+        click.echo(f"gradwatch report: {problem}", err=True)
+    for run, count in result.runs.items():
+        click.echo(f"gradwatch report: {count} record(s) -> {output / run}", err=True)
+    if not result.runs:
+        click.echo("gradwatch report: no usable record was read", err=True)
+        return command.EXIT_NOTHING_READ
+    return command.EXIT_OK
+
+
 @main.command("report")
 @click.argument("paths", nargs=-1, required=True, metavar="PATH...")
 @click.option(
     "--format",
     "output_format",
-    type=click.Choice(["text", "json", "markdown", "html"]),
+    type=click.Choice(["text", "json", "markdown", "html", "tensorboard"]),
     default="text",
     show_default=True,
-    help="Output format.",
+    help="Output format (tensorboard: event files in the directory given by -o).",
 )
 @click.option(
     "--output",
     "-o",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Write the report to this file instead of stdout.",
+    type=click.Path(path_type=Path),
+    help="Write the report to this file instead of stdout (--format tensorboard: this directory).",
 )
 @click.option(
     "--module", "modules", multiple=True, help="Only modules matching this name or glob (repeatable)."
@@ -100,6 +120,13 @@ def report(
     follow_timeout: float | None,
 ) -> None:
     """Summarise gradwatch run logs (files, directories of *.jsonl, globs) and give a verdict per layer."""
+    if output_format == "tensorboard":
+        if modules or steps != StepRange() or metrics or merge_ranks or fail_on:
+            raise click.UsageError(
+                "--format tensorboard converts whole logs: --module, --steps, --metric, --merge-ranks and "
+                "--fail-on do not apply (filter in TensorBoard)"
+            )
+        ctx.exit(_export_tensorboard(list(paths), output, follow=follow))
     options = ReportOptions(
         modules=modules,
         steps=steps,

@@ -103,6 +103,8 @@ def combine_metrics(per_rank: Sequence[MeasurementMetrics]) -> MeasurementMetric
         if name in ("lag_norm", "grad_norm"):
             keys = sorted({k for v in values for k in v}, key=lambda k: (len(k), k))
             combined[name] = {k: _reduce([v.get(k) for v in values], "mean") for k in keys}
+        elif name == "jacobian_sigma_max_histogram":
+            combined[name] = None  # each rank's buckets span its own min..max: no common bucket edges
         elif name in ("grad_nonfinite", "sequences"):
             combined[name] = int(sum(v or 0 for v in values))
         elif name in ("jacobian_iterations", "time_steps"):

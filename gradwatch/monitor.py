@@ -1049,6 +1049,7 @@ def watch(
     clip_mode: ClipMode = "always",
     nonfinite: NonFinitePolicy | str = "warn",
     prometheus: int | str | bool | None = None,
+    tensorboard: str | os.PathLike[str] | None = None,
     sinks: Iterable[Sink] = (),
     detection: DetectionConfig | None = None,
     estimator: EstimatorSettings | None = None,
@@ -1072,6 +1073,8 @@ def watch(
     ``clip``: None, a max norm (as ``clip_grad_norm_``), ``"auto"`` (ZClip) or a ClipPolicy.
     ``nonfinite``: "warn", "raise" or "skip" (the optimizer step does not happen).
     ``prometheus``: a port (0 = any free one), "host:port" or "push://host:port".
+    ``tensorboard``: a directory for TensorBoard event files (rank r > 0 writes ``DIR/rank<r>``; needs
+    ``pip install 'gradwatch[tensorboard]'``).
     Under torch.distributed every rank measures its own batch; ``log_ranks="all"`` writes one log per rank
     (``NAME.rank<r>.jsonl`` for r > 0), ``"zero"`` only rank 0's. ``run_id`` defaults to rank 0's new id.
     ``global_view=True`` adds, on rank 0, records of rank -1 that combine every rank's measurement.
@@ -1138,6 +1141,10 @@ def watch(
             from gradwatch.sinks.prometheus import PrometheusSink
 
             all_sinks.append(PrometheusSink.from_spec(prometheus, run_id=run_id, rank=rank))
+        if tensorboard is not None and writes_log(log_ranks, rank):
+            from gradwatch.sinks.tensorboard import TensorBoardSink
+
+            all_sinks.append(TensorBoardSink(tensorboard if rank == 0 else Path(tensorboard, f"rank{rank}")))
     except Exception:
         for sink in all_sinks:
             sink.close()

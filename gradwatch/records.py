@@ -42,6 +42,51 @@ def _finite_or_none(value: float | None) -> float | None:
 
 
 @dataclass(frozen=True)
+class SigmaHistogram:
+    """A fixed-bin histogram of the per-step values sigma_max(J_t) of one measurement.
+
+    ``edges`` are the ``len(counts) + 1`` bucket edges: equal-width buckets from the smallest to the largest
+    measured value (so the record stays a few hundred bytes however many steps were measured); bucket i
+    holds ``edges[i] <= value < edges[i+1]``, the last bucket also its right edge. ``total`` and
+    ``sum_squares`` are the sum of the values and of their squares (what a TensorBoard histogram carries).
+    """
+
+    edges: tuple[float, ...]
+    counts: tuple[int, ...]
+    total: float
+    sum_squares: float
+
+    def __post_init__(self) -> None:
+        if len(self.edges) != len(self.counts) + 1 or not self.counts:
+            raise RecordError(
+                f"a histogram needs len(edges) == len(counts) + 1 >= 2, got {len(self.edges)} edges and "
+                f"{len(self.counts)} counts"
+            )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "edges": [float(e) for e in self.edges],
+            "counts": [int(c) for c in self.counts],
+            "sum": float(self.total),
+            "sum_squares": float(self.sum_squares),
+        }
+
+    @classmethod
+    def from_json(cls, data: Any, name: str = "metrics.jacobian_sigma_max_histogram") -> SigmaHistogram:
+        if not isinstance(data, Mapping):
+            raise RecordError(f"'{name}' must be an object or null, got {type(data).__name__}")
+        edges, counts = data.get("edges"), data.get("counts")
+        if not isinstance(edges, list) or not isinstance(counts, list):
+            raise RecordError(f"'{name}' needs lists 'edges' and 'counts'")
+        return cls(
+            edges=tuple(_as_float(e, f"{name}.edges") for e in edges),
+            counts=tuple(_as_int(c, f"{name}.counts") for c in counts),
+            total=_as_float(data.get("sum"), f"{name}.sum"),
+            sum_squares=_as_float(data.get("sum_squares"), f"{name}.sum_squares"),
+        )
+
+
+@dataclass(frozen=True)
 class MeasurementMetrics:
     """What one measurement says about one layer and direction of one module.
 
@@ -69,6 +114,8 @@ class MeasurementMetrics:
     jacobian_iterations: int | None = None
     sequences: int | None = None
     time_steps: int | None = None
+    # Optional (absent in older logs): the distribution behind the jacobian_sigma_max_* summaries.
+    jacobian_sigma_max_histogram: SigmaHistogram | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -78,6 +125,8 @@ class MeasurementMetrics:
                 out[f.name] = {str(k): _finite_or_none(v) for k, v in value.items()}
             elif isinstance(value, float):
                 out[f.name] = _finite_or_none(value)
+            elif isinstance(value, SigmaHistogram):
+                out[f.name] = value.to_json()
             else:
                 out[f.name] = value
         return out
@@ -97,6 +146,8 @@ class MeasurementMetrics:
                 kwargs[f.name] = {
                     str(k): _as_optional_float(v, f"metrics.{f.name}.{k}") for k, v in value.items()
                 }
+            elif f.name == "jacobian_sigma_max_histogram":
+                kwargs[f.name] = None if value is None else SigmaHistogram.from_json(value)
             elif f.name in ("grad_nonfinite", "jacobian_iterations", "sequences", "time_steps"):
                 kwargs[f.name] = _as_optional_int(value, f"metrics.{f.name}")
             else:

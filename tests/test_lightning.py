@@ -242,3 +242,90 @@ def test_a_resumed_fit_measures_exactly_like_an_uninterrupted_one(tmp_path: Path
     assert got == expected
     state = resumed_callback.state_dict()
     assert all(isinstance(w["lags"], list) for w in state["warm_starts"].values())  # plain, weights_only
+
+
+def _csv_rows(path: Path) -> list[dict[str, str]]:
+    import csv
+
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.mark.parametrize("background", [False, True], ids=["inline", "background"])
+def test_log_to_trainer_sends_every_scalar_to_the_csv_logger(tmp_path: Path, background: bool) -> None:
+    """Every scalar of every measurement (the TensorBoard tags) is a CSVLogger column, at the global step
+    of the measured optimizer step, with the run log's value; a background measurement too."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    from gradwatch.sinks.tensorboard import measurement_scalars
+
+    log = tmp_path / "exp.jsonl"
+    model = SequenceRegressor(nn.LSTM(3, 6, num_layers=2, batch_first=True), 6)
+    callback = GradWatchCallback(log=log, every=2, log_to_trainer=True, background=background)
+    csv_logger = CSVLogger(tmp_path / "csv", name="", version="")
+    trainer = pl.Trainer(
+        max_steps=5,
+        accelerator="cpu",
+        devices=1,
+        callbacks=[callback],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=csv_logger,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=1,
+    )
+    trainer.fit(model, _loader(batches=5))
+
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    expected: dict[tuple[int, str], float] = {}
+    for line in lines:
+        if line["kind"] == "measurement":
+            expected.update({(line["step"], tag): value for tag, value in measurement_scalars(line)})
+    assert sorted({step for step, _ in expected}) == [0, 2, 4]
+    rows = _csv_rows(Path(csv_logger.log_dir) / "metrics.csv")
+    logged = {
+        (int(row["step"]), tag): float(value)
+        for row in rows
+        for tag, value in row.items()
+        if value and tag.startswith("gradwatch/")
+    }
+    assert logged == expected  # the optimizer step s has trainer.global_step s (no accumulation)
+    assert "gradwatch/rnn/L1/forward/lyapunov_max" in rows[0]
+    assert "gradwatch/rnn/L0/forward/lag_norm/1" in rows[0]
+
+
+def test_log_to_trainer_must_be_a_bool() -> None:
+    with pytest.raises(TypeError, match="log_to_trainer must be True or False"):
+        GradWatchCallback(log_to_trainer="yes")  # type: ignore[arg-type]
+
+
+def test_a_failing_trainer_logger_degrades_to_a_warning(tmp_path: Path) -> None:
+    from lightning.pytorch.loggers import Logger
+
+    class BrokenLogger(Logger):
+        name = "broken"
+        version = "0"
+
+        def log_hyperparams(self, params: object, *args: object, **kwargs: object) -> None:
+            pass
+
+        def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+            if any(key.startswith("gradwatch/") for key in metrics):
+                raise RuntimeError("logger down")
+
+    model = SequenceRegressor(nn.GRU(3, 5, batch_first=True), 5)
+    callback = GradWatchCallback(every=1, log_to_trainer=True)
+    trainer = pl.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        devices=1,
+        callbacks=[callback],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=BrokenLogger(),
+        enable_checkpointing=False,
+    )
+    with pytest.warns(gradwatch.GradWatchWarning, match="logging to BrokenLogger failed"):
+        trainer.fit(model, _loader(batches=2))
+    assert trainer.global_step == 2

@@ -37,6 +37,7 @@ from gradwatch.estimators.products import (
     lyapunov_max,
     sequence_lengths,
 )
+from gradwatch.records import SigmaHistogram
 
 JACOBIAN_QUANTILE = 0.95
 
@@ -410,4 +411,39 @@ def layer_metrics(estimate: LayerEstimate) -> dict[str, float | int | dict[str, 
     metrics["jacobian_iterations"] = estimate.jacobian_iterations
     metrics["sequences"] = int(sequences)
     metrics["time_steps"] = estimate.time_steps
+    if metrics["jacobian_sigma_max_mean"] is not None:  # None: a real step was non-finite, no distribution
+        metrics["jacobian_sigma_max_histogram"] = sigma_histogram(estimate.jacobian_sigma)
     return metrics
+
+
+SIGMA_HISTOGRAM_BINS = 16
+"""Buckets of the per-measurement histogram of sigma_max(J_t) in the run log (equal width, min to max)."""
+
+
+def sigma_histogram(sigma: Tensor, bins: int = SIGMA_HISTOGRAM_BINS) -> SigmaHistogram | None:
+    """Equal-width histogram of the finite entries of ``sigma`` (padded steps are NaN) between their min
+    and max, computed on the device with one host copy; ``None`` when there is no finite entry."""
+    values = sigma.detach().to(torch.float64).flatten()
+    finite = torch.isfinite(values)
+    low = torch.where(finite, values, math.inf).amin()
+    high = torch.where(finite, values, -math.inf).amax()
+    width = (high - low) / bins
+    # Bucket i is [low + i w, low + (i+1) w); the maximum goes into the last bucket. A zero width (all values
+    # equal) puts everything into bucket 0. Non-finite entries (padding) get weight 0: no boolean indexing,
+    # so nothing waits for the device before the one host copy.
+    offset = torch.where(finite, values - low, 0.0)
+    index = torch.where(width > 0, torch.floor(offset / width.clamp(min=1e-300)), 0.0)
+    weights = finite.to(torch.float64)
+    counts = torch.bincount(index.clamp(0, bins - 1).long(), weights=weights, minlength=bins)
+    edges = torch.linspace(0, 1, bins + 1, dtype=torch.float64, device=values.device) * (high - low) + low
+    kept = torch.where(finite, values, 0.0)
+    sums = torch.stack([kept.sum(), kept.square().sum()])
+    host = torch.cat([edges, counts, sums, finite.sum().reshape(1).to(torch.float64)]).cpu().tolist()
+    if host[-1] == 0:
+        return None
+    return SigmaHistogram(
+        edges=tuple(host[: bins + 1]),
+        counts=tuple(int(c) for c in host[bins + 1 : 2 * bins + 1]),
+        total=host[-3],
+        sum_squares=host[-2],
+    )
