@@ -18,7 +18,6 @@ closes, because a graph compiled without it would never call it again.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
@@ -212,8 +211,11 @@ class CallRecorder:
 
 # --- attaching without touching the module ---------------------------------------------------------------
 
-_attached: weakref.WeakKeyDictionary[nn.Module, CallRecorder] = weakref.WeakKeyDictionary()
-_owners: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
+# Keyed by id(module): an attached recorder holds its module, so the id cannot be reused while the entry
+# exists, and detach() removes it. (Not a WeakKeyDictionary: under torch.compile a lookup there compares
+# against every key, which makes Dynamo wrap other monitors' modules.)
+_attached: dict[int, CallRecorder] = {}
+_owners: dict[int, str] = {}
 _global_handle: RemovableHandle | None = None
 
 
@@ -222,25 +224,25 @@ def attach(module: nn.Module, recorder: CallRecorder, owner: str) -> None:
 
     Raises ValueError if another recorder is attached to ``module`` already (one monitor per module).
     """
-    current = _owners.get(module)
+    current = _owners.get(id(module))
     if current is not None:
         raise ValueError(already_watched_message(module, current))
-    _attached[module] = recorder
-    _owners[module] = owner
+    _attached[id(module)] = recorder
+    _owners[id(module)] = owner
     _refresh_global_hook()
 
 
 def detach(module: nn.Module, recorder: CallRecorder) -> None:
     """Undo :func:`attach` (if ``recorder`` is still attached); removes the global hook when unused."""
-    if _attached.get(module) is recorder:
-        del _attached[module]
-        _owners.pop(module, None)
+    if _attached.get(id(module)) is recorder:
+        del _attached[id(module)]
+        _owners.pop(id(module), None)
     _refresh_global_hook()
 
 
 def attached_owner(module: nn.Module) -> str | None:
     """The description of the monitor attached to ``module``, if any."""
-    return _owners.get(module)
+    return _owners.get(id(module))
 
 
 def already_watched_message(module: nn.Module, owner: str) -> str:
@@ -279,7 +281,7 @@ def _refresh_global_hook() -> None:
 
 def _dispatch_forward(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
     """The global forward hook: hands a watched module's call to its recorder, ignores every other module."""
-    recorder = _attached.get(module)
+    recorder = _attached.get(id(module))
     if recorder is not None:
         recorder(module, args, kwargs, output)
 
