@@ -4,9 +4,10 @@ gradwatch attaches through one process-wide forward hook (nothing goes on the mo
 are clean). While any global module hook exists, torch sends *every* module call through its slow path, so
 the hook is installed only on measured steps. This prints the forward time of the bare model, of the watched
 model on an unmeasured step (no hook installed: the ratio should be ~1), and on a measured step with the
-recorder disarmed by hand (the cost of the global hook dispatch alone, paid only on measured steps), with
-torch's default thread count and with 1 thread. Timings interleave the variants in rounds and report the
-median per forward.
+recorder armed by hand but not recording (the cost of the global hook dispatch alone, paid only on measured
+steps), with torch's default thread count and with 1 thread. Timings interleave the variants in rounds
+(rotating their order) and report the median per forward. "bare" and "watched, unmeasured step" run the very
+same code path (no hook anywhere); their difference is the machine's noise.
 
     PYTHONPATH=$PWD python3 -m benchmarks.hook_overhead [--rounds 15 --calls 40]
 """
@@ -64,22 +65,39 @@ def measure(threads: int, rounds: int, calls: int) -> dict[str, float]:
 
     step()
     assert not hooks.global_hook_installed(), "an unmeasured step should have no global hook"
-    times: dict[str, list[float]] = {"bare": [], "watched, unmeasured step": [], "global hook installed": []}
+    module = monitor._watched[0].module
+
+    def bare() -> None:  # the monitor detached: the model as if never watched
+        hooks.detach(module, recorder)
+
+    def unmeasured() -> None:
+        hooks.attach(module, recorder, "benchmark")
+
+    def hook_installed() -> None:  # what a measured step does, without recording: dispatch cost only
+        hooks.attach(module, recorder, "benchmark")
+        recorder._armed = True
+        hooks._refresh_global_hook()
+
+    variants: dict[str, Callable[[], None]] = {
+        "bare": bare,
+        "watched, unmeasured step": unmeasured,
+        "global hook installed": hook_installed,
+    }
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    names = list(variants)
     with torch.no_grad():
         for _ in range(3):
             forward(x)
-        for _ in range(rounds):
-            times["watched, unmeasured step"].append(_per_call(lambda: forward(x), calls))
-            recorder._armed = True  # what a measured step does, without recording (dispatch cost only)
-            hooks._refresh_global_hook()
-            times["global hook installed"].append(_per_call(lambda: forward(x), calls))
-            recorder._armed = False
-            hooks._refresh_global_hook()
-            monitor.close()
-            times["bare"].append(_per_call(lambda: forward(x), calls))
-            monitor = gradwatch.watch(model, optimizer, every=1_000_000, probe="live", background=False)
-            recorder = monitor._recorders["rnn"]
-            recorder.armed = False  # as on an unmeasured step
+        for round_index in range(rounds):
+            for name in names[round_index % 3 :] + names[: round_index % 3]:  # rotate the order
+                hooks.detach(module, recorder)
+                recorder._armed = False
+                variants[name]()
+                assert hooks.global_hook_installed() == (name == "global hook installed")
+                times[name].append(_per_call(lambda: forward(x), calls))
+    hooks.detach(module, recorder)
+    recorder._armed = False
+    hooks.attach(module, recorder, "benchmark")
     monitor.close()
     return {name: statistics.median(values) for name, values in times.items()}
 

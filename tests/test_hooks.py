@@ -7,6 +7,7 @@ import copy
 import gc
 import io
 import pickletools
+import types
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
@@ -113,22 +114,27 @@ def _hook_dicts(model: nn.Module) -> list[dict[str, Any]]:
 
 
 def _gradwatch_objects(root: object) -> list[str]:
-    """Instances of gradwatch classes reachable from ``root`` through containers and instance dicts (not
-    through classes, functions or modules, which lead everywhere)."""
+    """Instances of gradwatch classes reachable from ``root`` (through containers, instances, bound methods
+    and partials; not through classes, plain functions or modules, which lead everywhere)."""
     found: list[str] = []
     seen: set[int] = set()
     stack = [root]
     while stack:
         obj = stack.pop()
-        if id(obj) in seen or isinstance(obj, type | type(gc) | Callable.__class__):
+        if id(obj) in seen or isinstance(obj, type | types.ModuleType | types.FunctionType):
             continue
         seen.add(id(obj))
-        module = type(obj).__module__
-        if module.startswith("gradwatch"):
+        if type(obj).__module__.startswith("gradwatch"):
             found.append(type(obj).__qualname__)
-        if isinstance(obj, dict | list | tuple | set | frozenset) or hasattr(obj, "__dict__"):
-            stack.extend(r for r in gc.get_referents(obj) if not callable(r) or isinstance(r, nn.Module))
+        stack.extend(gc.get_referents(obj))
     return found
+
+
+def test_the_reachability_check_finds_a_hook_of_the_old_kind() -> None:
+    model = _model("lstm")
+    recorder = hooks.CallRecorder(gradwatch.capture.modules.find_rnn_modules(model)[0], 2)
+    model.rnn.register_forward_hook(recorder, with_kwargs=True)
+    assert "CallRecorder" in _gradwatch_objects(copy.deepcopy(model))
 
 
 # --- item: a watched model pickles like an unwatched one --------------------------------------------------
