@@ -9,7 +9,7 @@ tensors to a list (Dynamo replays that as a side effect after the graph runs) an
 copies them at the end of the step. No graph break, so ``fullgraph=True`` keeps working.
 
 Nothing is registered on the watched module itself: one process-wide forward hook
-(``torch.nn.modules.module.register_module_forward_hook``) dispatches through a weak map module -> recorder,
+(``torch.nn.modules.module.register_module_forward_hook``) dispatches through a map id(module) -> recorder,
 so ``torch.save(model)``, ``copy.deepcopy(model)`` and ``torch.jit.script(model)`` see exactly the unwatched
 module. The global hook is installed only while some recorder is armed (a measured step), so unmeasured steps
 cost nothing; once a recorder has been traced by ``torch.compile`` it stays installed until the last monitor
