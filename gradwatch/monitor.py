@@ -16,8 +16,9 @@ import os
 import time
 import uuid
 import warnings
+import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
@@ -26,12 +27,20 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.hooks import RemovableHandle
 
 from gradwatch._version import __version__
 from gradwatch.background import BackgroundWorker, spare_core_for_worker
+from gradwatch.capture import hooks as _hooks
 from gradwatch.capture.hooks import CallRecorder, CellCall, FusedCall
-from gradwatch.capture.modules import NO_RNN_MESSAGE, WatchedModule, find_rnn_modules, unwrap_model
+from gradwatch.capture.modules import (
+    WatchedModule,
+    find_rnn_modules,
+    is_compile_wrapper,
+    no_rnn_message,
+    unwrap_model,
+)
 from gradwatch.capture.replay import (
     LayerTrace,
     check_cell_against_module,
@@ -228,7 +237,7 @@ class Monitor:
         self.config = config
         self._watched = list(modules) if modules is not None else find_rnn_modules(model)
         if not self._watched:
-            raise ValueError(NO_RNN_MESSAGE)
+            raise ValueError(no_rnn_message(model))
         self.rank, self.world_size = distributed_rank()
         self.run_id = run_id or new_run_id()
         self.detector = TrendDetector(config.detection)
@@ -257,27 +266,41 @@ class Monitor:
         self._probe_steps: dict[str, int] = {}  # time steps of each kept probe (see FIXED_PROBE_MIN_STEPS)
         self._generator: torch.Generator | None = None
         self._recorders: dict[str, CallRecorder] = {}
-        self._handles: list[RemovableHandle] = []
+        self._handles: list[RemovableHandle] = []  # hooks placed on user objects (none at present)
+        self._attached: list[tuple[nn.Module, CallRecorder]] = []  # routed by gradwatch's global hooks
         self._layer_parameters = self._map_layer_parameters()
         self._module_gradient_names: dict[str, list[str]] | None = None  # built on first use
         self._parameters = {
             name: p for key in self._layer_parameters for name, p in self._layer_parameters[key].items()
         }
 
-        for watched in self._watched:
-            recorder = CallRecorder(
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"optimizer must be a torch.optim.Optimizer (or None, then call monitor.step() after "
+                f"backward), got {type(optimizer).__name__}"
+            )
+        for watched in self._watched:  # one monitor per module: refuse before attaching anything
+            owner = _hooks.attached_owner(watched.module)
+            if owner is not None:
+                raise ValueError(_hooks.already_watched_message(watched.module, owner))
+        recorders = [
+            CallRecorder(
                 watched, config.max_sequences, on_fault=partial(self._fault, "capture", watched.name)
             )
-            self._recorders[watched.name] = recorder
-            self._handles.append(watched.module.register_forward_hook(recorder, with_kwargs=True))
-        if optimizer is not None:
-            if not isinstance(optimizer, torch.optim.Optimizer):
-                raise TypeError(
-                    f"optimizer must be a torch.optim.Optimizer (or None, then call monitor.step() after "
-                    f"backward), got {type(optimizer).__name__}"
-                )
-            self._handles.append(optimizer.register_step_pre_hook(_OptimizerHook(self)))
-        self._arm(self._is_measured(self._step))
+            for watched in self._watched
+        ]
+        try:
+            owner = f"monitor {self.run_id} (modules {', '.join(self.watched_modules)})"
+            for watched, recorder in zip(self._watched, recorders, strict=True):
+                self._recorders[watched.name] = recorder
+                _hooks.attach(watched.module, recorder, owner)
+                self._attached.append((watched.module, recorder))
+            if optimizer is not None:
+                _attach_optimizer(optimizer, self)
+            self._arm(self._is_measured(self._step))
+        except Exception:
+            self._detach()
+            raise
         if self.prometheus_url is not None:
             logger.info("gradwatch: Prometheus metrics at %s", self.prometheus_url)
         self._emit(
@@ -353,11 +376,8 @@ class Monitor:
             self._closed = True
             if self._background is not None:
                 self._background.shutdown()
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        self._detach()
         for recorder in self._recorders.values():
-            recorder.armed = False
             recorder.reset()
         self._probes.clear()
         for sink in self._sinks:
@@ -371,6 +391,19 @@ class Monitor:
                 )
         if pending_error is not None:
             raise pending_error
+
+    def _detach(self) -> None:
+        """Stop routing the model's forward calls and the optimizer's steps here (nothing stays behind)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for module, recorder in self._attached:
+            recorder.armed = False
+            recorder.traced_by_compile = False
+            _hooks.detach(module, recorder)
+        self._attached.clear()
+        if self.optimizer is not None:
+            _detach_optimizer(self.optimizer, self)
 
     def __enter__(self) -> Monitor:
         return self
@@ -788,6 +821,14 @@ class Monitor:
         probe = recorded if fresh else kept
         if probe is None:
             return None  # the module did not run with gradients on this step
+        if fresh and recorder.recorded_in_eval:
+            self._warn_once(
+                f"eval-forward:{watched.name}",
+                f"gradwatch: {watched.name} ran only in eval mode (module.training is False) with "
+                f"gradients on during measured step {self._step}; measuring that call. If this is a "
+                "validation pass, run it under torch.no_grad() (it is then ignored); a training-mode "
+                "forward on the step is always preferred over eval-mode ones",
+            )
         if fresh and fixed:
             self._probes[watched.name] = probe
             self._probe_steps[watched.name] = steps = _probe_length(probe)
@@ -988,23 +1029,37 @@ class Monitor:
             self._warn(message)
 
 
-class _OptimizerHook:
-    """Optimizer step pre-hook closing the monitor's step; deepcopy/pickle-safe like the forward hooks."""
+# One process-wide optimizer step pre-hook (nothing is registered on the optimizer), dispatching to the
+# monitors attached to each optimizer; removed when the last one closes.
+_optimizer_monitors: weakref.WeakKeyDictionary[torch.optim.Optimizer, list[Monitor]] = (
+    weakref.WeakKeyDictionary()
+)
+_optimizer_hook_handle: RemovableHandle | None = None
 
-    def __init__(self, monitor: Monitor) -> None:
-        self.monitor = monitor
 
-    def __call__(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if optimizer is self.monitor.optimizer:
-            self.monitor._end_of_step(optimizer)
+def _attach_optimizer(optimizer: torch.optim.Optimizer, monitor: Monitor) -> None:
+    global _optimizer_hook_handle
+    _optimizer_monitors.setdefault(optimizer, []).append(monitor)
+    if _optimizer_hook_handle is None:
+        _optimizer_hook_handle = register_optimizer_step_pre_hook(_optimizer_step_hook)
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> _OptimizerHook:
-        return self
 
-    def __reduce__(self) -> tuple[Callable[[], Callable[..., None]], tuple[()]]:
-        from gradwatch.capture.hooks import _inert_hook
+def _detach_optimizer(optimizer: torch.optim.Optimizer, monitor: Monitor) -> None:
+    global _optimizer_hook_handle
+    monitors = _optimizer_monitors.get(optimizer, [])
+    if monitor in monitors:
+        monitors.remove(monitor)
+    if not monitors:
+        _optimizer_monitors.pop(optimizer, None)
+    if not _optimizer_monitors and _optimizer_hook_handle is not None:
+        _optimizer_hook_handle.remove()
+        _optimizer_hook_handle = None
 
-        return (_inert_hook, ())
+
+def _optimizer_step_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    """Close the step of every monitor attached to this optimizer (a copy of it has none)."""
+    for monitor in list(_optimizer_monitors.get(optimizer, ())):
+        monitor._end_of_step(optimizer)
 
 
 @contextlib.contextmanager
@@ -1117,7 +1172,7 @@ def watch(
     callbacks = _callbacks(on_alert)
     modules = find_rnn_modules(model)
     if not modules:
-        raise ValueError(NO_RNN_MESSAGE)
+        raise ValueError(no_rnn_message(model))
     if optimizer is not None:
         _check_optimizer_holds_watched(optimizer, modules)
     config = replace(
@@ -1151,7 +1206,7 @@ def watch(
         raise
     all_sinks += user_sinks
     try:
-        return Monitor(
+        monitor = Monitor(
             unwrap_model(model),
             optimizer,
             config=config,
@@ -1161,6 +1216,10 @@ def watch(
             on_alert=callbacks,
             clip=clip_policy,
         )
+        if is_compile_wrapper(model):  # its first trace may come on an unmeasured step
+            for recorder in monitor._recorders.values():
+                _hooks.keep_for_compile(recorder)
+        return monitor
     except Exception:
         for sink in all_sinks[: len(all_sinks) - len(user_sinks)]:  # ours only: release files and ports
             with contextlib.suppress(Exception):

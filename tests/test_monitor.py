@@ -163,14 +163,19 @@ def test_schedule_measures_step_zero_and_every_n():
 
 
 def test_close_removes_every_hook():
+    """Nothing is registered on the model or the optimizer; the global hooks go when the monitor closes."""
+    from gradwatch.capture import hooks
+
     model = CellLoop()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     before = (dict(model.cell._forward_hooks), dict(optimizer._optimizer_step_pre_hooks))
     with gradwatch.watch(model, optimizer) as monitor:
-        assert len(model.cell._forward_hooks) == len(before[0]) + 1
-        assert len(optimizer._optimizer_step_pre_hooks) == len(before[1]) + 1
+        assert dict(model.cell._forward_hooks) == before[0]
+        assert dict(optimizer._optimizer_step_pre_hooks) == before[1]
+        assert hooks.attached_owner(model.cell) is not None
     assert dict(model.cell._forward_hooks) == before[0]
     assert dict(optimizer._optimizer_step_pre_hooks) == before[1]
+    assert hooks.attached_owner(model.cell) is None
     monitor.close()  # idempotent
 
 

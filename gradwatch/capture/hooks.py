@@ -7,6 +7,13 @@ micro-batch under gradient accumulation; for cells, the last unbroken chain of c
 Under ``torch.compile`` the hook body is traced, so it cannot copy tensors eagerly: it only appends the call's
 tensors to a list (Dynamo replays that as a side effect after the graph runs) and :meth:`CallRecorder.settle`
 copies them at the end of the step. No graph break, so ``fullgraph=True`` keeps working.
+
+Nothing is registered on the watched module itself: one process-wide forward hook
+(``torch.nn.modules.module.register_module_forward_hook``) dispatches through a map id(module) -> recorder,
+so ``torch.save(model)``, ``copy.deepcopy(model)`` and ``torch.jit.script(model)`` see exactly the unwatched
+module. The global hook is installed only while some recorder is armed (a measured step), so unmeasured steps
+cost nothing; once a recorder has been traced by ``torch.compile`` it stays installed until the last monitor
+closes, because a graph compiled without it would never call it again.
 """
 
 from __future__ import annotations
@@ -19,13 +26,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+from torch.utils.hooks import RemovableHandle
 
 from gradwatch.capture.modules import CELL_TYPES, FUSED_TYPES, State, WatchedModule, weight_names
 
 MAX_CELL_CALLS = 4096  # bound on the recorded chain of one cell per measured step
 
-PendingCall = tuple[tuple[Any, ...], dict[str, Any], Any, "torch.dtype | None"]
-"""(args, kwargs, output, autocast dtype) of a call made inside a torch.compile'd forward, copied later."""
+PendingCall = tuple[tuple[Any, ...], dict[str, Any], Any, "torch.dtype | None", bool]
+"""(args, kwargs, output, autocast dtype, module.training) of a call made inside a torch.compile'd forward,
+copied later."""
 
 
 @dataclass(frozen=True)
@@ -53,12 +62,16 @@ class CellCall:
 
 
 class CallRecorder:
-    """The forward hook of one watched module; records only while ``armed``.
+    """Records the calls of one watched module; records only while ``armed``.
 
-    It is deepcopy- and pickle-safe: a deep copy of the model shares this recorder, which ignores calls from
-    any module but its own; a pickled model gets an inert hook in its place. A failure while recording never
-    reaches the user's forward pass when ``on_fault`` is set: the exception goes to it instead (the monitor
-    disables the module there, or re-raises in strict mode).
+    The monitor attaches it with :func:`attach` (nothing goes on the module; see the module docstring); it
+    also works as an ordinary per-module forward hook (``with_kwargs=True``). It ignores calls from any module
+    but its own. Only training-mode calls count once one has been seen on the step: an eval-mode forward
+    with gradients on (a validation batch) recorded earlier on the step is replaced by the training call, and
+    one made after it is ignored. If the step has only eval-mode calls they are kept and ``recorded_in_eval``
+    says so (a user who trains with the RNN in eval mode). A failure while recording never reaches the
+    user's forward pass when ``on_fault`` is set: the exception goes to it instead (the monitor disables the
+    module there, or re-raises in strict mode).
     """
 
     def __init__(
@@ -70,9 +83,12 @@ class CallRecorder:
         self.watched = watched
         self.max_sequences = max_sequences
         self.on_fault = on_fault
-        self.armed = False
+        self._armed = False
+        self.traced_by_compile = False  # a torch.compile trace called it: keep the global hook installed
         self.fused_call: FusedCall | None = None
         self.cell_calls: list[CellCall] = []
+        self.recorded_in_eval = False  # what is recorded came from eval-mode calls (no training call yet)
+        self._training_seen = False  # a training-mode call was recorded on this step
         self._last_output: tuple[Tensor, ...] | None = None  # the user's tensors, to detect a chain
         self._deferred: list[PendingCall] = []  # calls seen inside a compiled forward
         # The effective weights (parametrized, weight-dropped) the kept call ran with, copied at record time:
@@ -80,10 +96,22 @@ class CallRecorder:
         self.weights: dict[str, Tensor] | None = None
         self._weight_sources: list[tuple[Tensor | None, int]] = []  # what self.weights was copied from
 
+    @property
+    def armed(self) -> bool:
+        """Record calls now (set by the monitor on measured steps)."""
+        return self._armed
+
+    @armed.setter
+    def armed(self, value: bool) -> None:
+        self._armed = bool(value)
+        _refresh_global_hook()
+
     def reset(self) -> None:
         """Drop everything recorded (called after each measurement)."""
         self.fused_call = None
         self.cell_calls = []
+        self.recorded_in_eval = False
+        self._training_seen = False
         self._last_output = None
         self._deferred = []
         self.weights = None
@@ -112,25 +140,51 @@ class CallRecorder:
     def settle(self) -> None:
         """Record, in call order, the calls a compiled forward handed over (call before reading the data)."""
         deferred, self._deferred = self._deferred, []
-        for args, kwargs, output, autocast_dtype in deferred:
-            self._record(args, kwargs, output, autocast_dtype)
+        for args, kwargs, output, autocast_dtype, training in deferred:
+            self._take(args, kwargs, output, autocast_dtype, training)
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-        if not self.armed or module is not self.watched.module or not torch.is_grad_enabled():
-            return  # eval / no_grad passes, copies of the model and unmeasured steps are not recorded
+        if module is not self.watched.module:
+            return  # a copy of the model
+        if _is_compiling():
+            self.traced_by_compile = True
+        if not self._armed or not torch.is_grad_enabled():
+            return  # no_grad passes and unmeasured steps are not recorded
         if _is_compiling():
             # Traced by Dynamo: keep references only (a side effect it replays); settle() copies them eagerly.
-            self._deferred.append((args, kwargs, output, _autocast_dtype(output)))
+            self._deferred.append((args, kwargs, output, _autocast_dtype(output), bool(module.training)))
             return
         try:
             self.settle()
-            self._record(args, kwargs, output, _autocast_dtype(output))
+            self._take(args, kwargs, output, _autocast_dtype(output), bool(module.training))
         except Exception as exc:
             if self.on_fault is None:
                 raise
             self.reset()
             self.armed = False
             self.on_fault(exc)
+
+    def _take(
+        self,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        output: Any,
+        autocast: torch.dtype | None,
+        training: bool,
+    ) -> None:
+        """Record a call unless it is an eval-mode call on a step that already had a training-mode one."""
+        if not training:
+            if self._training_seen:
+                return  # e.g. a validation forward after the training forward, before optimizer.step()
+            self.recorded_in_eval = True
+        elif not self._training_seen:
+            self._training_seen = True
+            if self.recorded_in_eval:  # drop the eval-mode calls recorded before this training call
+                self.fused_call = None
+                self.cell_calls = []
+                self._last_output = None
+                self.recorded_in_eval = False
+        self._record(args, kwargs, output, autocast)
 
     def _record(
         self, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any, autocast: torch.dtype | None
@@ -182,11 +236,15 @@ class CallRecorder:
         self._last_output = out
         self._keep_weights(self.watched.module)
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> CallRecorder:
-        return self
 
-    def __reduce__(self) -> tuple[Callable[[], Callable[..., None]], tuple[()]]:
-        return (_inert_hook, ())
+# --- attaching without touching the module ---------------------------------------------------------------
+
+# Keyed by id(module): an attached recorder holds its module, so the id cannot be reused while the entry
+# exists, and detach() removes it. (Not a WeakKeyDictionary: under torch.compile a lookup there compares
+# against every key, which makes Dynamo wrap other monitors' modules.)
+_attached: dict[int, CallRecorder] = {}
+_owners: dict[int, str] = {}
+_global_handle: RemovableHandle | None = None
 
 
 def check_custom_signature(
@@ -246,12 +304,71 @@ def used_weights(module: nn.Module) -> dict[str, Tensor | None]:
         return {name: getattr(module, name, None) for name in weight_names(module)}
 
 
-def _inert_hook() -> Callable[..., None]:
-    return _do_nothing
+def attach(module: nn.Module, recorder: CallRecorder, owner: str) -> None:
+    """Route ``module``'s forward calls to ``recorder``; ``owner`` describes the monitor (for errors).
+
+    Raises ValueError if another recorder is attached to ``module`` already (one monitor per module).
+    """
+    current = _owners.get(id(module))
+    if current is not None:
+        raise ValueError(already_watched_message(module, current))
+    _attached[id(module)] = recorder
+    _owners[id(module)] = owner
+    _refresh_global_hook()
 
 
-def _do_nothing(*args: Any, **kwargs: Any) -> None:
-    return None
+def detach(module: nn.Module, recorder: CallRecorder) -> None:
+    """Undo :func:`attach` (if ``recorder`` is still attached); removes the global hook when unused."""
+    if _attached.get(id(module)) is recorder:
+        del _attached[id(module)]
+        _owners.pop(id(module), None)
+    _refresh_global_hook()
+
+
+def attached_owner(module: nn.Module) -> str | None:
+    """The description of the monitor attached to ``module``, if any."""
+    return _owners.get(id(module))
+
+
+def already_watched_message(module: nn.Module, owner: str) -> str:
+    return (
+        f"this {type(module).__name__} is already watched by {owner}; watching it twice would record "
+        "every call twice. Close that monitor first (monitor.close(), or use `with gradwatch.watch(...)`), "
+        "then watch again"
+    )
+
+
+def keep_for_compile(recorder: CallRecorder) -> None:
+    """Keep the global hook installed for ``recorder`` from now on: its module is (or will be) compiled, and
+    a graph traced while the hook is absent would never call it."""
+    recorder.traced_by_compile = True
+    _refresh_global_hook()
+
+
+def global_hook_installed() -> bool:
+    """Is gradwatch's process-wide forward hook registered now (for tests and benchmarks)?"""
+    return _global_handle is not None
+
+
+def _refresh_global_hook() -> None:
+    """Install the global forward hook while some attached recorder needs it, remove it otherwise."""
+    global _global_handle
+    recorders = list(_attached.values())
+    needed = any(r._armed or r.traced_by_compile for r in recorders)
+    if needed and _global_handle is None:
+        _global_handle = torch.nn.modules.module.register_module_forward_hook(
+            _dispatch_forward, with_kwargs=True
+        )
+    elif not needed and _global_handle is not None:
+        _global_handle.remove()
+        _global_handle = None
+
+
+def _dispatch_forward(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+    """The global forward hook: hands a watched module's call to its recorder, ignores every other module."""
+    recorder = _attached.get(id(module))
+    if recorder is not None:
+        recorder(module, args, kwargs, output)
 
 
 def _autocast_dtype(output: Any) -> torch.dtype | None:

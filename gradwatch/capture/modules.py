@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, TypeVar
 
+import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
@@ -284,3 +285,42 @@ NO_RNN_MESSAGE = (
     "LSTMCell, GRUCell and cells registered with gradwatch.register_cell(MyCell) (a module called as "
     "cell(x_t, state) -> new_state; pass step=... for another signature)."
 )
+
+
+def is_compile_wrapper(model: nn.Module) -> bool:
+    """Does ``model`` (or a DDP/DataParallel wrapper chain around it) include torch.compile's wrapper?"""
+    for _ in range(8):
+        if isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            return True
+        if isinstance(model, nn.DataParallel | nn.parallel.DistributedDataParallel):
+            model = model.module
+            continue
+        break
+    return False
+
+
+def no_rnn_message(model: nn.Module) -> str:
+    """Why watch() found nothing to watch: a scripted or quantized model gets its own explanation."""
+    modules = list(model.modules()) if isinstance(model, nn.Module) else []
+    if any(isinstance(m, torch.jit.ScriptModule) for m in modules):
+        return (
+            f"gradwatch cannot watch a TorchScript module ({type(model).__name__} from torch.jit.script or "
+            "torch.jit.trace): its recurrent layers are compiled code, not nn.RNN/LSTM/GRU modules it can "
+            "hook and replay. Watch the eager model you scripted instead (gradwatch.watch(model, ...)) and "
+            "train that one; a scripted copy runs but is not measured."
+        )
+    quantized = sorted(
+        {
+            type(m).__name__
+            for m in modules
+            if type(m).__module__.startswith(("torch.ao.nn.quantized", "torch.nn.quantized"))
+            and any(word in type(m).__name__ for word in ("RNN", "LSTM", "GRU"))
+        }
+    )
+    if quantized:
+        return (
+            f"gradwatch cannot watch quantized recurrent modules ({', '.join(quantized)}, e.g. from "
+            "torch.ao.quantization.quantize_dynamic): their weights are packed int8 and there is no float "
+            "recurrence to replay. Watch the float model while it trains, before quantizing it."
+        )
+    return NO_RNN_MESSAGE
