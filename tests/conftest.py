@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
 import pytest
 import torch
 
@@ -12,3 +17,24 @@ torch.set_num_threads(1)
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _close_leftover_monitors(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Close every monitor a test left open: an open monitor stays attached to its modules (and keeps the
+    global forward hook installed on measured steps) for the rest of the session otherwise."""
+    import gradwatch.monitor as monitor_module
+
+    opened: list[monitor_module.Monitor] = []
+    original_init = monitor_module.Monitor.__init__
+
+    def tracking_init(self: monitor_module.Monitor, *args: Any, **kwargs: Any) -> None:
+        original_init(self, *args, **kwargs)
+        opened.append(self)
+
+    monkeypatch.setattr(monitor_module.Monitor, "__init__", tracking_init)
+    yield
+    for monitor in opened:
+        with warnings.catch_warnings(), contextlib.suppress(Exception):
+            warnings.simplefilter("ignore")
+            monitor.close()
