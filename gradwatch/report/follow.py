@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import logging
 import time
 from collections.abc import Callable
@@ -10,41 +11,82 @@ from pathlib import Path
 from rich.console import Console
 from rich.live import Live
 
+from gradwatch.records import Record
 from gradwatch.report.reader import LogContents, LogTail, Problem, expand_paths
 from gradwatch.report.render_text import build_renderable
-from gradwatch.report.summary import Report, ReportOptions, build_report
+from gradwatch.report.streaming import StreamingSummary
+from gradwatch.report.summary import Report, ReportOptions
 
 logger = logging.getLogger(__name__)
 
 
 class Follower:
-    """Tails every file the patterns name, picking up files that appear later (new ranks, restarts)."""
+    """Tails every file the patterns name, picking up files that appear later (new ranks, restarts).
 
-    def __init__(self, patterns: list[str]) -> None:
+    Records are folded into a :class:`~gradwatch.report.streaming.StreamingSummary` as they arrive and not
+    kept, so memory stays bounded however long the job runs; each poll's new records from all files are
+    merged by step first.
+    """
+
+    def __init__(self, patterns: list[str], options: ReportOptions | None = None) -> None:
         self.patterns = list(patterns)
         self._tails: dict[Path, LogTail] = {}
         self._read = LogContents()
         self._path_problems: list[Problem] = []
+        self._summary = StreamingSummary(options)
+        self.records_read = 0
+        """How many records all polls read."""
 
     def poll(self) -> int:
         """Read what was appended since the last poll; return how many new records arrived."""
         files, self._path_problems = expand_paths(self.patterns)
-        before = len(self._read.records)
+        batches: list[list[Record]] = []
         for path in files:
             tail = self._tails.setdefault(path, LogTail(path))
-            self._read.extend(tail.poll())
-        return len(self._read.records) - before
+            out = LogContents(files=[tail.display])
+            batches.append(list(tail.stream(out)))
+            self._read.extend(out)
+        new = 0
+        for record in _merged_by_step(batches):
+            self._summary.add(record)
+            new += 1
+        self.records_read += new
+        return new
 
     @property
     def contents(self) -> LogContents:
-        """Everything read so far; problems with the paths themselves are those of the latest poll."""
+        """Problems, files and skipped kinds so far (no records: they are summarised, not kept)."""
         out = LogContents()
         out.extend(self._read)
         out.problems = self._path_problems + self._read.problems
         return out
 
     def report(self, options: ReportOptions | None = None) -> Report:
-        return build_report(self.contents, options)
+        """The report so far; ``options`` may differ from the constructor's only before the first record."""
+        if options is not None and options != self._summary.options:
+            if self.records_read:
+                raise ValueError("a Follower reports with the options it was created with")
+            self._summary = StreamingSummary(options)
+        contents = self.contents
+        return self._summary.report(
+            problems=contents.problems,
+            files=contents.files,
+            unknown_kinds=contents.unknown_kinds,
+            truncated_runs=contents.truncated_runs,
+        )
+
+
+def _merged_by_step(batches: list[list[Record]]) -> list[Record]:
+    """One poll's records of all files in step order (a header keeps its place in its file)."""
+    keyed = []
+    for file_index, batch in enumerate(batches):
+        step = -(1 << 62)
+        rows = []
+        for seq, record in enumerate(batch):
+            step = getattr(record, "step", step)
+            rows.append((step, file_index, seq, record))
+        keyed.append(rows)
+    return [row[3] for row in heapq.merge(*keyed)]
 
 
 def follow(
@@ -61,7 +103,7 @@ def follow(
     """Show a live report until ``timeout`` seconds, ``max_polls`` polls or Ctrl-C; return the last report."""
     if interval <= 0:
         raise ValueError(f"follow interval must be positive seconds, got {interval}")
-    follower = Follower(patterns)
+    follower = Follower(patterns, options)
     start = clock()
     polls = 0
     report = follower.report(options)

@@ -85,6 +85,8 @@ class MetricSummary:
     """Slope of log(value) (``scale == "log"``) or of the value (``"linear"``) per 1000 steps."""
     sparkline: str
     series: tuple[tuple[int, float | None], ...]
+    measured_steps: int | None = None
+    """Steps the series stands for; more than ``len(series)`` when a long run was downsampled."""
 
 
 @dataclass(frozen=True)
@@ -336,6 +338,7 @@ def _summarize_metric(
         trend_per_1000_steps=trend_per_1000_steps(finite, log_scale=spec.scale == "log"),
         sparkline=sparkline([v for _s, v in series], log_scale=spec.scale == "log"),
         series=tuple(series),
+        measured_steps=len(series),
     )
 
 

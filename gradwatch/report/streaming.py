@@ -1,0 +1,450 @@
+"""Streaming summaries: the :class:`Report` of :func:`gradwatch.report.summary.summarize` in bounded state.
+
+A week-long run writes hundreds of MB of run log; holding every record (the whole-file path) costs several
+times the file size in memory. :class:`StreamingSummary` instead folds each record into per-run and
+per-layer accumulators as it is read:
+
+* metric statistics (count, first, last, min, max) are running values; the trend is a running
+  least-squares fit (Welford-style centred sums, numerically stable for large step numbers);
+* the per-step series (for sparklines and HTML charts) is kept exactly up to :data:`EXACT_POINTS` steps,
+  then downsampled into at most that many equal buckets of consecutive steps (bucket sizes double as the
+  run grows, so no total count is needed in advance); a log-scale metric is averaged in log space;
+* the detector replay (:class:`gradwatch.policy.trends.TrendDetector`) runs incrementally;
+* the cause statistics keep only the last :data:`~gradwatch.report.verdict.CAUSE_WINDOW` measurements.
+
+Per measurement only 16 bytes are kept (step and total gradient norm, for the clipping-threshold
+percentile the suggestions quote), plus the steps of non-finite measurements and the alert records.
+
+Records must arrive in step order per layer (the monitor writes them so; files of several ranks are merged
+by step by :func:`gradwatch.report.command.make_report`). A measurement that arrives out of order sets
+:attr:`StreamingSummary.needs_exact`, and the caller can fall back to the whole-file summary.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from array import array
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from gradwatch.distributed import GLOBAL_RANK
+from gradwatch.policy.trends import TrendDetector
+from gradwatch.records import Alert, ClipEvent, ErrorRecord, Measurement, Record, RunHeader
+from gradwatch.report.metrics import MetricSpec, metric_specs
+from gradwatch.report.reader import Problem
+from gradwatch.report.sparkline import sparkline
+from gradwatch.report.summary import (
+    ClipSummary,
+    LayerSummary,
+    MetricSummary,
+    Report,
+    ReportOptions,
+    RunKey,
+    RunSummary,
+    _module_types,
+    trend_per_1000_steps,
+)
+from gradwatch.report.verdict import LayerEvidence, Verdict, judge_evidence
+
+EXACT_POINTS = 2048
+"""Series up to this many steps are kept exactly; longer ones are downsampled into at most this many bins."""
+
+
+def _transform(value: float, log_scale: bool) -> float | None:
+    """The chart/sparkline coordinate of a finite value: log10 on the log scale (None if non-positive)."""
+    if log_scale:
+        return math.log10(value) if value > 0 else None
+    return value
+
+
+class _MetricAccumulator:
+    """Running statistics and a bounded series of one metric of one layer (values are per-step means)."""
+
+    def __init__(self, spec: MetricSpec) -> None:
+        self.spec = spec
+        self.log_scale = spec.scale == "log"
+        self.count = 0
+        self.first: float | None = None
+        self.last: float | None = None
+        self.minimum = math.inf
+        self.maximum = -math.inf
+        # running least-squares fit of (step, y): y = log(value) on the log scale
+        self._fit_n = 0
+        self._mean_x = 0.0
+        self._mean_y = 0.0
+        self._sxx = 0.0
+        self._sxy = 0.0
+        # exact series while short: (step, value or None)
+        self._exact: list[tuple[int, float | None]] | None = []
+        # bucketed series once long: per bucket the first step, sum of transformed values, present count
+        self._bucket_size = 1
+        self._bucket_steps = array("q")
+        self._bucket_sums = array("d")
+        self._bucket_present = array("q")
+        self._bucket_points = array("q")
+        self.points = 0
+
+    def add(self, step: int, value: float | None) -> None:
+        """One step's value (``None``: no finite reading at that step)."""
+        self.points += 1
+        if value is not None:
+            self.count += 1
+            if self.first is None:
+                self.first = value
+            self.last = value
+            if value < self.minimum:
+                self.minimum = value
+            if value > self.maximum:
+                self.maximum = value
+            if not self.log_scale or value > 0:
+                y = math.log(value) if self.log_scale else value
+                self._fit_n += 1
+                dx = step - self._mean_x
+                self._mean_x += dx / self._fit_n
+                self._mean_y += (y - self._mean_y) / self._fit_n
+                self._sxx += dx * (step - self._mean_x)
+                self._sxy += dx * (y - self._mean_y)
+        if self._exact is not None:
+            self._exact.append((step, value))
+            if len(self._exact) > EXACT_POINTS:
+                self._to_buckets()
+            return
+        self._add_to_buckets(step, value)
+
+    def _to_buckets(self) -> None:
+        exact, self._exact = self._exact or [], None
+        for step, value in exact:
+            self._add_to_buckets(step, value)
+
+    def _add_to_buckets(self, step: int, value: float | None) -> None:
+        y = None if value is None else _transform(value, self.log_scale)
+        if not self._bucket_points or self._bucket_points[-1] >= self._bucket_size:
+            if len(self._bucket_points) >= EXACT_POINTS:
+                self._merge_buckets()
+            if not self._bucket_points or self._bucket_points[-1] >= self._bucket_size:
+                self._bucket_steps.append(step)
+                self._bucket_sums.append(0.0)
+                self._bucket_present.append(0)
+                self._bucket_points.append(0)
+        self._bucket_points[-1] += 1
+        if y is not None:
+            self._bucket_sums[-1] += y
+            self._bucket_present[-1] += 1
+
+    def _merge_buckets(self) -> None:
+        """Halve the number of buckets by merging neighbours; bucket size doubles."""
+        steps, sums, present, points = array("q"), array("d"), array("q"), array("q")
+        for index in range(0, len(self._bucket_points), 2):
+            pair = slice(index, index + 2)
+            steps.append(self._bucket_steps[index])
+            sums.append(sum(self._bucket_sums[pair]))
+            present.append(sum(self._bucket_present[pair]))
+            points.append(sum(self._bucket_points[pair]))
+        self._bucket_steps, self._bucket_sums, self._bucket_present, self._bucket_points = (
+            steps,
+            sums,
+            present,
+            points,
+        )
+        self._bucket_size *= 2
+
+    def series(self) -> tuple[tuple[int, float | None], ...]:
+        """Exact (step, value) points, or one (first step, mean) point per bucket once downsampled."""
+        if self._exact is not None:
+            return tuple(self._exact)
+        out: list[tuple[int, float | None]] = []
+        for step, total, present in zip(
+            self._bucket_steps, self._bucket_sums, self._bucket_present, strict=True
+        ):
+            mean = total / present if present else None
+            if mean is not None and self.log_scale:
+                mean = 10.0**mean  # geometric mean: the average of the log-scale coordinate
+            out.append((step, mean))
+        return tuple(out)
+
+    def trend(self) -> float | None:
+        if self._exact is not None:
+            finite = [(s, v) for s, v in self._exact if v is not None]
+            return trend_per_1000_steps(finite, log_scale=self.log_scale)
+        if self._fit_n < 2 or self._sxx <= 0:
+            return None
+        return self._sxy / self._sxx * 1000
+
+    def summary(self, label: str) -> MetricSummary:
+        series = self.series()
+        return MetricSummary(
+            name=self.spec.name,
+            label=label,
+            scale=self.spec.scale,
+            count=self.count,
+            first=self.first,
+            last=self.last,
+            minimum=self.minimum if self.count else None,
+            maximum=self.maximum if self.count else None,
+            trend_per_1000_steps=self.trend(),
+            sparkline=sparkline([v for _s, v in series], log_scale=self.log_scale),
+            series=series,
+            measured_steps=self.points,
+        )
+
+
+class _LayerAccumulator:
+    """One (module, layer, direction) of one run."""
+
+    def __init__(self, specs: Sequence[MetricSpec], detector: TrendDetector) -> None:
+        self.specs = [s for s in specs if s.name != "lag_norm"]
+        self.lag_spec = next((s for s in specs if s.name == "lag_norm"), None)
+        self.metrics = {s.name: _MetricAccumulator(s) for s in self.specs}
+        self.lag_metrics: dict[int, _MetricAccumulator] = {}
+        self.detector = detector
+        self.evidence = LayerEvidence()
+        self.ranks: set[int] = set()
+        self.alerts: list[Alert] = []
+        self.no_lag = _MetricAccumulator(self.lag_spec or metric_specs(("lag_norm",))[0])
+        """Stands in for lag_norm while no lag was measured: every step reads as missing."""
+        self.flushed_steps = 0
+        self.out_of_order = False
+        self._pending_step: int | None = None
+        self._pending: list[Measurement] = []
+
+    def add_measurement(self, m: Measurement) -> None:
+        self.ranks.add(m.rank)
+        if self._pending_step is not None and m.step < self._pending_step:
+            self.out_of_order = True
+        for key in m.metrics.lag_norm:
+            if key.isdigit() and int(key) not in self.lag_metrics and self.lag_spec is not None:
+                if self.flushed_steps:
+                    self.out_of_order = True  # a lag first seen late: its earlier steps are not tracked
+                self.lag_metrics[int(key)] = _MetricAccumulator(self.lag_spec)
+        self.evidence.add(m)
+        self.evidence.replay(m, self.detector)
+        if m.step != self._pending_step:
+            self._flush()
+            self._pending_step = m.step
+        self._pending.append(m)
+
+    def _flush(self) -> None:
+        if self._pending_step is None:
+            return
+        step, readings = self._pending_step, self._pending
+        for spec in self.specs:
+            values = [
+                v for m in readings if (v := spec.read(m.metrics, None)) is not None and math.isfinite(v)
+            ]
+            self.metrics[spec.name].add(step, statistics.fmean(values) if values else None)
+        for lag, accumulator in self.lag_metrics.items():
+            key = str(lag)
+            values = [
+                v for m in readings if (v := m.metrics.lag_norm.get(key)) is not None and math.isfinite(v)
+            ]
+            accumulator.add(step, statistics.fmean(values) if values else None)
+        if not self.lag_metrics:
+            self.no_lag.add(step, None)
+        self.flushed_steps += 1
+        self._pending_step, self._pending = None, []
+
+    def summary(
+        self,
+        key: tuple[str, int, str],
+        specs: Sequence[MetricSpec],
+        *,
+        run_has_alerts: bool,
+        module_type: str | None,
+        clips: _ClipAccumulator,
+    ) -> LayerSummary:
+        # close the open step (in --follow mode, more readings of that step from a lagging rank then form
+        # a point of their own: the series stays bounded and nearly exact)
+        self._flush()
+        lag = str(max(self.lag_metrics)) if self.lag_metrics else None
+        metrics = []
+        for spec in specs:
+            if spec.name == "lag_norm":
+                accumulator = self.lag_metrics.get(max(self.lag_metrics)) if self.lag_metrics else None
+                label = spec.label if lag is None else f"lag norm (τ={lag})"
+                if accumulator is None:
+                    accumulator = self.no_lag
+                metrics.append(accumulator.summary(label))
+            else:
+                metrics.append(self.metrics[spec.name].summary(spec.label))
+        module, layer, direction = key
+        alerts = sorted(self.alerts, key=lambda a: (a.step, a.rank, a.module, a.layer))
+        ranks = self.ranks | {a.rank for a in alerts}
+        return LayerSummary(
+            module=module,
+            layer=layer,
+            direction=direction,  # type: ignore[arg-type]
+            module_type=module_type,
+            ranks=tuple(sorted(ranks)),
+            measurements=self.evidence.count,
+            first_step=self.evidence.first_step,
+            last_step=self.evidence.last_step,
+            lag=lag,
+            metrics=tuple(metrics),
+            alerts=tuple(alerts),
+            verdict=judge_evidence(
+                self.evidence,
+                alerts,
+                run_has_alerts=run_has_alerts,
+                module_type=module_type,
+                clip_count=clips.count,
+                clip_median_max_norm=clips.median_max_norm(),
+            ),
+        )
+
+
+class _ClipAccumulator:
+    def __init__(self) -> None:
+        self.count = 0
+        self.scales = array("d")
+        self.norms_before = array("d")
+        self.max_norms = array("d")
+        self.last_max_norm: float | None = None
+
+    def add(self, clip: ClipEvent) -> None:
+        self.count += 1
+        if math.isfinite(clip.scale):
+            self.scales.append(clip.scale)
+        if clip.norm_before is not None and math.isfinite(clip.norm_before):
+            self.norms_before.append(clip.norm_before)
+        self.max_norms.append(clip.max_norm)
+        self.last_max_norm = clip.max_norm
+
+    def median_max_norm(self) -> float | None:
+        if not self.max_norms:
+            return None
+        ordered = sorted(self.max_norms)
+        return ordered[len(ordered) // 2]
+
+    def summary(self) -> ClipSummary:
+        return ClipSummary(
+            count=self.count,
+            median_scale=statistics.median(self.scales) if self.scales else None,
+            median_norm_before=statistics.median(self.norms_before) if self.norms_before else None,
+            max_norm=self.last_max_norm,
+        )
+
+
+@dataclass
+class _RunAccumulator:
+    headers: list[RunHeader] = field(default_factory=list)
+    ranks: set[int] = field(default_factory=set)
+    any_alert: bool = False
+    alerts: list[Alert] = field(default_factory=list)
+    clips: _ClipAccumulator = field(default_factory=_ClipAccumulator)
+    errors: list[ErrorRecord] = field(default_factory=list)
+    first_step: int | None = None
+    last_step: int | None = None
+    layers: dict[tuple[str, int, str], _LayerAccumulator] = field(default_factory=dict)
+    detector: TrendDetector = field(default_factory=TrendDetector)
+
+
+class StreamingSummary:
+    """Fold records one at a time (:meth:`add`); :meth:`report` gives the :class:`Report` at any point."""
+
+    def __init__(self, options: ReportOptions | None = None) -> None:
+        self.options = options or ReportOptions()
+        self.specs = metric_specs(self.options.metrics)
+        self._runs: dict[RunKey, _RunAccumulator] = {}
+
+    @property
+    def needs_exact(self) -> bool:
+        """Some layer's measurements arrived out of step order: only the whole-file summary is exact."""
+        return any(layer.out_of_order for run in self._runs.values() for layer in run.layers.values())
+
+    def add_all(self, records: Iterable[Record]) -> None:
+        for record in records:
+            self.add(record)
+
+    def add(self, record: Record) -> None:
+        """Fold one record into its run (pure bookkeeping, no I/O)."""
+        options = self.options
+        if options.merge_ranks and record.rank == GLOBAL_RANK:
+            return  # global_view records already combine the ranks: merged, they would count twice
+        key = (record.run_id, None if options.merge_ranks else record.rank)
+        run = self._runs.get(key)
+        if run is None:
+            run = self._runs[key] = _RunAccumulator()
+        run.ranks.add(record.rank)
+        if isinstance(record, RunHeader):
+            run.headers.append(record)
+            return
+        if isinstance(record, Alert):
+            run.any_alert = True
+        if record.step not in options.steps:
+            return
+        step = record.step
+        if run.first_step is None or step < run.first_step:
+            run.first_step = step
+        if run.last_step is None or step > run.last_step:
+            run.last_step = step
+        if isinstance(record, Measurement):
+            if options.wants_module(record.module):
+                self._layer(run, (record.module, record.layer, record.direction)).add_measurement(record)
+        elif isinstance(record, Alert):
+            if options.wants_module(record.module):
+                run.alerts.append(record)
+                self._layer(run, (record.module, record.layer, record.direction)).alerts.append(record)
+        elif isinstance(record, ClipEvent):
+            run.clips.add(record)
+        elif isinstance(record, ErrorRecord):
+            run.errors.append(record)
+
+    def _layer(self, run: _RunAccumulator, key: tuple[str, int, str]) -> _LayerAccumulator:
+        layer = run.layers.get(key)
+        if layer is None:
+            layer = run.layers[key] = _LayerAccumulator(self.specs, run.detector)
+        return layer
+
+    def report(
+        self,
+        *,
+        problems: Sequence[Problem] = (),
+        files: Sequence[str] = (),
+        unknown_kinds: Mapping[str, int] | None = None,
+        truncated_runs: Iterable[tuple[str, int]] = (),
+    ) -> Report:
+        """The report over everything added so far (the accumulators keep running)."""
+        merge = self.options.merge_ranks
+        truncated = {(run_id, None if merge else rank) for run_id, rank in truncated_runs}
+        runs = tuple(
+            self._run_summary(key, run, truncated=key in truncated)
+            for key, run in sorted(self._runs.items(), key=lambda item: (item[0][0], item[0][1] or 0))
+        )
+        return Report(
+            runs=runs,
+            problems=tuple(problems),
+            files=tuple(files),
+            unknown_kinds=tuple(sorted((unknown_kinds or {}).items())),
+            options=self.options,
+        )
+
+    def _run_summary(self, key: RunKey, run: _RunAccumulator, *, truncated: bool) -> RunSummary:
+        headers = sorted(run.headers, key=lambda h: (h.rank, h.started))
+        module_types = _module_types(headers)
+        layers = tuple(
+            layer.summary(
+                layer_key,
+                self.specs,
+                run_has_alerts=run.any_alert,
+                module_type=module_types.get(layer_key[0]),
+                clips=run.clips,
+            )
+            for layer_key, layer in sorted(run.layers.items())
+        )
+        return RunSummary(
+            run_id=key[0],
+            ranks=tuple(sorted(run.ranks)),
+            merged_ranks=self.options.merge_ranks,
+            header=headers[0] if headers else None,
+            layers=layers,
+            alerts=tuple(sorted(run.alerts, key=lambda a: (a.step, a.rank, a.module, a.layer))),
+            clips=run.clips.summary(),
+            errors=tuple(sorted(run.errors, key=lambda e: e.step)),
+            first_step=run.first_step,
+            last_step=run.last_step,
+            truncated=truncated,
+        )
+
+
+__all__ = ["EXACT_POINTS", "StreamingSummary", "Verdict"]
