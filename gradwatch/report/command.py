@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import heapq
 import io
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
-from gradwatch.records import Record
-from gradwatch.report.reader import LogContents, LogTail, expand_paths, read_logs
+from gradwatch.report.reader import LogContents, LogTail, expand_paths, merge_by_step, read_logs
 from gradwatch.report.render_html import render_html
 from gradwatch.report.render_json import render_json
 from gradwatch.report.render_markdown import render_markdown
@@ -50,12 +48,9 @@ def make_report(paths: list[str], options: ReportOptions) -> Report:
     contents = LogContents(problems=path_problems)
     summary = StreamingSummary(options)
     per_file = [LogContents(files=[str(path)]) for path in files]
-    streams = [
-        _by_step(index, LogTail(path).stream(out, final=True))
-        for index, (path, out) in enumerate(zip(files, per_file, strict=True))
-    ]
+    streams = [LogTail(path).stream(out, final=True) for path, out in zip(files, per_file, strict=True)]
     add = summary.add
-    for _step, _file, _seq, record in heapq.merge(*streams):
+    for record in merge_by_step(streams):
         add(record)
     for out in per_file:
         contents.extend(out)
@@ -67,14 +62,6 @@ def make_report(paths: list[str], options: ReportOptions) -> Report:
         unknown_kinds=contents.unknown_kinds,
         truncated_runs=contents.truncated_runs,
     )
-
-
-def _by_step(file_index: int, records: Iterator[Record]) -> Iterator[tuple[int, int, int, Record]]:
-    """Merge keys for one file: the record's step (a header keeps its place: the previous step)."""
-    step = -(1 << 62)
-    for seq, record in enumerate(records):
-        step = getattr(record, "step", step)
-        yield step, file_index, seq, record
 
 
 def render(report: Report, output_format: str) -> str:

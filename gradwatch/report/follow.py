@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import heapq
 import logging
 import time
 from collections.abc import Callable
@@ -11,8 +10,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.live import Live
 
-from gradwatch.records import Record
-from gradwatch.report.reader import LogContents, LogTail, Problem, expand_paths
+from gradwatch.report.reader import LogContents, LogTail, Problem, expand_paths, merge_by_step
 from gradwatch.report.render_text import build_renderable
 from gradwatch.report.streaming import StreamingSummary
 from gradwatch.report.summary import Report, ReportOptions
@@ -40,16 +38,17 @@ class Follower:
     def poll(self) -> int:
         """Read what was appended since the last poll; return how many new records arrived."""
         files, self._path_problems = expand_paths(self.patterns)
-        batches: list[list[Record]] = []
+        streams, outs = [], []
         for path in files:
             tail = self._tails.setdefault(path, LogTail(path))
-            out = LogContents(files=[tail.display])
-            batches.append(list(tail.stream(out)))
-            self._read.extend(out)
+            outs.append(LogContents(files=[tail.display]))
+            streams.append(tail.stream(outs[-1]))
         new = 0
-        for record in _merged_by_step(batches):
+        for record in merge_by_step(streams):
             self._summary.add(record)
             new += 1
+        for out in outs:
+            self._read.extend(out)
         self.records_read += new
         return new
 
@@ -74,19 +73,6 @@ class Follower:
             unknown_kinds=contents.unknown_kinds,
             truncated_runs=contents.truncated_runs,
         )
-
-
-def _merged_by_step(batches: list[list[Record]]) -> list[Record]:
-    """One poll's records of all files in step order (a header keeps its place in its file)."""
-    keyed = []
-    for file_index, batch in enumerate(batches):
-        step = -(1 << 62)
-        rows = []
-        for seq, record in enumerate(batch):
-            step = getattr(record, "step", step)
-            rows.append((step, file_index, seq, record))
-        keyed.append(rows)
-    return [row[3] for row in heapq.merge(*keyed)]
 
 
 def follow(

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import heapq
 import json
 import logging
 import os
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -334,6 +335,26 @@ def _is_json(raw: bytes) -> bool:
 def _kind_of(data: object) -> str:
     kind = data.get("kind") if isinstance(data, dict) else None
     return repr(kind)[:40] if isinstance(kind, str) else "log"
+
+
+def merge_by_step(streams: Sequence[Iterable[Record]]) -> Iterator[Record]:
+    """The records of several files (each in step order) as one stream in step order, lazily.
+
+    Ties keep file order, then line order; a run header keeps its place in its file (it sorts with the
+    step before it), so each file's header still precedes that file's records.
+    """
+
+    def keyed(file_index: int, records: Iterable[Record]) -> Iterator[tuple[int, int, int, Record]]:
+        step = -(1 << 62)
+        for seq, record in enumerate(records):
+            step = getattr(record, "step", step)
+            yield step, file_index, seq, record
+
+    if len(streams) == 1:
+        yield from streams[0]
+        return
+    for _step, _file, _seq, record in heapq.merge(*(keyed(i, s) for i, s in enumerate(streams))):
+        yield record
 
 
 def read_logs(patterns: list[str]) -> LogContents:

@@ -35,6 +35,7 @@ from gradwatch.report.metrics import MetricSpec, metric_specs
 from gradwatch.report.reader import Problem
 from gradwatch.report.sparkline import sparkline
 from gradwatch.report.summary import (
+    TREND_STEPS,
     ClipSummary,
     LayerSummary,
     MetricSummary,
@@ -49,110 +50,124 @@ from gradwatch.report.verdict import LayerEvidence, Verdict, judge_evidence
 
 EXACT_POINTS = 2048
 """Series up to this many steps are kept exactly; longer ones are downsampled into at most this many bins."""
-
-
-def _transform(value: float, log_scale: bool) -> float | None:
-    """The chart/sparkline coordinate of a finite value: log10 on the log scale (None if non-positive)."""
-    if log_scale:
-        return math.log10(value) if value > 0 else None
-    return value
+BATCH_POINTS = 1024
+"""Once downsampling, points are folded into the running statistics this many at a time."""
 
 
 class _MetricAccumulator:
-    """Running statistics and a bounded series of one metric of one layer (values are per-step means)."""
+    """Running statistics and a bounded series of one metric of one layer (values are per-step means).
+
+    Points are buffered and folded in batches (builtins over lists instead of Python work per point).
+    Until more than :data:`EXACT_POINTS` points arrived nothing is folded, and the summary is computed
+    from the exact points exactly as the whole-file path does.
+    """
 
     def __init__(self, spec: MetricSpec) -> None:
         self.spec = spec
         self.log_scale = spec.scale == "log"
+        self.steps: list[int] = []
+        self.values: list[float | None] = []
+        self.folded = False
+        self.points = 0
         self.count = 0
         self.first: float | None = None
         self.last: float | None = None
         self.minimum = math.inf
         self.maximum = -math.inf
-        # running least-squares fit of (step, y): y = log(value) on the log scale
+        # running least-squares fit of (step, y), y = ln(value) on the log scale: merged batch by batch
+        # with Chan et al.'s pairwise update of the centred sums (stable for large step numbers)
         self._fit_n = 0
         self._mean_x = 0.0
         self._mean_y = 0.0
         self._sxx = 0.0
         self._sxy = 0.0
-        # exact series while short: (step, value or None)
-        self._exact: list[tuple[int, float | None]] | None = []
-        # bucketed series once long: per bucket the first step, sum of transformed values, present count
+        # the downsampled series: per bucket the first step, sum of chart coordinates, present and all points
         self._bucket_size = 1
         self._bucket_steps = array("q")
         self._bucket_sums = array("d")
         self._bucket_present = array("q")
         self._bucket_points = array("q")
-        self.points = 0
 
     def add(self, step: int, value: float | None) -> None:
         """One step's value (``None``: no finite reading at that step)."""
-        self.points += 1
-        if value is not None:
-            self.count += 1
+        self.steps.append(step)
+        self.values.append(value)
+        if len(self.steps) > (BATCH_POINTS if self.folded else EXACT_POINTS):
+            self._fold()
+
+    def _fold(self) -> None:
+        steps, values = self.steps, self.values
+        self.steps, self.values = [], []
+        self.folded = True
+        self.points += len(steps)
+        finite = [(s, v) for s, v in zip(steps, values, strict=True) if v is not None]
+        if finite:
+            finite_values = [v for _s, v in finite]
+            self.count += len(finite_values)
             if self.first is None:
-                self.first = value
-            self.last = value
-            if value < self.minimum:
-                self.minimum = value
-            if value > self.maximum:
-                self.maximum = value
-            if not self.log_scale or value > 0:
-                y = math.log(value) if self.log_scale else value
-                self._fit_n += 1
-                dx = step - self._mean_x
-                self._mean_x += dx / self._fit_n
-                self._mean_y += (y - self._mean_y) / self._fit_n
-                self._sxx += dx * (step - self._mean_x)
-                self._sxy += dx * (y - self._mean_y)
-        if self._exact is not None:
-            self._exact.append((step, value))
-            if len(self._exact) > EXACT_POINTS:
-                self._to_buckets()
-            return
-        self._add_to_buckets(step, value)
+                self.first = finite_values[0]
+            self.last = finite_values[-1]
+            self.minimum = min(self.minimum, min(finite_values))
+            self.maximum = max(self.maximum, max(finite_values))
+            if self.log_scale:
+                fit = [(float(s), math.log(v)) for s, v in finite if v > 0]
+            else:
+                fit = [(float(s), v) for s, v in finite]
+            if fit:
+                self._merge_fit(fit)
+        if self.log_scale:
+            coords = [None if v is None or v <= 0 else math.log10(v) for v in values]
+        else:
+            coords = values
+        self._add_to_buckets(steps, coords)
 
-    def _to_buckets(self) -> None:
-        exact, self._exact = self._exact or [], None
-        for step, value in exact:
-            self._add_to_buckets(step, value)
+    def _merge_fit(self, fit: list[tuple[float, float]]) -> None:
+        n_b = len(fit)
+        mean_x_b = math.fsum(x for x, _y in fit) / n_b
+        mean_y_b = math.fsum(y for _x, y in fit) / n_b
+        sxx_b = math.fsum((x - mean_x_b) ** 2 for x, _y in fit)
+        sxy_b = math.fsum((x - mean_x_b) * (y - mean_y_b) for x, y in fit)
+        n_a = self._fit_n
+        n = n_a + n_b
+        dx, dy = mean_x_b - self._mean_x, mean_y_b - self._mean_y
+        self._sxx += sxx_b + dx * dx * n_a * n_b / n
+        self._sxy += sxy_b + dx * dy * n_a * n_b / n
+        self._mean_x += dx * n_b / n
+        self._mean_y += dy * n_b / n
+        self._fit_n = n
 
-    def _add_to_buckets(self, step: int, value: float | None) -> None:
-        y = None if value is None else _transform(value, self.log_scale)
-        if not self._bucket_points or self._bucket_points[-1] >= self._bucket_size:
-            if len(self._bucket_points) >= EXACT_POINTS:
-                self._merge_buckets()
+    def _add_to_buckets(self, steps: list[int], coords: list[float | None]) -> None:
+        index = 0
+        while index < len(steps):
             if not self._bucket_points or self._bucket_points[-1] >= self._bucket_size:
-                self._bucket_steps.append(step)
+                if len(self._bucket_points) >= EXACT_POINTS:
+                    self._merge_buckets()
+                    continue
+                self._bucket_steps.append(steps[index])
                 self._bucket_sums.append(0.0)
                 self._bucket_present.append(0)
                 self._bucket_points.append(0)
-        self._bucket_points[-1] += 1
-        if y is not None:
-            self._bucket_sums[-1] += y
-            self._bucket_present[-1] += 1
+            room = self._bucket_size - self._bucket_points[-1]
+            part = [c for c in coords[index : index + room] if c is not None]
+            taken = min(room, len(steps) - index)
+            self._bucket_points[-1] += taken
+            self._bucket_sums[-1] += math.fsum(part)
+            self._bucket_present[-1] += len(part)
+            index += taken
 
     def _merge_buckets(self) -> None:
         """Halve the number of buckets by merging neighbours; bucket size doubles."""
-        steps, sums, present, points = array("q"), array("d"), array("q"), array("q")
-        for index in range(0, len(self._bucket_points), 2):
-            pair = slice(index, index + 2)
-            steps.append(self._bucket_steps[index])
-            sums.append(sum(self._bucket_sums[pair]))
-            present.append(sum(self._bucket_present[pair]))
-            points.append(sum(self._bucket_points[pair]))
-        self._bucket_steps, self._bucket_sums, self._bucket_present, self._bucket_points = (
-            steps,
-            sums,
-            present,
-            points,
-        )
+        self._bucket_steps = self._bucket_steps[::2]
+        self._bucket_sums = _pair_sums(self._bucket_sums, "d")
+        self._bucket_present = _pair_sums(self._bucket_present, "q")
+        self._bucket_points = _pair_sums(self._bucket_points, "q")
         self._bucket_size *= 2
 
     def series(self) -> tuple[tuple[int, float | None], ...]:
         """Exact (step, value) points, or one (first step, mean) point per bucket once downsampled."""
-        if self._exact is not None:
-            return tuple(self._exact)
+        if not self.folded:
+            return tuple(zip(self.steps, self.values, strict=True))
+        self._fold()
         out: list[tuple[int, float | None]] = []
         for step, total, present in zip(
             self._bucket_steps, self._bucket_sums, self._bucket_present, strict=True
@@ -163,16 +178,28 @@ class _MetricAccumulator:
             out.append((step, mean))
         return tuple(out)
 
-    def trend(self) -> float | None:
-        if self._exact is not None:
-            finite = [(s, v) for s, v in self._exact if v is not None]
-            return trend_per_1000_steps(finite, log_scale=self.log_scale)
-        if self._fit_n < 2 or self._sxx <= 0:
-            return None
-        return self._sxy / self._sxx * 1000
-
     def summary(self, label: str) -> MetricSummary:
-        series = self.series()
+        if not self.folded:
+            # exactly the whole-file computation (summary._summarize_metric)
+            series = self.series()
+            finite = [(s, v) for s, v in series if v is not None]
+            values = [v for _s, v in finite]
+            return MetricSummary(
+                name=self.spec.name,
+                label=label,
+                scale=self.spec.scale,
+                count=len(values),
+                first=values[0] if values else None,
+                last=values[-1] if values else None,
+                minimum=min(values) if values else None,
+                maximum=max(values) if values else None,
+                trend_per_1000_steps=trend_per_1000_steps(finite, log_scale=self.log_scale),
+                sparkline=sparkline([v for _s, v in series], log_scale=self.log_scale),
+                series=series,
+                measured_steps=len(series),
+            )
+        series = self.series()  # folds what is buffered
+        trend = self._sxy / self._sxx * TREND_STEPS if self._fit_n >= 2 and self._sxx > 0 else None
         return MetricSummary(
             name=self.spec.name,
             label=label,
@@ -182,11 +209,19 @@ class _MetricAccumulator:
             last=self.last,
             minimum=self.minimum if self.count else None,
             maximum=self.maximum if self.count else None,
-            trend_per_1000_steps=self.trend(),
+            trend_per_1000_steps=trend,
             sparkline=sparkline([v for _s, v in series], log_scale=self.log_scale),
             series=series,
             measured_steps=self.points,
         )
+
+
+def _pair_sums(values: array, typecode: str) -> array:  # type: ignore[type-arg]
+    """Sums of neighbouring pairs (the last one alone when the length is odd)."""
+    out = array(typecode, map(sum, zip(values[::2], values[1::2], strict=False)))
+    if len(values) % 2:
+        out.append(values[-1])
+    return out
 
 
 class _LayerAccumulator:
@@ -228,6 +263,19 @@ class _LayerAccumulator:
         if self._pending_step is None:
             return
         step, readings = self._pending_step, self._pending
+        if len(readings) == 1:  # one rank: the step's value is its reading (fmean of one value is itself)
+            metrics = readings[0].metrics
+            for spec in self.specs:
+                v = spec.read(metrics, None)
+                self.metrics[spec.name].add(step, v if v is not None and math.isfinite(v) else None)
+            for lag, accumulator in self.lag_metrics.items():
+                v = metrics.lag_norm.get(str(lag))
+                accumulator.add(step, v if v is not None and math.isfinite(v) else None)
+            if not self.lag_metrics:
+                self.no_lag.add(step, None)
+            self.flushed_steps += 1
+            self._pending_step, self._pending = None, []
+            return
         for spec in self.specs:
             values = [
                 v for m in readings if (v := spec.read(m.metrics, None)) is not None and math.isfinite(v)
