@@ -196,10 +196,33 @@ def test_out_of_order_logs_fall_back_to_the_exact_whole_file_report(tmp_path: Pa
     assert make_report([str(path)], ReportOptions()) == _whole_file([str(path)], ReportOptions())
 
 
-def test_summary_of_error_records_only(tmp_path: Path) -> None:
-    records: list[Record] = [
-        make_run("healthy", measurements=1)[0],
-        ErrorRecord(5, 0.0, "replay", "replay failed: shapes differ", "encoder.rnn", 0, "run-healthy"),
-    ]
-    path = write_log(tmp_path / "errors.jsonl", records)
-    assert make_report([str(path)], ReportOptions()) == _whole_file([str(path)], ReportOptions())
+def test_a_run_without_measurements_says_why_when_the_log_knows(tmp_path: Path) -> None:
+    header = make_run("healthy", measurements=1)[0]
+    error = ErrorRecord(5, 0.0, "replay", "replay failed: shapes differ", "encoder.rnn", 0, "run-healthy")
+    cases = {
+        "errors": (
+            [header, error],
+            ReportOptions(),
+            "gradwatch reported an error at step 5 in replay: replay failed: shapes differ",
+        ),
+        "header-only": (
+            [header],
+            ReportOptions(),
+            "no measured step: the run header lists the watched "
+            "module(s) encoder.rnn, but no measurement was written (it measures every 50 steps)",
+        ),
+        "selection": (
+            make_run("healthy", measurements=4),
+            ReportOptions(modules=("decoder.*",)),
+            "no measurements in the selected modules and steps (4 measurement(s) outside",
+        ),
+    }
+    for name, (records, options, reason) in cases.items():
+        path = write_log(tmp_path / f"{name}.jsonl", records)
+        streamed = make_report([str(path)], options)
+        assert streamed == _whole_file([str(path)], options)
+        assert streamed.runs[0].layers == ()
+        for output_format in ("text", "markdown"):
+            assert reason in " ".join(render(streamed, output_format).split()), (name, output_format)
+        run_json = json.loads(render(streamed, "json"))["runs"][0]
+        assert reason in run_json["why_no_measurements"]

@@ -385,6 +385,7 @@ class _RunAccumulator:
     last_step: int | None = None
     layers: dict[tuple[str, int, str], _LayerAccumulator] = field(default_factory=dict)
     detector: TrendDetector = field(default_factory=TrendDetector)
+    unselected_measurements: int = 0
 
 
 class StreamingSummary:
@@ -420,6 +421,8 @@ class StreamingSummary:
         if isinstance(record, Alert):
             run.any_alert = True
         if record.step not in options.steps:
+            if isinstance(record, Measurement):
+                run.unselected_measurements += 1
             return
         step = record.step
         if run.first_step is None or step < run.first_step:
@@ -429,6 +432,8 @@ class StreamingSummary:
         if isinstance(record, Measurement):
             if options.wants_module(record.module):
                 self._layer(run, (record.module, record.layer, record.direction)).add_measurement(record)
+            else:
+                run.unselected_measurements += 1
         elif isinstance(record, Alert):
             if options.wants_module(record.module):
                 run.alerts.append(record)
@@ -492,6 +497,7 @@ class StreamingSummary:
             first_step=run.first_step,
             last_step=run.last_step,
             truncated=truncated,
+            unselected_measurements=run.unselected_measurements,
         )
 
 
