@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import shutil
 import subprocess
@@ -153,14 +154,18 @@ _JSON_LOOP = (
 )
 
 
-def measure(command: list[str], timeout: float) -> tuple[float, float]:
+def measure(command: list[str], timeout: float, pythonpath: str | None = None) -> tuple[float, float]:
     """Wall seconds and peak RSS (MB) of ``command`` run in a fresh child process."""
+    env = dict(os.environ)
+    if pythonpath is not None:
+        env["PYTHONPATH"] = pythonpath
     out = subprocess.run(
         [sys.executable, "-c", _MEASURE, *command],
         capture_output=True,
         text=True,
         timeout=timeout,
         check=True,
+        env=env,
     )
     wall, rss_kb = out.stdout.split()
     return float(wall), int(rss_kb) / 1024
@@ -174,6 +179,11 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=Path("/tmp/gw-report-bench"))
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per measured command")
     parser.add_argument("--keep", action="store_true", help="keep the generated logs")
+    parser.add_argument(
+        "--compare-with",
+        metavar="PYTHONPATH",
+        help="also time the report of another gradwatch checkout (e.g. an older version) on the same logs",
+    )
     args = parser.parse_args()
     print(f"{'log':>8} {'records':>10} {'what':<22} {'wall s':>8} {'MB/s':>7} {'peak RSS MB':>12}")
     for size_mb in args.sizes_mb:
@@ -181,24 +191,27 @@ def main() -> None:
         shutil.rmtree(directory, ignore_errors=True)
         size, records = generate(directory, size_mb * 1_000_000)
         files = sorted(str(p) for p in directory.glob("*.jsonl"))
-        commands = {
-            "json.loads loop": [sys.executable, "-c", _JSON_LOOP, *files],
-            "gradwatch report": [
-                sys.executable,
-                "-c",
-                "import sys; from gradwatch.cli import main; main(sys.argv[1:])",
-                "report",
-                str(directory),
-                "--format",
-                "json",
-                "-o",
-                "/dev/null",
-            ],
+        report = [
+            sys.executable,
+            "-c",
+            "import sys; from gradwatch.cli import main; main(sys.argv[1:])",
+            "report",
+            str(directory),
+            "--format",
+            "json",
+            "-o",
+            "/dev/null",
+        ]
+        commands: dict[str, tuple[list[str], str | None]] = {
+            "json.loads loop": ([sys.executable, "-c", _JSON_LOOP, *files], None),
+            "gradwatch report": (report, None),
         }
-        for what, command in commands.items():
+        if args.compare_with:
+            commands["report (--compare-with)"] = (report, args.compare_with)
+        for what, (command, pythonpath) in commands.items():
             started = time.perf_counter()
             try:
-                wall, rss = measure(command, args.timeout)
+                wall, rss = measure(command, args.timeout, pythonpath)
             except subprocess.TimeoutExpired:
                 print(
                     f"{size / 1e6:>6.0f}MB {records:>10} {what:<22} timed out after {time.perf_counter() - started:.0f} s"
