@@ -166,6 +166,7 @@ def measure(command: list[str], timeout: float, pythonpath: str | None = None) -
         timeout=timeout,
         check=True,
         env=env,
+        cwd=pythonpath,  # `python -c` puts the working directory first on sys.path
     )
     wall, rss_kb = out.stdout.split()
     return float(wall), int(rss_kb) / 1024
