@@ -92,6 +92,10 @@ class _MetricAccumulator:
         """One step's value (``None``: no finite reading at that step)."""
         self.steps.append(step)
         self.values.append(value)
+        self.fold_if_full()
+
+    def fold_if_full(self) -> None:
+        """Fold the buffer once it holds more than the exact (first) or batch (later) number of points."""
         if len(self.steps) > (BATCH_POINTS if self.folded else EXACT_POINTS):
             self._fold()
 
@@ -179,6 +183,7 @@ class _MetricAccumulator:
         return tuple(out)
 
     def summary(self, label: str) -> MetricSummary:
+        self.fold_if_full()
         if not self.folded:
             # exactly the whole-file computation (summary._summarize_metric)
             series = self.series()
@@ -242,16 +247,17 @@ class _LayerAccumulator:
         self.out_of_order = False
         self._pending_step: int | None = None
         self._pending: list[Measurement] = []
+        self._lag_keys: set[str] = set()
+        self._reads = [(self.metrics[spec.name], spec.read) for spec in self.specs]
+        self._lag_reads: list[tuple[_MetricAccumulator, str]] = []
 
     def add_measurement(self, m: Measurement) -> None:
         self.ranks.add(m.rank)
         if self._pending_step is not None and m.step < self._pending_step:
             self.out_of_order = True
-        for key in m.metrics.lag_norm:
-            if key.isdigit() and int(key) not in self.lag_metrics and self.lag_spec is not None:
-                if self.flushed_steps:
-                    self.out_of_order = True  # a lag first seen late: its earlier steps are not tracked
-                self.lag_metrics[int(key)] = _MetricAccumulator(self.lag_spec)
+        lag_norm = m.metrics.lag_norm
+        if lag_norm and not self._lag_keys.issuperset(lag_norm):
+            self._new_lags(lag_norm)
         self.evidence.add(m)
         self.evidence.replay(m, self.detector)
         if m.step != self._pending_step:
@@ -259,21 +265,40 @@ class _LayerAccumulator:
             self._pending_step = m.step
         self._pending.append(m)
 
+    def _new_lags(self, lag_norm: Mapping[str, float | None]) -> None:
+        for key in lag_norm:
+            self._lag_keys.add(key)
+            if key.isdigit() and int(key) not in self.lag_metrics and self.lag_spec is not None:
+                if self.flushed_steps:
+                    self.out_of_order = True  # a lag first seen late: its earlier steps are not tracked
+                self.lag_metrics[int(key)] = _MetricAccumulator(self.lag_spec)
+        self._lag_reads = [(acc, str(lag)) for lag, acc in self.lag_metrics.items()]
+
     def _flush(self) -> None:
         if self._pending_step is None:
             return
         step, readings = self._pending_step, self._pending
         if len(readings) == 1:  # one rank: the step's value is its reading (fmean of one value is itself)
+            # the hot path of a long single-rank log: append to the accumulators' buffers directly
             metrics = readings[0].metrics
-            for spec in self.specs:
-                v = spec.read(metrics, None)
-                self.metrics[spec.name].add(step, v if v is not None and math.isfinite(v) else None)
-            for lag, accumulator in self.lag_metrics.items():
-                v = metrics.lag_norm.get(str(lag))
-                accumulator.add(step, v if v is not None and math.isfinite(v) else None)
+            isfinite = math.isfinite
+            for accumulator, read in self._reads:
+                v = read(metrics, None)
+                accumulator.steps.append(step)
+                accumulator.values.append(v if v is not None and isfinite(v) else None)
+            lag_norm = metrics.lag_norm
+            for accumulator, key in self._lag_reads:
+                v = lag_norm.get(key)
+                accumulator.steps.append(step)
+                accumulator.values.append(v if v is not None and isfinite(v) else None)
             if not self.lag_metrics:
                 self.no_lag.add(step, None)
             self.flushed_steps += 1
+            if self.flushed_steps % BATCH_POINTS == 0:
+                for accumulator, _read in self._reads:
+                    accumulator.fold_if_full()
+                for accumulator, _key in self._lag_reads:
+                    accumulator.fold_if_full()
             self._pending_step, self._pending = None, []
             return
         for spec in self.specs:
