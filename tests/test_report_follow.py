@@ -82,4 +82,4 @@ def test_follow_missing_file_is_a_problem_until_it_appears(tmp_path: Path) -> No
     assert [p.message for p in follower.contents.problems] == ["no such file or directory"]
     _append(tmp_path / "later.jsonl", make_run("healthy", measurements=1))
     follower.poll()
-    assert follower.contents.problems == [] and len(follower.contents.records) == 2
+    assert follower.contents.problems == [] and follower.records_read == 2

@@ -4,6 +4,7 @@ from gradwatch.report.command import exit_status, make_report, parse_fail_on, re
 from gradwatch.report.follow import Follower, follow
 from gradwatch.report.reader import LogContents, LogTail, Problem, read_logs
 from gradwatch.report.render_json import REPORT_JSON_SCHEMA
+from gradwatch.report.streaming import StreamingSummary
 from gradwatch.report.summary import (
     LayerSummary,
     MetricSummary,
@@ -29,6 +30,7 @@ __all__ = [
     "ReportOptions",
     "RunSummary",
     "StepRange",
+    "StreamingSummary",
     "Verdict",
     "build_report",
     "exit_status",

@@ -5,11 +5,12 @@ from __future__ import annotations
 import io
 from collections.abc import Iterable
 
-from gradwatch.report.reader import read_logs
+from gradwatch.report.reader import LogContents, LogTail, expand_paths, merge_by_step, read_logs
 from gradwatch.report.render_html import render_html
 from gradwatch.report.render_json import render_json
 from gradwatch.report.render_markdown import render_markdown
 from gradwatch.report.render_text import make_console, render_text
+from gradwatch.report.streaming import StreamingSummary
 from gradwatch.report.summary import Report, ReportOptions, build_report
 from gradwatch.report.verdict import Verdict
 
@@ -37,8 +38,30 @@ def parse_fail_on(values: Iterable[str]) -> frozenset[Verdict]:
 
 
 def make_report(paths: list[str], options: ReportOptions) -> Report:
-    """Read the logs named by ``paths`` (files, directories, globs) and summarise them."""
-    return build_report(read_logs(paths), options)
+    """Read the logs named by ``paths`` (files, directories, globs) and summarise them as they stream by.
+
+    The files are merged by step (each is in step order as the monitor writes it), so memory stays
+    bounded however long the logs are. Should some layer's measurements still arrive out of step order
+    (hand-edited or concatenated logs), the logs are read again whole so the figures stay exact.
+    """
+    files, path_problems = expand_paths(paths)
+    contents = LogContents(problems=path_problems)
+    summary = StreamingSummary(options)
+    per_file = [LogContents(files=[str(path)]) for path in files]
+    streams = [LogTail(path).stream(out, final=True) for path, out in zip(files, per_file, strict=True)]
+    add = summary.add
+    for record in merge_by_step(streams):
+        add(record)
+    for out in per_file:
+        contents.extend(out)
+    if summary.needs_exact:
+        return build_report(read_logs(paths), options)
+    return summary.report(
+        problems=contents.problems,
+        files=contents.files,
+        unknown_kinds=contents.unknown_kinds,
+        truncated_runs=contents.truncated_runs,
+    )
 
 
 def render(report: Report, output_format: str) -> str:

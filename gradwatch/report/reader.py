@@ -1,20 +1,26 @@
 """Tolerant run-log reader: turn JSON-lines files into records plus a list of precise problems.
 
-Logs are treated as untrusted data: every line is decoded with :func:`json.loads` only (nothing is
-evaluated, unpickled or used as a path), line length is capped so memory stays bounded, and every fault
-becomes a :class:`Problem` naming the file and line instead of an exception.
+Logs are treated as untrusted data: every line is decoded as JSON only (nothing is evaluated, unpickled or
+used as a path), line length is capped so memory stays bounded, and every fault becomes a :class:`Problem`
+naming the file and line instead of an exception. Lines are parsed with ``orjson`` when it is installed
+(``pip install gradwatch[fast]``, several times faster); a line it rejects is parsed again with
+:mod:`json`, whose messages (and tolerance of ``NaN``/``Infinity``) the report shows, so both parsers give
+the same records and problems.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import glob
+import heapq
 import json
 import logging
 import os
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from gradwatch.records import SCHEMA_VERSION, Record, RecordError, RunHeader, record_from_json
 
@@ -26,7 +32,20 @@ MAX_LINE_BYTES = 1 << 20
 MAX_PROBLEMS_PER_FILE = 20
 """Further problems in one file are only counted, so a garbage file cannot flood the report."""
 
-_CHUNK_BYTES = 1 << 16
+_CHUNK_BYTES = 1 << 18
+"""Read size: big enough that per-read overhead vanishes, small enough that many files merged stay small."""
+
+
+def _orjson_loads() -> Callable[[bytes], Any] | None:
+    try:
+        import orjson
+    except ImportError:  # the optional fast parser is missing: the json module does everything
+        return None
+    return orjson.loads
+
+
+FAST_LOADS: Callable[[bytes], Any] | None = _orjson_loads()
+"""The fast JSON parser (``orjson.loads``) or ``None``; any exception it raises means "try json"."""
 _GLOB_CHARS = frozenset("*?[")
 
 
@@ -114,12 +133,21 @@ class LogTail:
         self._current_header: RunHeader | None = None
         self._last_run: tuple[str, int] | None = None
         self._binary = False
+        self._batch: list[Record] = []
 
     def poll(self, *, final: bool = False) -> LogContents:
         """Read what was appended since the last call; never raises for bad content."""
         out = LogContents(files=[self.display])
+        out.records.extend(self.stream(out, final=final))
+        return out
+
+    def stream(self, out: LogContents, *, final: bool = False) -> Iterator[Record]:
+        """Like :meth:`poll`, but yield the records chunk by chunk (bounded memory); note the rest in ``out``.
+
+        ``out`` receives the problems, unknown kinds and truncation; its ``records`` are left alone.
+        """
         if self._binary:
-            return out
+            return
         try:
             size = self.path.stat().st_size
             if size < self._offset:
@@ -133,22 +161,38 @@ class LogTail:
                         self._problem(
                             out, None, "contains NUL bytes: a binary file, not a JSON-lines run log"
                         )
-                        return out
+                        return
                     self._offset += len(chunk)
                     self._feed(chunk, out)
+                    if self._batch:
+                        batch, self._batch = self._batch, []
+                        yield from batch
         except OSError as exc:
             self._problem(out, None, f"cannot read: {exc.strerror or exc}")
-            return out
+            return
         if final:
             self._finish(out)
-        return out
+            batch, self._batch = self._batch, []
+            yield from batch
 
     # -- internals ---------------------------------------------------------------------------------
 
     def _feed(self, chunk: bytes, out: LogContents) -> None:
         start = 0
+        find = chunk.find
         while True:
-            newline = chunk.find(b"\n", start)
+            newline = find(b"\n", start)
+            if (
+                newline >= 0
+                and not self._pending
+                and not self._discarding
+                and newline - start <= MAX_LINE_BYTES
+            ):
+                # the common case: a whole line inside this chunk, parsed without copying it twice
+                self._line_number += 1
+                self._parse(chunk[start:newline], self._line_number, out)
+                start = newline + 1
+                continue
             piece = chunk[start:] if newline < 0 else chunk[start:newline]
             if not self._discarding:
                 self._pending += piece
@@ -196,19 +240,34 @@ class LogTail:
 
     def _parse(self, raw: bytes, line: int, out: LogContents) -> None:
         """Parse one line into ``out``: a record, an unknown-kind count, or a problem naming the line."""
-        if not raw.strip():
-            return
+        data = _NOT_PARSED
+        if FAST_LOADS is not None and raw.count(b"[") + raw.count(b"{") < _FAST_MAX_BRACKETS:
+            try:
+                data = FAST_LOADS(raw)
+            except Exception:  # anything the fast parser rejects, json judges and explains
+                data = _NOT_PARSED
+        if data is _NOT_PARSED:
+            if not raw.strip():
+                return
+            data = self._parse_slowly(raw, line, out)
+            if data is _NOT_PARSED:
+                return
+        self._use(data, line, out)
+
+    def _parse_slowly(self, raw: bytes, line: int, out: LogContents) -> Any:
+        """:func:`json.loads` with the report's messages for each way a line can be bad."""
         try:
-            data = json.loads(raw.decode("utf-8"), parse_constant=_non_finite_as_null)
+            return json.loads(raw.decode("utf-8"), parse_constant=_non_finite_as_null)
         except UnicodeDecodeError:
             self._problem(out, line, "not UTF-8 text")
-            return
         except json.JSONDecodeError as exc:
             self._problem(out, line, f"not valid JSON ({exc.msg} at column {exc.colno})")
-            return
         except RecursionError:
             self._problem(out, line, "JSON nested too deeply to read")
-            return
+        return _NOT_PARSED
+
+    def _use(self, data: Any, line: int, out: LogContents) -> None:
+        """Turn one parsed line into a record (or a counted skip, or a problem naming the line)."""
         is_header = isinstance(data, dict) and data.get("kind") == RunHeader.kind
         if self._skipping_unsupported_run and not is_header:
             self._skipped_in_unsupported_run += 1
@@ -238,7 +297,7 @@ class LogTail:
             self._current_header = record
         record = self._with_run_context(record)
         self._last_run = (record.run_id, record.rank)
-        out.records.append(record)
+        self._batch.append(record)
 
     def _with_run_context(self, record: Record) -> Record:
         """Records written without a run_id belong to the run whose header precedes them in this file."""
@@ -253,6 +312,11 @@ class LogTail:
             out.problems.append(Problem(self.display, line, message))
         elif self._problem_count == MAX_PROBLEMS_PER_FILE + 1:
             out.problems.append(Problem(self.display, line, "too many problems; further ones are not listed"))
+
+
+_NOT_PARSED: Any = object()
+_FAST_MAX_BRACKETS = 256
+"""Lines with more brackets go to :mod:`json` directly: it refuses deep nesting that orjson would accept."""
 
 
 def _non_finite_as_null(_constant: str) -> None:
@@ -271,6 +335,26 @@ def _is_json(raw: bytes) -> bool:
 def _kind_of(data: object) -> str:
     kind = data.get("kind") if isinstance(data, dict) else None
     return repr(kind)[:40] if isinstance(kind, str) else "log"
+
+
+def merge_by_step(streams: Sequence[Iterable[Record]]) -> Iterator[Record]:
+    """The records of several files (each in step order) as one stream in step order, lazily.
+
+    Ties keep file order, then line order; a run header keeps its place in its file (it sorts with the
+    step before it), so each file's header still precedes that file's records.
+    """
+
+    def keyed(file_index: int, records: Iterable[Record]) -> Iterator[tuple[int, int, int, Record]]:
+        step = -(1 << 62)
+        for seq, record in enumerate(records):
+            step = getattr(record, "step", step)
+            yield step, file_index, seq, record
+
+    if len(streams) == 1:
+        yield from streams[0]
+        return
+    for _step, _file, _seq, record in heapq.merge(*(keyed(i, s) for i, s in enumerate(streams))):
+        yield record
 
 
 def read_logs(patterns: list[str]) -> LogContents:

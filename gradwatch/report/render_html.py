@@ -91,6 +91,8 @@ def chart_svg(metric: MetricSummary, alerts: Sequence[tuple[int, str, str]]) -> 
     log_scale = metric.scale == "log"
     points = [(s, y) for s, v in metric.series if (y := _y_value(v, log_scale)) is not None]
     title = f"{metric.label}{' (log scale)' if log_scale else ''}"
+    if metric.measured_steps is not None and metric.measured_steps > len(metric.series):
+        title += f", {len(metric.series)} points averaged from {metric.measured_steps} steps"
     parts = [
         f'<svg class="chart" width="{CHART_WIDTH}" height="{CHART_HEIGHT}" '
         f'viewBox="0 0 {CHART_WIDTH} {CHART_HEIGHT}" role="img">',

@@ -11,7 +11,14 @@ import math
 from typing import Any
 
 from gradwatch._version import __version__
-from gradwatch.report.summary import ClipSummary, LayerSummary, MetricSummary, Report, RunSummary
+from gradwatch.report.summary import (
+    ClipSummary,
+    LayerSummary,
+    MetricSummary,
+    Report,
+    RunSummary,
+    why_no_measurements,
+)
 
 REPORT_JSON_SCHEMA = 1
 MAX_COPIED_DEPTH = 32
@@ -95,6 +102,7 @@ def _run(run: RunSummary) -> dict[str, Any]:
         "alerts": [_json_safe(alert.to_json()) for alert in run.alerts],
         "clips": _clips(run.clips),
         "errors": [_json_safe(error.to_json()) for error in run.errors],
+        "why_no_measurements": None if run.layers else why_no_measurements(run),
     }
 
 

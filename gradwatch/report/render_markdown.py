@@ -6,7 +6,7 @@ import html
 import re
 
 from gradwatch.report.formatting import alert_location, format_number, format_steps, format_trend, shorten
-from gradwatch.report.summary import LayerSummary, Report, RunSummary
+from gradwatch.report.summary import LayerSummary, Report, RunSummary, why_no_measurements
 
 _MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]<>|~&])")
 VERDICT_MARKS = {"healthy": "✅", "vanishing": "🔻", "exploding": "🔺", "nonfinite": "❌"}
@@ -37,6 +37,8 @@ def _run(run: RunSummary) -> list[str]:
         lines.append("")
     if run.truncated:
         lines += ["> **Warning:** the log ends in a truncated line: the run probably crashed.", ""]
+    if not run.layers:
+        lines += [f"_{escape_markdown(why_no_measurements(run))}_", ""]
     if run.layers:
         lines.append(_row(["layer", "type", "steps", "verdict", "cause"]))
         lines.append(_row(["---"] * 5))

@@ -18,7 +18,7 @@ from gradwatch.report.formatting import (
     format_trend,
     shorten,
 )
-from gradwatch.report.summary import LayerSummary, Report, RunSummary
+from gradwatch.report.summary import LayerSummary, Report, RunSummary, why_no_measurements
 from gradwatch.report.verdict import Verdict
 
 VERDICT_STYLES: dict[Verdict, str] = {
@@ -147,7 +147,7 @@ def _run(run: RunSummary) -> list[RenderableType]:
     if run.truncated:
         parts.append(Text("the log ends in a truncated line: the run probably crashed", style="bold red"))
     if not run.layers:
-        parts.append(Text("no measurements in the selected modules and steps"))
+        parts.append(Text(why_no_measurements(run)))
     else:
         parts.append(_overview(run))
     for layer in run.layers:

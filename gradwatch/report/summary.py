@@ -85,6 +85,8 @@ class MetricSummary:
     """Slope of log(value) (``scale == "log"``) or of the value (``"linear"``) per 1000 steps."""
     sparkline: str
     series: tuple[tuple[int, float | None], ...]
+    measured_steps: int | None = None
+    """Steps the series stands for; more than ``len(series)`` when a long run was downsampled."""
 
 
 @dataclass(frozen=True)
@@ -134,6 +136,8 @@ class RunSummary:
     first_step: int | None
     last_step: int | None
     truncated: bool
+    unselected_measurements: int = 0
+    """Measurements of this run left out by ``--module`` / ``--steps``."""
 
     @property
     def title(self) -> str:
@@ -221,6 +225,7 @@ def _summarize_run(
     all_alerts = [r for r in records if isinstance(r, Alert)]
     in_window = [r for r in records if not isinstance(r, RunHeader) and r.step in options.steps]
     measurements = [r for r in in_window if isinstance(r, Measurement) and options.wants_module(r.module)]
+    unselected = sum(isinstance(r, Measurement) for r in records) - len(measurements)
     alerts = sorted(
         (r for r in in_window if isinstance(r, Alert) and options.wants_module(r.module)),
         key=lambda a: (a.step, a.rank, a.module, a.layer),
@@ -261,6 +266,7 @@ def _summarize_run(
         first_step=min(steps) if steps else None,
         last_step=max(steps) if steps else None,
         truncated=truncated,
+        unselected_measurements=unselected,
     )
 
 
@@ -336,6 +342,7 @@ def _summarize_metric(
         trend_per_1000_steps=trend_per_1000_steps(finite, log_scale=spec.scale == "log"),
         sparkline=sparkline([v for _s, v in series], log_scale=spec.scale == "log"),
         series=tuple(series),
+        measured_steps=len(series),
     )
 
 
@@ -361,6 +368,32 @@ def _summarize_clips(clips: Sequence[ClipEvent]) -> ClipSummary:
         median_norm_before=statistics.median(before) if before else None,  # type: ignore[type-var]
         max_norm=clips[-1].max_norm if clips else None,
     )
+
+
+def why_no_measurements(run: RunSummary) -> str:
+    """Why a run has no layer to show, as far as its log tells (errors, selection, header)."""
+    if run.errors:
+        first = run.errors[0]
+        more = f" (and {len(run.errors) - 1} more)" if len(run.errors) > 1 else ""
+        return (
+            f"no measurements: gradwatch reported an error at step {first.step} in {first.where[:80]}: "
+            f"{first.message[:200]}{more}"
+        )
+    if run.unselected_measurements:
+        return (
+            f"no measurements in the selected modules and steps "
+            f"({run.unselected_measurements} measurement(s) outside the selection)"
+        )
+    header = run.header
+    names = [str(m.get("name"))[:60] for m in header.modules if isinstance(m, Mapping)] if header else []
+    if names:
+        every = header.config.get("every") if header is not None else None
+        cadence = f" (it measures every {every} steps)" if isinstance(every, int) else ""
+        return (
+            f"no measured step: the run header lists the watched module(s) {', '.join(names[:8])}, but no "
+            f"measurement was written{cadence}; the run probably stopped before its first measured step"
+        )
+    return "no measurements in the log"
 
 
 def worst_verdict(layers: Iterable[LayerSummary]) -> Verdict:

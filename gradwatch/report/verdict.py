@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections import defaultdict
+from array import array
+from collections import defaultdict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -64,28 +65,92 @@ class LayerVerdict:
     """One note per episode that ended with a ``recovered`` alert."""
 
 
-def fallback_verdict(measurements: Sequence[Measurement]) -> tuple[Verdict, str]:
+class LayerEvidence:
+    """What the verdict needs from one layer's measurements, folded in step order in bounded state.
+
+    Kept per measurement: only its step and total gradient norm (16 bytes, for the clipping-threshold
+    percentile); otherwise counts, the steps of non-finite measurements, the last :data:`CAUSE_WINDOW`
+    measurements and the monitor's detector replayed incrementally (see :meth:`replay`).
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.first_step: int | None = None
+        self.last_step: int | None = None
+        self.ranks: set[int] = set()
+        self.nonfinite_steps = array("q")
+        self.tail: deque[Measurement] = deque(maxlen=CAUSE_WINDOW)
+        self.steps = array("q")
+        self.grad_norms = array("d")  # NaN where a measurement has no finite total gradient norm
+        self.detector_alerts = 0
+        self.last_detector_alert: Alert | None = None
+        self.last: Measurement | None = None
+        self._detector: TrendDetector | None = None
+
+    def add(self, measurement: Measurement) -> None:
+        """Fold one measurement (in step order) into the evidence."""
+        step = measurement.step
+        self.count += 1
+        if self.first_step is None or step < self.first_step:
+            self.first_step = step
+        if self.last_step is None or step > self.last_step:
+            self.last_step = step
+        self.ranks.add(measurement.rank)
+        if measurement.metrics.grad_nonfinite > 0:
+            self.nonfinite_steps.append(step)
+        self.tail.append(measurement)
+        self.steps.append(step)
+        norm = total_grad_norm(measurement.metrics)
+        self.grad_norms.append(math.nan if norm is None else norm)
+        self.last = measurement
+
+    def replay(self, measurement: Measurement, detector: TrendDetector) -> None:
+        """Feed the monitor's detector (keyed by layer, so one detector may serve a whole run)."""
+        self._detector = detector
+        alerts = detector.update(measurement)
+        if alerts:
+            self.detector_alerts += len(alerts)
+            self.last_detector_alert = alerts[-1]
+
+    @classmethod
+    def of(cls, measurements: Sequence[Measurement]) -> LayerEvidence:
+        """The evidence of ``measurements`` (any order: they are sorted by step, stably)."""
+        evidence = cls()
+        detector = TrendDetector()
+        for measurement in sorted(measurements, key=lambda m: m.step):
+            evidence.add(measurement)
+            evidence.replay(measurement, detector)
+        return evidence
+
+    def grad_norms_before(self, step: int | None) -> tuple[int, list[float]]:
+        """How many measurements precede ``step`` (all if ``None``) and their finite total gradient norms."""
+        if step is None:
+            chosen = list(self.grad_norms)
+            count = len(chosen)
+        else:
+            chosen = [n for s, n in zip(self.steps, self.grad_norms, strict=True) if s < step]
+            count = len(chosen)
+        return count, [n for n in chosen if not math.isnan(n)]
+
+
+def fallback_verdict(measurements: Sequence[Measurement] | LayerEvidence) -> tuple[Verdict, str]:
     """For logs without alert records: replay the monitor's own detector over the measurements.
 
     Any measurement with ``grad_nonfinite > 0`` -> non-finite; otherwise the verdict is the one
     :class:`gradwatch.policy.trends.TrendDetector` (default :class:`DetectionConfig`) reaches at the end,
     so a log written without alerts is judged exactly as a live run would have been.
     """
-    ordered = sorted(measurements, key=lambda m: m.step)
-    nonfinite = [m for m in ordered if m.metrics.grad_nonfinite > 0]
-    if nonfinite:
-        return Verdict.NONFINITE, _nonfinite_reason(nonfinite)
-    if not ordered:
+    evidence = measurements if isinstance(measurements, LayerEvidence) else LayerEvidence.of(measurements)
+    if evidence.nonfinite_steps:
+        return Verdict.NONFINITE, _nonfinite_reason(evidence.nonfinite_steps)
+    if evidence.last is None or evidence._detector is None:
         return Verdict.HEALTHY, "no measurements"
-    detector = TrendDetector()
-    alerts: list[Alert] = []
-    for measurement in ordered:
-        alerts += detector.update(measurement)
-    last = ordered[-1]
-    state = detector.verdict(last.module, last.layer, last.direction)
-    span = f"{len(ordered)} measurement(s), steps {ordered[0].step}-{last.step}"
-    if state.value in (Verdict.EXPLODING.value, Verdict.VANISHING.value) and alerts:
-        return Verdict(state.value), f"{alerts[-1].message} (the monitor's detector replayed over {span})"
+    last = evidence.last
+    state = evidence._detector.verdict(last.module, last.layer, last.direction)
+    span = f"{evidence.count} measurement(s), steps {evidence.first_step}-{evidence.last_step}"
+    alert = evidence.last_detector_alert
+    if state.value in (Verdict.EXPLODING.value, Verdict.VANISHING.value) and alert is not None:
+        return Verdict(state.value), f"{alert.message} (the monitor's detector replayed over {span})"
     return Verdict.HEALTHY, f"the monitor's detector found no open episode over {span}"
 
 
@@ -160,14 +225,14 @@ def _alert_evidence(alert: Alert) -> str:
     return evidence + ")"
 
 
-def _nonfinite_reason(nonfinite: Sequence[Measurement]) -> str:
+def _nonfinite_reason(nonfinite_steps: Sequence[int]) -> str:
     """grad_nonfinite counts NaN/Inf elements; logs of gradwatch <= 0.1.0 counted non-finite float32 norms,
     which includes huge finite gradients whose norm overflowed (docs/log-schema.md). Both are > 0 only
     when a grad_norm entry is null, so the rule is the same and the wording covers both."""
     return (
-        f"{len(nonfinite)} measurement(s) with non-finite gradients (grad_nonfinite > 0: NaN/Inf gradient "
-        "elements, or in logs of gradwatch <= 0.1.0 gradient norms beyond the float32 range), "
-        f"first at step {nonfinite[0].step}"
+        f"{len(nonfinite_steps)} measurement(s) with non-finite gradients (grad_nonfinite > 0: NaN/Inf "
+        "gradient elements, or in logs of gradwatch <= 0.1.0 gradient norms beyond the float32 range), "
+        f"first at step {nonfinite_steps[0]}"
     )
 
 
@@ -184,29 +249,52 @@ def judge_layer(
     ``run_has_alerts`` says whether the run's detectors wrote any alert at all; if not, the alert-less
     layer is judged by :func:`fallback_verdict` instead of being called healthy by default.
     """
-    ordered = sorted(measurements, key=lambda m: m.step)
+    max_norms = sorted(c.max_norm for c in clips)
+    return judge_evidence(
+        LayerEvidence.of(measurements),
+        alerts,
+        run_has_alerts=run_has_alerts,
+        module_type=module_type,
+        clip_count=len(clips),
+        clip_median_max_norm=max_norms[len(max_norms) // 2] if max_norms else None,
+    )
+
+
+def judge_evidence(
+    evidence: LayerEvidence,
+    alerts: Sequence[Alert],
+    *,
+    run_has_alerts: bool,
+    module_type: str | None = None,
+    clip_count: int = 0,
+    clip_median_max_norm: float | None = None,
+) -> LayerVerdict:
+    """:func:`judge_layer` over evidence folded in bounded state (the streaming report's path)."""
     recovered: tuple[str, ...] = ()
     if run_has_alerts:
-        ranks = {m.rank for m in ordered} | {a.rank for a in alerts}
+        ranks = set(evidence.ranks) | {a.rank for a in alerts}
         outcome = _verdict_from_alerts(alerts, name_ranks=len(ranks) > 1)
         verdict, reason, recovered = outcome.verdict, outcome.reason, outcome.recovered
         source: Literal["alerts", "rules"] = "alerts"
         episode_start = outcome.episode_start
-        after_recovery = [
-            m for m in ordered if outcome.last_recovery_step is None or m.step > outcome.last_recovery_step
+        nonfinite = [
+            s
+            for s in evidence.nonfinite_steps
+            if outcome.last_recovery_step is None or s > outcome.last_recovery_step
         ]
-        nonfinite = [m for m in after_recovery if m.metrics.grad_nonfinite > 0]
         if nonfinite and verdict != Verdict.NONFINITE:
             verdict, reason, episode_start = (
                 Verdict.NONFINITE,
                 _nonfinite_reason(nonfinite),
-                nonfinite[0].step,
+                nonfinite[0],
             )
     else:
-        verdict, reason = fallback_verdict(ordered)
+        verdict, reason = fallback_verdict(evidence)
         source = "rules"
         episode_start = None
-    window = [m for m in ordered if episode_start is None or m.step >= episode_start] or ordered
+    # the last CAUSE_WINDOW measurements of the episode: a suffix of the tail (measurements are in step order)
+    tail = list(evidence.tail)
+    window = [m for m in tail if episode_start is None or m.step >= episode_start] or tail
     window = window[-CAUSE_WINDOW:]
     cause, weight_is_high = _cause(verdict, window)
     return LayerVerdict(
@@ -216,11 +304,12 @@ def judge_layer(
         cause=cause,
         suggestions=_suggestions(
             verdict,
-            ordered,
+            evidence,
             episode_start=episode_start,
             module_type=module_type,
             weight_is_high=weight_is_high,
-            clips=clips,
+            clip_count=clip_count,
+            clip_median_max_norm=clip_median_max_norm,
         ),
         recovered=recovered,
     )
@@ -284,6 +373,11 @@ def _cause(verdict: Verdict, window: Sequence[Measurement]) -> tuple[str, bool]:
 def clip_threshold(measurements: Sequence[Measurement], percentile: int = CLIP_PERCENTILE) -> float | None:
     """The ``percentile``-th percentile of the finite total gradient norms observed, a clipping threshold."""
     norms = sorted(n for m in measurements if (n := total_grad_norm(m.metrics)) is not None)
+    return _percentile(norms, percentile)
+
+
+def _percentile(norms: Sequence[float], percentile: int = CLIP_PERCENTILE) -> float | None:
+    """The ``percentile``-th percentile (inclusive method) of the sorted ``norms``; None when empty."""
     if not norms:
         return None
     if len(norms) == 1:
@@ -291,13 +385,13 @@ def clip_threshold(measurements: Sequence[Measurement], percentile: int = CLIP_P
     return statistics.quantiles(norms, n=100, method="inclusive")[percentile - 1]
 
 
-def _clip_suggestion(measurements: Sequence[Measurement], episode_start: int | None) -> str:
+def _clip_suggestion(evidence: LayerEvidence, episode_start: int | None) -> str:
     """Suggest a clipping threshold from the gradient norms seen before the episode (all, if too few)."""
-    before = [m for m in measurements if episode_start is not None and m.step < episode_start]
+    count, norms = evidence.grad_norms_before(episode_start) if episode_start is not None else (0, [])
     basis = f"before step {episode_start}"
-    if len(before) < SUSTAINED_MEASUREMENTS:
-        before, basis = list(measurements), "over the run"
-    threshold = clip_threshold(before)
+    if count < SUSTAINED_MEASUREMENTS:
+        (_count, norms), basis = evidence.grad_norms_before(None), "over the run"
+    threshold = _percentile(sorted(norms))
     if threshold is None:
         return "clip gradients near the typical gradient norm (torch.nn.utils.clip_grad_norm_)"
     return (
@@ -308,21 +402,21 @@ def _clip_suggestion(measurements: Sequence[Measurement], episode_start: int | N
 
 def _suggestions(
     verdict: Verdict,
-    measurements: Sequence[Measurement],
+    evidence: LayerEvidence,
     *,
     episode_start: int | None,
     module_type: str | None,
     weight_is_high: bool,
-    clips: Sequence[ClipEvent] = (),
+    clip_count: int = 0,
+    clip_median_max_norm: float | None = None,
 ) -> tuple[str, ...]:
     if verdict == Verdict.HEALTHY:
         return ()
-    clip = _clip_suggestion(measurements, episode_start)
-    if clips:
-        max_norms = sorted(c.max_norm for c in clips)
+    clip = _clip_suggestion(evidence, episode_start)
+    if clip_count and clip_median_max_norm is not None:
         clip = (
-            f"gradients are already clipped ({len(clips)} clip(s), median max_norm "
-            f"{max_norms[len(max_norms) // 2]:.3g}): clipping bounds each update but not the growth of the "
+            f"gradients are already clipped ({clip_count} clip(s), median max_norm "
+            f"{clip_median_max_norm:.3g}): clipping bounds each update but not the growth of the "
             "Jacobian products — fix its cause below"
         )
     orthogonal = "initialise W_hh orthogonally (torch.nn.init.orthogonal_) so that σmax(W_hh) starts at 1"

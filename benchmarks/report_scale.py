@@ -1,0 +1,229 @@
+"""``gradwatch report`` at the scale of real runs: throughput and peak memory on generated run logs.
+
+Generates run logs of a given total size (two runs, two ranks each, one file per rank, four RNN layers,
+measurements of every layer every 50 steps; one run healthy and alert-free, so its verdict comes from the
+detector replay, the other exploding late with alerts and clip events), then times in fresh subprocesses:
+
+* ``gradwatch report DIR --format json -o /dev/null`` (the streaming report), and
+* a plain ``json.loads`` loop over the same lines (the floor any JSON-lines reader pays),
+
+printing file size, records, wall time, MB/s and peak RSS (``getrusage`` of the child) for each.
+
+    PYTHONPATH=. python benchmarks/report_scale.py --sizes-mb 100 1000 --dir /tmp/gw-report-bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+LAYERS = 4
+EVERY = 50
+RUNS = (("bench-healthy", False), ("bench-exploding", True))
+RANKS = 2
+
+
+def _header(run_id: str, rank: int) -> str:
+    return json.dumps(
+        {
+            "kind": "run",
+            "schema": 1,
+            "run_id": run_id,
+            "started": 1_700_000_000.0,
+            "gradwatch": "0.1.0",
+            "torch": "2.13.0",
+            "config": {"every": EVERY, "lags": [1, 8, 32]},
+            "modules": [{"name": "encoder.rnn", "type": "RNN", "layers": LAYERS, "bidirectional": False}],
+            "rank": rank,
+            "world_size": RANKS,
+        }
+    )
+
+
+def _measurement(run_id: str, rank: int, step: int, layer: int, growth: float, rng: random.Random) -> str:
+    sigma = 0.95 * growth * (1 + 0.02 * rng.random())
+    metrics = {
+        "jacobian_sigma_max_mean": sigma,
+        "jacobian_sigma_max_min": 0.6 * sigma,
+        "jacobian_sigma_max_max": 1.3 * sigma,
+        "jacobian_sigma_max_p95": 1.2 * sigma,
+        "jacobian_frac_above_one": min(1.0, max(0.0, sigma - 0.8)),
+        "weight_hh_sigma_max": 1.0 * growth,
+        "activation_derivative_mean": 0.65,
+        "activation_saturation_ratio": 0.05 * rng.random(),
+        "lyapunov_max": math.log(sigma),
+        "lag_norm": {"1": sigma, "8": sigma**8, "32": sigma**32},
+        "grad_norm": {
+            f"weight_hh_l{layer}": 0.4 * growth**4,
+            f"weight_ih_l{layer}": 0.3,
+            f"bias_hh_l{layer}": 0.05,
+        },
+        "grad_nonfinite": 0,
+        "gate_mean": None,
+        "jacobian_converged_ratio": 1.0,
+        "jacobian_iterations": 12,
+        "sequences": 8,
+        "time_steps": 64,
+    }
+    return json.dumps(
+        {
+            "kind": "measurement",
+            "run_id": run_id,
+            "step": step,
+            "time": 1_700_000_000.0 + step,
+            "rank": rank,
+            "module": "encoder.rnn",
+            "layer": layer,
+            "direction": "forward",
+            "metrics": metrics,
+        }
+    )
+
+
+def generate(directory: Path, total_bytes: int) -> tuple[int, int]:
+    """Write the logs (one file per run and rank); return (bytes, records)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    files = [(run_id, exploding, rank) for run_id, exploding in RUNS for rank in range(RANKS)]
+    per_file = total_bytes // len(files)
+    written = records = 0
+    for run_id, exploding, rank in files:
+        rng = random.Random(rank)
+        path = directory / f"{run_id}.rank{rank}.jsonl"
+        size = 0
+        with open(path, "w", encoding="utf-8") as handle:
+            lines = [_header(run_id, rank)]
+            step = 0
+            while size < per_file:
+                # the exploding run's recurrent weight grows over the last fifth of the steps
+                for layer in range(LAYERS):
+                    growth = 1.0
+                    if exploding and size > 0.8 * per_file:
+                        growth = 1.0 + 0.5 * (size / per_file - 0.8)
+                    lines.append(_measurement(run_id, rank, step, layer, growth, rng))
+                    if exploding and growth > 1.05 and layer == 0 and step % (EVERY * 100) == 0:
+                        lines.append(
+                            json.dumps(
+                                {
+                                    "kind": "clip",
+                                    "run_id": run_id,
+                                    "step": step,
+                                    "time": 0.0,
+                                    "rank": rank,
+                                    "norm_before": 9.0,
+                                    "max_norm": 5.0,
+                                    "scale": 5.0 / 9.0,
+                                }
+                            )
+                        )
+                if len(lines) >= 4096:
+                    text = "\n".join(lines) + "\n"
+                    handle.write(text)
+                    size += len(text)
+                    records += len(lines)
+                    lines = []
+                step += EVERY
+            if lines:
+                text = "\n".join(lines) + "\n"
+                handle.write(text)
+                size += len(text)
+                records += len(lines)
+        written += size
+    return written, records
+
+
+_MEASURE = (
+    "import resource, subprocess, sys, time\n"
+    "start = time.perf_counter()\n"
+    "subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL)\n"
+    "print(time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+)
+_JSON_LOOP = (
+    "import json, sys\n"
+    "for name in sys.argv[1:]:\n"
+    "    with open(name, 'rb') as handle:\n"
+    "        for line in handle:\n"
+    "            json.loads(line)\n"
+)
+
+
+def measure(command: list[str], timeout: float, pythonpath: str | None = None) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MB) of ``command`` run in a fresh child process."""
+    env = dict(os.environ)
+    if pythonpath is not None:
+        env["PYTHONPATH"] = pythonpath
+    out = subprocess.run(
+        [sys.executable, "-c", _MEASURE, *command],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=True,
+        env=env,
+        cwd=pythonpath,  # `python -c` puts the working directory first on sys.path
+    )
+    wall, rss_kb = out.stdout.split()
+    return float(wall), int(rss_kb) / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--sizes-mb", type=int, nargs="+", default=[100, 1000])
+    parser.add_argument("--dir", type=Path, default=Path("/tmp/gw-report-bench"))
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per measured command")
+    parser.add_argument("--keep", action="store_true", help="keep the generated logs")
+    parser.add_argument(
+        "--compare-with",
+        metavar="PYTHONPATH",
+        help="also time the report of another gradwatch checkout (e.g. an older version) on the same logs",
+    )
+    args = parser.parse_args()
+    print(f"{'log':>8} {'records':>10} {'what':<22} {'wall s':>8} {'MB/s':>7} {'peak RSS MB':>12}")
+    for size_mb in args.sizes_mb:
+        directory = args.dir / f"logs-{size_mb}mb"
+        shutil.rmtree(directory, ignore_errors=True)
+        size, records = generate(directory, size_mb * 1_000_000)
+        files = sorted(str(p) for p in directory.glob("*.jsonl"))
+        report = [
+            sys.executable,
+            "-c",
+            "import sys; from gradwatch.cli import main; main(sys.argv[1:])",
+            "report",
+            str(directory),
+            "--format",
+            "json",
+            "-o",
+            "/dev/null",
+        ]
+        commands: dict[str, tuple[list[str], str | None]] = {
+            "json.loads loop": ([sys.executable, "-c", _JSON_LOOP, *files], None),
+            "gradwatch report": (report, None),
+        }
+        if args.compare_with:
+            commands["report (--compare-with)"] = (report, args.compare_with)
+        for what, (command, pythonpath) in commands.items():
+            started = time.perf_counter()
+            try:
+                wall, rss = measure(command, args.timeout, pythonpath)
+            except subprocess.TimeoutExpired:
+                print(
+                    f"{size / 1e6:>6.0f}MB {records:>10} {what:<22} timed out after {time.perf_counter() - started:.0f} s"
+                )
+                continue
+            print(
+                f"{size / 1e6:>6.0f}MB {records:>10} {what:<22} {wall:>8.1f} {size / 1e6 / wall:>7.1f} {rss:>12.0f}"
+            )
+        if not args.keep:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,529 @@
+"""Streaming summaries: the :class:`Report` of :func:`gradwatch.report.summary.summarize` in bounded state.
+
+A week-long run writes hundreds of MB of run log; holding every record (the whole-file path) costs several
+times the file size in memory. :class:`StreamingSummary` instead folds each record into per-run and
+per-layer accumulators as it is read:
+
+* metric statistics (count, first, last, min, max) are running values; the trend is a running
+  least-squares fit (Welford-style centred sums, numerically stable for large step numbers);
+* the per-step series (for sparklines and HTML charts) is kept exactly up to :data:`EXACT_POINTS` steps,
+  then downsampled into at most that many equal buckets of consecutive steps (bucket sizes double as the
+  run grows, so no total count is needed in advance); a log-scale metric is averaged in log space;
+* the detector replay (:class:`gradwatch.policy.trends.TrendDetector`) runs incrementally;
+* the cause statistics keep only the last :data:`~gradwatch.report.verdict.CAUSE_WINDOW` measurements.
+
+Per measurement only 16 bytes are kept (step and total gradient norm, for the clipping-threshold
+percentile the suggestions quote), plus the steps of non-finite measurements and the alert records.
+
+Records must arrive in step order per layer (the monitor writes them so; files of several ranks are merged
+by step by :func:`gradwatch.report.command.make_report`). A measurement that arrives out of order sets
+:attr:`StreamingSummary.needs_exact`, and the caller can fall back to the whole-file summary.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from array import array
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from gradwatch.distributed import GLOBAL_RANK
+from gradwatch.policy.trends import TrendDetector
+from gradwatch.records import Alert, ClipEvent, ErrorRecord, Measurement, Record, RunHeader
+from gradwatch.report.metrics import MetricSpec, metric_specs
+from gradwatch.report.reader import Problem
+from gradwatch.report.sparkline import sparkline
+from gradwatch.report.summary import (
+    TREND_STEPS,
+    ClipSummary,
+    LayerSummary,
+    MetricSummary,
+    Report,
+    ReportOptions,
+    RunKey,
+    RunSummary,
+    _module_types,
+    trend_per_1000_steps,
+)
+from gradwatch.report.verdict import LayerEvidence, Verdict, judge_evidence
+
+EXACT_POINTS = 2048
+"""Series up to this many steps are kept exactly; longer ones are downsampled into at most this many bins."""
+BATCH_POINTS = 1024
+"""Once downsampling, points are folded into the running statistics this many at a time."""
+
+
+class _MetricAccumulator:
+    """Running statistics and a bounded series of one metric of one layer (values are per-step means).
+
+    Points are buffered and folded in batches (builtins over lists instead of Python work per point).
+    Until more than :data:`EXACT_POINTS` points arrived nothing is folded, and the summary is computed
+    from the exact points exactly as the whole-file path does.
+    """
+
+    def __init__(self, spec: MetricSpec) -> None:
+        self.spec = spec
+        self.log_scale = spec.scale == "log"
+        self.steps: list[int] = []
+        self.values: list[float | None] = []
+        self.folded = False
+        self.points = 0
+        self.count = 0
+        self.first: float | None = None
+        self.last: float | None = None
+        self.minimum = math.inf
+        self.maximum = -math.inf
+        # running least-squares fit of (step, y), y = ln(value) on the log scale: merged batch by batch
+        # with Chan et al.'s pairwise update of the centred sums (stable for large step numbers)
+        self._fit_n = 0
+        self._mean_x = 0.0
+        self._mean_y = 0.0
+        self._sxx = 0.0
+        self._sxy = 0.0
+        # the downsampled series: per bucket the first step, sum of chart coordinates, present and all points
+        self._bucket_size = 1
+        self._bucket_steps = array("q")
+        self._bucket_sums = array("d")
+        self._bucket_present = array("q")
+        self._bucket_points = array("q")
+
+    def add(self, step: int, value: float | None) -> None:
+        """One step's value (``None``: no finite reading at that step)."""
+        self.steps.append(step)
+        self.values.append(value)
+        self.fold_if_full()
+
+    def fold_if_full(self) -> None:
+        """Fold the buffer once it holds more than the exact (first) or batch (later) number of points."""
+        if len(self.steps) > (BATCH_POINTS if self.folded else EXACT_POINTS):
+            self._fold()
+
+    def _fold(self) -> None:
+        steps, values = self.steps, self.values
+        self.steps, self.values = [], []
+        self.folded = True
+        self.points += len(steps)
+        finite = [(s, v) for s, v in zip(steps, values, strict=True) if v is not None]
+        if finite:
+            finite_values = [v for _s, v in finite]
+            self.count += len(finite_values)
+            if self.first is None:
+                self.first = finite_values[0]
+            self.last = finite_values[-1]
+            self.minimum = min(self.minimum, min(finite_values))
+            self.maximum = max(self.maximum, max(finite_values))
+            if self.log_scale:
+                fit = [(float(s), math.log(v)) for s, v in finite if v > 0]
+            else:
+                fit = [(float(s), v) for s, v in finite]
+            if fit:
+                self._merge_fit(fit)
+        if self.log_scale:
+            coords = [None if v is None or v <= 0 else math.log10(v) for v in values]
+        else:
+            coords = values
+        self._add_to_buckets(steps, coords)
+
+    def _merge_fit(self, fit: list[tuple[float, float]]) -> None:
+        n_b = len(fit)
+        mean_x_b = math.fsum(x for x, _y in fit) / n_b
+        mean_y_b = math.fsum(y for _x, y in fit) / n_b
+        sxx_b = math.fsum((x - mean_x_b) ** 2 for x, _y in fit)
+        sxy_b = math.fsum((x - mean_x_b) * (y - mean_y_b) for x, y in fit)
+        n_a = self._fit_n
+        n = n_a + n_b
+        dx, dy = mean_x_b - self._mean_x, mean_y_b - self._mean_y
+        self._sxx += sxx_b + dx * dx * n_a * n_b / n
+        self._sxy += sxy_b + dx * dy * n_a * n_b / n
+        self._mean_x += dx * n_b / n
+        self._mean_y += dy * n_b / n
+        self._fit_n = n
+
+    def _add_to_buckets(self, steps: list[int], coords: list[float | None]) -> None:
+        index = 0
+        while index < len(steps):
+            if not self._bucket_points or self._bucket_points[-1] >= self._bucket_size:
+                if len(self._bucket_points) >= EXACT_POINTS:
+                    self._merge_buckets()
+                    continue
+                self._bucket_steps.append(steps[index])
+                self._bucket_sums.append(0.0)
+                self._bucket_present.append(0)
+                self._bucket_points.append(0)
+            room = self._bucket_size - self._bucket_points[-1]
+            part = [c for c in coords[index : index + room] if c is not None]
+            taken = min(room, len(steps) - index)
+            self._bucket_points[-1] += taken
+            self._bucket_sums[-1] += math.fsum(part)
+            self._bucket_present[-1] += len(part)
+            index += taken
+
+    def _merge_buckets(self) -> None:
+        """Halve the number of buckets by merging neighbours; bucket size doubles."""
+        self._bucket_steps = self._bucket_steps[::2]
+        self._bucket_sums = _pair_sums(self._bucket_sums, "d")
+        self._bucket_present = _pair_sums(self._bucket_present, "q")
+        self._bucket_points = _pair_sums(self._bucket_points, "q")
+        self._bucket_size *= 2
+
+    def series(self) -> tuple[tuple[int, float | None], ...]:
+        """Exact (step, value) points, or one (first step, mean) point per bucket once downsampled."""
+        if not self.folded:
+            return tuple(zip(self.steps, self.values, strict=True))
+        self._fold()
+        out: list[tuple[int, float | None]] = []
+        for step, total, present in zip(
+            self._bucket_steps, self._bucket_sums, self._bucket_present, strict=True
+        ):
+            mean = total / present if present else None
+            if mean is not None and self.log_scale:
+                mean = 10.0**mean  # geometric mean: the average of the log-scale coordinate
+            out.append((step, mean))
+        return tuple(out)
+
+    def summary(self, label: str) -> MetricSummary:
+        self.fold_if_full()
+        if not self.folded:
+            # exactly the whole-file computation (summary._summarize_metric)
+            series = self.series()
+            finite = [(s, v) for s, v in series if v is not None]
+            values = [v for _s, v in finite]
+            return MetricSummary(
+                name=self.spec.name,
+                label=label,
+                scale=self.spec.scale,
+                count=len(values),
+                first=values[0] if values else None,
+                last=values[-1] if values else None,
+                minimum=min(values) if values else None,
+                maximum=max(values) if values else None,
+                trend_per_1000_steps=trend_per_1000_steps(finite, log_scale=self.log_scale),
+                sparkline=sparkline([v for _s, v in series], log_scale=self.log_scale),
+                series=series,
+                measured_steps=len(series),
+            )
+        series = self.series()  # folds what is buffered
+        trend = self._sxy / self._sxx * TREND_STEPS if self._fit_n >= 2 and self._sxx > 0 else None
+        return MetricSummary(
+            name=self.spec.name,
+            label=label,
+            scale=self.spec.scale,
+            count=self.count,
+            first=self.first,
+            last=self.last,
+            minimum=self.minimum if self.count else None,
+            maximum=self.maximum if self.count else None,
+            trend_per_1000_steps=trend,
+            sparkline=sparkline([v for _s, v in series], log_scale=self.log_scale),
+            series=series,
+            measured_steps=self.points,
+        )
+
+
+def _pair_sums(values: array, typecode: str) -> array:  # type: ignore[type-arg]
+    """Sums of neighbouring pairs (the last one alone when the length is odd)."""
+    out = array(typecode, map(sum, zip(values[::2], values[1::2], strict=False)))
+    if len(values) % 2:
+        out.append(values[-1])
+    return out
+
+
+class _LayerAccumulator:
+    """One (module, layer, direction) of one run."""
+
+    def __init__(self, specs: Sequence[MetricSpec], detector: TrendDetector) -> None:
+        self.specs = [s for s in specs if s.name != "lag_norm"]
+        self.lag_spec = next((s for s in specs if s.name == "lag_norm"), None)
+        self.metrics = {s.name: _MetricAccumulator(s) for s in self.specs}
+        self.lag_metrics: dict[int, _MetricAccumulator] = {}
+        self.detector = detector
+        self.evidence = LayerEvidence()
+        self.ranks: set[int] = set()
+        self.alerts: list[Alert] = []
+        self.no_lag = _MetricAccumulator(self.lag_spec or metric_specs(("lag_norm",))[0])
+        """Stands in for lag_norm while no lag was measured: every step reads as missing."""
+        self.flushed_steps = 0
+        self.out_of_order = False
+        self._pending_step: int | None = None
+        self._pending: list[Measurement] = []
+        self._lag_keys: set[str] = set()
+        self._reads = [(self.metrics[spec.name], spec.read) for spec in self.specs]
+        self._lag_reads: list[tuple[_MetricAccumulator, str]] = []
+
+    def add_measurement(self, m: Measurement) -> None:
+        self.ranks.add(m.rank)
+        if self._pending_step is not None and m.step < self._pending_step:
+            self.out_of_order = True
+        lag_norm = m.metrics.lag_norm
+        if lag_norm and not self._lag_keys.issuperset(lag_norm):
+            self._new_lags(lag_norm)
+        self.evidence.add(m)
+        self.evidence.replay(m, self.detector)
+        if m.step != self._pending_step:
+            self._flush()
+            self._pending_step = m.step
+        self._pending.append(m)
+
+    def _new_lags(self, lag_norm: Mapping[str, float | None]) -> None:
+        for key in lag_norm:
+            self._lag_keys.add(key)
+            if key.isdigit() and int(key) not in self.lag_metrics and self.lag_spec is not None:
+                if self.flushed_steps:
+                    self.out_of_order = True  # a lag first seen late: its earlier steps are not tracked
+                self.lag_metrics[int(key)] = _MetricAccumulator(self.lag_spec)
+        self._lag_reads = [(acc, str(lag)) for lag, acc in self.lag_metrics.items()]
+
+    def _flush(self) -> None:
+        if self._pending_step is None:
+            return
+        step, readings = self._pending_step, self._pending
+        if len(readings) == 1:  # one rank: the step's value is its reading (fmean of one value is itself)
+            # the hot path of a long single-rank log: append to the accumulators' buffers directly
+            metrics = readings[0].metrics
+            isfinite = math.isfinite
+            for accumulator, read in self._reads:
+                v = read(metrics, None)
+                accumulator.steps.append(step)
+                accumulator.values.append(v if v is not None and isfinite(v) else None)
+            lag_norm = metrics.lag_norm
+            for accumulator, key in self._lag_reads:
+                v = lag_norm.get(key)
+                accumulator.steps.append(step)
+                accumulator.values.append(v if v is not None and isfinite(v) else None)
+            if not self.lag_metrics:
+                self.no_lag.add(step, None)
+            self.flushed_steps += 1
+            if self.flushed_steps % BATCH_POINTS == 0:
+                for accumulator, _read in self._reads:
+                    accumulator.fold_if_full()
+                for accumulator, _key in self._lag_reads:
+                    accumulator.fold_if_full()
+            self._pending_step, self._pending = None, []
+            return
+        for spec in self.specs:
+            values = [
+                v for m in readings if (v := spec.read(m.metrics, None)) is not None and math.isfinite(v)
+            ]
+            self.metrics[spec.name].add(step, statistics.fmean(values) if values else None)
+        for lag, accumulator in self.lag_metrics.items():
+            key = str(lag)
+            values = [
+                v for m in readings if (v := m.metrics.lag_norm.get(key)) is not None and math.isfinite(v)
+            ]
+            accumulator.add(step, statistics.fmean(values) if values else None)
+        if not self.lag_metrics:
+            self.no_lag.add(step, None)
+        self.flushed_steps += 1
+        self._pending_step, self._pending = None, []
+
+    def summary(
+        self,
+        key: tuple[str, int, str],
+        specs: Sequence[MetricSpec],
+        *,
+        run_has_alerts: bool,
+        module_type: str | None,
+        clips: _ClipAccumulator,
+    ) -> LayerSummary:
+        # close the open step (in --follow mode, more readings of that step from a lagging rank then form
+        # a point of their own: the series stays bounded and nearly exact)
+        self._flush()
+        lag = str(max(self.lag_metrics)) if self.lag_metrics else None
+        metrics = []
+        for spec in specs:
+            if spec.name == "lag_norm":
+                accumulator = self.lag_metrics.get(max(self.lag_metrics)) if self.lag_metrics else None
+                label = spec.label if lag is None else f"lag norm (τ={lag})"
+                if accumulator is None:
+                    accumulator = self.no_lag
+                metrics.append(accumulator.summary(label))
+            else:
+                metrics.append(self.metrics[spec.name].summary(spec.label))
+        module, layer, direction = key
+        alerts = sorted(self.alerts, key=lambda a: (a.step, a.rank, a.module, a.layer))
+        ranks = self.ranks | {a.rank for a in alerts}
+        return LayerSummary(
+            module=module,
+            layer=layer,
+            direction=direction,  # type: ignore[arg-type]
+            module_type=module_type,
+            ranks=tuple(sorted(ranks)),
+            measurements=self.evidence.count,
+            first_step=self.evidence.first_step,
+            last_step=self.evidence.last_step,
+            lag=lag,
+            metrics=tuple(metrics),
+            alerts=tuple(alerts),
+            verdict=judge_evidence(
+                self.evidence,
+                alerts,
+                run_has_alerts=run_has_alerts,
+                module_type=module_type,
+                clip_count=clips.count,
+                clip_median_max_norm=clips.median_max_norm(),
+            ),
+        )
+
+
+class _ClipAccumulator:
+    def __init__(self) -> None:
+        self.count = 0
+        self.scales = array("d")
+        self.norms_before = array("d")
+        self.max_norms = array("d")
+        self.last_max_norm: float | None = None
+
+    def add(self, clip: ClipEvent) -> None:
+        self.count += 1
+        if math.isfinite(clip.scale):
+            self.scales.append(clip.scale)
+        if clip.norm_before is not None and math.isfinite(clip.norm_before):
+            self.norms_before.append(clip.norm_before)
+        self.max_norms.append(clip.max_norm)
+        self.last_max_norm = clip.max_norm
+
+    def median_max_norm(self) -> float | None:
+        if not self.max_norms:
+            return None
+        ordered = sorted(self.max_norms)
+        return ordered[len(ordered) // 2]
+
+    def summary(self) -> ClipSummary:
+        return ClipSummary(
+            count=self.count,
+            median_scale=statistics.median(self.scales) if self.scales else None,
+            median_norm_before=statistics.median(self.norms_before) if self.norms_before else None,
+            max_norm=self.last_max_norm,
+        )
+
+
+@dataclass
+class _RunAccumulator:
+    headers: list[RunHeader] = field(default_factory=list)
+    ranks: set[int] = field(default_factory=set)
+    any_alert: bool = False
+    alerts: list[Alert] = field(default_factory=list)
+    clips: _ClipAccumulator = field(default_factory=_ClipAccumulator)
+    errors: list[ErrorRecord] = field(default_factory=list)
+    first_step: int | None = None
+    last_step: int | None = None
+    layers: dict[tuple[str, int, str], _LayerAccumulator] = field(default_factory=dict)
+    detector: TrendDetector = field(default_factory=TrendDetector)
+    unselected_measurements: int = 0
+
+
+class StreamingSummary:
+    """Fold records one at a time (:meth:`add`); :meth:`report` gives the :class:`Report` at any point."""
+
+    def __init__(self, options: ReportOptions | None = None) -> None:
+        self.options = options or ReportOptions()
+        self.specs = metric_specs(self.options.metrics)
+        self._runs: dict[RunKey, _RunAccumulator] = {}
+
+    @property
+    def needs_exact(self) -> bool:
+        """Some layer's measurements arrived out of step order: only the whole-file summary is exact."""
+        return any(layer.out_of_order for run in self._runs.values() for layer in run.layers.values())
+
+    def add_all(self, records: Iterable[Record]) -> None:
+        for record in records:
+            self.add(record)
+
+    def add(self, record: Record) -> None:
+        """Fold one record into its run (pure bookkeeping, no I/O)."""
+        options = self.options
+        if options.merge_ranks and record.rank == GLOBAL_RANK:
+            return  # global_view records already combine the ranks: merged, they would count twice
+        key = (record.run_id, None if options.merge_ranks else record.rank)
+        run = self._runs.get(key)
+        if run is None:
+            run = self._runs[key] = _RunAccumulator()
+        run.ranks.add(record.rank)
+        if isinstance(record, RunHeader):
+            run.headers.append(record)
+            return
+        if isinstance(record, Alert):
+            run.any_alert = True
+        if record.step not in options.steps:
+            if isinstance(record, Measurement):
+                run.unselected_measurements += 1
+            return
+        step = record.step
+        if run.first_step is None or step < run.first_step:
+            run.first_step = step
+        if run.last_step is None or step > run.last_step:
+            run.last_step = step
+        if isinstance(record, Measurement):
+            if options.wants_module(record.module):
+                self._layer(run, (record.module, record.layer, record.direction)).add_measurement(record)
+            else:
+                run.unselected_measurements += 1
+        elif isinstance(record, Alert):
+            if options.wants_module(record.module):
+                run.alerts.append(record)
+                self._layer(run, (record.module, record.layer, record.direction)).alerts.append(record)
+        elif isinstance(record, ClipEvent):
+            run.clips.add(record)
+        elif isinstance(record, ErrorRecord):
+            run.errors.append(record)
+
+    def _layer(self, run: _RunAccumulator, key: tuple[str, int, str]) -> _LayerAccumulator:
+        layer = run.layers.get(key)
+        if layer is None:
+            layer = run.layers[key] = _LayerAccumulator(self.specs, run.detector)
+        return layer
+
+    def report(
+        self,
+        *,
+        problems: Sequence[Problem] = (),
+        files: Sequence[str] = (),
+        unknown_kinds: Mapping[str, int] | None = None,
+        truncated_runs: Iterable[tuple[str, int]] = (),
+    ) -> Report:
+        """The report over everything added so far (the accumulators keep running)."""
+        merge = self.options.merge_ranks
+        truncated = {(run_id, None if merge else rank) for run_id, rank in truncated_runs}
+        runs = tuple(
+            self._run_summary(key, run, truncated=key in truncated)
+            for key, run in sorted(self._runs.items(), key=lambda item: (item[0][0], item[0][1] or 0))
+        )
+        return Report(
+            runs=runs,
+            problems=tuple(problems),
+            files=tuple(files),
+            unknown_kinds=tuple(sorted((unknown_kinds or {}).items())),
+            options=self.options,
+        )
+
+    def _run_summary(self, key: RunKey, run: _RunAccumulator, *, truncated: bool) -> RunSummary:
+        headers = sorted(run.headers, key=lambda h: (h.rank, h.started))
+        module_types = _module_types(headers)
+        layers = tuple(
+            layer.summary(
+                layer_key,
+                self.specs,
+                run_has_alerts=run.any_alert,
+                module_type=module_types.get(layer_key[0]),
+                clips=run.clips,
+            )
+            for layer_key, layer in sorted(run.layers.items())
+        )
+        return RunSummary(
+            run_id=key[0],
+            ranks=tuple(sorted(run.ranks)),
+            merged_ranks=self.options.merge_ranks,
+            header=headers[0] if headers else None,
+            layers=layers,
+            alerts=tuple(sorted(run.alerts, key=lambda a: (a.step, a.rank, a.module, a.layer))),
+            clips=run.clips.summary(),
+            errors=tuple(sorted(run.errors, key=lambda e: e.step)),
+            first_step=run.first_step,
+            last_step=run.last_step,
+            truncated=truncated,
+            unselected_measurements=run.unselected_measurements,
+        )
+
+
+__all__ = ["EXACT_POINTS", "StreamingSummary", "Verdict"]
