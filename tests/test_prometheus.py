@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import gc
 import math
 import re
 import socket
@@ -404,6 +405,26 @@ def test_tls_serves_https_with_the_given_certificate(tmp_path: Path) -> None:
             _get(sink.url.replace("https://", "http://"))  # no plain-text fallback
     finally:
         sink.close()
+
+
+def test_tls_scrapes_close_their_connections(tmp_path: Path) -> None:
+    """Each served TLS connection is closed when its scrape ends, not left to the garbage collector (which
+    raised ResourceWarning: unclosed SSLSocket, at random later moments)."""
+    tls = self_signed_certificate(tmp_path)
+    sink = PrometheusSink(0, certfile=str(tls.certfile), keyfile=str(tls.keyfile), run_id="run-a")
+    trusting = ssl.create_default_context(cafile=str(tls.certfile))
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ResourceWarning)
+            assert sink.url is not None
+            for _ in range(3):
+                assert "gradwatch_training_step" in _get(sink.url, context=trusting)
+            time.sleep(0.2)  # the serving threads finish after the response is read
+            gc.collect()
+    finally:
+        sink.close()
+    leaked = [w for w in caught if issubclass(w.category, ResourceWarning) and "SSLSocket" in str(w.message)]
+    assert leaked == []
 
 
 def test_basic_auth_refuses_missing_or_wrong_credentials(tmp_path: Path) -> None:

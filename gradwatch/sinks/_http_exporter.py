@@ -82,14 +82,21 @@ class _ThreadingServer(ThreadingMixIn, WSGIServer):
     tls_context: ssl.SSLContext | None = None
 
     def finish_request(self, request: Any, client_address: Any) -> None:
-        if self.tls_context is not None:
-            request.settimeout(CONNECTION_TIMEOUT_S)
-            try:
-                request = self.tls_context.wrap_socket(request, server_side=True)
-            except (ssl.SSLError, OSError) as exc:
-                logger.debug("TLS handshake with %s failed: %s", client_address, exc)
-                return
-        super().finish_request(request, client_address)
+        if self.tls_context is None:
+            super().finish_request(request, client_address)
+            return
+        request.settimeout(CONNECTION_TIMEOUT_S)
+        try:
+            tls_request = self.tls_context.wrap_socket(request, server_side=True)
+        except (ssl.SSLError, OSError) as exc:  # wrap_socket closes the socket it failed on
+            logger.debug("TLS handshake with %s failed: %s", client_address, exc)
+            return
+        try:
+            super().finish_request(tls_request, client_address)
+        finally:
+            # The TLS socket took over the connection's file descriptor, so closing the plain one (what the
+            # server does after this returns) would leave it open until garbage collection.
+            self.shutdown_request(tls_request)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         logger.debug("exporter error while serving %s", client_address, exc_info=True)
