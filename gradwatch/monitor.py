@@ -15,7 +15,6 @@ import math
 import os
 import time
 import uuid
-import warnings
 import weakref
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -71,7 +70,8 @@ from gradwatch.estimators.layer import (
     estimate_layer,
     layer_metrics,
 )
-from gradwatch.policy.alerts import AlertCallback, GradWatchWarning, NonFiniteGradientError, emit_alert
+from gradwatch.faults import FaultPolicy, GradWatchFault
+from gradwatch.policy.alerts import AlertCallback, NonFiniteGradientError, emit_alert
 from gradwatch.policy.clipping import ClipPolicy, apply_clip, make_clip_policy
 from gradwatch.policy.evidence import Verdict
 from gradwatch.policy.explain import explain_nonfinite_context
@@ -79,7 +79,6 @@ from gradwatch.policy.nonfinite import NonFinitePolicy, NonFiniteTracker, enforc
 from gradwatch.policy.trends import DetectionConfig, TrendDetector
 from gradwatch.records import (
     Alert,
-    ErrorRecord,
     Measurement,
     MeasurementMetrics,
     Record,
@@ -92,6 +91,7 @@ from gradwatch.resume import (
     warm_start_to_state,
 )
 from gradwatch.sinks.base import LiveSink, Sink
+from gradwatch.sinks.fanout import SinkFanOut, write_live
 from gradwatch.sinks.jsonl import FSYNC_POLICIES, FsyncPolicy, JsonlSink
 from gradwatch.sinks.logs import LoggingSink
 
@@ -108,10 +108,6 @@ ProbeMode = Literal["fixed", "live"]
 ClipScope = Literal["monitored", "all"]
 ClipMode = Literal["always", "exploding"]
 LayerKey = tuple[str, int, str]  # (module name, layer, direction)
-
-
-class GradWatchFault(RuntimeError):
-    """Raised in strict mode when something inside gradwatch fails (the cause is chained)."""
 
 
 @dataclass(frozen=True)
@@ -250,17 +246,23 @@ class Monitor:
         )
         self._on_alert = list(on_alert)
         self.clip_count = 0
-        self._history: deque[Record] = deque(maxlen=config.history_size or None)
         self._background: BackgroundWorker[_MeasurementResult] | None = (
             BackgroundWorker() if config.background else None
         )
-        self._sinks: list[Sink] = list(sinks)
         self._step = 0
         self._closed = False
-        self._disabled_modules: dict[str, str] = {}
-        self._warned: set[str] = set()
-        self.fault_counts: dict[str, int] = {}
-        """How often each part of gradwatch failed ("capture:rnn", "sink:JsonlSink(...)", "clip", ...)."""
+        self.faults = FaultPolicy(
+            strict=config.strict,
+            rank=self.rank,
+            run_id=self.run_id,
+            current_step=lambda: self._step,
+            report=lambda record: self._out.emit(record),
+            on_module_disabled=self._module_disabled,
+            on_part_disabled=self._part_disabled,
+        )
+        """Decides what a fault inside gradwatch does (warn, disable, or re-raise in strict mode)."""
+        self._out = SinkFanOut(sinks, self.faults, history_size=config.history_size)
+        self._history = self._out.history
         self._warm_starts: dict[LayerKey, WarmStart] = {}
         self._probes: dict[str, FusedCall | list[CellCall]] = {}
         self._probe_steps: dict[str, int] = {}  # time steps of each kept probe (see FIXED_PROBE_MIN_STEPS)
@@ -343,16 +345,17 @@ class Monitor:
 
     @property
     def sinks(self) -> list[Sink]:
-        return list(self._sinks)
+        return self._out.sinks
+
+    @property
+    def fault_counts(self) -> dict[str, int]:
+        """How often each part of gradwatch failed ("capture:rnn", "sink:JsonlSink(...)", "clip", ...)."""
+        return self.faults.counts
 
     @property
     def prometheus_url(self) -> str | None:
         """The scrape URL of the Prometheus exporter (with the real port when ``prometheus=0``), if any."""
-        for sink in self._sinks:
-            url = getattr(sink, "url", None)
-            if isinstance(url, str) and url.startswith("http"):
-                return url
-        return None
+        return self._out.url
 
     def step(self) -> None:
         """Close a training step by hand (call it after ``loss.backward()``) when no optimizer was given."""
@@ -380,15 +383,7 @@ class Monitor:
         for recorder in self._recorders.values():
             recorder.reset()
         self._probes.clear()
-        for sink in self._sinks:
-            with contextlib.suppress(Exception):
-                sink.flush()
-            try:
-                sink.close()
-            except Exception as exc:  # closing must not fail the user's run
-                warnings.warn(
-                    f"gradwatch: closing sink {sink!r} failed: {exc!r}", RuntimeWarning, stacklevel=2
-                )
+        self._out.close()
         if pending_error is not None:
             raise pending_error
 
@@ -414,8 +409,7 @@ class Monitor:
     def __del__(self) -> None:  # pragma: no cover - best effort at interpreter exit
         with contextlib.suppress(Exception):
             if not self._closed:
-                for sink in self._sinks:
-                    sink.flush()
+                self._out.flush_quietly()
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to continue where this one stopped: step counter, detector windows,
@@ -476,7 +470,7 @@ class Monitor:
 
     def _arm(self, measured: bool) -> None:
         for name, recorder in self._recorders.items():
-            need = measured and name not in self._disabled_modules
+            need = measured and name not in self.faults.disabled_modules
             if self.config.probe == "fixed" and self._probe_steps.get(name, 0) >= FIXED_PROBE_MIN_STEPS:
                 need = False  # a long enough probe is kept; nothing to record on this step
             recorder.armed = need
@@ -487,17 +481,11 @@ class Monitor:
         step = self._step
         alerts: list[Alert] = self._collect(wait=False)  # a background measurement that has finished
         try:
-            for sink in list(self._sinks):
-                observe = getattr(sink, "observe_step", None)
-                if observe is not None:
-                    try:
-                        observe(step)
-                    except Exception as exc:
-                        self._sink_failed(sink, exc)
+            self._out.observe_step(step)
             grad_values: Mapping[str, float] = {}
             grad_nonfinite: Mapping[str, int] = {}
             nonfinite_total = 0
-            with self._guard("gradients"):
+            with self.faults.guard("gradients"):
                 grad_values, grad_nonfinite = gradient_norms(self._parameters).to_host_per_parameter()
                 nonfinite_total = sum(grad_nonfinite.values())
                 if nonfinite_total and self._background is not None and self._background.busy:
@@ -508,7 +496,7 @@ class Monitor:
                 if nonfinite_total or self._nonfinite.active():
                     alerts += self._handle_nonfinite(step, optimizer)
             if self.clip_policy is not None and not nonfinite_total:
-                with self._guard("clip"):
+                with self.faults.guard("clip"):
                     self._clip(step)
             if self._is_measured(step):
                 alerts += self._measure(step, grad_values, grad_nonfinite)
@@ -618,7 +606,7 @@ class Monitor:
         job = self._prepare(step, grad_values, grad_nonfinite)
         if not any(module.layers for module in job.modules):
             return alerts + self._publish(self._estimate(job))
-        live_sinks = [sink for sink in self._sinks if isinstance(sink, LiveSink)]  # chosen here, not there
+        live_sinks = self._out.live_sinks()  # chosen here, not there
         self._background.submit(partial(self._estimate_and_show_live, job, live_sinks))
         return alerts
 
@@ -628,13 +616,7 @@ class Monitor:
         more of them; its fault is kept in the result and reported on the training thread at publication.
         Touches no monitor state besides what _estimate does."""
         result = self._estimate(job)
-        for sink in live_sinks:
-            for record in result.records:
-                try:
-                    sink.write_live(record)
-                except Exception as exc:
-                    result.live_faults.append((sink, exc))
-                    break
+        result.live_faults.extend(write_live(live_sinks, result.records))
         return result
 
     def _collect(self, *, wait: bool) -> list[Alert]:
@@ -655,13 +637,11 @@ class Monitor:
         alerts. A live sink already showing a record takes it again here without showing it twice."""
         for module, exc in result.faults:
             self._fault("estimator", module, exc, step=result.step)
-        for sink, exc in result.live_faults:
-            if sink in self._sinks:  # not a sink that failed and was disabled meanwhile
-                self._sink_failed(sink, exc, step=result.step)
+        self._out.report_live_faults(result.live_faults, result.step)
         alerts: list[Alert] = []
         for record in result.records:
             self._emit(record)
-            if record.module in self._disabled_modules:
+            if record.module in self.faults.disabled_modules:
                 continue  # its detector failed on an earlier layer of this measurement
             try:
                 alerts += self.detector.update(record)
@@ -697,7 +677,7 @@ class Monitor:
         snapshot = self._background is not None
         with torch.random.fork_rng(devices=self._cuda_devices()), torch.no_grad(), _autocast_off():
             for watched in self._watched:
-                if watched.name in self._disabled_modules:
+                if watched.name in self.faults.disabled_modules:
                     continue
                 # A user cell runs in eval mode while it is measured: dropout inside it would make every
                 # J v of the iteration a different matrix.
@@ -928,105 +908,30 @@ class Monitor:
             return []
         return sorted({p.device.index or 0 for p in self._parameters.values() if p.device.type == "cuda"})
 
-    def _emit(self, record: Record, *, skip: Sink | None = None) -> None:
-        self._history.append(record)
-        for sink in list(self._sinks):
-            if sink is skip:
-                continue
-            try:
-                sink.write(record)
-            except Exception as exc:
-                self._sink_failed(sink, exc, step=getattr(record, "step", None))
+    def _emit(self, record: Record) -> None:
+        self._out.emit(record)
 
     def _flush(self) -> None:
-        for sink in list(self._sinks):
-            try:
-                sink.flush()
-            except Exception as exc:
-                self._sink_failed(sink, exc)
+        self._out.flush()
 
-    def _sink_failed(self, sink: Sink, exc: Exception, *, step: int | None = None) -> None:
-        """A sink raised. I/O errors (disk full, broken pipe) degrade: the record is dropped, later ones are
-        tried again, one warning. Any other error disables (and closes) the sink. Both write one error record
-        to the other sinks, at the first failure only."""
-        if self.config.strict:
-            raise GradWatchFault(f"sink {sink!r} failed: {exc!r}") from exc
-        where = f"sink:{sink!r}"
-        failures = self.fault_counts[where] = self.fault_counts.get(where, 0) + 1
-        if isinstance(exc, OSError):
-            if failures > 1:
-                return
-            self._warn(
-                f"gradwatch: sink {sink!r} failed with an I/O error ({exc!r}); records it cannot take are "
-                "dropped and counted in monitor.fault_counts, later ones are tried again"
-            )
-        else:
-            with contextlib.suppress(ValueError):
-                self._sinks.remove(sink)
-            with contextlib.suppress(Exception):
-                sink.close()
-            self._warn(f"gradwatch: sink {sink!r} failed and is disabled: {exc!r}")
-        error = ErrorRecord(
-            self._step if step is None else step,
-            time.time(),
-            where,
-            repr(exc),
-            rank=self.rank,
-            run_id=self.run_id,
-        )
-        self._emit(error, skip=sink)
+    def _module_disabled(self, module: str) -> None:
+        """The fault policy disabled a module: stop recording its calls."""
+        self._recorders[module].armed = False
+        self._recorders[module].reset()
+
+    def _part_disabled(self, part: str) -> None:
+        """The fault policy turned a monitor-wide part off (clipping)."""
+        if part == "clip":
+            self.clip_policy = None
 
     def _fault(self, where: str, module: str, exc: Exception, *, step: int | None = None) -> None:
-        """A fault inside gradwatch: re-raise in strict mode, else disable the module (or the part: clipping)
-        and warn once; the first fault of each place also goes to the sinks as an error record, stamped
-        with ``step`` (the measured step, for a background measurement) or the current one."""
-        if self.config.strict:
-            raise GradWatchFault(f"gradwatch {where} failed for {module or 'the monitor'}: {exc!r}") from exc
-        key = f"{where}:{module}" if module else where
-        failures = self.fault_counts[key] = self.fault_counts.get(key, 0) + 1
-        if module:
-            self._disabled_modules[module] = repr(exc)
-            self._recorders[module].armed = False
-            self._recorders[module].reset()
-            consequence = "that module is no longer measured"
-        elif where == "clip":
-            self.clip_policy = None
-            consequence = "gradient clipping is off from now on"
-        else:
-            consequence = "gradwatch skips it on every step where it fails"
-        if failures > 1:
-            return
-        self._warn(f"gradwatch: {where} failed for {module or 'the monitor'} and {consequence}: {exc!r}")
-        self._emit(
-            ErrorRecord(
-                self._step if step is None else step,
-                time.time(),
-                where,
-                repr(exc),
-                module=module,
-                rank=self.rank,
-                run_id=self.run_id,
-            )
-        )
-
-    @contextlib.contextmanager
-    def _guard(self, where: str) -> Iterator[None]:
-        """Run one monitor-wide part of the step (gradient check, clipping) so a fault in it is a gradwatch
-        fault; deliberate errors (GradWatchFault, nonfinite='raise') pass through."""
-        try:
-            yield
-        except (GradWatchFault, NonFiniteGradientError):
-            raise
-        except Exception as exc:
-            self._fault(where, "", exc)
+        self.faults.fault(where, module, exc, step=step)
 
     def _warn(self, message: str) -> None:
-        warnings.warn(message, GradWatchWarning, stacklevel=3)
+        self.faults.warn(message)
 
     def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            self._warn(message)
+        self.faults.warn_once(key, message)
 
 
 # One process-wide optimizer step pre-hook (nothing is registered on the optimizer), dispatching to the
