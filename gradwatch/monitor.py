@@ -17,8 +17,7 @@ import time
 import uuid
 import weakref
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import nullcontext
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -32,25 +31,12 @@ from torch.utils.hooks import RemovableHandle
 from gradwatch._version import __version__
 from gradwatch.background import BackgroundWorker, spare_core_for_worker
 from gradwatch.capture import hooks as _hooks
-from gradwatch.capture.hooks import CallRecorder, CellCall, FusedCall
 from gradwatch.capture.modules import (
     WatchedModule,
     find_rnn_modules,
     is_compile_wrapper,
     no_rnn_message,
     unwrap_model,
-)
-from gradwatch.capture.replay import (
-    LayerTrace,
-    check_cell_against_module,
-    check_cell_replay,
-    check_fused_replay,
-    deterministic_mode,
-    fused_parameter_names,
-    replay_fused,
-    rerun_fused,
-    trace_builtin_cell,
-    trace_custom_cell,
 )
 from gradwatch.distributed import (
     GlobalView,
@@ -60,17 +46,20 @@ from gradwatch.distributed import (
     shared_run_id,
     writes_log,
 )
-from gradwatch.estimators.cells import CellWeights
 from gradwatch.estimators.gradients import gradient_norms
-from gradwatch.estimators.jacobian import StepJacobians, builtin_step_jacobians, function_step_jacobians
 from gradwatch.estimators.layer import (
-    BACKGROUND_CHUNK_ENTRIES,
     EstimatorSettings,
     WarmStart,
-    estimate_layer,
-    layer_metrics,
 )
 from gradwatch.faults import FaultPolicy, GradWatchFault
+from gradwatch.measure import (
+    LayerKey,
+    MeasurementJob,
+    MeasurementPipeline,
+    MeasurementResult,
+    ProbeMode,
+    estimate,
+)
 from gradwatch.policy.alerts import AlertCallback, NonFiniteGradientError, emit_alert
 from gradwatch.policy.clipping import ClipPolicy, apply_clip, make_clip_policy
 from gradwatch.policy.evidence import Verdict
@@ -79,8 +68,6 @@ from gradwatch.policy.nonfinite import NonFinitePolicy, NonFiniteTracker, enforc
 from gradwatch.policy.trends import DetectionConfig, TrendDetector
 from gradwatch.records import (
     Alert,
-    Measurement,
-    MeasurementMetrics,
     Record,
     RunHeader,
 )
@@ -97,17 +84,8 @@ from gradwatch.sinks.logs import LoggingSink
 
 logger = logging.getLogger("gradwatch")
 
-#: probe="fixed" keeps a probe for good only once it has this many time steps (its longest kept sequence):
-#: lags 1, 2, 4, 7 then reach back far enough for a verdict (a vanishing one needs a lag norm < 1e-3). A
-#: shorter probe is kept for now and replaced by the next measured batch that is longer, until one has it.
-FIXED_PROBE_MIN_STEPS = 8
-#: A probe shorter than this has no lag norm and no Lyapunov exponent: no verdict at all (one warning).
-VERDICT_MIN_STEPS = 2
-
-ProbeMode = Literal["fixed", "live"]
 ClipScope = Literal["monitored", "all"]
 ClipMode = Literal["always", "exploding"]
-LayerKey = tuple[str, int, str]  # (module name, layer, direction)
 
 
 @dataclass(frozen=True)
@@ -164,55 +142,6 @@ class WatchConfig:
         return data
 
 
-@dataclass
-class _LayerJob:
-    """One layer and direction, frozen at the measured step, ready for the estimators."""
-
-    module: str
-    layer: int
-    direction: str
-    jacobians: StepJacobians
-    mask: torch.Tensor
-    recurrent_weight: torch.Tensor | None
-    generator: torch.Generator
-    grads: dict[str, float | None]
-    grad_nonfinite: int = 0  # NaN/Inf gradient elements of this layer's parameters
-
-
-@dataclass
-class _ModuleJob:
-    name: str
-    layers: list[_LayerJob]  # still to estimate
-    ready: list[Measurement]  # already estimated on the training thread (user cells)
-
-
-@dataclass
-class _MeasurementJob:
-    step: int
-    time: float
-    modules: list[_ModuleJob]
-
-
-@dataclass
-class _MeasurementResult:
-    step: int
-    records: list[Measurement]
-    faults: list[tuple[str, Exception]]  # (module, what its estimate raised)
-    live_faults: list[tuple[Sink, Exception]] = field(default_factory=list)  # (sink, what write_live raised)
-
-
-def _copy_weights(weights: CellWeights) -> CellWeights:
-    """Private copies of a layer's weights: the optimizer updates the originals in place."""
-    return replace(
-        weights,
-        **{
-            name: getattr(weights, name).detach().clone()
-            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
-            if getattr(weights, name) is not None
-        },
-    )
-
-
 class Monitor:
     """Watches the recurrent modules of one model. Create it with :func:`gradwatch.watch`."""
 
@@ -246,7 +175,7 @@ class Monitor:
         )
         self._on_alert = list(on_alert)
         self.clip_count = 0
-        self._background: BackgroundWorker[_MeasurementResult] | None = (
+        self._background: BackgroundWorker[MeasurementResult] | None = (
             BackgroundWorker() if config.background else None
         )
         self._step = 0
@@ -263,40 +192,31 @@ class Monitor:
         """Decides what a fault inside gradwatch does (warn, disable, or re-raise in strict mode)."""
         self._out = SinkFanOut(sinks, self.faults, history_size=config.history_size)
         self._history = self._out.history
+        # The warm starts of the last measurement: kept here, on the training thread; each job gets a copy
+        # and its result brings the new ones back (the background worker never touches this dict).
         self._warm_starts: dict[LayerKey, WarmStart] = {}
-        self._probes: dict[str, FusedCall | list[CellCall]] = {}
-        self._probe_steps: dict[str, int] = {}  # time steps of each kept probe (see FIXED_PROBE_MIN_STEPS)
-        self._generator: torch.Generator | None = None
-        self._recorders: dict[str, CallRecorder] = {}
+        self._pipeline = MeasurementPipeline(
+            self._watched,
+            self.faults,
+            probe=config.probe,
+            max_sequences=config.max_sequences,
+            seed=config.seed,
+            estimator=config.estimator,
+            background=config.background,
+        )
+        self._recorders = self._pipeline.recorders
         self._handles: list[RemovableHandle] = []  # hooks placed on user objects (none at present)
-        self._attached: list[tuple[nn.Module, CallRecorder]] = []  # routed by gradwatch's global hooks
-        self._layer_parameters = self._map_layer_parameters()
+        self._layer_parameters = self._pipeline.layer_parameters
         self._module_gradient_names: dict[str, list[str]] | None = None  # built on first use
-        self._parameters = {
-            name: p for key in self._layer_parameters for name, p in self._layer_parameters[key].items()
-        }
+        self._parameters = self._pipeline.parameters
 
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
                 f"optimizer must be a torch.optim.Optimizer (or None, then call monitor.step() after "
                 f"backward), got {type(optimizer).__name__}"
             )
-        for watched in self._watched:  # one monitor per module: refuse before attaching anything
-            owner = _hooks.attached_owner(watched.module)
-            if owner is not None:
-                raise ValueError(_hooks.already_watched_message(watched.module, owner))
-        recorders = [
-            CallRecorder(
-                watched, config.max_sequences, on_fault=partial(self._fault, "capture", watched.name)
-            )
-            for watched in self._watched
-        ]
         try:
-            owner = f"monitor {self.run_id} (modules {', '.join(self.watched_modules)})"
-            for watched, recorder in zip(self._watched, recorders, strict=True):
-                self._recorders[watched.name] = recorder
-                _hooks.attach(watched.module, recorder, owner)
-                self._attached.append((watched.module, recorder))
+            self._pipeline.attach(f"monitor {self.run_id} (modules {', '.join(self.watched_modules)})")
             if optimizer is not None:
                 _attach_optimizer(optimizer, self)
             self._arm(self._is_measured(self._step))
@@ -333,6 +253,13 @@ class Monitor:
         alerts. A no-op without one (and with ``background=False``)."""
         if self._background is not None and self._background.busy:
             self._deliver(self._collect(wait=True))
+
+    @property
+    def warm_starts(self) -> dict[LayerKey, WarmStart]:
+        """A copy of the warm starts the next measurement starts from, per (module, layer, direction); waits
+        for a measurement still running in the background (its result brings the new ones)."""
+        self.wait()
+        return dict(self._warm_starts)
 
     @property
     def current_step(self) -> int:
@@ -380,9 +307,8 @@ class Monitor:
             if self._background is not None:
                 self._background.shutdown()
         self._detach()
-        for recorder in self._recorders.values():
-            recorder.reset()
-        self._probes.clear()
+        self._pipeline.reset()
+        self._pipeline.probes.clear()
         self._out.close()
         if pending_error is not None:
             raise pending_error
@@ -392,11 +318,7 @@ class Monitor:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        for module, recorder in self._attached:
-            recorder.armed = False
-            recorder.traced_by_compile = False
-            _hooks.detach(module, recorder)
-        self._attached.clear()
+        self._pipeline.detach()
         if self.optimizer is not None:
             _detach_optimizer(self.optimizer, self)
 
@@ -416,7 +338,7 @@ class Monitor:
         clip policy, warm-start vectors, kept probes, random generator. Only tensors and plain values, so
         ``torch.load`` reads it with its safe default ``weights_only=True``."""
         self.wait()  # warm starts and the generator belong to a measurement in flight until it is done
-        generator = self._generator
+        generator = self._pipeline.generator
         return {
             "step": self._step,
             "run_id": self.run_id,
@@ -427,7 +349,7 @@ class Monitor:
             "warm_starts": {
                 "|".join(map(str, key)): warm_start_to_state(warm) for key, warm in self._warm_starts.items()
             },
-            "probes": {name: probe_to_state(probe) for name, probe in self._probes.items()},
+            "probes": {name: probe_to_state(probe) for name, probe in self._pipeline.probes.items()},
             "generator": None
             if generator is None
             else {"device": str(generator.device), "state": generator.get_state()},
@@ -450,17 +372,14 @@ class Monitor:
         for key, value in dict(state.get("warm_starts", {})).items():
             name, layer, direction = key.rsplit("|", 2)
             self._warm_starts[(name, int(layer), direction)] = warm_start_from_state(value)
-        self._probes = {
-            name: probe_from_state(probe)
-            for name, probe in dict(state.get("probes", {})).items()
-            if name in self._recorders
-        }
-        self._probe_steps = {name: _probe_length(probe) for name, probe in self._probes.items()}
+        self._pipeline.load_probes(
+            {name: probe_from_state(probe) for name, probe in dict(state.get("probes", {})).items()}
+        )
         generator = state.get("generator")
-        self._generator = None
+        self._pipeline.generator = None
         if generator is not None:
-            self._generator = torch.Generator(device=torch.device(generator["device"]))
-            self._generator.set_state(generator["state"])
+            self._pipeline.generator = torch.Generator(device=torch.device(generator["device"]))
+            self._pipeline.generator.set_state(generator["state"])
         self._arm(self._is_measured(self._step))
 
     # --- the step -------------------------------------------------------------------------------------
@@ -469,11 +388,7 @@ class Monitor:
         return step % self.config.every == 0
 
     def _arm(self, measured: bool) -> None:
-        for name, recorder in self._recorders.items():
-            need = measured and name not in self.faults.disabled_modules
-            if self.config.probe == "fixed" and self._probe_steps.get(name, 0) >= FIXED_PROBE_MIN_STEPS:
-                need = False  # a long enough probe is kept; nothing to record on this step
-            recorder.armed = need
+        self._pipeline.arm(measured)
 
     def _end_of_step(self, optimizer: torch.optim.Optimizer | None) -> None:
         if self._closed:
@@ -505,8 +420,7 @@ class Monitor:
         except Exception as exc:
             self._fault("step", "", exc)
         finally:
-            for recorder in self._recorders.values():
-                recorder.reset()
+            self._pipeline.reset()
             self._step = step + 1
             self._arm(self._is_measured(self._step))
         self._deliver(alerts)
@@ -600,24 +514,28 @@ class Monitor:
         sinks, the detector and the alerts get them at a later step boundary (or by wait()/close()).
         """
         if self._background is None:
-            return self._publish(self._estimate(self._prepare(step, grad_values, grad_nonfinite)))
+            return self._publish(estimate(self._prepare(step, grad_values, grad_nonfinite)))
         # One measurement at a time: the previous one's warm starts feed this one.
         alerts = self._collect(wait=True)
         job = self._prepare(step, grad_values, grad_nonfinite)
         if not any(module.layers for module in job.modules):
-            return alerts + self._publish(self._estimate(job))
+            return alerts + self._publish(estimate(job))
         live_sinks = self._out.live_sinks()  # chosen here, not there
-        self._background.submit(partial(self._estimate_and_show_live, job, live_sinks))
+        self._background.submit(partial(_estimate_and_show_live, job, live_sinks))
         return alerts
 
-    def _estimate_and_show_live(self, job: _MeasurementJob, live_sinks: list[LiveSink]) -> _MeasurementResult:
-        """The worker's job: estimate, then give the records at once to the sinks that take them from this
-        thread (so an exporter shows them without waiting for another step). A sink that raises gets no
-        more of them; its fault is kept in the result and reported on the training thread at publication.
-        Touches no monitor state besides what _estimate does."""
-        result = self._estimate(job)
-        result.live_faults.extend(write_live(live_sinks, result.records))
-        return result
+    def _prepare(
+        self, step: int, grad_values: Mapping[str, float], grad_nonfinite: Mapping[str, int] | None
+    ) -> MeasurementJob:
+        """The training-thread half: the job, with a copy of the warm starts it starts from."""
+        return self._pipeline.prepare(
+            step,
+            grad_values,
+            grad_nonfinite,
+            warm_starts=self._warm_starts,
+            rank=self.rank,
+            run_id=self.run_id,
+        )
 
     def _collect(self, *, wait: bool) -> list[Alert]:
         """Publish a finished background measurement (waiting for it if ``wait``); its alerts."""
@@ -632,9 +550,11 @@ class Monitor:
             return []
         return self._publish(result)
 
-    def _publish(self, result: _MeasurementResult) -> list[Alert]:
+    def _publish(self, result: MeasurementResult) -> list[Alert]:
         """Report estimator and live-sink faults, write the records, update the detector; returns the
-        alerts. A live sink already showing a record takes it again here without showing it twice."""
+        alerts. A live sink already showing a record takes it again here without showing it twice. The
+        result's warm starts are kept here, on the training thread, for the next measurement."""
+        self._warm_starts.update(result.warm_starts)
         for module, exc in result.faults:
             self._fault("estimator", module, exc, step=result.step)
         self._out.report_live_faults(result.live_faults, result.step)
@@ -657,257 +577,6 @@ class Monitor:
         self._flush()
         return alerts
 
-    def _measure_records(
-        self, step: int, grad_values: Mapping[str, float] | None = None
-    ) -> list[Measurement]:
-        """One Measurement per layer and direction of every module that ran on this step, synchronously
-        (no side effects on the user's random stream: the replay runs under a forked RNG)."""
-        result = self._estimate(self._prepare(step, grad_values or {}))
-        for module, exc in result.faults:
-            self._fault("estimator", module, exc, step=step)
-        return result.records
-
-    def _prepare(
-        self, step: int, grad_values: Mapping[str, float], grad_nonfinite: Mapping[str, int] | None = None
-    ) -> _MeasurementJob:
-        """The training-thread half of a measurement: replay every module on its probe and freeze what the
-        estimators need (weights copied in background mode, as the optimizer is about to change them).
-        User cells are estimated here too: their step function calls the live module."""
-        job = _MeasurementJob(step=step, time=time.time(), modules=[])
-        snapshot = self._background is not None
-        with torch.random.fork_rng(devices=self._cuda_devices()), torch.no_grad(), _autocast_off():
-            for watched in self._watched:
-                if watched.name in self.faults.disabled_modules:
-                    continue
-                # A user cell runs in eval mode while it is measured: dropout inside it would make every
-                # J v of the iteration a different matrix.
-                custom = watched.kind == "custom"
-                try:
-                    with deterministic_mode(watched.module) if custom else nullcontext():
-                        layers = self._layer_jobs(
-                            watched, grad_values, snapshot=snapshot and not custom, nonfinite=grad_nonfinite
-                        )
-                        if custom:
-                            ready = [self._estimate_layer(step, job.time, layer) for layer in layers]
-                            job.modules.append(_ModuleJob(watched.name, [], ready))
-                        else:
-                            job.modules.append(_ModuleJob(watched.name, layers, []))
-                except Exception as exc:
-                    self._fault("estimator", watched.name, exc)
-        return job
-
-    def _layer_jobs(
-        self,
-        watched: WatchedModule,
-        grads: Mapping[str, float],
-        *,
-        snapshot: bool,
-        nonfinite: Mapping[str, int] | None = None,
-    ) -> list[_LayerJob]:
-        traces = self._traces(watched)
-        if traces is None:
-            return []
-        jobs = []
-        for trace in traces:
-            jacobians: StepJacobians
-            if trace.weights is not None:
-                weights = _copy_weights(trace.weights) if snapshot else trace.weights
-                jacobians = builtin_step_jacobians(weights, trace.inputs, trace.previous_states)
-            else:
-                assert trace.step_function is not None
-                jacobians = function_step_jacobians(trace.step_function, trace.inputs, trace.previous_states)
-            recurrent = trace.recurrent_weight
-            if snapshot and recurrent is not None:
-                recurrent = recurrent.detach().clone()
-            jobs.append(
-                _LayerJob(
-                    module=watched.name,
-                    layer=trace.layer,
-                    direction=trace.direction,
-                    jacobians=jacobians,
-                    mask=trace.mask,
-                    recurrent_weight=recurrent,
-                    generator=self._generator_for(trace.states.device),
-                    grads={
-                        local: grads.get(qualified)
-                        for local, qualified in self._grad_names(watched, trace).items()
-                    },
-                    grad_nonfinite=sum(
-                        (nonfinite or {}).get(qualified, 0)
-                        for qualified in self._grad_names(watched, trace).values()
-                    ),
-                )
-            )
-        return jobs
-
-    def _estimate(self, job: _MeasurementJob) -> _MeasurementResult:
-        """The estimator half: pure tensor work on the job's own tensors (safe on the worker thread). A
-        module whose estimate fails gives no records and one fault, reported when the result is published."""
-        result = _MeasurementResult(step=job.step, records=[], faults=[])
-        with torch.no_grad(), _autocast_off():
-            for module in job.modules:
-                try:
-                    records = [self._estimate_layer(job.step, job.time, layer) for layer in module.layers]
-                except Exception as exc:
-                    result.faults.append((module.name, exc))
-                    continue
-                result.records.extend(module.ready + records)
-        return result
-
-    def _estimate_layer(self, step: int, now: float, layer: _LayerJob) -> Measurement:
-        key = (layer.module, layer.layer, layer.direction)
-        settings = self.config.estimator
-        if self._background is not None and settings.chunk_entries is None:
-            settings = replace(settings, chunk_entries=BACKGROUND_CHUNK_ENTRIES)
-        estimate = estimate_layer(
-            layer.jacobians,
-            layer.mask,
-            layer.recurrent_weight,
-            settings,
-            warm_start=self._warm_starts.get(key),
-            generator=layer.generator,
-        )
-        self._warm_starts[key] = estimate.warm_start
-        values = layer_metrics(estimate)
-        metrics = MeasurementMetrics(**values, grad_norm=layer.grads, grad_nonfinite=layer.grad_nonfinite)  # type: ignore[arg-type]
-        return Measurement(
-            step=step,
-            time=now,
-            module=layer.module,
-            layer=layer.layer,
-            direction=layer.direction,
-            metrics=metrics,
-            rank=self.rank,
-            run_id=self.run_id,
-        )
-
-    def _traces(self, watched: WatchedModule) -> list[LayerTrace] | None:
-        """Replay the module on its probe (fixed mode) or on this step's recorded call (live mode)."""
-        recorder = self._recorders[watched.name]
-        recorder.settle()  # calls recorded inside a torch.compile'd forward
-        fixed = self.config.probe == "fixed"
-        kept = self._probes.get(watched.name) if fixed else None
-        kept_steps = self._probe_steps.get(watched.name, 0)
-        recorded = recorder.fused_call if watched.kind == "fused" else (list(recorder.cell_calls) or None)
-        # A kept probe shorter than FIXED_PROBE_MIN_STEPS gives way to a longer batch (the recorder stays
-        # armed on measured steps until then): a first batch of T = 1 must not blind the monitor for good.
-        renew = (
-            kept is not None
-            and recorded is not None
-            and kept_steps < FIXED_PROBE_MIN_STEPS
-            and _probe_length(recorded) > kept_steps
-        )
-        fresh = kept is None or renew
-        probe = recorded if fresh else kept
-        if probe is None:
-            return None  # the module did not run with gradients on this step
-        if fresh and recorder.recorded_in_eval:
-            self._warn_once(
-                f"eval-forward:{watched.name}",
-                f"gradwatch: {watched.name} ran only in eval mode (module.training is False) with "
-                f"gradients on during measured step {self._step}; measuring that call. If this is a "
-                "validation pass, run it under torch.no_grad() (it is then ignored); a training-mode "
-                "forward on the step is always preferred over eval-mode ones",
-            )
-        if fresh and fixed:
-            self._probes[watched.name] = probe
-            self._probe_steps[watched.name] = steps = _probe_length(probe)
-            if steps < VERDICT_MIN_STEPS:
-                message = (
-                    f"gradwatch: the fixed probe of {watched.name} has only {steps} time step(s): no lag "
-                    "norm and no Lyapunov exponent, so no vanishing/exploding verdict; it is replaced by "
-                    f"the next measured batch that is longer, until one has {FIXED_PROBE_MIN_STEPS} steps"
-                )
-                try:
-                    self._warn_once(f"short-probe:{watched.name}", message)
-                except Warning:  # GradWatchWarning turned into an error: a notice, not a reason to fail
-                    logger.warning(message)
-        module = watched.module
-        # A fresh call is measured at the weights its forward used, kept by the hook (the optimizer may have
-        # moved them since: LBFGS steps after its last closure); a kept probe is re-run at the current ones.
-        recorded = recorder.weights if fresh else None
-        if watched.kind == "fused":
-            assert isinstance(probe, FusedCall) and watched.cell_kind is not None
-            reference = probe if fresh else rerun_fused(module, probe)  # a kept probe: re-run the module
-            replay = replay_fused(module, watched.cell_kind, probe, recorded)
-            check = check_fused_replay(module, reference, replay)
-            traces = replay.traces
-        elif watched.kind == "cell":
-            assert isinstance(probe, list) and watched.cell_kind is not None
-            trace = trace_builtin_cell(
-                module, watched.cell_kind, probe, recompute=not fresh, weights=recorded
-            )
-            check = check_cell_replay(trace) if fresh else check_cell_against_module(module, trace)
-            traces = [trace]
-        else:
-            assert isinstance(probe, list) and watched.custom is not None
-            traces = [trace_custom_cell(module, watched.custom, probe, recompute=True, weights=recorded)]
-            check = None
-        if check is not None and not check.ok:
-            self._probes.pop(watched.name, None)
-            self._probe_steps.pop(watched.name, None)
-            self._warn_once(
-                f"replay:{watched.name}",
-                f"gradwatch: replaying {watched.name} ({type(module).__name__}) did not reproduce its "
-                f"{check.compared} (max abs error {check.max_abs_error:.3g} > {check.tolerance:.3g}); "
-                "skipping this module's measurement",
-            )
-            return None
-        return traces
-
-    # --- plumbing -------------------------------------------------------------------------------------
-
-    def _map_layer_parameters(self) -> dict[LayerKey, dict[str, nn.Parameter]]:
-        """Which leaf parameters belong to each (module, layer, direction), by qualified name.
-
-        A parametrized or weight-dropped weight is attributed to the leaves it is computed from
-        (``WatchedModule.weight_leaves``); ``self._local_names`` keeps each leaf's name in grad_norm."""
-        out: dict[LayerKey, dict[str, nn.Parameter]] = {}
-        self._local_names: dict[LayerKey, dict[str, str]] = {}
-        for watched in self._watched:
-            params = dict(watched.module.named_parameters())
-            for layer in range(watched.num_layers):
-                for direction in watched.directions:
-                    key = (watched.name, layer, direction)
-                    if watched.kind == "fused":
-                        names = fused_parameter_names(watched.module, layer, direction)  # type: ignore[arg-type]
-                        leaves = {
-                            local: p for n in names for local, p in watched.weight_leaves.get(n, {}).items()
-                        }
-                    elif watched.kind == "cell":
-                        leaves = {local: p for w in watched.weight_leaves.values() for local, p in w.items()}
-                    else:
-                        leaves = params
-                    # a leaf inside the module: "<module>.<local>"; on a parent (fastai's WeightDropout):
-                    # already named relative to the model
-                    local_to_qualified = {
-                        local: f"{watched.name}.{local}" if local in params else local for local in leaves
-                    }
-                    out[key] = {local_to_qualified[local]: p for local, p in leaves.items()}
-                    self._local_names[key] = local_to_qualified
-            if watched.unattributed_weights:
-                self._warn(
-                    f"gradwatch: {watched.name} computes {', '.join(watched.unattributed_weights)} in its "
-                    "forward from no parameter gradwatch could find (not a parameter, not parametrized, no "
-                    "'<name>_raw' on it or a parent module); its Jacobians are measured, but grad_norm "
-                    "leaves those weights out"
-                )
-        return out
-
-    def _grad_names(self, watched: WatchedModule, trace: LayerTrace) -> dict[str, str]:
-        return dict(self._local_names[(watched.name, trace.layer, trace.direction)])
-
-    def _generator_for(self, device: torch.device) -> torch.Generator:
-        if self._generator is None or self._generator.device != device:
-            self._generator = torch.Generator(device=device)
-            self._generator.manual_seed(self.config.seed)
-        return self._generator
-
-    def _cuda_devices(self) -> list[int]:
-        if not torch.cuda.is_available():
-            return []
-        return sorted({p.device.index or 0 for p in self._parameters.values() if p.device.type == "cuda"})
-
     def _emit(self, record: Record) -> None:
         self._out.emit(record)
 
@@ -916,8 +585,7 @@ class Monitor:
 
     def _module_disabled(self, module: str) -> None:
         """The fault policy disabled a module: stop recording its calls."""
-        self._recorders[module].armed = False
-        self._recorders[module].reset()
+        self._pipeline.disarm(module)
 
     def _part_disabled(self, part: str) -> None:
         """The fault policy turned a monitor-wide part off (clipping)."""
@@ -967,21 +635,14 @@ def _optimizer_step_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: An
         monitor._end_of_step(optimizer)
 
 
-@contextlib.contextmanager
-def _autocast_off() -> Iterator[None]:
-    """Measure in the module's own precision even if optimizer.step() runs inside a torch.autocast block."""
-    with contextlib.ExitStack() as stack:
-        for device_type in ("cpu", "cuda"):
-            if device_type == "cpu" or torch.cuda.is_available():
-                stack.enter_context(torch.autocast(device_type, enabled=False))
-        yield
-
-
-def _probe_length(probe: FusedCall | list[CellCall]) -> int:
-    """Time steps of a probe: its longest kept sequence (fused call) or its number of cell calls."""
-    if isinstance(probe, FusedCall):
-        return int(probe.lengths.max()) if probe.lengths.numel() else 0
-    return len(probe)
+def _estimate_and_show_live(job: MeasurementJob, live_sinks: list[LiveSink]) -> MeasurementResult:
+    """The worker's job: estimate, then give the records at once to the sinks that take them from this
+    thread (so an exporter shows them without waiting for another step). A sink that raises gets no more of
+    them; its fault is kept in the result and reported on the training thread at publication. Touches no
+    monitor state: the job carries its warm starts in and the result carries the new ones out."""
+    result = estimate(job)
+    result.live_faults.extend(write_live(live_sinks, result.records))
+    return result
 
 
 def rank_log_path(path: str | os.PathLike[str], rank: int) -> Path:

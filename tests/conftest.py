@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,16 +26,20 @@ def _close_leftover_monitors(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     global forward hook installed on measured steps) for the rest of the session otherwise."""
     import gradwatch.monitor as monitor_module
 
-    opened: list[monitor_module.Monitor] = []
+    # Weak references: a test may check that a closed monitor is garbage (test_hooks' deep-copy test).
+    opened: list[weakref.ref[monitor_module.Monitor]] = []
     original_init = monitor_module.Monitor.__init__
 
     def tracking_init(self: monitor_module.Monitor, *args: Any, **kwargs: Any) -> None:
         original_init(self, *args, **kwargs)
-        opened.append(self)
+        opened.append(weakref.ref(self))
 
     monkeypatch.setattr(monitor_module.Monitor, "__init__", tracking_init)
     yield
-    for monitor in opened:
+    for monitor_ref in opened:
+        monitor = monitor_ref()
+        if monitor is None:
+            continue
         with warnings.catch_warnings(), contextlib.suppress(Exception):
             warnings.simplefilter("ignore")
             monitor.close()

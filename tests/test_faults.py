@@ -24,6 +24,7 @@ from torch import nn
 
 import gradwatch
 import gradwatch.capture.hooks as hooks_module
+import gradwatch.measure as measure_module
 import gradwatch.monitor as monitor_module
 from gradwatch.policy.trends import TrendDetector
 from gradwatch.records import ErrorRecord, Measurement, Record, record_from_json
@@ -144,9 +145,9 @@ CASES = [
     FaultCase(
         "capture", CellModel, (hooks_module.CallRecorder, "_record_cell"), "cell", {"probe": "live"}, step=0
     ),
-    FaultCase("estimator", FusedModel, (monitor_module, "replay_fused"), "rnn", {"probe": "live"}),
-    FaultCase("estimator", FusedModel, (monitor_module, "estimate_layer"), "rnn", {}),
-    FaultCase("estimator", CellModel, (monitor_module, "builtin_step_jacobians"), "cell", {}),
+    FaultCase("estimator", FusedModel, (measure_module, "replay_fused"), "rnn", {"probe": "live"}),
+    FaultCase("estimator", FusedModel, (measure_module, "estimate_layer"), "rnn", {}),
+    FaultCase("estimator", CellModel, (measure_module, "builtin_step_jacobians"), "cell", {}),
     FaultCase("detector", FusedModel, (TrendDetector, "update"), "rnn", {}),
     FaultCase("gradients", FusedModel, (monitor_module, "gradient_norms"), "", {}),
     FaultCase("clip", FusedModel, (monitor_module, "apply_clip"), "", {"clip": 1e9}),
