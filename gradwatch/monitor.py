@@ -61,10 +61,9 @@ from gradwatch.measure import (
     estimate,
 )
 from gradwatch.policy.alerts import AlertCallback, NonFiniteGradientError, emit_alert
-from gradwatch.policy.clipping import ClipPolicy, apply_clip, make_clip_policy
-from gradwatch.policy.evidence import Verdict
-from gradwatch.policy.explain import explain_nonfinite_context
-from gradwatch.policy.nonfinite import NonFinitePolicy, NonFiniteTracker, enforce_nonfinite_policy
+from gradwatch.policy.clipping import ClipPolicy, make_clip_policy
+from gradwatch.policy.nonfinite import NonFinitePolicy
+from gradwatch.policy.step import ClipStepPolicy, GradientStats, NonFiniteStepPolicy, StepPolicy, split_alerts
 from gradwatch.policy.trends import DetectionConfig, TrendDetector
 from gradwatch.records import (
     Alert,
@@ -166,15 +165,12 @@ class Monitor:
         self.rank, self.world_size = distributed_rank()
         self.run_id = run_id or new_run_id()
         self.detector = TrendDetector(config.detection)
-        self.clip_policy = clip
-        self._nonfinite = NonFiniteTracker()
         self._global_view = (
             GlobalView(self.run_id, self.rank, self.world_size)
             if config.global_view and self.world_size > 1
             else None
         )
         self._on_alert = list(on_alert)
-        self.clip_count = 0
         self._background: BackgroundWorker[MeasurementResult] | None = (
             BackgroundWorker() if config.background else None
         )
@@ -209,6 +205,28 @@ class Monitor:
         self._layer_parameters = self._pipeline.layer_parameters
         self._module_gradient_names: dict[str, list[str]] | None = None  # built on first use
         self._parameters = self._pipeline.parameters
+        # What is done to every step before the optimizer applies it, in this order.
+        self._nonfinite_step = NonFiniteStepPolicy(
+            self._watched, self.detector, config.nonfinite, rank=self.rank, run_id=self.run_id
+        )
+        self._clip_step = (
+            None
+            if clip is None
+            else ClipStepPolicy(
+                clip,
+                list(self._parameters.values())
+                if config.clip_scope == "monitored"
+                else list(model.parameters()),
+                self.detector,
+                self._watched,
+                mode=config.clip_mode,
+                rank=self.rank,
+                run_id=self.run_id,
+            )
+        )
+        self._step_policies: list[StepPolicy] = [self._nonfinite_step]
+        if self._clip_step is not None:
+            self._step_policies.append(self._clip_step)
 
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
@@ -253,6 +271,16 @@ class Monitor:
         alerts. A no-op without one (and with ``background=False``)."""
         if self._background is not None and self._background.busy:
             self._deliver(self._collect(wait=True))
+
+    @property
+    def clip_policy(self) -> ClipPolicy | None:
+        """The gradient clipping policy, or None (none given, or turned off by a fault)."""
+        return self._clip_step.policy if self._clip_step in self._step_policies else None
+
+    @property
+    def clip_count(self) -> int:
+        """How many steps were clipped."""
+        return 0 if self._clip_step is None else self._clip_step.count
 
     @property
     def warm_starts(self) -> dict[LayerKey, WarmStart]:
@@ -344,7 +372,7 @@ class Monitor:
             "run_id": self.run_id,
             "clip_count": self.clip_count,
             "detector": self.detector.state_dict(),
-            "nonfinite": self._nonfinite.state_dict(),
+            "nonfinite": self._nonfinite_step.tracker.state_dict(),
             "clip_policy": self.clip_policy.state_dict() if self.clip_policy is not None else None,
             "warm_starts": {
                 "|".join(map(str, key)): warm_start_to_state(warm) for key, warm in self._warm_starts.items()
@@ -361,13 +389,15 @@ class Monitor:
             raise ValueError("a gradwatch state_dict needs an integer 'step' (from Monitor.state_dict())")
         self.wait()
         self._step = int(state["step"])
-        self.clip_count = int(state.get("clip_count", 0))
+        if self._clip_step is not None:
+            self._clip_step.count = int(state.get("clip_count", 0))
         if "detector" in state:
             self.detector.load_state_dict(state["detector"])
         if "nonfinite" in state:
-            self._nonfinite.load_state_dict(state["nonfinite"])
-        if self.clip_policy is not None and state.get("clip_policy") is not None:
-            self.clip_policy.load_state_dict(state["clip_policy"])
+            self._nonfinite_step.tracker.load_state_dict(state["nonfinite"])
+        clip_policy = self.clip_policy
+        if clip_policy is not None and state.get("clip_policy") is not None:
+            clip_policy.load_state_dict(state["clip_policy"])
         self._warm_starts = {}
         for key, value in dict(state.get("warm_starts", {})).items():
             name, layer, direction = key.rsplit("|", 2)
@@ -397,24 +427,23 @@ class Monitor:
         alerts: list[Alert] = self._collect(wait=False)  # a background measurement that has finished
         try:
             self._out.observe_step(step)
-            grad_values: Mapping[str, float] = {}
-            grad_nonfinite: Mapping[str, int] = {}
-            nonfinite_total = 0
+            gradients = GradientStats({}, {}, complete=False)
             with self.faults.guard("gradients"):
-                grad_values, grad_nonfinite = gradient_norms(self._parameters).to_host_per_parameter()
-                nonfinite_total = sum(grad_nonfinite.values())
-                if nonfinite_total and self._background is not None and self._background.busy:
+                norms, nonfinite = gradient_norms(self._parameters).to_host_per_parameter()
+                gradients = GradientStats(norms, nonfinite)
+                if gradients.nonfinite_total and self._background is not None and self._background.busy:
                     # Rare path: the non-finite alert quotes the latest Jacobian verdict (an exploding
                     # product names the cause), so the measurement still running must be published first.
                     alerts += self._collect(wait=True)
-                alerts += self._observe_gradient_growth(step, grad_values)
-                if nonfinite_total or self._nonfinite.active():
-                    alerts += self._handle_nonfinite(step, optimizer)
-            if self.clip_policy is not None and not nonfinite_total:
-                with self.faults.guard("clip"):
-                    self._clip(step)
+                alerts += self._observe_gradient_growth(step, norms)
+            for policy in list(self._step_policies):
+                with self.faults.guard(policy.fault_name):
+                    policy_alerts, records = split_alerts(policy.before_step(step, gradients, optimizer))
+                    for record in records:
+                        self._emit(record)
+                    alerts += policy_alerts
             if self._is_measured(step):
-                alerts += self._measure(step, grad_values, grad_nonfinite)
+                alerts += self._measure(step, gradients.norms, gradients.nonfinite)
         except (GradWatchFault, NonFiniteGradientError):
             raise
         except Exception as exc:
@@ -453,56 +482,6 @@ class Monitor:
                 step, module, total, time=now, rank=self.rank, run_id=self.run_id
             )
         return alerts
-
-    def _handle_nonfinite(self, step: int, optimizer: torch.optim.Optimizer | None) -> list[Alert]:
-        """Per module: count NaN/Inf gradient elements, alert once per episode, apply the policy."""
-        now = time.time()
-        counts = {
-            watched.name: {
-                name: int((~torch.isfinite(p.grad)).sum())
-                for name, p in watched.module.named_parameters()
-                if p.grad is not None
-            }
-            for watched in self._watched
-        }
-        alerts: list[Alert] = []
-        for module, module_counts in counts.items():
-            context = explain_nonfinite_context(
-                self.detector.latest_jacobian_reading(module),
-                self.detector.growth_episode_start(module),
-                self.detector.config,
-            )
-            alerts += self._nonfinite.update(
-                step, module, module_counts, time=now, rank=self.rank, run_id=self.run_id, context=context
-            )
-        for module, module_counts in counts.items():
-            if enforce_nonfinite_policy(
-                self.config.nonfinite, module=module, counts=module_counts, step=step, optimizer=optimizer
-            ):
-                break  # every gradient is gone: the optimizer step does nothing
-        return alerts
-
-    def _clip(self, step: int) -> None:
-        assert self.clip_policy is not None
-        if self.config.clip_mode == "exploding" and not self._exploding_now():
-            return
-        parameters = (
-            list(self._parameters.values())
-            if self.config.clip_scope == "monitored"
-            else list(self.model.parameters())
-        )
-        event = apply_clip(parameters, self.clip_policy, step)
-        if event is not None:
-            self.clip_count += 1
-            self._emit(replace(event, rank=self.rank, run_id=self.run_id))
-
-    def _exploding_now(self) -> bool:
-        return any(
-            self.detector.verdict(w.name, layer, direction) is Verdict.EXPLODING  # type: ignore[arg-type]
-            for w in self._watched
-            for layer in range(w.num_layers)
-            for direction in w.directions
-        )
 
     def _measure(
         self, step: int, grad_values: Mapping[str, float], grad_nonfinite: Mapping[str, int] | None = None
@@ -589,8 +568,8 @@ class Monitor:
 
     def _part_disabled(self, part: str) -> None:
         """The fault policy turned a monitor-wide part off (clipping)."""
-        if part == "clip":
-            self.clip_policy = None
+        if part == "clip" and self._clip_step in self._step_policies:
+            self._step_policies.remove(self._clip_step)
 
     def _fault(self, where: str, module: str, exc: Exception, *, step: int | None = None) -> None:
         self.faults.fault(where, module, exc, step=step)
