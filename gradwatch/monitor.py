@@ -29,7 +29,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.hooks import RemovableHandle
 
 from gradwatch._version import __version__
-from gradwatch.background import BackgroundWorker, spare_core_for_worker
+from gradwatch.background import BackgroundWorker
 from gradwatch.capture import hooks as _hooks
 from gradwatch.capture.modules import (
     WatchedModule,
@@ -37,6 +37,16 @@ from gradwatch.capture.modules import (
     is_compile_wrapper,
     no_rnn_message,
     unwrap_model,
+)
+from gradwatch.checks import (
+    alert_callbacks,
+    check_config,
+    check_optimizer,
+    check_optimizer_holds_watched,
+    check_run_id,
+    check_sinks,
+    check_watch_options,
+    resolve_background,
 )
 from gradwatch.distributed import (
     GlobalView,
@@ -78,7 +88,7 @@ from gradwatch.resume import (
 )
 from gradwatch.sinks.base import LiveSink, Sink
 from gradwatch.sinks.fanout import SinkFanOut, write_live
-from gradwatch.sinks.jsonl import FSYNC_POLICIES, FsyncPolicy, JsonlSink
+from gradwatch.sinks.jsonl import FsyncPolicy, JsonlSink
 from gradwatch.sinks.logs import LoggingSink
 
 logger = logging.getLogger("gradwatch")
@@ -107,31 +117,7 @@ class WatchConfig:
     detection: DetectionConfig = field(default_factory=DetectionConfig)
 
     def __post_init__(self) -> None:
-        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
-            raise ValueError(f"every must be a positive integer (measure every N steps), got {self.every!r}")
-        if (
-            isinstance(self.max_sequences, bool)
-            or not isinstance(self.max_sequences, int)
-            or self.max_sequences < 1
-        ):
-            raise ValueError(f"max_sequences must be a positive integer, got {self.max_sequences!r}")
-        if self.probe not in ("fixed", "live"):
-            raise ValueError(
-                f"probe must be 'fixed' (re-measure the sequences seen at the first measurement) or 'live' "
-                f"(measure each measured step's own batch), got {self.probe!r}"
-            )
-        if not isinstance(self.history_size, int) or self.history_size < 0:
-            raise ValueError(f"history_size must be a non-negative integer, got {self.history_size!r}")
-        if self.clip_scope not in ("monitored", "all"):
-            raise ValueError(
-                f"clip_scope must be 'monitored' (the watched RNN parameters) or 'all' (every model "
-                f"parameter), got {self.clip_scope!r}"
-            )
-        if self.clip_mode not in ("always", "exploding"):
-            raise ValueError(
-                f"clip_mode must be 'always' or 'exploding' (only during an exploding episode), "
-                f"got {self.clip_mode!r}"
-            )
+        check_config(self)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -228,11 +214,7 @@ class Monitor:
         if self._clip_step is not None:
             self._step_policies.append(self._clip_step)
 
-        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(
-                f"optimizer must be a torch.optim.Optimizer (or None, then call monitor.step() after "
-                f"backward), got {type(optimizer).__name__}"
-            )
+        check_optimizer(optimizer)
         try:
             self._pipeline.attach(f"monitor {self.run_id} (modules {', '.join(self.watched_modules)})")
             if optimizer is not None:
@@ -665,25 +647,68 @@ def watch(
     """Attach a monitor to every recurrent module of ``model``: one line, no change to the training loop.
 
     With an ``optimizer`` each ``optimizer.step()`` closes a training step; without one, call
-    ``monitor.step()`` after ``loss.backward()``. Measures on step 0 and every ``every`` steps after it, on at
-    most ``max_sequences`` sequences of the batch. ``probe="fixed"`` re-measures the sequences seen at the
-    first measurement with the current weights (trends then depend on the weights alone; a probe shorter
-    than FIXED_PROBE_MIN_STEPS = 8 steps is replaced by the next longer measured batch);
-    ``probe="live"`` measures each measured step's own batch. ``log`` is a JSON-lines run log path.
-    ``clip``: None, a max norm (as ``clip_grad_norm_``), ``"auto"`` (ZClip) or a ClipPolicy.
-    ``nonfinite``: "warn", "raise" or "skip" (the optimizer step does not happen).
-    ``prometheus``: a port (0 = any free one), "host:port" or "push://host:port".
-    ``tensorboard``: a directory for TensorBoard event files (rank r > 0 writes ``DIR/rank<r>``; needs
-    ``pip install 'gradwatch[tensorboard]'``).
-    Under torch.distributed every rank measures its own batch; ``log_ranks="all"`` writes one log per rank
-    (``NAME.rank<r>.jsonl`` for r > 0), ``"zero"`` only rank 0's. ``run_id`` defaults to rank 0's new id.
-    ``global_view=True`` adds, on rank 0, records of rank -1 that combine every rank's measurement.
-    ``background=True`` runs the estimators on a worker thread beside the next training steps: the
-    Prometheus exporter (any :class:`~gradwatch.sinks.base.LiveSink`) shows each measurement as soon as
-    it is done; the run log, logging, alerts and callbacks get it at the next step boundary, in step order
-    (``monitor.wait()`` delivers it at once); ``None`` chooses it when every watched module is a built-in
-    RNN on the CPU and ``global_view`` is off.
-    Every configuration error is raised here, before training starts.
+    ``monitor.step()`` after ``loss.backward()``. The monitor measures on step 0 and every ``every`` steps
+    after it. Every configuration error is raised here, before training starts.
+
+    Args:
+        model: the model to watch; every nn.RNN/LSTM/GRU, their Cell variants and registered user cells
+            inside it are watched (DistributedDataParallel, DataParallel and ``torch.compile`` wrappers are
+            unwrapped). A model without any raises ValueError.
+        optimizer: the ``torch.optim.Optimizer`` that holds the watched parameters; its ``step()`` closes
+            each training step. Default None: call ``monitor.step()`` after ``loss.backward()``.
+        every: measure on step 0 and every ``every`` steps after it; a positive int. Default 50.
+        log: path of the JSON-lines run log (``gradwatch report`` reads it); rank r > 0 writes
+            ``NAME.rank<r>.jsonl``. Default None: no log.
+        max_sequences: at most this many sequences of the batch are measured; a positive int. Default 8.
+        probe: ``"fixed"`` re-measures the sequences seen at the first measurement with the current weights
+            (trends then depend on the weights alone; a probe shorter than FIXED_PROBE_MIN_STEPS = 8 steps
+            is replaced by the next longer measured batch); ``"live"`` measures each measured step's own
+            batch. Default ``"fixed"``.
+        on_alert: a callable ``fn(alert)`` or a list of them, called for every alert after it is written
+            and warned. Default None.
+        clip: gradient clipping: None (off), a max norm as for ``clip_grad_norm_`` (a positive number),
+            ``"auto"`` (ZClip, adaptive) or a ClipPolicy. Default None.
+        clip_scope: ``"monitored"`` (the watched RNN parameters) or ``"all"`` (every model parameter).
+            Default ``"monitored"``.
+        clip_mode: ``"always"`` or ``"exploding"`` (only while a layer's verdict is exploding).
+            Default ``"always"``.
+        nonfinite: what a NaN/Inf gradient does: ``"warn"`` (alert once per episode), ``"raise"``
+            (NonFiniteGradientError) or ``"skip"`` (the optimizer step does not happen; needs the
+            optimizer); a string or NonFinitePolicy. Default ``"warn"``.
+        prometheus: a Prometheus exporter: a port (0 = any free one; ``monitor.prometheus_url`` has the
+            real one), ``"host:port"``, ``"push://host:port"`` (Pushgateway), or True (port 9400).
+            Default None: none.
+        tensorboard: a directory for TensorBoard event files (rank r > 0 writes ``DIR/rank<r>``; needs
+            ``pip install 'gradwatch[tensorboard]'``). Default None.
+        sinks: more sinks, each with ``write(record)``, ``flush()`` and ``close()``
+            (:class:`~gradwatch.sinks.base.Sink`); they get every record after the built-in ones.
+            Default none.
+        detection: the thresholds of the vanishing/exploding detector, a DetectionConfig. Default None:
+            ``DetectionConfig()``.
+        estimator: the estimators' settings (iterations, tolerance, lags, chunking), an EstimatorSettings.
+            Default None: ``EstimatorSettings()``.
+        strict: True re-raises every fault inside gradwatch as GradWatchFault (for tests and debugging);
+            False degrades it to one GradWatchWarning and an error record. Default False.
+        seed: the seed of the estimators' own random generator (never the global one); an int. Default 0.
+        fsync: when the run log is fsynced: ``"header"`` (fsync the header line), ``"always"`` (every
+            line) or ``"never"`` (flush to the OS only). Default ``"header"``.
+        history_size: how many records ``monitor.history`` keeps in memory; a non-negative int, 0 keeps
+            all. Default 100_000.
+        run_id: the run's id in every record; a non-empty string. Default None: a new sortable id (under
+            torch.distributed, rank 0's, shared by every rank).
+        log_ranks: under torch.distributed every rank measures its own batch; ``"all"`` writes one log per
+            rank, ``"zero"`` only rank 0's. Default ``"all"``.
+        global_view: True adds, on rank 0, records of rank -1 that combine every rank's measurement
+            (exchanged at the measured step). Default False.
+        background: True runs the estimators on a worker thread beside the next training steps: the
+            Prometheus exporter (any :class:`~gradwatch.sinks.base.LiveSink`) shows each measurement as
+            soon as it is done; the run log, logging, alerts and callbacks get it at the next step
+            boundary, in step order (``monitor.wait()`` delivers it at once). False measures inside the
+            step. Default None: chosen automatically, on when every watched module is a built-in RNN on
+            the CPU, ``global_view`` is off and a core is spare. True with ``global_view=True`` raises.
+
+    Returns:
+        The :class:`Monitor`; use it as a context manager or call ``close()`` to remove every hook.
     """
     config = WatchConfig(
         every=every,
@@ -700,39 +725,23 @@ def watch(
         estimator=estimator or EstimatorSettings(),
         detection=detection or DetectionConfig(),
     )
-    if not isinstance(config.estimator, EstimatorSettings):
-        raise TypeError(
-            f"estimator must be a gradwatch.EstimatorSettings, got {type(config.estimator).__name__}"
-        )
-    if not isinstance(global_view, bool):
-        raise TypeError(f"global_view must be True or False, got {global_view!r}")
-    if not isinstance(config.detection, DetectionConfig):
-        raise TypeError(
-            f"detection must be a gradwatch.DetectionConfig, got {type(config.detection).__name__}"
-        )
-    if config.nonfinite is NonFinitePolicy.SKIP and optimizer is None:
-        raise ValueError("nonfinite='skip' needs the optimizer: watch(model, optimizer, nonfinite='skip')")
-    _check_watch_options(optimizer, strict=strict, seed=seed, fsync=fsync)
+    check_watch_options(optimizer, nonfinite=config.nonfinite, strict=strict, seed=seed, fsync=fsync)
     clip_policy = None if clip is None else make_clip_policy(clip)
-    callbacks = _callbacks(on_alert)
+    callbacks = alert_callbacks(on_alert)
     modules = find_rnn_modules(model)
     if not modules:
         raise ValueError(no_rnn_message(model))
     if optimizer is not None:
-        _check_optimizer_holds_watched(optimizer, modules)
+        check_optimizer_holds_watched(optimizer, modules)
     config = replace(
         config,
-        background=_resolve_background(background, modules, global_view=global_view, clip_mode=clip_mode),
+        background=resolve_background(background, modules, global_view=global_view, clip_mode=clip_mode),
     )
     log_ranks = check_log_ranks(log_ranks)
-    if run_id is not None and (not isinstance(run_id, str) or not run_id):
-        raise ValueError(f"run_id must be a non-empty string (or None for a new one), got {run_id!r}")
+    check_run_id(run_id)
     rank, _ = distributed_rank()
     run_id = run_id or shared_run_id(new_run_id())
-    user_sinks = list(sinks)
-    for sink in user_sinks:
-        if not all(callable(getattr(sink, m, None)) for m in ("write", "flush", "close")):
-            raise TypeError(f"sinks must have write(record), flush() and close(); {sink!r} does not")
+    user_sinks = check_sinks(sinks)
     all_sinks: list[Sink] = [LoggingSink()]
     try:
         if log is not None and writes_log(log_ranks, rank):
@@ -770,83 +779,3 @@ def watch(
             with contextlib.suppress(Exception):
                 sink.close()
         raise
-
-
-def _resolve_background(
-    background: object, modules: Sequence[WatchedModule], *, global_view: bool, clip_mode: str
-) -> bool:
-    """The background setting: explicit True/False, or None = on only where it helps and is safe: built-in
-    RNNs on the CPU when the worker's threads fit on cores that training leaves idle
-    (:func:`gradwatch.background.spare_core_for_worker`); user cells call the live module, CUDA work would
-    queue behind training on the same stream, the global view exchanges at the measured step, and
-    clip_mode="exploding" should react to a verdict at once."""
-    if background is not None and not isinstance(background, bool):
-        raise TypeError(f"background must be True, False or None (choose automatically), got {background!r}")
-    if background and global_view:
-        raise ValueError(
-            "background=True cannot be combined with global_view=True: the ranks exchange their "
-            "measurements at the measured step; use one or the other"
-        )
-    if background is not None:
-        return background
-    if global_view or clip_mode == "exploding":
-        return False
-    for watched in modules:
-        if watched.kind == "custom":
-            return False
-        if any(p.device.type != "cpu" for p in watched.module.parameters()):
-            return False
-    return spare_core_for_worker()
-
-
-def _check_watch_options(optimizer: object, *, strict: object, seed: object, fsync: object) -> None:
-    """Options that are checked nowhere else, so that a typo fails at watch() rather than later (or never)."""
-    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(
-            f"optimizer must be a torch.optim.Optimizer (or None, then call monitor.step() after "
-            f"backward), got {type(optimizer).__name__}"
-        )
-    if not isinstance(strict, bool):
-        raise TypeError(f"strict must be True or False, got {strict!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an integer, got {seed!r}")
-    if fsync not in FSYNC_POLICIES:
-        raise ValueError(
-            f"fsync must be one of {', '.join(map(repr, FSYNC_POLICIES))} (when to fsync the run log), "
-            f"got {fsync!r}"
-        )
-
-
-def _check_optimizer_holds_watched(
-    optimizer: torch.optim.Optimizer, modules: Sequence[WatchedModule]
-) -> None:
-    """The hooked optimizer closes each step; one that holds none of the watched parameters steps on its own
-    schedule and is no sign that the watched weights just got their gradients."""
-    watched = {
-        id(p): f"{w.name}.{local}" if local in dict(w.module.named_parameters()) else local
-        for w in modules
-        for local, p in (
-            dict(w.module.named_parameters())
-            if w.kind == "custom"
-            else {n: q for leaves in w.weight_leaves.values() for n, q in leaves.items()}
-        ).items()
-    }
-    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    if watched and not held & set(watched):
-        names = sorted(watched.values())
-        shown = ", ".join(names[:6]) + (f", ... ({len(names)} in all)" if len(names) > 6 else "")
-        raise ValueError(
-            f"the optimizer passed to watch() holds none of the watched parameters ({shown}); gradwatch "
-            "closes each step from that optimizer's step(). Pass the optimizer that holds them, or "
-            "optimizer=None and call monitor.step() after loss.backward()"
-        )
-
-
-def _callbacks(on_alert: AlertCallback | Sequence[AlertCallback] | None) -> list[AlertCallback]:
-    if on_alert is None:
-        return []
-    callbacks = [on_alert] if callable(on_alert) else list(on_alert)
-    for fn in callbacks:
-        if not callable(fn):
-            raise TypeError(f"on_alert must be a callable fn(alert) or a list of them, got {fn!r}")
-    return callbacks

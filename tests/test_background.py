@@ -14,8 +14,8 @@ from torch import nn
 
 import gradwatch
 import gradwatch.background as background_module
+import gradwatch.checks as checks_module
 import gradwatch.measure as measure_module
-import gradwatch.monitor as monitor_module
 from gradwatch.background import BackgroundWorker
 from gradwatch.records import Alert, Measurement
 from tests.test_monitor import CellLoop, CustomLoop, SeqModel
@@ -193,7 +193,7 @@ def test_state_dict_waits_for_the_measurement_in_flight(monkeypatch: pytest.Monk
 def test_background_is_chosen_where_it_is_safe(
     model: Any, watch: dict, expected: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(monitor_module, "spare_core_for_worker", lambda: True)
+    monkeypatch.setattr(checks_module, "spare_core_for_worker", lambda: True)
     monitor = gradwatch.watch(model(), **watch)
     assert monitor.config.background is expected
     monitor.close()
