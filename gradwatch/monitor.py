@@ -1,10 +1,13 @@
-"""``gradwatch.watch()``: wires capture -> estimators -> records -> detection -> sinks, and owns the schedule.
+"""``gradwatch.watch()`` and :class:`Monitor`, the coordinator: it owns the step counter, the schedule and the
+order of the work in a step; the work itself is done by parts with one job each (docs/architecture.md).
 
 A *step* is one optimizer step (or one ``monitor.step()`` call when no optimizer is given). On step 0 and
 every ``every`` steps after it the monitor measures: forward hooks record the step's inputs, and just before
-the optimizer applies the gradients (a step pre-hook) the monitor replays each recurrent layer, estimates
-its Jacobian norms and writes the records. On every step it checks the gradients for non-finite values and,
-if asked, clips them.
+the optimizer applies the gradients (a step pre-hook) the measurement pipeline (measure.py) replays each
+recurrent layer and estimates its Jacobian norms, and the records go to the detector and, through the sink
+fan-out (sinks/fanout.py), to the sinks. On every step the step policies (policy/step.py) check the
+gradients for non-finite values and, if asked, clip them. Faults go to the fault policy (faults.py); input
+checks live in checks.py.
 """
 
 from __future__ import annotations
