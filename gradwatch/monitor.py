@@ -559,12 +559,6 @@ class Monitor:
     def _fault(self, where: str, module: str, exc: Exception, *, step: int | None = None) -> None:
         self.faults.fault(where, module, exc, step=step)
 
-    def _warn(self, message: str) -> None:
-        self.faults.warn(message)
-
-    def _warn_once(self, key: str, message: str) -> None:
-        self.faults.warn_once(key, message)
-
 
 # One process-wide optimizer step pre-hook (nothing is registered on the optimizer), dispatching to the
 # monitors attached to each optimizer; removed when the last one closes.
