@@ -18,11 +18,14 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from gradwatch.capture.modules import NO_RNN_MESSAGE, find_rnn_modules, unwrap_model
+from gradwatch.capture.modules import NO_RNN_MESSAGE, find_rnn_modules
+from gradwatch.distributed import distributed_rank
 from gradwatch.estimators.layer import EstimatorSettings
-from gradwatch.monitor import Monitor, WatchConfig
+from gradwatch.faults import FaultPolicy
+from gradwatch.measure import MeasurementPipeline
+from gradwatch.monitor import WatchConfig, new_run_id
 from gradwatch.policy.evidence import Verdict, longest_lag_norm
-from gradwatch.policy.trends import DetectionConfig
+from gradwatch.policy.trends import DetectionConfig, TrendDetector
 from gradwatch.records import Alert, Measurement, MeasurementMetrics
 
 
@@ -116,18 +119,30 @@ def diagnose(
         estimator=estimator or EstimatorSettings(),
         detection=detection or DetectionConfig.for_diagnosis(),
     )
-    monitor = Monitor(unwrap_model(model), None, config=config, sinks=(), modules=modules)
-    try:
-        args = example_input if isinstance(example_input, tuple) else (example_input,)
+    rank, _ = distributed_rank()
+    run_id = new_run_id()
+    faults = FaultPolicy(strict=False, rank=rank, run_id=run_id, current_step=lambda: 0)
+    pipeline = MeasurementPipeline(
+        modules,
+        faults,
+        probe=config.probe,
+        max_sequences=config.max_sequences,
+        seed=config.seed,
+        estimator=config.estimator,
+    )
+    detector = TrendDetector(config.detection)
+    args = example_input if isinstance(example_input, tuple) else (example_input,)
+    measurements: list[Measurement] = []
+    alerts: list[Alert] = []
+    with pipeline.capturing(owner="gradwatch.diagnose"):
         with _invisible(model), torch.enable_grad():
             model(*args)
-            measurements: list[Measurement] = []
-            alerts: list[Alert] = []
-            for measurement in monitor._measure_records(0):
-                measurements.append(measurement)
-                alerts += monitor.detector.update(measurement)
-    finally:
-        monitor.close()
+            result = pipeline.measure(0, rank=rank, run_id=run_id)
+        for module, exc in result.faults:
+            faults.fault("estimator", module, exc, step=0)
+        for measurement in result.records:
+            measurements.append(measurement)
+            alerts += detector.update(measurement)
     if not measurements:
         raise RuntimeError(
             "gradwatch.diagnose: the model's forward did not run any recurrent module with this input "
@@ -137,7 +152,7 @@ def diagnose(
     layers = []
     for m in measurements:
         key = (m.module, m.layer, m.direction)
-        verdict = monitor.detector.verdict(m.module, m.layer, m.direction)
+        verdict = detector.verdict(m.module, m.layer, m.direction)
         if verdict is Verdict.HEALTHY and _unmeasurable(m.metrics):
             verdict = Verdict.UNKNOWN
         alert = by_key.get(key)

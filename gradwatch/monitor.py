@@ -1,10 +1,13 @@
-"""``gradwatch.watch()``: wires capture -> estimators -> records -> detection -> sinks, and owns the schedule.
+"""``gradwatch.watch()`` and :class:`Monitor`, the coordinator: it owns the step counter, the schedule and the
+order of the work in a step; the work itself is done by parts with one job each (docs/architecture.md).
 
 A *step* is one optimizer step (or one ``monitor.step()`` call when no optimizer is given). On step 0 and
 every ``every`` steps after it the monitor measures: forward hooks record the step's inputs, and just before
-the optimizer applies the gradients (a step pre-hook) the monitor replays each recurrent layer, estimates
-its Jacobian norms and writes the records. On every step it checks the gradients for non-finite values and,
-if asked, clips them.
+the optimizer applies the gradients (a step pre-hook) the measurement pipeline (measure.py) replays each
+recurrent layer and estimates its Jacobian norms, and the records go to the detector and, through the sink
+fan-out (sinks/fanout.py), to the sinks. On every step the step policies (policy/step.py) check the
+gradients for non-finite values and, if asked, clip them. Faults go to the fault policy (faults.py); input
+checks live in checks.py.
 """
 
 from __future__ import annotations
@@ -15,11 +18,9 @@ import math
 import os
 import time
 import uuid
-import warnings
 import weakref
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import nullcontext
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -31,9 +32,8 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.hooks import RemovableHandle
 
 from gradwatch._version import __version__
-from gradwatch.background import BackgroundWorker, spare_core_for_worker
+from gradwatch.background import BackgroundWorker
 from gradwatch.capture import hooks as _hooks
-from gradwatch.capture.hooks import CallRecorder, CellCall, FusedCall
 from gradwatch.capture.modules import (
     WatchedModule,
     find_rnn_modules,
@@ -41,17 +41,15 @@ from gradwatch.capture.modules import (
     no_rnn_message,
     unwrap_model,
 )
-from gradwatch.capture.replay import (
-    LayerTrace,
-    check_cell_against_module,
-    check_cell_replay,
-    check_fused_replay,
-    deterministic_mode,
-    fused_parameter_names,
-    replay_fused,
-    rerun_fused,
-    trace_builtin_cell,
-    trace_custom_cell,
+from gradwatch.checks import (
+    alert_callbacks,
+    check_config,
+    check_optimizer,
+    check_optimizer_holds_watched,
+    check_run_id,
+    check_sinks,
+    check_watch_options,
+    resolve_background,
 )
 from gradwatch.distributed import (
     GlobalView,
@@ -61,27 +59,27 @@ from gradwatch.distributed import (
     shared_run_id,
     writes_log,
 )
-from gradwatch.estimators.cells import CellWeights
 from gradwatch.estimators.gradients import gradient_norms
-from gradwatch.estimators.jacobian import StepJacobians, builtin_step_jacobians, function_step_jacobians
 from gradwatch.estimators.layer import (
-    BACKGROUND_CHUNK_ENTRIES,
     EstimatorSettings,
     WarmStart,
-    estimate_layer,
-    layer_metrics,
 )
-from gradwatch.policy.alerts import AlertCallback, GradWatchWarning, NonFiniteGradientError, emit_alert
-from gradwatch.policy.clipping import ClipPolicy, apply_clip, make_clip_policy
-from gradwatch.policy.evidence import Verdict
-from gradwatch.policy.explain import explain_nonfinite_context
-from gradwatch.policy.nonfinite import NonFinitePolicy, NonFiniteTracker, enforce_nonfinite_policy
+from gradwatch.faults import FaultPolicy, GradWatchFault
+from gradwatch.measure import (
+    LayerKey,
+    MeasurementJob,
+    MeasurementPipeline,
+    MeasurementResult,
+    ProbeMode,
+    estimate,
+)
+from gradwatch.policy.alerts import AlertCallback, NonFiniteGradientError, emit_alert
+from gradwatch.policy.clipping import ClipPolicy, make_clip_policy
+from gradwatch.policy.nonfinite import NonFinitePolicy
+from gradwatch.policy.step import ClipStepPolicy, GradientStats, NonFiniteStepPolicy, StepPolicy, split_alerts
 from gradwatch.policy.trends import DetectionConfig, TrendDetector
 from gradwatch.records import (
     Alert,
-    ErrorRecord,
-    Measurement,
-    MeasurementMetrics,
     Record,
     RunHeader,
 )
@@ -92,26 +90,14 @@ from gradwatch.resume import (
     warm_start_to_state,
 )
 from gradwatch.sinks.base import LiveSink, Sink
-from gradwatch.sinks.jsonl import FSYNC_POLICIES, FsyncPolicy, JsonlSink
+from gradwatch.sinks.fanout import SinkFanOut, write_live
+from gradwatch.sinks.jsonl import FsyncPolicy, JsonlSink
 from gradwatch.sinks.logs import LoggingSink
 
 logger = logging.getLogger("gradwatch")
 
-#: probe="fixed" keeps a probe for good only once it has this many time steps (its longest kept sequence):
-#: lags 1, 2, 4, 7 then reach back far enough for a verdict (a vanishing one needs a lag norm < 1e-3). A
-#: shorter probe is kept for now and replaced by the next measured batch that is longer, until one has it.
-FIXED_PROBE_MIN_STEPS = 8
-#: A probe shorter than this has no lag norm and no Lyapunov exponent: no verdict at all (one warning).
-VERDICT_MIN_STEPS = 2
-
-ProbeMode = Literal["fixed", "live"]
 ClipScope = Literal["monitored", "all"]
 ClipMode = Literal["always", "exploding"]
-LayerKey = tuple[str, int, str]  # (module name, layer, direction)
-
-
-class GradWatchFault(RuntimeError):
-    """Raised in strict mode when something inside gradwatch fails (the cause is chained)."""
 
 
 @dataclass(frozen=True)
@@ -134,31 +120,7 @@ class WatchConfig:
     detection: DetectionConfig = field(default_factory=DetectionConfig)
 
     def __post_init__(self) -> None:
-        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
-            raise ValueError(f"every must be a positive integer (measure every N steps), got {self.every!r}")
-        if (
-            isinstance(self.max_sequences, bool)
-            or not isinstance(self.max_sequences, int)
-            or self.max_sequences < 1
-        ):
-            raise ValueError(f"max_sequences must be a positive integer, got {self.max_sequences!r}")
-        if self.probe not in ("fixed", "live"):
-            raise ValueError(
-                f"probe must be 'fixed' (re-measure the sequences seen at the first measurement) or 'live' "
-                f"(measure each measured step's own batch), got {self.probe!r}"
-            )
-        if not isinstance(self.history_size, int) or self.history_size < 0:
-            raise ValueError(f"history_size must be a non-negative integer, got {self.history_size!r}")
-        if self.clip_scope not in ("monitored", "all"):
-            raise ValueError(
-                f"clip_scope must be 'monitored' (the watched RNN parameters) or 'all' (every model "
-                f"parameter), got {self.clip_scope!r}"
-            )
-        if self.clip_mode not in ("always", "exploding"):
-            raise ValueError(
-                f"clip_mode must be 'always' or 'exploding' (only during an exploding episode), "
-                f"got {self.clip_mode!r}"
-            )
+        check_config(self)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -166,55 +128,6 @@ class WatchConfig:
         for part in ("estimator", "detection"):
             data[part] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in data[part].items()}
         return data
-
-
-@dataclass
-class _LayerJob:
-    """One layer and direction, frozen at the measured step, ready for the estimators."""
-
-    module: str
-    layer: int
-    direction: str
-    jacobians: StepJacobians
-    mask: torch.Tensor
-    recurrent_weight: torch.Tensor | None
-    generator: torch.Generator
-    grads: dict[str, float | None]
-    grad_nonfinite: int = 0  # NaN/Inf gradient elements of this layer's parameters
-
-
-@dataclass
-class _ModuleJob:
-    name: str
-    layers: list[_LayerJob]  # still to estimate
-    ready: list[Measurement]  # already estimated on the training thread (user cells)
-
-
-@dataclass
-class _MeasurementJob:
-    step: int
-    time: float
-    modules: list[_ModuleJob]
-
-
-@dataclass
-class _MeasurementResult:
-    step: int
-    records: list[Measurement]
-    faults: list[tuple[str, Exception]]  # (module, what its estimate raised)
-    live_faults: list[tuple[Sink, Exception]] = field(default_factory=list)  # (sink, what write_live raised)
-
-
-def _copy_weights(weights: CellWeights) -> CellWeights:
-    """Private copies of a layer's weights: the optimizer updates the originals in place."""
-    return replace(
-        weights,
-        **{
-            name: getattr(weights, name).detach().clone()
-            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
-            if getattr(weights, name) is not None
-        },
-    )
 
 
 class Monitor:
@@ -241,60 +154,72 @@ class Monitor:
         self.rank, self.world_size = distributed_rank()
         self.run_id = run_id or new_run_id()
         self.detector = TrendDetector(config.detection)
-        self.clip_policy = clip
-        self._nonfinite = NonFiniteTracker()
         self._global_view = (
             GlobalView(self.run_id, self.rank, self.world_size)
             if config.global_view and self.world_size > 1
             else None
         )
         self._on_alert = list(on_alert)
-        self.clip_count = 0
-        self._history: deque[Record] = deque(maxlen=config.history_size or None)
-        self._background: BackgroundWorker[_MeasurementResult] | None = (
+        self._background: BackgroundWorker[MeasurementResult] | None = (
             BackgroundWorker() if config.background else None
         )
-        self._sinks: list[Sink] = list(sinks)
         self._step = 0
         self._closed = False
-        self._disabled_modules: dict[str, str] = {}
-        self._warned: set[str] = set()
-        self.fault_counts: dict[str, int] = {}
-        """How often each part of gradwatch failed ("capture:rnn", "sink:JsonlSink(...)", "clip", ...)."""
+        self.faults = FaultPolicy(
+            strict=config.strict,
+            rank=self.rank,
+            run_id=self.run_id,
+            current_step=lambda: self._step,
+            report=lambda record: self._out.emit(record),
+            on_module_disabled=self._module_disabled,
+            on_part_disabled=self._part_disabled,
+        )
+        """Decides what a fault inside gradwatch does (warn, disable, or re-raise in strict mode)."""
+        self._out = SinkFanOut(sinks, self.faults, history_size=config.history_size)
+        self._history = self._out.history
+        # The warm starts of the last measurement: kept here, on the training thread; each job gets a copy
+        # and its result brings the new ones back (the background worker never touches this dict).
         self._warm_starts: dict[LayerKey, WarmStart] = {}
-        self._probes: dict[str, FusedCall | list[CellCall]] = {}
-        self._probe_steps: dict[str, int] = {}  # time steps of each kept probe (see FIXED_PROBE_MIN_STEPS)
-        self._generator: torch.Generator | None = None
-        self._recorders: dict[str, CallRecorder] = {}
+        self._pipeline = MeasurementPipeline(
+            self._watched,
+            self.faults,
+            probe=config.probe,
+            max_sequences=config.max_sequences,
+            seed=config.seed,
+            estimator=config.estimator,
+            background=config.background,
+        )
+        self._recorders = self._pipeline.recorders
         self._handles: list[RemovableHandle] = []  # hooks placed on user objects (none at present)
-        self._attached: list[tuple[nn.Module, CallRecorder]] = []  # routed by gradwatch's global hooks
-        self._layer_parameters = self._map_layer_parameters()
+        self._layer_parameters = self._pipeline.layer_parameters
         self._module_gradient_names: dict[str, list[str]] | None = None  # built on first use
-        self._parameters = {
-            name: p for key in self._layer_parameters for name, p in self._layer_parameters[key].items()
-        }
+        self._parameters = self._pipeline.parameters
+        # What is done to every step before the optimizer applies it, in this order.
+        self._nonfinite_step = NonFiniteStepPolicy(
+            self._watched, self.detector, config.nonfinite, rank=self.rank, run_id=self.run_id
+        )
+        self._clip_step = (
+            None
+            if clip is None
+            else ClipStepPolicy(
+                clip,
+                list(self._parameters.values())
+                if config.clip_scope == "monitored"
+                else list(model.parameters()),
+                self.detector,
+                self._watched,
+                mode=config.clip_mode,
+                rank=self.rank,
+                run_id=self.run_id,
+            )
+        )
+        self._step_policies: list[StepPolicy] = [self._nonfinite_step]
+        if self._clip_step is not None:
+            self._step_policies.append(self._clip_step)
 
-        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(
-                f"optimizer must be a torch.optim.Optimizer (or None, then call monitor.step() after "
-                f"backward), got {type(optimizer).__name__}"
-            )
-        for watched in self._watched:  # one monitor per module: refuse before attaching anything
-            owner = _hooks.attached_owner(watched.module)
-            if owner is not None:
-                raise ValueError(_hooks.already_watched_message(watched.module, owner))
-        recorders = [
-            CallRecorder(
-                watched, config.max_sequences, on_fault=partial(self._fault, "capture", watched.name)
-            )
-            for watched in self._watched
-        ]
+        check_optimizer(optimizer)
         try:
-            owner = f"monitor {self.run_id} (modules {', '.join(self.watched_modules)})"
-            for watched, recorder in zip(self._watched, recorders, strict=True):
-                self._recorders[watched.name] = recorder
-                _hooks.attach(watched.module, recorder, owner)
-                self._attached.append((watched.module, recorder))
+            self._pipeline.attach(f"monitor {self.run_id} (modules {', '.join(self.watched_modules)})")
             if optimizer is not None:
                 _attach_optimizer(optimizer, self)
             self._arm(self._is_measured(self._step))
@@ -333,6 +258,23 @@ class Monitor:
             self._deliver(self._collect(wait=True))
 
     @property
+    def clip_policy(self) -> ClipPolicy | None:
+        """The gradient clipping policy, or None (none given, or turned off by a fault)."""
+        return self._clip_step.policy if self._clip_step in self._step_policies else None
+
+    @property
+    def clip_count(self) -> int:
+        """How many steps were clipped."""
+        return 0 if self._clip_step is None else self._clip_step.count
+
+    @property
+    def warm_starts(self) -> dict[LayerKey, WarmStart]:
+        """A copy of the warm starts the next measurement starts from, per (module, layer, direction); waits
+        for a measurement still running in the background (its result brings the new ones)."""
+        self.wait()
+        return dict(self._warm_starts)
+
+    @property
     def current_step(self) -> int:
         """The index of the step in progress (the number of completed steps)."""
         return self._step
@@ -343,16 +285,17 @@ class Monitor:
 
     @property
     def sinks(self) -> list[Sink]:
-        return list(self._sinks)
+        return self._out.sinks
+
+    @property
+    def fault_counts(self) -> dict[str, int]:
+        """How often each part of gradwatch failed ("capture:rnn", "sink:JsonlSink(...)", "clip", ...)."""
+        return self.faults.counts
 
     @property
     def prometheus_url(self) -> str | None:
         """The scrape URL of the Prometheus exporter (with the real port when ``prometheus=0``), if any."""
-        for sink in self._sinks:
-            url = getattr(sink, "url", None)
-            if isinstance(url, str) and url.startswith("http"):
-                return url
-        return None
+        return self._out.url
 
     def step(self) -> None:
         """Close a training step by hand (call it after ``loss.backward()``) when no optimizer was given."""
@@ -377,18 +320,9 @@ class Monitor:
             if self._background is not None:
                 self._background.shutdown()
         self._detach()
-        for recorder in self._recorders.values():
-            recorder.reset()
-        self._probes.clear()
-        for sink in self._sinks:
-            with contextlib.suppress(Exception):
-                sink.flush()
-            try:
-                sink.close()
-            except Exception as exc:  # closing must not fail the user's run
-                warnings.warn(
-                    f"gradwatch: closing sink {sink!r} failed: {exc!r}", RuntimeWarning, stacklevel=2
-                )
+        self._pipeline.reset()
+        self._pipeline.probes.clear()
+        self._out.close()
         if pending_error is not None:
             raise pending_error
 
@@ -397,11 +331,7 @@ class Monitor:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        for module, recorder in self._attached:
-            recorder.armed = False
-            recorder.traced_by_compile = False
-            _hooks.detach(module, recorder)
-        self._attached.clear()
+        self._pipeline.detach()
         if self.optimizer is not None:
             _detach_optimizer(self.optimizer, self)
 
@@ -414,26 +344,25 @@ class Monitor:
     def __del__(self) -> None:  # pragma: no cover - best effort at interpreter exit
         with contextlib.suppress(Exception):
             if not self._closed:
-                for sink in self._sinks:
-                    sink.flush()
+                self._out.flush_quietly()
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to continue where this one stopped: step counter, detector windows,
         clip policy, warm-start vectors, kept probes, random generator. Only tensors and plain values, so
         ``torch.load`` reads it with its safe default ``weights_only=True``."""
         self.wait()  # warm starts and the generator belong to a measurement in flight until it is done
-        generator = self._generator
+        generator = self._pipeline.generator
         return {
             "step": self._step,
             "run_id": self.run_id,
             "clip_count": self.clip_count,
             "detector": self.detector.state_dict(),
-            "nonfinite": self._nonfinite.state_dict(),
+            "nonfinite": self._nonfinite_step.tracker.state_dict(),
             "clip_policy": self.clip_policy.state_dict() if self.clip_policy is not None else None,
             "warm_starts": {
                 "|".join(map(str, key)): warm_start_to_state(warm) for key, warm in self._warm_starts.items()
             },
-            "probes": {name: probe_to_state(probe) for name, probe in self._probes.items()},
+            "probes": {name: probe_to_state(probe) for name, probe in self._pipeline.probes.items()},
             "generator": None
             if generator is None
             else {"device": str(generator.device), "state": generator.get_state()},
@@ -445,28 +374,27 @@ class Monitor:
             raise ValueError("a gradwatch state_dict needs an integer 'step' (from Monitor.state_dict())")
         self.wait()
         self._step = int(state["step"])
-        self.clip_count = int(state.get("clip_count", 0))
+        if self._clip_step is not None:
+            self._clip_step.count = int(state.get("clip_count", 0))
         if "detector" in state:
             self.detector.load_state_dict(state["detector"])
         if "nonfinite" in state:
-            self._nonfinite.load_state_dict(state["nonfinite"])
-        if self.clip_policy is not None and state.get("clip_policy") is not None:
-            self.clip_policy.load_state_dict(state["clip_policy"])
+            self._nonfinite_step.tracker.load_state_dict(state["nonfinite"])
+        clip_policy = self.clip_policy
+        if clip_policy is not None and state.get("clip_policy") is not None:
+            clip_policy.load_state_dict(state["clip_policy"])
         self._warm_starts = {}
         for key, value in dict(state.get("warm_starts", {})).items():
             name, layer, direction = key.rsplit("|", 2)
             self._warm_starts[(name, int(layer), direction)] = warm_start_from_state(value)
-        self._probes = {
-            name: probe_from_state(probe)
-            for name, probe in dict(state.get("probes", {})).items()
-            if name in self._recorders
-        }
-        self._probe_steps = {name: _probe_length(probe) for name, probe in self._probes.items()}
+        self._pipeline.load_probes(
+            {name: probe_from_state(probe) for name, probe in dict(state.get("probes", {})).items()}
+        )
         generator = state.get("generator")
-        self._generator = None
+        self._pipeline.generator = None
         if generator is not None:
-            self._generator = torch.Generator(device=torch.device(generator["device"]))
-            self._generator.set_state(generator["state"])
+            self._pipeline.generator = torch.Generator(device=torch.device(generator["device"]))
+            self._pipeline.generator.set_state(generator["state"])
         self._arm(self._is_measured(self._step))
 
     # --- the step -------------------------------------------------------------------------------------
@@ -475,11 +403,7 @@ class Monitor:
         return step % self.config.every == 0
 
     def _arm(self, measured: bool) -> None:
-        for name, recorder in self._recorders.items():
-            need = measured and name not in self._disabled_modules
-            if self.config.probe == "fixed" and self._probe_steps.get(name, 0) >= FIXED_PROBE_MIN_STEPS:
-                need = False  # a long enough probe is kept; nothing to record on this step
-            recorder.armed = need
+        self._pipeline.arm(measured)
 
     def _end_of_step(self, optimizer: torch.optim.Optimizer | None) -> None:
         if self._closed:
@@ -487,38 +411,30 @@ class Monitor:
         step = self._step
         alerts: list[Alert] = self._collect(wait=False)  # a background measurement that has finished
         try:
-            for sink in list(self._sinks):
-                observe = getattr(sink, "observe_step", None)
-                if observe is not None:
-                    try:
-                        observe(step)
-                    except Exception as exc:
-                        self._sink_failed(sink, exc)
-            grad_values: Mapping[str, float] = {}
-            grad_nonfinite: Mapping[str, int] = {}
-            nonfinite_total = 0
-            with self._guard("gradients"):
-                grad_values, grad_nonfinite = gradient_norms(self._parameters).to_host_per_parameter()
-                nonfinite_total = sum(grad_nonfinite.values())
-                if nonfinite_total and self._background is not None and self._background.busy:
+            self._out.observe_step(step)
+            gradients = GradientStats({}, {}, complete=False)
+            with self.faults.guard("gradients"):
+                norms, nonfinite = gradient_norms(self._parameters).to_host_per_parameter()
+                gradients = GradientStats(norms, nonfinite)
+                if gradients.nonfinite_total and self._background is not None and self._background.busy:
                     # Rare path: the non-finite alert quotes the latest Jacobian verdict (an exploding
                     # product names the cause), so the measurement still running must be published first.
                     alerts += self._collect(wait=True)
-                alerts += self._observe_gradient_growth(step, grad_values)
-                if nonfinite_total or self._nonfinite.active():
-                    alerts += self._handle_nonfinite(step, optimizer)
-            if self.clip_policy is not None and not nonfinite_total:
-                with self._guard("clip"):
-                    self._clip(step)
+                alerts += self._observe_gradient_growth(step, norms)
+            for policy in list(self._step_policies):
+                with self.faults.guard(policy.fault_name):
+                    policy_alerts, records = split_alerts(policy.before_step(step, gradients, optimizer))
+                    for record in records:
+                        self._emit(record)
+                    alerts += policy_alerts
             if self._is_measured(step):
-                alerts += self._measure(step, grad_values, grad_nonfinite)
+                alerts += self._measure(step, gradients.norms, gradients.nonfinite)
         except (GradWatchFault, NonFiniteGradientError):
             raise
         except Exception as exc:
             self._fault("step", "", exc)
         finally:
-            for recorder in self._recorders.values():
-                recorder.reset()
+            self._pipeline.reset()
             self._step = step + 1
             self._arm(self._is_measured(self._step))
         self._deliver(alerts)
@@ -552,56 +468,6 @@ class Monitor:
             )
         return alerts
 
-    def _handle_nonfinite(self, step: int, optimizer: torch.optim.Optimizer | None) -> list[Alert]:
-        """Per module: count NaN/Inf gradient elements, alert once per episode, apply the policy."""
-        now = time.time()
-        counts = {
-            watched.name: {
-                name: int((~torch.isfinite(p.grad)).sum())
-                for name, p in watched.module.named_parameters()
-                if p.grad is not None
-            }
-            for watched in self._watched
-        }
-        alerts: list[Alert] = []
-        for module, module_counts in counts.items():
-            context = explain_nonfinite_context(
-                self.detector.latest_jacobian_reading(module),
-                self.detector.growth_episode_start(module),
-                self.detector.config,
-            )
-            alerts += self._nonfinite.update(
-                step, module, module_counts, time=now, rank=self.rank, run_id=self.run_id, context=context
-            )
-        for module, module_counts in counts.items():
-            if enforce_nonfinite_policy(
-                self.config.nonfinite, module=module, counts=module_counts, step=step, optimizer=optimizer
-            ):
-                break  # every gradient is gone: the optimizer step does nothing
-        return alerts
-
-    def _clip(self, step: int) -> None:
-        assert self.clip_policy is not None
-        if self.config.clip_mode == "exploding" and not self._exploding_now():
-            return
-        parameters = (
-            list(self._parameters.values())
-            if self.config.clip_scope == "monitored"
-            else list(self.model.parameters())
-        )
-        event = apply_clip(parameters, self.clip_policy, step)
-        if event is not None:
-            self.clip_count += 1
-            self._emit(replace(event, rank=self.rank, run_id=self.run_id))
-
-    def _exploding_now(self) -> bool:
-        return any(
-            self.detector.verdict(w.name, layer, direction) is Verdict.EXPLODING  # type: ignore[arg-type]
-            for w in self._watched
-            for layer in range(w.num_layers)
-            for direction in w.directions
-        )
-
     def _measure(
         self, step: int, grad_values: Mapping[str, float], grad_nonfinite: Mapping[str, int] | None = None
     ) -> list[Alert]:
@@ -612,30 +478,28 @@ class Monitor:
         sinks, the detector and the alerts get them at a later step boundary (or by wait()/close()).
         """
         if self._background is None:
-            return self._publish(self._estimate(self._prepare(step, grad_values, grad_nonfinite)))
+            return self._publish(estimate(self._prepare(step, grad_values, grad_nonfinite)))
         # One measurement at a time: the previous one's warm starts feed this one.
         alerts = self._collect(wait=True)
         job = self._prepare(step, grad_values, grad_nonfinite)
         if not any(module.layers for module in job.modules):
-            return alerts + self._publish(self._estimate(job))
-        live_sinks = [sink for sink in self._sinks if isinstance(sink, LiveSink)]  # chosen here, not there
-        self._background.submit(partial(self._estimate_and_show_live, job, live_sinks))
+            return alerts + self._publish(estimate(job))
+        live_sinks = self._out.live_sinks()  # chosen here, not there
+        self._background.submit(partial(_estimate_and_show_live, job, live_sinks))
         return alerts
 
-    def _estimate_and_show_live(self, job: _MeasurementJob, live_sinks: list[LiveSink]) -> _MeasurementResult:
-        """The worker's job: estimate, then give the records at once to the sinks that take them from this
-        thread (so an exporter shows them without waiting for another step). A sink that raises gets no
-        more of them; its fault is kept in the result and reported on the training thread at publication.
-        Touches no monitor state besides what _estimate does."""
-        result = self._estimate(job)
-        for sink in live_sinks:
-            for record in result.records:
-                try:
-                    sink.write_live(record)
-                except Exception as exc:
-                    result.live_faults.append((sink, exc))
-                    break
-        return result
+    def _prepare(
+        self, step: int, grad_values: Mapping[str, float], grad_nonfinite: Mapping[str, int] | None
+    ) -> MeasurementJob:
+        """The training-thread half: the job, with a copy of the warm starts it starts from."""
+        return self._pipeline.prepare(
+            step,
+            grad_values,
+            grad_nonfinite,
+            warm_starts=self._warm_starts,
+            rank=self.rank,
+            run_id=self.run_id,
+        )
 
     def _collect(self, *, wait: bool) -> list[Alert]:
         """Publish a finished background measurement (waiting for it if ``wait``); its alerts."""
@@ -650,18 +514,18 @@ class Monitor:
             return []
         return self._publish(result)
 
-    def _publish(self, result: _MeasurementResult) -> list[Alert]:
+    def _publish(self, result: MeasurementResult) -> list[Alert]:
         """Report estimator and live-sink faults, write the records, update the detector; returns the
-        alerts. A live sink already showing a record takes it again here without showing it twice."""
+        alerts. A live sink already showing a record takes it again here without showing it twice. The
+        result's warm starts are kept here, on the training thread, for the next measurement."""
+        self._warm_starts.update(result.warm_starts)
         for module, exc in result.faults:
             self._fault("estimator", module, exc, step=result.step)
-        for sink, exc in result.live_faults:
-            if sink in self._sinks:  # not a sink that failed and was disabled meanwhile
-                self._sink_failed(sink, exc, step=result.step)
+        self._out.report_live_faults(result.live_faults, result.step)
         alerts: list[Alert] = []
         for record in result.records:
             self._emit(record)
-            if record.module in self._disabled_modules:
+            if record.module in self.faults.disabled_modules:
                 continue  # its detector failed on an earlier layer of this measurement
             try:
                 alerts += self.detector.update(record)
@@ -677,356 +541,23 @@ class Monitor:
         self._flush()
         return alerts
 
-    def _measure_records(
-        self, step: int, grad_values: Mapping[str, float] | None = None
-    ) -> list[Measurement]:
-        """One Measurement per layer and direction of every module that ran on this step, synchronously
-        (no side effects on the user's random stream: the replay runs under a forked RNG)."""
-        result = self._estimate(self._prepare(step, grad_values or {}))
-        for module, exc in result.faults:
-            self._fault("estimator", module, exc, step=step)
-        return result.records
-
-    def _prepare(
-        self, step: int, grad_values: Mapping[str, float], grad_nonfinite: Mapping[str, int] | None = None
-    ) -> _MeasurementJob:
-        """The training-thread half of a measurement: replay every module on its probe and freeze what the
-        estimators need (weights copied in background mode, as the optimizer is about to change them).
-        User cells are estimated here too: their step function calls the live module."""
-        job = _MeasurementJob(step=step, time=time.time(), modules=[])
-        snapshot = self._background is not None
-        with torch.random.fork_rng(devices=self._cuda_devices()), torch.no_grad(), _autocast_off():
-            for watched in self._watched:
-                if watched.name in self._disabled_modules:
-                    continue
-                # A user cell runs in eval mode while it is measured: dropout inside it would make every
-                # J v of the iteration a different matrix.
-                custom = watched.kind == "custom"
-                try:
-                    with deterministic_mode(watched.module) if custom else nullcontext():
-                        layers = self._layer_jobs(
-                            watched, grad_values, snapshot=snapshot and not custom, nonfinite=grad_nonfinite
-                        )
-                        if custom:
-                            ready = [self._estimate_layer(step, job.time, layer) for layer in layers]
-                            job.modules.append(_ModuleJob(watched.name, [], ready))
-                        else:
-                            job.modules.append(_ModuleJob(watched.name, layers, []))
-                except Exception as exc:
-                    self._fault("estimator", watched.name, exc)
-        return job
-
-    def _layer_jobs(
-        self,
-        watched: WatchedModule,
-        grads: Mapping[str, float],
-        *,
-        snapshot: bool,
-        nonfinite: Mapping[str, int] | None = None,
-    ) -> list[_LayerJob]:
-        traces = self._traces(watched)
-        if traces is None:
-            return []
-        jobs = []
-        for trace in traces:
-            jacobians: StepJacobians
-            if trace.weights is not None:
-                weights = _copy_weights(trace.weights) if snapshot else trace.weights
-                jacobians = builtin_step_jacobians(weights, trace.inputs, trace.previous_states)
-            else:
-                assert trace.step_function is not None
-                jacobians = function_step_jacobians(trace.step_function, trace.inputs, trace.previous_states)
-            recurrent = trace.recurrent_weight
-            if snapshot and recurrent is not None:
-                recurrent = recurrent.detach().clone()
-            jobs.append(
-                _LayerJob(
-                    module=watched.name,
-                    layer=trace.layer,
-                    direction=trace.direction,
-                    jacobians=jacobians,
-                    mask=trace.mask,
-                    recurrent_weight=recurrent,
-                    generator=self._generator_for(trace.states.device),
-                    grads={
-                        local: grads.get(qualified)
-                        for local, qualified in self._grad_names(watched, trace).items()
-                    },
-                    grad_nonfinite=sum(
-                        (nonfinite or {}).get(qualified, 0)
-                        for qualified in self._grad_names(watched, trace).values()
-                    ),
-                )
-            )
-        return jobs
-
-    def _estimate(self, job: _MeasurementJob) -> _MeasurementResult:
-        """The estimator half: pure tensor work on the job's own tensors (safe on the worker thread). A
-        module whose estimate fails gives no records and one fault, reported when the result is published."""
-        result = _MeasurementResult(step=job.step, records=[], faults=[])
-        with torch.no_grad(), _autocast_off():
-            for module in job.modules:
-                try:
-                    records = [self._estimate_layer(job.step, job.time, layer) for layer in module.layers]
-                except Exception as exc:
-                    result.faults.append((module.name, exc))
-                    continue
-                result.records.extend(module.ready + records)
-        return result
-
-    def _estimate_layer(self, step: int, now: float, layer: _LayerJob) -> Measurement:
-        key = (layer.module, layer.layer, layer.direction)
-        settings = self.config.estimator
-        if self._background is not None and settings.chunk_entries is None:
-            settings = replace(settings, chunk_entries=BACKGROUND_CHUNK_ENTRIES)
-        estimate = estimate_layer(
-            layer.jacobians,
-            layer.mask,
-            layer.recurrent_weight,
-            settings,
-            warm_start=self._warm_starts.get(key),
-            generator=layer.generator,
-        )
-        self._warm_starts[key] = estimate.warm_start
-        values = layer_metrics(estimate)
-        metrics = MeasurementMetrics(**values, grad_norm=layer.grads, grad_nonfinite=layer.grad_nonfinite)  # type: ignore[arg-type]
-        return Measurement(
-            step=step,
-            time=now,
-            module=layer.module,
-            layer=layer.layer,
-            direction=layer.direction,
-            metrics=metrics,
-            rank=self.rank,
-            run_id=self.run_id,
-        )
-
-    def _traces(self, watched: WatchedModule) -> list[LayerTrace] | None:
-        """Replay the module on its probe (fixed mode) or on this step's recorded call (live mode)."""
-        recorder = self._recorders[watched.name]
-        recorder.settle()  # calls recorded inside a torch.compile'd forward
-        fixed = self.config.probe == "fixed"
-        kept = self._probes.get(watched.name) if fixed else None
-        kept_steps = self._probe_steps.get(watched.name, 0)
-        recorded = recorder.fused_call if watched.kind == "fused" else (list(recorder.cell_calls) or None)
-        # A kept probe shorter than FIXED_PROBE_MIN_STEPS gives way to a longer batch (the recorder stays
-        # armed on measured steps until then): a first batch of T = 1 must not blind the monitor for good.
-        renew = (
-            kept is not None
-            and recorded is not None
-            and kept_steps < FIXED_PROBE_MIN_STEPS
-            and _probe_length(recorded) > kept_steps
-        )
-        fresh = kept is None or renew
-        probe = recorded if fresh else kept
-        if probe is None:
-            return None  # the module did not run with gradients on this step
-        if fresh and recorder.recorded_in_eval:
-            self._warn_once(
-                f"eval-forward:{watched.name}",
-                f"gradwatch: {watched.name} ran only in eval mode (module.training is False) with "
-                f"gradients on during measured step {self._step}; measuring that call. If this is a "
-                "validation pass, run it under torch.no_grad() (it is then ignored); a training-mode "
-                "forward on the step is always preferred over eval-mode ones",
-            )
-        if fresh and fixed:
-            self._probes[watched.name] = probe
-            self._probe_steps[watched.name] = steps = _probe_length(probe)
-            if steps < VERDICT_MIN_STEPS:
-                message = (
-                    f"gradwatch: the fixed probe of {watched.name} has only {steps} time step(s): no lag "
-                    "norm and no Lyapunov exponent, so no vanishing/exploding verdict; it is replaced by "
-                    f"the next measured batch that is longer, until one has {FIXED_PROBE_MIN_STEPS} steps"
-                )
-                try:
-                    self._warn_once(f"short-probe:{watched.name}", message)
-                except Warning:  # GradWatchWarning turned into an error: a notice, not a reason to fail
-                    logger.warning(message)
-        module = watched.module
-        # A fresh call is measured at the weights its forward used, kept by the hook (the optimizer may have
-        # moved them since: LBFGS steps after its last closure); a kept probe is re-run at the current ones.
-        recorded = recorder.weights if fresh else None
-        if watched.kind == "fused":
-            assert isinstance(probe, FusedCall) and watched.cell_kind is not None
-            reference = probe if fresh else rerun_fused(module, probe)  # a kept probe: re-run the module
-            replay = replay_fused(module, watched.cell_kind, probe, recorded)
-            check = check_fused_replay(module, reference, replay)
-            traces = replay.traces
-        elif watched.kind == "cell":
-            assert isinstance(probe, list) and watched.cell_kind is not None
-            trace = trace_builtin_cell(
-                module, watched.cell_kind, probe, recompute=not fresh, weights=recorded
-            )
-            check = check_cell_replay(trace) if fresh else check_cell_against_module(module, trace)
-            traces = [trace]
-        else:
-            assert isinstance(probe, list) and watched.custom is not None
-            traces = [trace_custom_cell(module, watched.custom, probe, recompute=True, weights=recorded)]
-            check = None
-        if check is not None and not check.ok:
-            self._probes.pop(watched.name, None)
-            self._probe_steps.pop(watched.name, None)
-            self._warn_once(
-                f"replay:{watched.name}",
-                f"gradwatch: replaying {watched.name} ({type(module).__name__}) did not reproduce its "
-                f"{check.compared} (max abs error {check.max_abs_error:.3g} > {check.tolerance:.3g}); "
-                "skipping this module's measurement",
-            )
-            return None
-        return traces
-
-    # --- plumbing -------------------------------------------------------------------------------------
-
-    def _map_layer_parameters(self) -> dict[LayerKey, dict[str, nn.Parameter]]:
-        """Which leaf parameters belong to each (module, layer, direction), by qualified name.
-
-        A parametrized or weight-dropped weight is attributed to the leaves it is computed from
-        (``WatchedModule.weight_leaves``); ``self._local_names`` keeps each leaf's name in grad_norm."""
-        out: dict[LayerKey, dict[str, nn.Parameter]] = {}
-        self._local_names: dict[LayerKey, dict[str, str]] = {}
-        for watched in self._watched:
-            params = dict(watched.module.named_parameters())
-            for layer in range(watched.num_layers):
-                for direction in watched.directions:
-                    key = (watched.name, layer, direction)
-                    if watched.kind == "fused":
-                        names = fused_parameter_names(watched.module, layer, direction)  # type: ignore[arg-type]
-                        leaves = {
-                            local: p for n in names for local, p in watched.weight_leaves.get(n, {}).items()
-                        }
-                    elif watched.kind == "cell":
-                        leaves = {local: p for w in watched.weight_leaves.values() for local, p in w.items()}
-                    else:
-                        leaves = params
-                    # a leaf inside the module: "<module>.<local>"; on a parent (fastai's WeightDropout):
-                    # already named relative to the model
-                    local_to_qualified = {
-                        local: f"{watched.name}.{local}" if local in params else local for local in leaves
-                    }
-                    out[key] = {local_to_qualified[local]: p for local, p in leaves.items()}
-                    self._local_names[key] = local_to_qualified
-            if watched.unattributed_weights:
-                self._warn(
-                    f"gradwatch: {watched.name} computes {', '.join(watched.unattributed_weights)} in its "
-                    "forward from no parameter gradwatch could find (not a parameter, not parametrized, no "
-                    "'<name>_raw' on it or a parent module); its Jacobians are measured, but grad_norm "
-                    "leaves those weights out"
-                )
-        return out
-
-    def _grad_names(self, watched: WatchedModule, trace: LayerTrace) -> dict[str, str]:
-        return dict(self._local_names[(watched.name, trace.layer, trace.direction)])
-
-    def _generator_for(self, device: torch.device) -> torch.Generator:
-        if self._generator is None or self._generator.device != device:
-            self._generator = torch.Generator(device=device)
-            self._generator.manual_seed(self.config.seed)
-        return self._generator
-
-    def _cuda_devices(self) -> list[int]:
-        if not torch.cuda.is_available():
-            return []
-        return sorted({p.device.index or 0 for p in self._parameters.values() if p.device.type == "cuda"})
-
-    def _emit(self, record: Record, *, skip: Sink | None = None) -> None:
-        self._history.append(record)
-        for sink in list(self._sinks):
-            if sink is skip:
-                continue
-            try:
-                sink.write(record)
-            except Exception as exc:
-                self._sink_failed(sink, exc, step=getattr(record, "step", None))
+    def _emit(self, record: Record) -> None:
+        self._out.emit(record)
 
     def _flush(self) -> None:
-        for sink in list(self._sinks):
-            try:
-                sink.flush()
-            except Exception as exc:
-                self._sink_failed(sink, exc)
+        self._out.flush()
 
-    def _sink_failed(self, sink: Sink, exc: Exception, *, step: int | None = None) -> None:
-        """A sink raised. I/O errors (disk full, broken pipe) degrade: the record is dropped, later ones are
-        tried again, one warning. Any other error disables (and closes) the sink. Both write one error record
-        to the other sinks, at the first failure only."""
-        if self.config.strict:
-            raise GradWatchFault(f"sink {sink!r} failed: {exc!r}") from exc
-        where = f"sink:{sink!r}"
-        failures = self.fault_counts[where] = self.fault_counts.get(where, 0) + 1
-        if isinstance(exc, OSError):
-            if failures > 1:
-                return
-            self._warn(
-                f"gradwatch: sink {sink!r} failed with an I/O error ({exc!r}); records it cannot take are "
-                "dropped and counted in monitor.fault_counts, later ones are tried again"
-            )
-        else:
-            with contextlib.suppress(ValueError):
-                self._sinks.remove(sink)
-            with contextlib.suppress(Exception):
-                sink.close()
-            self._warn(f"gradwatch: sink {sink!r} failed and is disabled: {exc!r}")
-        error = ErrorRecord(
-            self._step if step is None else step,
-            time.time(),
-            where,
-            repr(exc),
-            rank=self.rank,
-            run_id=self.run_id,
-        )
-        self._emit(error, skip=sink)
+    def _module_disabled(self, module: str) -> None:
+        """The fault policy disabled a module: stop recording its calls."""
+        self._pipeline.disarm(module)
+
+    def _part_disabled(self, part: str) -> None:
+        """The fault policy turned a monitor-wide part off (clipping)."""
+        if part == "clip" and self._clip_step in self._step_policies:
+            self._step_policies.remove(self._clip_step)
 
     def _fault(self, where: str, module: str, exc: Exception, *, step: int | None = None) -> None:
-        """A fault inside gradwatch: re-raise in strict mode, else disable the module (or the part: clipping)
-        and warn once; the first fault of each place also goes to the sinks as an error record, stamped
-        with ``step`` (the measured step, for a background measurement) or the current one."""
-        if self.config.strict:
-            raise GradWatchFault(f"gradwatch {where} failed for {module or 'the monitor'}: {exc!r}") from exc
-        key = f"{where}:{module}" if module else where
-        failures = self.fault_counts[key] = self.fault_counts.get(key, 0) + 1
-        if module:
-            self._disabled_modules[module] = repr(exc)
-            self._recorders[module].armed = False
-            self._recorders[module].reset()
-            consequence = "that module is no longer measured"
-        elif where == "clip":
-            self.clip_policy = None
-            consequence = "gradient clipping is off from now on"
-        else:
-            consequence = "gradwatch skips it on every step where it fails"
-        if failures > 1:
-            return
-        self._warn(f"gradwatch: {where} failed for {module or 'the monitor'} and {consequence}: {exc!r}")
-        self._emit(
-            ErrorRecord(
-                self._step if step is None else step,
-                time.time(),
-                where,
-                repr(exc),
-                module=module,
-                rank=self.rank,
-                run_id=self.run_id,
-            )
-        )
-
-    @contextlib.contextmanager
-    def _guard(self, where: str) -> Iterator[None]:
-        """Run one monitor-wide part of the step (gradient check, clipping) so a fault in it is a gradwatch
-        fault; deliberate errors (GradWatchFault, nonfinite='raise') pass through."""
-        try:
-            yield
-        except (GradWatchFault, NonFiniteGradientError):
-            raise
-        except Exception as exc:
-            self._fault(where, "", exc)
-
-    def _warn(self, message: str) -> None:
-        warnings.warn(message, GradWatchWarning, stacklevel=3)
-
-    def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            self._warn(message)
+        self.faults.fault(where, module, exc, step=step)
 
 
 # One process-wide optimizer step pre-hook (nothing is registered on the optimizer), dispatching to the
@@ -1062,21 +593,14 @@ def _optimizer_step_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: An
         monitor._end_of_step(optimizer)
 
 
-@contextlib.contextmanager
-def _autocast_off() -> Iterator[None]:
-    """Measure in the module's own precision even if optimizer.step() runs inside a torch.autocast block."""
-    with contextlib.ExitStack() as stack:
-        for device_type in ("cpu", "cuda"):
-            if device_type == "cpu" or torch.cuda.is_available():
-                stack.enter_context(torch.autocast(device_type, enabled=False))
-        yield
-
-
-def _probe_length(probe: FusedCall | list[CellCall]) -> int:
-    """Time steps of a probe: its longest kept sequence (fused call) or its number of cell calls."""
-    if isinstance(probe, FusedCall):
-        return int(probe.lengths.max()) if probe.lengths.numel() else 0
-    return len(probe)
+def _estimate_and_show_live(job: MeasurementJob, live_sinks: list[LiveSink]) -> MeasurementResult:
+    """The worker's job: estimate, then give the records at once to the sinks that take them from this
+    thread (so an exporter shows them without waiting for another step). A sink that raises gets no more of
+    them; its fault is kept in the result and reported on the training thread at publication. Touches no
+    monitor state: the job carries its warm starts in and the result carries the new ones out."""
+    result = estimate(job)
+    result.live_faults.extend(write_live(live_sinks, result.records))
+    return result
 
 
 def rank_log_path(path: str | os.PathLike[str], rank: int) -> Path:
@@ -1120,25 +644,68 @@ def watch(
     """Attach a monitor to every recurrent module of ``model``: one line, no change to the training loop.
 
     With an ``optimizer`` each ``optimizer.step()`` closes a training step; without one, call
-    ``monitor.step()`` after ``loss.backward()``. Measures on step 0 and every ``every`` steps after it, on at
-    most ``max_sequences`` sequences of the batch. ``probe="fixed"`` re-measures the sequences seen at the
-    first measurement with the current weights (trends then depend on the weights alone; a probe shorter
-    than FIXED_PROBE_MIN_STEPS = 8 steps is replaced by the next longer measured batch);
-    ``probe="live"`` measures each measured step's own batch. ``log`` is a JSON-lines run log path.
-    ``clip``: None, a max norm (as ``clip_grad_norm_``), ``"auto"`` (ZClip) or a ClipPolicy.
-    ``nonfinite``: "warn", "raise" or "skip" (the optimizer step does not happen).
-    ``prometheus``: a port (0 = any free one), "host:port" or "push://host:port".
-    ``tensorboard``: a directory for TensorBoard event files (rank r > 0 writes ``DIR/rank<r>``; needs
-    ``pip install 'gradwatch[tensorboard]'``).
-    Under torch.distributed every rank measures its own batch; ``log_ranks="all"`` writes one log per rank
-    (``NAME.rank<r>.jsonl`` for r > 0), ``"zero"`` only rank 0's. ``run_id`` defaults to rank 0's new id.
-    ``global_view=True`` adds, on rank 0, records of rank -1 that combine every rank's measurement.
-    ``background=True`` runs the estimators on a worker thread beside the next training steps: the
-    Prometheus exporter (any :class:`~gradwatch.sinks.base.LiveSink`) shows each measurement as soon as
-    it is done; the run log, logging, alerts and callbacks get it at the next step boundary, in step order
-    (``monitor.wait()`` delivers it at once); ``None`` chooses it when every watched module is a built-in
-    RNN on the CPU and ``global_view`` is off.
-    Every configuration error is raised here, before training starts.
+    ``monitor.step()`` after ``loss.backward()``. The monitor measures on step 0 and every ``every`` steps
+    after it. Every configuration error is raised here, before training starts.
+
+    Args:
+        model: the model to watch; every nn.RNN/LSTM/GRU, their Cell variants and registered user cells
+            inside it are watched (DistributedDataParallel, DataParallel and ``torch.compile`` wrappers are
+            unwrapped). A model without any raises ValueError.
+        optimizer: the ``torch.optim.Optimizer`` that holds the watched parameters; its ``step()`` closes
+            each training step. Default None: call ``monitor.step()`` after ``loss.backward()``.
+        every: measure on step 0 and every ``every`` steps after it; a positive int. Default 50.
+        log: path of the JSON-lines run log (``gradwatch report`` reads it); rank r > 0 writes
+            ``NAME.rank<r>.jsonl``. Default None: no log.
+        max_sequences: at most this many sequences of the batch are measured; a positive int. Default 8.
+        probe: ``"fixed"`` re-measures the sequences seen at the first measurement with the current weights
+            (trends then depend on the weights alone; a probe shorter than FIXED_PROBE_MIN_STEPS = 8 steps
+            is replaced by the next longer measured batch); ``"live"`` measures each measured step's own
+            batch. Default ``"fixed"``.
+        on_alert: a callable ``fn(alert)`` or a list of them, called for every alert after it is written
+            and warned. Default None.
+        clip: gradient clipping: None (off), a max norm as for ``clip_grad_norm_`` (a positive number),
+            ``"auto"`` (ZClip, adaptive) or a ClipPolicy. Default None.
+        clip_scope: ``"monitored"`` (the watched RNN parameters) or ``"all"`` (every model parameter).
+            Default ``"monitored"``.
+        clip_mode: ``"always"`` or ``"exploding"`` (only while a layer's verdict is exploding).
+            Default ``"always"``.
+        nonfinite: what a NaN/Inf gradient does: ``"warn"`` (alert once per episode), ``"raise"``
+            (NonFiniteGradientError) or ``"skip"`` (the optimizer step does not happen; needs the
+            optimizer); a string or NonFinitePolicy. Default ``"warn"``.
+        prometheus: a Prometheus exporter: a port (0 = any free one; ``monitor.prometheus_url`` has the
+            real one), ``"host:port"``, ``"push://host:port"`` (Pushgateway), or True (port 9400).
+            Default None: none.
+        tensorboard: a directory for TensorBoard event files (rank r > 0 writes ``DIR/rank<r>``; needs
+            ``pip install 'gradwatch[tensorboard]'``). Default None.
+        sinks: more sinks, each with ``write(record)``, ``flush()`` and ``close()``
+            (:class:`~gradwatch.sinks.base.Sink`); they get every record after the built-in ones.
+            Default none.
+        detection: the thresholds of the vanishing/exploding detector, a DetectionConfig. Default None:
+            ``DetectionConfig()``.
+        estimator: the estimators' settings (iterations, tolerance, lags, chunking), an EstimatorSettings.
+            Default None: ``EstimatorSettings()``.
+        strict: True re-raises every fault inside gradwatch as GradWatchFault (for tests and debugging);
+            False degrades it to one GradWatchWarning and an error record. Default False.
+        seed: the seed of the estimators' own random generator (never the global one); an int. Default 0.
+        fsync: when the run log is fsynced: ``"header"`` (fsync the header line), ``"always"`` (every
+            line) or ``"never"`` (flush to the OS only). Default ``"header"``.
+        history_size: how many records ``monitor.history`` keeps in memory; a non-negative int, 0 keeps
+            all. Default 100_000.
+        run_id: the run's id in every record; a non-empty string. Default None: a new sortable id (under
+            torch.distributed, rank 0's, shared by every rank).
+        log_ranks: under torch.distributed every rank measures its own batch; ``"all"`` writes one log per
+            rank, ``"zero"`` only rank 0's. Default ``"all"``.
+        global_view: True adds, on rank 0, records of rank -1 that combine every rank's measurement
+            (exchanged at the measured step). Default False.
+        background: True runs the estimators on a worker thread beside the next training steps: the
+            Prometheus exporter (any :class:`~gradwatch.sinks.base.LiveSink`) shows each measurement as
+            soon as it is done; the run log, logging, alerts and callbacks get it at the next step
+            boundary, in step order (``monitor.wait()`` delivers it at once). False measures inside the
+            step. Default None: chosen automatically, on when every watched module is a built-in RNN on
+            the CPU, ``global_view`` is off and a core is spare. True with ``global_view=True`` raises.
+
+    Returns:
+        The :class:`Monitor`; use it as a context manager or call ``close()`` to remove every hook.
     """
     config = WatchConfig(
         every=every,
@@ -1155,39 +722,23 @@ def watch(
         estimator=estimator or EstimatorSettings(),
         detection=detection or DetectionConfig(),
     )
-    if not isinstance(config.estimator, EstimatorSettings):
-        raise TypeError(
-            f"estimator must be a gradwatch.EstimatorSettings, got {type(config.estimator).__name__}"
-        )
-    if not isinstance(global_view, bool):
-        raise TypeError(f"global_view must be True or False, got {global_view!r}")
-    if not isinstance(config.detection, DetectionConfig):
-        raise TypeError(
-            f"detection must be a gradwatch.DetectionConfig, got {type(config.detection).__name__}"
-        )
-    if config.nonfinite is NonFinitePolicy.SKIP and optimizer is None:
-        raise ValueError("nonfinite='skip' needs the optimizer: watch(model, optimizer, nonfinite='skip')")
-    _check_watch_options(optimizer, strict=strict, seed=seed, fsync=fsync)
+    check_watch_options(optimizer, nonfinite=config.nonfinite, strict=strict, seed=seed, fsync=fsync)
     clip_policy = None if clip is None else make_clip_policy(clip)
-    callbacks = _callbacks(on_alert)
+    callbacks = alert_callbacks(on_alert)
     modules = find_rnn_modules(model)
     if not modules:
         raise ValueError(no_rnn_message(model))
     if optimizer is not None:
-        _check_optimizer_holds_watched(optimizer, modules)
+        check_optimizer_holds_watched(optimizer, modules)
     config = replace(
         config,
-        background=_resolve_background(background, modules, global_view=global_view, clip_mode=clip_mode),
+        background=resolve_background(background, modules, global_view=global_view, clip_mode=clip_mode),
     )
     log_ranks = check_log_ranks(log_ranks)
-    if run_id is not None and (not isinstance(run_id, str) or not run_id):
-        raise ValueError(f"run_id must be a non-empty string (or None for a new one), got {run_id!r}")
+    check_run_id(run_id)
     rank, _ = distributed_rank()
     run_id = run_id or shared_run_id(new_run_id())
-    user_sinks = list(sinks)
-    for sink in user_sinks:
-        if not all(callable(getattr(sink, m, None)) for m in ("write", "flush", "close")):
-            raise TypeError(f"sinks must have write(record), flush() and close(); {sink!r} does not")
+    user_sinks = check_sinks(sinks)
     all_sinks: list[Sink] = [LoggingSink()]
     try:
         if log is not None and writes_log(log_ranks, rank):
@@ -1225,83 +776,3 @@ def watch(
             with contextlib.suppress(Exception):
                 sink.close()
         raise
-
-
-def _resolve_background(
-    background: object, modules: Sequence[WatchedModule], *, global_view: bool, clip_mode: str
-) -> bool:
-    """The background setting: explicit True/False, or None = on only where it helps and is safe: built-in
-    RNNs on the CPU when the worker's threads fit on cores that training leaves idle
-    (:func:`gradwatch.background.spare_core_for_worker`); user cells call the live module, CUDA work would
-    queue behind training on the same stream, the global view exchanges at the measured step, and
-    clip_mode="exploding" should react to a verdict at once."""
-    if background is not None and not isinstance(background, bool):
-        raise TypeError(f"background must be True, False or None (choose automatically), got {background!r}")
-    if background and global_view:
-        raise ValueError(
-            "background=True cannot be combined with global_view=True: the ranks exchange their "
-            "measurements at the measured step; use one or the other"
-        )
-    if background is not None:
-        return background
-    if global_view or clip_mode == "exploding":
-        return False
-    for watched in modules:
-        if watched.kind == "custom":
-            return False
-        if any(p.device.type != "cpu" for p in watched.module.parameters()):
-            return False
-    return spare_core_for_worker()
-
-
-def _check_watch_options(optimizer: object, *, strict: object, seed: object, fsync: object) -> None:
-    """Options that are checked nowhere else, so that a typo fails at watch() rather than later (or never)."""
-    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(
-            f"optimizer must be a torch.optim.Optimizer (or None, then call monitor.step() after "
-            f"backward), got {type(optimizer).__name__}"
-        )
-    if not isinstance(strict, bool):
-        raise TypeError(f"strict must be True or False, got {strict!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an integer, got {seed!r}")
-    if fsync not in FSYNC_POLICIES:
-        raise ValueError(
-            f"fsync must be one of {', '.join(map(repr, FSYNC_POLICIES))} (when to fsync the run log), "
-            f"got {fsync!r}"
-        )
-
-
-def _check_optimizer_holds_watched(
-    optimizer: torch.optim.Optimizer, modules: Sequence[WatchedModule]
-) -> None:
-    """The hooked optimizer closes each step; one that holds none of the watched parameters steps on its own
-    schedule and is no sign that the watched weights just got their gradients."""
-    watched = {
-        id(p): f"{w.name}.{local}" if local in dict(w.module.named_parameters()) else local
-        for w in modules
-        for local, p in (
-            dict(w.module.named_parameters())
-            if w.kind == "custom"
-            else {n: q for leaves in w.weight_leaves.values() for n, q in leaves.items()}
-        ).items()
-    }
-    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    if watched and not held & set(watched):
-        names = sorted(watched.values())
-        shown = ", ".join(names[:6]) + (f", ... ({len(names)} in all)" if len(names) > 6 else "")
-        raise ValueError(
-            f"the optimizer passed to watch() holds none of the watched parameters ({shown}); gradwatch "
-            "closes each step from that optimizer's step(). Pass the optimizer that holds them, or "
-            "optimizer=None and call monitor.step() after loss.backward()"
-        )
-
-
-def _callbacks(on_alert: AlertCallback | Sequence[AlertCallback] | None) -> list[AlertCallback]:
-    if on_alert is None:
-        return []
-    callbacks = [on_alert] if callable(on_alert) else list(on_alert)
-    for fn in callbacks:
-        if not callable(fn):
-            raise TypeError(f"on_alert must be a callable fn(alert) or a list of them, got {fn!r}")
-    return callbacks

@@ -14,7 +14,8 @@ from torch import nn
 
 import gradwatch
 import gradwatch.background as background_module
-import gradwatch.monitor as monitor_module
+import gradwatch.checks as checks_module
+import gradwatch.measure as measure_module
 from gradwatch.background import BackgroundWorker
 from gradwatch.records import Alert, Measurement
 from tests.test_monitor import CellLoop, CustomLoop, SeqModel
@@ -111,7 +112,7 @@ def test_background_records_equal_inline_records_and_training_is_untouched(name:
 
 def test_background_estimates_use_the_weights_of_the_measured_step(monkeypatch: pytest.MonkeyPatch) -> None:
     """The optimizer updates the weights in place while the worker runs: the estimate must not see that."""
-    real_estimate = monitor_module.estimate_layer
+    real_estimate = measure_module.estimate_layer
     started = threading.Event()
 
     def slow_estimate(*args: Any, **kwargs: Any) -> Any:
@@ -124,7 +125,7 @@ def test_background_estimates_use_the_weights_of_the_measured_step(monkeypatch: 
     background_model = SeqModel(nn.RNN(3, 6), 6)
     background_model.load_state_dict(inline_model.state_dict())
     _, inline = _train(inline_model, 3, every=2, background=False)
-    monkeypatch.setattr(monitor_module, "estimate_layer", slow_estimate)
+    monkeypatch.setattr(measure_module, "estimate_layer", slow_estimate)
     _, background = _train(background_model, 3, every=2, background=True)
     assert started.is_set()
     assert _measurements(background) == _measurements(inline)
@@ -158,13 +159,13 @@ def test_alerts_and_records_arrive_on_the_training_thread_by_wait_and_close(tmp_
 
 
 def test_state_dict_waits_for_the_measurement_in_flight(monkeypatch: pytest.MonkeyPatch) -> None:
-    real_estimate = monitor_module.estimate_layer
+    real_estimate = measure_module.estimate_layer
 
     def slow_estimate(*args: Any, **kwargs: Any) -> Any:
         time.sleep(0.1)
         return real_estimate(*args, **kwargs)
 
-    monkeypatch.setattr(monitor_module, "estimate_layer", slow_estimate)
+    monkeypatch.setattr(measure_module, "estimate_layer", slow_estimate)
     model = SeqModel(nn.GRU(3, 4), 4)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     monitor = gradwatch.watch(model, optimizer, every=5, background=True)
@@ -192,7 +193,7 @@ def test_state_dict_waits_for_the_measurement_in_flight(monkeypatch: pytest.Monk
 def test_background_is_chosen_where_it_is_safe(
     model: Any, watch: dict, expected: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(monitor_module, "spare_core_for_worker", lambda: True)
+    monkeypatch.setattr(checks_module, "spare_core_for_worker", lambda: True)
     monitor = gradwatch.watch(model(), **watch)
     assert monitor.config.background is expected
     monitor.close()

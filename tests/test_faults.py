@@ -24,7 +24,9 @@ from torch import nn
 
 import gradwatch
 import gradwatch.capture.hooks as hooks_module
+import gradwatch.measure as measure_module
 import gradwatch.monitor as monitor_module
+import gradwatch.policy.step as step_module
 from gradwatch.policy.trends import TrendDetector
 from gradwatch.records import ErrorRecord, Measurement, Record, record_from_json
 
@@ -144,12 +146,12 @@ CASES = [
     FaultCase(
         "capture", CellModel, (hooks_module.CallRecorder, "_record_cell"), "cell", {"probe": "live"}, step=0
     ),
-    FaultCase("estimator", FusedModel, (monitor_module, "replay_fused"), "rnn", {"probe": "live"}),
-    FaultCase("estimator", FusedModel, (monitor_module, "estimate_layer"), "rnn", {}),
-    FaultCase("estimator", CellModel, (monitor_module, "builtin_step_jacobians"), "cell", {}),
+    FaultCase("estimator", FusedModel, (measure_module, "replay_fused"), "rnn", {"probe": "live"}),
+    FaultCase("estimator", FusedModel, (measure_module, "estimate_layer"), "rnn", {}),
+    FaultCase("estimator", CellModel, (measure_module, "builtin_step_jacobians"), "cell", {}),
     FaultCase("detector", FusedModel, (TrendDetector, "update"), "rnn", {}),
     FaultCase("gradients", FusedModel, (monitor_module, "gradient_norms"), "", {}),
-    FaultCase("clip", FusedModel, (monitor_module, "apply_clip"), "", {"clip": 1e9}),
+    FaultCase("clip", FusedModel, (step_module, "apply_clip"), "", {"clip": 1e9}),
     # The header is the sink's first write, the step-0 measurement its second.
     FaultCase("sink", FusedModel, None, "", {}, FailingSink(RuntimeError("injected fault")), step=0),
     FaultCase("sink", FusedModel, None, "", {}, FailingSink(RuntimeError("injected fault"), "observe_step")),

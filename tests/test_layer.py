@@ -75,36 +75,39 @@ def test_metrics_match_exact_summaries_over_real_steps_and_fill_the_record() -> 
     )
     metrics = layer_metrics(estimate)
 
-    expected_keys = {f.name for f in dataclasses.fields(MeasurementMetrics)} - {"grad_norm", "grad_nonfinite"}
-    assert set(metrics) == expected_keys
-    record = MeasurementMetrics(**metrics)  # type: ignore[arg-type]
+    # The typed record, every field filled but the gradients (the monitor adds those).
+    assert isinstance(metrics, MeasurementMetrics)
+    assert metrics.grad_norm == {} and metrics.grad_nonfinite == 0
+    unset = {f.name for f in dataclasses.fields(MeasurementMetrics) if getattr(metrics, f.name) is None}
+    assert unset == set()
+    record = metrics
     assert MeasurementMetrics.from_json(record.to_json()) == record
 
     exact = exact_sigma_max(dense_step_jacobians(weights, x, s_prev))[mask]
-    assert metrics["jacobian_sigma_max_mean"] == pytest.approx(float(exact.mean()), rel=1e-3)
-    assert metrics["jacobian_sigma_max_min"] == pytest.approx(float(exact.min()), rel=1e-3)
-    assert metrics["jacobian_sigma_max_max"] == pytest.approx(float(exact.max()), rel=1e-3)
-    assert metrics["jacobian_sigma_max_p95"] == pytest.approx(float(torch.quantile(exact, 0.95)), rel=1e-3)
-    assert metrics["jacobian_frac_above_one"] == pytest.approx(
+    assert metrics.jacobian_sigma_max_mean == pytest.approx(float(exact.mean()), rel=1e-3)
+    assert metrics.jacobian_sigma_max_min == pytest.approx(float(exact.min()), rel=1e-3)
+    assert metrics.jacobian_sigma_max_max == pytest.approx(float(exact.max()), rel=1e-3)
+    assert metrics.jacobian_sigma_max_p95 == pytest.approx(float(torch.quantile(exact, 0.95)), rel=1e-3)
+    assert metrics.jacobian_frac_above_one == pytest.approx(
         float((exact > 1).double().mean()), abs=1 / exact.numel()
     )
-    assert metrics["weight_hh_sigma_max"] == pytest.approx(
+    assert metrics.weight_hh_sigma_max == pytest.approx(
         float(torch.linalg.matrix_norm(weights.weight_hh, ord=2)), rel=1e-6
     )
     real_gates = jac.gate_values()[mask]
-    assert metrics["gate_mean"] == pytest.approx(float(real_gates.mean()), rel=1e-9)
-    assert metrics["activation_derivative_mean"] == pytest.approx(
+    assert metrics.gate_mean == pytest.approx(float(real_gates.mean()), rel=1e-9)
+    assert metrics.activation_derivative_mean == pytest.approx(
         float(jac.activation_derivatives()[mask].mean()), rel=1e-9
     )
-    assert metrics["sequences"] == 4
-    assert metrics["time_steps"] == 10
-    assert metrics["jacobian_converged_ratio"] == 1.0
-    assert set(metrics["lag_norm"]) == {"1", "2", "4", "8", "9"}  # default_lags(10)
+    assert metrics.sequences == 4
+    assert metrics.time_steps == 10
+    assert metrics.jacobian_converged_ratio == 1.0
+    assert set(metrics.lag_norm) == {"1", "2", "4", "8", "9"}  # default_lags(10)
     # Only sequences 0 and 2 (10 real steps) reach lag 9; the median of two is the lower one.
     lag9 = estimate.lag_norm_per_sequence[-1]
     assert math.isnan(float(lag9[1])) and math.isnan(float(lag9[3]))
-    assert metrics["lag_norm"]["9"] == pytest.approx(float(torch.min(lag9[0], lag9[2])))
-    assert metrics["lyapunov_max"] is not None and math.isfinite(metrics["lyapunov_max"])
+    assert metrics.lag_norm["9"] == pytest.approx(float(torch.min(lag9[0], lag9[2])))
+    assert metrics.lyapunov_max is not None and math.isfinite(metrics.lyapunov_max)
 
 
 def test_warm_start_reuses_vectors_and_a_misfit_one_is_ignored() -> None:
@@ -174,10 +177,10 @@ def test_extreme_states_do_not_crash(kind: str, state_value: float) -> None:
         estimate_layer(jac, torch.ones(5, 2, dtype=torch.bool), weights.weight_hh, EstimatorSettings())
     )
     if math.isnan(state_value):
-        assert metrics["jacobian_sigma_max_mean"] is None  # not measurable, reported as such
+        assert metrics.jacobian_sigma_max_mean is None  # not measurable, reported as such
     elif state_value == 0.0:
-        assert metrics["jacobian_sigma_max_mean"] is not None and metrics["jacobian_sigma_max_mean"] > 0
-    MeasurementMetrics(**metrics).to_json()  # type: ignore[arg-type]
+        assert metrics.jacobian_sigma_max_mean is not None and metrics.jacobian_sigma_max_mean > 0
+    metrics.to_json()
 
 
 def test_empty_mask_gives_not_measurable_metrics() -> None:
@@ -186,11 +189,11 @@ def test_empty_mask_gives_not_measurable_metrics() -> None:
     metrics = layer_metrics(
         estimate_layer(jac, torch.zeros(10, 4, dtype=torch.bool), None, EstimatorSettings())
     )
-    assert metrics["jacobian_sigma_max_mean"] is None
-    assert metrics["lyapunov_max"] is None
-    assert all(value is None for value in metrics["lag_norm"].values())
-    assert metrics["weight_hh_sigma_max"] is None
-    assert metrics["sequences"] == 0
+    assert metrics.jacobian_sigma_max_mean is None
+    assert metrics.lyapunov_max is None
+    assert all(value is None for value in metrics.lag_norm.values())
+    assert metrics.weight_hh_sigma_max is None
+    assert metrics.sequences == 0
 
 
 @pytest.mark.parametrize(
@@ -217,8 +220,8 @@ def test_settings_and_power_method_work_end_to_end() -> None:
     assert settings.lags == (1, 3)
     metrics = layer_metrics(estimate_layer(jac, mask, weights.weight_hh, settings))
     exact = exact_sigma_max(dense_step_jacobians(weights, x, s_prev))[mask]
-    assert metrics["jacobian_sigma_max_max"] == pytest.approx(float(exact.max()), rel=1e-2)
-    assert set(metrics["lag_norm"]) == {"1", "3"}
+    assert metrics.jacobian_sigma_max_max == pytest.approx(float(exact.max()), rel=1e-2)
+    assert set(metrics.lag_norm) == {"1", "3"}
     with pytest.raises(TypeError, match="EstimatorSettings"):
         estimate_layer(jac, mask, None, {"method": "power"})  # type: ignore[arg-type]
 

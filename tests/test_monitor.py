@@ -237,12 +237,12 @@ def test_deepcopy_and_save_of_a_watched_model(tmp_path):
 
 @pytest.mark.parametrize("background", [False, True], ids=["inline", "background"])
 def test_a_fault_in_an_estimator_degrades_to_one_warning(monkeypatch, background):
-    import gradwatch.monitor as monitor_module
+    import gradwatch.measure as measure_module
 
     def broken(*args, **kwargs):
         raise RuntimeError("injected")
 
-    monkeypatch.setattr(monitor_module, "estimate_layer", broken)
+    monkeypatch.setattr(measure_module, "estimate_layer", broken)
     model = SeqModel(nn.GRU(3, 4), 4)
     with pytest.warns(gradwatch.GradWatchWarning, match="injected"):
         losses, monitor = _train(model, 3, {"every": 1, "background": background})

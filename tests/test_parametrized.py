@@ -278,7 +278,7 @@ def test_parametrized_cells_are_measured_exactly(cell: str, parametrization: str
 def test_header_names_the_leaves_behind_derived_weights() -> None:
     model = FusedModel("weight_norm")
     with gradwatch.watch(model, every=1) as monitor:
-        (module,) = monitor._history[0].modules  # type: ignore[union-attr]
+        (module,) = monitor.history[0].modules  # type: ignore[union-attr]
     assert module["weight_leaves"] == {
         "weight_hh_l0": ["parametrizations.weight_hh_l0.original0", "parametrizations.weight_hh_l0.original1"]
     }
@@ -291,7 +291,7 @@ def test_a_weight_without_a_leaf_is_named_once() -> None:
     model.raw_elsewhere = raw  # type: ignore[assignment]  # under a name gradwatch does not know
     with pytest.warns(GradWatchWarning, match="weight_hh_l0 in its forward from no parameter"):
         monitor = gradwatch.watch(model, every=1)
-    assert monitor._history[0].modules[0]["unattributed_weights"] == ["weight_hh_l0"]  # type: ignore[union-attr]
+    assert monitor.history[0].modules[0]["unattributed_weights"] == ["weight_hh_l0"]  # type: ignore[union-attr]
     monitor.close()
 
 

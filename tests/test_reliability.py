@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import gradwatch
-import gradwatch.monitor as monitor_module
+import gradwatch.measure as measure_module
 from gradwatch.records import Alert, ClipEvent, ErrorRecord, Measurement, Record, RunHeader
 from gradwatch.report.command import make_report, render
 from gradwatch.report.reader import read_logs
@@ -163,7 +163,7 @@ def test_a_failing_watch_releases_the_log_file_and_the_port(
         raise RuntimeError("cannot build the hook")
 
     monkeypatch.setattr(JsonlSink, "close", tracking_close)
-    monkeypatch.setattr(monitor_module, "CallRecorder", broken_recorder)
+    monkeypatch.setattr(measure_module, "CallRecorder", broken_recorder)
     with pytest.raises(RuntimeError, match="cannot build the hook"):
         gradwatch.watch(SeqModel(), log=tmp_path / "run.jsonl", prometheus="127.0.0.1:0")
     assert len(closed) == 1
@@ -379,13 +379,13 @@ def test_every_warm_start_survives_torch_save_and_a_weights_only_load() -> None:
     with gradwatch.watch(model, optimizer, every=1) as monitor:
         _train(model, optimizer, range(2))
         state = monitor.state_dict()
-        saved = dict(monitor._warm_starts)
+        saved = monitor.warm_starts
     buffer = io.BytesIO()
     torch.save(state, buffer)
     buffer.seek(0)
     with gradwatch.watch(model, optimizer, every=1) as resumed:
         resumed.load_state_dict(torch.load(buffer, weights_only=True))
-        loaded = dict(resumed._warm_starts)
+        loaded = resumed.warm_starts
     assert set(loaded) == set(saved) and len(saved) == 2  # one per layer
     for key, warm in saved.items():
         assert loaded[key].lags == warm.lags == (1, 2, 4, 7)

@@ -28,6 +28,7 @@ from gradwatch.report.command import make_report
 from gradwatch.report.render_text import render_text
 from gradwatch.report.summary import Report, ReportOptions
 from gradwatch.report.verdict import SEVERITY, Verdict
+from gradwatch.sinks.base import HasUrl
 
 DEFAULT_PORT = 9400
 ALERT_STYLES: dict[AlertKind, str] = {
@@ -198,9 +199,8 @@ def _start_monitor(
 
 def _prometheus_url(monitor: Monitor) -> str | None:
     for sink in monitor.sinks:
-        url = getattr(sink, "url", None)
-        if isinstance(url, str):
-            return url
+        if isinstance(sink, HasUrl) and isinstance(sink.url, str):
+            return sink.url
     return None
 
 

@@ -37,7 +37,7 @@ from gradwatch.estimators.products import (
     lyapunov_max,
     sequence_lengths,
 )
-from gradwatch.records import SigmaHistogram
+from gradwatch.records import MeasurementMetrics, SigmaHistogram
 
 JACOBIAN_QUANTILE = 0.95
 
@@ -376,8 +376,9 @@ def _plain(value: float) -> float | None:
     return None if math.isnan(value) else value
 
 
-def layer_metrics(estimate: LayerEstimate) -> dict[str, float | int | dict[str, float | None] | None]:
-    """The MeasurementMetrics fields of one layer estimate (all but grad_norm/grad_nonfinite), one host copy.
+def layer_metrics(estimate: LayerEstimate) -> MeasurementMetrics:
+    """The MeasurementMetrics of one layer estimate, with one host copy (grad_norm and grad_nonfinite are
+    left empty: the caller adds the gradients it measured, with ``dataclasses.replace``).
 
     lag_norm[str(tau)] and lyapunov_max are medians over sequences (the lower middle value for an even
     count, so an infinite value never turns into NaN by interpolation).
@@ -401,19 +402,27 @@ def layer_metrics(estimate: LayerEstimate) -> dict[str, float | int | dict[str, 
     scalars = dict(zip(_SCALAR_METRICS, values[: len(_SCALAR_METRICS)], strict=True))
     lyapunov_value, sequences = values[len(_SCALAR_METRICS) : len(_SCALAR_METRICS) + 2]
     lag_values = values[len(_SCALAR_METRICS) + 2 :]
-    metrics: dict[str, float | int | dict[str, float | None] | None] = {
-        name: _plain(value) for name, value in scalars.items()
-    }
-    metrics["lyapunov_max"] = _plain(lyapunov_value)
-    metrics["lag_norm"] = {
-        str(tau): _plain(value) for tau, value in zip(estimate.lags, lag_values, strict=True)
-    }
-    metrics["jacobian_iterations"] = estimate.jacobian_iterations
-    metrics["sequences"] = int(sequences)
-    metrics["time_steps"] = estimate.time_steps
-    if metrics["jacobian_sigma_max_mean"] is not None:  # None: a real step was non-finite, no distribution
-        metrics["jacobian_sigma_max_histogram"] = sigma_histogram(estimate.jacobian_sigma)
-    return metrics
+    plain = {name: _plain(value) for name, value in scalars.items()}
+    mean = plain["jacobian_sigma_max_mean"]
+    return MeasurementMetrics(
+        jacobian_sigma_max_mean=mean,
+        jacobian_sigma_max_min=plain["jacobian_sigma_max_min"],
+        jacobian_sigma_max_max=plain["jacobian_sigma_max_max"],
+        jacobian_sigma_max_p95=plain["jacobian_sigma_max_p95"],
+        jacobian_frac_above_one=plain["jacobian_frac_above_one"],
+        weight_hh_sigma_max=plain["weight_hh_sigma_max"],
+        activation_derivative_mean=plain["activation_derivative_mean"],
+        activation_saturation_ratio=plain["activation_saturation_ratio"],
+        gate_mean=plain["gate_mean"],
+        jacobian_converged_ratio=plain["jacobian_converged_ratio"],
+        lyapunov_max=_plain(lyapunov_value),
+        lag_norm={str(tau): _plain(value) for tau, value in zip(estimate.lags, lag_values, strict=True)},
+        jacobian_iterations=estimate.jacobian_iterations,
+        sequences=int(sequences),
+        time_steps=estimate.time_steps,
+        # None: a real step was non-finite, no distribution
+        jacobian_sigma_max_histogram=None if mean is None else sigma_histogram(estimate.jacobian_sigma),
+    )
 
 
 SIGMA_HISTOGRAM_BINS = 16

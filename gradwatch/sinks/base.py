@@ -44,3 +44,20 @@ class LiveSink(Sink, Protocol):
     """
 
     def write_live(self, record: Measurement) -> None: ...
+
+
+@runtime_checkable
+class StepObserver(Protocol):
+    """Optional sink hook: told the index of every step as it closes, measured or not (the Prometheus sink
+    exports it as the current step). Called on the training thread before the step's records."""
+
+    def observe_step(self, step: int) -> None: ...
+
+
+@runtime_checkable
+class HasUrl(Protocol):
+    """Optional sink hook: the address where the sink serves what it got (the Prometheus exporter's scrape
+    URL, with the real port when it was started on port 0), or None when it serves nothing."""
+
+    @property
+    def url(self) -> str | None: ...

@@ -1,0 +1,526 @@
+"""The measurement pipeline: capture -> prepare (replay, traces, probes) -> estimate -> records.
+
+:class:`MeasurementPipeline` owns the hooks that record the measured step's inputs, the kept probes, the
+random generator of the estimators and which parameters belong to each layer. It runs in two halves:
+
+- :meth:`MeasurementPipeline.prepare`, on the training thread: replay every watched module on its probe
+  and freeze what the estimators need into a :class:`MeasurementJob` (weights copied when the job runs in
+  the background, as the optimizer is about to change them). The warm starts of the previous measurement
+  go IN with the job.
+- :func:`estimate`, pure tensor work on the job's own tensors (safe on the background worker thread): one
+  :class:`~gradwatch.records.Measurement` per layer and direction, and the new warm starts, returned WITH
+  the result for the training thread to keep.
+
+:meth:`MeasurementPipeline.measure` runs both halves at once (``gradwatch.diagnose`` uses it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
+from functools import partial
+from typing import Literal
+
+import torch
+from torch import nn
+
+from gradwatch.capture import hooks as _hooks
+from gradwatch.capture.hooks import CallRecorder, CellCall, FusedCall
+from gradwatch.capture.modules import WatchedModule
+from gradwatch.capture.replay import (
+    LayerTrace,
+    check_cell_against_module,
+    check_cell_replay,
+    check_fused_replay,
+    deterministic_mode,
+    fused_parameter_names,
+    replay_fused,
+    rerun_fused,
+    trace_builtin_cell,
+    trace_custom_cell,
+)
+from gradwatch.estimators.cells import CellWeights
+from gradwatch.estimators.jacobian import StepJacobians, builtin_step_jacobians, function_step_jacobians
+from gradwatch.estimators.layer import (
+    BACKGROUND_CHUNK_ENTRIES,
+    EstimatorSettings,
+    WarmStart,
+    estimate_layer,
+    layer_metrics,
+)
+from gradwatch.faults import FaultPolicy
+from gradwatch.records import Measurement
+from gradwatch.sinks.base import Sink
+
+logger = logging.getLogger("gradwatch")
+
+#: probe="fixed" keeps a probe for good only once it has this many time steps (its longest kept sequence):
+#: lags 1, 2, 4, 7 then reach back far enough for a verdict (a vanishing one needs a lag norm < 1e-3). A
+#: shorter probe is kept for now and replaced by the next measured batch that is longer, until one has it.
+FIXED_PROBE_MIN_STEPS = 8
+#: A probe shorter than this has no lag norm and no Lyapunov exponent: no verdict at all (one warning).
+VERDICT_MIN_STEPS = 2
+
+ProbeMode = Literal["fixed", "live"]
+LayerKey = tuple[str, int, str]  # (module name, layer, direction)
+Probe = FusedCall | list[CellCall]
+
+
+@dataclass
+class LayerJob:
+    """One layer and direction, frozen at the measured step, ready for the estimators."""
+
+    module: str
+    layer: int
+    direction: str
+    jacobians: StepJacobians
+    mask: torch.Tensor
+    recurrent_weight: torch.Tensor | None
+    generator: torch.Generator
+    grads: dict[str, float | None]
+    grad_nonfinite: int = 0  # NaN/Inf gradient elements of this layer's parameters
+
+    @property
+    def key(self) -> LayerKey:
+        return (self.module, self.layer, self.direction)
+
+
+@dataclass
+class ModuleJob:
+    name: str
+    layers: list[LayerJob]  # still to estimate
+    ready: list[Measurement]  # already estimated on the training thread (user cells)
+    ready_warm_starts: dict[LayerKey, WarmStart] = field(default_factory=dict)  # theirs, for the result
+
+
+@dataclass
+class MeasurementJob:
+    """Everything one measurement needs, owned by the job: it may run on the worker thread."""
+
+    step: int
+    time: float
+    modules: list[ModuleJob]
+    settings: EstimatorSettings
+    warm_starts: dict[LayerKey, WarmStart]  # IN: the previous measurement's (a private copy)
+    rank: int = 0
+    run_id: str = ""
+
+
+@dataclass
+class MeasurementResult:
+    step: int
+    records: list[Measurement]
+    faults: list[tuple[str, Exception]]  # (module, what its estimate raised)
+    live_faults: list[tuple[Sink, Exception]] = field(default_factory=list)  # (sink, what write_live raised)
+    warm_starts: dict[LayerKey, WarmStart] = field(default_factory=dict)  # OUT: for the next measurement
+
+
+def estimate(job: MeasurementJob) -> MeasurementResult:
+    """The estimator half: pure tensor work on the job's own tensors (safe on the worker thread). A module
+    whose estimate fails gives no records and one fault, reported when the result is published."""
+    result = MeasurementResult(step=job.step, records=[], faults=[])
+    with torch.no_grad(), _autocast_off():
+        for module in job.modules:
+            warm_starts: dict[LayerKey, WarmStart] = {}
+            try:
+                records = [estimate_layer_job(job, layer, warm_starts) for layer in module.layers]
+            except Exception as exc:
+                result.faults.append((module.name, exc))
+                continue
+            result.records.extend(module.ready + records)
+            result.warm_starts.update(module.ready_warm_starts)
+            result.warm_starts.update(warm_starts)
+    return result
+
+
+def estimate_layer_job(
+    job: MeasurementJob, layer: LayerJob, warm_starts_out: dict[LayerKey, WarmStart]
+) -> Measurement:
+    """One layer's record; its new warm start goes into ``warm_starts_out`` (the job's own are kept)."""
+    estimated = estimate_layer(
+        layer.jacobians,
+        layer.mask,
+        layer.recurrent_weight,
+        job.settings,
+        warm_start=job.warm_starts.get(layer.key),
+        generator=layer.generator,
+    )
+    warm_starts_out[layer.key] = estimated.warm_start
+    metrics = replace(layer_metrics(estimated), grad_norm=layer.grads, grad_nonfinite=layer.grad_nonfinite)
+    return Measurement(
+        step=job.step,
+        time=job.time,
+        module=layer.module,
+        layer=layer.layer,
+        direction=layer.direction,
+        metrics=metrics,
+        rank=job.rank,
+        run_id=job.run_id,
+    )
+
+
+class MeasurementPipeline:
+    """Capture, replay and estimate the watched modules of one model (see the module docstring)."""
+
+    def __init__(
+        self,
+        watched: Sequence[WatchedModule],
+        faults: FaultPolicy,
+        *,
+        probe: ProbeMode,
+        max_sequences: int,
+        seed: int,
+        estimator: EstimatorSettings,
+        background: bool = False,
+    ) -> None:
+        self.watched = list(watched)
+        self.faults = faults
+        self.probe_mode = probe
+        self.max_sequences = max_sequences
+        self.seed = seed
+        self.background = background
+        """Jobs run on the worker thread: weights are snapshotted and estimates are chunked."""
+        self.settings = estimator
+        if background and estimator.chunk_entries is None:
+            self.settings = replace(estimator, chunk_entries=BACKGROUND_CHUNK_ENTRIES)
+        self.probes: dict[str, Probe] = {}
+        self.probe_steps: dict[str, int] = {}  # time steps of each kept probe (see FIXED_PROBE_MIN_STEPS)
+        self.generator: torch.Generator | None = None
+        self.recorders: dict[str, CallRecorder] = {}
+        self._attached: list[tuple[nn.Module, CallRecorder]] = []  # routed by gradwatch's global hooks
+        self._local_names: dict[LayerKey, dict[str, str]] = {}
+        self.layer_parameters = self._map_layer_parameters()
+        """Which leaf parameters belong to each (module, layer, direction), by qualified name."""
+        self.parameters = {
+            name: p for key in self.layer_parameters for name, p in self.layer_parameters[key].items()
+        }
+
+    # --- capture ----------------------------------------------------------------------------------------
+
+    def attach(self, owner: str) -> None:
+        """Route the watched modules' forward calls to this pipeline's recorders (one owner per module:
+        refused before anything is attached when one is watched already)."""
+        for watched in self.watched:
+            current = _hooks.attached_owner(watched.module)
+            if current is not None:
+                raise ValueError(_hooks.already_watched_message(watched.module, current))
+        recorders = [
+            CallRecorder(
+                watched, self.max_sequences, on_fault=partial(self.faults.fault, "capture", watched.name)
+            )
+            for watched in self.watched
+        ]
+        try:
+            for watched, recorder in zip(self.watched, recorders, strict=True):
+                self.recorders[watched.name] = recorder
+                _hooks.attach(watched.module, recorder, owner)
+                self._attached.append((watched.module, recorder))
+        except Exception:
+            self.detach()
+            raise
+
+    def detach(self) -> None:
+        """Stop recording; nothing stays behind on the modules."""
+        for module, recorder in self._attached:
+            recorder.armed = False
+            recorder.traced_by_compile = False
+            _hooks.detach(module, recorder)
+        self._attached.clear()
+
+    @contextlib.contextmanager
+    def capturing(self, owner: str) -> Iterator[MeasurementPipeline]:
+        """Attach, record the next forward calls, detach."""
+        self.attach(owner)
+        try:
+            self.arm(True)
+            yield self
+        finally:
+            self.detach()
+            self.reset()
+
+    def arm(self, measured: bool) -> None:
+        """Record on a measured step, except for disabled modules and fixed probes long enough to keep."""
+        for name, recorder in self.recorders.items():
+            need = measured and not self.faults.is_disabled(name)
+            if self.probe_mode == "fixed" and self.probe_steps.get(name, 0) >= FIXED_PROBE_MIN_STEPS:
+                need = False  # a long enough probe is kept; nothing to record on this step
+            recorder.armed = need
+
+    def disarm(self, module: str) -> None:
+        """Stop recording one module (disabled after a fault)."""
+        self.recorders[module].armed = False
+        self.recorders[module].reset()
+
+    def reset(self) -> None:
+        """Drop what the recorders hold (at the end of every step)."""
+        for recorder in self.recorders.values():
+            recorder.reset()
+
+    def load_probes(self, probes: Mapping[str, Probe]) -> None:
+        """Kept probes from a checkpoint (modules this pipeline does not watch are ignored)."""
+        self.probes = {name: probe for name, probe in probes.items() if name in self.recorders}
+        self.probe_steps = {name: probe_length(probe) for name, probe in self.probes.items()}
+
+    # --- prepare and estimate ---------------------------------------------------------------------------
+
+    def measure(
+        self,
+        step: int,
+        grad_values: Mapping[str, float] | None = None,
+        grad_nonfinite: Mapping[str, int] | None = None,
+        *,
+        warm_starts: Mapping[LayerKey, WarmStart] | None = None,
+        rank: int = 0,
+        run_id: str = "",
+    ) -> MeasurementResult:
+        """Both halves at once, on this thread: the records of every module that ran on this step (no side
+        effects on the user's random stream: the replay runs under a forked RNG)."""
+        return estimate(
+            self.prepare(
+                step, grad_values or {}, grad_nonfinite, warm_starts=warm_starts, rank=rank, run_id=run_id
+            )
+        )
+
+    def prepare(
+        self,
+        step: int,
+        grad_values: Mapping[str, float],
+        grad_nonfinite: Mapping[str, int] | None = None,
+        *,
+        warm_starts: Mapping[LayerKey, WarmStart] | None = None,
+        rank: int = 0,
+        run_id: str = "",
+    ) -> MeasurementJob:
+        """The training-thread half of a measurement: replay every module on its probe and freeze what the
+        estimators need (weights copied in background mode, as the optimizer is about to change them).
+        User cells are estimated here too: their step function calls the live module."""
+        job = MeasurementJob(
+            step=step,
+            time=time.time(),
+            modules=[],
+            settings=self.settings,
+            warm_starts=dict(warm_starts or {}),
+            rank=rank,
+            run_id=run_id,
+        )
+        with torch.random.fork_rng(devices=self._cuda_devices()), torch.no_grad(), _autocast_off():
+            for watched in self.watched:
+                if self.faults.is_disabled(watched.name):
+                    continue
+                # A user cell runs in eval mode while it is measured: dropout inside it would make every
+                # J v of the iteration a different matrix.
+                custom = watched.kind == "custom"
+                try:
+                    with deterministic_mode(watched.module) if custom else nullcontext():
+                        layers = self._layer_jobs(
+                            watched,
+                            step,
+                            grad_values,
+                            snapshot=self.background and not custom,
+                            nonfinite=grad_nonfinite,
+                        )
+                        if custom:
+                            fresh: dict[LayerKey, WarmStart] = {}
+                            ready = [estimate_layer_job(job, layer, fresh) for layer in layers]
+                            job.modules.append(ModuleJob(watched.name, [], ready, fresh))
+                        else:
+                            job.modules.append(ModuleJob(watched.name, layers, []))
+                except Exception as exc:
+                    self.faults.fault("estimator", watched.name, exc)
+        return job
+
+    def _layer_jobs(
+        self,
+        watched: WatchedModule,
+        step: int,
+        grads: Mapping[str, float],
+        *,
+        snapshot: bool,
+        nonfinite: Mapping[str, int] | None = None,
+    ) -> list[LayerJob]:
+        traces = self._traces(watched, step)
+        if traces is None:
+            return []
+        jobs = []
+        for trace in traces:
+            jacobians: StepJacobians
+            if trace.weights is not None:
+                weights = _copy_weights(trace.weights) if snapshot else trace.weights
+                jacobians = builtin_step_jacobians(weights, trace.inputs, trace.previous_states)
+            else:
+                assert trace.step_function is not None
+                jacobians = function_step_jacobians(trace.step_function, trace.inputs, trace.previous_states)
+            recurrent = trace.recurrent_weight
+            if snapshot and recurrent is not None:
+                recurrent = recurrent.detach().clone()
+            names = self._local_names[(watched.name, trace.layer, trace.direction)]
+            jobs.append(
+                LayerJob(
+                    module=watched.name,
+                    layer=trace.layer,
+                    direction=trace.direction,
+                    jacobians=jacobians,
+                    mask=trace.mask,
+                    recurrent_weight=recurrent,
+                    generator=self._generator_for(trace.states.device),
+                    grads={local: grads.get(qualified) for local, qualified in names.items()},
+                    grad_nonfinite=sum((nonfinite or {}).get(qualified, 0) for qualified in names.values()),
+                )
+            )
+        return jobs
+
+    def _traces(self, watched: WatchedModule, step: int) -> list[LayerTrace] | None:
+        """Replay the module on its probe (fixed mode) or on this step's recorded call (live mode)."""
+        recorder = self.recorders[watched.name]
+        recorder.settle()  # calls recorded inside a torch.compile'd forward
+        fixed = self.probe_mode == "fixed"
+        kept = self.probes.get(watched.name) if fixed else None
+        kept_steps = self.probe_steps.get(watched.name, 0)
+        recorded = recorder.fused_call if watched.kind == "fused" else (list(recorder.cell_calls) or None)
+        # A kept probe shorter than FIXED_PROBE_MIN_STEPS gives way to a longer batch (the recorder stays
+        # armed on measured steps until then): a first batch of T = 1 must not blind the monitor for good.
+        renew = (
+            kept is not None
+            and recorded is not None
+            and kept_steps < FIXED_PROBE_MIN_STEPS
+            and probe_length(recorded) > kept_steps
+        )
+        fresh = kept is None or renew
+        probe = recorded if fresh else kept
+        if probe is None:
+            return None  # the module did not run with gradients on this step
+        if fresh and recorder.recorded_in_eval:
+            self.faults.warn_once(
+                f"eval-forward:{watched.name}",
+                f"gradwatch: {watched.name} ran only in eval mode (module.training is False) with "
+                f"gradients on during measured step {step}; measuring that call. If this is a "
+                "validation pass, run it under torch.no_grad() (it is then ignored); a training-mode "
+                "forward on the step is always preferred over eval-mode ones",
+            )
+        if fresh and fixed:
+            self.probes[watched.name] = probe
+            self.probe_steps[watched.name] = steps = probe_length(probe)
+            if steps < VERDICT_MIN_STEPS:
+                message = (
+                    f"gradwatch: the fixed probe of {watched.name} has only {steps} time step(s): no lag "
+                    "norm and no Lyapunov exponent, so no vanishing/exploding verdict; it is replaced by "
+                    f"the next measured batch that is longer, until one has {FIXED_PROBE_MIN_STEPS} steps"
+                )
+                try:
+                    self.faults.warn_once(f"short-probe:{watched.name}", message)
+                except Warning:  # GradWatchWarning turned into an error: a notice, not a reason to fail
+                    logger.warning(message)
+        module = watched.module
+        # A fresh call is measured at the weights its forward used, kept by the hook (the optimizer may have
+        # moved them since: LBFGS steps after its last closure); a kept probe is re-run at the current ones.
+        recorded = recorder.weights if fresh else None
+        if watched.kind == "fused":
+            assert isinstance(probe, FusedCall) and watched.cell_kind is not None
+            reference = probe if fresh else rerun_fused(module, probe)  # a kept probe: re-run the module
+            replay = replay_fused(module, watched.cell_kind, probe, recorded)
+            check = check_fused_replay(module, reference, replay)
+            traces = replay.traces
+        elif watched.kind == "cell":
+            assert isinstance(probe, list) and watched.cell_kind is not None
+            trace = trace_builtin_cell(
+                module, watched.cell_kind, probe, recompute=not fresh, weights=recorded
+            )
+            check = check_cell_replay(trace) if fresh else check_cell_against_module(module, trace)
+            traces = [trace]
+        else:
+            assert isinstance(probe, list) and watched.custom is not None
+            traces = [trace_custom_cell(module, watched.custom, probe, recompute=True, weights=recorded)]
+            check = None
+        if check is not None and not check.ok:
+            self.probes.pop(watched.name, None)
+            self.probe_steps.pop(watched.name, None)
+            self.faults.warn_once(
+                f"replay:{watched.name}",
+                f"gradwatch: replaying {watched.name} ({type(module).__name__}) did not reproduce its "
+                f"{check.compared} (max abs error {check.max_abs_error:.3g} > {check.tolerance:.3g}); "
+                "skipping this module's measurement",
+            )
+            return None
+        return traces
+
+    # --- plumbing -------------------------------------------------------------------------------------
+
+    def _map_layer_parameters(self) -> dict[LayerKey, dict[str, nn.Parameter]]:
+        """Which leaf parameters belong to each (module, layer, direction), by qualified name.
+
+        A parametrized or weight-dropped weight is attributed to the leaves it is computed from
+        (``WatchedModule.weight_leaves``); ``self._local_names`` keeps each leaf's name in grad_norm."""
+        out: dict[LayerKey, dict[str, nn.Parameter]] = {}
+        for watched in self.watched:
+            params = dict(watched.module.named_parameters())
+            for layer in range(watched.num_layers):
+                for direction in watched.directions:
+                    key = (watched.name, layer, direction)
+                    if watched.kind == "fused":
+                        names = fused_parameter_names(watched.module, layer, direction)  # type: ignore[arg-type]
+                        leaves = {
+                            local: p for n in names for local, p in watched.weight_leaves.get(n, {}).items()
+                        }
+                    elif watched.kind == "cell":
+                        leaves = {local: p for w in watched.weight_leaves.values() for local, p in w.items()}
+                    else:
+                        leaves = params
+                    # a leaf inside the module: "<module>.<local>"; on a parent (fastai's WeightDropout):
+                    # already named relative to the model
+                    local_to_qualified = {
+                        local: f"{watched.name}.{local}" if local in params else local for local in leaves
+                    }
+                    out[key] = {local_to_qualified[local]: p for local, p in leaves.items()}
+                    self._local_names[key] = local_to_qualified
+            if watched.unattributed_weights:
+                self.faults.warn(
+                    f"gradwatch: {watched.name} computes {', '.join(watched.unattributed_weights)} in its "
+                    "forward from no parameter gradwatch could find (not a parameter, not parametrized, no "
+                    "'<name>_raw' on it or a parent module); its Jacobians are measured, but grad_norm "
+                    "leaves those weights out"
+                )
+        return out
+
+    def _generator_for(self, device: torch.device) -> torch.Generator:
+        if self.generator is None or self.generator.device != device:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(self.seed)
+        return self.generator
+
+    def _cuda_devices(self) -> list[int]:
+        if not torch.cuda.is_available():
+            return []
+        return sorted({p.device.index or 0 for p in self.parameters.values() if p.device.type == "cuda"})
+
+
+def _copy_weights(weights: CellWeights) -> CellWeights:
+    """Private copies of a layer's weights: the optimizer updates the originals in place."""
+    return replace(
+        weights,
+        **{
+            name: getattr(weights, name).detach().clone()
+            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
+            if getattr(weights, name) is not None
+        },
+    )
+
+
+@contextlib.contextmanager
+def _autocast_off() -> Iterator[None]:
+    """Measure in the module's own precision even if optimizer.step() runs inside a torch.autocast block."""
+    with contextlib.ExitStack() as stack:
+        for device_type in ("cpu", "cuda"):
+            if device_type == "cpu" or torch.cuda.is_available():
+                stack.enter_context(torch.autocast(device_type, enabled=False))
+        yield
+
+
+def probe_length(probe: Probe) -> int:
+    """Time steps of a probe: its longest kept sequence (fused call) or its number of cell calls."""
+    if isinstance(probe, FusedCall):
+        return int(probe.lengths.max()) if probe.lengths.numel() else 0
+    return len(probe)
