@@ -172,6 +172,16 @@ def measure(command: list[str], timeout: float, pythonpath: str | None = None) -
     return float(wall), int(rss_kb) / 1024
 
 
+def _existing(directory: Path) -> tuple[int, int]:
+    """(bytes, records) of the logs already in ``directory``."""
+    size = records = 0
+    for path in directory.glob("*.jsonl"):
+        size += path.stat().st_size
+        with open(path, "rb") as handle:
+            records += sum(chunk.count(b"\n") for chunk in iter(lambda: handle.read(1 << 20), b""))
+    return size, records
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -181,6 +191,11 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per measured command")
     parser.add_argument("--keep", action="store_true", help="keep the generated logs")
     parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="reuse logs a previous --keep run left in --dir (no regeneration)",
+    )
+    parser.add_argument(
         "--compare-with",
         metavar="PYTHONPATH",
         help="also time the report of another gradwatch checkout (e.g. an older version) on the same logs",
@@ -189,8 +204,11 @@ def main() -> None:
     print(f"{'log':>8} {'records':>10} {'what':<22} {'wall s':>8} {'MB/s':>7} {'peak RSS MB':>12}")
     for size_mb in args.sizes_mb:
         directory = args.dir / f"logs-{size_mb}mb"
-        shutil.rmtree(directory, ignore_errors=True)
-        size, records = generate(directory, size_mb * 1_000_000)
+        if args.reuse and directory.is_dir():
+            size, records = _existing(directory)
+        else:
+            shutil.rmtree(directory, ignore_errors=True)
+            size, records = generate(directory, size_mb * 1_000_000)
         files = sorted(str(p) for p in directory.glob("*.jsonl"))
         report = [
             sys.executable,

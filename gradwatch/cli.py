@@ -7,8 +7,7 @@ from pathlib import Path
 import click
 
 from gradwatch._version import __version__
-from gradwatch.demo import CELLS, SCENARIOS, DemoOptions, DemoSetupError, run_demo
-from gradwatch.demo.run import DEFAULT_PORT
+from gradwatch.demo.choices import CELLS, DEFAULT_PORT, SCENARIOS
 from gradwatch.report import command
 from gradwatch.report.follow import follow as follow_logs
 from gradwatch.report.metrics import METRIC_NAMES
@@ -211,6 +210,8 @@ def demo(
     log_dir: Path,
 ) -> None:
     """Train a small RNN on the adding problem with gradwatch on: live Jacobian norms, alerts, report."""
+    from gradwatch.demo import DemoOptions, DemoSetupError, run_demo  # imports torch: only for the demo
+
     options = DemoOptions(
         cell=cell,
         scenario=scenario,

@@ -15,6 +15,8 @@ from enum import Enum
 from typing import Any, ClassVar, Literal, TypeAlias
 
 SCHEMA_VERSION = 1
+GLOBAL_RANK = -1
+"""The ``rank`` of a record that combines all ranks' measurements (``watch(..., global_view=True)``)."""
 
 Direction = Literal["forward", "reverse"]
 DIRECTIONS: tuple[Direction, ...] = ("forward", "reverse")

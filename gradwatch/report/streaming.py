@@ -28,9 +28,8 @@ from array import array
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from gradwatch.distributed import GLOBAL_RANK
 from gradwatch.policy.trends import TrendDetector
-from gradwatch.records import Alert, ClipEvent, ErrorRecord, Measurement, Record, RunHeader
+from gradwatch.records import GLOBAL_RANK, Alert, ClipEvent, ErrorRecord, Measurement, Record, RunHeader
 from gradwatch.report.metrics import MetricSpec, metric_specs
 from gradwatch.report.reader import Problem
 from gradwatch.report.sparkline import sparkline
