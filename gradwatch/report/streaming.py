@@ -146,6 +146,12 @@ class _MetricAccumulator:
                 if len(self._bucket_points) >= EXACT_POINTS:
                     self._merge_buckets()
                     continue
+                whole = min(
+                    EXACT_POINTS - len(self._bucket_points), (len(steps) - index) // self._bucket_size
+                )
+                if whole:
+                    index = self._add_whole_buckets(steps, coords, index, whole)
+                    continue
                 self._bucket_steps.append(steps[index])
                 self._bucket_sums.append(0.0)
                 self._bucket_present.append(0)
@@ -157,6 +163,26 @@ class _MetricAccumulator:
             self._bucket_sums[-1] += math.fsum(part)
             self._bucket_present[-1] += len(part)
             index += taken
+
+    def _add_whole_buckets(self, steps: list[int], coords: list[float | None], index: int, whole: int) -> int:
+        """Append ``whole`` new full buckets from ``index`` on in one go; returns the index after them.
+
+        The same sums as filling them one at a time (0.0 plus the fsum of each bucket's present values).
+        """
+        size = self._bucket_size
+        end = index + whole * size
+        self._bucket_steps.extend(steps[index:end:size])
+        if size == 1:
+            chunk = coords[index:end]
+            self._bucket_sums.extend([0.0 if c is None else 0.0 + c for c in chunk])
+            self._bucket_present.extend([0 if c is None else 1 for c in chunk])
+        else:
+            fsum = math.fsum
+            parts = [[c for c in coords[i : i + size] if c is not None] for i in range(index, end, size)]
+            self._bucket_sums.extend([0.0 + fsum(part) for part in parts])
+            self._bucket_present.extend([len(part) for part in parts])
+        self._bucket_points.extend([size] * whole)
+        return end
 
     def _merge_buckets(self) -> None:
         """Halve the number of buckets by merging neighbours; bucket size doubles."""
