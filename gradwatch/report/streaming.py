@@ -22,6 +22,7 @@ by step by :func:`gradwatch.report.command.make_report`). A measurement that arr
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 from array import array
@@ -29,8 +30,17 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from gradwatch.policy.trends import TrendDetector
-from gradwatch.records import GLOBAL_RANK, Alert, ClipEvent, ErrorRecord, Measurement, Record, RunHeader
-from gradwatch.report.metrics import MetricSpec, metric_specs
+from gradwatch.records import (
+    GLOBAL_RANK,
+    Alert,
+    ClipEvent,
+    ErrorRecord,
+    Measurement,
+    MeasurementMetrics,
+    Record,
+    RunHeader,
+)
+from gradwatch.report.metrics import METRICS, MetricSpec, metric_specs
 from gradwatch.report.reader import Problem
 from gradwatch.report.sparkline import sparkline
 from gradwatch.report.summary import (
@@ -47,6 +57,7 @@ from gradwatch.report.summary import (
 )
 from gradwatch.report.verdict import LayerEvidence, Verdict, judge_evidence
 
+_METRIC_FIELDS = frozenset(f.name for f in dataclasses.fields(MeasurementMetrics))
 EXACT_POINTS = 2048
 """Series up to this many steps are kept exactly; longer ones are downsampled into at most this many bins."""
 BATCH_POINTS = 1024
@@ -254,6 +265,14 @@ def _pair_sums(values: array, typecode: str) -> array:  # type: ignore[type-arg]
     return out
 
 
+_PLAIN_FIELDS = frozenset(
+    spec.name
+    for spec in METRICS
+    if spec.name in _METRIC_FIELDS and spec.name not in ("lag_norm", "grad_norm")
+)
+"""Metrics whose spec reads the :class:`MeasurementMetrics` field of the same name."""
+
+
 class _LayerAccumulator:
     """One (module, layer, direction) of one run."""
 
@@ -274,6 +293,11 @@ class _LayerAccumulator:
         self._pending: list[Measurement] = []
         self._lag_keys: set[str] = set()
         self._reads = [(self.metrics[spec.name], spec.read) for spec in self.specs]
+        # the hot path reads plain metric fields from the record's dict (what their spec.read returns)
+        self._field_reads = [
+            (self.metrics[spec.name], spec.name) for spec in self.specs if spec.name in _PLAIN_FIELDS
+        ]
+        self._other_reads = [(acc, read) for acc, read in self._reads if acc.spec.name not in _PLAIN_FIELDS]
         self._lag_reads: list[tuple[_MetricAccumulator, str]] = []
 
     def add_measurement(self, m: Measurement) -> None:
@@ -307,7 +331,12 @@ class _LayerAccumulator:
             # the hot path of a long single-rank log: append to the accumulators' buffers directly
             metrics = readings[0].metrics
             isfinite = math.isfinite
-            for accumulator, read in self._reads:
+            fields = metrics.__dict__
+            for accumulator, name in self._field_reads:
+                v = fields[name]
+                accumulator.steps.append(step)
+                accumulator.values.append(v if v is not None and isfinite(v) else None)
+            for accumulator, read in self._other_reads:
                 v = read(metrics, None)
                 accumulator.steps.append(step)
                 accumulator.values.append(v if v is not None and isfinite(v) else None)
