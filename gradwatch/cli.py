@@ -103,6 +103,13 @@ def _export_tensorboard(paths: list[str], output: Path | None, *, follow: bool) 
 @click.option(
     "--follow-timeout", type=click.FloatRange(min=0), default=None, help="Stop following after seconds."
 )
+@click.option(
+    "--jobs",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Worker processes for large logs in several files (0: one per CPU; 1: read in this process).",
+)
 @click.pass_context
 def report(
     ctx: click.Context,
@@ -117,6 +124,7 @@ def report(
     follow: bool,
     follow_interval: float,
     follow_timeout: float | None,
+    jobs: int,
 ) -> None:
     """Summarise gradwatch run logs (files, directories of *.jsonl, globs) and give a verdict per layer."""
     if output_format == "tensorboard":
@@ -142,7 +150,7 @@ def report(
             timeout=follow_timeout,
         )
     else:
-        result = command.make_report(list(paths), options)
+        result = command.make_report(list(paths), options, jobs=jobs)
     for line in command.diagnostics(result):
         click.echo(f"gradwatch report: {line}", err=True)
     if output is not None:

@@ -300,6 +300,21 @@ class _LayerAccumulator:
         self._other_reads = [(acc, read) for acc, read in self._reads if acc.spec.name not in _PLAIN_FIELDS]
         self._lag_reads: list[tuple[_MetricAccumulator, str]] = []
 
+    def __getstate__(self) -> dict[str, object]:
+        # the read functions are lambdas: rebuilt from the specs on unpickling (see absorb, worker processes)
+        state = dict(self.__dict__)
+        for name in ("_reads", "_field_reads", "_other_reads"):
+            del state[name]
+        return state
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        self._reads = [(self.metrics[spec.name], spec.read) for spec in self.specs]
+        self._field_reads = [
+            (self.metrics[spec.name], spec.name) for spec in self.specs if spec.name in _PLAIN_FIELDS
+        ]
+        self._other_reads = [(acc, read) for acc, read in self._reads if acc.spec.name not in _PLAIN_FIELDS]
+
     def add_measurement(self, m: Measurement) -> None:
         self.ranks.add(m.rank)
         if self._pending_step is not None and m.step < self._pending_step:
@@ -479,6 +494,23 @@ class StreamingSummary:
     def needs_exact(self) -> bool:
         """Some layer's measurements arrived out of step order: only the whole-file summary is exact."""
         return any(layer.out_of_order for run in self._runs.values() for layer in run.layers.values())
+
+    def run_keys(self) -> set[RunKey]:
+        """The (run id, rank or None) of every run folded so far."""
+        return set(self._runs)
+
+    def absorb(self, other: StreamingSummary) -> None:
+        """Take over the runs of ``other``, a summary of other files whose runs this one has none of.
+
+        Exact because each run's records then all came from one side, folded in their file order (what
+        :func:`merge_by_step` gives each run anyway). Raises ``ValueError`` when a run is on both sides.
+        """
+        shared = self._runs.keys() & other._runs.keys()
+        if shared:
+            raise ValueError(
+                f"runs {sorted(shared, key=str)} are in both summaries: fold their files together"
+            )
+        self._runs.update(other._runs)
 
     def add_all(self, records: Iterable[Record]) -> None:
         for record in records:
