@@ -137,10 +137,15 @@ class _MetricAccumulator:
 
     def _merge_fit(self, fit: list[tuple[float, float]]) -> None:
         n_b = len(fit)
-        mean_x_b = math.fsum(x for x, _y in fit) / n_b
-        mean_y_b = math.fsum(y for _x, y in fit) / n_b
-        sxx_b = math.fsum((x - mean_x_b) ** 2 for x, _y in fit)
-        sxy_b = math.fsum((x - mean_x_b) * (y - mean_y_b) for x, y in fit)
+        fsum = math.fsum
+        xs = [x for x, _y in fit]
+        ys = [y for _x, y in fit]
+        mean_x_b = fsum(xs) / n_b
+        mean_y_b = fsum(ys) / n_b
+        # the same terms as before, from lists (fsum is exactly rounded: the sums do not depend on the order)
+        dxs = [x - mean_x_b for x in xs]
+        sxx_b = fsum([d**2 for d in dxs])
+        sxy_b = fsum([d * (y - mean_y_b) for d, y in zip(dxs, ys, strict=True)])
         n_a = self._fit_n
         n = n_a + n_b
         dx, dy = mean_x_b - self._mean_x, mean_y_b - self._mean_y
