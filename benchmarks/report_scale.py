@@ -7,7 +7,9 @@ detector replay, the other exploding late with alerts and clip events), then tim
 * ``gradwatch report DIR --format json -o /dev/null`` (the streaming report), and
 * a plain ``json.loads`` loop over the same lines (the floor any JSON-lines reader pays),
 
-printing file size, records, wall time, MB/s and peak RSS (``getrusage`` of the child) for each.
+printing file size, records, wall time, MB/s and peak RSS for each: the largest sum, sampled every
+50 ms from /proc, of the resident memory of the command's process and all its worker processes (at
+least ``getrusage``'s peak of the largest one).
 
     PYTHONPATH=. python benchmarks/report_scale.py --sizes-mb 100 1000 --dir /tmp/gw-report-bench
 """
@@ -140,10 +142,42 @@ def generate(directory: Path, total_bytes: int) -> tuple[int, int]:
 
 
 _MEASURE = (
-    "import resource, subprocess, sys, time\n"
+    "import os, resource, subprocess, sys, time\n"
+    "def tree_rss_kb(root):\n"
+    "    # resident memory of root and all its descendants now (worker processes count too)\n"
+    "    parents = {}\n"
+    "    for name in os.listdir('/proc'):\n"
+    "        if name.isdigit():\n"
+    "            try:\n"
+    "                with open(f'/proc/{name}/stat') as f:\n"
+    "                    parents[int(name)] = int(f.read().rsplit(')', 1)[1].split()[1])\n"
+    "            except (OSError, IndexError, ValueError):\n"
+    "                pass\n"
+    "    tree, grew = {root}, True\n"
+    "    while grew:\n"
+    "        more = {pid for pid, ppid in parents.items() if ppid in tree} - tree\n"
+    "        grew = bool(more)\n"
+    "        tree |= more\n"
+    "    total = 0\n"
+    "    for pid in tree:\n"
+    "        try:\n"
+    "            with open(f'/proc/{pid}/status') as f:\n"
+    "                total += next(int(l.split()[1]) for l in f if l.startswith('VmRSS:'))\n"
+    "        except (OSError, StopIteration):\n"
+    "            pass\n"
+    "    return total\n"
     "start = time.perf_counter()\n"
-    "subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL)\n"
-    "print(time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+    "child = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)\n"
+    "peak = 0\n"
+    "while child.poll() is None:\n"
+    "    if os.path.isdir('/proc'):\n"
+    "        peak = max(peak, tree_rss_kb(child.pid))\n"
+    "    time.sleep(0.05)\n"
+    "wall = time.perf_counter() - start\n"
+    "if child.returncode:\n"
+    "    sys.exit(child.returncode)\n"
+    "peak = max(peak, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+    "print(wall, peak)\n"
 )
 _JSON_LOOP = (
     "import json, sys\n"
@@ -172,6 +206,16 @@ def measure(command: list[str], timeout: float, pythonpath: str | None = None) -
     return float(wall), int(rss_kb) / 1024
 
 
+def _existing(directory: Path) -> tuple[int, int]:
+    """(bytes, records) of the logs already in ``directory``."""
+    size = records = 0
+    for path in directory.glob("*.jsonl"):
+        size += path.stat().st_size
+        with open(path, "rb") as handle:
+            records += sum(chunk.count(b"\n") for chunk in iter(lambda: handle.read(1 << 20), b""))
+    return size, records
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -181,6 +225,11 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per measured command")
     parser.add_argument("--keep", action="store_true", help="keep the generated logs")
     parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="reuse logs a previous --keep run left in --dir (no regeneration)",
+    )
+    parser.add_argument(
         "--compare-with",
         metavar="PYTHONPATH",
         help="also time the report of another gradwatch checkout (e.g. an older version) on the same logs",
@@ -189,8 +238,11 @@ def main() -> None:
     print(f"{'log':>8} {'records':>10} {'what':<22} {'wall s':>8} {'MB/s':>7} {'peak RSS MB':>12}")
     for size_mb in args.sizes_mb:
         directory = args.dir / f"logs-{size_mb}mb"
-        shutil.rmtree(directory, ignore_errors=True)
-        size, records = generate(directory, size_mb * 1_000_000)
+        if args.reuse and directory.is_dir():
+            size, records = _existing(directory)
+        else:
+            shutil.rmtree(directory, ignore_errors=True)
+            size, records = generate(directory, size_mb * 1_000_000)
         files = sorted(str(p) for p in directory.glob("*.jsonl"))
         report = [
             sys.executable,
@@ -206,6 +258,7 @@ def main() -> None:
         commands: dict[str, tuple[list[str], str | None]] = {
             "json.loads loop": ([sys.executable, "-c", _JSON_LOOP, *files], None),
             "gradwatch report": (report, None),
+            "report --jobs 1": ([*report, "--jobs", "1"], None),
         }
         if args.compare_with:
             commands["report (--compare-with)"] = (report, args.compare_with)

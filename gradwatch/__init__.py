@@ -1,35 +1,114 @@
 """gradwatch: watch recurrent networks train, and hear early when gradients vanish or explode."""
 
+from __future__ import annotations
+
+import importlib
 import logging
+import sys
+import types
+from typing import TYPE_CHECKING, Any
 
 from gradwatch._version import __version__
-from gradwatch.capture.modules import register_cell, unregister_cell
-from gradwatch.diagnose import Diagnosis, LayerDiagnosis, diagnose
-from gradwatch.estimators.layer import EstimatorSettings
-from gradwatch.monitor import GradWatchFault, Monitor, watch
-from gradwatch.policy.alerts import (
-    ExplodingGradientWarning,
-    GradWatchWarning,
-    NonFiniteGradientError,
-    NonFiniteGradientWarning,
-    VanishingGradientWarning,
-)
-from gradwatch.policy.clipping import ClipPolicy, FixedNorm, ZClip
-from gradwatch.policy.evidence import Verdict
-from gradwatch.policy.trends import DetectionConfig
-from gradwatch.records import (
-    SCHEMA_VERSION,
-    Alert,
-    AlertKind,
-    ClipEvent,
-    ErrorRecord,
-    Measurement,
-    MeasurementMetrics,
-    RecordError,
-    RunHeader,
-    record_from_json,
-)
-from gradwatch.sinks import JsonlSink, LoggingSink, PrometheusSink, Sink
+
+if TYPE_CHECKING:
+    from gradwatch.capture.modules import register_cell, unregister_cell
+    from gradwatch.diagnose import Diagnosis, LayerDiagnosis, diagnose
+    from gradwatch.estimators.layer import EstimatorSettings
+    from gradwatch.monitor import GradWatchFault, Monitor, watch
+    from gradwatch.policy.alerts import (
+        ExplodingGradientWarning,
+        GradWatchWarning,
+        NonFiniteGradientError,
+        NonFiniteGradientWarning,
+        VanishingGradientWarning,
+    )
+    from gradwatch.policy.clipping import ClipPolicy, FixedNorm, ZClip
+    from gradwatch.policy.evidence import Verdict
+    from gradwatch.policy.trends import DetectionConfig
+    from gradwatch.records import (
+        SCHEMA_VERSION,
+        Alert,
+        AlertKind,
+        ClipEvent,
+        ErrorRecord,
+        Measurement,
+        MeasurementMetrics,
+        RecordError,
+        RunHeader,
+        record_from_json,
+    )
+    from gradwatch.sinks import JsonlSink, LoggingSink, PrometheusSink, Sink
+
+# Public names are loaded on first use (PEP 562 module __getattr__), so tools that only read run logs
+# (`gradwatch report`) never import torch: importing it costs seconds and about 230 MB of memory.
+_LAZY_ATTRIBUTES: dict[str, str] = {
+    "register_cell": "gradwatch.capture.modules",
+    "unregister_cell": "gradwatch.capture.modules",
+    "Diagnosis": "gradwatch.diagnose",
+    "LayerDiagnosis": "gradwatch.diagnose",
+    "diagnose": "gradwatch.diagnose",
+    "EstimatorSettings": "gradwatch.estimators.layer",
+    "GradWatchFault": "gradwatch.monitor",
+    "Monitor": "gradwatch.monitor",
+    "watch": "gradwatch.monitor",
+    "ExplodingGradientWarning": "gradwatch.policy.alerts",
+    "GradWatchWarning": "gradwatch.policy.alerts",
+    "NonFiniteGradientError": "gradwatch.policy.alerts",
+    "NonFiniteGradientWarning": "gradwatch.policy.alerts",
+    "VanishingGradientWarning": "gradwatch.policy.alerts",
+    "ClipPolicy": "gradwatch.policy.clipping",
+    "FixedNorm": "gradwatch.policy.clipping",
+    "ZClip": "gradwatch.policy.clipping",
+    "Verdict": "gradwatch.policy.evidence",
+    "DetectionConfig": "gradwatch.policy.trends",
+    "SCHEMA_VERSION": "gradwatch.records",
+    "Alert": "gradwatch.records",
+    "AlertKind": "gradwatch.records",
+    "ClipEvent": "gradwatch.records",
+    "ErrorRecord": "gradwatch.records",
+    "Measurement": "gradwatch.records",
+    "MeasurementMetrics": "gradwatch.records",
+    "RecordError": "gradwatch.records",
+    "RunHeader": "gradwatch.records",
+    "record_from_json": "gradwatch.records",
+    "JsonlSink": "gradwatch.sinks",
+    "LoggingSink": "gradwatch.sinks",
+    "PrometheusSink": "gradwatch.sinks",
+    "Sink": "gradwatch.sinks",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import the module that defines a public name on first access and cache the name here."""
+    module_name = _LAZY_ATTRIBUTES.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'gradwatch' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module_name), name)
+    globals()[name] = value  # later lookups are plain module attributes
+    return value
+
+
+class _PackageModule(types.ModuleType):
+    """The package's module type: keeps ``gradwatch.diagnose`` the function when its submodule is imported.
+
+    Importing the submodule ``gradwatch.diagnose`` (from anywhere) makes the import system set the package
+    attribute of the same name to the module; the eager imports used to rebind it to the function right
+    after, and this keeps that behaviour now that the function is loaded lazily.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "diagnose" and isinstance(value, types.ModuleType):
+            value = value.diagnose
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _PackageModule
+
+
+def __dir__() -> list[str]:
+    """Module attributes plus the lazily loaded public names (for completion and dir())."""
+    return sorted(set(globals()) | set(_LAZY_ATTRIBUTES))
+
 
 # Library convention (logging HOWTO, "Configuring Logging for a Library"): without it, Python's last-resort
 # handler prints every alert the monitor logs to stderr, and the user sees each alert twice (log + warning).

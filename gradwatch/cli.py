@@ -7,8 +7,7 @@ from pathlib import Path
 import click
 
 from gradwatch._version import __version__
-from gradwatch.demo import CELLS, SCENARIOS, DemoOptions, DemoSetupError, run_demo
-from gradwatch.demo.run import DEFAULT_PORT
+from gradwatch.demo.choices import CELLS, DEFAULT_PORT, SCENARIOS
 from gradwatch.report import command
 from gradwatch.report.follow import follow as follow_logs
 from gradwatch.report.metrics import METRIC_NAMES
@@ -104,6 +103,13 @@ def _export_tensorboard(paths: list[str], output: Path | None, *, follow: bool) 
 @click.option(
     "--follow-timeout", type=click.FloatRange(min=0), default=None, help="Stop following after seconds."
 )
+@click.option(
+    "--jobs",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Worker processes for large logs in several files (0: one per CPU; 1: read in this process).",
+)
 @click.pass_context
 def report(
     ctx: click.Context,
@@ -118,6 +124,7 @@ def report(
     follow: bool,
     follow_interval: float,
     follow_timeout: float | None,
+    jobs: int,
 ) -> None:
     """Summarise gradwatch run logs (files, directories of *.jsonl, globs) and give a verdict per layer."""
     if output_format == "tensorboard":
@@ -143,7 +150,7 @@ def report(
             timeout=follow_timeout,
         )
     else:
-        result = command.make_report(list(paths), options)
+        result = command.make_report(list(paths), options, jobs=jobs)
     for line in command.diagnostics(result):
         click.echo(f"gradwatch report: {line}", err=True)
     if output is not None:
@@ -211,6 +218,8 @@ def demo(
     log_dir: Path,
 ) -> None:
     """Train a small RNN on the adding problem with gradwatch on: live Jacobian norms, alerts, report."""
+    from gradwatch.demo import DemoOptions, DemoSetupError, run_demo  # imports torch: only for the demo
+
     options = DemoOptions(
         cell=cell,
         scenario=scenario,

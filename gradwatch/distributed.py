@@ -19,7 +19,7 @@ from typing import Literal
 
 import torch
 
-from gradwatch.records import Measurement, MeasurementMetrics, record_from_json
+from gradwatch.records import GLOBAL_RANK, Measurement, MeasurementMetrics, record_from_json
 
 logger = logging.getLogger(__name__)
 
@@ -85,8 +85,6 @@ def shared_run_id(own_run_id: str, timeout_s: float = RUN_ID_TIMEOUT_S) -> str:
 
 # --- global view: every rank's measurement combined, through the store ----------------------------------
 
-GLOBAL_RANK = -1
-"""The ``rank`` of a record that combines all ranks' measurements (``watch(..., global_view=True)``)."""
 GLOBAL_VIEW_TIMEOUT_S = 2.0
 
 

@@ -15,6 +15,8 @@ from enum import Enum
 from typing import Any, ClassVar, Literal, TypeAlias
 
 SCHEMA_VERSION = 1
+GLOBAL_RANK = -1
+"""The ``rank`` of a record that combines all ranks' measurements (``watch(..., global_view=True)``)."""
 
 Direction = Literal["forward", "reverse"]
 DIRECTIONS: tuple[Direction, ...] = ("forward", "reverse")
@@ -443,3 +445,125 @@ def _as_direction(value: Any) -> Direction:
     if value not in DIRECTIONS:
         raise RecordError(f"'direction' must be 'forward' or 'reverse', got {value!r:.60}")
     return value  # type: ignore[no-any-return]
+
+
+# --- fast path for the bulk of a run log -------------------------------------------------------------
+
+_FAST_FLOAT_FIELDS = (
+    "jacobian_sigma_max_mean",
+    "jacobian_sigma_max_min",
+    "jacobian_sigma_max_max",
+    "jacobian_sigma_max_p95",
+    "jacobian_frac_above_one",
+    "weight_hh_sigma_max",
+    "activation_derivative_mean",
+    "activation_saturation_ratio",
+    "lyapunov_max",
+    "gate_mean",
+    "jacobian_converged_ratio",
+)
+_FAST_INT_FIELDS = ("jacobian_iterations", "sequences", "time_steps")
+_FAST_METRIC_KEYS = frozenset(
+    (*_FAST_FLOAT_FIELDS, *_FAST_INT_FIELDS, "lag_norm", "grad_norm", "grad_nonfinite")
+)
+_MEASUREMENT_KEYS = frozenset(
+    ("kind", "run_id", "step", "time", "rank", "module", "layer", "direction", "metrics")
+)
+
+
+def _fast_float_map(value: Any) -> dict[str, float | None] | None:
+    """A ``{name: number | null}`` object as floats, or None when anything is unusual (slow path decides)."""
+    if type(value) is not dict:
+        return None
+    out: dict[str, float | None] = {}
+    for key, number in value.items():
+        kind = type(number)
+        if kind is float or number is None:
+            out[key] = number
+        elif kind is int:
+            out[key] = float(number)
+        else:
+            return None
+    return out
+
+
+def fast_measurement_from_json(data: dict[str, Any]) -> Measurement | None:
+    """The :class:`Measurement` of a decoded measurement line, built without the generic validation.
+
+    Exactly what ``Measurement.from_json`` returns for the common shape (every field of the expected
+    JSON type, no histogram); ``None`` for anything else, which the caller then gives to
+    :func:`record_from_json` so that unusual and malformed lines get the same result and messages.
+    Used by the report, where building records is most of the time per line.
+    """
+    metrics_json = data.get("metrics")
+    if type(metrics_json) is not dict or not _MEASUREMENT_KEYS.issuperset(data):
+        return None
+    if not _FAST_METRIC_KEYS.issuperset(metrics_json):
+        return None  # a histogram, or keys the slow path ignores: let it decide
+    step, time, rank, module, layer = (
+        data.get("step"),
+        data.get("time"),
+        data.get("rank", 0),
+        data.get("module"),
+        data.get("layer"),
+    )
+    run_id = data.get("run_id", "")
+    if (
+        type(step) is not int
+        or type(rank) is not int
+        or type(layer) is not int
+        or type(module) is not str
+        or type(run_id) is not str
+        or data.get("direction") not in DIRECTIONS
+    ):
+        return None
+    time_kind = type(time)
+    if time_kind is int:
+        time = float(time)
+    elif time_kind is not float:
+        return None
+    fields: dict[str, Any] = {}
+    get = metrics_json.get
+    for name in _FAST_FLOAT_FIELDS:
+        value = get(name)
+        kind = type(value)
+        if kind is int:
+            value = float(value)
+        elif kind is not float and value is not None:
+            return None
+        fields[name] = value
+    for name in _FAST_INT_FIELDS:
+        value = get(name)
+        if value is not None and type(value) is not int:
+            return None
+        fields[name] = value
+    nonfinite = get("grad_nonfinite")
+    if nonfinite is None:
+        nonfinite = 0
+    elif type(nonfinite) is not int:
+        return None
+    fields["grad_nonfinite"] = nonfinite
+    for name in ("lag_norm", "grad_norm"):
+        if name in metrics_json:
+            mapping = _fast_float_map(metrics_json[name])
+            if mapping is None:
+                return None
+            fields[name] = mapping
+        else:
+            fields[name] = {}
+    fields["jacobian_sigma_max_histogram"] = None
+    # frozen dataclasses: fill the instance dicts directly (the values are validated above)
+    metrics = object.__new__(MeasurementMetrics)
+    metrics.__dict__.update(fields)
+    measurement = object.__new__(Measurement)
+    measurement.__dict__.update(
+        step=step,
+        time=time,
+        module=module,
+        layer=layer,
+        direction=data["direction"],
+        metrics=metrics,
+        rank=rank,
+        run_id=run_id,
+    )
+    return measurement

@@ -279,3 +279,29 @@ def test_gradient_growth_state_round_trips_and_the_spike_test_does_not_alert_twi
     # The measurement of the same step sees the same spike: part of the open growth episode, no 2nd alert.
     assert restored.update(synthetic(5e3, 12)) == []
     assert DetectionConfig.for_diagnosis().gradient_growth_test is False
+
+
+def test_latest_jacobian_reading_is_the_last_measurements_words_made_on_demand() -> None:
+    """The reading is formatted only when asked for, and then says what it said when made eagerly."""
+    from gradwatch.policy.explain import cause_and_hint
+
+    detector = TrendDetector()
+    readings = [synthetic(1.0 + 0.01 * s, s) for s in range(30)]
+    exploding = synthetic(1.0, 30, lyapunov=0.5)
+    exploding = dataclasses.replace(
+        exploding, metrics=dataclasses.replace(exploding.metrics, lag_norm={"1": 2.0, "19": 1e6})
+    )
+    for m in readings:
+        detector.update(m)
+    suggested = detector.suggested_clip_norm("m")  # the healthy history before the exploding reading
+    detector.update(exploding)
+    reading = detector.latest_jacobian_reading("m")
+    assert reading is not None and reading.step == 30 and reading.verdict is Verdict.EXPLODING
+    assert suggested is not None
+    assert (reading.cause, reading.hint) == cause_and_hint(exploding.metrics, Verdict.EXPLODING, suggested)
+    assert f"{suggested:.3g}" in reading.hint
+    assert detector.state_dict()["layers"][0]["state"]["latest"] == reading.to_json()
+    detector.update(readings[0])
+    healthy = detector.latest_jacobian_reading("m")
+    assert healthy is not None and healthy.step == 0 and healthy.verdict is Verdict.HEALTHY
+    assert (healthy.cause, healthy.hint) == cause_and_hint(readings[0].metrics, Verdict.HEALTHY, None)

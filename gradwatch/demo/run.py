@@ -19,6 +19,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from gradwatch.demo.choices import DEFAULT_PORT
 from gradwatch.demo.scenarios import Scenario, build_model, scenario_for
 from gradwatch.demo.task import BASELINE_MSE, adding_problem_batch
 from gradwatch.monitor import Monitor, new_run_id, watch
@@ -30,7 +31,6 @@ from gradwatch.report.summary import Report, ReportOptions
 from gradwatch.report.verdict import SEVERITY, Verdict
 from gradwatch.sinks.base import HasUrl
 
-DEFAULT_PORT = 9400
 ALERT_STYLES: dict[AlertKind, str] = {
     AlertKind.VANISHING: "bold yellow",
     AlertKind.EXPLODING: "bold red",

@@ -14,12 +14,9 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from gradwatch.demo.choices import CELLS, SCENARIOS, CellName, ScenarioName
 from gradwatch.demo.task import INPUT_SIZE
 
-CellName = Literal["rnn", "lstm", "gru"]
-ScenarioName = Literal["healthy", "vanishing", "exploding"]
-CELLS: tuple[CellName, ...] = ("rnn", "lstm", "gru")
-SCENARIOS: tuple[ScenarioName, ...] = ("healthy", "vanishing", "exploding")
 GATE_COUNT: dict[CellName, int] = {"rnn": 1, "lstm": 4, "gru": 3}
 """How many hidden-size blocks the fused weight_hh_l0 stacks (LSTM: i, f, g, o; GRU: r, z, n)."""
 

@@ -1,22 +1,67 @@
 """Detection and policy: alerts from Measurement records, clipping, and the non-finite gradient policy."""
 
-from gradwatch.policy.alerts import (
-    ExplodingGradientWarning,
-    GradWatchWarning,
-    NonFiniteGradientError,
-    NonFiniteGradientWarning,
-    VanishingGradientWarning,
-    emit_alert,
-)
-from gradwatch.policy.clipping import ClipPolicy, FixedNorm, ZClip, apply_clip, make_clip_policy
-from gradwatch.policy.evidence import Verdict
-from gradwatch.policy.nonfinite import (
-    NonFinitePolicy,
-    NonFiniteTracker,
-    enforce_nonfinite_policy,
-    suppress_optimizer_step,
-)
-from gradwatch.policy.trends import DetectionConfig, TrendDetector
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gradwatch.policy.alerts import (
+        ExplodingGradientWarning,
+        GradWatchWarning,
+        NonFiniteGradientError,
+        NonFiniteGradientWarning,
+        VanishingGradientWarning,
+        emit_alert,
+    )
+    from gradwatch.policy.clipping import ClipPolicy, FixedNorm, ZClip, apply_clip, make_clip_policy
+    from gradwatch.policy.evidence import Verdict
+    from gradwatch.policy.nonfinite import (
+        NonFinitePolicy,
+        NonFiniteTracker,
+        enforce_nonfinite_policy,
+        suppress_optimizer_step,
+    )
+    from gradwatch.policy.trends import DetectionConfig, TrendDetector
+
+# Loaded on first use (PEP 562): clipping and the non-finite policy import torch, and the report, which only
+# needs the trend detector, must not pay for it.
+_LAZY_ATTRIBUTES: dict[str, str] = {
+    "ExplodingGradientWarning": "gradwatch.policy.alerts",
+    "GradWatchWarning": "gradwatch.policy.alerts",
+    "NonFiniteGradientError": "gradwatch.policy.alerts",
+    "NonFiniteGradientWarning": "gradwatch.policy.alerts",
+    "VanishingGradientWarning": "gradwatch.policy.alerts",
+    "emit_alert": "gradwatch.policy.alerts",
+    "ClipPolicy": "gradwatch.policy.clipping",
+    "FixedNorm": "gradwatch.policy.clipping",
+    "ZClip": "gradwatch.policy.clipping",
+    "apply_clip": "gradwatch.policy.clipping",
+    "make_clip_policy": "gradwatch.policy.clipping",
+    "Verdict": "gradwatch.policy.evidence",
+    "NonFinitePolicy": "gradwatch.policy.nonfinite",
+    "NonFiniteTracker": "gradwatch.policy.nonfinite",
+    "enforce_nonfinite_policy": "gradwatch.policy.nonfinite",
+    "suppress_optimizer_step": "gradwatch.policy.nonfinite",
+    "DetectionConfig": "gradwatch.policy.trends",
+    "TrendDetector": "gradwatch.policy.trends",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import the submodule that defines a public name on first access and cache the name here."""
+    module_name = _LAZY_ATTRIBUTES.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'gradwatch.policy' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module_name), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    """Module attributes plus the lazily loaded public names."""
+    return sorted(set(globals()) | set(_LAZY_ATTRIBUTES))
+
 
 __all__ = [
     "ClipPolicy",

@@ -266,10 +266,36 @@ class LayerState:
     gradient: GradientNormStatistics = field(default_factory=GradientNormStatistics)
     healthy_gradient_norms: deque[float] = field(default_factory=deque)
     latest: JacobianReading | None = None
+    pending_reading: tuple[Measurement, Evidence, float | None] | None = field(
+        default=None, repr=False, compare=False
+    )
+    """What :attr:`latest` will be made from (see :meth:`reading`): the measurement, its evidence and the
+    suggested clip norm of that moment. Its words (cause, hint) cost string formatting, and the readers
+    (the non-finite and gradient-growth alerts, checkpoints) want only the reading of the last measurement."""
+
+    def reading(self) -> JacobianReading | None:
+        """The latest Jacobian reading, made now from the pending measurement if there is one."""
+        if self.pending_reading is not None:
+            measurement, evidence, suggested_clip = self.pending_reading
+            self.pending_reading = None
+            cause, hint = cause_and_hint(measurement.metrics, evidence.verdict, suggested_clip)
+            self.latest = JacobianReading(
+                step=measurement.step,
+                layer=measurement.layer,
+                direction=measurement.direction,
+                verdict=evidence.verdict,
+                growth_rate=evidence.growth_rate,
+                longest_lag=evidence.longest_lag,
+                longest_lag_norm=evidence.longest_lag_norm,
+                cause=cause,
+                hint=hint,
+            )
+        return self.latest
 
     def to_json(self) -> dict[str, Any]:
+        latest = self.reading()
         return {
-            "latest": None if self.latest is None else self.latest.to_json(),
+            "latest": None if latest is None else latest.to_json(),
             "episode": self.episode.value,
             "episode_start": self.episode_start,
             "episode_metric": self.episode_metric,
@@ -378,22 +404,13 @@ class TrendDetector:
         """Raw verdict of one measurement; also advances the gradient-norm statistics."""
         evidence = classify_jacobian_products(measurement, self.config)
         if evidence.verdict is not Verdict.UNKNOWN:
-            cause, hint = cause_and_hint(
-                measurement.metrics,
-                evidence.verdict,
-                self.suggested_clip_norm(measurement.module, measurement.layer, measurement.direction),
+            # only an exploding hint quotes the clip threshold (a sort and a quantile: skip it otherwise)
+            suggested_clip = (
+                self.suggested_clip_norm(measurement.module, measurement.layer, measurement.direction)
+                if evidence.verdict is Verdict.EXPLODING
+                else None
             )
-            state.latest = JacobianReading(
-                step=measurement.step,
-                layer=measurement.layer,
-                direction=measurement.direction,
-                verdict=evidence.verdict,
-                growth_rate=evidence.growth_rate,
-                longest_lag=evidence.longest_lag,
-                longest_lag_norm=evidence.longest_lag_norm,
-                cause=cause,
-                hint=hint,
-            )
+            state.pending_reading = (measurement, evidence, suggested_clip)  # made on demand: reading()
         total = total_gradient_norm(measurement.metrics.grad_norm)
         if total is None or total <= 0 or not self.config.gradient_spike_test:
             if total is not None and total > 0 and evidence.verdict is Verdict.HEALTHY:
@@ -422,7 +439,18 @@ class TrendDetector:
             )
         if evidence.verdict is Verdict.HEALTHY:
             state.healthy_gradient_norms.append(total)
-        return replace(evidence, grad_z_score=z_score)
+        if z_score is None and evidence.grad_z_score is None:
+            return evidence  # nothing to add (and no copy made per measurement during the warm-up)
+        return Evidence(  # dataclasses.replace(evidence, grad_z_score=z_score), without its per-field loop
+            evidence.verdict,
+            evidence.metric,
+            evidence.value,
+            evidence.threshold,
+            evidence.longest_lag,
+            evidence.longest_lag_norm,
+            evidence.growth_rate,
+            z_score,
+        )
 
     def _is_extreme(self, evidence: Evidence) -> bool:
         """An exploding product far past the threshold, or beyond the float range (inf lag or rate)."""
@@ -437,7 +465,9 @@ class TrendDetector:
         """The module's most recent Jacobian verdict (over its layers: exploding before vanishing before
         healthy at the same step), or None before its first measurement."""
         readings = [
-            state.latest for (name, _, _), state in self._states.items() if name == module and state.latest
+            reading
+            for (name, _, _), state in self._states.items()
+            if name == module and (reading := state.reading()) is not None
         ]
         if not readings:
             return None

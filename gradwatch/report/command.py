@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import io
+import logging
+import multiprocessing
+import os
+import threading
 from collections.abc import Iterable
+from pathlib import Path
 
 from gradwatch.report.reader import LogContents, LogTail, expand_paths, merge_by_step, read_logs
 from gradwatch.report.render_html import render_html
@@ -13,6 +18,8 @@ from gradwatch.report.render_text import make_console, render_text
 from gradwatch.report.streaming import StreamingSummary
 from gradwatch.report.summary import Report, ReportOptions, build_report
 from gradwatch.report.verdict import Verdict
+
+logger = logging.getLogger(__name__)
 
 FORMATS: tuple[str, ...] = ("text", "json", "markdown", "html")
 FAIL_ON_CHOICES: dict[str, Verdict] = {
@@ -37,15 +44,31 @@ def parse_fail_on(values: Iterable[str]) -> frozenset[Verdict]:
     return frozenset(verdicts)
 
 
-def make_report(paths: list[str], options: ReportOptions) -> Report:
+def make_report(paths: list[str], options: ReportOptions, *, jobs: int = 1) -> Report:
     """Read the logs named by ``paths`` (files, directories, globs) and summarise them as they stream by.
 
     The files are merged by step (each is in step order as the monitor writes it), so memory stays
     bounded however long the logs are. Should some layer's measurements still arrive out of step order
     (hand-edited or concatenated logs), the logs are read again whole so the figures stay exact.
+
+    ``jobs`` > 1 (0: one per CPU) lets logs of at least :data:`PARALLEL_MIN_BYTES` in several files be
+    summarised one file per worker process (same report; see :func:`_summarize_in_parallel`).
     """
     files, path_problems = expand_paths(paths)
     contents = LogContents(problems=path_problems)
+    parallel = _summarize_in_parallel(files, options, jobs) if jobs != 1 else None
+    if parallel is not None:
+        summary, per_file = parallel
+        for out in per_file:
+            contents.extend(out)
+        if summary.needs_exact:
+            return build_report(read_logs(paths), options)
+        return summary.report(
+            problems=contents.problems,
+            files=contents.files,
+            unknown_kinds=contents.unknown_kinds,
+            truncated_runs=contents.truncated_runs,
+        )
     summary = StreamingSummary(options)
     per_file = [LogContents(files=[str(path)]) for path in files]
     streams = [LogTail(path).stream(out, final=True) for path, out in zip(files, per_file, strict=True)]
@@ -62,6 +85,64 @@ def make_report(paths: list[str], options: ReportOptions) -> Report:
         unknown_kinds=contents.unknown_kinds,
         truncated_runs=contents.truncated_runs,
     )
+
+
+PARALLEL_MIN_BYTES = 64_000_000
+"""Below this much log in all, one process: starting workers and moving their summaries costs more."""
+MAX_WORKERS = 8
+
+
+def _worker_count(files: list[Path], jobs: int) -> int:
+    if jobs == 0:
+        try:
+            jobs = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            jobs = os.cpu_count() or 1
+    return max(1, min(jobs, len(files), MAX_WORKERS))
+
+
+def _summarize_file(job: tuple[Path, ReportOptions]) -> tuple[StreamingSummary, LogContents]:
+    """One file folded into its own summary (in a worker process)."""
+    path, options = job
+    summary = StreamingSummary(options)
+    out = LogContents(files=[str(path)])
+    summary.add_all(LogTail(path).stream(out, final=True))
+    return summary, out
+
+
+def _summarize_in_parallel(
+    files: list[Path], options: ReportOptions, jobs: int
+) -> tuple[StreamingSummary, list[LogContents]] | None:
+    """Each file summarised in a worker process, merged; ``None`` when that does not pay or is not exact.
+
+    Exact only when no run (run id and rank; run id alone with ``--merge-ranks``) has records in two
+    files: then each run's records were folded in file order, as the serial merge by step folds them.
+    Otherwise, or when worker processes cannot be used, ``None`` and the caller reads serially. Workers
+    are forked, and only from a single-threaded process (forking one with threads can deadlock).
+    """
+    workers = _worker_count(files, jobs)
+    if workers < 2 or "fork" not in multiprocessing.get_all_start_methods() or threading.active_count() > 1:
+        return None
+    try:
+        if sum(path.stat().st_size for path in files) < PARALLEL_MIN_BYTES:
+            return None
+    except OSError:
+        return None  # the serial reader reports the file that cannot be read
+    try:
+        context = multiprocessing.get_context(
+            "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+        )
+        with context.Pool(workers, maxtasksperchild=1) as pool:
+            results = pool.map(_summarize_file, [(path, options) for path in files], chunksize=1)
+    except Exception as exc:  # no worker processes here (sandbox, limits): the serial path does it all
+        logger.debug("reading the logs in one process: %s", exc)
+        return None
+    merged = StreamingSummary(options)
+    for summary, _out in results:
+        if merged.run_keys() & summary.run_keys():
+            return None  # a run spans files: only the merge by step folds it exactly
+        merged.absorb(summary)
+    return merged, [out for _summary, out in results]
 
 
 def render(report: Report, output_format: str) -> str:

@@ -39,6 +39,10 @@ class MetricSpec:
     read: Callable[[MeasurementMetrics, str | None], float | None]
     """``read(metrics, longest_lag_key)``; only ``lag_norm`` uses the lag key."""
 
+    def __reduce__(self) -> tuple[Callable[[str], MetricSpec], tuple[str]]:
+        # pickled by name (``read`` is a lambda): summaries travel between the report's worker processes
+        return _spec_named, (self.name,)
+
 
 def _field(name: str) -> Callable[[MeasurementMetrics, str | None], float | None]:
     return lambda metrics, _lag: getattr(metrics, name)
@@ -66,6 +70,10 @@ METRICS: tuple[MetricSpec, ...] = (
 )
 
 METRIC_NAMES: tuple[str, ...] = tuple(spec.name for spec in METRICS)
+
+
+def _spec_named(name: str) -> MetricSpec:
+    return next(spec for spec in METRICS if spec.name == name)
 
 
 def metric_specs(names: Iterable[str] | None = None) -> tuple[MetricSpec, ...]:

@@ -22,7 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gradwatch.records import SCHEMA_VERSION, Record, RecordError, RunHeader, record_from_json
+from gradwatch.records import (
+    SCHEMA_VERSION,
+    Record,
+    RecordError,
+    RunHeader,
+    fast_measurement_from_json,
+    record_from_json,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -268,6 +275,18 @@ class LogTail:
 
     def _use(self, data: Any, line: int, out: LogContents) -> None:
         """Turn one parsed line into a record (or a counted skip, or a problem naming the line)."""
+        if (
+            type(data) is dict
+            and data.get("kind") == "measurement"
+            and not self._skipping_unsupported_run
+            and (measurement := fast_measurement_from_json(data)) is not None
+        ):
+            # the bulk of a log, in its usual shape: the same record, built without the generic checks
+            if not measurement.run_id and self._current_header is not None:
+                measurement = dataclasses.replace(measurement, run_id=self._current_header.run_id)
+            self._last_run = (measurement.run_id, measurement.rank)
+            self._batch.append(measurement)
+            return
         is_header = isinstance(data, dict) and data.get("kind") == RunHeader.kind
         if self._skipping_unsupported_run and not is_header:
             self._skipped_in_unsupported_run += 1

@@ -22,16 +22,25 @@ by step by :func:`gradwatch.report.command.make_report`). A measurement that arr
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 from array import array
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from gradwatch.distributed import GLOBAL_RANK
 from gradwatch.policy.trends import TrendDetector
-from gradwatch.records import Alert, ClipEvent, ErrorRecord, Measurement, Record, RunHeader
-from gradwatch.report.metrics import MetricSpec, metric_specs
+from gradwatch.records import (
+    GLOBAL_RANK,
+    Alert,
+    ClipEvent,
+    ErrorRecord,
+    Measurement,
+    MeasurementMetrics,
+    Record,
+    RunHeader,
+)
+from gradwatch.report.metrics import METRICS, MetricSpec, metric_specs
 from gradwatch.report.reader import Problem
 from gradwatch.report.sparkline import sparkline
 from gradwatch.report.summary import (
@@ -48,6 +57,7 @@ from gradwatch.report.summary import (
 )
 from gradwatch.report.verdict import LayerEvidence, Verdict, judge_evidence
 
+_METRIC_FIELDS = frozenset(f.name for f in dataclasses.fields(MeasurementMetrics))
 EXACT_POINTS = 2048
 """Series up to this many steps are kept exactly; longer ones are downsampled into at most this many bins."""
 BATCH_POINTS = 1024
@@ -127,10 +137,15 @@ class _MetricAccumulator:
 
     def _merge_fit(self, fit: list[tuple[float, float]]) -> None:
         n_b = len(fit)
-        mean_x_b = math.fsum(x for x, _y in fit) / n_b
-        mean_y_b = math.fsum(y for _x, y in fit) / n_b
-        sxx_b = math.fsum((x - mean_x_b) ** 2 for x, _y in fit)
-        sxy_b = math.fsum((x - mean_x_b) * (y - mean_y_b) for x, y in fit)
+        fsum = math.fsum
+        xs = [x for x, _y in fit]
+        ys = [y for _x, y in fit]
+        mean_x_b = fsum(xs) / n_b
+        mean_y_b = fsum(ys) / n_b
+        # the same terms as before, from lists (fsum is exactly rounded: the sums do not depend on the order)
+        dxs = [x - mean_x_b for x in xs]
+        sxx_b = fsum([d**2 for d in dxs])
+        sxy_b = fsum([d * (y - mean_y_b) for d, y in zip(dxs, ys, strict=True)])
         n_a = self._fit_n
         n = n_a + n_b
         dx, dy = mean_x_b - self._mean_x, mean_y_b - self._mean_y
@@ -147,6 +162,12 @@ class _MetricAccumulator:
                 if len(self._bucket_points) >= EXACT_POINTS:
                     self._merge_buckets()
                     continue
+                whole = min(
+                    EXACT_POINTS - len(self._bucket_points), (len(steps) - index) // self._bucket_size
+                )
+                if whole:
+                    index = self._add_whole_buckets(steps, coords, index, whole)
+                    continue
                 self._bucket_steps.append(steps[index])
                 self._bucket_sums.append(0.0)
                 self._bucket_present.append(0)
@@ -158,6 +179,26 @@ class _MetricAccumulator:
             self._bucket_sums[-1] += math.fsum(part)
             self._bucket_present[-1] += len(part)
             index += taken
+
+    def _add_whole_buckets(self, steps: list[int], coords: list[float | None], index: int, whole: int) -> int:
+        """Append ``whole`` new full buckets from ``index`` on in one go; returns the index after them.
+
+        The same sums as filling them one at a time (0.0 plus the fsum of each bucket's present values).
+        """
+        size = self._bucket_size
+        end = index + whole * size
+        self._bucket_steps.extend(steps[index:end:size])
+        if size == 1:
+            chunk = coords[index:end]
+            self._bucket_sums.extend([0.0 if c is None else 0.0 + c for c in chunk])
+            self._bucket_present.extend([0 if c is None else 1 for c in chunk])
+        else:
+            fsum = math.fsum
+            parts = [[c for c in coords[i : i + size] if c is not None] for i in range(index, end, size)]
+            self._bucket_sums.extend([0.0 + fsum(part) for part in parts])
+            self._bucket_present.extend([len(part) for part in parts])
+        self._bucket_points.extend([size] * whole)
+        return end
 
     def _merge_buckets(self) -> None:
         """Halve the number of buckets by merging neighbours; bucket size doubles."""
@@ -229,6 +270,14 @@ def _pair_sums(values: array, typecode: str) -> array:  # type: ignore[type-arg]
     return out
 
 
+_PLAIN_FIELDS = frozenset(
+    spec.name
+    for spec in METRICS
+    if spec.name in _METRIC_FIELDS and spec.name not in ("lag_norm", "grad_norm")
+)
+"""Metrics whose spec reads the :class:`MeasurementMetrics` field of the same name."""
+
+
 class _LayerAccumulator:
     """One (module, layer, direction) of one run."""
 
@@ -249,7 +298,27 @@ class _LayerAccumulator:
         self._pending: list[Measurement] = []
         self._lag_keys: set[str] = set()
         self._reads = [(self.metrics[spec.name], spec.read) for spec in self.specs]
+        # the hot path reads plain metric fields from the record's dict (what their spec.read returns)
+        self._field_reads = [
+            (self.metrics[spec.name], spec.name) for spec in self.specs if spec.name in _PLAIN_FIELDS
+        ]
+        self._other_reads = [(acc, read) for acc, read in self._reads if acc.spec.name not in _PLAIN_FIELDS]
         self._lag_reads: list[tuple[_MetricAccumulator, str]] = []
+
+    def __getstate__(self) -> dict[str, object]:
+        # the read functions are lambdas: rebuilt from the specs on unpickling (see absorb, worker processes)
+        state = dict(self.__dict__)
+        for name in ("_reads", "_field_reads", "_other_reads"):
+            del state[name]
+        return state
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        self._reads = [(self.metrics[spec.name], spec.read) for spec in self.specs]
+        self._field_reads = [
+            (self.metrics[spec.name], spec.name) for spec in self.specs if spec.name in _PLAIN_FIELDS
+        ]
+        self._other_reads = [(acc, read) for acc, read in self._reads if acc.spec.name not in _PLAIN_FIELDS]
 
     def add_measurement(self, m: Measurement) -> None:
         self.ranks.add(m.rank)
@@ -282,7 +351,12 @@ class _LayerAccumulator:
             # the hot path of a long single-rank log: append to the accumulators' buffers directly
             metrics = readings[0].metrics
             isfinite = math.isfinite
-            for accumulator, read in self._reads:
+            fields = metrics.__dict__
+            for accumulator, name in self._field_reads:
+                v = fields[name]
+                accumulator.steps.append(step)
+                accumulator.values.append(v if v is not None and isfinite(v) else None)
+            for accumulator, read in self._other_reads:
                 v = read(metrics, None)
                 accumulator.steps.append(step)
                 accumulator.values.append(v if v is not None and isfinite(v) else None)
@@ -425,6 +499,23 @@ class StreamingSummary:
     def needs_exact(self) -> bool:
         """Some layer's measurements arrived out of step order: only the whole-file summary is exact."""
         return any(layer.out_of_order for run in self._runs.values() for layer in run.layers.values())
+
+    def run_keys(self) -> set[RunKey]:
+        """The (run id, rank or None) of every run folded so far."""
+        return set(self._runs)
+
+    def absorb(self, other: StreamingSummary) -> None:
+        """Take over the runs of ``other``, a summary of other files whose runs this one has none of.
+
+        Exact because each run's records then all came from one side, folded in their file order (what
+        :func:`merge_by_step` gives each run anyway). Raises ``ValueError`` when a run is on both sides.
+        """
+        shared = self._runs.keys() & other._runs.keys()
+        if shared:
+            raise ValueError(
+                f"runs {sorted(shared, key=str)} are in both summaries: fold their files together"
+            )
+        self._runs.update(other._runs)
 
     def add_all(self, records: Iterable[Record]) -> None:
         for record in records:

@@ -14,8 +14,16 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from gradwatch.distributed import GLOBAL_RANK
-from gradwatch.records import Alert, ClipEvent, Direction, ErrorRecord, Measurement, Record, RunHeader
+from gradwatch.records import (
+    GLOBAL_RANK,
+    Alert,
+    ClipEvent,
+    Direction,
+    ErrorRecord,
+    Measurement,
+    Record,
+    RunHeader,
+)
 from gradwatch.report.metrics import MetricSpec, longest_lag, metric_specs
 from gradwatch.report.reader import LogContents, Problem
 from gradwatch.report.sparkline import sparkline
