@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from torch.utils.hooks import RemovableHandle
 
 from gradwatch._version import __version__
@@ -165,6 +165,7 @@ class Monitor:
         )
         self._step = 0
         self._closed = False
+        self._closure_step: int | None = None  # a measured step whose forward runs in optimizer.step(closure)
         self.faults = FaultPolicy(
             strict=config.strict,
             rank=self.rank,
@@ -405,9 +406,13 @@ class Monitor:
     def _arm(self, measured: bool) -> None:
         self._pipeline.arm(measured)
 
-    def _end_of_step(self, optimizer: torch.optim.Optimizer | None) -> None:
+    def _end_of_step(self, optimizer: torch.optim.Optimizer | None, *, closure: bool = False) -> None:
+        """Close the step in progress. ``closure``: ``optimizer.step(closure)`` was called, so this step's
+        forward passes run inside it, after this pre-hook (LBFGS); a measured step is then measured from the
+        step post-hook, on the last closure's forward (:meth:`_end_of_closure_step`)."""
         if self._closed:
             return
+        self._closure_step = None  # a closure step whose post-hook never ran (its closure raised)
         step = self._step
         alerts: list[Alert] = self._collect(wait=False)  # a background measurement that has finished
         try:
@@ -428,14 +433,37 @@ class Monitor:
                         self._emit(record)
                     alerts += policy_alerts
             if self._is_measured(step):
-                alerts += self._measure(step, gradients.norms, gradients.nonfinite)
+                if closure:
+                    self._closure_step = step
+                else:
+                    alerts += self._measure(step, gradients.norms, gradients.nonfinite)
+        except (GradWatchFault, NonFiniteGradientError):
+            raise
+        except Exception as exc:
+            self._fault("step", "", exc)
+        finally:
+            self._pipeline.reset()  # for a closure step: the previous step's calls, not this one's
+            self._step = step + 1
+            self._arm(self._closure_step is not None or self._is_measured(self._step))
+        self._deliver(alerts)
+
+    def _end_of_closure_step(self) -> None:
+        """Measure a closure step after ``optimizer.step(closure)``: its closures ran after the pre-hook, and
+        the recorded (last) call is measured at the weights it used, with the gradients it left."""
+        step, self._closure_step = self._closure_step, None
+        if self._closed or step is None:
+            return
+        alerts: list[Alert] = []
+        try:
+            with self.faults.guard("gradients"):
+                norms, nonfinite = gradient_norms(self._parameters).to_host_per_parameter()
+                alerts += self._measure(step, norms, nonfinite)
         except (GradWatchFault, NonFiniteGradientError):
             raise
         except Exception as exc:
             self._fault("step", "", exc)
         finally:
             self._pipeline.reset()
-            self._step = step + 1
             self._arm(self._is_measured(self._step))
         self._deliver(alerts)
 
@@ -566,17 +594,20 @@ _optimizer_monitors: weakref.WeakKeyDictionary[torch.optim.Optimizer, list[Monit
     weakref.WeakKeyDictionary()
 )
 _optimizer_hook_handle: RemovableHandle | None = None
+_optimizer_post_hook_handle: RemovableHandle | None = None
 
 
 def _attach_optimizer(optimizer: torch.optim.Optimizer, monitor: Monitor) -> None:
-    global _optimizer_hook_handle
+    global _optimizer_hook_handle, _optimizer_post_hook_handle
     _optimizer_monitors.setdefault(optimizer, []).append(monitor)
     if _optimizer_hook_handle is None:
         _optimizer_hook_handle = register_optimizer_step_pre_hook(_optimizer_step_hook)
+    if _optimizer_post_hook_handle is None:
+        _optimizer_post_hook_handle = register_optimizer_step_post_hook(_optimizer_step_post_hook)
 
 
 def _detach_optimizer(optimizer: torch.optim.Optimizer, monitor: Monitor) -> None:
-    global _optimizer_hook_handle
+    global _optimizer_hook_handle, _optimizer_post_hook_handle
     monitors = _optimizer_monitors.get(optimizer, [])
     if monitor in monitors:
         monitors.remove(monitor)
@@ -585,12 +616,26 @@ def _detach_optimizer(optimizer: torch.optim.Optimizer, monitor: Monitor) -> Non
     if not _optimizer_monitors and _optimizer_hook_handle is not None:
         _optimizer_hook_handle.remove()
         _optimizer_hook_handle = None
+    if not _optimizer_monitors and _optimizer_post_hook_handle is not None:
+        _optimizer_post_hook_handle.remove()
+        _optimizer_post_hook_handle = None
 
 
 def _optimizer_step_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     """Close the step of every monitor attached to this optimizer (a copy of it has none)."""
+    monitors = _optimizer_monitors.get(optimizer)
+    if not monitors:
+        return
+    positional = args[1:] if args and args[0] is optimizer else args  # torch passes (self, *args)
+    closure = kwargs.get("closure", positional[0] if positional else None)
+    for monitor in list(monitors):
+        monitor._end_of_step(optimizer, closure=callable(closure))
+
+
+def _optimizer_step_post_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    """After ``optimizer.step(closure)``: measure a measured closure step (see Monitor._end_of_step)."""
     for monitor in list(_optimizer_monitors.get(optimizer, ())):
-        monitor._end_of_step(optimizer)
+        monitor._end_of_closure_step()
 
 
 def _estimate_and_show_live(job: MeasurementJob, live_sinks: list[LiveSink]) -> MeasurementResult:

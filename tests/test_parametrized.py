@@ -348,14 +348,54 @@ def test_lbfgs_is_measured_at_the_weights_of_the_captured_closure(line_search: s
     with warnings.catch_warnings():
         warnings.simplefilter("error", GradWatchWarning)
         losses, step_losses, last_weights, records, x = train_lbfgs(steps, True, line_search)
-    # The step pre-hook closes step k before step k's closures run: what it measures is the last closure
-    # of step k - 1 (step 0 has seen no forward yet). One measurement per step from step 1 on.
-    assert [r.step for r in records] == list(range(1, steps))
+    # Step k's closures run inside optimizer.step(closure), after the step pre-hook; the monitor measures
+    # the step from the step post-hook, on the last closure of step k at the weights it used: one
+    # measurement per measured step, step 0 included.
+    assert [r.step for r in records] == list(range(steps))
     for record in records:
-        weights = last_weights[record.step - 1]
+        weights = last_weights[record.step]
         assert_matches(record, exact_sigmas(lstm_step, weights, x[:, :8], x.new_zeros(BATCH, 2 * HIDDEN)))
     bare_losses, bare_step_losses, *_ = train_lbfgs(steps, False, line_search)
     assert losses == bare_losses and step_losses == bare_step_losses  # bit for bit
+
+
+def test_a_closure_step_of_any_optimizer_measures_its_own_forward() -> None:
+    """optimizer.step(closure) with SGD: the closure's forward (inside step()) is the measured one, with the
+    gradients it produced, and the unwatched run's losses are reproduced bit for bit."""
+
+    def run(watched: bool) -> tuple[list[float], list[Measurement], list[dict[str, Tensor]], list[Tensor]]:
+        torch.manual_seed(0)
+        model = FusedModel(None)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.3)
+        monitor = (
+            gradwatch.watch(model, optimizer, every=2, probe="live", estimator=EXACT) if watched else None
+        )
+        losses: list[float] = []
+        used: list[dict[str, Tensor]] = []
+        xs = batches(4)
+        for x in xs:
+
+            def closure(x: Tensor = x) -> Tensor:
+                optimizer.zero_grad()
+                loss = model(x)
+                loss.backward()
+                used.append(layer0(model.used))
+                return loss
+
+            losses.append(float(optimizer.step(closure)))
+        records = [r for r in monitor.history if isinstance(r, Measurement)] if monitor else []
+        grads = [p.grad.clone() for p in model.parameters()]
+        if monitor:
+            monitor.close()
+        return losses, records, used, grads
+
+    losses, records, used, grads = run(True)
+    bare_losses, _, _, bare_grads = run(False)
+    assert losses == bare_losses and all(torch.equal(a, b) for a, b in zip(grads, bare_grads, strict=True))
+    assert [r.step for r in records] == [0, 2]
+    for record in records:
+        x = batches(4)[record.step]
+        assert_matches(record, exact_sigmas(lstm_step, used[record.step], x, x.new_zeros(BATCH, 2 * HIDDEN)))
 
 
 def test_weights_moved_before_monitor_step_are_not_a_replay_failure() -> None:
