@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -11,6 +12,7 @@ from torch import Tensor
 from gradwatch.estimators.jacobian import builtin_step_jacobians, function_step_jacobians
 from gradwatch.estimators.products import (
     SHARED_LYAPUNOV_MIN_STEPS,
+    WARM_LONG_LAG,
     _representable,
     default_lags,
     estimate_lag_norms,
@@ -273,3 +275,36 @@ def test_shared_lyapunov_falls_back_where_the_product_underflows() -> None:
     assert not bool(_representable(lag_estimate.full_product_norms).any())
     exponents = lyapunov_from_full_products(jac, mask, lag_estimate)
     assert [float(e) for e in exponents] == pytest.approx([math.log(0.2)] * 2, abs=1e-5)
+
+
+def test_warm_started_long_lags_and_whole_products_leave_after_one_quiet_check() -> None:
+    """A warm start from a nearby measurement (weights 1% away) lets the long lags (tau >= WARM_LONG_LAG)
+    and the whole-product rows stop after <= 2 iterations (they needed >= 3 with three quiet checks), while
+    the norms stay within 2% of the dense products and lambda within 1e-4 per step of exact."""
+    case = CellCase("lstm", 16)
+    generator = torch.Generator().manual_seed(11)
+    weights = random_cell_weights(case, generator, dtype=torch.float32)
+    x, s_prev = random_sequences(case, weights, steps=40, batch=3, generator=generator)
+    nearby = dataclasses.replace(
+        weights,
+        weight_hh=weights.weight_hh * (1 + 0.01 * torch.randn(weights.weight_hh.shape, generator=generator)),
+    )
+    mask = torch.ones(40, 3, dtype=torch.bool)
+    lags = default_lags(40)
+    previous = estimate_lag_norms(builtin_step_jacobians(nearby, x, s_prev), mask, lags, full_products=True)
+    jac = builtin_step_jacobians(weights, x, s_prev)
+    warm = estimate_lag_norms(jac, mask, lags, v0=previous.estimate.right_vectors, full_products=True)
+    iterations = warm.estimate.element_iterations
+    assert iterations is not None
+    long_rows = torch.tensor([tau >= WARM_LONG_LAG for tau in lags] + [True])
+    assert int(iterations[long_rows].max()) <= 2
+    dense = dense_step_jacobians(weights.to(torch.float64), x.double(), s_prev.double())
+    for k, tau in enumerate(lags):
+        for b in range(3):
+            product = torch.eye(weights.state_size, dtype=torch.float64)
+            for t in range(40 - tau, 40):
+                product = dense[t, b] @ product
+            exact = float(torch.linalg.matrix_norm(product, ord=2))
+            assert float(warm.norms[k, b]) == pytest.approx(exact, rel=2e-2)
+    exponents = lyapunov_from_full_products(jac, mask, warm)
+    assert [float(e) for e in exponents] == pytest.approx(exact_lyapunov(dense, [40] * 3), abs=1e-4)
