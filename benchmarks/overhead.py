@@ -5,6 +5,12 @@ Run from the repository root:
     python3 -m benchmarks.overhead                      # LSTM and GRU, H=256, T=64, B=32 (~12 min on 2 cores)
     python3 -m benchmarks.overhead --hidden 256 512     # the full grid of docs/performance.md
     python3 -m benchmarks.overhead --quick              # H=128, a smoke run (~3 min)
+    python3 -m benchmarks.overhead --kinds lstm --variants bare every-step default --repeats 3
+                                                        # bounded: one measurement's cost and every=50
+
+Every case runs at each ``--threads`` setting (default: every core, torch's own default, and 1 thread),
+so the tables show both: training with every core busy, where a measurement competes with nothing but
+also finds no idle core, and training on one thread.
 
 Variants, each in its own process, alternated round by round (order rotated), ``--repeats`` rounds:
 
@@ -31,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -76,6 +83,7 @@ def variants(block: int, measured_steps: int) -> list[Variant]:
 class Summary:
     kind: str
     hidden: int
+    threads: int
     bare_step_s: float
     default_ratio: float  # median over rounds of default block time / bare block time
     inline_ratio: float  # the same for background=False
@@ -108,9 +116,21 @@ def excess_over_own_median(results: list[dict]) -> float:
     )
 
 
-def summarise(kind: str, hidden: int, runs: dict[str, list[dict]]) -> Summary:
+def summarise(kind: str, hidden: int, runs: dict[str, list[dict]], threads: int = 1) -> Summary:
+    """Medians and ratios of one (kind, hidden, threads) case; a variant left out (``--variants``) reads
+    NaN in every figure that needs it."""
+    rounds = len(runs["bare"])
+    left_out = [
+        {
+            "total_seconds": math.nan,
+            "step_seconds": [math.nan],
+            "peak_rss_bytes": math.nan,
+            "live_tensor_bytes": math.nan,
+            "rss_growth_bytes": math.nan,
+        }
+    ] * rounds
     bare, default, inline, every, nonfinite = (
-        runs[n] for n in ("bare", "default", "inline", "every-step", "nonfinite")
+        runs.get(n) or left_out for n in ("bare", "default", "inline", "every-step", "nonfinite")
     )
 
     def totals(results: list[dict]) -> list[float]:
@@ -134,6 +154,7 @@ def summarise(kind: str, hidden: int, runs: dict[str, list[dict]]) -> Summary:
     return Summary(
         kind=kind,
         hidden=hidden,
+        threads=threads,
         bare_step_s=bare_step,
         default_ratio=default_ratio,
         inline_ratio=median(paired_ratios(totals(inline), totals(bare))),
@@ -193,6 +214,11 @@ def per_step_check_seconds(
     return median(differences)
 
 
+def label(summary: Summary) -> str:
+    """The row name of a case: cell, hidden size and torch threads."""
+    return f"{summary.kind} H={summary.hidden} threads={summary.threads}"
+
+
 def percent(ratio: float) -> str:
     return "n/a" if math.isnan(ratio) else f"{100 * ratio:+.1f}%"
 
@@ -210,7 +236,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--block", type=int, default=50, help="timed steps per run (50 = one default period)")
     parser.add_argument("--measured-steps", type=int, default=4, help="timed steps of the every-step variant")
     parser.add_argument(
-        "--threads", type=int, default=1, help="torch threads per run (default 1, see README)"
+        "--threads",
+        type=int,
+        nargs="+",
+        default=[os.cpu_count() or 1, 1],
+        help="torch thread settings, each a full set of runs (default: every core, then 1)",
+    )
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=[v.name for v in variants(1, 1)],
+        help="run only these variants (default all; 'bare' is always run, every ratio needs it)",
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--quick", action="store_true", help="H=128 only: a smoke run")
@@ -222,50 +258,61 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     hidden_sizes = [128] if args.quick else args.hidden
-    set_threads(args.threads)
+    thread_settings = list(dict.fromkeys(args.threads))
+    chosen = None if args.variants is None else {"bare", *args.variants}
+    set_threads(thread_settings[0])
     print(machine(args.device).describe())
+    print(f"torch thread settings: {thread_settings} (each case runs at each)")
     print(
         f"model: embedding -> RNN -> linear, V={args.vocabulary}, T={args.time_steps}, B={args.batch}, Adam; "
         f"{args.repeats} alternating rounds, medians; block {args.block} steps"
     )
     summaries: list[Summary] = []
     raw: dict[str, dict[str, list[dict]]] = {}
-    for kind in args.kinds:
-        for hidden in hidden_sizes:
-            runs: dict[str, list[dict]] = {v.name: [] for v in variants(args.block, args.measured_steps)}
-            for round_index, variant in alternating(variants(args.block, args.measured_steps), args.repeats):
-                settings = WorkerSettings(
-                    kind=kind,
-                    hidden=hidden,
-                    steps=args.time_steps,
-                    batch=args.batch,
-                    vocabulary=args.vocabulary,
-                    instrument=variant.instrument,
-                    every=variant.every,
-                    background=variant.background,
-                    lead_in_steps=variant.lead_in_steps,
-                    timed_steps=variant.timed_steps,
-                    threads=args.threads,
-                    device=args.device,
-                )
-                result = run_worker("benchmarks.overhead", asdict(settings))
-                runs[variant.name].append(result)
-                print(
-                    f"  {kind} H={hidden} round {round_index + 1}/{args.repeats} {variant.name:<10} "
-                    f"{result['total_seconds']:.2f} s",
-                    file=sys.stderr,
-                )
-            summaries.append(summarise(kind, hidden, runs))
-            raw[f"{kind}-{hidden}"] = runs
+    for threads, kind, hidden in (
+        (t, k, h) for t in thread_settings for k in args.kinds for h in hidden_sizes
+    ):
+        selected = [
+            v for v in variants(args.block, args.measured_steps) if chosen is None or v.name in chosen
+        ]
+        runs: dict[str, list[dict]] = {v.name: [] for v in selected}
+        for round_index, variant in alternating(selected, args.repeats):
+            settings = WorkerSettings(
+                kind=kind,
+                hidden=hidden,
+                steps=args.time_steps,
+                batch=args.batch,
+                vocabulary=args.vocabulary,
+                instrument=variant.instrument,
+                every=variant.every,
+                background=variant.background,
+                lead_in_steps=variant.lead_in_steps,
+                timed_steps=variant.timed_steps,
+                threads=threads,
+                device=args.device,
+            )
+            result = run_worker("benchmarks.overhead", asdict(settings))
+            runs[variant.name].append(result)
+            print(
+                f"  {kind} H={hidden} threads={threads} round {round_index + 1}/{args.repeats} "
+                f"{variant.name:<10} {result['total_seconds']:.2f} s",
+                file=sys.stderr,
+            )
+        summaries.append(summarise(kind, hidden, runs, threads))
+        raw[f"{kind}-{hidden}-t{threads}"] = runs
     print_tables(summaries)
-    print("\nPer-step checks alone, in-process (watched minus bare optimizer.step(), median of 200 pairs)\n")
-    rows = []
-    for kind in args.kinds:
-        for hidden in hidden_sizes:
-            extra = per_step_check_seconds(kind, hidden, args.vocabulary)
-            bare_step = next(s.bare_step_s for s in summaries if s.kind == kind and s.hidden == hidden)
-            rows.append([f"{kind} H={hidden}", extra * 1e3, bare_step * 1e3, percent(extra / bare_step)])
-    print(format_table(["model", "checks ms", "bare training step ms", "overhead"], rows))
+    if chosen is None or "nonfinite" in chosen:
+        print(
+            "\nPer-step checks alone, in-process (watched minus bare optimizer.step(), median of 200 pairs)\n"
+        )
+        rows = []
+        for summary in summaries:
+            set_threads(summary.threads)
+            extra = per_step_check_seconds(summary.kind, summary.hidden, args.vocabulary)
+            rows.append(
+                [label(summary), extra * 1e3, summary.bare_step_s * 1e3, percent(extra / summary.bare_step_s)]
+            )
+        print(format_table(["model", "checks ms", "bare training step ms", "overhead"], rows))
     if args.json is not None:
         args.json.write_text(json.dumps({"summaries": [asdict(s) for s in summaries], "runs": raw}, indent=1))
     return 0
@@ -285,7 +332,7 @@ def print_tables(summaries: list[Summary]) -> None:
             ],
             [
                 [
-                    f"{s.kind} H={s.hidden}",
+                    label(s),
                     s.bare_step_s,
                     percent(s.default_ratio - 1),
                     percent(s.inline_ratio - 1),
@@ -302,7 +349,7 @@ def print_tables(summaries: list[Summary]) -> None:
             ["model", "default", "inline", "non-finite check only (control)", "default minus control"],
             [
                 [
-                    f"{s.kind} H={s.hidden}",
+                    label(s),
                     percent(s.default_excess),
                     percent(s.inline_excess),
                     percent(s.nonfinite_excess),
@@ -327,7 +374,7 @@ def print_tables(summaries: list[Summary]) -> None:
             ],
             [
                 [
-                    f"{s.kind} H={s.hidden}",
+                    label(s),
                     s.measured_step_s,
                     s.measurement_s,
                     f"{s.measurement_vs_step:.2f}x",
@@ -352,7 +399,7 @@ def print_tables(summaries: list[Summary]) -> None:
             ],
             [
                 [
-                    f"{s.kind} H={s.hidden}",
+                    label(s),
                     s.peak_rss_bare_mb,
                     s.peak_rss_measured_mb,
                     percent(s.peak_rss_overhead),

@@ -123,3 +123,18 @@ def test_overhead_summary_pairs_runs_of_the_same_round() -> None:
     assert summary.peak_rss_overhead == pytest.approx(0.1)
     assert summary.peak_rss_default_overhead == pytest.approx(0.01)
     assert summary.retained_mb == pytest.approx(1.0)
+
+
+def test_overhead_summary_of_a_bounded_run_keeps_the_measurement_and_marks_the_rest_missing() -> None:
+    """--variants bare every-step: one measurement's cost is still reported (per thread setting), and
+    every ratio that needs a variant left out reads NaN instead of failing the run."""
+    mib = 2**20
+    runs = {
+        "bare": [run(10.0, 0.2, 100 * mib, 50 * mib), run(20.0, 0.2, 100 * mib, 50 * mib)],
+        "every-step": [run(5.0, 0.5, 110 * mib, 51 * mib), run(5.0, 0.5, 110 * mib, 51 * mib)],
+    }
+    summary = summarise("lstm", 8, runs, threads=2)
+    assert summary.threads == 2
+    assert summary.measurement_vs_step == pytest.approx(1.5)
+    assert math.isnan(summary.default_ratio) and math.isnan(summary.inline_ratio)
+    assert math.isnan(summary.retained_mb)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -9,7 +10,16 @@ import torch
 from torch import Tensor
 
 from gradwatch.estimators.jacobian import builtin_step_jacobians, function_step_jacobians
-from gradwatch.estimators.products import default_lags, estimate_lag_norms, lag_norms, lyapunov_max
+from gradwatch.estimators.products import (
+    SHARED_LYAPUNOV_MIN_STEPS,
+    WARM_LONG_LAG,
+    _representable,
+    default_lags,
+    estimate_lag_norms,
+    lag_norms,
+    lyapunov_from_full_products,
+    lyapunov_max,
+)
 from tests._estimator_cases import CellCase, dense_step_jacobians, random_cell_weights, random_sequences
 
 
@@ -227,3 +237,74 @@ def test_no_lags_gives_an_empty_result_and_the_global_rng_is_untouched() -> None
     assert set(lag_norms(jac, mask, [1, 3])) == {1, 3}
     lyapunov_max(jac, mask)
     assert torch.equal(torch.get_rng_state(), before)
+
+
+@pytest.mark.parametrize("case", LYAPUNOV_CASES, ids=[c.case_id for c in LYAPUNOV_CASES])
+def test_lyapunov_shared_with_the_lag_sweeps_is_the_exact_log_norm_growth(case: CellCase) -> None:
+    """lambda from the whole-product rows of the lag Lanczos (estimate_layer's path) keeps the 1e-4 per
+    step bound against jacrev products, for sequences on the shared path (L_b >= 16) and for the short
+    and empty ones that fall back to the rescaled path."""
+    steps = 40
+    generator = torch.Generator().manual_seed(3)
+    weights = random_cell_weights(case, generator, dtype=torch.float32)
+    x, s_prev = random_sequences(case, weights, steps=steps, batch=5, generator=generator)
+    mask = torch.ones(steps, 5, dtype=torch.bool)
+    mask[30:, 1] = False  # shared path, ragged
+    mask[SHARED_LYAPUNOV_MIN_STEPS - 1 :, 2] = False  # too short: the rescaled path
+    mask[:, 4] = False  # empty
+    lengths = mask.sum(0).tolist()
+    jac = builtin_step_jacobians(weights, x, s_prev)
+    lag_estimate = estimate_lag_norms(jac, mask, default_lags(steps), full_products=True)
+    exponents = lyapunov_from_full_products(jac, mask, lag_estimate)
+    dense = dense_step_jacobians(weights.to(torch.float64), x.double(), s_prev.double())
+    assert [float(e) for e in exponents[:4]] == pytest.approx(exact_lyapunov(dense, lengths[:4]), abs=1e-4)
+    assert math.isnan(float(exponents[4]))
+    # The lag norms of the same call are the plain estimate's (the extra rows change no lag row).
+    plain = estimate_lag_norms(jac, mask, default_lags(steps))
+    torch.testing.assert_close(lag_estimate.norms, plain.norms, rtol=2e-3, atol=0.0, equal_nan=True)
+
+
+def test_shared_lyapunov_falls_back_where_the_product_underflows() -> None:
+    """0.2 x orthogonal over 400 steps: the whole product (~1e-280) is zero in float32, so the shared rows
+    read 0 and lambda must come from the rescaled path: log 0.2, finite."""
+    orthogonal, _ = torch.linalg.qr(torch.randn(8, 8, generator=torch.Generator().manual_seed(1)))
+    jac = ConstantLinearJacobians(0.2 * orthogonal, steps=400, batch=2)
+    mask = torch.ones(400, 2, dtype=torch.bool)
+    lag_estimate = estimate_lag_norms(jac, mask, [1, 2], full_products=True)
+    assert lag_estimate.full_product_norms is not None
+    assert not bool(_representable(lag_estimate.full_product_norms).any())
+    exponents = lyapunov_from_full_products(jac, mask, lag_estimate)
+    assert [float(e) for e in exponents] == pytest.approx([math.log(0.2)] * 2, abs=1e-5)
+
+
+def test_warm_started_long_lags_and_whole_products_leave_after_one_quiet_check() -> None:
+    """A warm start from a nearby measurement (weights 1% away) lets the long lags (tau >= WARM_LONG_LAG)
+    and the whole-product rows stop after <= 2 iterations (they needed >= 3 with three quiet checks), while
+    the norms stay within 2% of the dense products and lambda within 1e-4 per step of exact."""
+    case = CellCase("lstm", 16)
+    generator = torch.Generator().manual_seed(11)
+    weights = random_cell_weights(case, generator, dtype=torch.float32)
+    x, s_prev = random_sequences(case, weights, steps=40, batch=3, generator=generator)
+    nearby = dataclasses.replace(
+        weights,
+        weight_hh=weights.weight_hh * (1 + 0.01 * torch.randn(weights.weight_hh.shape, generator=generator)),
+    )
+    mask = torch.ones(40, 3, dtype=torch.bool)
+    lags = default_lags(40)
+    previous = estimate_lag_norms(builtin_step_jacobians(nearby, x, s_prev), mask, lags, full_products=True)
+    jac = builtin_step_jacobians(weights, x, s_prev)
+    warm = estimate_lag_norms(jac, mask, lags, v0=previous.estimate.right_vectors, full_products=True)
+    iterations = warm.estimate.element_iterations
+    assert iterations is not None
+    long_rows = torch.tensor([tau >= WARM_LONG_LAG for tau in lags] + [True])
+    assert int(iterations[long_rows].max()) <= 2
+    dense = dense_step_jacobians(weights.to(torch.float64), x.double(), s_prev.double())
+    for k, tau in enumerate(lags):
+        for b in range(3):
+            product = torch.eye(weights.state_size, dtype=torch.float64)
+            for t in range(40 - tau, 40):
+                product = dense[t, b] @ product
+            exact = float(torch.linalg.matrix_norm(product, ord=2))
+            assert float(warm.norms[k, b]) == pytest.approx(exact, rel=2e-2)
+    exponents = lyapunov_from_full_products(jac, mask, warm)
+    assert [float(e) for e in exponents] == pytest.approx(exact_lyapunov(dense, [40] * 3), abs=1e-4)

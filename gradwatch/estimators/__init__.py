@@ -27,6 +27,7 @@ from gradwatch.estimators.products import (
     default_lags,
     estimate_lag_norms,
     lag_norms,
+    lyapunov_from_full_products,
     lyapunov_max,
 )
 
@@ -50,6 +51,7 @@ __all__ = [
     "gradient_norms",
     "lag_norms",
     "layer_metrics",
+    "lyapunov_from_full_products",
     "lyapunov_max",
     "spectral_norm",
     "spectral_norm_lanczos",

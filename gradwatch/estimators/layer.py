@@ -34,7 +34,7 @@ from gradwatch.estimators.products import (
     DEFAULT_LAG_RTOL,
     default_lags,
     estimate_lag_norms,
-    lyapunov_max,
+    lyapunov_from_full_products,
     sequence_lengths,
 )
 from gradwatch.records import MeasurementMetrics, SigmaHistogram
@@ -330,9 +330,11 @@ def estimate_layer(
         rtol=settings.lag_rtol,
         generator=generator,
         v0=warm_lags,
+        full_products=settings.lyapunov,
     )
-    # No generator: lyapunov_max's own fixed start makes lambda a function of the Jacobians alone.
-    lyapunov = lyapunov_max(jac, mask) if settings.lyapunov else None
+    # lambda from the whole-product rows of the lag sweeps (their GEMMs with W_hh are shared); the rescaled
+    # path of lyapunov_max only for sequences too short, not converged, or out of the dtype's range.
+    lyapunov = lyapunov_from_full_products(jac, mask, lag_estimate) if settings.lyapunov else None
 
     return LayerEstimate(
         jacobian_sigma=sigma,

@@ -1,0 +1,133 @@
+"""Profile: where one inline measurement's time goes, against the bare training step it rides on.
+
+Run from the repository root (bounded: a few warm measured steps per setting):
+
+    python3 -m benchmarks.profile_measurement                     # LSTM H=256, threads 2 and 1
+    python3 -m benchmarks.profile_measurement --kind gru --hidden 512 --threads 1
+
+The model is the issue's language model (embedding 64 -> nn.LSTM/GRU(64, H) -> Linear to 64 tokens, T=64,
+B=32, Adam), watched with ``every=1, background=False``. Bare and measured steps alternate in one process
+(a second optimizer over the same parameters, lr=0, keeps the weights fixed so every measurement sees the
+same Jacobians). The stages of ``estimate_layer`` are timed by wrapping the functions it calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+import gradwatch
+import gradwatch.estimators.layer as layer_module
+
+#: The functions estimate_layer calls, timed where this version of gradwatch has them (lambda came from a
+#: separate ``lyapunov_max`` before it shared the lag sweeps: ``lyapunov_from_full_products``).
+CANDIDATE_STAGES = (
+    "estimate_step_norms",
+    "estimate_lag_norms",
+    "lyapunov_max",
+    "lyapunov_from_full_products",
+    "weight_spectral_norm",
+)
+STAGES = tuple(name for name in CANDIDATE_STAGES if hasattr(layer_module, name))
+
+
+class SmallLanguageModel(nn.Module):
+    """Embedding 64 -> one recurrent layer (time-major) -> Linear to the vocabulary."""
+
+    def __init__(self, kind: str, hidden: int, vocabulary: int = 64, embedding: int = 64) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocabulary, embedding)
+        self.rnn = {"lstm": nn.LSTM, "gru": nn.GRU}[kind](embedding, hidden)
+        self.readout = nn.Linear(hidden, vocabulary)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        hidden, _ = self.rnn(self.embedding(tokens))
+        return self.readout(hidden)
+
+
+def _timed(name: str, function: Callable[..., Any], totals: dict[str, list[float]]) -> Callable[..., Any]:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        begin = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            totals[name].append(time.perf_counter() - begin)
+
+    return wrapper
+
+
+def profile(kind: str, hidden: int, threads: int, rounds: int, steps: int = 64, batch: int = 32) -> dict:
+    """Median bare step, measured step and stage times (seconds) over ``rounds`` warm measurements."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    vocabulary = 64
+    model = SmallLanguageModel(kind, hidden, vocabulary)
+    tokens = torch.randint(0, vocabulary, (steps + 1, batch))
+    bare = torch.optim.Adam(model.parameters(), lr=0.0)
+    watched = torch.optim.Adam(model.parameters(), lr=0.0)
+
+    def train_step(optimizer: torch.optim.Optimizer) -> float:
+        begin = time.perf_counter()
+        optimizer.zero_grad()
+        logits = model(tokens[:-1])
+        loss = nn.functional.cross_entropy(logits.reshape(-1, vocabulary), tokens[1:].reshape(-1))
+        loss.backward()
+        optimizer.step()
+        return time.perf_counter() - begin
+
+    totals: dict[str, list[float]] = defaultdict(list)
+    originals = {name: getattr(layer_module, name) for name in STAGES}
+    for name in STAGES:
+        setattr(layer_module, name, _timed(name, originals[name], totals))
+    monitor = gradwatch.watch(model, watched, every=1, background=False)
+    try:
+        train_step(bare)
+        train_step(watched)  # the cold first measurement, not counted
+        totals.clear()
+        bare_times, measured_times = [], []
+        for _ in range(rounds):
+            bare_times.append(train_step(bare))
+            measured_times.append(train_step(watched))
+    finally:
+        monitor.close()
+        for name, function in originals.items():
+            setattr(layer_module, name, function)
+    result = {
+        "bare_step_s": statistics.median(bare_times),
+        "measured_step_s": statistics.median(measured_times),
+    }
+    for name in STAGES:
+        result[name] = statistics.median(totals[name]) if totals[name] else 0.0
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--kind", choices=["lstm", "gru"], default="lstm")
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--threads", type=int, nargs="+", default=[2, 1])
+    parser.add_argument("--rounds", type=int, default=5, help="warm measured steps per setting")
+    args = parser.parse_args(argv)
+    for threads in args.threads:
+        r = profile(args.kind, args.hidden, threads, args.rounds)
+        cost = r["measured_step_s"] - r["bare_step_s"]
+        stages = ", ".join(f"{name} {1e3 * r[name]:.0f} ms" for name in STAGES)
+        print(
+            f"{args.kind} H={args.hidden} threads={threads}: bare step {1e3 * r['bare_step_s']:.0f} ms, "
+            f"measured step {1e3 * r['measured_step_s']:.0f} ms, one measurement = "
+            f"{cost / r['bare_step_s']:.2f} training steps; {stages}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
