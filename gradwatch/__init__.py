@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import importlib
 import logging
 import sys
 import types
 from typing import TYPE_CHECKING, Any
 
+from gradwatch._lazy import lazy_attributes
 from gradwatch._version import __version__
 
 if TYPE_CHECKING:
@@ -78,14 +78,7 @@ _LAZY_ATTRIBUTES: dict[str, str] = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    """Import the module that defines a public name on first access and cache the name here."""
-    module_name = _LAZY_ATTRIBUTES.get(name)
-    if module_name is None:
-        raise AttributeError(f"module 'gradwatch' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module_name), name)
-    globals()[name] = value  # later lookups are plain module attributes
-    return value
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY_ATTRIBUTES, globals())
 
 
 class _PackageModule(types.ModuleType):
@@ -103,11 +96,6 @@ class _PackageModule(types.ModuleType):
 
 
 sys.modules[__name__].__class__ = _PackageModule
-
-
-def __dir__() -> list[str]:
-    """Module attributes plus the lazily loaded public names (for completion and dir())."""
-    return sorted(set(globals()) | set(_LAZY_ATTRIBUTES))
 
 
 # Library convention (logging HOWTO, "Configuring Logging for a Library"): without it, Python's last-resort

@@ -61,14 +61,7 @@ def make_report(paths: list[str], options: ReportOptions, *, jobs: int = 1) -> R
         summary, per_file = parallel
         for out in per_file:
             contents.extend(out)
-        if summary.needs_exact:
-            return build_report(read_logs(paths), options)
-        return summary.report(
-            problems=contents.problems,
-            files=contents.files,
-            unknown_kinds=contents.unknown_kinds,
-            truncated_runs=contents.truncated_runs,
-        )
+        return _finish(summary, contents, paths, options)
     summary = StreamingSummary(options)
     per_file = [LogContents(files=[str(path)]) for path in files]
     streams = [LogTail(path).stream(out, final=True) for path, out in zip(files, per_file, strict=True)]
@@ -77,6 +70,14 @@ def make_report(paths: list[str], options: ReportOptions, *, jobs: int = 1) -> R
         add(record)
     for out in per_file:
         contents.extend(out)
+    return _finish(summary, contents, paths, options)
+
+
+def _finish(
+    summary: StreamingSummary, contents: LogContents, paths: list[str], options: ReportOptions
+) -> Report:
+    """The report from the streamed summary, or from the whole files when the summary cannot be exact
+    (measurements out of step order)."""
     if summary.needs_exact:
         return build_report(read_logs(paths), options)
     return summary.report(
