@@ -449,20 +449,9 @@ def _as_direction(value: Any) -> Direction:
 
 # --- fast path for the bulk of a run log -------------------------------------------------------------
 
-_FAST_FLOAT_FIELDS = (
-    "jacobian_sigma_max_mean",
-    "jacobian_sigma_max_min",
-    "jacobian_sigma_max_max",
-    "jacobian_sigma_max_p95",
-    "jacobian_frac_above_one",
-    "weight_hh_sigma_max",
-    "activation_derivative_mean",
-    "activation_saturation_ratio",
-    "lyapunov_max",
-    "gate_mean",
-    "jacobian_converged_ratio",
-)
-_FAST_INT_FIELDS = ("jacobian_iterations", "sequences", "time_steps")
+# The optional scalar fields of MeasurementMetrics, read from its declaration (annotations are strings here).
+_FAST_FLOAT_FIELDS = tuple(f.name for f in dataclasses.fields(MeasurementMetrics) if f.type == "float | None")
+_FAST_INT_FIELDS = tuple(f.name for f in dataclasses.fields(MeasurementMetrics) if f.type == "int | None")
 _FAST_METRIC_KEYS = frozenset(
     (*_FAST_FLOAT_FIELDS, *_FAST_INT_FIELDS, "lag_norm", "grad_norm", "grad_nonfinite")
 )
