@@ -174,57 +174,6 @@ def _estimate_windows(
     time = torch.arange(steps, device=jac.device).view(steps, 1, 1)
     # in_window[t, k, b]: J_t is a factor of P_{tau_k, b}.
     in_window = valid & (time >= start) & (time < lengths.unsqueeze(0))
-    in_window_vectors = in_window.unsqueeze(-1)
-    # Which lags each step touches, on the host once, outside the iteration loops (one transfer).
-    spans = _active_lag_spans(in_window.any(dim=2).cpu())
-
-    def sweep(
-        v: Tensor,
-        apply: Callable[[Tensor, int], Tensor],
-        order: Iterable[int],
-        spans: list[list[tuple[int, int]]],
-        window: Tensor,
-    ) -> Tensor:
-        # J_t is applied only to the rows of lags whose window covers t (window selects the sequences
-        # within them): lag tau touches tau steps, so a sweep costs sum(tau) * B row products, not K * T * B.
-        v = v.clone()
-        for t in order:
-            for lo, hi in spans[t]:
-                rows = v[lo:hi]
-                v[lo:hi] = torch.where(window[t, lo:hi], apply(rows, t), rows)
-        return v
-
-    def product(v: Tensor) -> Tensor:
-        return sweep(v, jac.jvp, range(steps), spans, in_window_vectors)
-
-    def adjoint_product(u: Tensor) -> Tensor:
-        return sweep(u, jac.vjp, reversed(range(steps)), spans, in_window_vectors)
-
-    def restrict(rows: Tensor) -> tuple[MatVec, MatVec]:
-        # Only the (lag, sequence) pairs at flat positions rows = k * B + b still iterate: sweep the steps
-        # their windows cover. Long lags usually converge first (a product's spectrum spreads out with
-        # tau), and then the sweeps shrink from T steps to the few steps of the short lags.
-        kept = torch.zeros(lag_count * batch, dtype=torch.bool, device=jac.device)
-        kept[rows] = True
-        window = in_window & kept.view(1, lag_count, batch)
-        kept_spans = _active_lag_spans(window.any(dim=2).cpu())
-        window_vectors = window.unsqueeze(-1)
-
-        def embed(x: Tensor) -> Tensor:
-            full = x.new_zeros((lag_count * batch, x.shape[-1]))
-            full[rows] = x
-            return full.view(lag_count, batch, -1)
-
-        def restricted_product(v: Tensor) -> Tensor:
-            swept = sweep(embed(v), jac.jvp, range(steps), kept_spans, window_vectors)
-            return swept.reshape(lag_count * batch, -1)[rows]
-
-        def restricted_adjoint(u: Tensor) -> Tensor:
-            swept = sweep(embed(u), jac.vjp, reversed(range(steps)), kept_spans, window_vectors)
-            return swept.reshape(lag_count * batch, -1)[rows]
-
-        return restricted_product, restricted_adjoint
-
     shape = (lag_count, batch, state)
     usable_warm_start = (
         v0 is not None and tuple(v0.shape) == shape and v0.dtype == jac.dtype and v0.device == jac.device
@@ -242,6 +191,50 @@ def _estimate_windows(
                 (fixed_start_rows, batch, state), dtype=jac.dtype, device=jac.device, generator=None
             )
             start_vectors = torch.cat([start_vectors, fixed])
+    passed = torch.zeros_like(valid)
+    prepass = None
+    if usable_warm_start and method == "lanczos":
+        prepass = _warm_power_step(jac, in_window, valid & (tau >= WARM_LONG_LAG), start_vectors, rtol)
+        if prepass is not None:
+            passed, _, _, start_vectors = prepass
+            # The rows that passed are done: the Lanczos below sweeps only the others' windows.
+            in_window = in_window & ~passed
+    iterating = valid & ~passed
+    in_window_vectors = in_window.unsqueeze(-1)
+    # Which lags each step touches, on the host once, outside the iteration loops (one transfer).
+    spans = _sweep_plan(in_window)
+
+    def product(v: Tensor) -> Tensor:
+        return _sweep(v, jac.jvp, range(steps), spans, in_window_vectors)
+
+    def adjoint_product(u: Tensor) -> Tensor:
+        return _sweep(u, jac.vjp, reversed(range(steps)), spans, in_window_vectors)
+
+    def restrict(rows: Tensor) -> tuple[MatVec, MatVec]:
+        # Only the (lag, sequence) pairs at flat positions rows = k * B + b still iterate: sweep the steps
+        # their windows cover. Long lags usually converge first (a product's spectrum spreads out with
+        # tau), and then the sweeps shrink from T steps to the few steps of the short lags.
+        kept = torch.zeros(lag_count * batch, dtype=torch.bool, device=jac.device)
+        kept[rows] = True
+        window = in_window & kept.view(1, lag_count, batch)
+        kept_spans = _sweep_plan(window)
+        window_vectors = window.unsqueeze(-1)
+
+        def embed(x: Tensor) -> Tensor:
+            full = x.new_zeros((lag_count * batch, x.shape[-1]))
+            full[rows] = x
+            return full.view(lag_count, batch, -1)
+
+        def restricted_product(v: Tensor) -> Tensor:
+            swept = _sweep(embed(v), jac.jvp, range(steps), kept_spans, window_vectors)
+            return swept.reshape(lag_count * batch, -1)[rows]
+
+        def restricted_adjoint(u: Tensor) -> Tensor:
+            swept = _sweep(embed(u), jac.vjp, reversed(range(steps)), kept_spans, window_vectors)
+            return swept.reshape(lag_count * batch, -1)[rows]
+
+        return restricted_product, restricted_adjoint
+
     raw = spectral_norm(
         method,
         product,
@@ -249,13 +242,67 @@ def _estimate_windows(
         start_vectors,
         max_iter=max_iter,
         rtol=rtol,
-        active=valid,
+        active=iterating,
         restrict=restrict,
         check_interval=_LAG_CONVERGENCE_TEST["check_interval"],
         quiet_checks=_lag_quiet_checks(tau.expand(lag_count, batch), usable_warm_start),
     )
+    if prepass is not None:
+        raw = _merge_passed(raw, *prepass[:3])
     norms = torch.where(valid, raw.sigma, torch.full_like(raw.sigma, float("nan")))
     return LagNormEstimate(checked_lags, norms, raw)
+
+
+def _warm_power_step(
+    jac: StepJacobians, in_window: Tensor, rows: Tensor, v0: Tensor, rtol: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+    """One power step (a forward and an adjoint sweep) for the warm-started long rows ``rows`` (K, B).
+
+    With u = P v0 / ||P v0||, sigma = ||P^T u|| is what the lag Lanczos reads after its first iteration
+    (sqrt(alpha_0^2 + beta_0^2), the top singular value of [alpha_0, beta_0]) and P^T u / sigma is its Ritz
+    vector; a row whose sigma moved by <= rtol from ||P v0|| is where that Lanczos would stop after one
+    quiet check (WARM_LAG_QUIET_CHECKS). It then measures ||P w|| for the Ritz vector, one more sweep over
+    all T steps, only to pair sigma with its vector: ||P^T u|| for a unit u is already a lower bound of
+    sigma_max(P) (||P^T|| = ||P||), so the step stops here, two sweeps instead of three.
+
+    Returns (passed, sigma, vectors, start vectors for the rest: P^T u / sigma on the long rows, which
+    is one power step closer than v0), or None when there are no such rows or WARM_LAG_QUIET_CHECKS != 1.
+    """
+    if WARM_LAG_QUIET_CHECKS != 1:
+        return None
+    window = in_window & rows
+    plan = _sweep_plan(window)
+    if not any(plan):
+        return None
+    window_vectors = window.unsqueeze(-1)
+    steps = jac.time_steps
+    start = v0 / torch.where(safe_vector_norm(v0) > 0, safe_vector_norm(v0), 1.0).unsqueeze(-1)
+    image = _sweep(start, jac.jvp, range(steps), plan, window_vectors)
+    alpha = safe_vector_norm(image)
+    left = image / torch.where(alpha > 0, alpha, torch.ones_like(alpha)).unsqueeze(-1)
+    back = _sweep(left, jac.vjp, reversed(range(steps)), plan, window_vectors)
+    sigma = safe_vector_norm(back)
+    vectors = torch.where(
+        (sigma > 0).unsqueeze(-1), back / torch.where(sigma > 0, sigma, 1.0).unsqueeze(-1), start
+    )
+    # The Lanczos test (a relative change <= rtol, exact repeats such as 0 -> 0 pass); never a NaN.
+    passed = rows & torch.isfinite(sigma) & torch.isfinite(alpha) & ((sigma - alpha).abs() <= rtol * sigma)
+    rest_start = torch.where((rows & torch.isfinite(sigma)).unsqueeze(-1), vectors, v0)
+    return passed, sigma, vectors, rest_start
+
+
+def _merge_passed(
+    raw: SpectralNormEstimate, passed: Tensor, sigma: Tensor, vectors: Tensor
+) -> SpectralNormEstimate:
+    """The Lanczos estimate with the rows that the warm power step settled (one iteration each)."""
+    iterations = raw.element_iterations
+    return SpectralNormEstimate(
+        torch.where(passed, sigma, raw.sigma),
+        torch.where(passed.unsqueeze(-1), vectors, raw.right_vectors),
+        raw.converged | passed,
+        max(raw.iterations, 1),
+        None if iterations is None else torch.where(passed, torch.ones_like(iterations), iterations),
+    )
 
 
 def _lag_quiet_checks(tau: Tensor, warm: bool) -> Tensor:
@@ -292,6 +339,44 @@ def _with_full_products(
         full_product_norms=both.norms[lag_count],
         full_product_converged=both.estimate.converged[lag_count],
     )
+
+
+#: One step of a sweep: the lag rows [lo, hi) J_t applies to, and whether every sequence of them is inside
+#: its window at t (then no per-sequence select is needed).
+SweepSpan = tuple[int, int, bool]
+
+
+def _sweep_plan(window: Tensor) -> list[list[SweepSpan]]:
+    """For each step t of ``window`` (T, K, B) bool: the runs of lag rows it touches (one host transfer)."""
+    touched = window.any(dim=2)
+    full = window.all(dim=2)
+    both = torch.stack([touched, full]).cpu()
+    full_rows = both[1].tolist()
+    return [
+        [(lo, hi, all(full_rows[t][lo:hi])) for lo, hi in runs]
+        for t, runs in enumerate(_active_lag_spans(both[0]))
+    ]
+
+
+def _sweep(
+    v: Tensor,
+    apply: Callable[[Tensor, int], Tensor],
+    order: Iterable[int],
+    spans: list[list[SweepSpan]],
+    window: Tensor,
+) -> Tensor:
+    """Apply J_t (in ``order``) to the rows of lags whose window covers t, identity elsewhere.
+
+    ``window`` (T, K, B, 1) selects the sequences within a span; a span whose every sequence is inside
+    (equal lengths, the usual case) skips the select. Lag tau touches tau steps, so a sweep costs
+    sum(tau) * B row products, not K * T * B.
+    """
+    v = v.clone()
+    for t in order:
+        for lo, hi, full in spans[t]:
+            rows = v[lo:hi]
+            v[lo:hi] = apply(rows, t) if full else torch.where(window[t, lo:hi], apply(rows, t), rows)
+    return v
 
 
 def _active_lag_spans(touched: Tensor) -> list[list[tuple[int, int]]]:
