@@ -56,6 +56,7 @@ _LAG_CONVERGENCE_TEST = {"check_interval": 1, "quiet_checks": 3}
 #: where one quiet check can stop 1% short) and touch only tau steps per sweep, so they cost little.
 #: Measured on LSTM/GRU H=256, T=64, B=8, warm start from weights 1% away: 2.6x faster lag sweeps with
 #: 1 check for every row; lag error up to 1.1% (short lags), lambda error 3e-6.
+#: With 1, those rows take :func:`_warm_power_step` (two sweeps, no final pairing sweep) before Lanczos.
 WARM_LAG_QUIET_CHECKS = 1
 WARM_LONG_LAG = 8
 
