@@ -42,3 +42,12 @@ def _close_leftover_monitors(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         with warnings.catch_warnings(), contextlib.suppress(Exception):
             warnings.simplefilter("ignore")
             monitor.close()
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Small dense ops on a shared 2-core machine: extra threads only oversubscribe (opt in per module)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

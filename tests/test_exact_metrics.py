@@ -12,14 +12,7 @@ from benchmarks.exact_metrics import default_lags, exact_metrics, layer_weights,
 from benchmarks.reference_cases import scaled_orthogonal_rnn
 from gradwatch.estimators.cells import cell_step
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small dense ops on a shared 2-core machine: extra threads only oversubscribe."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize(

@@ -21,12 +21,7 @@ BATCH, STEPS, INPUTS, HIDDEN = 3, 5, 3, 4
 EXACT = gradwatch.EstimatorSettings(rtol=1e-12)  # iterate to convergence: compared with exact norms
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- an independent reference: the cells from the PyTorch docs, Jacobians by jacrev ------------------------

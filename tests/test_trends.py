@@ -23,13 +23,7 @@ from gradwatch.records import AlertKind, Measurement, MeasurementMetrics
 BATCH = 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small dense ops on a shared 2-core machine: extra threads only oversubscribe (10-50x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def measure(module: nn.RNN | nn.LSTM, steps: int, *, scale: float = 1.0, name: str = "rnn", step: int = 0):
