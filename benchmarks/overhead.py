@@ -4,7 +4,7 @@ Run from the repository root:
 
     python3 -m benchmarks.overhead                      # LSTM and GRU, H=256, T=64, B=32 (~12 min on 2 cores)
     python3 -m benchmarks.overhead --hidden 256 512     # the full grid of docs/performance.md
-    python3 -m benchmarks.overhead --quick              # H=128, a smoke run (~3 min)
+    python3 -m benchmarks.overhead --quick              # H=256, 2 rounds: every table in a few minutes
     python3 -m benchmarks.overhead --kinds lstm --variants bare every-step default --repeats 3
                                                         # bounded: one measurement's cost and every=50
 
@@ -19,6 +19,8 @@ Variants, each in its own process, alternated round by round (order rotated), ``
                    run on a background thread): the timed block of 50 steps holds exactly one measurement,
                    as in a long run, and ends by waiting for it (so background work is paid in full);
 * inline        -- the same with background=False: the estimators run inside optimizer.step();
+* background    -- the same with background=True: the worker is forced even where the default runs inline
+                   (no spare core), so its time and peak memory are always reported;
 * every-step    -- every=1, background=False: every timed step is measured (the compute cost of one
                    measurement);
 * nonfinite     -- every=10**9: only the per-step gradient checks (non-finite count and norms) remain.
@@ -74,6 +76,7 @@ def variants(block: int, measured_steps: int) -> list[Variant]:
         Variant("bare", "bare", 1, block, lead_in_steps=lead_in),
         Variant("default", "gradwatch", DEFAULT_EVERY, block, lead_in_steps=lead_in),
         Variant("inline", "gradwatch", DEFAULT_EVERY, block, background=False, lead_in_steps=lead_in),
+        Variant("background", "gradwatch", DEFAULT_EVERY, block, background=True, lead_in_steps=lead_in),
         Variant("every-step", "gradwatch", 1, measured_steps, background=False),
         Variant("nonfinite", "gradwatch", NONFINITE_ONLY_EVERY, block, lead_in_steps=lead_in),
     ]
@@ -100,6 +103,9 @@ class Summary:
     peak_rss_default_mb: float
     peak_rss_default_overhead: float
     peak_rss_measured_mb: float
+    peak_rss_background_mb: float
+    peak_rss_background_overhead: float  # background=True block peak / bare peak - 1
+    background_ratio: float
     peak_rss_overhead: float  # every-step peak / bare peak - 1
     retained_mb: float  # live tensor bytes with gradwatch (default) minus bare, after the timed steps
     rss_growth_default_mb: float
@@ -129,8 +135,9 @@ def summarise(kind: str, hidden: int, runs: dict[str, list[dict]], threads: int 
             "rss_growth_bytes": math.nan,
         }
     ] * rounds
-    bare, default, inline, every, nonfinite = (
-        runs.get(n) or left_out for n in ("bare", "default", "inline", "every-step", "nonfinite")
+    bare, default, inline, background, every, nonfinite = (
+        runs.get(n) or left_out
+        for n in ("bare", "default", "inline", "background", "every-step", "nonfinite")
     )
 
     def totals(results: list[dict]) -> list[float]:
@@ -146,6 +153,7 @@ def summarise(kind: str, hidden: int, runs: dict[str, list[dict]], threads: int 
     peak_bare = median([r["peak_rss_bytes"] or math.nan for r in bare])
     peak_measured = median([r["peak_rss_bytes"] or math.nan for r in every])
     peak_default = median([r["peak_rss_bytes"] or math.nan for r in default])
+    peak_background = median([r["peak_rss_bytes"] or math.nan for r in background])
     default_ratio = median(paired_ratios(totals(default), totals(bare)))
     block = len(bare[0]["step_seconds"])
     retained = median(
@@ -171,6 +179,9 @@ def summarise(kind: str, hidden: int, runs: dict[str, list[dict]], threads: int 
         peak_rss_default_mb=megabytes(peak_default),
         peak_rss_default_overhead=peak_default / peak_bare - 1,
         peak_rss_measured_mb=megabytes(peak_measured),
+        peak_rss_background_mb=megabytes(peak_background),
+        peak_rss_background_overhead=peak_background / peak_bare - 1,
+        background_ratio=median(paired_ratios(totals(background), totals(bare))),
         peak_rss_overhead=peak_measured / peak_bare - 1,
         retained_mb=megabytes(retained),
         rss_growth_default_mb=megabytes(median([r["rss_growth_bytes"] or math.nan for r in default])),
@@ -228,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--kinds", nargs="+", default=["lstm", "gru"], choices=["lstm", "gru"])
-    parser.add_argument("--hidden", nargs="+", type=int, default=[256])
+    parser.add_argument("--hidden", nargs="+", type=int, default=[256, 512])
     parser.add_argument("--time-steps", type=int, default=64, help="T (default 64)")
     parser.add_argument("--batch", type=int, default=32, help="B (default 32)")
     parser.add_argument("--vocabulary", type=int, default=1000)
@@ -249,7 +260,11 @@ def main(argv: list[str] | None = None) -> int:
         help="run only these variants (default all; 'bare' is always run, every ratio needs it)",
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--quick", action="store_true", help="H=128 only: a smoke run")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="H=256 only, 2 rounds: both cells and both thread settings in a few minutes (not for the docs)",
+    )
     parser.add_argument("--json", type=Path, help="also write the raw runs and summaries here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -257,7 +272,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(worker_main(json.loads(args.worker))))
         return 0
 
-    hidden_sizes = [128] if args.quick else args.hidden
+    hidden_sizes = [256] if args.quick else args.hidden
+    if args.quick:
+        args.repeats = min(args.repeats, 2)
     thread_settings = list(dict.fromkeys(args.threads))
     chosen = None if args.variants is None else {"bare", *args.variants}
     set_threads(thread_settings[0])
@@ -327,6 +344,7 @@ def print_tables(summaries: list[Summary]) -> None:
                 "bare step s",
                 "default (every=50)",
                 "inline (background=False)",
+                "background=True",
                 "inline composed 49+1",
                 "non-finite check only",
             ],
@@ -336,6 +354,7 @@ def print_tables(summaries: list[Summary]) -> None:
                     s.bare_step_s,
                     percent(s.default_ratio - 1),
                     percent(s.inline_ratio - 1),
+                    percent(s.background_ratio - 1),
                     percent(s.composed_inline_ratio - 1),
                     percent(s.nonfinite_ratio - 1),
                 ]
@@ -394,6 +413,8 @@ def print_tables(summaries: list[Summary]) -> None:
                 "overhead",
                 "default peak MB",
                 "overhead",
+                "background=True peak MB",
+                "overhead",
                 "retained MB",
                 "RSS growth MB (default)",
             ],
@@ -405,6 +426,8 @@ def print_tables(summaries: list[Summary]) -> None:
                     percent(s.peak_rss_overhead),
                     s.peak_rss_default_mb,
                     percent(s.peak_rss_default_overhead),
+                    s.peak_rss_background_mb,
+                    percent(s.peak_rss_background_overhead),
                     s.retained_mb,
                     s.rss_growth_default_mb,
                 ]

@@ -108,6 +108,7 @@ def test_overhead_summary_pairs_runs_of_the_same_round() -> None:
         "bare": [run(10.0, 0.2, 100 * mib, 50 * mib), run(20.0, 0.2, 100 * mib, 50 * mib)],
         "default": [run(11.0, 0.2, 101 * mib, 51 * mib), run(21.0, 0.2, 101 * mib, 51 * mib)],
         "inline": [run(12.0, 0.2, 101 * mib, 51 * mib), run(22.0, 0.2, 101 * mib, 51 * mib)],
+        "background": [run(13.0, 0.2, 108 * mib, 51 * mib), run(24.0, 0.2, 108 * mib, 51 * mib)],
         "every-step": [run(5.0, 0.5, 110 * mib, 51 * mib), run(5.0, 0.5, 110 * mib, 51 * mib)],
         "nonfinite": [run(10.1, 0.201, 100 * mib, 50 * mib), run(20.2, 0.201, 100 * mib, 50 * mib)],
     }
@@ -122,6 +123,8 @@ def test_overhead_summary_pairs_runs_of_the_same_round() -> None:
     assert summary.wall_cost_steps == pytest.approx((median([1.1, 1.05]) - 1) * block)
     assert summary.peak_rss_overhead == pytest.approx(0.1)
     assert summary.peak_rss_default_overhead == pytest.approx(0.01)
+    assert summary.background_ratio == pytest.approx(median([1.3, 1.2]))
+    assert summary.peak_rss_background_overhead == pytest.approx(0.08)
     assert summary.retained_mb == pytest.approx(1.0)
 
 
@@ -137,4 +140,5 @@ def test_overhead_summary_of_a_bounded_run_keeps_the_measurement_and_marks_the_r
     assert summary.threads == 2
     assert summary.measurement_vs_step == pytest.approx(1.5)
     assert math.isnan(summary.default_ratio) and math.isnan(summary.inline_ratio)
+    assert math.isnan(summary.background_ratio) and math.isnan(summary.peak_rss_background_overhead)
     assert math.isnan(summary.retained_mb)
