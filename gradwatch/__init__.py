@@ -23,8 +23,8 @@ if TYPE_CHECKING:
         VanishingGradientWarning,
     )
     from gradwatch.policy.clipping import ClipPolicy, FixedNorm, ZClip
-    from gradwatch.policy.evidence import Verdict
-    from gradwatch.policy.trends import DetectionConfig
+    from gradwatch.policy.config import DetectionConfig
+    from gradwatch.policy.judge import Verdict
     from gradwatch.records import (
         SCHEMA_VERSION,
         Alert,
@@ -59,8 +59,8 @@ _LAZY_ATTRIBUTES: dict[str, str] = {
     "ClipPolicy": "gradwatch.policy.clipping",
     "FixedNorm": "gradwatch.policy.clipping",
     "ZClip": "gradwatch.policy.clipping",
-    "Verdict": "gradwatch.policy.evidence",
-    "DetectionConfig": "gradwatch.policy.trends",
+    "Verdict": "gradwatch.policy.judge",
+    "DetectionConfig": "gradwatch.policy.config",
     "SCHEMA_VERSION": "gradwatch.records",
     "Alert": "gradwatch.records",
     "AlertKind": "gradwatch.records",

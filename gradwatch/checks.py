@@ -12,8 +12,8 @@ from gradwatch.background import spare_core_for_worker
 from gradwatch.capture.modules import WatchedModule
 from gradwatch.estimators.layer import EstimatorSettings
 from gradwatch.policy.alerts import AlertCallback
+from gradwatch.policy.config import DetectionConfig
 from gradwatch.policy.nonfinite import NonFinitePolicy
-from gradwatch.policy.trends import DetectionConfig
 from gradwatch.sinks.base import Sink
 from gradwatch.sinks.jsonl import FSYNC_POLICIES
 

@@ -24,8 +24,10 @@ from gradwatch.estimators.layer import EstimatorSettings
 from gradwatch.faults import FaultPolicy
 from gradwatch.measure import MeasurementPipeline
 from gradwatch.monitor import WatchConfig, new_run_id
-from gradwatch.policy.evidence import Verdict, longest_lag_norm
-from gradwatch.policy.trends import DetectionConfig, TrendDetector
+from gradwatch.policy.config import DetectionConfig
+from gradwatch.policy.evidence import longest_lag_norm
+from gradwatch.policy.judge import Verdict
+from gradwatch.policy.trends import TrendDetector
 from gradwatch.records import Alert, Measurement, MeasurementMetrics
 
 

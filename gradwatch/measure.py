@@ -367,7 +367,8 @@ class MeasurementPipeline:
                     mask=trace.mask,
                     recurrent_weight=recurrent,
                     generator=self._generator_for(trace.states.device),
-                    grads={local: grads.get(qualified) for local, qualified in names.items()},
+                    # a leaf without a gradient has no entry: null in grad_norm means NaN/Inf elements
+                    grads={local: grads[name] for local, name in names.items() if name in grads},
                     grad_nonfinite=sum((nonfinite or {}).get(qualified, 0) for qualified in names.values()),
                 )
             )

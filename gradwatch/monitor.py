@@ -75,9 +75,10 @@ from gradwatch.measure import (
 )
 from gradwatch.policy.alerts import AlertCallback, NonFiniteGradientError, emit_alert
 from gradwatch.policy.clipping import ClipPolicy, make_clip_policy
+from gradwatch.policy.config import DetectionConfig
 from gradwatch.policy.nonfinite import NonFinitePolicy
 from gradwatch.policy.step import ClipStepPolicy, GradientStats, NonFiniteStepPolicy, StepPolicy, split_alerts
-from gradwatch.policy.trends import DetectionConfig, TrendDetector
+from gradwatch.policy.trends import TrendDetector
 from gradwatch.records import (
     Alert,
     Record,

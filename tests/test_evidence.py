@@ -1,4 +1,4 @@
-"""The plain-value helpers behind a verdict: longest lag, growth rate, total gradient norm."""
+"""The plain-value helpers behind a verdict: longest lag and growth rate."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from gradwatch.policy.evidence import growth_rate, longest_lag_norm, total_gradient_norm
+from gradwatch.policy.evidence import growth_rate, longest_lag_norm
 from gradwatch.records import MeasurementMetrics
 
 
@@ -33,12 +33,3 @@ def test_growth_rate_prefers_lyapunov_and_falls_back_to_the_lag() -> None:
     assert growth_rate(metrics(None, {"1": 0.9, "4": 0.5**4})) == pytest.approx(math.log(0.5))
     assert growth_rate(metrics(float("nan"), {"2": 0.0})) == -math.inf
     assert growth_rate(metrics(None, {})) is None
-
-
-@pytest.mark.parametrize(
-    ("norms", "expected"),
-    [({"a": 3.0, "b": 4.0, "c": None}, 5.0), ({"a": float("nan")}, None), ({}, None)],
-    ids=["sum-of-squares", "non-finite", "empty"],
-)
-def test_total_gradient_norm(norms, expected) -> None:
-    assert total_gradient_norm(norms) == expected

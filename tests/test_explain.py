@@ -6,9 +6,10 @@ import dataclasses
 
 import pytest
 
-from gradwatch.policy.evidence import Evidence, Verdict
-from gradwatch.policy.explain import Factor, driving_factor, explain_alert, explain_recovery
-from gradwatch.policy.trends import DetectionConfig
+from gradwatch.policy.config import DetectionConfig
+from gradwatch.policy.evidence import Evidence
+from gradwatch.policy.explain import explain_alert, explain_recovery
+from gradwatch.policy.judge import Factor, FactorValues, Verdict, driving_factor
 from gradwatch.records import Measurement, MeasurementMetrics
 
 
@@ -43,7 +44,7 @@ def metrics(
     ],
 )
 def test_driving_factor(values: MeasurementMetrics, verdict: Verdict, expected: Factor) -> None:
-    assert driving_factor(values, verdict) is expected
+    assert driving_factor(FactorValues.of(values), verdict) is expected
 
 
 def test_vanishing_message_names_value_threshold_step_factor_and_hint() -> None:

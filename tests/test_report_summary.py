@@ -6,8 +6,9 @@ import math
 
 import pytest
 
+from gradwatch.policy.judge import total_gradient_norm
 from gradwatch.records import ClipEvent, Measurement, MeasurementMetrics, Record
-from gradwatch.report.metrics import METRIC_NAMES, metric_specs, total_grad_norm
+from gradwatch.report.metrics import METRIC_NAMES, metric_specs
 from gradwatch.report.sparkline import BARS, MISSING, sparkline
 from gradwatch.report.summary import ReportOptions, StepRange, summarize, trend_per_1000_steps
 from tests.report_logs import make_run
@@ -78,8 +79,8 @@ def test_longest_lag_and_total_grad_norm() -> None:
     assert layer.lag == "16" and by_name["lag_norm"].label == "lag norm (τ=16)"
     assert (by_name["lag_norm"].first, by_name["lag_norm"].last) == (0.1, 0.01)
     assert by_name["grad_norm"].last == pytest.approx(math.hypot(3.0, 4.0, 12.0))
-    assert total_grad_norm(_metrics(grad_norm={"w": math.inf, "b": 1.0})) is None
-    assert total_grad_norm(_metrics()) is None
+    assert total_gradient_norm(_metrics(grad_norm={"w": math.inf, "b": 1.0}).grad_norm) is None
+    assert total_gradient_norm(_metrics().grad_norm) is None
 
 
 def test_merged_ranks_average_each_step() -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from gradwatch.policy.judge import total_gradient_norm
 from gradwatch.records import Alert, AlertKind, Measurement, MeasurementMetrics
-from gradwatch.report.metrics import total_grad_norm
 from gradwatch.report.verdict import Verdict, clip_threshold, fallback_verdict, judge_layer
 from tests.report_logs import make_run
 
@@ -151,7 +151,7 @@ def test_vanishing_suggestions_depend_on_the_cell(
 def test_clip_threshold_is_the_90th_percentile_of_the_healthy_phase() -> None:
     records = make_run("exploding")
     measurements = [r for r in records if isinstance(r, Measurement)]
-    norms = [total_grad_norm(m.metrics) for m in measurements]
+    norms = [total_gradient_norm(m.metrics.grad_norm) for m in measurements]
     assert clip_threshold(measurements) == pytest.approx(np.percentile(norms, 90))
     before = [n for m, n in zip(measurements, norms, strict=True) if m.step < 500]
     alerts = [r for r in records if isinstance(r, Alert)]
@@ -184,7 +184,7 @@ def test_grad_nonfinite_old_and_new_meaning_are_both_read_sensibly() -> None:
     # norm reaches the report (sqrt of summed squares would overflow to inf for 1e200).
     new_log = [_m(0, lyapunov=-0.05, grad_norm={"w": 1e200, "b": 1e200}), _m(10, lyapunov=-0.05)]
     assert fallback_verdict(new_log)[0] == Verdict.HEALTHY
-    assert total_grad_norm(new_log[0].metrics) == pytest.approx(2**0.5 * 1e200)
+    assert total_gradient_norm(new_log[0].metrics.grad_norm) == pytest.approx(2**0.5 * 1e200)
 
 
 @pytest.mark.parametrize("value", [float("-inf"), None], ids=["in-memory", "from-the-log"])

@@ -16,14 +16,15 @@ if TYPE_CHECKING:
         emit_alert,
     )
     from gradwatch.policy.clipping import ClipPolicy, FixedNorm, ZClip, apply_clip, make_clip_policy
-    from gradwatch.policy.evidence import Verdict
+    from gradwatch.policy.config import DetectionConfig
+    from gradwatch.policy.judge import Verdict
     from gradwatch.policy.nonfinite import (
         NonFinitePolicy,
         NonFiniteTracker,
         enforce_nonfinite_policy,
         suppress_optimizer_step,
     )
-    from gradwatch.policy.trends import DetectionConfig, TrendDetector
+    from gradwatch.policy.trends import TrendDetector
 
 # Loaded on first use (PEP 562): clipping and the non-finite policy import torch, and the report, which only
 # needs the trend detector, must not pay for it.
@@ -39,12 +40,12 @@ _LAZY_ATTRIBUTES: dict[str, str] = {
     "ZClip": "gradwatch.policy.clipping",
     "apply_clip": "gradwatch.policy.clipping",
     "make_clip_policy": "gradwatch.policy.clipping",
-    "Verdict": "gradwatch.policy.evidence",
+    "Verdict": "gradwatch.policy.judge",
     "NonFinitePolicy": "gradwatch.policy.nonfinite",
     "NonFiniteTracker": "gradwatch.policy.nonfinite",
     "enforce_nonfinite_policy": "gradwatch.policy.nonfinite",
     "suppress_optimizer_step": "gradwatch.policy.nonfinite",
-    "DetectionConfig": "gradwatch.policy.trends",
+    "DetectionConfig": "gradwatch.policy.config",
     "TrendDetector": "gradwatch.policy.trends",
 }
 

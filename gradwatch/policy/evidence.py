@@ -10,18 +10,10 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from enum import Enum
+from typing import Any
 
+from gradwatch.policy.judge import Verdict
 from gradwatch.records import MeasurementMetrics
-
-
-class Verdict(str, Enum):
-    """What a layer's gradients are doing."""
-
-    HEALTHY = "healthy"
-    VANISHING = "vanishing"
-    EXPLODING = "exploding"
-    UNKNOWN = "unknown"  # nothing measurable (sequence too short, NaN metrics): neither healthy nor bad
 
 
 @dataclass(frozen=True)
@@ -67,9 +59,48 @@ def growth_rate(metrics: MeasurementMetrics) -> float | None:
     return math.log(norm) / tau
 
 
-def total_gradient_norm(grad_norm: Mapping[str, float | None]) -> float | None:
-    """sqrt of the sum of squares of the per-parameter norms; None when there is none or one is not finite."""
-    values = [v for v in grad_norm.values() if v is not None]
-    if not values or not all(math.isfinite(v) for v in values):
-        return None
-    return math.hypot(*values)  # no overflow for norms beyond 1e154 (squares would be inf)
+@dataclass(frozen=True)
+class JacobianReading:
+    """The raw Jacobian-product verdict of a layer's latest measurement, with its cause and fix in words.
+
+    The non-finite and gradient-growth alerts quote it: a NaN that follows an exploding product has the
+    product's cause; a growing gradient whose Jacobians contract does not come from the recurrence.
+    """
+
+    step: int
+    layer: int
+    direction: str
+    verdict: Verdict
+    growth_rate: float | None
+    longest_lag: int | None
+    longest_lag_norm: float | None
+    cause: str
+    hint: str
+
+    def to_json(self) -> dict[str, Any]:
+        def finite(value: float | None) -> float | str | None:
+            return value if value is None or math.isfinite(value) else repr(value)  # "inf" / "-inf"
+
+        return {
+            "step": self.step, "layer": self.layer, "direction": self.direction,
+            "verdict": self.verdict.value, "growth_rate": finite(self.growth_rate),
+            "longest_lag": self.longest_lag, "longest_lag_norm": finite(self.longest_lag_norm),
+            "cause": self.cause, "hint": self.hint,
+        }  # fmt: skip
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> JacobianReading:
+        def number(value: object) -> float | None:
+            return None if value is None else float(value)  # type: ignore[arg-type]
+
+        return cls(
+            step=int(data["step"]),
+            layer=int(data["layer"]),
+            direction=str(data["direction"]),
+            verdict=Verdict(data["verdict"]),
+            growth_rate=number(data["growth_rate"]),
+            longest_lag=None if data["longest_lag"] is None else int(data["longest_lag"]),
+            longest_lag_norm=number(data["longest_lag_norm"]),
+            cause=str(data["cause"]),
+            hint=str(data["hint"]),
+        )

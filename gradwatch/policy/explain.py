@@ -1,61 +1,25 @@
-"""Alert messages: which factor drives a verdict, the value against its threshold, and a concrete hint.
+"""Alert messages: what, where, the value against its threshold, why, and a concrete hint.
 
-The lecture's analysis: J_t = diag(f'(a_t)) W_hh, so ||J_t|| <= max|f'| * sigma_max(W_hh). A product of
-Jacobians vanishes when the nonlinearity saturates or dies (f' near 0 on many units) or when W_hh is small;
-it explodes when W_hh is large (|f'| <= 1 for tanh, sigmoid and relu cannot make it grow). Gated cells
-(LSTM/GRU) carry memory through the forget/update gate, which then dominates the vanishing side.
+The words of the cause and the hint come from the one judge (policy/judge.py), which the offline report
+asks too; this module composes them with the evidence of one alert.
 """
 
 from __future__ import annotations
 
 import math
-from enum import Enum
-from typing import TYPE_CHECKING
 
-from gradwatch.policy.evidence import Evidence, Verdict, total_gradient_norm
+from gradwatch.policy.config import DetectionConfig
+from gradwatch.policy.evidence import Evidence, JacobianReading
+from gradwatch.policy.judge import (
+    FactorValues,
+    Verdict,
+    alert_cause,
+    alert_hint,
+    driving_factor,
+    factors_text,
+    total_gradient_norm,
+)
 from gradwatch.records import Measurement, MeasurementMetrics
-
-if TYPE_CHECKING:
-    from gradwatch.policy.trends import DetectionConfig, JacobianReading
-
-# A gated cell whose gate keeps less than this share of the state per step forgets within a few steps.
-GATE_KEEPS_MEMORY = 0.85
-# Above this share of units with |f'| < 0.05, the nonlinearity is called saturated (tanh) or dead (relu).
-SATURATED_SHARE = 0.25
-
-
-class Factor(str, Enum):
-    """What drives a vanishing/exploding verdict."""
-
-    NONLINEARITY = "nonlinearity"
-    RECURRENT_WEIGHT = "recurrent_weight"
-    GATE = "gate"
-    UNKNOWN = "unknown"
-
-
-def driving_factor(metrics: MeasurementMetrics, verdict: Verdict) -> Factor:
-    """The factor of J = diag(f') W_hh (or the gate) with the larger share of the log growth/decay."""
-    weight = metrics.weight_hh_sigma_max
-    derivative = metrics.activation_derivative_mean
-    if verdict is Verdict.EXPLODING:
-        return Factor.RECURRENT_WEIGHT if weight is not None and weight > 1 else Factor.UNKNOWN
-    if verdict is not Verdict.VANISHING:
-        return Factor.UNKNOWN
-    if metrics.gate_mean is not None and metrics.gate_mean < GATE_KEEPS_MEMORY:
-        return Factor.GATE
-    # Decay contributed by each factor, in log units per step (0 when the factor does not shrink).
-    weight_decay = -math.log(weight) if weight is not None and 0 < weight < 1 else 0.0
-    derivative_decay = -math.log(derivative) if derivative is not None and 0 < derivative < 1 else 0.0
-    if derivative is not None and derivative <= 0:
-        return Factor.NONLINEARITY
-    saturation = metrics.activation_saturation_ratio
-    if saturation is not None and saturation > SATURATED_SHARE:
-        # Every unit saturated (share 1, as in a fully saturated tanh): an unbounded decay, not log(0).
-        saturated_decay = math.inf if saturation >= 1 else -math.log(1 - saturation)
-        derivative_decay = max(derivative_decay, saturated_decay)
-    if weight_decay == derivative_decay == 0.0:
-        return Factor.UNKNOWN
-    return Factor.RECURRENT_WEIGHT if weight_decay >= derivative_decay else Factor.NONLINEARITY
 
 
 def _where(measurement: Measurement) -> str:
@@ -66,66 +30,6 @@ def _where(measurement: Measurement) -> str:
 
 def _format(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3g}"
-
-
-def _factors(metrics: MeasurementMetrics) -> str:
-    """The two factors of the lecture (and the gate), as measured."""
-    parts = [
-        f"sigma_max(W_hh) = {_format(metrics.weight_hh_sigma_max)}",
-        f"mean |f'| = {_format(metrics.activation_derivative_mean)}",
-        f"saturated/dead share (|f'| < 0.05) = {_format(metrics.activation_saturation_ratio)}",
-        f"per-step ||J_t|| mean {_format(metrics.jacobian_sigma_max_mean)}",
-    ]
-    if metrics.gate_mean is not None:
-        parts.append(f"gate mean = {_format(metrics.gate_mean)}")
-    return ", ".join(parts)
-
-
-def _cause(factor: Factor, verdict: Verdict, metrics: MeasurementMetrics) -> str:
-    if factor is Factor.GATE:
-        return (
-            f"driven by the gate: it keeps on average {_format(metrics.gate_mean)} of the cell state per "
-            "step, so memory fades within a few steps"
-        )
-    if factor is Factor.NONLINEARITY:
-        return (
-            f"driven by the nonlinearity: mean |f'| = {_format(metrics.activation_derivative_mean)} with "
-            f"{_format(metrics.activation_saturation_ratio)} of units saturated or dead (|f'| < 0.05)"
-        )
-    if factor is Factor.RECURRENT_WEIGHT:
-        relation = "> 1 grows" if verdict is Verdict.EXPLODING else "< 1 shrinks"
-        weight = _format(metrics.weight_hh_sigma_max)
-        return f"driven by the recurrent weight: sigma_max(W_hh) = {weight} {relation} every step"
-    return "no single factor dominates (the per-step Jacobians align over time)"
-
-
-def _hint(factor: Factor, verdict: Verdict, suggested_clip: float | None) -> str:
-    if verdict is Verdict.EXPLODING:
-        clip = (
-            f"clip gradients at max_norm ~ {suggested_clip:.3g} (90th percentile of this layer's healthy "
-            "gradient norms)"
-            if suggested_clip is not None
-            else "clip gradients (torch.nn.utils.clip_grad_norm_ or gradwatch's adaptive ZClip policy)"
-        )
-        return (
-            f"{clip}; initialise W_hh orthogonally with gain <= 1 (torch.nn.init.orthogonal_), lower the "
-            "learning rate, or use an LSTM/GRU"
-        )
-    if factor is Factor.GATE:
-        return (
-            "initialise the LSTM forget-gate bias to 1 (bias_ih + bias_hh of the forget slice) or bias a "
-            "GRU's update gate towards keeping the state"
-        )
-    if factor is Factor.NONLINEARITY:
-        return (
-            "keep pre-activations out of the flat regions: normalise inputs or use smaller input weights, "
-            "layer normalisation; dead relu units: lower the learning rate or use tanh/identity-initialised "
-            "relu; or use an LSTM/GRU"
-        )
-    return (
-        "initialise W_hh orthogonally (torch.nn.init.orthogonal_) so sigma_max(W_hh) ~ 1, or use an LSTM/GRU "
-        "(LSTM with forget-gate bias 1)"
-    )
 
 
 def _evidence_text(evidence: Evidence, config: DetectionConfig) -> str:
@@ -175,7 +79,8 @@ def explain_alert(
     previous: Verdict = Verdict.HEALTHY,
 ) -> str:
     """The message of a vanishing/exploding alert: what, where, the value vs threshold, why, what to do."""
-    factor = driving_factor(measurement.metrics, evidence.verdict)
+    values = FactorValues.of(measurement.metrics)
+    factor = driving_factor(values, evidence.verdict)
     replaced = f" (previous episode: {previous.value})" if previous is not Verdict.HEALTHY else ""
     extreme = ""
     lag = evidence.longest_lag_norm
@@ -189,11 +94,12 @@ def explain_alert(
             f" (beyond the extreme bound {config.exploding_extreme_lag_norm:g}: alerted at once, "
             "without waiting for more measurements)"
         )
-    cause = _cause(factor, evidence.verdict, measurement.metrics)
+    cause = alert_cause(factor, evidence.verdict, values)
+    hint = alert_hint(factor, evidence.verdict, suggested_clip)
     return (
         f"{evidence.verdict.value} gradients in {_where(measurement)}{replaced}: "
         f"{_evidence_text(evidence, config)}{extreme}; {cause} "
-        f"[{_factors(measurement.metrics)}]. Hint: {_hint(factor, evidence.verdict, suggested_clip)}."
+        f"[{factors_text(measurement.metrics)}]. Hint: {hint}."
     )
 
 
@@ -201,8 +107,10 @@ def cause_and_hint(
     metrics: MeasurementMetrics, verdict: Verdict, suggested_clip: float | None
 ) -> tuple[str, str]:
     """The cause (with the measured factors) and the hint an alert of ``verdict`` would give."""
-    factor = driving_factor(metrics, verdict)
-    return f"{_cause(factor, verdict, metrics)} [{_factors(metrics)}]", _hint(factor, verdict, suggested_clip)
+    values = FactorValues.of(metrics)
+    factor = driving_factor(values, verdict)
+    cause = alert_cause(factor, verdict, values)
+    return f"{cause} [{factors_text(metrics)}]", alert_hint(factor, verdict, suggested_clip)
 
 
 def _reading_text(reading: JacobianReading) -> str:

@@ -17,8 +17,8 @@ from torch import nn
 
 from gradwatch.capture.modules import WatchedModule
 from gradwatch.policy.clipping import ClipPolicy, apply_clip
-from gradwatch.policy.evidence import Verdict
 from gradwatch.policy.explain import explain_nonfinite_context
+from gradwatch.policy.judge import Verdict
 from gradwatch.policy.nonfinite import NonFinitePolicy, NonFiniteTracker, enforce_nonfinite_policy
 from gradwatch.policy.trends import TrendDetector
 from gradwatch.records import Alert, Record

@@ -14,7 +14,8 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from gradwatch.policy.evidence import Evidence, Verdict, growth_rate, longest_lag_norm, total_gradient_norm
+from gradwatch.policy.config import DetectionConfig
+from gradwatch.policy.evidence import Evidence, JacobianReading, growth_rate, longest_lag_norm
 from gradwatch.policy.explain import (
     cause_and_hint,
     explain_alert,
@@ -22,120 +23,10 @@ from gradwatch.policy.explain import (
     explain_gradient_growth_recovery,
     explain_recovery,
 )
+from gradwatch.policy.judge import CLIP_PERCENTILE, Verdict, percentile, total_gradient_norm
 from gradwatch.records import Alert, AlertKind, Direction, Measurement
 
 LayerKey = tuple[str, int, str]
-
-
-@dataclass(frozen=True)
-class DetectionConfig:
-    """Thresholds of the detector; see docs/alerts.md for how the defaults were calibrated.
-
-    Products of Jacobians decide: with lambda = lyapunov_max (mean log growth per step of the product),
-    vanishing needs a memory horizon 1/|lambda| below ``vanishing_horizon_steps`` AND the longest measured
-    lag norm below ``vanishing_lag_norm``; exploding needs lambda above ``exploding_growth_rate`` AND the
-    longest lag norm above ``exploding_lag_norm``. The lag condition keeps short sequences (where even a fast
-    per-step decay leaves the whole-sequence gradient intact) from alerting.
-    The gradient-norm spike test (exploding) is a z-score on the log of the total gradient norm with an EMA
-    mean/variance, as in ZClip, after ``gradient_warmup`` measurements of the layer.
-    An exploding product beyond ``exploding_extreme_lag_norm`` (or beyond the float range) alerts at once,
-    without patience: it is not a borderline trend, and the run may be NaN by the next measurement.
-    The gradient-growth test runs on every step (``observe_gradient_norms``): the module's total gradient
-    norm above ``gradient_growth_factor`` x the median of its last ``gradient_growth_window`` finite norms.
-    """
-
-    patience: int = 3
-    recovery_patience: int = 3
-    vanishing_horizon_steps: float = 1.25
-    vanishing_lag_norm: float = 1e-3
-    exploding_growth_rate: float = 0.02
-    exploding_lag_norm: float = 100.0
-    exploding_extreme_lag_norm: float = 1e4
-    gradient_spike_test: bool = True
-    gradient_z_threshold: float = 3.0
-    gradient_spike_factor: float = 10.0
-    gradient_warmup: int = 10
-    gradient_ema_alpha: float = 0.9
-    clip_history: int = 50
-    gradient_growth_test: bool = True
-    gradient_growth_factor: float = 1e3
-    gradient_growth_window: int = 25
-    gradient_growth_min_history: int = 3
-
-    def __post_init__(self) -> None:
-        def require(condition: bool, name: str, accepted: str) -> None:
-            if not condition:
-                raise ValueError(
-                    f"DetectionConfig.{name}={getattr(self, name)!r} is invalid: expected {accepted}"
-                )
-
-        for name in (
-            "patience",
-            "recovery_patience",
-            "clip_history",
-            "gradient_growth_window",
-            "gradient_growth_min_history",
-        ):
-            value = getattr(self, name)
-            require(
-                isinstance(value, int) and not isinstance(value, bool) and value >= 1, name, "an integer >= 1"
-            )
-        require(
-            isinstance(self.gradient_warmup, int) and self.gradient_warmup >= 2,
-            "gradient_warmup",
-            "an integer >= 2 (a variance needs two readings)",
-        )
-        for name in (
-            "vanishing_horizon_steps",
-            "vanishing_lag_norm",
-            "exploding_lag_norm",
-            "gradient_z_threshold",
-            "gradient_spike_factor",
-            "exploding_extreme_lag_norm",
-            "gradient_growth_factor",
-        ):
-            value = getattr(self, name)
-            require(
-                isinstance(value, (int, float)) and math.isfinite(value) and value > 0,
-                name,
-                "a finite number > 0",
-            )
-        require(
-            math.isfinite(self.exploding_growth_rate) and self.exploding_growth_rate >= 0,
-            "exploding_growth_rate",
-            "a finite number >= 0 (log growth per step)",
-        )
-        require(self.vanishing_lag_norm < 1, "vanishing_lag_norm", "a number < 1")
-        require(self.exploding_lag_norm > 1, "exploding_lag_norm", "a number > 1")
-        require(
-            self.exploding_extreme_lag_norm >= self.exploding_lag_norm,
-            "exploding_extreme_lag_norm",
-            "a number >= exploding_lag_norm",
-        )
-        require(self.gradient_growth_factor > 1, "gradient_growth_factor", "a number > 1")
-        require(
-            self.gradient_growth_min_history <= self.gradient_growth_window,
-            "gradient_growth_min_history",
-            "an integer <= gradient_growth_window",
-        )
-        require(0 < self.gradient_ema_alpha < 1, "gradient_ema_alpha", "a number strictly between 0 and 1")
-
-    @property
-    def vanishing_growth_rate(self) -> float:
-        """lambda below this (negative) rate is a memory horizon shorter than ``vanishing_horizon_steps``."""
-        return -1.0 / self.vanishing_horizon_steps
-
-    @classmethod
-    def for_diagnosis(cls, **overrides: Any) -> DetectionConfig:
-        """One-shot pre-flight diagnosis: one measurement per layer decides (no patience, no spike test)."""
-        settings: dict[str, Any] = {
-            "patience": 1,
-            "recovery_patience": 1,
-            "gradient_spike_test": False,
-            "gradient_growth_test": False,
-        }
-        settings.update(overrides)
-        return cls(**settings)
 
 
 @dataclass
@@ -177,53 +68,6 @@ class GradientNormStatistics:
         alpha = config.gradient_ema_alpha
         self.mean = alpha * self.mean + (1 - alpha) * value
         self.variance = alpha * self.variance + (1 - alpha) * (value - self.mean) ** 2
-
-
-@dataclass(frozen=True)
-class JacobianReading:
-    """The raw Jacobian-product verdict of a layer's latest measurement, with its cause and fix in words.
-
-    The non-finite and gradient-growth alerts quote it: a NaN that follows an exploding product has the
-    product's cause; a growing gradient whose Jacobians contract does not come from the recurrence.
-    """
-
-    step: int
-    layer: int
-    direction: str
-    verdict: Verdict
-    growth_rate: float | None
-    longest_lag: int | None
-    longest_lag_norm: float | None
-    cause: str
-    hint: str
-
-    def to_json(self) -> dict[str, Any]:
-        def finite(value: float | None) -> float | str | None:
-            return value if value is None or math.isfinite(value) else repr(value)  # "inf" / "-inf"
-
-        return {
-            "step": self.step, "layer": self.layer, "direction": self.direction,
-            "verdict": self.verdict.value, "growth_rate": finite(self.growth_rate),
-            "longest_lag": self.longest_lag, "longest_lag_norm": finite(self.longest_lag_norm),
-            "cause": self.cause, "hint": self.hint,
-        }  # fmt: skip
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> JacobianReading:
-        def number(value: object) -> float | None:
-            return None if value is None else float(value)  # type: ignore[arg-type]
-
-        return cls(
-            step=int(data["step"]),
-            layer=int(data["layer"]),
-            direction=str(data["direction"]),
-            verdict=Verdict(data["verdict"]),
-            growth_rate=number(data["growth_rate"]),
-            longest_lag=None if data["longest_lag"] is None else int(data["longest_lag"]),
-            longest_lag_norm=number(data["longest_lag_norm"]),
-            cause=str(data["cause"]),
-            hint=str(data["hint"]),
-        )
 
 
 @dataclass
@@ -363,12 +207,9 @@ class TrendDetector:
     ) -> float | None:
         """90th percentile of the recent healthy total gradient norms of a layer (None without history)."""
         state = self._states.get((module, layer, direction))
-        if state is None or not state.healthy_gradient_norms:
+        if state is None:
             return None
-        norms = sorted(state.healthy_gradient_norms)
-        if len(norms) == 1:
-            return norms[0]
-        return statistics.quantiles(norms, n=10, method="inclusive")[-1]
+        return percentile(list(state.healthy_gradient_norms), CLIP_PERCENTILE)
 
     def update(self, measurement: Measurement) -> list[Alert]:
         """Feed one measurement; returns [] or the alert(s) of an episode that starts or ends with it."""

@@ -2,25 +2,14 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
+from gradwatch.policy.judge import total_gradient_norm
 from gradwatch.records import Measurement, MeasurementMetrics
 
 Scale = Literal["log", "linear"]
-
-
-def total_grad_norm(metrics: MeasurementMetrics) -> float | None:
-    """Global gradient norm sqrt(sum ||g_p||^2) over the parameters in ``grad_norm``.
-
-    ``None`` when there is no gradient entry or any entry is non-finite (written as null in the log).
-    """
-    norms = list(metrics.grad_norm.values())
-    if not norms or any(n is None or not math.isfinite(n) for n in norms):
-        return None
-    return math.hypot(*norms)  # type: ignore[arg-type]  # no overflow where squares would be inf
 
 
 def longest_lag(measurements: Iterable[Measurement]) -> str | None:
@@ -66,7 +55,7 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec(
         "activation_saturation_ratio", "saturation ratio", "linear", _field("activation_saturation_ratio")
     ),
-    MetricSpec("grad_norm", "gradient norm (total)", "log", lambda metrics, _lag: total_grad_norm(metrics)),
+    MetricSpec("grad_norm", "gradient norm (total)", "log", lambda m, _lag: total_gradient_norm(m.grad_norm)),
 )
 
 METRIC_NAMES: tuple[str, ...] = tuple(spec.name for spec in METRICS)

@@ -26,6 +26,7 @@ VERDICT_STYLES: dict[Verdict, str] = {
     Verdict.VANISHING: "yellow",
     Verdict.EXPLODING: "red",
     Verdict.NONFINITE: "bold magenta",
+    Verdict.UNKNOWN: "dim",
 }
 PLAIN_WIDTH = 120
 """Width used when the output is not a terminal (a file, a pipe, CI logs)."""

@@ -14,6 +14,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from gradwatch.policy.judge import RUN_VERDICTS
 from gradwatch.records import (
     GLOBAL_RANK,
     Alert,
@@ -169,7 +170,7 @@ class Report:
         return [(run, layer) for run in self.runs for layer in run.layers]
 
     def verdict_counts(self) -> dict[str, int]:
-        counts = {v.value: 0 for v in Verdict}
+        counts = {v.value: 0 for v in RUN_VERDICTS}
         for _run, layer in self.layer_verdicts():
             counts[layer.verdict.verdict.value] += 1
         return counts

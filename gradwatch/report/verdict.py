@@ -9,47 +9,29 @@ dying units make f' small) and the recurrent weight (sigma_max(W_hh) well below 
 from __future__ import annotations
 
 import math
-import statistics
 from array import array
 from collections import defaultdict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import Enum
 from typing import Literal
 
+from gradwatch.policy.judge import (
+    CLIP_PERCENTILE,
+    SEVERITY,
+    FactorValues,
+    Verdict,
+    layer_cause,
+    layer_suggestions,
+    percentile,
+    total_gradient_norm,
+)
 from gradwatch.policy.trends import TrendDetector
 from gradwatch.records import Alert, AlertKind, ClipEvent, Measurement
-from gradwatch.report.metrics import total_grad_norm
-
-
-class Verdict(str, Enum):
-    """What a layer's gradients did, ordered from benign to worst by :data:`SEVERITY`."""
-
-    HEALTHY = "healthy"
-    VANISHING = "vanishing"
-    EXPLODING = "exploding"
-    NONFINITE = "nonfinite"
-
-
-SEVERITY: dict[Verdict, int] = {
-    Verdict.HEALTHY: 0,
-    Verdict.VANISHING: 1,
-    Verdict.EXPLODING: 2,
-    Verdict.NONFINITE: 3,
-}
 
 SUSTAINED_MEASUREMENTS = 3
 """Fewest measurements before an episode from which a clipping threshold is suggested."""
-
-# --- cause thresholds -------------------------------------------------------------------------------
-SATURATION_HIGH = 0.5
-DERIVATIVE_LOW = 0.25
-DERIVATIVE_HIGH = 0.75
-WEIGHT_LOW = 0.8
-WEIGHT_HIGH = 1.2
 CAUSE_WINDOW = 5
 """Cause statistics are medians over the last this many measurements of the episode."""
-CLIP_PERCENTILE = 90
 
 
 @dataclass(frozen=True)
@@ -100,7 +82,7 @@ class LayerEvidence:
             self.nonfinite_steps.append(step)
         self.tail.append(measurement)
         self.steps.append(step)
-        norm = total_grad_norm(measurement.metrics)
+        norm = total_gradient_norm(measurement.metrics.grad_norm)
         self.grad_norms.append(math.nan if norm is None else norm)
         self.last = measurement
 
@@ -296,18 +278,18 @@ def judge_evidence(
     tail = list(evidence.tail)
     window = [m for m in tail if episode_start is None or m.step >= episode_start] or tail
     window = window[-CAUSE_WINDOW:]
-    cause, weight_is_high = _cause(verdict, window)
+    values = FactorValues.median_of(m.metrics for m in window)
     return LayerVerdict(
         verdict=verdict,
         source=source,
         reason=reason,
-        cause=cause,
+        cause=layer_cause(verdict, values),
         suggestions=_suggestions(
             verdict,
+            values,
             evidence,
             episode_start=episode_start,
             module_type=module_type,
-            weight_is_high=weight_is_high,
             clip_count=clip_count,
             clip_median_max_norm=clip_median_max_norm,
         ),
@@ -315,74 +297,10 @@ def judge_evidence(
     )
 
 
-def _median(values: Sequence[float | None]) -> float | None:
-    finite = [v for v in values if v is not None and math.isfinite(v)]
-    return statistics.median(finite) if finite else None
-
-
-def _cause(verdict: Verdict, window: Sequence[Measurement]) -> tuple[str, bool]:
-    """Explain the verdict by the two factors of J_t; return the text and whether W_hh is too large."""
-    derivative = _median([m.metrics.activation_derivative_mean for m in window])
-    saturation = _median([m.metrics.activation_saturation_ratio for m in window])
-    weight = _median([m.metrics.weight_hh_sigma_max for m in window])
-    weight_is_high = weight is not None and weight > WEIGHT_HIGH
-    if verdict == Verdict.HEALTHY:
-        return "", weight_is_high
-    parts: list[str] = []
-    saturating = (saturation is not None and saturation > SATURATION_HIGH) or (
-        derivative is not None and derivative < DERIVATIVE_LOW
-    )
-    factor_values = []
-    if derivative is not None:
-        factor_values.append(f"mean f'(a) = {derivative:.3g}")
-    if saturation is not None:
-        factor_values.append(f"saturation ratio = {saturation:.0%}")
-    nonlinearity = ", ".join(factor_values) or "no activation statistics"
-    weight_text = "σmax(W_hh) unknown" if weight is None else f"σmax(W_hh) = {weight:.3g}"
-    if verdict == Verdict.VANISHING:
-        if saturating:
-            parts.append(
-                f"the nonlinearity is saturating or dying ({nonlinearity}): "
-                "the diagonal factor diag(f'(a_t)) of every J_t is small"
-            )
-        if weight is not None and weight < WEIGHT_LOW:
-            parts.append(
-                f"the recurrent weight norm is well below 1 ({weight_text}), which bounds every ||J_t||"
-            )
-        if not parts:
-            parts.append(
-                f"neither factor alone is extreme ({nonlinearity}; {weight_text}), but Jacobians slightly "
-                "below 1 still shrink the gradient exponentially over many steps"
-            )
-    else:
-        if weight_is_high:
-            text = f"the recurrent weight norm is well above 1 ({weight_text})"
-            if derivative is not None and derivative > DERIVATIVE_HIGH:
-                text += f" and the nonlinearity barely damps it ({nonlinearity}, as with ReLU)"
-            parts.append(text + ", so the product of Jacobians grows with the lag")
-        else:
-            parts.append(
-                f"the recurrent weight is not extreme ({weight_text}; {nonlinearity}), but the Jacobian "
-                "norms exceed 1 on enough steps that their product grows"
-            )
-        if verdict == Verdict.NONFINITE:
-            parts.insert(0, "gradients overflowed to NaN/Inf")
-    return "; ".join(parts), weight_is_high
-
-
-def clip_threshold(measurements: Sequence[Measurement], percentile: int = CLIP_PERCENTILE) -> float | None:
-    """The ``percentile``-th percentile of the finite total gradient norms observed, a clipping threshold."""
-    norms = sorted(n for m in measurements if (n := total_grad_norm(m.metrics)) is not None)
-    return _percentile(norms, percentile)
-
-
-def _percentile(norms: Sequence[float], percentile: int = CLIP_PERCENTILE) -> float | None:
-    """The ``percentile``-th percentile (inclusive method) of the sorted ``norms``; None when empty."""
-    if not norms:
-        return None
-    if len(norms) == 1:
-        return norms[0]
-    return statistics.quantiles(norms, n=100, method="inclusive")[percentile - 1]
+def clip_threshold(measurements: Sequence[Measurement], q: int = CLIP_PERCENTILE) -> float | None:
+    """The ``q``-th percentile of the finite total gradient norms observed, a clipping threshold."""
+    norms = [n for m in measurements if (n := total_gradient_norm(m.metrics.grad_norm)) is not None]
+    return percentile(norms, q)
 
 
 def _clip_suggestion(evidence: LayerEvidence, episode_start: int | None) -> str:
@@ -391,7 +309,7 @@ def _clip_suggestion(evidence: LayerEvidence, episode_start: int | None) -> str:
     basis = f"before step {episode_start}"
     if count < SUSTAINED_MEASUREMENTS:
         (_count, norms), basis = evidence.grad_norms_before(None), "over the run"
-    threshold = _percentile(sorted(norms))
+    threshold = percentile(norms)
     if threshold is None:
         return "clip gradients near the typical gradient norm (torch.nn.utils.clip_grad_norm_)"
     return (
@@ -402,11 +320,11 @@ def _clip_suggestion(evidence: LayerEvidence, episode_start: int | None) -> str:
 
 def _suggestions(
     verdict: Verdict,
+    values: FactorValues,
     evidence: LayerEvidence,
     *,
     episode_start: int | None,
     module_type: str | None,
-    weight_is_high: bool,
     clip_count: int = 0,
     clip_median_max_norm: float | None = None,
 ) -> tuple[str, ...]:
@@ -419,23 +337,16 @@ def _suggestions(
             f"{clip_median_max_norm:.3g}): clipping bounds each update but not the growth of the "
             "Jacobian products — fix its cause below"
         )
-    orthogonal = "initialise W_hh orthogonally (torch.nn.init.orthogonal_) so that σmax(W_hh) starts at 1"
-    kind = (module_type or "").upper()
-    out: list[str] = []
-    if verdict == Verdict.VANISHING:
-        if "LSTM" in kind:
-            out.append("set the forget-gate bias to 1 so the cell state is kept by default")
-        elif "GRU" not in kind:
-            out.append("switch to nn.LSTM or nn.GRU: their gated state carries gradients across many steps")
-        out.append(orthogonal)
-    else:
-        out.append(clip)
-        if weight_is_high:
-            out.append(orthogonal)
-        out.append("lower the learning rate")
-        out.append("shorten the truncation window of backpropagation through time")
-        if verdict == Verdict.NONFINITE:
-            out.append(
-                "skip optimizer steps whose gradients are non-finite (check inputs and loss for NaN/Inf)"
-            )
-    return tuple(out)
+    return layer_suggestions(verdict, values, module_type=module_type, clip=clip)
+
+
+__all__ = [
+    "SEVERITY",
+    "LayerEvidence",
+    "LayerVerdict",
+    "Verdict",
+    "clip_threshold",
+    "fallback_verdict",
+    "judge_evidence",
+    "judge_layer",
+]
