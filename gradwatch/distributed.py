@@ -19,6 +19,7 @@ from typing import Literal
 
 import torch
 
+from gradwatch.metric_table import METRIC_TABLE
 from gradwatch.records import GLOBAL_RANK, Measurement, MeasurementMetrics, record_from_json
 
 logger = logging.getLogger(__name__)
@@ -94,26 +95,23 @@ def combine_metrics(per_rank: Sequence[MeasurementMetrics]) -> MeasurementMetric
     Means are over the ranks that reported a value (None is "not measurable" on that rank). Gradient norms
     are the same on every rank after DDP's all-reduce, so their mean is that value.
     """
-    fields = {f.name for f in dataclasses.fields(MeasurementMetrics)}
     combined: dict[str, object] = {}
-    for name in fields:
+    for metric in METRIC_TABLE:  # each row says how its field combines
+        name = metric.field
         values = [getattr(m, name) for m in per_rank]
-        if name in ("lag_norm", "grad_norm"):
+        if metric.combine == "drop":
+            combined[name] = None
+        elif metric.kind == "mapping":
             keys = sorted({k for v in values for k in v}, key=lambda k: (len(k), k))
-            combined[name] = {k: _reduce([v.get(k) for v in values], "mean") for k in keys}
-        elif name == "jacobian_sigma_max_histogram":
-            combined[name] = None  # each rank's buckets span its own min..max: no common bucket edges
-        elif name in ("grad_nonfinite", "sequences"):
+            combined[name] = {k: _reduce([v.get(k) for v in values], metric.combine) for k in keys}
+        elif metric.combine == "sum":
             combined[name] = int(sum(v or 0 for v in values))
-        elif name in ("jacobian_iterations", "time_steps"):
+        elif metric.combine == "largest":
             present = [v for v in values if v is not None]
             combined[name] = max(present) if present else None
-        elif name.endswith("_min"):
-            combined[name] = _reduce(values, "min")
-        elif name.endswith("_max") and name != "lyapunov_max":
-            combined[name] = _reduce(values, "max")
         else:
-            combined[name] = _reduce(values, "mean")
+            combined[name] = _reduce(values, metric.combine)
+    # the values are typed per field by METRIC_TABLE's kind; mypy cannot follow a table
     return MeasurementMetrics(**combined)  # type: ignore[arg-type]
 
 

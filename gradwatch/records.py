@@ -14,7 +14,13 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, ClassVar, Literal, TypeAlias
 
+from gradwatch.metric_table import fields_of_kind
+
 SCHEMA_VERSION = 1
+# How each field of MeasurementMetrics is read back, by its kind in the metric table.
+_MAPPING_FIELDS = fields_of_kind("mapping")
+_HISTOGRAM_FIELDS = fields_of_kind("histogram")
+_INT_FIELDS = fields_of_kind("int")
 GLOBAL_RANK = -1
 """The ``rank`` of a record that combines all ranks' measurements (``watch(..., global_view=True)``)."""
 
@@ -142,15 +148,15 @@ class MeasurementMetrics:
             if f.name not in data:
                 continue
             value = data[f.name]
-            if f.name in ("lag_norm", "grad_norm"):
+            if f.name in _MAPPING_FIELDS:
                 if not isinstance(value, Mapping):
                     raise RecordError(f"metrics.{f.name} must be an object, got {type(value).__name__}")
                 kwargs[f.name] = {
                     str(k): _as_optional_float(v, f"metrics.{f.name}.{k}") for k, v in value.items()
                 }
-            elif f.name == "jacobian_sigma_max_histogram":
+            elif f.name in _HISTOGRAM_FIELDS:
                 kwargs[f.name] = None if value is None else SigmaHistogram.from_json(value)
-            elif f.name in ("grad_nonfinite", "jacobian_iterations", "sequences", "time_steps"):
+            elif f.name in _INT_FIELDS:
                 kwargs[f.name] = _as_optional_int(value, f"metrics.{f.name}")
             else:
                 kwargs[f.name] = _as_optional_float(value, f"metrics.{f.name}")
@@ -449,12 +455,10 @@ def _as_direction(value: Any) -> Direction:
 
 # --- fast path for the bulk of a run log -------------------------------------------------------------
 
-# The optional scalar fields of MeasurementMetrics, read from its declaration (annotations are strings here).
-_FAST_FLOAT_FIELDS = tuple(f.name for f in dataclasses.fields(MeasurementMetrics) if f.type == "float | None")
-_FAST_INT_FIELDS = tuple(f.name for f in dataclasses.fields(MeasurementMetrics) if f.type == "int | None")
-_FAST_METRIC_KEYS = frozenset(
-    (*_FAST_FLOAT_FIELDS, *_FAST_INT_FIELDS, "lag_norm", "grad_norm", "grad_nonfinite")
-)
+# The scalar fields of MeasurementMetrics by kind (grad_nonfinite, never null, is read on its own).
+_FAST_FLOAT_FIELDS = fields_of_kind("float")
+_FAST_INT_FIELDS = tuple(name for name in _INT_FIELDS if name != "grad_nonfinite")
+_FAST_METRIC_KEYS = frozenset((*_FAST_FLOAT_FIELDS, *_FAST_INT_FIELDS, *_MAPPING_FIELDS, "grad_nonfinite"))
 _MEASUREMENT_KEYS = frozenset(
     ("kind", "run_id", "step", "time", "rank", "module", "layer", "direction", "metrics")
 )
@@ -532,7 +536,7 @@ def fast_measurement_from_json(data: dict[str, Any]) -> Measurement | None:
     elif type(nonfinite) is not int:
         return None
     fields["grad_nonfinite"] = nonfinite
-    for name in ("lag_norm", "grad_norm"):
+    for name in _MAPPING_FIELDS:
         if name in metrics_json:
             mapping = _fast_float_map(metrics_json[name])
             if mapping is None:

@@ -37,6 +37,7 @@ from gradwatch.estimators.products import (
     lyapunov_from_full_products,
     sequence_lengths,
 )
+from gradwatch.metric_table import estimated_scalars
 from gradwatch.records import MeasurementMetrics, SigmaHistogram
 
 JACOBIAN_QUANTILE = 0.95
@@ -359,18 +360,7 @@ def estimate_layer(
     )
 
 
-_SCALAR_METRICS = (
-    "jacobian_sigma_max_mean",
-    "jacobian_sigma_max_min",
-    "jacobian_sigma_max_max",
-    "jacobian_sigma_max_p95",
-    "jacobian_frac_above_one",
-    "weight_hh_sigma_max",
-    "activation_derivative_mean",
-    "activation_saturation_ratio",
-    "gate_mean",
-    "jacobian_converged_ratio",
-)
+_SCALAR_METRICS = estimated_scalars()  # the 0-d tensors of LayerEstimate copied to the host as they are
 
 
 def _plain(value: float) -> float | None:
@@ -391,20 +381,17 @@ def layer_metrics(estimate: LayerEstimate) -> MeasurementMetrics:
     def scalar(value: Tensor | None) -> Tensor:
         return nan if value is None else value.detach().reshape(()).to(torch.float64)
 
-    parts = [scalar(getattr(estimate, name)) for name in _SCALAR_METRICS]
     lyapunov = estimate.lyapunov_per_sequence
-    parts.append(nan if lyapunov is None else torch.nanmedian(lyapunov.to(torch.float64)))
-    parts.append(estimate.sequences.to(torch.float64).reshape(()))
-    lag_medians = [
-        torch.nanmedian(estimate.lag_norm_per_sequence[k].to(torch.float64))
-        for k in range(len(estimate.lags))
-    ]
-    values = torch.stack(parts + lag_medians).cpu().tolist()  # the one host transfer
-
-    scalars = dict(zip(_SCALAR_METRICS, values[: len(_SCALAR_METRICS)], strict=True))
-    lyapunov_value, sequences = values[len(_SCALAR_METRICS) : len(_SCALAR_METRICS) + 2]
-    lag_values = values[len(_SCALAR_METRICS) + 2 :]
-    plain = {name: _plain(value) for name, value in scalars.items()}
+    named = {name: scalar(getattr(estimate, name)) for name in _SCALAR_METRICS}
+    named["lyapunov_max"] = nan if lyapunov is None else torch.nanmedian(lyapunov.to(torch.float64))
+    named["sequences"] = estimate.sequences.to(torch.float64).reshape(())
+    lags = {
+        str(tau): torch.nanmedian(estimate.lag_norm_per_sequence[k].to(torch.float64))
+        for k, tau in enumerate(estimate.lags)
+    }
+    values = torch.stack([*named.values(), *lags.values()]).cpu().tolist()  # the one host transfer
+    host = dict(zip([*named, *(f"lag:{key}" for key in lags)], values, strict=True))
+    plain = {name: _plain(value) for name, value in host.items()}
     mean = plain["jacobian_sigma_max_mean"]
     return MeasurementMetrics(
         jacobian_sigma_max_mean=mean,
@@ -417,10 +404,10 @@ def layer_metrics(estimate: LayerEstimate) -> MeasurementMetrics:
         activation_saturation_ratio=plain["activation_saturation_ratio"],
         gate_mean=plain["gate_mean"],
         jacobian_converged_ratio=plain["jacobian_converged_ratio"],
-        lyapunov_max=_plain(lyapunov_value),
-        lag_norm={str(tau): _plain(value) for tau, value in zip(estimate.lags, lag_values, strict=True)},
+        lyapunov_max=plain["lyapunov_max"],
+        lag_norm={key: plain[f"lag:{key}"] for key in lags},
         jacobian_iterations=estimate.jacobian_iterations,
-        sequences=int(sequences),
+        sequences=int(host["sequences"]),
         time_steps=estimate.time_steps,
         # None: a real step was non-finite, no distribution
         jacobian_sigma_max_histogram=None if mean is None else sigma_histogram(estimate.jacobian_sigma),

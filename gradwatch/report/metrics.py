@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Literal
 
+from gradwatch.metric_table import METRIC_TABLE, Metric, Scale
 from gradwatch.policy.judge import total_gradient_norm
 from gradwatch.records import Measurement, MeasurementMetrics
-
-Scale = Literal["log", "linear"]
 
 
 def longest_lag(measurements: Iterable[Measurement]) -> str | None:
@@ -37,25 +35,19 @@ def _field(name: str) -> Callable[[MeasurementMetrics, str | None], float | None
     return lambda metrics, _lag: getattr(metrics, name)
 
 
-# Norms trend on a log scale (their growth is exponential in the lecture's picture); quantities that can be
-# zero or negative (Lyapunov exponent, fractions and ratios) trend on their own, linear scale.
-METRICS: tuple[MetricSpec, ...] = (
-    MetricSpec("jacobian_sigma_max_mean", "mean σmax(J_t)", "log", _field("jacobian_sigma_max_mean")),
-    MetricSpec("jacobian_sigma_max_p95", "p95 σmax(J_t)", "log", _field("jacobian_sigma_max_p95")),
-    MetricSpec("jacobian_frac_above_one", "frac σmax(J_t)>1", "linear", _field("jacobian_frac_above_one")),
-    MetricSpec("lyapunov_max", "top Lyapunov exp.", "linear", _field("lyapunov_max")),
-    MetricSpec(
-        "lag_norm",
-        "lag norm (longest lag)",
-        "log",
-        lambda metrics, lag: None if lag is None else metrics.lag_norm.get(lag),
-    ),
-    MetricSpec("weight_hh_sigma_max", "σmax(W_hh)", "log", _field("weight_hh_sigma_max")),
-    MetricSpec("activation_derivative_mean", "mean f'(a)", "log", _field("activation_derivative_mean")),
-    MetricSpec(
-        "activation_saturation_ratio", "saturation ratio", "linear", _field("activation_saturation_ratio")
-    ),
-    MetricSpec("grad_norm", "gradient norm (total)", "log", lambda m, _lag: total_gradient_norm(m.grad_norm)),
+def _reader(metric: Metric) -> Callable[[MeasurementMetrics, str | None], float | None]:
+    if metric.field == "lag_norm":  # the longest lag's norm
+        return lambda metrics, lag: None if lag is None else metrics.lag_norm.get(lag)
+    if metric.field == "grad_norm":  # the total over the parameters, as clip_grad_norm_ computes it
+        return lambda metrics, _lag: total_gradient_norm(metrics.grad_norm)
+    return _field(metric.field)
+
+
+# The report's columns: the rows of the metric table that have a report label, with their trend scale.
+METRICS: tuple[MetricSpec, ...] = tuple(
+    MetricSpec(metric.field, metric.report_label, metric.scale, _reader(metric))
+    for metric in METRIC_TABLE
+    if metric.report_label is not None
 )
 
 METRIC_NAMES: tuple[str, ...] = tuple(spec.name for spec in METRICS)

@@ -11,6 +11,7 @@ import html
 import math
 from collections.abc import Sequence
 
+from gradwatch.metric_table import reference_lines
 from gradwatch.report.formatting import (
     alert_location,
     format_number,
@@ -37,13 +38,7 @@ VERDICT_COLORS = {
     "exploding": "#c62828",
     "nonfinite": "#8e24aa",
 }
-REFERENCE_LINES = {
-    "jacobian_sigma_max_mean": 1.0,
-    "jacobian_sigma_max_p95": 1.0,
-    "lag_norm": 1.0,
-    "weight_hh_sigma_max": 1.0,
-    "lyapunov_max": 0.0,
-}
+REFERENCE_LINES = reference_lines()
 """Where gradients neither grow nor shrink: a Jacobian norm of 1, a Lyapunov exponent of 0."""
 
 _STYLE = """

@@ -35,6 +35,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.exposition import basic_auth_handler, default_handler, push_to_gateway
 
+from gradwatch.metric_table import METRICS_BY_FIELD, jacobian_stats, layer_gauges
 from gradwatch.records import (
     Alert,
     AlertKind,
@@ -74,57 +75,16 @@ class LayerGauge:
     help: str
 
 
-# Per-layer scalar gauges, in the order of MeasurementMetrics. The Jacobian summary statistics share one
-# family with a ``stat`` label, the mappings (lag_norm, grad_norm) have their own key label.
-LAYER_GAUGES: tuple[LayerGauge, ...] = (
-    LayerGauge(
-        "jacobian_frac_above_one",
-        "jacobian_above_one_ratio",
-        "Share of measured step Jacobians J_t = ds_t/ds_{t-1} with spectral norm above 1.",
-    ),
-    LayerGauge(
-        "weight_hh_sigma_max", "weight_hh_sigma_max", "Spectral norm (largest singular value) of W_hh."
-    ),
-    LayerGauge(
-        "activation_derivative_mean",
-        "activation_derivative_mean",
-        "Mean derivative of the recurrent nonlinearity over the measured steps.",
-    ),
-    LayerGauge(
-        "activation_saturation_ratio",
-        "activation_saturation_ratio",
-        "Share of hidden units whose nonlinearity is saturated (derivative near 0).",
-    ),
-    LayerGauge(
-        "lyapunov_max",
-        "lyapunov_max",
-        "Top Lyapunov exponent: mean log growth per time step of the Jacobian product norm (<0 vanishing).",
-    ),
-    LayerGauge(
-        "grad_nonfinite",
-        "grad_nonfinite",
-        "Number of non-finite (NaN/Inf) gradient values of this layer at the measured step.",
-    ),
-    LayerGauge("gate_mean", "gate_mean", "Mean gate activation (forget gate for LSTM, update gate for GRU)."),
-    LayerGauge(
-        "jacobian_converged_ratio",
-        "jacobian_converged_ratio",
-        "Share of power iterations for sigma_max(J_t) that converged within max_iter.",
-    ),
-    LayerGauge(
-        "jacobian_iterations", "jacobian_iterations", "Power iterations used for the Jacobian spectral norms."
-    ),
-    LayerGauge("sequences", "measured_sequences", "Sequences of the batch used for this measurement."),
-    LayerGauge("time_steps", "measured_time_steps", "Time steps of the sequences used for this measurement."),
+# Per-layer scalar gauges, from the metric table. The Jacobian summary statistics share one family with a
+# ``stat`` label, the mappings (lag_norm, grad_norm) have their own key label.
+LAYER_GAUGES: tuple[LayerGauge, ...] = tuple(
+    LayerGauge(metric.field, metric.prometheus, metric.help)
+    for metric in layer_gauges()
+    if metric.prometheus is not None
 )
 
 # stat label value -> MeasurementMetrics field
-JACOBIAN_STATS: tuple[tuple[str, str], ...] = (
-    ("mean", "jacobian_sigma_max_mean"),
-    ("min", "jacobian_sigma_max_min"),
-    ("max", "jacobian_sigma_max_max"),
-    ("p95", "jacobian_sigma_max_p95"),
-)
+JACOBIAN_STATS: tuple[tuple[str, str], ...] = jacobian_stats()
 
 
 class PrometheusSink:
@@ -514,23 +474,12 @@ class _MetricFamilies:
         self._registry = registry
         self._registered: list[Gauge | Counter] = []
         try:
-            self.jacobian_sigma_max = gauge(
-                "jacobian_sigma_max",
-                "Spectral norm of the step Jacobians J_t = ds_t/ds_{t-1} over the measured steps (stat: "
-                "mean, min, max, p95).",
-                (*LAYER_LABELS, "stat"),
-            )
+            sigma = METRICS_BY_FIELD["jacobian_sigma_max_mean"]
+            self.jacobian_sigma_max = gauge(str(sigma.prometheus), sigma.help, (*LAYER_LABELS, "stat"))
             self.layer = {spec.field: gauge(spec.name, spec.help, LAYER_LABELS) for spec in LAYER_GAUGES}
-            self.lag_norm = gauge(
-                "lag_norm",
-                "Median over sequences of the spectral norm of ds_T/ds_{T-lag} (a product of lag Jacobians).",
-                (*LAYER_LABELS, "lag"),
-            )
-            self.grad_norm = gauge(
-                "grad_norm",
-                "L2 norm of the gradient of one parameter at the measured step.",
-                (*LAYER_LABELS, "param"),
-            )
+            lag, grad = METRICS_BY_FIELD["lag_norm"], METRICS_BY_FIELD["grad_norm"]
+            self.lag_norm = gauge(str(lag.prometheus), lag.help, (*LAYER_LABELS, str(lag.key_label)))
+            self.grad_norm = gauge(str(grad.prometheus), grad.help, (*LAYER_LABELS, str(grad.key_label)))
             self.measurements = counter("measurements", "Measurements exported per layer.", LAYER_LABELS)
             self.last_measurement = gauge(
                 "last_measurement_timestamp_seconds", "Unix time of the latest measurement.", RUN_LABELS
