@@ -30,16 +30,16 @@ import click
 import torch
 from torch import nn
 
-from benchmarks.exact_metrics import exact_measurement, gradient_norms
-from benchmarks.reference_cases import (
+from gradwatch.policy.evidence import growth_rate, longest_lag_norm
+from gradwatch.policy.trends import DetectionConfig, TrendDetector
+from gradwatch.records import Measurement
+from tests.oracles.exact_metrics import exact_measurement, gradient_norms
+from tests.oracles.reference_cases import (
     RecurrentRegressor,
     lstm_forget_bias_one,
     regression_batch,
     scaled_orthogonal_rnn,
 )
-from gradwatch.policy.evidence import growth_rate, longest_lag_norm
-from gradwatch.policy.trends import DetectionConfig, TrendDetector
-from gradwatch.records import Measurement
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from benchmarks.reference_cases import RecurrentRegressor, adding_problem_batch
 from gradwatch.policy.clipping import ClipPolicy, FixedNorm, ZClip, apply_clip, make_clip_policy
+from tests.oracles.reference_cases import RecurrentRegressor, adding_problem_batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

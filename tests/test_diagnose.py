@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import gradwatch
-from benchmarks.reference_cases import lstm_forget_bias_one, scaled_orthogonal_rnn
 from gradwatch.policy.evidence import Verdict
+from tests.oracles.reference_cases import lstm_forget_bias_one, scaled_orthogonal_rnn
 
 CASES = [
     ("relu-2x-orthogonal", lambda: scaled_orthogonal_rnn("relu", 2.0), 50, Verdict.EXPLODING),

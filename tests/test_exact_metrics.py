@@ -1,4 +1,4 @@
-"""The calibration reference (benchmarks/exact_metrics.py) against ground truths from theory."""
+"""The calibration reference (tests/oracles/exact_metrics.py) against ground truths from theory."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from benchmarks.exact_metrics import default_lags, exact_metrics, layer_weights, run_states, step_jacobians
-from benchmarks.reference_cases import scaled_orthogonal_rnn
 from gradwatch.estimators.cells import cell_step
+from tests.oracles.exact_metrics import default_lags, exact_metrics, layer_weights, run_states, step_jacobians
+from tests.oracles.reference_cases import scaled_orthogonal_rnn
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

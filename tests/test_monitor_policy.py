@@ -11,14 +11,14 @@ import torch
 from torch import nn
 
 import gradwatch
-from benchmarks.reference_cases import (
+from gradwatch.records import Alert, AlertKind, ClipEvent
+from tests.oracles.reference_cases import (
     RecurrentRegressor,
     adding_problem_batch,
     lstm_forget_bias_one,
     regression_batch,
     scaled_orthogonal_rnn,
 )
-from gradwatch.records import Alert, AlertKind, ClipEvent
 
 
 def _observe(

@@ -9,16 +9,16 @@ import pytest
 import torch
 from torch import nn
 
-from benchmarks.exact_metrics import exact_measurement, gradient_norms
-from benchmarks.reference_cases import (
+from gradwatch.policy.evidence import Verdict
+from gradwatch.policy.trends import DetectionConfig, TrendDetector
+from gradwatch.records import AlertKind, Measurement, MeasurementMetrics
+from tests.oracles.exact_metrics import exact_measurement, gradient_norms
+from tests.oracles.reference_cases import (
     RecurrentRegressor,
     lstm_forget_bias_one,
     regression_batch,
     scaled_orthogonal_rnn,
 )
-from gradwatch.policy.evidence import Verdict
-from gradwatch.policy.trends import DetectionConfig, TrendDetector
-from gradwatch.records import AlertKind, Measurement, MeasurementMetrics
 
 BATCH = 6
 

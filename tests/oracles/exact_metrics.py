@@ -90,7 +90,7 @@ def step_jacobians(weights: CellWeights, inputs: Tensor, states: Tensor) -> Tens
 def candidate_derivatives(
     weights: CellWeights, inputs: Tensor, states: Tensor
 ) -> tuple[Tensor, Tensor | None]:
-    """f'(a) of the candidate nonlinearity (T, B, H) and the gate values (LSTM forget f, GRU update z) or None.
+    """f'(a) of the candidate nonlinearity (T, B, H) and the gates (LSTM forget f, GRU update z) or None.
 
     RNN: f'(W_ih x + W_hh h + b); LSTM: tanh'(g pre-activation); GRU: tanh'(n pre-activation).
     """
@@ -188,7 +188,7 @@ def exact_measurement(
     layer: int = 0,
     grad_norm: Mapping[str, float | None] | None = None,
 ) -> Measurement:
-    """A Measurement record of layer ``layer`` of ``module`` on time-major ``inputs`` (layer 0 only reads inputs)."""
+    """A Measurement record of layer ``layer`` of ``module`` on time-major ``inputs`` (layer 0 only)."""
     if layer != 0:
         raise ValueError("exact_measurement replays layer 0 only (its inputs are the module's inputs)")
     metrics = exact_metrics(layer_weights(module, layer), inputs, grad_norm=grad_norm)
@@ -198,8 +198,9 @@ def exact_measurement(
 
 
 def gradient_norms(module: nn.Module) -> dict[str, float | None]:
-    """Per-parameter gradient 2-norms (None for parameters without a gradient), as the monitor reports them."""
+    """Per-parameter gradient 2-norms as the monitor reports them (no entry for a leaf without a gradient)."""
     return {
-        name: None if p.grad is None else float(torch.linalg.vector_norm(p.grad))
+        name: float(torch.linalg.vector_norm(p.grad))
         for name, p in module.named_parameters()
+        if p.grad is not None
     }

@@ -16,7 +16,7 @@ def scaled_orthogonal_rnn(nonlinearity: str, gain: float, hidden: int = 32, inpu
 
 
 def lstm_forget_bias_one(hidden: int = 32, inputs: int = 4) -> nn.LSTM:
-    """Untrained nn.LSTM whose forget-gate biases sum to 1 (bias_ih forget slice 1, bias_hh forget slice 0)."""
+    """Untrained nn.LSTM whose forget-gate biases sum to 1 (bias_ih forget slice 1, bias_hh's 0)."""
     module = nn.LSTM(inputs, hidden)
     with torch.no_grad():
         module.bias_ih_l0[hidden : 2 * hidden] = 1.0
