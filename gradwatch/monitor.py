@@ -308,6 +308,11 @@ class Monitor:
             )
         self._end_of_step(None)
 
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` ran (even one that raised): no hook is left, the sinks are closed."""
+        return self._closed
+
     def close(self) -> None:
         """Remove every hook, flush and close the sinks. Idempotent; the model behaves as before."""
         if self._closed:

@@ -33,10 +33,8 @@ def warm_start_to_state(warm: WarmStart) -> dict[str, Any]:
     }
 
 
-def warm_start_from_state(state: Mapping[str, Any] | WarmStart) -> WarmStart:
-    """Inverse of :func:`warm_start_to_state`; a WarmStart itself (older checkpoints) is accepted as is."""
-    if isinstance(state, WarmStart):
-        return state
+def warm_start_from_state(state: Mapping[str, Any]) -> WarmStart:
+    """Inverse of :func:`warm_start_to_state`."""
     try:
         warm = WarmStart(
             step_vectors=_tensor(state["step_vectors"], "step_vectors"),

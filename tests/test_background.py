@@ -174,6 +174,7 @@ def test_state_dict_waits_for_the_measurement_in_flight(monkeypatch: pytest.Monk
     optimizer.step()  # step 0 is measured; its estimate is now running
     state = monitor.state_dict()
     assert list(state["warm_starts"]) == ["rnn|0|forward"]
+    # the raw history, not monitor.history (which would wait itself): state_dict() must have waited
     assert [r.step for r in monitor._history if isinstance(r, Measurement)] == [0]
     monitor.close()
 
@@ -254,7 +255,7 @@ def test_close_finishes_closing_before_it_reraises_what_the_last_measurement_rai
     monitor._publish = publish_raising  # type: ignore[method-assign]
     with pytest.raises(KeyError, match="raised while publishing"):
         monitor.close()
-    assert monitor._closed and not monitor._handles
+    assert monitor.closed
     assert all(sink._file is None for sink in monitor.sinks if hasattr(sink, "_file"))  # log closed
     monitor.close()  # idempotent afterwards
 
@@ -379,7 +380,8 @@ def test_the_exporter_shows_a_background_measurement_without_another_step() -> N
         assert latency < 2.0, f"the exporter showed the measurement {latency:.2f} s after the step"
         body = urllib.request.urlopen(monitor.prometheus_url, timeout=5).read().decode()
         assert "gradwatch_jacobian_sigma_max{" in body  # what a scrape sees, over HTTP
-        assert not [r for r in monitor._history if isinstance(r, Measurement)]  # not published yet
+        # the raw history (monitor.history would wait and publish): not published yet
+        assert not [r for r in monitor._history if isinstance(r, Measurement)]
         # Two more measured steps (2 and 4): each record is exported once, live, and again written (not
         # re-applied) at publication, so the counter equals the number of measurements per layer.
         for _ in range(5):

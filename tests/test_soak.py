@@ -67,7 +67,7 @@ def test_soak_ten_thousand_steps_stays_flat_and_logs_everything(tmp_path: Path) 
     )
     hooks_watched = _hook_count(model, optimizer)
     assert hooks_watched == hooks_before  # nothing on the model or the optimizer: gradwatch hooks are global
-    recorder = monitor._recorders["rnn"]
+    recorder = monitor._recorders["rnn"]  # internal on purpose: the leak check follows the recorded tensors
     batches = [(torch.randn(8, 4, 4), torch.randn(8, 4)) for _ in range(16)]
     rss_after_warm_up = 0
     pending: list[weakref.ref[torch.Tensor]] = []  # tensors of the last checked measured step

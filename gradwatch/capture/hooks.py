@@ -132,11 +132,6 @@ class CallRecorder:
         self.weights = {n: t.detach().clone() for n, t in used.items() if t is not None}
         self._weight_sources = sources
 
-    @property
-    def has_data(self) -> bool:
-        self.settle()
-        return self.fused_call is not None or bool(self.cell_calls)
-
     def settle(self) -> None:
         """Record, in call order, the calls a compiled forward handed over (call before reading the data)."""
         deferred, self._deferred = self._deferred, []

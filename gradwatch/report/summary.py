@@ -28,7 +28,7 @@ from gradwatch.records import (
 from gradwatch.report.metrics import MetricSpec, longest_lag, metric_specs
 from gradwatch.report.reader import LogContents, Problem
 from gradwatch.report.sparkline import sparkline
-from gradwatch.report.verdict import SEVERITY, LayerVerdict, Verdict, judge_layer
+from gradwatch.report.verdict import LayerVerdict, Verdict, judge_layer
 
 TREND_STEPS = 1000
 """Trends are slopes per this many training steps."""
@@ -403,8 +403,3 @@ def why_no_measurements(run: RunSummary) -> str:
             f"measurement was written{cadence}; the run probably stopped before its first measured step"
         )
     return "no measurements in the log"
-
-
-def worst_verdict(layers: Iterable[LayerSummary]) -> Verdict:
-    """The most severe verdict among ``layers`` (healthy when there are none)."""
-    return max((layer.verdict.verdict for layer in layers), key=SEVERITY.__getitem__, default=Verdict.HEALTHY)
