@@ -8,6 +8,7 @@ returns a verdict per layer with the alert message the monitor would give.
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -90,7 +91,7 @@ class Diagnosis:
         return table
 
     def __str__(self) -> str:
-        console = Console(width=140, no_color=True, record=True, file=_NullFile())
+        console = Console(width=140, no_color=True, record=True, file=io.StringIO())
         console.print(self.table())
         return console.export_text()
 
@@ -198,11 +199,3 @@ def _fmt(value: float | None) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
     return f"{value:.3g}"
-
-
-class _NullFile:
-    def write(self, text: str) -> int:
-        return len(text)
-
-    def flush(self) -> None:
-        pass

@@ -45,7 +45,7 @@ def check_log_ranks(log_ranks: str) -> LogRanks:
             f"log_ranks must be 'all' (every rank writes its own log, NAME.rank<r>.jsonl for r > 0) or "
             f"'zero' (only rank 0 writes a log), got {log_ranks!r}"
         )
-    return log_ranks  # type: ignore[return-value]
+    return log_ranks
 
 
 def writes_log(log_ranks: LogRanks, rank: int) -> bool:

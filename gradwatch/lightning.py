@@ -25,6 +25,7 @@ try:  # Lightning 2.x ships as `lightning` (unified) and as the standalone `pyto
     from lightning.pytorch import Callback, LightningModule, Trainer
 except ImportError:  # pragma: no cover - depends on which Lightning package is installed
     try:
+        # the same three classes from the older package name:
         from pytorch_lightning import Callback, LightningModule, Trainer  # type: ignore[assignment]
     except ImportError as exc:
         raise ImportError(

@@ -53,7 +53,7 @@ from gradwatch.estimators.layer import (
     layer_metrics,
 )
 from gradwatch.faults import FaultPolicy
-from gradwatch.records import Measurement
+from gradwatch.records import Direction, Measurement
 from gradwatch.sinks.base import Sink
 
 logger = logging.getLogger("gradwatch")
@@ -76,7 +76,7 @@ class LayerJob:
 
     module: str
     layer: int
-    direction: str
+    direction: Direction
     jacobians: StepJacobians
     mask: torch.Tensor
     recurrent_weight: torch.Tensor | None
@@ -418,23 +418,25 @@ class MeasurementPipeline:
         module = watched.module
         # A fresh call is measured at the weights its forward used, kept by the hook (the optimizer may have
         # moved them since: LBFGS steps after its last closure); a kept probe is re-run at the current ones.
-        recorded = recorder.weights if fresh else None
+        forward_weights = recorder.weights if fresh else None
         if watched.kind == "fused":
             assert isinstance(probe, FusedCall) and watched.cell_kind is not None
+            assert isinstance(module, nn.RNNBase)  # a fused kind is one of torch's nn.RNN/LSTM/GRU
             reference = probe if fresh else rerun_fused(module, probe)  # a kept probe: re-run the module
-            replay = replay_fused(module, watched.cell_kind, probe, recorded)
+            replay = replay_fused(module, watched.cell_kind, probe, forward_weights)
             check = check_fused_replay(module, reference, replay)
             traces = replay.traces
         elif watched.kind == "cell":
             assert isinstance(probe, list) and watched.cell_kind is not None
             trace = trace_builtin_cell(
-                module, watched.cell_kind, probe, recompute=not fresh, weights=recorded
+                module, watched.cell_kind, probe, recompute=not fresh, weights=forward_weights
             )
             check = check_cell_replay(trace) if fresh else check_cell_against_module(module, trace)
             traces = [trace]
         else:
             assert isinstance(probe, list) and watched.custom is not None
-            traces = [trace_custom_cell(module, watched.custom, probe, recompute=True, weights=recorded)]
+            custom = trace_custom_cell(module, watched.custom, probe, recompute=True, weights=forward_weights)
+            traces = [custom]
             check = None
         if check is not None and not check.ok:
             self.probes.pop(watched.name, None)
@@ -462,7 +464,7 @@ class MeasurementPipeline:
                 for direction in watched.directions:
                     key = (watched.name, layer, direction)
                     if watched.kind == "fused":
-                        names = fused_parameter_names(watched.module, layer, direction)  # type: ignore[arg-type]
+                        names = fused_parameter_names(watched.module, layer, direction)
                         leaves = {
                             local: p for n in names for local, p in watched.weight_leaves.get(n, {}).items()
                         }

@@ -112,7 +112,7 @@ class WatchConfig:
     seed: int = 0
     history_size: int = 100_000
     nonfinite: NonFinitePolicy = NonFinitePolicy.WARN
-    clip: str | None = None  # description of the clip policy, for the run header
+    clip: str | float | None = None  # the clip option as given (a policy: its repr), for the run header
     clip_scope: ClipScope = "monitored"
     clip_mode: ClipMode = "always"
     global_view: bool = False

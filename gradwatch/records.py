@@ -12,7 +12,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, ClassVar, Literal, TypeAlias
+from typing import Any, ClassVar, Literal, TypeAlias, cast
 
 from gradwatch.metric_table import fields_of_kind
 
@@ -140,7 +140,8 @@ class MeasurementMetrics:
         return out
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> MeasurementMetrics:
+    def from_json(cls, data: object) -> MeasurementMetrics:
+        """Read a record's ``metrics`` object; anything else is a RecordError naming what it got."""
         if not isinstance(data, Mapping):
             raise RecordError(f"'metrics' must be an object, got {type(data).__name__}")
         kwargs: dict[str, Any] = {}
@@ -240,7 +241,7 @@ class Measurement:
         return cls(
             **_envelope_fields(data),
             **_layer_fields(data),
-            metrics=MeasurementMetrics.from_json(data.get("metrics")),  # type: ignore[arg-type]
+            metrics=MeasurementMetrics.from_json(data.get("metrics")),
         )
 
 
@@ -357,8 +358,7 @@ class ErrorRecord:
 Record: TypeAlias = RunHeader | Measurement | Alert | ClipEvent | ErrorRecord
 
 RECORD_TYPES: dict[str, type[Record]] = {
-    cls.kind: cls
-    for cls in (RunHeader, Measurement, Alert, ClipEvent, ErrorRecord)  # type: ignore[misc]
+    cls.kind: cls for cls in (RunHeader, Measurement, Alert, ClipEvent, ErrorRecord)
 }
 
 
@@ -450,7 +450,7 @@ def _as_str(value: Any, name: str) -> str:
 def _as_direction(value: Any) -> Direction:
     if value not in DIRECTIONS:
         raise RecordError(f"'direction' must be 'forward' or 'reverse', got {value!r:.60}")
-    return value  # type: ignore[no-any-return]
+    return value
 
 
 # --- fast path for the bulk of a run log -------------------------------------------------------------
@@ -512,7 +512,7 @@ def fast_measurement_from_json(data: dict[str, Any]) -> Measurement | None:
         return None
     time_kind = type(time)
     if time_kind is int:
-        time = float(time)
+        time = float(cast(int, time))
     elif time_kind is not float:
         return None
     fields: dict[str, Any] = {}
@@ -521,7 +521,7 @@ def fast_measurement_from_json(data: dict[str, Any]) -> Measurement | None:
         value = get(name)
         kind = type(value)
         if kind is int:
-            value = float(value)
+            value = float(cast(int, value))
         elif kind is not float and value is not None:
             return None
         fields[name] = value

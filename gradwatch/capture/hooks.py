@@ -447,6 +447,7 @@ def record_fused_call(
         return None if t is None else t.narrow(batch_dim, 0, k).detach().clone()
 
     return FusedCall(
+        # a fused call always has inputs, an output and h_n (first() keeps None only), here and below:
         inputs=first(inputs, 1),  # type: ignore[arg-type]
         lengths=lengths[:k].to(device=inputs.device, dtype=torch.long),
         h0=first(h0, 1),

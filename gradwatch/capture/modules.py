@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from gradwatch.estimators.cells import CellKind
+from gradwatch.records import Direction
 
 State = Tensor | tuple[Tensor, ...]
 StepFunction = Callable[[nn.Module, Tensor, State], State]
@@ -34,7 +35,7 @@ class CustomCellSpec:
     def run(self, cell: nn.Module, x: Tensor, state: State) -> State:
         if self.step is not None:
             return self.step(cell, x, state)
-        return cell(state, x) if self.state_first else cell(x, state)  # type: ignore[no-any-return]
+        return cell(state, x) if self.state_first else cell(x, state)
 
 
 _registered_classes: dict[type[nn.Module], CustomCellSpec] = {}
@@ -120,7 +121,7 @@ class WatchedModule:
         return int(getattr(self.module, "num_layers", 1)) if self.kind == "fused" else 1
 
     @property
-    def directions(self) -> tuple[str, ...]:
+    def directions(self) -> tuple[Direction, ...]:
         if self.kind == "fused" and getattr(self.module, "bidirectional", False):
             return ("forward", "reverse")
         return ("forward",)
@@ -215,6 +216,7 @@ def find_rnn_modules(model: nn.Module) -> list[WatchedModule]:
 def weight_names(module: nn.Module) -> list[str]:
     """The weights the forward of a built-in RNN or cell reads, in its own order."""
     if isinstance(module, FUSED_TYPES):
+        # torch's RNNBase attribute, typed as Tensor | Module by nn.Module.__getattr__:
         return list(module._flat_weights_names)  # type: ignore[arg-type]
     names = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if getattr(module, "bias", True) else [])
     return names
@@ -244,6 +246,7 @@ def weight_leaves(
             prefix = f"parametrizations.{name}."
             out[name] = {n: p for n, p in own.items() if n.startswith(prefix)}
         elif f"{name}_raw" in module._parameters and module._parameters[f"{name}_raw"] is not None:
+            # checked not None on the line above; a dict lookup does not narrow:
             out[name] = {f"{name}_raw": module._parameters[f"{name}_raw"]}  # type: ignore[dict-item]
         else:
             out[name] = {}

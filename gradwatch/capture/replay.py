@@ -123,6 +123,7 @@ def fused_layer_weights(
 
     return CellWeights(
         kind,
+        # every built-in cell has weight_ih and weight_hh (only biases may be absent):
         get("weight_ih"),  # type: ignore[arg-type]
         get("weight_hh"),  # type: ignore[arg-type]
         get("bias_ih"),
@@ -135,6 +136,7 @@ def fused_parameter_names(module: nn.Module, layer: int, direction: Direction) -
     """Names of the weights of one layer and direction, as the forward reads them (the leaf parameters
     behind them: ``WatchedModule.weight_leaves``)."""
     suffix = f"_l{layer}" + ("_reverse" if direction == "reverse" else "")
+    # torch's RNNBase attribute, typed as Tensor | Module by nn.Module.__getattr__:
     return [name for name in module._flat_weights_names if name.endswith(suffix)]  # type: ignore[union-attr]
 
 
@@ -168,7 +170,7 @@ class FusedReplay:
 
 
 def replay_fused(
-    module: nn.Module, kind: CellKind, call: FusedCall, weights: Weights | None = None
+    module: nn.RNNBase, kind: CellKind, call: FusedCall, weights: Weights | None = None
 ) -> FusedReplay:
     """Recompute every layer and direction of a recorded call with ``weights`` (those the recorded forward
     used) or, when None, the module's current weights."""
@@ -216,7 +218,7 @@ def replay_fused(
     return FusedReplay(traces, layer_input, torch.stack(h_n), torch.stack(c_n) if c_n else None)
 
 
-def check_fused_replay(module: nn.Module, call: FusedCall, replay: FusedReplay) -> ReplayCheck:
+def check_fused_replay(module: nn.RNNBase, call: FusedCall, replay: FusedReplay) -> ReplayCheck:
     """Compare the replay with what the fused kernel returned for the same call."""
     dtype = replay.output.dtype
     # The loosest of the replay's, the inputs' and the outputs' precision (under autocast the kernel ran in
@@ -297,6 +299,7 @@ def cell_weights(module: nn.Module, kind: CellKind, weights: Weights | None = No
         t = weights.get(name)
         return None if t is None else t.detach().to(dtype)
 
+    # every built-in cell has weight_ih and weight_hh (only biases may be absent):
     return CellWeights(kind, get("weight_ih"), get("weight_hh"), get("bias_ih"), get("bias_hh"))  # type: ignore[arg-type]
 
 
@@ -313,13 +316,13 @@ def trace_builtin_cell(
 ) -> LayerTrace:
     """A trace from recorded cell calls at ``weights`` (the recorded calls' own; None: the current ones);
     ``recompute`` re-runs the chain with those weights."""
-    weights = cell_weights(module, kind, weights)
-    inputs, states, _ = stack_cell_calls(calls, weights.weight_hh.dtype)
+    cell = cell_weights(module, kind, weights)
+    inputs, states, _ = stack_cell_calls(calls, cell.weight_hh.dtype)
     if recompute:
-        states = _rerun_chain(lambda x, s: cell_step(weights, x, s), inputs, states[0])
+        states = _rerun_chain(lambda x, s: cell_step(cell, x, s), inputs, states[0])
     mask = torch.ones(inputs.shape[:2], dtype=torch.bool, device=inputs.device)
     autocast = next((c.autocast_dtype for c in calls if c.autocast_dtype is not None), None)
-    return LayerTrace(0, "forward", inputs, states, mask, weights, None, weights.weight_hh, autocast)
+    return LayerTrace(0, "forward", inputs, states, mask, cell, None, cell.weight_hh, autocast)
 
 
 def check_cell_replay(trace: LayerTrace) -> ReplayCheck:

@@ -14,6 +14,7 @@ import warnings
 from collections.abc import Iterator, Reversible
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypedDict
 
 import torch
 from rich.console import Console
@@ -123,23 +124,31 @@ def _format(value: float | None, spec: str = ".3g") -> str:
     return "-" if value is None or not math.isfinite(value) else format(value, spec)
 
 
-def live_fields(loss: float, history: Reversible[Record]) -> dict[str, str]:
+class LiveFields(TypedDict):
+    """The progress bar's own columns (a TypedDict, so they never collide with Progress's parameters)."""
+
+    loss: str
+    sigma: str
+    lyapunov: str
+
+
+def live_fields(loss: float, history: Reversible[Record]) -> LiveFields:
     """The progress bar's fields: loss, and sigma_max(J_t) mean and lyapunov_max of layer 0."""
     latest = latest_layer_measurement(history)
     metrics = latest.metrics if latest is not None else None
-    return {
-        "loss": _format(loss),
-        "sigma": _format(metrics.jacobian_sigma_max_mean if metrics else None),
-        "lyapunov": _format(metrics.lyapunov_max if metrics else None, "+.3f"),
-    }
+    return LiveFields(
+        loss=_format(loss),
+        sigma=_format(metrics.jacobian_sigma_max_mean if metrics else None),
+        lyapunov=_format(metrics.lyapunov_max if metrics else None, "+.3f"),
+    )
 
 
 @contextlib.contextmanager
 def _one_torch_thread() -> Iterator[None]:
     """Run the demo's tiny matrices on one intra-op thread, then restore the user's setting.
 
-    With hidden size 32 a second thread only adds synchronisation; on a busy 2-core machine it made the
-    default run 15x slower (measured: 7 s with one thread, 104 s with two).
+    With hidden size 32 a second thread only adds synchronisation, and on a busy machine the threads wait
+    for each other: the default run gets many times slower.
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

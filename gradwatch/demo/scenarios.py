@@ -165,8 +165,8 @@ def scenario_for(name: str, cell: str, seq_len: int | None = None) -> Scenario:
         raise ValueError(
             f"seq_len must be an integer >= 2 (the adding problem marks two steps), got {seq_len!r}"
         )
-    requested: CellName = cell  # type: ignore[assignment]
-    scenario: ScenarioName = name  # type: ignore[assignment]
+    requested: CellName = cell
+    scenario: ScenarioName = name
     used, note = ADJUSTED.get((scenario, requested), (requested, ""))
     settings = dict(_TABLE[(scenario, used)])
     why = str(settings.pop("why"))
@@ -180,6 +180,7 @@ def scenario_for(name: str, cell: str, seq_len: int | None = None) -> Scenario:
         requested_cell=requested,
         expected_verdict=scenario,
         why=why,
+        # the scenario table's rows hold exactly DemoSetup's remaining fields:
         **settings,  # type: ignore[arg-type]
     )
 
@@ -209,14 +210,14 @@ def build_model(scenario: Scenario, hidden_size: int = 32) -> AddingRegressor:
     else:
         rnn = nn.GRU(INPUT_SIZE, hidden_size)
     with torch.no_grad():
-        blocks = rnn.weight_hh_l0.split(hidden_size, dim=0)
-        for block in blocks:  # one orthogonal matrix per gate, as torch.nn.init.orthogonal_ would per layer
-            nn.init.orthogonal_(block)
-        rnn.weight_hh_l0.mul_(scenario.recurrent_gain)
+        weight_hh = rnn.get_parameter("weight_hh_l0")
+        for block in weight_hh.split(hidden_size, dim=0):  # one orthogonal matrix per gate, as torch's
+            nn.init.orthogonal_(block)  # orthogonal_ would give one per layer
+        weight_hh.mul_(scenario.recurrent_gain)
         if scenario.cell == "rnn" and scenario.nonlinearity == "relu":
             # Zero biases: a positive drift would add to the explosion, a negative one would kill units.
-            rnn.bias_ih_l0.zero_()
-            rnn.bias_hh_l0.zero_()
+            rnn.get_parameter("bias_ih_l0").zero_()
+            rnn.get_parameter("bias_hh_l0").zero_()
         _set_gate_bias(rnn, scenario, hidden_size)
     return AddingRegressor(rnn)
 
@@ -229,5 +230,5 @@ def _set_gate_bias(rnn: nn.RNNBase, scenario: Scenario, hidden_size: int) -> Non
         if value is None:
             continue
         rows = slice(block * hidden_size, (block + 1) * hidden_size)
-        rnn.bias_ih_l0[rows] = value
-        rnn.bias_hh_l0[rows] = 0.0
+        rnn.get_parameter("bias_ih_l0")[rows] = value
+        rnn.get_parameter("bias_hh_l0")[rows] = 0.0

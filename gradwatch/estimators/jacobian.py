@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Protocol, runtime_checkable
+from typing import Protocol, cast, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -113,10 +113,10 @@ class _TimeIndexing:
             return
         if not isinstance(t, int) or not 0 <= t < self.time_steps:
             raise ValueError(f"t must be None or an int in [0, {self.time_steps - 1}], got {t!r}")
-        expected = (self.batch_size, self.state_size)
-        if v.ndim < 2 or tuple(v.shape[-2:]) != expected:
+        expected_step = (self.batch_size, self.state_size)
+        if v.ndim < 2 or tuple(v.shape[-2:]) != expected_step:
             raise ValueError(
-                f"{name} must have shape (..., B, D) = (..., {expected}) when t is an int, "
+                f"{name} must have shape (..., B, D) = (..., {expected_step}) when t is an int, "
                 f"got {tuple(v.shape)}"
             )
 
@@ -383,7 +383,10 @@ class FunctionStepJacobians(_TimeIndexing):
         flat, copies = self._flatten(v, t)
         x, s = self._primals(t, copies)
         with torch.no_grad():
-            _, tangent = torch.func.jvp(lambda state: self.step(x, state), (s,), (flat.to(s.dtype),))
+            _, tangent = cast(
+                tuple[Tensor, Tensor],  # torch.func.jvp's stubs do not narrow to one primal
+                torch.func.jvp(lambda state: self.step(x, state), (s,), (flat.to(s.dtype),)),
+            )
         return self._checked_output(tangent, flat.shape[0]).reshape(v.shape)
 
     def vjp(self, u: Tensor, t: int | None = None) -> Tensor:
@@ -391,7 +394,10 @@ class FunctionStepJacobians(_TimeIndexing):
         flat, copies = self._flatten(u, t)
         x, s = self._primals(t, copies)
         with torch.no_grad():
-            out, pullback = torch.func.vjp(lambda state: self.step(x, state), s)
+            out, pullback = cast(
+                tuple[Tensor, Callable[[Tensor], tuple[Tensor]]],  # one primal: one cotangent
+                torch.func.vjp(lambda state: self.step(x, state), s),
+            )
             self._checked_output(out, flat.shape[0])
             (cotangent,) = pullback(flat.to(out.dtype))
         return cotangent.reshape(u.shape)

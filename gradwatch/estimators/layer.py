@@ -44,8 +44,7 @@ JACOBIAN_QUANTILE = 0.95
 
 #: Largest block of step operators one Lanczos run takes, in state entries (operators x D). The Krylov
 #: basis holds one such block per iteration, so the block bounds the memory however many (t, b) pairs are
-#: measured. Measured cold on LSTM H=256 (size-512 operators), peak memory / time: 2**16 entries +28 MB /
-#: 0.66 s, 2**17 +35 MB / 0.52 s, 2**18 +50 MB / 0.47 s (1024 operators, 2 threads). The default
+#: measured; larger blocks are faster and take more memory (figures: docs/performance.md). The default
 #: (``chunk_entries=None``) is 2**18 inline; the monitor's background worker uses 2**16, because its
 #: allocations cannot reuse the memory the training thread freed (glibc serves threads from separate
 #: arenas) and its time is hidden behind training anyway.

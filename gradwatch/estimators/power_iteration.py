@@ -165,8 +165,8 @@ def _orthogonalise(w: Tensor, basis: Sequence[Tensor], count: int, passes: int) 
     if count == 0:
         return w
     for _ in range(passes):
-        # One contiguous (N, D) block per basis vector: on CPU these per-vector loops measured 2-5x faster
-        # than einsum/bmm over the (count, N, D) slice (which reshuffles it), near the memory-bandwidth floor.
+        # One contiguous (N, D) block per basis vector: on CPU these per-vector loops beat einsum/bmm over the
+        # (count, N, D) slice, which reshuffles it (docs/performance.md).
         coefficients = [(basis[k] * w).sum(dim=-1, keepdim=True) for k in range(count)]
         w = w.clone()
         for k in range(count):
@@ -330,7 +330,8 @@ def spectral_norm_lanczos(
 
     rows = torch.arange(elements, device=v.device)
     flat_active = None if active is None else active.reshape(elements).to(v.device)
-    op_matvec, op_rmatvec = full_matvec, full_rmatvec
+    op_matvec: MatVec = full_matvec
+    op_rmatvec: MatVec = full_rmatvec
     if restrict is not None and flat_active is not None and not bool(flat_active.all()):
         rows = rows[flat_active]  # padded steps never enter the iteration
         op_matvec, op_rmatvec = restrict(rows)

@@ -54,8 +54,7 @@ _LAG_CONVERGENCE_TEST = {"check_interval": 1, "quiet_checks": 3}
 #: Lyapunov rows) leave after 1-2 iterations instead of 3-4, and while any of them iterates every iteration
 #: is 2 sweeps over all T steps. Short lags keep 3 checks (their spectra cluster like the step Jacobians',
 #: where one quiet check can stop 1% short) and touch only tau steps per sweep, so they cost little.
-#: Measured on LSTM/GRU H=256, T=64, B=8, warm start from weights 1% away: 2.6x faster lag sweeps with
-#: 1 check for every row; lag error up to 1.1% (short lags), lambda error 3e-6.
+#: (Figures: docs/performance.md, "Lag sweeps".)
 #: With 1, those rows take :func:`_warm_power_step` (two sweeps, no final pairing sweep) before Lanczos.
 WARM_LAG_QUIET_CHECKS = 1
 WARM_LONG_LAG = 8
@@ -422,7 +421,7 @@ def lag_norms(
 #: step) and the quiet checks asked for. Measured against jacrev products in docs/estimators.md.
 DEFAULT_LYAPUNOV_MAX_ITER = 16
 DEFAULT_LYAPUNOV_RTOL = 1e-4
-_LYAPUNOV_CONVERGENCE_TEST = {"check_interval": 1, "quiet_checks": 1}
+_LYAPUNOV_CHECK_INTERVAL, _LYAPUNOV_QUIET_CHECKS = 1, 1
 
 
 def _renormalised_sweep(
@@ -503,7 +502,8 @@ def lyapunov_max(
             max_iter=max_iter,
             rtol=rtol,
             active=finite & active,
-            **_LYAPUNOV_CONVERGENCE_TEST,
+            check_interval=_LYAPUNOV_CHECK_INTERVAL,
+            quiet_checks=_LYAPUNOV_QUIET_CHECKS,
         )
         lanczos = torch.log(estimate.sigma) + log_scale
         best = torch.where(finite & torch.isfinite(lanczos), torch.maximum(best, lanczos), best)

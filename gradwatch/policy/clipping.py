@@ -36,18 +36,20 @@ class ClipPolicy(Protocol):
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None: ...
 
 
-def _positive(value: float | None, name: str, *, allow_none: bool = False) -> float | None:
-    if value is None and allow_none:
-        return None
+def _positive(value: object, name: str, *, accepted: str = "a finite number > 0") -> float:
+    """``value`` as a float when it is a finite number > 0; otherwise a ValueError naming ``name``."""
     if (
         isinstance(value, bool)
         or not isinstance(value, (int, float))
         or not math.isfinite(value)
         or value <= 0
     ):
-        accepted = "a finite number > 0" + (" or None" if allow_none else "")
         raise ValueError(f"{name} must be {accepted}, got {value!r}")
     return float(value)
+
+
+def _optional_positive(value: object, name: str) -> float | None:
+    return None if value is None else _positive(value, name, accepted="a finite number > 0 or None")
 
 
 class FixedNorm:
@@ -98,7 +100,7 @@ class ZClip:
         self.alpha = float(alpha)
         self.z_threshold = _positive(z_threshold, "ZClip z_threshold")
         self.warmup_steps = warmup_steps
-        self.ceiling = _positive(ceiling, "ZClip ceiling", allow_none=True)
+        self.ceiling = _optional_positive(ceiling, "ZClip ceiling")
         self.eps = float(eps)
         self._warmup: list[float] = []
         self.mean: float | None = None
@@ -116,13 +118,14 @@ class ZClip:
                 self.variance = statistics.pvariance(self._warmup, self.mean)
                 self._warmup = []
             return self.ceiling
+        mean = self.mean
         std = math.sqrt(self.variance)
-        z_score = (total_norm - self.mean) / (std + self.eps)
+        z_score = (total_norm - mean) / (std + self.eps)
         clip_value: float | None = None
         if z_score > self.z_threshold:
-            clip_value = self.mean + self.z_threshold * std / (z_score / self.z_threshold)
+            clip_value = mean + self.z_threshold * std / (z_score / self.z_threshold)
         effective = total_norm if clip_value is None else clip_value
-        self.mean = self.alpha * self.mean + (1 - self.alpha) * effective
+        self.mean = self.alpha * mean + (1 - self.alpha) * effective
         self.variance = self.alpha * self.variance + (1 - self.alpha) * (effective - self.mean) ** 2
         if clip_value is None:
             return self.ceiling
@@ -177,9 +180,10 @@ def apply_clip(
     ``torch.nn.utils.clip_grads_with_norm_``: bit-identical to ``clip_grad_norm_`` at the same max norm.
     """
     parameters = [p for p in parameters if p.grad is not None]
-    if not parameters:
+    grads = [p.grad for p in parameters if p.grad is not None]  # the same tensors, typed as present
+    if not grads:
         return None
-    total = _total_norm([p.grad for p in parameters])  # type: ignore[misc]
+    total = _total_norm(grads)
     norm = float(total)  # the one host sync
     if not math.isfinite(norm):
         logger.debug("step %d: gradient norm %r is not finite; not clipping", step, norm)
@@ -192,8 +196,8 @@ def apply_clip(
         clip_grads_with_norm(parameters, max_norm, total)
     else:  # torch < 2.6: the same coefficient clip_grad_norm_ uses
         coefficient = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        for p in parameters:
-            p.grad.mul_(coefficient.to(p.grad.device))  # type: ignore[union-attr]
+        for grad in grads:
+            grad.mul_(coefficient.to(grad.device))
     return ClipEvent(
         step=step,
         time=time_module.time() if time is None else time,

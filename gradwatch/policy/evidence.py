@@ -91,6 +91,7 @@ class JacobianReading:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> JacobianReading:
         def number(value: object) -> float | None:
+            # a checkpoint's JSON number; anything else raises, and load_state_dict reports it:
             return None if value is None else float(value)  # type: ignore[arg-type]
 
         return cls(

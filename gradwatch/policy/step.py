@@ -146,7 +146,7 @@ class ClipStepPolicy:
 
     def _exploding_now(self) -> bool:
         return any(
-            self.detector.verdict(w.name, layer, direction) is Verdict.EXPLODING  # type: ignore[arg-type]
+            self.detector.verdict(w.name, layer, direction) is Verdict.EXPLODING
             for w in self.watched
             for layer in range(w.num_layers)
             for direction in w.directions

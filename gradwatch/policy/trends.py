@@ -179,7 +179,7 @@ def classify_jacobian_products(measurement: Measurement, config: DetectionConfig
     if rate is None or longest is None:
         return Evidence(Verdict.UNKNOWN, "lyapunov_max", metrics.lyapunov_max, None)
     tau, norm = longest
-    common = {"longest_lag": tau, "longest_lag_norm": norm, "growth_rate": rate}
+    common: dict[str, Any] = {"longest_lag": tau, "longest_lag_norm": norm, "growth_rate": rate}
     if rate > config.exploding_growth_rate and norm > config.exploding_lag_norm:
         return Evidence(Verdict.EXPLODING, "lyapunov_max", rate, config.exploding_growth_rate, **common)
     if rate < config.vanishing_growth_rate and norm < config.vanishing_lag_norm:
@@ -313,7 +313,7 @@ class TrendDetector:
         if not readings:
             return None
         rank = {Verdict.EXPLODING: 2, Verdict.VANISHING: 1}
-        return max(readings, key=lambda r: (r.step, rank.get(r.verdict, 0)))  # type: ignore[union-attr]
+        return max(readings, key=lambda r: (r.step, rank.get(r.verdict, 0)))
 
     def growth_episode_open(self, module: str) -> bool:
         """Whether the every-step gradient-growth test has an open episode for the module."""

@@ -262,7 +262,7 @@ class _MetricAccumulator:
         )
 
 
-def _pair_sums(values: array, typecode: str) -> array:  # type: ignore[type-arg]
+def _pair_sums(values: array, typecode: str) -> array:
     """Sums of neighbouring pairs (the last one alone when the length is odd)."""
     out = array(typecode, map(sum, zip(values[::2], values[1::2], strict=False)))
     if len(values) % 2:
@@ -420,6 +420,7 @@ class _LayerAccumulator:
         return LayerSummary(
             module=module,
             layer=layer,
+            # the key's direction came from a Measurement (a Direction literal):
             direction=direction,  # type: ignore[arg-type]
             module_type=module_type,
             ranks=tuple(sorted(ranks)),

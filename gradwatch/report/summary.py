@@ -13,6 +13,7 @@ import statistics
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypeGuard
 
 from gradwatch.policy.judge import RUN_VERDICTS
 from gradwatch.records import (
@@ -310,6 +311,7 @@ def _summarize_layer(
     return LayerSummary(
         module=module,
         layer=layer,
+        # the key's direction came from a Measurement (a Direction literal):
         direction=direction,  # type: ignore[arg-type]
         module_type=module_type,
         ranks=tuple(sorted({m.rank for m in measurements} | {a.rank for a in alerts})),
@@ -325,7 +327,7 @@ def _summarize_layer(
     )
 
 
-def _finite(value: float | None) -> bool:
+def _finite(value: float | None) -> TypeGuard[float]:
     return value is not None and math.isfinite(value)
 
 
@@ -336,7 +338,7 @@ def _summarize_metric(
     series: list[tuple[int, float | None]] = []
     for step in sorted(by_step):
         readings = [v for m in by_step[step] if _finite(v := spec.read(m.metrics, lag))]
-        series.append((step, statistics.fmean(readings) if readings else None))  # type: ignore[arg-type]
+        series.append((step, statistics.fmean(readings) if readings else None))
     finite = [(s, v) for s, v in series if v is not None]
     values = [v for _s, v in finite]
     return MetricSummary(
@@ -374,7 +376,7 @@ def _summarize_clips(clips: Sequence[ClipEvent]) -> ClipSummary:
     return ClipSummary(
         count=len(clips),
         median_scale=statistics.median(scales) if scales else None,
-        median_norm_before=statistics.median(before) if before else None,  # type: ignore[type-var]
+        median_norm_before=statistics.median(before) if before else None,
         max_norm=clips[-1].max_norm if clips else None,
     )
 

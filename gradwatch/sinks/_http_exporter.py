@@ -144,7 +144,7 @@ class MetricsServer:
             raise ValueError(f"cannot resolve exporter address {address!r}: {exc}") from exc
         family, _, _, _, sockaddr = infos[0]
         try:
-            self._server = _server_class(family)((sockaddr[0], port), _QuietHandler)
+            self._server = _server_class(family)((str(sockaddr[0]), port), _QuietHandler)
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 raise ValueError(

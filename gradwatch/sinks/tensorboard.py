@@ -25,7 +25,7 @@ import os
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 from gradwatch.records import Alert, ClipEvent, ErrorRecord, Measurement, Record, RunHeader, SigmaHistogram
 
@@ -100,7 +100,7 @@ def clip_text(clip: ClipEvent) -> str:
     return f"clipped: norm {before} -> max_norm {clip.max_norm:.6g} (scale {clip.scale:.6g})"
 
 
-def _is_number(value: object) -> bool:
+def _is_number(value: object) -> TypeGuard[int | float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -258,8 +258,8 @@ def lag_curve_image(lag_norm: Mapping[str, float | None], size: tuple[int, int] 
     draw = ImageDraw.Draw(image)
     draw.rectangle([left, top, width - right, height - bottom], outline=(120, 120, 120))
     _, one_y = pixel(x_low, 0.0)
-    for x in range(left, width - right, 8):
-        draw.line([(x, one_y), (x + 4, one_y)], fill=(160, 160, 160))
+    for dash in range(left, width - right, 8):
+        draw.line([(dash, one_y), (dash + 4, one_y)], fill=(160, 160, 160))
     draw.line([pixel(x, y) for x, y in zip(xs, ys, strict=True)], fill=(230, 85, 13), width=2)
     for x, y in zip(xs, ys, strict=True):
         px, py = pixel(x, y)
