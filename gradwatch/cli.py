@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -140,7 +141,7 @@ def report(
         metrics=metrics or None,
         merge_ranks=merge_ranks,
     )
-    stdout = click.get_text_stream("stdout")
+    stdout = sys.stdout  # click.get_text_stream is deprecated since click 8.5
     if follow:
         result = follow_logs(
             list(paths),
@@ -231,7 +232,7 @@ def demo(
         log_dir=log_dir,
     )
     try:
-        run_demo(options, make_console(click.get_text_stream("stdout")))
+        run_demo(options, make_console(sys.stdout))  # not click.get_text_stream: deprecated since click 8.5
     except (DemoSetupError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
 
