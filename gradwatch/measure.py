@@ -348,14 +348,16 @@ class MeasurementPipeline:
         jobs = []
         for trace in traces:
             jacobians: StepJacobians
+            recurrent = trace.recurrent_weight
             if trace.weights is not None:
                 weights = _copy_weights(trace.weights) if snapshot else trace.weights
                 jacobians = builtin_step_jacobians(weights, trace.inputs, trace.previous_states)
+                if recurrent is trace.weights.weight_hh:
+                    recurrent = weights.weight_hh  # a snapshot's own copy: W_hh is copied once, not twice
             else:
                 assert trace.step_function is not None
                 jacobians = function_step_jacobians(trace.step_function, trace.inputs, trace.previous_states)
-            recurrent = trace.recurrent_weight
-            if snapshot and recurrent is not None:
+            if snapshot and recurrent is not None and recurrent is trace.recurrent_weight:
                 recurrent = recurrent.detach().clone()
             names = self._local_names[(watched.name, trace.layer, trace.direction)]
             jobs.append(
