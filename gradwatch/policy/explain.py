@@ -19,6 +19,7 @@ from gradwatch.policy.judge import (
     factors_text,
     total_gradient_norm,
 )
+from gradwatch.policy.judge import format_value as _format
 from gradwatch.records import Measurement, MeasurementMetrics
 
 
@@ -26,10 +27,6 @@ def _where(measurement: Measurement) -> str:
     return (
         f"{measurement.module} layer {measurement.layer} ({measurement.direction}) at step {measurement.step}"
     )
-
-
-def _format(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3g}"
 
 
 def _evidence_text(evidence: Evidence, config: DetectionConfig) -> str:

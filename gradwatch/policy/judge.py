@@ -182,20 +182,21 @@ def percentile(values: Sequence[float], q: int = CLIP_PERCENTILE) -> float | Non
 
 
 # --- words: the cause and what to try ----------------------------------------------------------------
-def _format(value: float | None) -> str:
+def format_value(value: float | None) -> str:
+    """A measured value in messages: 3 significant digits, ``n/a`` when it was not measurable."""
     return "n/a" if value is None else f"{value:.3g}"
 
 
 def factors_text(metrics: MeasurementMetrics) -> str:
     """The two factors of the lecture (and the gate) of one measurement, as measured."""
     parts = [
-        f"sigma_max(W_hh) = {_format(metrics.weight_hh_sigma_max)}",
-        f"mean |f'| = {_format(metrics.activation_derivative_mean)}",
-        f"saturated/dead share (|f'| < 0.05) = {_format(metrics.activation_saturation_ratio)}",
-        f"per-step ||J_t|| mean {_format(metrics.jacobian_sigma_max_mean)}",
+        f"sigma_max(W_hh) = {format_value(metrics.weight_hh_sigma_max)}",
+        f"mean |f'| = {format_value(metrics.activation_derivative_mean)}",
+        f"saturated/dead share (|f'| < 0.05) = {format_value(metrics.activation_saturation_ratio)}",
+        f"per-step ||J_t|| mean {format_value(metrics.jacobian_sigma_max_mean)}",
     ]
     if metrics.gate_mean is not None:
-        parts.append(f"gate mean = {_format(metrics.gate_mean)}")
+        parts.append(f"gate mean = {format_value(metrics.gate_mean)}")
     return ", ".join(parts)
 
 
@@ -203,17 +204,17 @@ def alert_cause(factor: Factor, verdict: Verdict, values: FactorValues) -> str:
     """One clause for a live alert: which factor drives ``verdict`` and its value."""
     if factor is Factor.GATE:
         return (
-            f"driven by the gate: it keeps on average {_format(values.gate)} of the cell state per "
+            f"driven by the gate: it keeps on average {format_value(values.gate)} of the cell state per "
             "step, so memory fades within a few steps"
         )
     if factor is Factor.NONLINEARITY:
         return (
-            f"driven by the nonlinearity: mean |f'| = {_format(values.derivative)} with "
-            f"{_format(values.saturation)} of units saturated or dead (|f'| < 0.05)"
+            f"driven by the nonlinearity: mean |f'| = {format_value(values.derivative)} with "
+            f"{format_value(values.saturation)} of units saturated or dead (|f'| < 0.05)"
         )
     if factor is Factor.RECURRENT_WEIGHT:
         relation = "< 1 shrinks" if verdict is Verdict.VANISHING else "> 1 grows"
-        weight = _format(values.weight)
+        weight = format_value(values.weight)
         return f"driven by the recurrent weight: sigma_max(W_hh) = {weight} {relation} every step"
     return "no single factor dominates (the per-step Jacobians align over time)"
 
