@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from gradwatch.policy.evidence import Verdict
+from gradwatch.policy.judge import total_gradient_norm
 from gradwatch.policy.trends import DetectionConfig, TrendDetector
 from gradwatch.records import AlertKind, Measurement, MeasurementMetrics
 from tests.oracles.exact_metrics import exact_measurement, gradient_norms
@@ -299,3 +300,60 @@ def test_latest_jacobian_reading_is_the_last_measurements_words_made_on_demand()
     healthy = detector.latest_jacobian_reading("m")
     assert healthy is not None and healthy.step == 0 and healthy.verdict is Verdict.HEALTHY
     assert (healthy.cause, healthy.hint) == cause_and_hint(readings[0].metrics, Verdict.HEALTHY, None)
+
+
+def _random_stream(seed: int, count: int) -> list[Measurement]:
+    """One layer's readings in step order: healthy, vanishing, exploding (some extreme), gradient spikes,
+    readings without a verdict, and non-finite or missing gradient norms, in runs long enough to alert."""
+    generator = torch.Generator().manual_seed(seed)
+    draws = torch.rand(count, 4, generator=generator).tolist()
+    stream = []
+    regime = "healthy"
+    for step, (switch, noise, pick, gradient) in enumerate(draws):
+        if switch < 0.08:
+            regime = ("healthy", "vanishing", "exploding", "extreme", "unknown")[int(pick * 5)]
+        lyapunov, lags = {
+            "healthy": (-0.01 * noise, {"1": 0.95, "32": 0.5}),
+            "vanishing": (-0.5 - noise, {"1": 0.4, "32": 1e-9}),
+            "exploding": (0.1 + noise, {"1": 1.5, "32": 1e3}),
+            "extreme": (0.9, {"1": 3.0, "8": float("inf")}),
+            "unknown": (None, {}),
+        }[regime]
+        grad: dict[str, float | None] = {"weight_hh_l0": 1.0 + 0.1 * noise, "bias_hh_l0": 0.1}
+        if gradient < 0.03:
+            grad = {"weight_hh_l0": 1e4}  # a spike
+        elif gradient < 0.05:
+            grad = {"weight_hh_l0": None}  # NaN/Inf in the gradient
+        elif gradient < 0.07:
+            grad = {}  # no gradient this step
+        metrics = MeasurementMetrics(
+            None, None, None, None, None, 1.0, 0.9, 0.0, None if pick < 0.2 else lyapunov, lags, grad
+        )
+        stream.append(
+            Measurement(
+                step=step, time=float(step), module="m", layer=0, direction="forward", metrics=metrics
+            )
+        )
+    return stream
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("batch", [1, 7, 512])
+def test_update_many_gives_the_alerts_and_state_of_update_on_each(seed: int, batch: int) -> None:
+    stream = _random_stream(seed, 600)
+    one_by_one, batched = TrendDetector(), TrendDetector()
+    expected = [alert for measurement in stream for alert in one_by_one.update(measurement)]
+    got = []
+    for start in range(0, len(stream), batch):
+        part = stream[start : start + batch]
+        got += batched.update_many(
+            ("m", 0, "forward"),
+            [m.metrics.lyapunov_max for m in part],
+            [m.metrics.lag_norm for m in part],
+            [total_gradient_norm(m.metrics.grad_norm) for m in part],
+            part.__getitem__,
+        )
+    assert {a.alert for a in expected} >= {AlertKind.EXPLODING, AlertKind.VANISHING, AlertKind.RECOVERED}
+    assert got == expected
+    assert batched.state_dict() == one_by_one.state_dict()
+    assert batched.suggested_clip_norm("m") == one_by_one.suggested_clip_norm("m")

@@ -47,10 +47,13 @@ def longest_lag_norm(lag_norm: Mapping[str, float | None]) -> tuple[int, float] 
 
 def growth_rate(metrics: MeasurementMetrics) -> float | None:
     """Mean log growth per step of the Jacobian product: lyapunov_max, else log(longest lag norm)/lag."""
-    lyapunov = metrics.lyapunov_max
-    if lyapunov is not None and not math.isnan(lyapunov):
-        return float(lyapunov)
-    longest = longest_lag_norm(metrics.lag_norm)
+    return growth_rate_from(metrics.lyapunov_max, longest_lag_norm(metrics.lag_norm))
+
+
+def growth_rate_from(lyapunov_max: float | None, longest: tuple[int, float] | None) -> float | None:
+    """:func:`growth_rate` from ``lyapunov_max`` and the :func:`longest_lag_norm` already found."""
+    if lyapunov_max is not None and not math.isnan(lyapunov_max):
+        return float(lyapunov_max)
     if longest is None:
         return None
     tau, norm = longest

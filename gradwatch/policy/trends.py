@@ -11,11 +11,12 @@ from __future__ import annotations
 import math
 import statistics
 from collections import deque
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from gradwatch.policy.config import DetectionConfig
-from gradwatch.policy.evidence import Evidence, JacobianReading, growth_rate, longest_lag_norm
+from gradwatch.policy.evidence import Evidence, JacobianReading, growth_rate_from, longest_lag_norm
 from gradwatch.policy.explain import (
     cause_and_hint,
     explain_alert,
@@ -174,17 +175,53 @@ class LayerState:
 def classify_jacobian_products(measurement: Measurement, config: DetectionConfig) -> Evidence:
     """Raw verdict from the products of Jacobians alone (no history)."""
     metrics = measurement.metrics
-    rate = growth_rate(metrics)
     longest = longest_lag_norm(metrics.lag_norm)
-    if rate is None or longest is None:
+    rate = growth_rate_from(metrics.lyapunov_max, longest)
+    verdict = _jacobian_verdict(rate, longest, config)
+    if verdict is Verdict.UNKNOWN:
         return Evidence(Verdict.UNKNOWN, "lyapunov_max", metrics.lyapunov_max, None)
-    tau, norm = longest
-    common: dict[str, Any] = {"longest_lag": tau, "longest_lag_norm": norm, "growth_rate": rate}
+    return _jacobian_evidence(verdict, rate, longest, config)
+
+
+def _jacobian_verdict(
+    rate: float | None, longest: tuple[int, float] | None, config: DetectionConfig
+) -> Verdict:
+    """Exploding when the growth rate and the longest lag norm are both past their thresholds, and so on."""
+    if rate is None or longest is None:
+        return Verdict.UNKNOWN
+    norm = longest[1]
     if rate > config.exploding_growth_rate and norm > config.exploding_lag_norm:
-        return Evidence(Verdict.EXPLODING, "lyapunov_max", rate, config.exploding_growth_rate, **common)
+        return Verdict.EXPLODING
     if rate < config.vanishing_growth_rate and norm < config.vanishing_lag_norm:
-        return Evidence(Verdict.VANISHING, "lyapunov_max", rate, config.vanishing_growth_rate, **common)
-    return Evidence(Verdict.HEALTHY, "lyapunov_max", rate, None, **common)
+        return Verdict.VANISHING
+    return Verdict.HEALTHY
+
+
+def _jacobian_evidence(
+    verdict: Verdict, rate: float | None, longest: tuple[int, float] | None, config: DetectionConfig
+) -> Evidence:
+    """The :class:`Evidence` of a raw Jacobian verdict (``UNKNOWN``: no rate or no lag norm to judge)."""
+    if verdict is Verdict.UNKNOWN or rate is None or longest is None:
+        return Evidence(Verdict.UNKNOWN, "lyapunov_max", rate, None)
+    tau, norm = longest
+    threshold = {
+        Verdict.EXPLODING: config.exploding_growth_rate,
+        Verdict.VANISHING: config.vanishing_growth_rate,
+    }.get(verdict)
+    return Evidence(
+        verdict,
+        "lyapunov_max",
+        rate,
+        threshold,
+        longest_lag=tau,
+        longest_lag_norm=norm,
+        growth_rate=rate,
+    )
+
+
+def _clip_norm(state: LayerState) -> float | None:
+    """The suggested clip norm: the 90th percentile of a layer's recent healthy total gradient norms."""
+    return percentile(list(state.healthy_gradient_norms), CLIP_PERCENTILE)
 
 
 class TrendDetector:
@@ -207,9 +244,7 @@ class TrendDetector:
     ) -> float | None:
         """90th percentile of the recent healthy total gradient norms of a layer (None without history)."""
         state = self._states.get((module, layer, direction))
-        if state is None:
-            return None
-        return percentile(list(state.healthy_gradient_norms), CLIP_PERCENTILE)
+        return None if state is None else _clip_norm(state)
 
     def update(self, measurement: Measurement) -> list[Alert]:
         """Feed one measurement; returns [] or the alert(s) of an episode that starts or ends with it."""
@@ -218,89 +253,156 @@ class TrendDetector:
                 f"TrendDetector.update expects a Measurement record, got {type(measurement).__name__}"
             )
         key = (measurement.module, measurement.layer, measurement.direction)
-        state = self._states.setdefault(
-            key, LayerState(healthy_gradient_norms=deque(maxlen=self.config.clip_history))
+        metrics = measurement.metrics
+        longest = longest_lag_norm(metrics.lag_norm)
+        rate = growth_rate_from(metrics.lyapunov_max, longest)
+        alert = self._advance(
+            self._state(key),
+            key,
+            _jacobian_verdict(rate, longest, self.config),
+            rate,
+            longest,
+            total_gradient_norm(metrics.grad_norm),
+            self.growth_episode_open(measurement.module),
+            True,
+            0,
+            lambda _index: measurement,
         )
-        evidence = self._classify(measurement, state)
-        if evidence.verdict is Verdict.UNKNOWN:
-            return []
-        extreme = evidence.verdict is Verdict.EXPLODING and self._is_extreme(evidence)
-        if evidence.verdict is state.episode:
+        return [] if alert is None else [alert]
+
+    def update_many(
+        self,
+        key: LayerKey,
+        lyapunov_max: Sequence[float | None],
+        lag_norms: Sequence[Mapping[str, float | None]],
+        total_gradient_norms: Sequence[float | None],
+        measurement_at: Callable[[int], Measurement],
+    ) -> list[Alert]:
+        """:meth:`update` on each of one layer's measurements in step order, given as columns.
+
+        The same alerts and state as feeding the measurements one by one (both run :meth:`_advance`), but
+        a :class:`Measurement` is built (``measurement_at(i)``) only for an alert or the kept reading: the
+        report replays millions of measurements this way.
+        """
+        config = self.config
+        state = self._state(key)
+        longest = [longest_lag_norm(lags) for lags in lag_norms]
+        rates = [growth_rate_from(lyapunov, lag) for lyapunov, lag in zip(lyapunov_max, longest, strict=True)]
+        verdicts = [_jacobian_verdict(rate, lag, config) for rate, lag in zip(rates, longest, strict=True)]
+        # only the last reading with a Jacobian verdict stays pending (what update() leaves behind)
+        unknown = Verdict.UNKNOWN
+        kept = next((i for i in range(len(verdicts) - 1, -1, -1) if verdicts[i] is not unknown), -1)
+        growth_open = self.growth_episode_open(key[0])
+        advance = self._advance
+        alerts = []
+        for index, (verdict, rate, lag, total) in enumerate(
+            zip(verdicts, rates, longest, total_gradient_norms, strict=True)
+        ):
+            alert = advance(
+                state, key, verdict, rate, lag, total, growth_open, index == kept, index, measurement_at
+            )
+            if alert is not None:
+                alerts.append(alert)
+        return alerts
+
+    def _state(self, key: LayerKey) -> LayerState:
+        state = self._states.get(key)
+        if state is None:
+            state = self._states[key] = LayerState(
+                healthy_gradient_norms=deque(maxlen=self.config.clip_history)
+            )
+        return state
+
+    def _advance(
+        self,
+        state: LayerState,
+        key: LayerKey,
+        verdict: Verdict,
+        rate: float | None,
+        longest: tuple[int, float] | None,
+        total: float | None,
+        growth_open: bool,
+        keep_reading: bool,
+        index: int,
+        measurement_at: Callable[[int], Measurement],
+    ) -> Alert | None:
+        """One measurement, given as its raw Jacobian verdict, growth rate, longest lag norm and total norm.
+
+        The raw verdict (:func:`_jacobian_verdict`, or a gradient-norm spike), then the hysteresis: an
+        episode starts after ``patience`` consecutive raw verdicts of one bad kind and ends after
+        ``recovery_patience`` healthy ones. Advances the gradient-norm statistics. Builds an
+        :class:`Evidence` only when an alert or the kept reading needs one. (Positional arguments: this
+        runs once per measurement the report replays.)
+        """
+        config = self.config
+        jacobian_verdict = verdict
+        if keep_reading and verdict is not Verdict.UNKNOWN:
+            # only an exploding hint quotes the clip threshold (a sort and a quantile: skip it otherwise)
+            suggested_clip = _clip_norm(state) if verdict is Verdict.EXPLODING else None
+            state.pending_reading = (  # made on demand: reading()
+                measurement_at(index),
+                _jacobian_evidence(verdict, rate, longest, config),
+                suggested_clip,
+            )
+        z_score: float | None = None
+        spike_threshold: float | None = None
+        spike = False
+        if total is None or total <= 0 or not config.gradient_spike_test:
+            if total is not None and total > 0 and verdict is Verdict.HEALTHY:
+                state.healthy_gradient_norms.append(total)
+        else:
+            log_norm = math.log(total)
+            gradient = state.gradient
+            z_score = gradient.z_score(log_norm)
+            if z_score is not None and z_score > config.gradient_z_threshold:
+                spike_threshold = gradient.spike_threshold(config)
+                spike = (
+                    spike_threshold is not None
+                    and total > spike_threshold
+                    # the every-step growth test already alerted on this explosion: one alert, not two
+                    and not growth_open
+                    and verdict is not Verdict.EXPLODING
+                )
+            gradient.update(log_norm, config)
+            if not spike and verdict is Verdict.HEALTHY:
+                state.healthy_gradient_norms.append(total)
+        if spike:
+            verdict = Verdict.EXPLODING
+        elif verdict is Verdict.UNKNOWN:
+            return None
+        # far past the threshold (or beyond the float range): no borderline trend to confirm, the next
+        # step may be NaN (a gradient-norm spike is never extreme)
+        extreme = (
+            verdict is Verdict.EXPLODING
+            and not spike
+            and longest is not None
+            and (longest[1] > config.exploding_extreme_lag_norm or (rate is not None and math.isinf(rate)))
+        )
+        if verdict is state.episode:
             state.candidate, state.streak = state.episode, 0
-            return []
-        if evidence.verdict is state.candidate:
+            return None
+        if verdict is state.candidate:
             state.streak += 1
         else:
-            state.candidate, state.streak = evidence.verdict, 1
-        needed = (
-            self.config.recovery_patience if evidence.verdict is Verdict.HEALTHY else self.config.patience
-        )
+            state.candidate, state.streak = verdict, 1
+        needed = config.recovery_patience if verdict is Verdict.HEALTHY else config.patience
         if extreme:
-            needed = 1  # far past the threshold: no borderline trend to confirm, the next step may be NaN
+            needed = 1
         if state.streak < needed:
-            return []
-        return [self._transition(measurement, state, evidence)]
-
-    def _classify(self, measurement: Measurement, state: LayerState) -> Evidence:
-        """Raw verdict of one measurement; also advances the gradient-norm statistics."""
-        evidence = classify_jacobian_products(measurement, self.config)
-        if evidence.verdict is not Verdict.UNKNOWN:
-            # only an exploding hint quotes the clip threshold (a sort and a quantile: skip it otherwise)
-            suggested_clip = (
-                self.suggested_clip_norm(measurement.module, measurement.layer, measurement.direction)
-                if evidence.verdict is Verdict.EXPLODING
-                else None
-            )
-            state.pending_reading = (measurement, evidence, suggested_clip)  # made on demand: reading()
-        total = total_gradient_norm(measurement.metrics.grad_norm)
-        if total is None or total <= 0 or not self.config.gradient_spike_test:
-            if total is not None and total > 0 and evidence.verdict is Verdict.HEALTHY:
-                state.healthy_gradient_norms.append(total)
-            return evidence
-        log_norm = math.log(total)
-        z_score = state.gradient.z_score(log_norm)
-        spike_threshold = state.gradient.spike_threshold(self.config)
-        spike = (
-            z_score is not None
-            and spike_threshold is not None
-            and z_score > self.config.gradient_z_threshold
-            and total > spike_threshold
-        )
-        state.gradient.update(log_norm, self.config)
-        if self.growth_episode_open(measurement.module):
-            spike = False  # the every-step growth test already alerted on this explosion: one alert, not two
-        if spike and evidence.verdict is not Verdict.EXPLODING:
-            return replace(
-                evidence,
+            return None
+        jacobian = _jacobian_evidence(jacobian_verdict, rate, longest, config)
+        if spike:
+            evidence = replace(
+                jacobian,
                 verdict=Verdict.EXPLODING,
                 metric="grad_norm",
                 value=total,
                 threshold=spike_threshold,
                 grad_z_score=z_score,
             )
-        if evidence.verdict is Verdict.HEALTHY:
-            state.healthy_gradient_norms.append(total)
-        if z_score is None and evidence.grad_z_score is None:
-            return evidence  # nothing to add (and no copy made per measurement during the warm-up)
-        return Evidence(  # dataclasses.replace(evidence, grad_z_score=z_score), without its per-field loop
-            evidence.verdict,
-            evidence.metric,
-            evidence.value,
-            evidence.threshold,
-            evidence.longest_lag,
-            evidence.longest_lag_norm,
-            evidence.growth_rate,
-            z_score,
-        )
-
-    def _is_extreme(self, evidence: Evidence) -> bool:
-        """An exploding product far past the threshold, or beyond the float range (inf lag or rate)."""
-        if evidence.metric != "lyapunov_max":
-            return False
-        lag, rate = evidence.longest_lag_norm, evidence.growth_rate
-        return (lag is not None and lag > self.config.exploding_extreme_lag_norm) or (
-            rate is not None and math.isinf(rate)
-        )
+        else:
+            evidence = replace(jacobian, grad_z_score=z_score)
+        return self._transition(measurement_at(index), state, evidence)
 
     def latest_jacobian_reading(self, module: str) -> JacobianReading | None:
         """The module's most recent Jacobian verdict (over its layers: exploding before vanishing before
