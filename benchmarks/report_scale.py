@@ -4,8 +4,10 @@ Generates run logs of a given total size (two runs, two ranks each, one file per
 measurements of every layer every 50 steps; one run healthy and alert-free, so its verdict comes from the
 detector replay, the other exploding late with alerts and clip events), then times in fresh subprocesses:
 
-* ``gradwatch report DIR --format json -o /dev/null`` (the streaming report), and
-* a plain ``json.loads`` loop over the same lines (the floor any JSON-lines reader pays),
+* ``gradwatch report DIR --format json -o /dev/null`` (the streaming report; one worker per file),
+* the same with ``--jobs 1`` (one process) and without msgspec (every line through the generic reader:
+  what an install without the ``fast`` extra gets), and
+* a plain ``json.loads`` loop over the same lines (what any JSON-lines reader pays per line),
 
 printing file size, records, wall time, MB/s and peak RSS for each: the largest sum, sampled every
 50 ms from /proc, of the resident memory of the command's process and all its worker processes (at
@@ -28,6 +30,7 @@ import time
 from pathlib import Path
 
 LAYERS = 4
+HISTOGRAM_BINS = 16
 EVERY = 50
 RUNS = (("bench-healthy", False), ("bench-exploding", True))
 RANKS = 2
@@ -74,6 +77,13 @@ def _measurement(run_id: str, rank: int, step: int, layer: int, growth: float, r
         "jacobian_iterations": 12,
         "sequences": 8,
         "time_steps": 64,
+        # what the monitor writes with every measurement: 16 equal buckets from the smallest to the largest
+        "jacobian_sigma_max_histogram": {
+            "edges": [0.6 * sigma + 0.7 * sigma * i / HISTOGRAM_BINS for i in range(HISTOGRAM_BINS + 1)],
+            "counts": [rng.randrange(0, 64) for _ in range(HISTOGRAM_BINS)],
+            "sum": 64 * sigma,
+            "sum_squares": 64 * sigma**2,
+        },
     }
     return json.dumps(
         {
@@ -255,10 +265,18 @@ def main() -> None:
             "-o",
             "/dev/null",
         ]
+        without_msgspec = [
+            sys.executable,
+            "-c",
+            "import sys; from gradwatch.report import reader; reader.LINE_DECODER = None; "
+            "from gradwatch.cli import main; main(sys.argv[1:])",
+            *report[3:],
+        ]
         commands: dict[str, tuple[list[str], str | None]] = {
             "json.loads loop": ([sys.executable, "-c", _JSON_LOOP, *files], None),
             "gradwatch report": (report, None),
             "report --jobs 1": ([*report, "--jobs", "1"], None),
+            "report, no msgspec": (without_msgspec, None),
         }
         if args.compare_with:
             commands["report (--compare-with)"] = (report, args.compare_with)

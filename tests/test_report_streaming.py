@@ -8,10 +8,12 @@ import threading
 import time
 import tracemalloc
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from gradwatch.records import ErrorRecord, Measurement, Record
+from gradwatch.policy.trends import TrendDetector
+from gradwatch.records import Alert, ErrorRecord, Measurement, Record
 from gradwatch.report import reader as reader_module
 from gradwatch.report import streaming
 from gradwatch.report.command import make_report, render
@@ -226,3 +228,38 @@ def test_a_run_without_measurements_says_why_when_the_log_knows(tmp_path: Path) 
             assert reason in " ".join(render(streamed, output_format).split()), (name, output_format)
         run_json = json.loads(render(streamed, "json"))["runs"][0]
         assert reason in run_json["why_no_measurements"]
+
+
+@pytest.mark.parametrize("row_batch", [1, 7, 512])
+@pytest.mark.parametrize(
+    "options", [ReportOptions(), ReportOptions(merge_ranks=True)], ids=["plain", "merged-ranks"]
+)
+def test_measurement_lines_fold_exactly_as_their_records(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, row_batch: int, options: ReportOptions
+) -> None:
+    """The bulk path (lines decoded into structs, folded a batch at a time) against records one by one:
+    the same report to the last bit, across batch, fold and downsampling boundaries."""
+    monkeypatch.setattr(streaming, "EXACT_POINTS", 64)
+    monkeypatch.setattr(streaming, "BATCH_POINTS", 32)
+    monkeypatch.setattr(streaming, "ROW_BATCH", row_batch)
+    paths = _every_kind_logs(tmp_path, with_alerts=False)
+    for kind in ("exploding", "recovered"):
+        long_run = make_run(
+            kind, run_id=f"long-{kind}", measurements=700, with_alerts=kind == "recovered", seed=3
+        )
+        paths.append(str(write_log(tmp_path / f"long-{kind}.jsonl", long_run)))
+    folded_in_batches = []  # rows the batch path folded: it must run
+    update_many = TrendDetector.update_many
+
+    def counted(self: TrendDetector, key: Any, lyapunov: list[float | None], *args: Any) -> list[Alert]:
+        folded_in_batches.append(len(lyapunov))
+        return update_many(self, key, lyapunov, *args)
+
+    monkeypatch.setattr(TrendDetector, "update_many", counted)
+    lines = make_report(paths, options)
+    assert sum(folded_in_batches) > (1000 if row_batch > 1 else 0)  # the long runs, at least
+    monkeypatch.setattr(reader_module, "LINE_DECODER", None)  # what a reader without msgspec does
+    records = make_report(paths, options)
+    assert lines == records
+    for output_format in ("json", "text", "markdown", "html"):
+        assert render(lines, output_format) == render(records, output_format)

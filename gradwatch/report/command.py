@@ -64,7 +64,9 @@ def make_report(paths: list[str], options: ReportOptions, *, jobs: int = 1) -> R
         return _finish(summary, contents, paths, options)
     summary = StreamingSummary(options)
     per_file = [LogContents(files=[str(path)]) for path in files]
-    streams = [LogTail(path).stream(out, final=True) for path, out in zip(files, per_file, strict=True)]
+    streams = [
+        LogTail(path, rows=True).stream(out, final=True) for path, out in zip(files, per_file, strict=True)
+    ]
     add = summary.add
     for record in merge_by_step(streams):
         add(record)
@@ -107,7 +109,8 @@ def _summarize_file(job: tuple[Path, ReportOptions]) -> tuple[StreamingSummary, 
     path, options = job
     summary = StreamingSummary(options)
     out = LogContents(files=[str(path)])
-    summary.add_all(LogTail(path).stream(out, final=True))
+    summary.add_all(LogTail(path, rows=True).stream(out, final=True))
+    summary.fold_rows()  # the worker sends folded accumulators, not rows
     return summary, out
 
 

@@ -40,7 +40,7 @@ class Follower:
         files, self._path_problems = expand_paths(self.patterns)
         streams, outs = [], []
         for path in files:
-            tail = self._tails.setdefault(path, LogTail(path))
+            tail = self._tails.setdefault(path, LogTail(path, rows=True))
             outs.append(LogContents(files=[tail.display]))
             streams.append(tail.stream(outs[-1]))
         new = 0

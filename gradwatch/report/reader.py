@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Union
 
 from gradwatch.records import (
     SCHEMA_VERSION,
@@ -30,6 +30,21 @@ from gradwatch.records import (
     fast_measurement_from_json,
     record_from_json,
 )
+
+if TYPE_CHECKING:
+    from gradwatch.report.measurement_lines import MeasurementLine
+
+LINE_TYPE: type | None
+LINE_DECODE_ERRORS: tuple[type[Exception], ...]
+"""The type of the measurement lines a rows-mode reader yields, or ``None`` without msgspec."""
+try:
+    from gradwatch.report import measurement_lines
+except ImportError:  # no msgspec: every line goes through the generic path (same records, slower)
+    LINE_TYPE, LINE_DECODER, LINE_DECODE_ERRORS = None, None, ()
+else:
+    LINE_TYPE = measurement_lines.MeasurementLine
+    LINE_DECODER = measurement_lines.decode_measurement_line
+    LINE_DECODE_ERRORS = measurement_lines.DECODE_ERRORS
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +69,10 @@ def _orjson_loads() -> Callable[[bytes], Any] | None:
 FAST_LOADS: Callable[[bytes], Any] | None = _orjson_loads()
 """The fast JSON parser (``orjson.loads``) or ``None``; any exception it raises means "try json"."""
 _GLOB_CHARS = frozenset("*?[")
+
+
+LogItem = Union[Record, "MeasurementLine"]
+"""What a reader yields: records, and in rows mode also measurement lines (see measurement_lines.py)."""
 
 
 @dataclass(frozen=True)
@@ -124,9 +143,11 @@ class LogTail:
     (rotated or rewritten) is read again from the start.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, rows: bool = False) -> None:
         self.path = Path(path)
         self.display = str(path)
+        self._decode_line = LINE_DECODER if rows else None
+        """Measurement lines of the usual shape become :class:`MeasurementLine` rows (rows mode)."""
         self._reset()
 
     def _reset(self) -> None:
@@ -140,15 +161,16 @@ class LogTail:
         self._current_header: RunHeader | None = None
         self._last_run: tuple[str, int] | None = None
         self._binary = False
-        self._batch: list[Record] = []
+        self._batch: list[LogItem] = []
 
     def poll(self, *, final: bool = False) -> LogContents:
         """Read what was appended since the last call; never raises for bad content."""
         out = LogContents(files=[self.display])
-        out.records.extend(self.stream(out, final=final))
+        for item in self.stream(out, final=final):
+            out.records.append(record_of(item))
         return out
 
-    def stream(self, out: LogContents, *, final: bool = False) -> Iterator[Record]:
+    def stream(self, out: LogContents, *, final: bool = False) -> Iterator[LogItem]:
         """Like :meth:`poll`, but yield the records chunk by chunk (bounded memory); note the rest in ``out``.
 
         ``out`` receives the problems, unknown kinds and truncation; its ``records`` are left alone.
@@ -247,6 +269,17 @@ class LogTail:
 
     def _parse(self, raw: bytes, line: int, out: LogContents) -> None:
         """Parse one line into ``out``: a record, an unknown-kind count, or a problem naming the line."""
+        if self._decode_line is not None and not self._skipping_unsupported_run:
+            try:
+                row = self._decode_line(raw)
+            except LINE_DECODE_ERRORS:  # not a measurement of the usual shape: the generic path decides
+                pass
+            else:
+                if not row.run_id and self._current_header is not None:
+                    row.run_id = self._current_header.run_id
+                self._last_run = (row.run_id, row.rank)
+                self._batch.append(row)
+                return
         data = _NOT_PARSED
         if FAST_LOADS is not None and raw.count(b"[") + raw.count(b"{") < _FAST_MAX_BRACKETS:
             try:
@@ -356,14 +389,21 @@ def _kind_of(data: object) -> str:
     return repr(kind)[:40] if isinstance(kind, str) else "log"
 
 
-def merge_by_step(streams: Sequence[Iterable[Record]]) -> Iterator[Record]:
+def record_of(item: LogItem) -> Record:
+    """The record of a reader's item (a measurement line is built into its :class:`Measurement`)."""
+    if LINE_TYPE is not None and type(item) is LINE_TYPE:
+        return measurement_lines.measurement_from_line(item)  # type: ignore[arg-type]  # a LINE_TYPE
+    return item  # type: ignore[return-value]  # not a line: a Record
+
+
+def merge_by_step(streams: Sequence[Iterable[LogItem]]) -> Iterator[LogItem]:
     """The records of several files (each in step order) as one stream in step order, lazily.
 
     Ties keep file order, then line order; a run header keeps its place in its file (it sorts with the
     step before it), so each file's header still precedes that file's records.
     """
 
-    def keyed(file_index: int, records: Iterable[Record]) -> Iterator[tuple[int, int, int, Record]]:
+    def keyed(file_index: int, records: Iterable[LogItem]) -> Iterator[tuple[int, int, int, LogItem]]:
         step = -(1 << 62)
         for seq, record in enumerate(records):
             step = getattr(record, "step", step)

@@ -26,9 +26,14 @@ import dataclasses
 import math
 import statistics
 from array import array
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
+from typing import TYPE_CHECKING
 
+import numpy as np
+
+from gradwatch.policy.judge import total_gradient_norm
 from gradwatch.policy.trends import TrendDetector
 from gradwatch.records import (
     GLOBAL_RANK,
@@ -37,11 +42,10 @@ from gradwatch.records import (
     ErrorRecord,
     Measurement,
     MeasurementMetrics,
-    Record,
     RunHeader,
 )
 from gradwatch.report.metrics import METRICS, MetricSpec, metric_specs
-from gradwatch.report.reader import Problem
+from gradwatch.report.reader import LINE_TYPE, LogItem, Problem, record_of
 from gradwatch.report.sparkline import sparkline
 from gradwatch.report.summary import (
     TREND_STEPS,
@@ -55,7 +59,11 @@ from gradwatch.report.summary import (
     _module_types,
     trend_per_1000_steps,
 )
-from gradwatch.report.verdict import LayerEvidence, Verdict, judge_evidence
+
+if TYPE_CHECKING:
+    from gradwatch.report.measurement_lines import MeasurementLine, MetricsLine
+
+from gradwatch.report.verdict import CAUSE_WINDOW, LayerEvidence, Verdict, judge_evidence
 
 _METRIC_FIELDS = frozenset(f.name for f in dataclasses.fields(MeasurementMetrics))
 EXACT_POINTS = 2048
@@ -76,7 +84,9 @@ class _MetricAccumulator:
         self.spec = spec
         self.log_scale = spec.scale == "log"
         self.steps: list[int] = []
-        self.values: list[float | None] = []
+        # the buffered values: arrays appended by extend (NaN: no finite reading), then loose ones by add
+        self._chunks: list[np.ndarray] = []
+        self._loose: list[float | None] = []
         self.folded = False
         self.points = 0
         self.count = 0
@@ -101,8 +111,37 @@ class _MetricAccumulator:
     def add(self, step: int, value: float | None) -> None:
         """One step's value (``None``: no finite reading at that step)."""
         self.steps.append(step)
-        self.values.append(value)
+        self._loose.append(value)
         self.fold_if_full()
+
+    def push(self, step: int, value: float | None) -> None:
+        """:meth:`add` without the fold check (the caller folds every :data:`BATCH_POINTS` steps)."""
+        self.steps.append(step)
+        self._loose.append(value)
+
+    def extend(self, steps: list[int], values: np.ndarray) -> None:
+        """Several steps' values at once (NaN: no finite reading); the caller folds."""
+        if self._loose:
+            self._chunks.append(np.array(self._loose, dtype=np.float64))
+            self._loose = []
+        self.steps.extend(steps)
+        self._chunks.append(values)
+
+    def _take_values(self) -> np.ndarray:
+        """The buffered values as one array (NaN: missing), emptying the buffer."""
+        chunks = self._chunks
+        if self._loose:
+            chunks.append(np.array(self._loose, dtype=np.float64))
+        self._chunks, self._loose = [], []
+        if len(chunks) == 1:
+            return chunks[0]
+        return np.concatenate(chunks) if chunks else np.empty(0)
+
+    def _exact_values(self) -> list[float | None]:
+        """The buffered values as a list (None: missing), the buffer kept."""
+        values = self._take_values()
+        self._chunks = [values]
+        return [None if v != v else v for v in values.tolist()]  # v != v: NaN
 
     def fold_if_full(self) -> None:
         """Fold the buffer once it holds more than the exact (first) or batch (later) number of points."""
@@ -110,42 +149,43 @@ class _MetricAccumulator:
             self._fold()
 
     def _fold(self) -> None:
-        steps, values = self.steps, self.values
-        self.steps, self.values = [], []
+        # a vectorised pass over the buffer (a few thousand points); None becomes NaN, the missing marker
+        steps, ys = self.steps, self._take_values()
+        self.steps = []
         self.folded = True
         self.points += len(steps)
-        finite = [(s, v) for s, v in zip(steps, values, strict=True) if v is not None]
-        if finite:
-            finite_values = [v for _s, v in finite]
-            self.count += len(finite_values)
+        xs = np.array(steps, dtype=np.float64)  # exact: steps are far below 2**53
+        present = ~np.isnan(ys)
+        if present.any():
+            finite = ys[present]
+            self.count += int(finite.size)
             if self.first is None:
-                self.first = finite_values[0]
-            self.last = finite_values[-1]
-            self.minimum = min(self.minimum, min(finite_values))
-            self.maximum = max(self.maximum, max(finite_values))
+                self.first = float(finite[0])
+            self.last = float(finite[-1])
+            self.minimum = min(self.minimum, float(finite.min()))
+            self.maximum = max(self.maximum, float(finite.max()))
             if self.log_scale:
-                fit = [(float(s), math.log(v)) for s, v in finite if v > 0]
+                usable = present & (ys > 0)
+                fit_x, fit_y = xs[usable], np.log(ys[usable])
             else:
-                fit = [(float(s), v) for s, v in finite]
-            if fit:
-                self._merge_fit(fit)
+                fit_x, fit_y = xs[present], finite
+            if fit_x.size:
+                self._merge_fit(fit_x, fit_y)
         if self.log_scale:
-            coords = [None if v is None or v <= 0 else math.log10(v) for v in values]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                coords = np.where(ys > 0, np.log10(np.where(ys > 0, ys, 1.0)), np.nan)
         else:
-            coords = values
+            coords = ys
         self._add_to_buckets(steps, coords)
 
-    def _merge_fit(self, fit: list[tuple[float, float]]) -> None:
-        n_b = len(fit)
-        fsum = math.fsum
-        xs = [x for x, _y in fit]
-        ys = [y for _x, y in fit]
-        mean_x_b = fsum(xs) / n_b
-        mean_y_b = fsum(ys) / n_b
-        # the same terms as before, from lists (fsum is exactly rounded: the sums do not depend on the order)
-        dxs = [x - mean_x_b for x in xs]
-        sxx_b = fsum([d**2 for d in dxs])
-        sxy_b = fsum([d * (y - mean_y_b) for d, y in zip(dxs, ys, strict=True)])
+    def _merge_fit(self, xs: np.ndarray, ys: np.ndarray) -> None:
+        # the batch's centred sums, merged into the running ones with Chan et al.'s pairwise update
+        n_b = int(xs.size)
+        mean_x_b = float(xs.mean())
+        mean_y_b = float(ys.mean())
+        dxs = xs - mean_x_b
+        sxx_b = float(np.dot(dxs, dxs))
+        sxy_b = float(np.dot(dxs, ys - mean_y_b))
         n_a = self._fit_n
         n = n_a + n_b
         dx, dy = mean_x_b - self._mean_x, mean_y_b - self._mean_y
@@ -155,7 +195,8 @@ class _MetricAccumulator:
         self._mean_y += dy * n_b / n
         self._fit_n = n
 
-    def _add_to_buckets(self, steps: list[int], coords: list[float | None]) -> None:
+    def _add_to_buckets(self, steps: list[int], coords: np.ndarray) -> None:
+        """Add chart coordinates (NaN: missing) to the buckets, filling the open one first."""
         index = 0
         while index < len(steps):
             if not self._bucket_points or self._bucket_points[-1] >= self._bucket_size:
@@ -173,30 +214,23 @@ class _MetricAccumulator:
                 self._bucket_present.append(0)
                 self._bucket_points.append(0)
             room = self._bucket_size - self._bucket_points[-1]
-            part = [c for c in coords[index : index + room] if c is not None]
+            part = coords[index : index + room]
+            part = part[~np.isnan(part)]
             taken = min(room, len(steps) - index)
             self._bucket_points[-1] += taken
-            self._bucket_sums[-1] += math.fsum(part)
-            self._bucket_present[-1] += len(part)
+            self._bucket_sums[-1] += float(part.sum())
+            self._bucket_present[-1] += int(part.size)
             index += taken
 
-    def _add_whole_buckets(self, steps: list[int], coords: list[float | None], index: int, whole: int) -> int:
-        """Append ``whole`` new full buckets from ``index`` on in one go; returns the index after them.
-
-        The same sums as filling them one at a time (0.0 plus the fsum of each bucket's present values).
-        """
+    def _add_whole_buckets(self, steps: list[int], coords: np.ndarray, index: int, whole: int) -> int:
+        """Append ``whole`` new full buckets from ``index`` on in one go; returns the index after them."""
         size = self._bucket_size
         end = index + whole * size
         self._bucket_steps.extend(steps[index:end:size])
-        if size == 1:
-            chunk = coords[index:end]
-            self._bucket_sums.extend([0.0 if c is None else 0.0 + c for c in chunk])
-            self._bucket_present.extend([0 if c is None else 1 for c in chunk])
-        else:
-            fsum = math.fsum
-            parts = [[c for c in coords[i : i + size] if c is not None] for i in range(index, end, size)]
-            self._bucket_sums.extend([0.0 + fsum(part) for part in parts])
-            self._bucket_present.extend([len(part) for part in parts])
+        block = coords[index:end].reshape(whole, size)
+        present = ~np.isnan(block)
+        self._bucket_sums.frombytes(np.where(present, block, 0.0).sum(axis=1).tobytes())
+        self._bucket_present.frombytes(present.sum(axis=1, dtype=np.int64).tobytes())
         self._bucket_points.extend([size] * whole)
         return end
 
@@ -211,7 +245,7 @@ class _MetricAccumulator:
     def series(self) -> tuple[tuple[int, float | None], ...]:
         """Exact (step, value) points, or one (first step, mean) point per bucket once downsampled."""
         if not self.folded:
-            return tuple(zip(self.steps, self.values, strict=True))
+            return tuple(zip(self.steps, self._exact_values(), strict=True))
         self._fold()
         out: list[tuple[int, float | None]] = []
         for step, total, present in zip(
@@ -264,8 +298,11 @@ class _MetricAccumulator:
 
 def _pair_sums(values: array, typecode: str) -> array:
     """Sums of neighbouring pairs (the last one alone when the length is odd)."""
-    out = array(typecode, map(sum, zip(values[::2], values[1::2], strict=False)))
-    if len(values) % 2:
+    items = np.frombuffer(values, dtype=np.float64 if typecode == "d" else np.int64)
+    even = len(items) - len(items) % 2
+    sums = items[:even].reshape(-1, 2).sum(axis=1)
+    out = array(typecode, sums.tobytes())
+    if len(items) % 2:
         out.append(values[-1])
     return out
 
@@ -304,6 +341,9 @@ class _LayerAccumulator:
         ]
         self._other_reads = [(acc, read) for acc, read in self._reads if acc.spec.name not in _PLAIN_FIELDS]
         self._lag_reads: list[tuple[_MetricAccumulator, str]] = []
+        self._rows_foldable = {acc.spec.name for acc, _read in self._other_reads} <= _ROW_READS
+        self._rows: list[MeasurementLine] = []
+        """Measurement lines not folded yet (rows-mode readers yield them): folded in batches."""
 
     def __getstate__(self) -> dict[str, object]:
         # the read functions are lambdas: rebuilt from the specs on unpickling (see absorb, worker processes)
@@ -320,7 +360,110 @@ class _LayerAccumulator:
         ]
         self._other_reads = [(acc, read) for acc, read in self._reads if acc.spec.name not in _PLAIN_FIELDS]
 
+    def add_row(self, row: MeasurementLine) -> None:
+        """One measurement as its decoded line, folded :data:`ROW_BATCH` at a time."""
+        rows = self._rows
+        rows.append(row)
+        if len(rows) >= ROW_BATCH:
+            self.fold_rows()
+
+    def fold_rows(self) -> None:
+        """Fold the buffered rows: a batch at a time in the usual case, else one measurement at a time.
+
+        The usual case: one reading per step, steps increasing after the open step, no lag key first seen
+        late. Then the detector and the evidence take the batch as columns and the metric points are
+        appended as arrays; every other case goes through :meth:`add_measurement`, which handles them all.
+        Either way the result is what :meth:`add_measurement` on each row in turn gives.
+        """
+        rows = self._rows
+        if not rows:
+            return
+        self._rows = []
+        steps = list(map(_STEP, rows))
+        metrics = list(map(_METRICS, rows))
+        lag_norms = list(map(_LAG_NORM, metrics))
+        lag_keys = set().union(*lag_norms)
+        first_lags = lag_norms[0]
+        starting = self.flushed_steps == 0 and self._pending_step is None
+        usual = (
+            self._rows_foldable
+            and (self._pending_step is None or steps[0] > self._pending_step)
+            and all(map(int.__lt__, steps, steps[1:]))
+            and (self._lag_keys.issuperset(lag_keys) or (starting and lag_keys.issubset(first_lags)))
+        )
+        if not usual:
+            for row in rows:
+                self.add_measurement(_measurement_of(row))
+            return
+        if not self._lag_keys.issuperset(lag_keys):
+            self._new_lags(first_lags)  # the first measurement's lags, as add_measurement would find them
+        self._flush()  # the open step is before this batch: its readings are complete
+        grad_norms = list(map(_GRAD_NORM, metrics))
+        totals = _total_gradient_norms(grad_norms)
+        count = len(rows)
+        built: dict[int, Measurement] = {}
+
+        def measurement_at(index: int) -> Measurement:
+            measurement = built.get(index)
+            if measurement is None:
+                measurement = built[index] = _measurement_of(rows[index])
+            return measurement
+
+        ranks = set(map(_RANK, rows))
+        self.evidence.add_many(
+            steps,
+            ranks,
+            [count or 0 for count in map(_GRAD_NONFINITE, metrics)],
+            totals,
+            [measurement_at(i) for i in range(max(0, count - CAUSE_WINDOW), count)],
+        )
+        self.ranks.update(ranks)
+        first = rows[0]
+        self.evidence.replay_many(
+            self.detector,
+            (first.module, first.layer, first.direction),
+            list(map(_LYAPUNOV_MAX, metrics)),
+            lag_norms,
+            totals,
+            measurement_at,
+        )
+        # every step but the last is complete; the last stays open (the next rows may have its step too)
+        self._append_points(steps[:-1], metrics[:-1], totals[:-1])
+        self._pending_step, self._pending = steps[-1], [measurement_at(count - 1)]
+
+    def _append_points(
+        self, steps: list[int], metrics: list[MetricsLine], totals: list[float | None]
+    ) -> None:
+        """One point per step (one reading each) for every metric, as :meth:`_flush` appends them.
+
+        Appended up to each multiple of :data:`BATCH_POINTS` flushed steps, where :meth:`_flush` folds, so
+        the folds are those of the one-by-one path.
+        """
+        start = 0
+        while start < len(steps):
+            end = min(len(steps), start + BATCH_POINTS - self.flushed_steps % BATCH_POINTS)
+            part_steps = steps[start:end]
+            part = metrics[start:end]
+            for accumulator, name in self._field_reads:
+                accumulator.extend(part_steps, _missing_as_nan(list(map(attrgetter(name), part))))
+            for accumulator, _read in self._other_reads:  # the total gradient norm (see _ROW_READS)
+                accumulator.extend(part_steps, _missing_as_nan(totals[start:end]))
+            for accumulator, key in self._lag_reads:
+                accumulator.extend(part_steps, _missing_as_nan([m.lag_norm.get(key) for m in part]))
+            if not self.lag_metrics:
+                for step in part_steps:
+                    self.no_lag.add(step, None)
+            self.flushed_steps += end - start
+            if self.flushed_steps % BATCH_POINTS == 0:
+                for accumulator, _read in self._reads:
+                    accumulator.fold_if_full()
+                for accumulator, _key in self._lag_reads:
+                    accumulator.fold_if_full()
+            start = end
+
     def add_measurement(self, m: Measurement) -> None:
+        if self._rows:
+            self.fold_rows()  # the rows before this measurement come first
         self.ranks.add(m.rank)
         if self._pending_step is not None and m.step < self._pending_step:
             self.out_of_order = True
@@ -354,17 +497,14 @@ class _LayerAccumulator:
             fields = metrics.__dict__
             for accumulator, name in self._field_reads:
                 v = fields[name]
-                accumulator.steps.append(step)
-                accumulator.values.append(v if v is not None and isfinite(v) else None)
+                accumulator.push(step, v if v is not None and isfinite(v) else None)
             for accumulator, read in self._other_reads:
                 v = read(metrics, None)
-                accumulator.steps.append(step)
-                accumulator.values.append(v if v is not None and isfinite(v) else None)
+                accumulator.push(step, v if v is not None and isfinite(v) else None)
             lag_norm = metrics.lag_norm
             for accumulator, key in self._lag_reads:
                 v = lag_norm.get(key)
-                accumulator.steps.append(step)
-                accumulator.values.append(v if v is not None and isfinite(v) else None)
+                accumulator.push(step, v if v is not None and isfinite(v) else None)
             if not self.lag_metrics:
                 self.no_lag.add(step, None)
             self.flushed_steps += 1
@@ -402,6 +542,7 @@ class _LayerAccumulator:
     ) -> LayerSummary:
         # close the open step (in --follow mode, more readings of that step from a lagging rank then form
         # a point of their own: the series stays bounded and nearly exact)
+        self.fold_rows()
         self._flush()
         lag = str(max(self.lag_metrics)) if self.lag_metrics else None
         metrics = []
@@ -439,6 +580,51 @@ class _LayerAccumulator:
                 clip_median_max_norm=clips.median_max_norm(),
             ),
         )
+
+
+ROW_BATCH = 512
+"""Measurement rows of one layer folded together (bounded: a few hundred KB per layer)."""
+
+_ROW_READS = frozenset({"grad_norm"})
+"""The metrics besides plain fields and lag norms that the row path computes (see _append_points)."""
+
+
+def _measurement_of(row: MeasurementLine) -> Measurement:
+    """The record of a measurement line."""
+    record = record_of(row)
+    assert isinstance(record, Measurement)  # a measurement line gives a Measurement
+    return record
+
+
+_STEP = attrgetter("step")
+_RANK = attrgetter("rank")
+_METRICS = attrgetter("metrics")
+_LAG_NORM = attrgetter("lag_norm")
+_GRAD_NORM = attrgetter("grad_norm")
+_GRAD_NONFINITE = attrgetter("grad_nonfinite")
+_LYAPUNOV_MAX = attrgetter("lyapunov_max")
+
+
+def _missing_as_nan(values: list[float | None] | list[float]) -> np.ndarray:
+    """Values as an array, with NaN for a missing (None) or non-finite reading."""
+    array_ = np.array(values, dtype=np.float64)
+    infinite = np.isinf(array_)
+    if infinite.any():
+        array_[infinite] = np.nan
+    return array_
+
+
+def _total_gradient_norms(grad_norms: list[dict[str, float | None]]) -> list[float | None]:
+    """:func:`total_gradient_norm` of each row's ``grad_norm`` (floats or null: checked rows)."""
+    hypot: Callable[..., float] = math.hypot  # the values are floats: None is excluded first
+    isfinite = math.isfinite
+    totals: list[float | None] = [
+        hypot(*values) if (values := g.values()) and None not in values else None for g in grad_norms
+    ]
+    for index, total in enumerate(totals):
+        if total is not None and not isfinite(total):  # an inf entry (None), or an overflow (inf)
+            totals[index] = total_gradient_norm(grad_norms[index])
+    return totals
 
 
 class _ClipAccumulator:
@@ -495,11 +681,19 @@ class StreamingSummary:
         self.options = options or ReportOptions()
         self.specs = metric_specs(self.options.metrics)
         self._runs: dict[RunKey, _RunAccumulator] = {}
+        self._wanted_modules: dict[str, bool] = {}
 
     @property
     def needs_exact(self) -> bool:
         """Some layer's measurements arrived out of step order: only the whole-file summary is exact."""
+        self.fold_rows()
         return any(layer.out_of_order for run in self._runs.values() for layer in run.layers.values())
+
+    def fold_rows(self) -> None:
+        """Fold every layer's buffered measurement rows (before reading results, or sending the summary)."""
+        for run in self._runs.values():
+            for layer in run.layers.values():
+                layer.fold_rows()
 
     def run_keys(self) -> set[RunKey]:
         """The (run id, rank or None) of every run folded so far."""
@@ -518,12 +712,16 @@ class StreamingSummary:
             )
         self._runs.update(other._runs)
 
-    def add_all(self, records: Iterable[Record]) -> None:
+    def add_all(self, records: Iterable[LogItem]) -> None:
+        add = self.add
         for record in records:
-            self.add(record)
+            add(record)
 
-    def add(self, record: Record) -> None:
-        """Fold one record into its run (pure bookkeeping, no I/O)."""
+    def add(self, record: LogItem) -> None:
+        """Fold one record (or measurement row) into its run (pure bookkeeping, no I/O)."""
+        if type(record) is LINE_TYPE:
+            self._add_row(record)  # type: ignore[arg-type]  # a MeasurementLine
+            return
         options = self.options
         if options.merge_ranks and record.rank == GLOBAL_RANK:
             return  # global_view records already combine the ranks: merged, they would count twice
@@ -560,6 +758,35 @@ class StreamingSummary:
         elif isinstance(record, ErrorRecord):
             run.errors.append(record)
 
+    def _add_row(self, row: MeasurementLine) -> None:
+        """:meth:`add` for a measurement line: the same bookkeeping."""
+        options = self.options
+        rank = row.rank
+        merge = options.merge_ranks
+        if merge and rank == GLOBAL_RANK:
+            return
+        key = (row.run_id, None if merge else rank)
+        run = self._runs.get(key)
+        if run is None:
+            run = self._runs[key] = _RunAccumulator()
+        run.ranks.add(rank)
+        step = row.step
+        if step not in options.steps:
+            run.unselected_measurements += 1
+            return
+        if run.first_step is None or step < run.first_step:
+            run.first_step = step
+        if run.last_step is None or step > run.last_step:
+            run.last_step = step
+        module = row.module
+        wanted = self._wanted_modules.get(module)
+        if wanted is None:
+            wanted = self._wanted_modules[module] = options.wants_module(module)
+        if wanted:
+            self._layer(run, (module, row.layer, row.direction)).add_row(row)
+        else:
+            run.unselected_measurements += 1
+
     def _layer(self, run: _RunAccumulator, key: tuple[str, int, str]) -> _LayerAccumulator:
         layer = run.layers.get(key)
         if layer is None:
@@ -575,6 +802,7 @@ class StreamingSummary:
         truncated_runs: Iterable[tuple[str, int]] = (),
     ) -> Report:
         """The report over everything added so far (the accumulators keep running)."""
+        self.fold_rows()
         merge = self.options.merge_ranks
         truncated = {(run_id, None if merge else rank) for run_id, rank in truncated_runs}
         runs = tuple(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from array import array
 from collections import defaultdict, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -85,6 +85,48 @@ class LayerEvidence:
         norm = total_gradient_norm(measurement.metrics.grad_norm)
         self.grad_norms.append(math.nan if norm is None else norm)
         self.last = measurement
+
+    def add_many(
+        self,
+        steps: Sequence[int],
+        ranks: Iterable[int],
+        grad_nonfinite: Sequence[int],
+        total_gradient_norms: Sequence[float | None],
+        tail: Sequence[Measurement],
+    ) -> None:
+        """:meth:`add` for several measurements (in step order) given as columns, with the last few built.
+
+        ``tail`` holds the measurements at the end of the columns (at least one, up to ``CAUSE_WINDOW``).
+        """
+        self.count += len(steps)
+        low, high = min(steps), max(steps)
+        if self.first_step is None or low < self.first_step:
+            self.first_step = low
+        if self.last_step is None or high > self.last_step:
+            self.last_step = high
+        self.ranks.update(ranks)
+        self.nonfinite_steps.extend([s for s, count in zip(steps, grad_nonfinite, strict=True) if count > 0])
+        self.tail.extend(tail)
+        self.steps.extend(steps)
+        nan = math.nan
+        self.grad_norms.extend([nan if norm is None else norm for norm in total_gradient_norms])
+        self.last = tail[-1]
+
+    def replay_many(
+        self,
+        detector: TrendDetector,
+        key: tuple[str, int, str],
+        lyapunov_max: Sequence[float | None],
+        lag_norms: Sequence[Mapping[str, float | None]],
+        total_gradient_norms: Sequence[float | None],
+        measurement_at: Callable[[int], Measurement],
+    ) -> None:
+        """:meth:`replay` for several measurements of one layer, given as columns (see ``update_many``)."""
+        self._detector = detector
+        alerts = detector.update_many(key, lyapunov_max, lag_norms, total_gradient_norms, measurement_at)
+        if alerts:
+            self.detector_alerts += len(alerts)
+            self.last_detector_alert = alerts[-1]
 
     def replay(self, measurement: Measurement, detector: TrendDetector) -> None:
         """Feed the monitor's detector (keyed by layer, so one detector may serve a whole run)."""
