@@ -13,13 +13,16 @@ from typing import Any
 import pytest
 
 from gradwatch.policy.trends import TrendDetector
-from gradwatch.records import Alert, ErrorRecord, Measurement, Record
+from gradwatch.records import Alert, AlertKind, ErrorRecord, Measurement, Record
 from gradwatch.report import reader as reader_module
 from gradwatch.report import streaming
+from gradwatch.report import summary as summary_module
+from gradwatch.report import verdict as verdict_module
 from gradwatch.report.command import make_report, render
 from gradwatch.report.follow import Follower
 from gradwatch.report.reader import read_logs
 from gradwatch.report.summary import Report, ReportOptions, StepRange, build_report
+from gradwatch.report.verdict import Verdict
 from tests.report_logs import RUN_KINDS, make_run, write_log
 
 
@@ -263,3 +266,54 @@ def test_measurement_lines_fold_exactly_as_their_records(
     assert lines == records
     for output_format in ("json", "text", "markdown", "html"):
         assert render(lines, output_format) == render(records, output_format)
+
+
+def _flapping_run(episodes: int) -> list[Record]:
+    """A layer whose exploding episodes open and recover ``episodes`` times, on two ranks: many alerts."""
+    records: list[Record] = [*make_run("healthy", run_id="flapping", measurements=4 * episodes)]
+    for rank in (0, 1):
+        for episode in range(episodes):
+            for kind, offset in ((AlertKind.EXPLODING, 0), (AlertKind.RECOVERED, 100)):
+                step = episode * 200 + offset + rank
+                records.append(
+                    Alert(
+                        step=step, time=float(step), module="encoder.rnn", layer=0, direction="forward",
+                        alert=kind, metric="lyapunov_max", value=0.1, threshold=0.05,
+                        message=f"{kind.value} at {step}", rank=rank, run_id="flapping",
+                    )
+                )  # fmt: skip
+    last = episodes * 200
+    records.append(
+        Alert(
+            step=last, time=float(last), module="encoder.rnn", layer=0, direction="forward",
+            alert=AlertKind.VANISHING, metric="lyapunov_max", value=-1.0, threshold=-0.8,
+            message="vanishing at the end", rank=1, run_id="flapping",
+        )
+    )  # fmt: skip
+    return sorted(records, key=lambda r: getattr(r, "step", -1))
+
+
+def test_a_long_alert_timeline_is_capped_counted_and_judged_from_every_alert(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(summary_module, "ALERTS_SHOWN", 10)
+    monkeypatch.setattr(verdict_module, "RECOVERED_SHOWN", 3)
+    path = write_log(tmp_path / "flapping.jsonl", _flapping_run(episodes=30))
+    options = ReportOptions(merge_ranks=True)
+    streamed, whole = make_report([str(path)], options), _whole_file([str(path)], options)
+    assert streamed == whole
+    (run,) = streamed.runs
+    (layer,) = run.layers
+    assert run.alert_count == layer.alert_count == 2 * 30 * 2 + 1
+    assert len(run.alerts) == 10 and run.alerts_omitted == 111
+    steps = sorted(a.step for a in _flapping_run(episodes=30) if isinstance(a, Alert))
+    assert [a.step for a in run.alerts] == steps[:5] + steps[-5:]
+    # the verdict comes from every alert: the episode still open at the end, on rank 1
+    assert layer.verdict.verdict is Verdict.VANISHING and "step 6000 on rank 1" in layer.verdict.reason
+    assert len(layer.verdict.recovered) == 4 and layer.verdict.recovered[-1] == (
+        "and 57 more recovered episode(s)"
+    )
+    note = "… and 111 more alert(s) between these: the report lists the first 5 and the last 5 of 121"
+    for output_format in ("text", "markdown", "html"):
+        assert note in render(streamed, output_format).replace("\n", " ")
+    assert json.loads(render(streamed, "json"))["runs"][0]["alerts_omitted"] == 111

@@ -7,7 +7,12 @@ import pytest
 
 from gradwatch.policy.judge import total_gradient_norm
 from gradwatch.records import Alert, AlertKind, Measurement, MeasurementMetrics
-from gradwatch.report.verdict import Verdict, clip_threshold, fallback_verdict, judge_layer
+from gradwatch.report.verdict import (
+    Verdict,
+    clip_threshold,
+    fallback_verdict,
+    judge_layer,
+)
 from tests.report_logs import make_run
 
 

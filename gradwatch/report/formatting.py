@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from gradwatch.report.summary import MetricSummary
+from gradwatch.report.summary import MetricSummary, RunSummary
 
 MISSING_VALUE = "—"
 
@@ -46,3 +46,12 @@ def shorten(text: str, limit: int = MAX_SHOWN_CHARS) -> str:
 
 def alert_location(module: str, layer: int, direction: str) -> str:
     return f"{shorten(module, 80)} L{layer} {direction}"
+
+
+def omitted_alerts_note(run: RunSummary) -> str:
+    """The line under a run's alert list that says how many alerts it leaves out, and which ones."""
+    first = len(run.alerts) // 2
+    return (
+        f"… and {run.alerts_omitted} more alert(s) between these: the report lists the first {first} and "
+        f"the last {len(run.alerts) - first} of {run.alert_count} (the run log has them all)"
+    )

@@ -17,6 +17,7 @@ from gradwatch.report.formatting import (
     format_number,
     format_steps,
     format_trend,
+    omitted_alerts_note,
     shorten,
 )
 from gradwatch.report.summary import LayerSummary, MetricSummary, Report, RunSummary
@@ -242,6 +243,8 @@ def _run(run: RunSummary) -> str:
                 f"<td class=num>{esc(format_number(a.threshold))}</td><td>{esc(a.message)}</td></tr>"
             )
         out.append("</table>")
+        if run.alerts_omitted:
+            out.append(f"<p>{esc(omitted_alerts_note(run))}</p>")
     clips = run.clips
     out.append(
         f"<p>Clips: {clips.count}"

@@ -68,7 +68,7 @@ def _layer(layer: LayerSummary) -> dict[str, Any]:
         "steps": {"first": layer.first_step, "last": layer.last_step},
         "longest_lag": None if layer.lag is None else int(layer.lag),
         "metrics": {metric.name: _metric(metric) for metric in layer.metrics},
-        "alerts": len(layer.alerts),
+        "alerts": layer.alert_count,
         "verdict": {
             "verdict": verdict.verdict.value,
             "source": verdict.source,
@@ -100,6 +100,7 @@ def _run(run: RunSummary) -> dict[str, Any]:
         "steps": {"first": run.first_step, "last": run.last_step},
         "layers": [_layer(layer) for layer in run.layers],
         "alerts": [_json_safe(alert.to_json()) for alert in run.alerts],
+        "alerts_omitted": run.alerts_omitted,
         "clips": _clips(run.clips),
         "errors": [_json_safe(error.to_json()) for error in run.errors],
         "why_no_measurements": None if run.layers else why_no_measurements(run),

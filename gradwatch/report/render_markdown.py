@@ -5,7 +5,14 @@ from __future__ import annotations
 import html
 import re
 
-from gradwatch.report.formatting import alert_location, format_number, format_steps, format_trend, shorten
+from gradwatch.report.formatting import (
+    alert_location,
+    format_number,
+    format_steps,
+    format_trend,
+    omitted_alerts_note,
+    shorten,
+)
 from gradwatch.report.summary import LayerSummary, Report, RunSummary, why_no_measurements
 
 _MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]<>|~&])")
@@ -67,6 +74,8 @@ def _run(run: RunSummary) -> list[str]:
                 f"{escape_markdown(alert_location(alert.module, alert.layer, alert.direction))}: "
                 f"**{alert.alert.value}** — {escape_markdown(alert.message)}"
             )
+        if run.alerts_omitted:
+            lines.append(f"- {omitted_alerts_note(run)}")
         lines.append("")
     clips = run.clips
     if clips.count:

@@ -16,6 +16,7 @@ from gradwatch.report.formatting import (
     format_number,
     format_steps,
     format_trend,
+    omitted_alerts_note,
     shorten,
 )
 from gradwatch.report.summary import LayerSummary, Report, RunSummary, why_no_measurements
@@ -131,6 +132,9 @@ def _alerts(run: RunSummary) -> RenderableType:
             format_number(alert.threshold),
             Text(shorten(alert.message)),
         )
+    if run.alerts_omitted:
+        table.caption = omitted_alerts_note(run)
+        table.caption_justify = "left"
     return table
 
 

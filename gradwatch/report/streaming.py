@@ -44,11 +44,13 @@ from gradwatch.records import (
     MeasurementMetrics,
     RunHeader,
 )
+from gradwatch.report.bounded import ClipAccumulator
 from gradwatch.report.metrics import METRICS, MetricSpec, metric_specs
 from gradwatch.report.reader import LINE_TYPE, LogItem, Problem, record_of
 from gradwatch.report.sparkline import sparkline
 from gradwatch.report.summary import (
     TREND_STEPS,
+    AlertTimeline,
     ClipSummary,
     LayerSummary,
     MetricSummary,
@@ -63,7 +65,7 @@ from gradwatch.report.summary import (
 if TYPE_CHECKING:
     from gradwatch.report.measurement_lines import MeasurementLine, MetricsLine
 
-from gradwatch.report.verdict import CAUSE_WINDOW, LayerEvidence, Verdict, judge_evidence
+from gradwatch.report.verdict import CAUSE_WINDOW, AlertEpisodes, LayerEvidence, Verdict, judge_evidence
 
 _METRIC_FIELDS = frozenset(f.name for f in dataclasses.fields(MeasurementMetrics))
 EXACT_POINTS = 2048
@@ -326,7 +328,8 @@ class _LayerAccumulator:
         self.detector = detector
         self.evidence = LayerEvidence()
         self.ranks: set[int] = set()
-        self.alerts: list[Alert] = []
+        self.alerts = AlertTimeline()
+        self.episodes = AlertEpisodes()
         self.no_lag = _MetricAccumulator(self.lag_spec or metric_specs(("lag_norm",))[0])
         """Stands in for lag_norm while no lag was measured: every step reads as missing."""
         self.flushed_steps = 0
@@ -538,7 +541,7 @@ class _LayerAccumulator:
         *,
         run_has_alerts: bool,
         module_type: str | None,
-        clips: _ClipAccumulator,
+        clips: ClipAccumulator,
     ) -> LayerSummary:
         # close the open step (in --follow mode, more readings of that step from a lagging rank then form
         # a point of their own: the series stays bounded and nearly exact)
@@ -556,8 +559,7 @@ class _LayerAccumulator:
             else:
                 metrics.append(self.metrics[spec.name].summary(spec.label))
         module, layer, direction = key
-        alerts = sorted(self.alerts, key=lambda a: (a.step, a.rank, a.module, a.layer))
-        ranks = self.ranks | {a.rank for a in alerts}
+        ranks = self.ranks | self.episodes.ranks
         return LayerSummary(
             module=module,
             layer=layer,
@@ -570,16 +572,23 @@ class _LayerAccumulator:
             last_step=self.evidence.last_step,
             lag=lag,
             metrics=tuple(metrics),
-            alerts=tuple(alerts),
+            alerts=self.alerts.shown(),
             verdict=judge_evidence(
                 self.evidence,
-                alerts,
+                self.episodes,
                 run_has_alerts=run_has_alerts,
                 module_type=module_type,
                 clip_count=clips.count,
                 clip_median_max_norm=clips.median_max_norm(),
             ),
+            alert_count=self.alerts.count,
         )
+
+    def add_alert(self, alert: Alert) -> None:
+        self.alerts.add(alert)
+        self.episodes.add(alert)
+        if self.episodes.out_of_order:
+            self.out_of_order = True  # the episode replay needs step order: only the whole file is exact
 
 
 ROW_BATCH = 512
@@ -627,45 +636,13 @@ def _total_gradient_norms(grad_norms: list[dict[str, float | None]]) -> list[flo
     return totals
 
 
-class _ClipAccumulator:
-    def __init__(self) -> None:
-        self.count = 0
-        self.scales = array("d")
-        self.norms_before = array("d")
-        self.max_norms = array("d")
-        self.last_max_norm: float | None = None
-
-    def add(self, clip: ClipEvent) -> None:
-        self.count += 1
-        if math.isfinite(clip.scale):
-            self.scales.append(clip.scale)
-        if clip.norm_before is not None and math.isfinite(clip.norm_before):
-            self.norms_before.append(clip.norm_before)
-        self.max_norms.append(clip.max_norm)
-        self.last_max_norm = clip.max_norm
-
-    def median_max_norm(self) -> float | None:
-        if not self.max_norms:
-            return None
-        ordered = sorted(self.max_norms)
-        return ordered[len(ordered) // 2]
-
-    def summary(self) -> ClipSummary:
-        return ClipSummary(
-            count=self.count,
-            median_scale=statistics.median(self.scales) if self.scales else None,
-            median_norm_before=statistics.median(self.norms_before) if self.norms_before else None,
-            max_norm=self.last_max_norm,
-        )
-
-
 @dataclass
 class _RunAccumulator:
     headers: list[RunHeader] = field(default_factory=list)
     ranks: set[int] = field(default_factory=set)
     any_alert: bool = False
-    alerts: list[Alert] = field(default_factory=list)
-    clips: _ClipAccumulator = field(default_factory=_ClipAccumulator)
+    alerts: AlertTimeline = field(default_factory=AlertTimeline)
+    clips: ClipAccumulator = field(default_factory=ClipAccumulator)
     errors: list[ErrorRecord] = field(default_factory=list)
     first_step: int | None = None
     last_step: int | None = None
@@ -751,8 +728,8 @@ class StreamingSummary:
                 run.unselected_measurements += 1
         elif isinstance(record, Alert):
             if options.wants_module(record.module):
-                run.alerts.append(record)
-                self._layer(run, (record.module, record.layer, record.direction)).alerts.append(record)
+                run.alerts.add(record)
+                self._layer(run, (record.module, record.layer, record.direction)).add_alert(record)
         elif isinstance(record, ClipEvent):
             run.clips.add(record)
         elif isinstance(record, ErrorRecord):
@@ -836,13 +813,14 @@ class StreamingSummary:
             merged_ranks=self.options.merge_ranks,
             header=headers[0] if headers else None,
             layers=layers,
-            alerts=tuple(sorted(run.alerts, key=lambda a: (a.step, a.rank, a.module, a.layer))),
-            clips=run.clips.summary(),
+            alerts=run.alerts.shown(),
+            clips=ClipSummary.of(run.clips),
             errors=tuple(sorted(run.errors, key=lambda e: e.step)),
             first_step=run.first_step,
             last_step=run.last_step,
             truncated=truncated,
             unselected_measurements=run.unselected_measurements,
+            alert_count=run.alerts.count,
         )
 
 

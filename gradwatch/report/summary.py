@@ -10,7 +10,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import statistics
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeGuard
@@ -26,6 +26,7 @@ from gradwatch.records import (
     Record,
     RunHeader,
 )
+from gradwatch.report.bounded import ClipAccumulator
 from gradwatch.report.metrics import MetricSpec, longest_lag, metric_specs
 from gradwatch.report.reader import LogContents, Problem
 from gradwatch.report.sparkline import sparkline
@@ -114,11 +115,52 @@ class LayerSummary:
     lag: str | None
     metrics: tuple[MetricSummary, ...]
     alerts: tuple[Alert, ...]
+    """The alerts shown (see :class:`AlertTimeline`); ``alert_count`` says how many there were."""
     verdict: LayerVerdict
+    alert_count: int = 0
 
     @property
     def title(self) -> str:
         return f"{self.module} · layer {self.layer} · {self.direction}"
+
+
+ALERTS_SHOWN = 200
+"""Alerts a run (and each layer) keeps for the report: the first and the last half of them."""
+
+
+class AlertTimeline:
+    """A run's or a layer's alerts in bounded memory: the first and last ``ALERTS_SHOWN // 2``, counted.
+
+    A flapping layer can raise an alert every few measurements for a week; the report lists the start and
+    the end of that and says how many it left out.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.first: list[Alert] = []
+        self.last: deque[Alert] = deque(maxlen=ALERTS_SHOWN - ALERTS_SHOWN // 2)
+
+    @classmethod
+    def of(cls, alerts: Iterable[Alert]) -> AlertTimeline:
+        timeline = cls()
+        for alert in alerts:
+            timeline.add(alert)
+        return timeline
+
+    def add(self, alert: Alert) -> None:
+        self.count += 1
+        if len(self.first) < ALERTS_SHOWN // 2:
+            self.first.append(alert)
+        else:
+            self.last.append(alert)
+
+    def shown(self) -> tuple[Alert, ...]:
+        """The kept alerts by step (then rank, module, layer)."""
+        return tuple(sorted([*self.first, *self.last], key=_alert_order))
+
+
+def _alert_order(alert: Alert) -> tuple[int, int, str, int]:
+    return (alert.step, alert.rank, alert.module, alert.layer)
 
 
 @dataclass(frozen=True)
@@ -129,6 +171,15 @@ class ClipSummary:
     median_scale: float | None
     median_norm_before: float | None
     max_norm: float | None
+
+    @classmethod
+    def of(cls, clips: ClipAccumulator) -> ClipSummary:
+        return cls(
+            count=clips.count,
+            median_scale=clips.median_scale(),
+            median_norm_before=clips.median_norm_before(),
+            max_norm=clips.last_max_norm,
+        )
 
 
 @dataclass(frozen=True)
@@ -148,6 +199,13 @@ class RunSummary:
     truncated: bool
     unselected_measurements: int = 0
     """Measurements of this run left out by ``--module`` / ``--steps``."""
+    alert_count: int = 0
+    """How many alerts the run wrote (in the window); ``alerts`` holds the first and last of them."""
+
+    @property
+    def alerts_omitted(self) -> int:
+        """Alerts between the first and last ones shown."""
+        return self.alert_count - len(self.alerts)
 
     @property
     def title(self) -> str:
@@ -237,8 +295,7 @@ def _summarize_run(
     measurements = [r for r in in_window if isinstance(r, Measurement) and options.wants_module(r.module)]
     unselected = sum(isinstance(r, Measurement) for r in records) - len(measurements)
     alerts = sorted(
-        (r for r in in_window if isinstance(r, Alert) and options.wants_module(r.module)),
-        key=lambda a: (a.step, a.rank, a.module, a.layer),
+        (r for r in in_window if isinstance(r, Alert) and options.wants_module(r.module)), key=_alert_order
     )
     clips = [r for r in in_window if isinstance(r, ClipEvent)]
     errors = tuple(sorted((r for r in in_window if isinstance(r, ErrorRecord)), key=lambda e: e.step))
@@ -270,13 +327,14 @@ def _summarize_run(
         merged_ranks=options.merge_ranks,
         header=header,
         layers=layers,
-        alerts=tuple(alerts),
-        clips=_summarize_clips(clips),
+        alerts=AlertTimeline.of(alerts).shown(),
+        clips=ClipSummary.of(ClipAccumulator.of(clips)),
         errors=errors,
         first_step=min(steps) if steps else None,
         last_step=max(steps) if steps else None,
         truncated=truncated,
         unselected_measurements=unselected,
+        alert_count=len(alerts),
     )
 
 
@@ -320,10 +378,11 @@ def _summarize_layer(
         last_step=steps[-1] if steps else None,
         lag=lag,
         metrics=metrics,
-        alerts=tuple(alerts),
+        alerts=AlertTimeline.of(alerts).shown(),
         verdict=judge_layer(
             measurements, alerts, run_has_alerts=run_has_alerts, module_type=module_type, clips=clips
         ),
+        alert_count=len(alerts),
     )
 
 
@@ -368,17 +427,6 @@ def trend_per_1000_steps(points: Sequence[tuple[int, float]], *, log_scale: bool
         return None
     fit = statistics.linear_regression([float(s) for s, _v in usable], [v for _s, v in usable])
     return fit.slope * TREND_STEPS
-
-
-def _summarize_clips(clips: Sequence[ClipEvent]) -> ClipSummary:
-    scales = [c.scale for c in clips if math.isfinite(c.scale)]
-    before = [c.norm_before for c in clips if _finite(c.norm_before)]
-    return ClipSummary(
-        count=len(clips),
-        median_scale=statistics.median(scales) if scales else None,
-        median_norm_before=statistics.median(before) if before else None,
-        max_norm=clips[-1].max_norm if clips else None,
-    )
 
 
 def why_no_measurements(run: RunSummary) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from array import array
+from bisect import bisect_left
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from gradwatch.policy.judge import (
 )
 from gradwatch.policy.trends import TrendDetector
 from gradwatch.records import Alert, AlertKind, ClipEvent, Measurement
+from gradwatch.report.bounded import ClipAccumulator, ThinnedSeries
 
 SUSTAINED_MEASUREMENTS = 3
 """Fewest measurements before an episode from which a clipping threshold is suggested."""
@@ -62,8 +64,7 @@ class LayerEvidence:
         self.ranks: set[int] = set()
         self.nonfinite_steps = array("q")
         self.tail: deque[Measurement] = deque(maxlen=CAUSE_WINDOW)
-        self.steps = array("q")
-        self.grad_norms = array("d")  # NaN where a measurement has no finite total gradient norm
+        self.grad_norms = GradientNormSample()
         self.detector_alerts = 0
         self.last_detector_alert: Alert | None = None
         self.last: Measurement | None = None
@@ -81,9 +82,8 @@ class LayerEvidence:
         if measurement.metrics.grad_nonfinite > 0:
             self.nonfinite_steps.append(step)
         self.tail.append(measurement)
-        self.steps.append(step)
         norm = total_gradient_norm(measurement.metrics.grad_norm)
-        self.grad_norms.append(math.nan if norm is None else norm)
+        self.grad_norms.extend([step], [math.nan if norm is None else norm])
         self.last = measurement
 
     def add_many(
@@ -107,9 +107,8 @@ class LayerEvidence:
         self.ranks.update(ranks)
         self.nonfinite_steps.extend([s for s, count in zip(steps, grad_nonfinite, strict=True) if count > 0])
         self.tail.extend(tail)
-        self.steps.extend(steps)
         nan = math.nan
-        self.grad_norms.extend([nan if norm is None else norm for norm in total_gradient_norms])
+        self.grad_norms.extend(steps, [nan if norm is None else norm for norm in total_gradient_norms])
         self.last = tail[-1]
 
     def replay_many(
@@ -148,13 +147,33 @@ class LayerEvidence:
 
     def grad_norms_before(self, step: int | None) -> tuple[int, list[float]]:
         """How many measurements precede ``step`` (all if ``None``) and their finite total gradient norms."""
-        if step is None:
-            chosen = list(self.grad_norms)
-            count = len(chosen)
-        else:
-            chosen = [n for s, n in zip(self.steps, self.grad_norms, strict=True) if s < step]
-            count = len(chosen)
-        return count, [n for n in chosen if not math.isnan(n)]
+        return self.grad_norms.before(step)
+
+
+class GradientNormSample:
+    """The steps and total gradient norms of a layer's measurements, for the clip-threshold percentile.
+
+    A :class:`~gradwatch.report.bounded.ThinnedSeries`: every one up to its limit, then an evenly thinned
+    series of the whole run. NaN: no finite total norm.
+    """
+
+    def __init__(self) -> None:
+        self._series = ThinnedSeries("qd")
+
+    def extend(self, steps: Sequence[int], norms: Sequence[float]) -> None:
+        """Add measurements in step order."""
+        self._series.extend(steps, norms)
+
+    def before(self, step: int | None) -> tuple[int, list[float]]:
+        """(how many measurements precede ``step``, all if ``None``; the finite norms among them).
+
+        Exact while every measurement is kept; then the count is the sample's scaled by the stride.
+        """
+        steps, norms = self._series.columns
+        seen, stride = self._series.seen, self._series.stride
+        end = len(steps) if step is None else bisect_left(steps, step)
+        count = seen if step is None else min(seen, end * stride)
+        return count, [n for n in norms[:end] if not math.isnan(n)]
 
 
 def fallback_verdict(measurements: Sequence[Measurement] | LayerEvidence) -> tuple[Verdict, str]:
@@ -187,45 +206,84 @@ class _AlertOutcome:
     last_recovery_step: int | None
 
 
-def _verdict_from_alerts(alerts: Sequence[Alert], *, name_ranks: bool) -> _AlertOutcome:
-    """Replay alerts per rank: an episode still open at the end gives its verdict; the worst rank wins.
+RECOVERED_SHOWN = 20
+"""Recovered episodes a layer's verdict lists; more are counted in one last line."""
+
+
+class AlertEpisodes:
+    """A layer's alerts replayed per rank, one at a time in step order, in bounded state.
 
     Each alert is the detector's new state for the layer, so the latest one since the last ``recovered``
-    alert says what the episode is now; the episode started at the first alert after that recovery.
+    alert says what the episode is now; the episode started at the first alert after that recovery. Kept:
+    per rank the open episode, the first :data:`RECOVERED_SHOWN` recovered episodes and a count of the rest.
+    An alert earlier than the rank's previous one sets :attr:`out_of_order` (the fold then is not exact).
     """
-    by_rank: dict[int, list[Alert]] = defaultdict(list)
-    for alert in alerts:
-        by_rank[alert.rank].append(alert)
-    worst = _AlertOutcome(Verdict.HEALTHY, "no alert episode open at the end", None, (), None)
-    recovered: list[str] = []
-    last_recovery: int | None = None
-    for rank, rank_alerts in sorted(by_rank.items()):
-        where = f" on rank {rank}" if name_ranks else ""
-        current: Alert | None = None
-        episode_start: int | None = None
-        for alert in sorted(rank_alerts, key=lambda a: a.step):
-            if alert.alert == AlertKind.RECOVERED:
-                if current is not None:
-                    recovered.append(
-                        f"{current.alert.value} from step {episode_start}{where}, "
-                        f"recovered at step {alert.step}"
-                    )
-                last_recovery = alert.step if last_recovery is None else max(last_recovery, alert.step)
-                current, episode_start = None, None
-            else:
-                episode_start = alert.step if current is None else episode_start
-                current = alert
-        if current is None:
-            continue
-        verdict = Verdict(current.alert.value)
-        if SEVERITY[verdict] > SEVERITY[worst.verdict]:
-            evidence = _alert_evidence(current)
-            since = f" (episode since step {episode_start})" if episode_start != current.step else ""
-            reason = (
-                f"{verdict.value} alert at step {current.step}{where}{evidence}{since}, still open at the end"
-            )
-            worst = _AlertOutcome(verdict, reason, episode_start, (), None)
-    return _AlertOutcome(worst.verdict, worst.reason, worst.episode_start, tuple(recovered), last_recovery)
+
+    def __init__(self) -> None:
+        self.ranks: set[int] = set()
+        self.out_of_order = False
+        self.last_recovery_step: int | None = None
+        self._open: dict[int, tuple[Alert | None, int | None]] = {}
+        """Per rank: the latest alert of the open episode and the step it started (None, None: none open)."""
+        self._last_step: dict[int, int] = {}
+        self._recovered: dict[int, list[tuple[str, int | None, int]]] = defaultdict(list)
+        """Per rank: (kind, start step, recovery step) of the first recovered episodes."""
+        self._more_recovered = 0
+
+    @classmethod
+    def of(cls, alerts: Iterable[Alert]) -> AlertEpisodes:
+        """The episodes of ``alerts`` in any order (sorted by step, stably)."""
+        episodes = cls()
+        for alert in sorted(alerts, key=lambda a: a.step):
+            episodes.add(alert)
+        return episodes
+
+    def add(self, alert: Alert) -> None:
+        rank = alert.rank
+        self.ranks.add(rank)
+        if alert.step < self._last_step.get(rank, alert.step):
+            self.out_of_order = True
+        self._last_step[rank] = alert.step
+        current, episode_start = self._open.get(rank, (None, None))
+        if alert.alert == AlertKind.RECOVERED:
+            if current is not None:
+                recovered = self._recovered[rank]
+                if sum(map(len, self._recovered.values())) < RECOVERED_SHOWN:
+                    recovered.append((current.alert.value, episode_start, alert.step))
+                else:
+                    self._more_recovered += 1
+            last = self.last_recovery_step
+            self.last_recovery_step = alert.step if last is None else max(last, alert.step)
+            self._open[rank] = (None, None)
+        else:
+            self._open[rank] = (alert, alert.step if current is None else episode_start)
+
+    def outcome(self, *, name_ranks: bool) -> _AlertOutcome:
+        """The worst episode still open at the end (over the ranks), and the recovered ones in words."""
+        worst = _AlertOutcome(Verdict.HEALTHY, "no alert episode open at the end", None, (), None)
+        for rank, (current, episode_start) in sorted(self._open.items()):
+            if current is None:
+                continue
+            where = f" on rank {rank}" if name_ranks else ""
+            verdict = Verdict(current.alert.value)
+            if SEVERITY[verdict] > SEVERITY[worst.verdict]:
+                evidence = _alert_evidence(current)
+                since = f" (episode since step {episode_start})" if episode_start != current.step else ""
+                reason = (
+                    f"{verdict.value} alert at step {current.step}{where}{evidence}{since}, "
+                    "still open at the end"
+                )
+                worst = _AlertOutcome(verdict, reason, episode_start, (), None)
+        recovered = [
+            f"{kind} from step {start}{f' on rank {rank}' if name_ranks else ''}, recovered at step {step}"
+            for rank, episodes in sorted(self._recovered.items())
+            for kind, start, step in episodes
+        ]
+        if self._more_recovered:
+            recovered.append(f"and {self._more_recovered} more recovered episode(s)")
+        return _AlertOutcome(
+            worst.verdict, worst.reason, worst.episode_start, tuple(recovered), self.last_recovery_step
+        )
 
 
 def _alert_evidence(alert: Alert) -> str:
@@ -273,31 +331,31 @@ def judge_layer(
     ``run_has_alerts`` says whether the run's detectors wrote any alert at all; if not, the alert-less
     layer is judged by :func:`fallback_verdict` instead of being called healthy by default.
     """
-    max_norms = sorted(c.max_norm for c in clips)
+    clip_events = ClipAccumulator.of(clips)
     return judge_evidence(
         LayerEvidence.of(measurements),
-        alerts,
+        AlertEpisodes.of(alerts),
         run_has_alerts=run_has_alerts,
         module_type=module_type,
-        clip_count=len(clips),
-        clip_median_max_norm=max_norms[len(max_norms) // 2] if max_norms else None,
+        clip_count=clip_events.count,
+        clip_median_max_norm=clip_events.median_max_norm(),
     )
 
 
 def judge_evidence(
     evidence: LayerEvidence,
-    alerts: Sequence[Alert],
+    alerts: AlertEpisodes,
     *,
     run_has_alerts: bool,
     module_type: str | None = None,
     clip_count: int = 0,
     clip_median_max_norm: float | None = None,
 ) -> LayerVerdict:
-    """:func:`judge_layer` over evidence folded in bounded state (the streaming report's path)."""
+    """:func:`judge_layer` over evidence and alert episodes folded in bounded state (the streaming report)."""
     recovered: tuple[str, ...] = ()
     if run_has_alerts:
-        ranks = set(evidence.ranks) | {a.rank for a in alerts}
-        outcome = _verdict_from_alerts(alerts, name_ranks=len(ranks) > 1)
+        ranks = set(evidence.ranks) | alerts.ranks
+        outcome = alerts.outcome(name_ranks=len(ranks) > 1)
         verdict, reason, recovered = outcome.verdict, outcome.reason, outcome.recovered
         source: Literal["alerts", "rules"] = "alerts"
         episode_start = outcome.episode_start
@@ -384,6 +442,7 @@ def _suggestions(
 
 __all__ = [
     "SEVERITY",
+    "AlertEpisodes",
     "LayerEvidence",
     "LayerVerdict",
     "Verdict",
