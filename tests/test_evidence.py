@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 
-from gradwatch.policy.evidence import growth_rate, longest_lag_norm
+from gradwatch.policy.evidence import growth_rate, longest_lag_norm, longest_lag_norms
 from gradwatch.records import MeasurementMetrics
 
 
@@ -33,3 +34,15 @@ def test_growth_rate_prefers_lyapunov_and_falls_back_to_the_lag() -> None:
     assert growth_rate(metrics(None, {"1": 0.9, "4": 0.5**4})) == pytest.approx(math.log(0.5))
     assert growth_rate(metrics(float("nan"), {"2": 0.0})) == -math.inf
     assert growth_rate(metrics(None, {})) is None
+
+
+def test_longest_lag_norms_is_longest_lag_norm_of_each() -> None:
+    generator = random.Random(5)
+    keys = ["1", "8", "32", "08", "x", "-2", " 4"]
+    values: list[float | None] = [0.5, 2.0, math.inf, math.nan, None, 1e-30, 0.0]
+    mappings = [
+        {key: generator.choice(values) for key in generator.sample(keys, generator.randint(0, len(keys)))}
+        for _ in range(400)
+    ]
+    mappings += [{"8": 1.0, "08": 2.0}, {"08": 2.0, "8": 1.0}, {"1": math.nan}, {}]
+    assert longest_lag_norms(mappings) == [longest_lag_norm(m) for m in mappings]

@@ -8,7 +8,7 @@ gradient norm; per-step norms and the two factors (f', W_hh) only explain a verd
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +43,36 @@ def longest_lag_norm(lag_norm: Mapping[str, float | None]) -> tuple[int, float] 
         if best is None or tau > best[0]:
             best = (tau, float(value))
     return best
+
+
+def longest_lag_norms(lag_norms: Iterable[Mapping[str, float | None]]) -> list[tuple[int, float] | None]:
+    """:func:`longest_lag_norm` of each mapping; the lags are parsed and ordered once per key set."""
+    orders: dict[tuple[str, ...], list[tuple[str, int]]] = {}
+    out: list[tuple[int, float] | None] = []
+    for lag_norm in lag_norms:
+        keys = tuple(lag_norm)
+        order = orders.get(keys)
+        if order is None:
+            order = orders[keys] = _lags_longest_first(keys)
+        for key, tau in order:
+            value = lag_norm[key]
+            if value is not None and value == value:  # value == value: not NaN
+                out.append((tau, float(value)))
+                break
+        else:
+            out.append(None)
+    return out
+
+
+def _lags_longest_first(keys: Sequence[str]) -> list[tuple[str, int]]:
+    """(key, tau) of the keys that name a lag, longest first; equal lags in key order (the first wins)."""
+    lags = []
+    for position, key in enumerate(keys):
+        try:
+            lags.append((-int(key), position, key))
+        except ValueError:
+            continue
+    return [(key, -negative_tau) for negative_tau, _position, key in sorted(lags)]
 
 
 def growth_rate(metrics: MeasurementMetrics) -> float | None:

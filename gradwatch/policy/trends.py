@@ -16,7 +16,13 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from gradwatch.policy.config import DetectionConfig
-from gradwatch.policy.evidence import Evidence, JacobianReading, growth_rate_from, longest_lag_norm
+from gradwatch.policy.evidence import (
+    Evidence,
+    JacobianReading,
+    growth_rate_from,
+    longest_lag_norm,
+    longest_lag_norms,
+)
 from gradwatch.policy.explain import (
     cause_and_hint,
     explain_alert,
@@ -286,7 +292,7 @@ class TrendDetector:
         """
         config = self.config
         state = self._state(key)
-        longest = [longest_lag_norm(lags) for lags in lag_norms]
+        longest = longest_lag_norms(lag_norms)
         rates = [growth_rate_from(lyapunov, lag) for lyapunov, lag in zip(lyapunov_max, longest, strict=True)]
         verdicts = [_jacobian_verdict(rate, lag, config) for rate, lag in zip(rates, longest, strict=True)]
         # only the last reading with a Jacobian verdict stays pending (what update() leaves behind)

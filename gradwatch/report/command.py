@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import io
 import logging
 import multiprocessing
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from gradwatch.report.reader import LogContents, LogTail, expand_paths, merge_by_step, read_logs
@@ -54,6 +56,27 @@ def make_report(paths: list[str], options: ReportOptions, *, jobs: int = 1) -> R
     ``jobs`` > 1 (0: one per CPU) lets logs of at least :data:`PARALLEL_MIN_BYTES` in several files be
     summarised one file per worker process (same report; see :func:`_summarize_in_parallel`).
     """
+    with fewer_gc_passes():
+        return _make_report(paths, options, jobs=jobs)
+
+
+@contextlib.contextmanager
+def fewer_gc_passes() -> Iterator[None]:
+    """Run the garbage collector's youngest generation 100x less often for the duration (then as before).
+
+    Reading a log allocates a few containers per line and frees them soon, without reference cycles; at
+    the default threshold (700 allocations) the collector would scan them every few lines, which costs
+    about 8% of the time. Cycles are still collected, only later.
+    """
+    threshold = gc.get_threshold()
+    gc.set_threshold(max(threshold[0], 70_000), *threshold[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*threshold)
+
+
+def _make_report(paths: list[str], options: ReportOptions, *, jobs: int) -> Report:
     files, path_problems = expand_paths(paths)
     contents = LogContents(problems=path_problems)
     parallel = _summarize_in_parallel(files, options, jobs) if jobs != 1 else None

@@ -759,10 +759,17 @@ class StreamingSummary:
         wanted = self._wanted_modules.get(module)
         if wanted is None:
             wanted = self._wanted_modules[module] = options.wants_module(module)
-        if wanted:
-            self._layer(run, (module, row.layer, row.direction)).add_row(row)
-        else:
+        if not wanted:
             run.unselected_measurements += 1
+            return
+        layer_key = (module, row.layer, row.direction)
+        layer = run.layers.get(layer_key)
+        if layer is None:
+            layer = self._layer(run, layer_key)
+        rows = layer._rows  # LayerAccumulator.add_row, inlined: this runs once per line of the log
+        rows.append(row)
+        if len(rows) >= ROW_BATCH:
+            layer.fold_rows()
 
     def _layer(self, run: _RunAccumulator, key: tuple[str, int, str]) -> _LayerAccumulator:
         layer = run.layers.get(key)
