@@ -9,11 +9,15 @@ detector replay, the other exploding late with alerts and clip events), then tim
   what an install without the ``fast`` extra gets), and
 * a plain ``json.loads`` loop over the same lines (what any JSON-lines reader pays per line),
 
-printing file size, records, wall time, MB/s and peak RSS for each: the largest sum, sampled every
-50 ms from /proc, of the resident memory of the command's process and all its worker processes (at
-least ``getrusage``'s peak of the largest one).
+printing file size, records, wall time (the median of ``--repeats`` rounds that alternate the commands,
+with its range), MB/s, peak RSS and the time as a multiple of the ``json.loads`` loop's in the same round
+(steadier than seconds on a shared machine). Peak RSS is the largest sum, sampled every 50 ms from
+/proc, of the resident memory of the command's process and all its worker processes (at least
+``getrusage``'s peak of the largest one). Measurements carry the monitor's 16-bin sigma histogram
+(0.74 M records per GB); ``--no-histogram`` writes smaller ones (1.16 M per GB).
 
-    PYTHONPATH=. python benchmarks/report_scale.py --sizes-mb 100 1000 --dir /tmp/gw-report-bench
+    PYTHONPATH=. python benchmarks/report_scale.py --sizes-mb 1000 --repeats 3 --dir /tmp/gw-report-bench
+    PYTHONPATH=. python benchmarks/report_scale.py --sizes-mb 1000 --repeats 3 --no-histogram
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import math
 import os
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -247,13 +252,19 @@ def main() -> None:
         help="also time the report of another gradwatch checkout (e.g. an older version) on the same logs",
     )
     parser.add_argument(
+        "--repeats", type=int, default=1, help="rounds of every command; the median wall time is printed"
+    )
+    parser.add_argument(
         "--no-histogram",
         dest="histogram",
         action="store_false",
         help="measurements without the sigma histogram (smaller lines: about 1.16 M records per GB, not 0.74 M)",
     )
     args = parser.parse_args()
-    print(f"{'log':>8} {'records':>10} {'what':<22} {'wall s':>8} {'MB/s':>7} {'peak RSS MB':>12}")
+    print(
+        f"{'log':>8} {'records':>10} {'what':<22} {'wall s':>8} {'min-max':>11} {'MB/s':>7} "
+        f"{'peak RSS MB':>12} {'x json loop':>10}"
+    )
     for size_mb in args.sizes_mb:
         directory = args.dir / f"logs-{size_mb}mb{'' if args.histogram else '-no-histogram'}"
         if args.reuse and directory.is_dir():
@@ -288,17 +299,33 @@ def main() -> None:
         }
         if args.compare_with:
             commands["report (--compare-with)"] = (report, args.compare_with)
-        for what, (command, pythonpath) in commands.items():
-            started = time.perf_counter()
-            try:
-                wall, rss = measure(command, args.timeout, pythonpath)
-            except subprocess.TimeoutExpired:
-                print(
-                    f"{size / 1e6:>6.0f}MB {records:>10} {what:<22} timed out after {time.perf_counter() - started:.0f} s"
-                )
+        # rounds alternate the commands, so a slow phase of a shared machine hits each of them alike
+        walls: dict[str, list[float]] = {what: [] for what in commands}
+        peaks: dict[str, float] = dict.fromkeys(commands, 0.0)
+        for _round in range(args.repeats):
+            for what, (command, pythonpath) in commands.items():
+                started = time.perf_counter()
+                try:
+                    wall, rss = measure(command, args.timeout, pythonpath)
+                except subprocess.TimeoutExpired:
+                    print(f"{what}: timed out after {time.perf_counter() - started:.0f} s")
+                    continue
+                walls[what].append(wall)
+                peaks[what] = max(peaks[what], rss)
+        loop = walls["json.loads loop"]
+        for what, times in walls.items():
+            if not times:
                 continue
+            wall = statistics.median(times)
+            spread = f"{min(times):.1f}-{max(times):.1f}" if len(times) > 1 else ""
+            ratio = (
+                statistics.median(t / base for t, base in zip(times, loop, strict=False))
+                if len(loop) == len(times)
+                else math.nan
+            )
             print(
-                f"{size / 1e6:>6.0f}MB {records:>10} {what:<22} {wall:>8.1f} {size / 1e6 / wall:>7.1f} {rss:>12.0f}"
+                f"{size / 1e6:>6.0f}MB {records:>10} {what:<22} {wall:>8.1f} {spread:>11} "
+                f"{size / 1e6 / wall:>7.1f} {peaks[what]:>12.0f} {ratio:>10.2f}"
             )
         if not args.keep:
             shutil.rmtree(directory, ignore_errors=True)
