@@ -545,16 +545,33 @@ def fast_measurement_from_json(data: dict[str, Any]) -> Measurement | None:
         else:
             fields[name] = {}
     fields["jacobian_sigma_max_histogram"] = None
-    # frozen dataclasses: fill the instance dicts directly (the values are validated above)
+    return checked_measurement(fields, step, time, module, layer, data["direction"], rank, run_id)
+
+
+def checked_measurement(
+    metric_fields: dict[str, Any],
+    step: int,
+    time: float,
+    module: str,
+    layer: int,
+    direction: Direction,
+    rank: int,
+    run_id: str,
+) -> Measurement:
+    """A :class:`Measurement` from values whose types the caller already checked (every metric field).
+
+    Frozen dataclasses: the instance dicts are filled directly, without the generic validation; the bulk
+    readers of the report (:func:`fast_measurement_from_json`, the msgspec measurement lines) use it.
+    """
     metrics = object.__new__(MeasurementMetrics)
-    metrics.__dict__.update(fields)
+    metrics.__dict__.update(metric_fields)
     measurement = object.__new__(Measurement)
     measurement.__dict__.update(
         step=step,
         time=time,
         module=module,
         layer=layer,
-        direction=data["direction"],
+        direction=direction,
         metrics=metrics,
         rank=rank,
         run_id=run_id,

@@ -17,7 +17,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from gradwatch.records import Measurement, MeasurementMetrics, SigmaHistogram
+from gradwatch.records import Measurement, SigmaHistogram, checked_measurement
 
 # The generic path reads integers of up to 64 bits as ints and refuses larger ones where an integer is
 # required (orjson makes them floats); int64 here, so this decoder never takes a line the generic path
@@ -96,18 +96,6 @@ def measurement_from_line(line: MeasurementLine) -> Measurement:
     fields["grad_norm"] = dict(metrics_line.grad_norm)
     histogram = metrics_line.jacobian_sigma_max_histogram
     fields["jacobian_sigma_max_histogram"] = None if histogram is None else histogram.record()
-    # frozen dataclasses: fill the instance dicts directly (the decoder checked every type)
-    metrics = object.__new__(MeasurementMetrics)
-    metrics.__dict__.update(fields)
-    measurement = object.__new__(Measurement)
-    measurement.__dict__.update(
-        step=line.step,
-        time=line.time,
-        module=line.module,
-        layer=line.layer,
-        direction=line.direction,
-        metrics=metrics,
-        rank=line.rank,
-        run_id=line.run_id,
+    return checked_measurement(  # the decoder checked every type
+        fields, line.step, line.time, line.module, line.layer, line.direction, line.rank, line.run_id
     )
-    return measurement

@@ -363,13 +363,6 @@ class _LayerAccumulator:
         ]
         self._other_reads = [(acc, read) for acc, read in self._reads if acc.spec.name not in _PLAIN_FIELDS]
 
-    def add_row(self, row: MeasurementLine) -> None:
-        """One measurement as its decoded line, folded :data:`ROW_BATCH` at a time."""
-        rows = self._rows
-        rows.append(row)
-        if len(rows) >= ROW_BATCH:
-            self.fold_rows()
-
     def fold_rows(self) -> None:
         """Fold the buffered rows: a batch at a time in the usual case, else one measurement at a time.
 
@@ -766,7 +759,9 @@ class StreamingSummary:
         layer = run.layers.get(layer_key)
         if layer is None:
             layer = self._layer(run, layer_key)
-        rows = layer._rows  # LayerAccumulator.add_row, inlined: this runs once per line of the log
+        rows = (
+            layer._rows
+        )  # buffered, folded ROW_BATCH at a time (inline: this runs once per line of the log)
         rows.append(row)
         if len(rows) >= ROW_BATCH:
             layer.fold_rows()
