@@ -545,7 +545,9 @@ def fast_measurement_from_json(data: dict[str, Any]) -> Measurement | None:
         else:
             fields[name] = {}
     fields["jacobian_sigma_max_histogram"] = None
-    return checked_measurement(fields, step, time, module, layer, data["direction"], rank, run_id)
+    return checked_measurement(
+        fields, step, cast(float, time), module, layer, data["direction"], rank, run_id
+    )
 
 
 def checked_measurement(
