@@ -123,26 +123,27 @@ class _TimeIndexing:
 
 @dataclass(frozen=True)
 class _LstmCoefficients:
-    """Per-(t, b) derivative coefficients of one LSTM step (all (T, B, H)), see AnalyticStepJacobians."""
+    """Per-(t, b) derivative coefficients of one LSTM step, see AnalyticStepJacobians.
 
-    input_gate_coefficient: Tensor  # g * i(1-i): dc' per unit of d(pre-activation of i)
-    forget_gate_coefficient: Tensor  # c * f(1-f)
-    candidate_coefficient: Tensor  # i * (1 - g^2)
-    forget_gate: Tensor  # f: dc' per unit of dc (the constant error carousel)
-    output_gate_coefficient: Tensor  # tanh(c') * o(1-o): dh per unit of d(pre-activation of o)
-    cell_to_hidden: Tensor  # o * (1 - tanh(c')^2): dh per unit of dc'
-    candidate_derivative: Tensor  # 1 - g^2
+    The four gate coefficients are packed into one (T, B, 4H) tensor in W_hh's gate order (i, f, g, o), so a
+    product multiplies all of them with one call instead of four (a lag sweep makes thousands of products
+    of a few rows, where the number of calls, not the FLOPs, sets the time).
+    """
+
+    gate_coefficients: Tensor  # (T, B, 4H): [g i(1-i), c f(1-f), i (1-g^2), tanh(c') o(1-o)]
+    forget_gate: Tensor  # (T, B, H) f: dc' per unit of dc (the constant error carousel)
+    cell_to_hidden: Tensor  # (T, B, H) o (1 - tanh(c')^2): dh per unit of dc'
+    candidate_derivative: Tensor  # (T, B, H) 1 - g^2
 
 
 @dataclass(frozen=True)
 class _GruCoefficients:
-    """Per-(t, b) derivative coefficients of one GRU step (all (T, B, H))."""
+    """Per-(t, b) derivative coefficients of one GRU step, the three gate ones packed as for the LSTM."""
 
-    reset_coefficient: Tensor  # (1-z)(1-n^2) * (W_hn h + b_hn) * r(1-r)
-    update_coefficient: Tensor  # (h - n) * z(1-z)
-    candidate_coefficient: Tensor  # (1-z)(1-n^2) * r
-    update_gate: Tensor  # z: the direct path dh' = z dh
-    candidate_derivative: Tensor  # 1 - n^2
+    # (T, B, 3H), gates r, z, n: [(1-z)(1-n^2) (W_hn h + b_hn) r(1-r), (h-n) z(1-z), (1-z)(1-n^2) r]
+    gate_coefficients: Tensor
+    update_gate: Tensor  # (T, B, H) z: the direct path dh' = z dh
+    candidate_derivative: Tensor  # (T, B, H) 1 - n^2
 
 
 class AnalyticStepJacobians(_TimeIndexing):
@@ -192,14 +193,14 @@ class AnalyticStepJacobians(_TimeIndexing):
             i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
             c_next = f * c + i * g
             tanh_c = torch.tanh(c_next)
+            candidate_derivative = 1 - g**2
             self._lstm = _LstmCoefficients(
-                input_gate_coefficient=g * i * (1 - i),
-                forget_gate_coefficient=c * f * (1 - f),
-                candidate_coefficient=i * (1 - g**2),
+                gate_coefficients=torch.cat(
+                    [g * i * (1 - i), c * f * (1 - f), i * candidate_derivative, tanh_c * o * (1 - o)], dim=-1
+                ),
                 forget_gate=f,
-                output_gate_coefficient=tanh_c * o * (1 - o),
                 cell_to_hidden=o * (1 - tanh_c**2),
-                candidate_derivative=1 - g**2,
+                candidate_derivative=candidate_derivative,
             )
         elif self.kind == "gru":
             x_reset, x_update, x_candidate = preactivation.chunk(3, dim=-1)
@@ -209,9 +210,14 @@ class AnalyticStepJacobians(_TimeIndexing):
             n = torch.tanh(x_candidate + r * h_candidate)
             through_candidate = (1 - z) * (1 - n**2)
             self._gru = _GruCoefficients(
-                reset_coefficient=through_candidate * h_candidate * r * (1 - r),
-                update_coefficient=(h - n) * z * (1 - z),
-                candidate_coefficient=through_candidate * r,
+                gate_coefficients=torch.cat(
+                    [
+                        through_candidate * h_candidate * r * (1 - r),
+                        (h - n) * z * (1 - z),
+                        through_candidate * r,
+                    ],
+                    dim=-1,
+                ),
                 update_gate=z,
                 candidate_derivative=1 - n**2,
             )
@@ -245,71 +251,58 @@ class AnalyticStepJacobians(_TimeIndexing):
     @torch.no_grad()
     def jvp(self, v: Tensor, t: int | None = None) -> Tensor:
         self._check_vector(v, t, "v")
+        return self._jvp(v, t)
+
+    @torch.no_grad()
+    def vjp(self, u: Tensor, t: int | None = None) -> Tensor:
+        self._check_vector(u, t, "u")
+        return self._vjp(u, t)
+
+    def _jvp(self, v: Tensor, t: int | None) -> Tensor:
+        """J_t v without the shape checks (the product sweeps call it thousands of times per measurement)."""
         weights = self.weights
         if self._rnn_derivative is not None:
             return self._at(self._rnn_derivative, t) * (v @ weights.weight_hh.T)
-        dh, dc = split_state(weights, v)
-        dz = dh @ weights.weight_hh.T
+        hidden = weights.hidden_size
         if self._lstm is not None:
-            assert dc is not None
             k = self._lstm
-            dz_i, dz_f, dz_g, dz_o = dz.chunk(4, dim=-1)
-            dc_next = (
-                self._at(k.forget_gate, t) * dc
-                + self._at(k.input_gate_coefficient, t) * dz_i
-                + self._at(k.forget_gate_coefficient, t) * dz_f
-                + self._at(k.candidate_coefficient, t) * dz_g
-            )
-            dh_next = self._at(k.output_gate_coefficient, t) * dz_o + self._at(k.cell_to_hidden, t) * dc_next
+            dh, dc = v[..., : weights.output_size], v[..., weights.output_size :]
+            # dz = W_hh dh; every gate's coefficient times its block of dz in one call, then
+            # dc' = f dc + (i, f, g blocks summed) and dh' = (o block) + o (1 - tanh(c')^2) dc'.
+            scaled = (dh @ weights.weight_hh.T).mul_(self._at(k.gate_coefficients, t))
+            blocks = scaled.unflatten(-1, (4, hidden))
+            dc_next = blocks[..., :3, :].sum(dim=-2).addcmul_(self._at(k.forget_gate, t), dc)
+            dh_next = torch.addcmul(blocks[..., 3, :], self._at(k.cell_to_hidden, t), dc_next)
             if weights.weight_hr is not None:
                 dh_next = dh_next @ weights.weight_hr.T
             return torch.cat([dh_next, dc_next], dim=-1)
         assert self._gru is not None
         k2 = self._gru
-        dq_r, dq_z, dq_n = dz.chunk(3, dim=-1)
-        return (
-            self._at(k2.update_gate, t) * dh
-            + self._at(k2.update_coefficient, t) * dq_z
-            + self._at(k2.reset_coefficient, t) * dq_r
-            + self._at(k2.candidate_coefficient, t) * dq_n
-        )
+        scaled = (v @ weights.weight_hh.T).mul_(self._at(k2.gate_coefficients, t))
+        return scaled.unflatten(-1, (3, hidden)).sum(dim=-2).addcmul_(self._at(k2.update_gate, t), v)
 
-    @torch.no_grad()
-    def vjp(self, u: Tensor, t: int | None = None) -> Tensor:
-        self._check_vector(u, t, "u")
+    def _vjp(self, u: Tensor, t: int | None) -> Tensor:
+        """J_t^T u without the shape checks."""
         weights = self.weights
         if self._rnn_derivative is not None:
             return (self._at(self._rnn_derivative, t) * u) @ weights.weight_hh
         if self._lstm is not None:
             k = self._lstm
-            uh, uc = split_state(weights, u)
-            assert uc is not None
+            uh, uc = u[..., : weights.output_size], u[..., weights.output_size :]
             if weights.weight_hr is not None:
                 uh = uh @ weights.weight_hr  # h' = W_hr h_raw, so the cotangent of h_raw is W_hr^T uh
-            uc_total = uc + self._at(k.cell_to_hidden, t) * uh
-            gate_cotangent = torch.cat(
-                [
-                    self._at(k.input_gate_coefficient, t) * uc_total,
-                    self._at(k.forget_gate_coefficient, t) * uc_total,
-                    self._at(k.candidate_coefficient, t) * uc_total,
-                    self._at(k.output_gate_coefficient, t) * uh,
-                ],
-                dim=-1,
+            uc_total = torch.addcmul(uc, self._at(k.cell_to_hidden, t), uh)
+            # The i, f, g gates feed dc' (cotangent uc_total), the o gate feeds dh' (cotangent uh).
+            gate_cotangent = torch.cat([uc_total, uc_total, uc_total, uh], dim=-1).mul_(
+                self._at(k.gate_coefficients, t)
             )
             return torch.cat(
-                [gate_cotangent @ weights.weight_hh, self._at(k.forget_gate, t) * uc_total], dim=-1
+                [gate_cotangent @ weights.weight_hh, uc_total.mul_(self._at(k.forget_gate, t))], dim=-1
             )
         assert self._gru is not None
         k2 = self._gru
-        gate_cotangent = torch.cat(
-            [
-                self._at(k2.reset_coefficient, t) * u,
-                self._at(k2.update_coefficient, t) * u,
-                self._at(k2.candidate_coefficient, t) * u,
-            ],
-            dim=-1,
-        )
-        return self._at(k2.update_gate, t) * u + gate_cotangent @ weights.weight_hh
+        gate_cotangent = torch.cat([u, u, u], dim=-1).mul_(self._at(k2.gate_coefficients, t))
+        return torch.addcmul(gate_cotangent @ weights.weight_hh, self._at(k2.update_gate, t), u)
 
     def activation_derivatives(self) -> Tensor | None:
         if self._rnn_derivative is not None:
@@ -325,6 +318,18 @@ class AnalyticStepJacobians(_TimeIndexing):
         if self._gru is not None:
             return self._gru.update_gate
         return None
+
+
+StepProduct = Callable[[Tensor, int], Tensor]
+
+
+def step_products(jac: StepJacobians) -> tuple[StepProduct, StepProduct]:
+    """(J_t v, J_t^T u) for one step t at a time, as the product sweeps call them: the built-in cells'
+    products without the per-call shape checks (the sweep shapes its vectors itself), anything else's
+    public ``jvp``/``vjp``."""
+    if isinstance(jac, AnalyticStepJacobians):
+        return jac._jvp, jac._vjp
+    return jac.jvp, jac.vjp
 
 
 def builtin_step_jacobians(weights: CellWeights, x: Tensor, s_prev: Tensor) -> AnalyticStepJacobians:
