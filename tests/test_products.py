@@ -277,9 +277,9 @@ def test_shared_lyapunov_falls_back_where_the_product_underflows() -> None:
     assert [float(e) for e in exponents] == pytest.approx([math.log(0.2)] * 2, abs=1e-5)
 
 
-def test_warm_started_long_lags_and_whole_products_leave_after_one_quiet_check() -> None:
+def test_warm_started_long_lags_and_whole_products_leave_after_two_quiet_checks() -> None:
     """A warm start from a nearby measurement (weights 1% away) lets the long lags (tau >= WARM_LONG_LAG)
-    and the whole-product rows stop after <= 2 iterations (they needed >= 3 with three quiet checks), while
+    and the whole-product rows stop after <= 3 iterations (three quiet checks ask for >= 4), while
     the norms stay within 2% of the dense products and lambda within 1e-4 per step of exact."""
     case = CellCase("lstm", 16)
     generator = torch.Generator().manual_seed(11)
@@ -297,7 +297,7 @@ def test_warm_started_long_lags_and_whole_products_leave_after_one_quiet_check()
     iterations = warm.estimate.element_iterations
     assert iterations is not None
     long_rows = torch.tensor([tau >= WARM_LONG_LAG for tau in lags] + [True])
-    assert int(iterations[long_rows].max()) <= 2
+    assert int(iterations[long_rows].max()) <= 3
     dense = dense_step_jacobians(weights.to(torch.float64), x.double(), s_prev.double())
     for k, tau in enumerate(lags):
         for b in range(3):
@@ -308,3 +308,27 @@ def test_warm_started_long_lags_and_whole_products_leave_after_one_quiet_check()
             assert float(warm.norms[k, b]) == pytest.approx(exact, rel=2e-2)
     exponents = lyapunov_from_full_products(jac, mask, warm)
     assert [float(e) for e in exponents] == pytest.approx(exact_lyapunov(dense, [40] * 3), abs=1e-4)
+
+
+def test_warm_start_near_the_second_singular_vector_does_not_stop_short() -> None:
+    """After real training drift the previous top vector of a product whose top two singular values are
+    clustered can be close to the new *second* one. Linear steps J_t = diag(d), d = (1, 0.995, 0.5, ...):
+    sigma_max(P_tau) = 1 and sigma_2 = 0.995**tau (0.96 at tau = 8, 0.92 at 16). Warm-started from
+    e_2 + 0.03 e_1, a power step barely moves (one quiet check passed it 4-8% short); the estimate must
+    still find sigma_max for every lag and the whole product."""
+    steps, batch, state = 40, 2, 6
+    diagonal = torch.tensor([1.0, 0.995, 0.5, 0.5, 0.4, 0.3], dtype=torch.float64)
+    jac = function_step_jacobians(
+        lambda x, s: s * diagonal,
+        torch.zeros(steps, batch, 1, dtype=torch.float64),
+        torch.ones(steps, batch, state, dtype=torch.float64),
+    )
+    mask = torch.ones(steps, batch, dtype=torch.bool)
+    lags = default_lags(steps)
+    warm = torch.zeros(len(lags) + 1, batch, state, dtype=torch.float64)
+    warm[..., 1] = 1.0
+    warm[..., 0] = 0.03
+    estimate = estimate_lag_norms(jac, mask, lags, v0=warm, full_products=True)
+    assert estimate.norms.flatten().tolist() == pytest.approx([1.0] * (batch * len(lags)), rel=1e-3)
+    assert estimate.full_product_norms is not None
+    assert estimate.full_product_norms.tolist() == pytest.approx([1.0] * batch, rel=1e-3)
