@@ -3,6 +3,7 @@ typo fails at ``watch()`` (before training starts) with a message naming the pro
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
@@ -25,6 +26,17 @@ def check_config(config: WatchConfig) -> None:
     """The fields of a WatchConfig (called by its ``__post_init__``)."""
     if isinstance(config.every, bool) or not isinstance(config.every, int) or config.every < 1:
         raise ValueError(f"every must be a positive integer (measure every N steps), got {config.every!r}")
+    budget = config.time_budget
+    if budget is not None and (
+        isinstance(budget, bool)
+        or not isinstance(budget, (int, float))
+        or not math.isfinite(budget)
+        or not 0 < budget <= 1
+    ):
+        raise ValueError(
+            f"time_budget must be None or the share of the training time measurements may take, "
+            f"a number in (0, 1] such as 0.02; got {budget!r}"
+        )
     if (
         isinstance(config.max_sequences, bool)
         or not isinstance(config.max_sequences, int)

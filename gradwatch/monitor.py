@@ -77,6 +77,7 @@ from gradwatch.policy.alerts import AlertCallback, NonFiniteGradientError, emit_
 from gradwatch.policy.clipping import ClipPolicy, make_clip_policy
 from gradwatch.policy.config import DetectionConfig
 from gradwatch.policy.nonfinite import NonFinitePolicy
+from gradwatch.policy.schedule import DEFAULT_TIME_BUDGET, MeasurementSchedule
 from gradwatch.policy.step import ClipStepPolicy, GradientStats, NonFiniteStepPolicy, StepPolicy, split_alerts
 from gradwatch.policy.trends import TrendDetector
 from gradwatch.records import (
@@ -106,6 +107,7 @@ class WatchConfig:
     """The validated settings of a monitor; its JSON form goes into the run header."""
 
     every: int = 50
+    time_budget: float | None = None  # share of the training time measurements may take; None: every step
     max_sequences: int = 8
     probe: ProbeMode = "fixed"
     strict: bool = False
@@ -163,6 +165,10 @@ class Monitor:
         self._on_alert = list(on_alert)
         self._background: BackgroundWorker[MeasurementResult] | None = (
             BackgroundWorker() if config.background else None
+        )
+        # Ranks must measure the same steps (the global view gathers them), so only one process may skip.
+        self._schedule = MeasurementSchedule(
+            config.every, config.time_budget if self.world_size <= 1 else None
         )
         self._step = 0
         self._closed = False
@@ -407,7 +413,17 @@ class Monitor:
     # --- the step -------------------------------------------------------------------------------------
 
     def _is_measured(self, step: int) -> bool:
-        return step % self.config.every == 0
+        return self._schedule.is_measured(step)
+
+    def _timed_measure(
+        self, step: int, grad_values: Mapping[str, float], grad_nonfinite: Mapping[str, int] | None
+    ) -> list[Alert]:
+        """:meth:`_measure`, its time on the training thread told to the schedule."""
+        begin = time.perf_counter()
+        try:
+            return self._measure(step, grad_values, grad_nonfinite)
+        finally:
+            self._schedule.measured(step, time.perf_counter() - begin)
 
     def _arm(self, measured: bool) -> None:
         self._pipeline.arm(measured)
@@ -419,6 +435,7 @@ class Monitor:
         if self._closed:
             return
         self._closure_step = None  # a closure step whose post-hook never ran (its closure raised)
+        self._schedule.step_boundary()
         step = self._step
         alerts: list[Alert] = self._collect(wait=False)  # a background measurement that has finished
         try:
@@ -442,7 +459,7 @@ class Monitor:
                 if closure:
                     self._closure_step = step
                 else:
-                    alerts += self._measure(step, gradients.norms, gradients.nonfinite)
+                    alerts += self._timed_measure(step, gradients.norms, gradients.nonfinite)
         except (GradWatchFault, NonFiniteGradientError):
             raise
         except Exception as exc:
@@ -463,7 +480,7 @@ class Monitor:
         try:
             with self.faults.guard("gradients"):
                 norms, nonfinite = gradient_norms(self._parameters).to_host_per_parameter()
-                alerts += self._measure(step, norms, nonfinite)
+                alerts += self._timed_measure(step, norms, nonfinite)
         except (GradWatchFault, NonFiniteGradientError):
             raise
         except Exception as exc:
@@ -669,7 +686,8 @@ def watch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
     *,
-    every: int = 50,
+    every: int | None = None,
+    time_budget: float | None = None,
     log: str | os.PathLike[str] | None = None,
     max_sequences: int = 8,
     probe: ProbeMode = "fixed",
@@ -704,7 +722,13 @@ def watch(
             unwrapped). A model without any raises ValueError.
         optimizer: the ``torch.optim.Optimizer`` that holds the watched parameters; its ``step()`` closes
             each training step. Default None: call ``monitor.step()`` after ``loss.backward()``.
-        every: measure on step 0 and every ``every`` steps after it; a positive int. Default 50.
+        every: measure on step 0 and every ``every`` steps after it; a positive int. Default None: every
+            50 steps within a 2% time budget (below).
+        time_budget: the share of the training time measurements may take, in (0, 1]: a multiple of
+            ``every`` that comes sooner after the last measurement than its cost allows is skipped
+            (``gradwatch.policy.schedule``; logged once at INFO). Default None: 0.02 when ``every`` is
+            None too, else no budget, so ``every=N`` measures exactly every N steps. Under
+            torch.distributed every rank keeps the fixed schedule (the ranks measure the same steps).
         log: path of the JSON-lines run log (``gradwatch report`` reads it); rank r > 0 writes
             ``NAME.rank<r>.jsonl``. Default None: no log.
         max_sequences: at most this many sequences of the batch are measured; a positive int. Default 8.
@@ -758,8 +782,11 @@ def watch(
     Returns:
         The :class:`Monitor`; use it as a context manager or call ``close()`` to remove every hook.
     """
+    if every is None and time_budget is None:
+        time_budget = DEFAULT_TIME_BUDGET
     config = WatchConfig(
-        every=every,
+        every=50 if every is None else every,
+        time_budget=time_budget,
         max_sequences=max_sequences,
         probe=probe,
         strict=strict,
