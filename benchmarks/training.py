@@ -52,7 +52,7 @@ class WorkerSettings:
     vocabulary: int = 1000
     layers: int = 1
     instrument: str = "bare"
-    every: int = 50
+    every: int | None = 50  # gradwatch: None = watch()'s default schedule (every 50 within a time budget)
     background: bool | None = None  # gradwatch: None = its default (automatic choice)
     timed_steps: int = 50
     warmup_steps: int = 2
@@ -60,6 +60,10 @@ class WorkerSettings:
     # every=50, lead_in_steps=49 times steps 50..99, whose first step is measured, as in a long run where
     # the estimators of step 50 run (inline or in the background) within the 50 steps that follow.
     lead_in_steps: int = 0
+    # > 0: the timed block instead runs from a measured step to just before the measured step this many
+    # measurements later (at most MAX_SCHEDULE_BLOCK steps): a schedule whose interval gradwatch chooses
+    # (the time budget) is timed over whole intervals, each holding exactly one measurement.
+    measured_intervals: int = 0
     threads: int | None = 1
     seed: int = 0
     device: str = "cpu"
@@ -105,7 +109,14 @@ def gradwatch_instrument(
     import gradwatch
 
     monitor = gradwatch.watch(model, optimizer, every=settings.every, background=settings.background)
-    detail: dict[str, Any] = {"settle": monitor.wait, "drain": monitor.wait}
+    detail: dict[str, Any] = {
+        "settle": monitor.wait,
+        "drain": monitor.wait,
+        "is_measured": monitor._is_measured,  # the schedule's decision for a step (a benchmark may peek)
+        "measurements_so_far": lambda: (
+            monitor.wait() or sum(1 for r in monitor.history if type(r).__name__ == "Measurement")
+        ),
+    }
     try:
         yield detail
     finally:
@@ -183,6 +194,17 @@ def run_worker(settings: WorkerSettings) -> WorkerResult:
             settle()
         for _ in range(settings.lead_in_steps):
             train_step()
+        is_measured = detail.pop("is_measured", None)
+        measurements_so_far = detail.pop("measurements_so_far", None)
+        if settings.measured_intervals > 0:
+            if is_measured is None or measurements_so_far is None:
+                raise ValueError("measured_intervals needs an instrument that tells its measured steps")
+            # The schedule's interval set by a warm measurement (the cold one costs more), then up to the
+            # next measured step, so the block starts with one.
+            for _ in range(MAX_SCHEDULE_BLOCK):
+                if measurements_so_far() >= 2 and is_measured(step_index):
+                    break
+                train_step()
         _synchronise(device)
         gc.collect()
         reset_peak_rss()
@@ -191,13 +213,25 @@ def run_worker(settings: WorkerSettings) -> WorkerResult:
         step_seconds: list[float] = []
         rss_first = None
         started = time.perf_counter()
-        for index in range(settings.timed_steps):
+        index = measured_in_block = 0
+        while True:
+            if settings.measured_intervals > 0:
+                assert is_measured is not None
+                if is_measured(step_index):  # asked for the next step only, as the monitor does
+                    if measured_in_block == settings.measured_intervals:
+                        break
+                    measured_in_block += 1
+                if index >= MAX_SCHEDULE_BLOCK:
+                    break
+            elif index >= settings.timed_steps:
+                break
             begin = time.perf_counter()
             train_step()
             _synchronise(device)
             step_seconds.append(time.perf_counter() - begin)
             if index == 0:
                 rss_first = rss_bytes()
+            index += 1
         if drain is not None:
             drain()  # work still running in the background belongs to this block
             _synchronise(device)
@@ -208,6 +242,10 @@ def run_worker(settings: WorkerSettings) -> WorkerResult:
         tensors, tensor_bytes = live_tensor_summary()
     growth = None if rss_first is None or rss_last is None else rss_last - rss_first
     return WorkerResult(step_seconds, total, peak, growth, cuda_peak, tensors, tensor_bytes, dict(detail))
+
+
+MAX_SCHEDULE_BLOCK = 5000
+"""The longest block (and lead-in) a schedule-timed run (``measured_intervals``) may take, in steps."""
 
 
 def worker_main(arguments: dict[str, Any]) -> dict[str, Any]:

@@ -54,3 +54,23 @@ def test_scaling_probe_times_a_cold_and_a_warm_measurement() -> None:
     torch.set_num_threads(1)
     cold, warm = time_measurements("gru", Size(hidden=6, steps=5, batch=2, layers=2), seed=0)
     assert cold > 0 and warm > 0
+
+
+def test_a_schedule_block_is_one_whole_interval_holding_one_measurement() -> None:
+    """The default variant's block: from a measured step to the step before the next measured one."""
+    settings = WorkerSettings(
+        kind="gru",
+        hidden=8,
+        steps=6,
+        batch=3,
+        vocabulary=11,
+        instrument="gradwatch",
+        every=3,
+        timed_steps=1,
+        warmup_steps=1,
+        measured_intervals=1,
+    )
+    result = run_worker(settings)
+    assert len(result.step_seconds) == 3  # no budget with an explicit every: the interval is every
+    # step 0 and the lead-in's warm measurement (step 3), then the block's own (step 6)
+    assert result.detail["measurements"] == 3
