@@ -107,7 +107,7 @@ class WatchConfig:
     """The validated settings of a monitor; its JSON form goes into the run header."""
 
     every: int = 50
-    time_budget: float | None = None  # share of the training time measurements may take; None: every step
+    time_budget: float | None = None  # share of the training time measurements may take; None: no limit
     max_sequences: int = 8
     probe: ProbeMode = "fixed"
     strict: bool = False
@@ -166,7 +166,7 @@ class Monitor:
         self._background: BackgroundWorker[MeasurementResult] | None = (
             BackgroundWorker() if config.background else None
         )
-        # Ranks must measure the same steps (the global view gathers them), so only one process may skip.
+        # Ranks must measure the same steps (the global view gathers them): with several, a fixed schedule.
         self._schedule = MeasurementSchedule(
             config.every, config.time_budget if self.world_size <= 1 else None
         )

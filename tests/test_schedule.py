@@ -154,3 +154,15 @@ def test_time_budget_with_an_explicit_every(slow_measurements: None) -> None:
 def test_a_bad_time_budget_is_refused_with_what_is_accepted(budget: object) -> None:
     with pytest.raises(ValueError, match=r"time_budget must be None or .* in \(0, 1\]"):
         gradwatch.watch(TinyLstm(), every=5, time_budget=budget)  # type: ignore[arg-type]
+
+
+def test_several_ranks_keep_the_fixed_schedule(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every rank must measure the same steps (the global view gathers them), so no budget applies."""
+    monkeypatch.setattr(monitor_module, "distributed_rank", lambda: (0, 2))
+    monkeypatch.setattr(monitor_module, "shared_run_id", lambda run_id: run_id)
+    with gradwatch.watch(TinyLstm()) as monitor:
+        assert monitor.config.time_budget == DEFAULT_TIME_BUDGET  # asked for, as the header says
+        assert monitor._schedule.time_budget is None
+    monkeypatch.setattr(monitor_module, "distributed_rank", lambda: (0, 1))
+    with gradwatch.watch(TinyLstm()) as monitor:
+        assert monitor._schedule.time_budget == DEFAULT_TIME_BUDGET
