@@ -74,3 +74,27 @@ def test_a_schedule_block_is_one_whole_interval_holding_one_measurement() -> Non
     assert len(result.step_seconds) == 3  # no budget with an explicit every: the interval is every
     # step 0 and the lead-in's warm measurement (step 3), then the block's own (step 6)
     assert result.detail["measurements"] == 3
+
+
+def test_default_schedule_benchmark_reports_its_measurements() -> None:
+    from benchmarks.default_schedule import train
+
+    result = train("gru", hidden=8, steps=3, threads=1, watched=True)
+    assert result["measured_steps"][0] == 0
+    assert len(result["measurement_seconds"]) == len(result["measured_steps"])
+    assert all(seconds > 0 for seconds in result["measurement_seconds"])
+    assert train("gru", hidden=8, steps=3, threads=1, watched=False)["measured_steps"] == []
+
+
+def test_drift_accuracy_matches_exact_products_on_a_small_run() -> None:
+    """The benchmark's own exact references agree with the estimators on a tiny real run."""
+    from benchmarks.drift_accuracy import capture_run, evaluate, exact_metrics
+
+    torch.set_num_threads(1)
+    captured = capture_run("gru", hidden=6, measurements=1)
+    assert len(captured) == 2  # the cold step 0 and one warm measurement at step 50
+    assert captured[1].warm_start is not None
+    result = evaluate(captured[1], exact_metrics(captured[1]))
+    assert result["step_p99"] < 0.01
+    assert max(result["lag_max_per_lag"]) < 0.05
+    assert result["lyapunov_abs"] < 1e-4
