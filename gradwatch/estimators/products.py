@@ -49,10 +49,11 @@ DEFAULT_LAG_RTOL = 1e-3
 _LAG_CONVERGENCE_TEST = {"check_interval": 1, "quiet_checks": 3}
 
 #: Quiet checks asked of a warm-started product over at least WARM_LONG_LAG steps (start vectors = the
-#: previous measurement's vectors for the same lags); short lags, and every cold start, keep three. Two, not
-#: one: after real training drift (50 Adam steps) the previous top vector can be close to the *second*
-#: singular vector of a product whose top two are clustered (sigma_2 / sigma_1 = 0.91 seen for tau = 16),
-#: and one quiet check then stopped that lag 9% short; a second iteration spans both directions.
+#: previous measurement's vectors for the same lags); a cold start asks for three, the short lags for
+#: SHORT_LAG_QUIET_CHECKS. Two, not one: after real training drift (50 Adam steps) the previous top vector
+#: can be close to the *second* singular vector of a product whose top two are clustered (sigma_2 /
+#: sigma_1 = 0.91 seen for tau = 16), and one quiet check then stopped that lag 9% short; a second
+#: iteration spans both directions.
 #: (Figures: docs/performance.md, "Issue #14 on real training drift"; benchmarks/drift_accuracy.py.)
 WARM_LAG_QUIET_CHECKS = 2
 WARM_LONG_LAG = 8
