@@ -138,7 +138,7 @@ def _verdicts(log_dir: Path) -> tuple[Path, dict[tuple[str, int, str], str]]:
     ("scenario", "cell", "alert_line"),
     [
         ("vanishing", "rnn", "VANISHING at step 10"),
-        ("exploding", "rnn", "EXPLODING at step 10"),
+        ("exploding", "rnn", "EXPLODING at step 5"),
         ("healthy", "lstm", None),
     ],
     ids=["vanishing-rnn", "exploding-rnn", "healthy-lstm"],

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.mark.parametrize(
     ("steps", "expected"),
-    [(1, []), (2, [1]), (5, [1, 2, 4]), (20, [1, 2, 4, 8, 16, 19])],
+    [(1, []), (2, [1, 2]), (5, [1, 2, 4, 5]), (20, [1, 2, 4, 8, 16, 20])],
     ids=["T1", "T2", "T5", "T20"],
 )
 def test_default_lags(steps: int, expected: list[int]) -> None:

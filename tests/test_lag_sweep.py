@@ -64,7 +64,7 @@ def test_a_product_sweep_costs_sum_of_lags_times_batch_rows() -> None:
     steps, batch = 16, 3
     x, s_prev = random_sequences(case, weights, steps=steps, batch=batch, generator=generator)
     counting = CountingJacobians(builtin_step_jacobians(weights, x, s_prev))
-    lags = default_lags(steps)  # 1, 2, 4, 8, 15
+    lags = default_lags(steps)  # 1, 2, 4, 8, 16
     estimate = estimate_lag_norms(
         counting, torch.ones(steps, batch, dtype=torch.bool), lags, method="power", max_iter=1
     )
@@ -72,7 +72,7 @@ def test_a_product_sweep_costs_sum_of_lags_times_batch_rows() -> None:
     # own tau steps, so the sweep costs sum(tau) * B rows instead of K * T * B.
     assert estimate.estimate.iterations == 1
     assert counting.jvp_rows == sum(lags) * batch
-    assert counting.jvp_calls == steps - 1  # step 0 lies in no window (the longest lag is T - 1)
+    assert counting.jvp_calls == steps  # the longest lag, T, reaches step 0
 
 
 @pytest.mark.parametrize("lags", [[8, 1, 11, 2], [3, 12, 5]], ids=["unsorted-gaps", "unsorted"])
@@ -122,3 +122,43 @@ def test_converged_long_lags_leave_and_later_sweeps_shrink_to_the_short_lags() -
     without_compaction = (int(shortest) + 1) * (steps - 1)
     with_compaction = (int(longest) + 2) * (steps - 1) + (int(shortest) + 1) * 2
     assert counting.jvp_calls <= with_compaction < without_compaction
+
+
+def test_a_lag_equal_to_a_sequence_length_is_swept_once_in_the_whole_product_row() -> None:
+    """Lag tau = L_b is sequence b's whole product: with ``full_products`` it is estimated once, in the
+    whole-product row, and matches the dense product like every other lag."""
+    case = CellCase("lstm", 5)
+    generator = torch.Generator().manual_seed(11)
+    weights = random_cell_weights(case, generator, dtype=torch.float32)
+    steps, batch = 12, 3
+    x, s_prev = random_sequences(case, weights, steps=steps, batch=batch, generator=generator)
+    mask = torch.ones(steps, batch, dtype=torch.bool)
+    mask[8:, 1] = False  # L = 12, 8, 12: lag 12 is the whole product of sequences 0 and 2, lag 8 of 1
+    lengths = mask.sum(0).tolist()
+    lags = [1, 2, 4, 8, 12]
+    jac = builtin_step_jacobians(weights, x, s_prev)
+    counting = CountingJacobians(jac)
+    full_length = torch.ones(steps, batch, dtype=torch.bool)
+    estimate_lag_norms(counting, full_length, lags, method="power", max_iter=1, full_products=True)
+    # One sweep (power iteration, max_iter=1) with every L_b = 12: each lag on its own steps, except lag 12,
+    # which is the whole-product row's product and is not swept a second time.
+    assert counting.jvp_rows == (sum(lags[:-1]) + steps) * batch
+
+    dense = dense_step_jacobians(weights.to(torch.float64), x.double(), s_prev.double())
+    estimate = estimate_lag_norms(jac, mask, lags, rtol=1e-6, max_iter=40, full_products=True)
+    assert estimate.full_product_norms is not None
+    for k, tau in enumerate(lags):
+        for b, length in enumerate(lengths):
+            value = float(estimate.norms[k, b])
+            if tau > length:
+                assert math.isnan(value)
+                continue
+            if tau == length:
+                assert value == float(estimate.full_product_norms[b])
+            product = torch.eye(weights.state_size, dtype=torch.float64)
+            for t in range(length - tau, length):
+                product = dense[t, b] @ product
+            assert value == pytest.approx(float(torch.linalg.matrix_norm(product, ord=2)), rel=1e-3)
+    # The shared elements carry the whole product's vector, so the next measurement's warm start fits.
+    vectors = estimate.estimate.right_vectors
+    assert torch.equal(vectors[4, 0], vectors[5, 0]) and torch.equal(vectors[3, 1], vectors[5, 1])

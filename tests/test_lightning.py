@@ -238,7 +238,7 @@ def test_a_resumed_fit_measures_exactly_like_an_uninterrupted_one(tmp_path: Path
 
     expected, got = _measurements(whole), _measurements(split)
     assert [m["step"] for m in got] == [0, 1, 2, 3]
-    assert all(len(m["metrics"]["lag_norm"]) == 4 for m in got)  # lags 1, 2, 4, 8
+    assert all(len(m["metrics"]["lag_norm"]) == 5 for m in got)  # lags 1, 2, 4, 8, 9
     assert got == expected
     state = resumed_callback.state_dict()
     assert all(isinstance(w["lags"], list) for w in state["warm_starts"].values())  # plain, weights_only

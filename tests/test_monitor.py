@@ -373,7 +373,7 @@ def test_a_fixed_probe_too_short_to_judge_is_renewed_by_a_longer_batch_and_warne
     # 1 (kept, warned), 1 (kept), 5 (longer: renewed), 12 (renewed, now long enough), then kept for good.
     assert [r.metrics.time_steps for r in records] == [1, 1, 5, 12, 12, 12]
     assert records[0].metrics.lag_norm == {}
-    assert records[-1].metrics.lag_norm.keys() == {"1", "2", "4", "8", "11"}
+    assert records[-1].metrics.lag_norm.keys() == {"1", "2", "4", "8", "12"}
     short = [m for m in messages if "fixed probe" in m]
     assert len(short) == 1 and "only 1 time step" in short[0] and "8 steps" in short[0]
 

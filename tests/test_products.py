@@ -25,7 +25,15 @@ from tests._estimator_cases import CellCase, dense_step_jacobians, random_cell_w
 
 @pytest.mark.parametrize(
     ("steps", "expected"),
-    [(0, []), (1, []), (2, [1]), (3, [1, 2]), (5, [1, 2, 4]), (8, [1, 2, 4, 7]), (9, [1, 2, 4, 8])],
+    [
+        (0, []),
+        (1, []),
+        (2, [1, 2]),
+        (3, [1, 2, 3]),
+        (5, [1, 2, 4, 5]),
+        (8, [1, 2, 4, 8]),
+        (9, [1, 2, 4, 8, 9]),
+    ],
     ids=["T0", "T1", "T2", "T3", "T5", "T8", "T9"],
 )
 def test_default_lags(steps: int, expected: list[int]) -> None:

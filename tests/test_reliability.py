@@ -388,7 +388,7 @@ def test_every_warm_start_survives_torch_save_and_a_weights_only_load() -> None:
         loaded = resumed.warm_starts
     assert set(loaded) == set(saved) and len(saved) == 2  # one per layer
     for key, warm in saved.items():
-        assert loaded[key].lags == warm.lags == (1, 2, 4, 7)
+        assert loaded[key].lags == warm.lags == (1, 2, 4, 8)
         for name in ("step_vectors", "weight_vector", "lag_vectors"):
             assert torch.equal(getattr(loaded[key], name), getattr(warm, name)), (key, name)
 

@@ -66,16 +66,21 @@ SHORT_LAG_QUIET_CHECKS = 5
 
 
 def default_lags(time_steps: int) -> list[int]:
-    """1, 2, 4, ... (powers of two <= T-1) plus T-1 itself; empty for T < 2."""
+    """1, 2, 4, ... (powers of two < T) plus T itself, the gradient path back to the initial state; empty
+    for T < 2 (a single step is no product).
+
+    The longest default lag is T, not T - 1: for a sequence of T real steps its product is the whole
+    product the top Lyapunov exponent needs, so :func:`estimate_lag_norms` (``full_products=True``)
+    estimates it once, in the whole-product rows, instead of sweeping a second, almost equal product.
+    """
     if time_steps < 2:
         return []
     lags = []
     tau = 1
-    while tau <= time_steps - 1:
+    while tau < time_steps:
         lags.append(tau)
         tau *= 2
-    if lags[-1] != time_steps - 1:
-        lags.append(time_steps - 1)
+    lags.append(time_steps)
     return lags
 
 
@@ -270,16 +275,37 @@ def _with_full_products(
     lag_count = len(checked_lags)
     batch = jac.batch_size
     lag_tau = torch.tensor(checked_lags, dtype=torch.long, device=jac.device).view(lag_count, 1)
-    tau = torch.cat([lag_tau.expand(lag_count, batch), lengths.to(torch.long).view(1, batch)])
+    lag_tau = lag_tau.expand(lag_count, batch)
+    # A lag equal to a sequence's length is that sequence's whole product (the default longest lag, T):
+    # it is estimated once, in the whole-product row; its lag row is left out of the sweeps (tau 0 marks
+    # it invalid) and copied from the whole-product row afterwards.
+    whole_product = lag_tau == lengths.to(torch.long).view(1, batch)
+    tau = torch.cat([torch.where(whole_product, 0, lag_tau), lengths.to(torch.long).view(1, batch)])
     both = _estimate_windows(
         jac, tau, lengths, method, max_iter, rtol, generator, v0, checked_lags, fixed_start_rows=1
     )
+    raw = both.estimate
+    shared = torch.cat([whole_product, whole_product.new_zeros((1, batch))])  # (K + 1, B)
+
+    def from_whole_row(per_row: Tensor) -> Tensor:
+        """per_row (K + 1, B, ...) with the shared lag elements replaced by their whole-product element."""
+        mask = shared.view(*shared.shape, *([1] * (per_row.ndim - 2)))
+        return torch.where(mask, per_row[lag_count : lag_count + 1].expand_as(per_row), per_row)
+
+    raw = SpectralNormEstimate(
+        sigma=from_whole_row(raw.sigma),
+        right_vectors=from_whole_row(raw.right_vectors),  # the warm start of the next measurement
+        converged=from_whole_row(raw.converged),
+        iterations=raw.iterations,
+        element_iterations=None if raw.element_iterations is None else from_whole_row(raw.element_iterations),
+    )
+    norms = from_whole_row(both.norms)
     return LagNormEstimate(
         checked_lags,
-        both.norms[:lag_count],
-        both.estimate,
-        full_product_norms=both.norms[lag_count],
-        full_product_converged=both.estimate.converged[lag_count],
+        norms[:lag_count],
+        raw,
+        full_product_norms=norms[lag_count],
+        full_product_converged=raw.converged[lag_count],
     )
 
 

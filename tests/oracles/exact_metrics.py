@@ -6,7 +6,7 @@ over 100+ steps neither underflow nor overflow.
 
 Index convention (the same as gradwatch.estimators): states s_0..s_T, inputs x_0..x_{T-1},
 J_t = ds_{t+1}/ds_t evaluated at (x_t, s_t), t = 0..T-1. ``lag_norm[str(tau)]`` is the median over
-sequences of ||J_{T-1} ... J_{T-tau}||_2 = ||ds_T/ds_{T-tau}||_2 for tau in 1, 2, 4, ... (<= T-1) and T-1.
+sequences of ||J_{T-1} ... J_{T-tau}||_2 = ||ds_T/ds_{T-tau}||_2 for tau in 1, 2, 4, ... (< T) and T.
 """
 
 from __future__ import annotations
@@ -21,17 +21,11 @@ from gradwatch.records import Direction, Measurement, MeasurementMetrics
 
 
 def default_lags(time_steps: int) -> list[int]:
-    """1, 2, 4, ... (powers of two <= T-1) plus T-1 itself; empty when T < 2."""
+    """1, 2, 4, ... (powers of two < T) plus T itself; empty when T < 2."""
     if time_steps < 2:
         return []
-    lags: list[int] = []
-    tau = 1
-    while tau <= time_steps - 1:
-        lags.append(tau)
-        tau *= 2
-    if lags[-1] != time_steps - 1:
-        lags.append(time_steps - 1)
-    return lags
+    powers = [2**k for k in range(time_steps.bit_length()) if 2**k < time_steps]
+    return [*powers, time_steps]
 
 
 def layer_weights(
