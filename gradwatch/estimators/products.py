@@ -43,9 +43,9 @@ DEFAULT_LAG_RTOL = 1e-3
 
 #: Lanczos convergence test for the lag products. A product matvec is a whole sweep over time, so a check
 #: (small eigenproblems over K * B elements and one host sync) is cheap next to it: check after every
-#: iteration and ask for three quiet ones in a row. Long products have well separated top singular values
-#: (their spectrum spreads with tau) and leave after 3-4 iterations, which shrinks later sweeps to the
-#: steps of the short lags.
+#: iteration and ask for three quiet ones in a row. Long products' spectra spread with tau, so they usually
+#: leave first (5-6 iterations, at most 9, warm after 50 Adam steps of a real run), and later sweeps shrink
+#: to the steps of the short lags.
 _LAG_CONVERGENCE_TEST = {"check_interval": 1, "quiet_checks": 3}
 
 #: Quiet checks asked of a warm-started product over at least WARM_LONG_LAG steps (start vectors = the
