@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import pytest
 import torch
 from torch import Tensor
 
@@ -80,3 +81,25 @@ def dense_step_jacobians(weights: CellWeights, x: Tensor, s_prev: Tensor) -> Ten
 
 def exact_sigma_max(dense: Tensor) -> Tensor:
     return torch.linalg.matrix_norm(dense, ord=2)
+
+
+def exact_lag_norm(dense: Tensor, sequence: int, length: int, tau: int) -> float:
+    """||J_{L-1} ... J_{L-tau}||_2 of one sequence with L = ``length`` real steps, from dense (T, B, D, D)
+    step Jacobians: the product over its last tau real steps."""
+    product = torch.eye(dense.shape[-1], dtype=dense.dtype)
+    for t in range(length - tau, length):
+        product = dense[t, sequence] @ product
+    return float(torch.linalg.matrix_norm(product, ord=2))
+
+
+def assert_lag_norms_match_dense(
+    norms: Tensor, lags: list[int], lengths: list[int], dense: Tensor, rel: float
+) -> None:
+    """Every estimated lag norm (K, B) equals the dense product's within ``rel``; NaN where tau > L_b."""
+    for k, tau in enumerate(lags):
+        for b, length in enumerate(lengths):
+            value = float(norms[k, b])
+            if tau > length:
+                assert math.isnan(value), (tau, b)
+            else:
+                assert value == pytest.approx(exact_lag_norm(dense, b, length, tau), rel=rel), (tau, b)

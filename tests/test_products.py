@@ -20,7 +20,13 @@ from gradwatch.estimators.products import (
     lyapunov_from_full_products,
     lyapunov_max,
 )
-from tests._estimator_cases import CellCase, dense_step_jacobians, random_cell_weights, random_sequences
+from tests._estimator_cases import (
+    CellCase,
+    assert_lag_norms_match_dense,
+    dense_step_jacobians,
+    random_cell_weights,
+    random_sequences,
+)
 
 
 @pytest.mark.parametrize(
@@ -200,16 +206,7 @@ def test_lag_norms_match_dense_products(case: CellCase) -> None:
     jac = builtin_step_jacobians(weights, x, s_prev)
     lags = [*default_lags(steps), steps]
     estimate = estimate_lag_norms(jac, mask, lags, generator=generator)
-    for k, tau in enumerate(lags):
-        for b, length in enumerate(lengths):
-            value = float(estimate.norms[k, b])
-            if tau > length:
-                assert math.isnan(value)
-                continue
-            product = torch.eye(weights.state_size, dtype=torch.float64)
-            for t in range(length - tau, length):  # the last tau real steps
-                product = dense[t, b] @ product
-            assert value == pytest.approx(float(torch.linalg.matrix_norm(product, ord=2)), rel=1e-2)
+    assert_lag_norms_match_dense(estimate.norms, lags, lengths, dense, rel=1e-2)
 
 
 def test_warm_started_lag_norms_stop_sooner() -> None:
