@@ -279,8 +279,9 @@ def _with_full_products(
     # A lag equal to a sequence's length is that sequence's whole product (the default longest lag, T):
     # it is estimated once, in the whole-product row; its lag row is left out of the sweeps (tau 0 marks
     # it invalid) and copied from the whole-product row afterwards.
-    whole_product = lag_tau == lengths.to(torch.long).view(1, batch)
-    tau = torch.cat([torch.where(whole_product, 0, lag_tau), lengths.to(torch.long).view(1, batch)])
+    whole_tau = lengths.to(torch.long).view(1, batch)
+    whole_product = lag_tau == whole_tau
+    tau = torch.cat([torch.where(whole_product, 0, lag_tau), whole_tau])
     both = _estimate_windows(
         jac, tau, lengths, method, max_iter, rtol, generator, v0, checked_lags, fixed_start_rows=1
     )
