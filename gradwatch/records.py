@@ -280,7 +280,8 @@ class Alert:
             alert = AlertKind(data.get("alert"))
         except ValueError as exc:
             raise RecordError(
-                f"'alert' must be one of {[k.value for k in AlertKind]}, got {data.get('alert')!r}"
+                f"'alert' must be one of {[k.value for k in AlertKind]}, "
+                f"got {describe_value(data.get('alert'))}"
             ) from exc
         return cls(
             **_envelope_fields(data),
@@ -379,7 +380,8 @@ def record_from_json(data: Any) -> Record | None:
         schema = data.get("schema")
         if schema != SCHEMA_VERSION:
             raise RecordError(
-                f"unsupported run-log schema {schema!r}; this gradwatch reads schema {SCHEMA_VERSION}"
+                f"unsupported run-log schema {describe_value(schema)}; "
+                f"this gradwatch reads schema {SCHEMA_VERSION}"
             )
     return cls.from_json(data)
 
@@ -421,9 +423,27 @@ def _layer_fields(data: Mapping[str, Any]) -> dict[str, Any]:
 # --- field validation -------------------------------------------------------------------------------
 
 
+INT_MIN, INT_MAX = -(2**63), 2**63 - 1
+"""Integers in a run log are 64-bit (what gradwatch writes and what every consumer can store)."""
+FLOAT_INT_MAX = 2**1024 - 2**970 - 1
+"""An integer whose magnitude is at most this converts to a finite float (larger ones overflow)."""
+
+
+def describe_value(value: Any, limit: int = 60) -> str:
+    """A short, printable description of a log-supplied value for a message (never a 4,000-digit repr)."""
+    if isinstance(value, int) and not isinstance(value, bool) and not INT_MIN <= value <= INT_MAX:
+        digits = math.floor(math.log10(abs(value))) + 1  # str() of a huge int may raise or take seconds
+        return f"an integer of {digits} digits"
+    return f"{value!r:.{limit}}"
+
+
 def _as_int(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise RecordError(f"'{name}' must be an integer, got {value!r:.60}")
+        raise RecordError(f"'{name}' must be an integer, got {describe_value(value)}")
+    if not INT_MIN <= value <= INT_MAX:
+        raise RecordError(
+            f"'{name}' must be a 64-bit integer (-2**63 to 2**63-1), got {describe_value(value)}"
+        )
     return value
 
 
@@ -433,7 +453,12 @@ def _as_optional_int(value: Any, name: str) -> int | None:
 
 def _as_float(value: Any, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise RecordError(f"'{name}' must be a number, got {value!r:.60}")
+        raise RecordError(f"'{name}' must be a number, got {describe_value(value)}")
+    if type(value) is not float and not -FLOAT_INT_MAX <= value <= FLOAT_INT_MAX:
+        raise RecordError(
+            f"'{name}' must be a number within the range of a double (about ±1.8e308), "
+            f"got {describe_value(value)}"
+        )
     return float(value)
 
 
@@ -443,13 +468,13 @@ def _as_optional_float(value: Any, name: str) -> float | None:
 
 def _as_str(value: Any, name: str) -> str:
     if not isinstance(value, str):
-        raise RecordError(f"'{name}' must be a string, got {value!r:.60}")
+        raise RecordError(f"'{name}' must be a string, got {describe_value(value)}")
     return value
 
 
 def _as_direction(value: Any) -> Direction:
     if value not in DIRECTIONS:
-        raise RecordError(f"'direction' must be 'forward' or 'reverse', got {value!r:.60}")
+        raise RecordError(f"'direction' must be 'forward' or 'reverse', got {describe_value(value)}")
     return value
 
 
@@ -473,7 +498,7 @@ def _fast_float_map(value: Any) -> dict[str, float | None] | None:
         kind = type(number)
         if kind is float or number is None:
             out[key] = number
-        elif kind is int:
+        elif kind is int and -FLOAT_INT_MAX <= number <= FLOAT_INT_MAX:
             out[key] = float(number)
         else:
             return None
@@ -505,13 +530,14 @@ def fast_measurement_from_json(data: dict[str, Any]) -> Measurement | None:
         type(step) is not int
         or type(rank) is not int
         or type(layer) is not int
+        or not (INT_MIN <= step <= INT_MAX and INT_MIN <= rank <= INT_MAX and INT_MIN <= layer <= INT_MAX)
         or type(module) is not str
         or type(run_id) is not str
         or data.get("direction") not in DIRECTIONS
     ):
         return None
     time_kind = type(time)
-    if time_kind is int:
+    if time_kind is int and -FLOAT_INT_MAX <= cast(int, time) <= FLOAT_INT_MAX:
         time = float(cast(int, time))
     elif time_kind is not float:
         return None
@@ -520,20 +546,20 @@ def fast_measurement_from_json(data: dict[str, Any]) -> Measurement | None:
     for name in _FAST_FLOAT_FIELDS:
         value = get(name)
         kind = type(value)
-        if kind is int:
+        if kind is int and -FLOAT_INT_MAX <= cast(int, value) <= FLOAT_INT_MAX:
             value = float(cast(int, value))
         elif kind is not float and value is not None:
             return None
         fields[name] = value
     for name in _FAST_INT_FIELDS:
         value = get(name)
-        if value is not None and type(value) is not int:
+        if value is not None and (type(value) is not int or not INT_MIN <= value <= INT_MAX):
             return None
         fields[name] = value
     nonfinite = get("grad_nonfinite")
     if nonfinite is None:
         nonfinite = 0
-    elif type(nonfinite) is not int:
+    elif type(nonfinite) is not int or not INT_MIN <= nonfinite <= INT_MAX:
         return None
     fields["grad_nonfinite"] = nonfinite
     for name in _MAPPING_FIELDS:

@@ -16,6 +16,8 @@ import heapq
 import json
 import logging
 import os
+import re
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -162,6 +164,7 @@ class LogTail:
         self._last_run: tuple[str, int] | None = None
         self._binary = False
         self._batch: list[LogItem] = []
+        self._lone_surrogate_lines = 0
 
     def poll(self, *, final: bool = False) -> LogContents:
         """Read what was appended since the last call; never raises for bad content."""
@@ -259,6 +262,14 @@ class LogTail:
                 if self._last_run is not None:
                     out.truncated_runs.append(self._last_run)
         self._pending.clear()
+        if self._lone_surrogate_lines > 1:
+            self._problem(
+                out,
+                None,
+                f"{self._lone_surrogate_lines} lines held lone UTF-16 surrogates "
+                "(shown written out, as \\ud800)",
+            )
+            self._lone_surrogate_lines = 0
         if self._skipped_in_unsupported_run:
             self._problem(
                 out,
@@ -297,14 +308,39 @@ class LogTail:
     def _parse_slowly(self, raw: bytes, line: int, out: LogContents) -> Any:
         """:func:`json.loads` with the report's messages for each way a line can be bad."""
         try:
-            return json.loads(raw.decode("utf-8"), parse_constant=_non_finite_as_null)
+            data = json.loads(raw.decode("utf-8"), parse_constant=_non_finite_as_null)
+            if _SURROGATE_ESCAPE.search(raw) is not None:  # json decodes "\ud800" to a lone surrogate
+                data, replaced = _lone_surrogates_written_out(data)
+                if replaced:
+                    self._note_lone_surrogates(out, line)
+            return data
         except UnicodeDecodeError:
             self._problem(out, line, "not UTF-8 text")
         except json.JSONDecodeError as exc:
             self._problem(out, line, f"not valid JSON ({exc.msg} at column {exc.colno})")
+        except ValueError:  # an integer literal beyond int_max_str_digits (4,300 by default)
+            self._problem(
+                out,
+                line,
+                f"holds an integer literal of more than {sys.get_int_max_str_digits()} digits; a run log "
+                "holds 64-bit integers and doubles; line skipped",
+            )
         except RecursionError:
             self._problem(out, line, "JSON nested too deeply to read")
         return _NOT_PARSED
+
+    def _note_lone_surrogates(self, out: LogContents, line: int) -> None:
+        """Say once per file that text held lone UTF-16 surrogates (the records are kept, with the escape
+        written out); how many lines did is counted in :meth:`_finish`."""
+        self._lone_surrogate_lines += 1
+        if self._lone_surrogate_lines == 1:
+            self._problem(
+                out,
+                line,
+                "text holds a lone UTF-16 surrogate escape such as \\ud800, which is not valid Unicode "
+                "(a name or message made of broken text); the record is kept and shows the escape written "
+                "out, as \\ud800",
+            )
 
     def _use(self, data: Any, line: int, out: LogContents) -> None:
         """Turn one parsed line into a record (or a counted skip, or a problem naming the line)."""
@@ -381,7 +417,38 @@ def _is_json(raw: bytes) -> bool:
         json.loads(raw.decode("utf-8"), parse_constant=_non_finite_as_null)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return False
+    except ValueError:  # complete JSON holding an integer literal too long to read: parsing says so
+        return True
     return True
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+"""A ``\\uD800``-``\\uDFFF`` escape: the only way a lone surrogate gets into a decoded line."""
+
+
+def _lone_surrogates_written_out(data: Any) -> tuple[Any, bool]:
+    """``data`` with every lone surrogate in its strings (keys too) replaced by its escape written out
+    (``"\\ud800"``, six characters), and whether there was one. Such text cannot be encoded (printed,
+    written, exported); a valid surrogate pair was already decoded into one character by :mod:`json`."""
+    if isinstance(data, str):
+        try:
+            data.encode("utf-8")
+        except UnicodeEncodeError:
+            return data.encode("utf-8", "backslashreplace").decode("utf-8"), True
+        return data, False
+    if isinstance(data, list):
+        items = [_lone_surrogates_written_out(item) for item in data]
+        return [item for item, _ in items], any(changed for _, changed in items)
+    if isinstance(data, dict):
+        changed = False
+        result = {}
+        for key, value in data.items():
+            new_key, key_changed = _lone_surrogates_written_out(key)
+            new_value, value_changed = _lone_surrogates_written_out(value)
+            result[new_key] = new_value
+            changed = changed or key_changed or value_changed
+        return result, changed
+    return data, False
 
 
 def _kind_of(data: object) -> str:
