@@ -11,6 +11,7 @@ from gradwatch._version import __version__
 from gradwatch.demo.choices import CELLS, DEFAULT_PORT, SCENARIOS
 from gradwatch.report import command
 from gradwatch.report.follow import follow as follow_logs
+from gradwatch.report.formatting import printable
 from gradwatch.report.metrics import METRIC_NAMES
 from gradwatch.report.render_text import make_console, render_text
 from gradwatch.report.summary import ReportOptions, StepRange
@@ -170,7 +171,8 @@ def report(
     elif status == command.EXIT_FAIL_ON:
         for run, layer in result.matches(fail_on):
             click.echo(
-                f"gradwatch report: {run.title}: {layer.title} is {layer.verdict.verdict.value}", err=True
+                printable(f"gradwatch report: {run.title}: {layer.title} is {layer.verdict.verdict.value}"),
+                err=True,
             )
     ctx.exit(status)
 

@@ -12,6 +12,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from gradwatch.report.formatting import printable
 from gradwatch.report.reader import LogContents, LogTail, expand_paths, merge_by_step, read_logs
 from gradwatch.report.render_html import render_html
 from gradwatch.report.render_json import render_json
@@ -191,7 +192,7 @@ def diagnostics(report: Report) -> list[str]:
     """Lines for stderr: every reading problem with file and line, and the skipped record kinds."""
     lines = [str(problem) for problem in report.problems]
     lines += [f"skipped {count} record(s) of unknown kind {kind!r}" for kind, count in report.unknown_kinds]
-    return lines
+    return [printable(line) for line in lines]  # file names and log text: no terminal escapes
 
 
 def exit_status(report: Report, fail_on: Iterable[Verdict]) -> int:

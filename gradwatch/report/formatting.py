@@ -39,8 +39,34 @@ MAX_SHOWN_CHARS = 300
 """Log-supplied strings (messages, names) are cut to this length for display."""
 
 
+def _unsafe_characters() -> dict[int, str]:
+    """What :func:`printable` replaces: line breaks and tabs by a space; every other C0/C1 control, DEL,
+    the bidirectional overrides/isolates/marks and lone surrogates by their escape written out."""
+    table = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0))}
+    table.update(dict.fromkeys((0x09, 0x0A, 0x0B, 0x0C, 0x0D, 0x85, 0x2028, 0x2029), " "))
+    bidi = (0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A))
+    table.update({code: f"\\u{code:04x}" for code in (*bidi, *range(0xD800, 0xE000))})
+    return table
+
+
+_UNSAFE_CHARACTERS = _unsafe_characters()
+
+
+def printable(text: str) -> str:
+    """``text`` safe to show in a terminal, a markdown or an HTML page, on one line.
+
+    Strings from a log (module names, run ids, messages) could otherwise carry terminal escape sequences
+    (clear the screen, set the window title, colour a verdict), bidirectional overrides that reorder what
+    is shown, or lone surrogates that cannot be encoded. Each becomes its escape written out (``\\x1b``,
+    ``\\u202e``, ``\\ud800``), whether the output is a terminal or not; line breaks and tabs become a
+    space. Every human-facing format calls it for every log string (through :func:`shorten`)."""
+    return text if text.isprintable() else text.translate(_UNSAFE_CHARACTERS)
+
+
 def shorten(text: str, limit: int = MAX_SHOWN_CHARS) -> str:
-    """``text`` cut to ``limit`` characters with an ellipsis, so one huge log string cannot flood a report."""
+    """``text`` made :func:`printable` and cut to ``limit`` characters with an ellipsis, so one huge or
+    hostile log string can neither flood a report nor control the terminal showing it."""
+    text = printable(text)
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 from gradwatch._version import __version__
@@ -126,6 +127,15 @@ def report_to_json(report: Report) -> dict[str, Any]:
     }
 
 
+_ESCAPED_IN_STRINGS = re.compile(
+    "[\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2028\u2029\u2066-\u2069\ud800-\udfff]"
+)
+"""Characters json.dumps leaves raw with ensure_ascii=False that a terminal or editor would act on (C1
+controls, DEL, bidirectional overrides) or that cannot be encoded (lone surrogates)."""
+
+
 def render_json(report: Report) -> str:
-    """Indented JSON text (valid JSON: never NaN or Infinity)."""
-    return json.dumps(report_to_json(report), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    """Indented JSON text (valid JSON: never NaN or Infinity; printable: C0/C1 controls, bidirectional
+    overrides and lone surrogates in strings are ``\\uXXXX`` escapes, so they read back unchanged)."""
+    text = json.dumps(report_to_json(report), indent=2, ensure_ascii=False, allow_nan=False)
+    return _ESCAPED_IN_STRINGS.sub(lambda match: f"\\u{ord(match.group()):04x}", text) + "\n"

@@ -17,6 +17,7 @@ from gradwatch.report.formatting import (
     format_steps,
     format_trend,
     omitted_alerts_note,
+    printable,
     shorten,
 )
 from gradwatch.report.summary import LayerSummary, Report, RunSummary, why_no_measurements
@@ -66,7 +67,7 @@ def _overview(run: RunSummary) -> Table:
     for layer in run.layers:
         table.add_row(
             Text(shorten(layer.title, 100)),
-            Text(layer.module_type or "?"),
+            Text(shorten(layer.module_type or "?", 60)),
             format_steps(layer.first_step, layer.last_step),
             str(layer.measurements),
             verdict_text(layer.verdict.verdict),
@@ -100,13 +101,13 @@ def _diagnosis(layer: LayerSummary) -> RenderableType:
     lines.append(f" — {shorten(verdict.reason)}\n")
     if verdict.cause:
         lines.append("cause: ", style="bold")
-        lines.append(verdict.cause + "\n")
+        lines.append(printable(verdict.cause) + "\n")
     for suggestion in verdict.suggestions:
         lines.append("  try: ", style="bold")
-        lines.append(suggestion + "\n")
+        lines.append(printable(suggestion) + "\n")
     for note in verdict.recovered:
         lines.append("  recovered: ", style="bold green")
-        lines.append(note + "\n")
+        lines.append(printable(note) + "\n")
     lines.rstrip()
     return lines
 
@@ -152,7 +153,7 @@ def _run(run: RunSummary) -> list[RenderableType]:
     if run.truncated:
         parts.append(Text("the log ends in a truncated line: the run probably crashed", style="bold red"))
     if not run.layers:
-        parts.append(Text(why_no_measurements(run)))
+        parts.append(Text(printable(why_no_measurements(run))))
     else:
         parts.append(_overview(run))
     for layer in run.layers:
