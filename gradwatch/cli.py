@@ -57,9 +57,11 @@ def _export_tensorboard(paths: list[str], output: Path | None, *, follow: bool) 
     except (ValueError, ImportError, OSError) as exc:
         raise _OutputError(f"cannot write TensorBoard events to {str(output)!r}: {exc}") from None
     for problem in result.problems:
-        click.echo(f"gradwatch report: {problem}", err=True)
+        click.echo(printable(f"gradwatch report: {problem}"), err=True)
     for run, count in result.runs.items():
-        click.echo(f"gradwatch report: {count} record(s) -> {output / run}", err=True)
+        renamed = result.renamed.get(run)
+        note = "" if renamed is None else f" (run id {renamed!r} made a safe directory name)"
+        click.echo(printable(f"gradwatch report: {count} record(s) -> {output / run}{note}"), err=True)
     if not result.runs:
         click.echo("gradwatch report: no usable record was read", err=True)
         return command.EXIT_NOTHING_READ

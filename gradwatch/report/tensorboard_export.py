@@ -6,11 +6,16 @@ tags, steps and wall times it would have had with ``watch(..., tensorboard=DIR)`
 decay-curve images (``lag_images=True``; a live run leaves them off). Each run (``run_id``) becomes its
 own TensorBoard run, ``DIR/<run_id>``, and rank r > 0 of it ``DIR/<run_id>/rank<r>``; records that combine
 all ranks (rank -1) go with rank 0's.
+
+Nothing read from a log becomes a path outside ``DIR``: the run id becomes one safe directory name
+(:func:`run_directory_name`), the rank an integer.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,16 +30,44 @@ class ExportResult:
 
     runs: dict[str, int] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
+    renamed: dict[str, str] = field(default_factory=dict)
+    """Directory (a key of ``runs``) -> the run id it holds, for run ids that were not a safe name as is."""
 
     @property
     def records(self) -> int:
         return sum(self.runs.values())
 
 
+MAX_NAME_CHARS = 80
+_UNSAFE_RUNS = re.compile(r"[^A-Za-z0-9._-]+")
+_WINDOWS_DEVICES = frozenset(
+    ("CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(10)), *(f"LPT{i}" for i in range(10)))
+)
+
+
+def run_directory_name(run_id: str) -> str:
+    """The run id as one directory name that stays inside the output directory on every system.
+
+    A run id of letters, digits, ``.``, ``_`` and ``-`` (gradwatch's own ids) is used as is. Any other is
+    mapped: each run of other characters (``/``, ``\\``, ``:``, spaces, controls, ...) becomes ``_``,
+    leading and trailing ``.``, ``_`` and ``-`` are dropped (no ``..``, no hidden or option-like name),
+    the rest cut to 80 characters, and ``-`` plus 8 hex digits of the run id's SHA-256 appended so that
+    two run ids never share a directory: ``../../escaped`` -> ``escaped-<hash>``, ``/tmp/x`` ->
+    ``tmp_x-<hash>``; an empty run id -> ``unnamed-run``."""
+    if not run_id:
+        return "unnamed-run"
+    name = _UNSAFE_RUNS.sub("_", run_id).strip("._-")[:MAX_NAME_CHARS]
+    if name == run_id and name.split(".")[0].upper() not in _WINDOWS_DEVICES:
+        return name
+    digest = hashlib.sha256(run_id.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return f"{name or 'run'}-{digest}"
+
+
 def run_directory(out_dir: str | os.PathLike[str], run_id: str, rank: int) -> Path:
-    """``DIR/<run_id>`` for rank 0 (and the all-ranks records), ``DIR/<run_id>/rank<r>`` for rank r > 0."""
-    base = Path(out_dir, run_id or "unnamed-run")
-    return base if rank <= 0 else base / f"rank{rank}"
+    """``DIR/<name>`` for rank 0 (and the all-ranks records), ``DIR/<name>/rank<r>`` for rank r > 0, where
+    ``<name>`` is :func:`run_directory_name` of the run id: always a directory inside ``DIR``."""
+    base = Path(out_dir, run_directory_name(run_id))
+    return base if rank <= 0 else base / f"rank{int(rank)}"
 
 
 def export_tensorboard(paths: list[str], out_dir: str | os.PathLike[str]) -> ExportResult:
@@ -51,10 +84,12 @@ def export_tensorboard(paths: list[str], out_dir: str | os.PathLike[str]) -> Exp
             rank = record.rank
             directory = run_directory(out, record.run_id, rank)
             sink = sinks.get(directory)
+            key = str(directory.relative_to(out))
             if sink is None:
                 sink = sinks[directory] = TensorBoardSink(directory, lag_images=True)
+                if directory.parts[len(out.parts)] not in (record.run_id, "unnamed-run"):
+                    result.renamed[key] = record.run_id
             sink.write(record)
-            key = str(directory.relative_to(out))
             result.runs[key] = result.runs.get(key, 0) + (0 if isinstance(record, RunHeader) else 1)
     finally:
         for sink in sinks.values():
