@@ -20,7 +20,8 @@ from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
-from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client import CollectorRegistry, generate_latest, make_wsgi_app
+from prometheus_client.metrics_core import Metric
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +103,61 @@ class _ThreadingServer(ThreadingMixIn, WSGIServer):
         logger.debug("exporter error while serving %s", client_address, exc_info=True)
 
 
+ExportFaultHandler = Callable[[str, Exception], None]
+"""Told ``(what, exception)`` when a collector or metric family cannot be served (on a scrape thread)."""
+
+
+class _OneFamily:
+    def __init__(self, family: Metric) -> None:
+        self._family = family
+
+    def collect(self) -> list[Metric]:
+        return [self._family]
+
+
+class FaultTolerantCollection:
+    """What the exporter serves: ``registry``'s metric families, each checked on its own.
+
+    A collector that raises, or a metric family that cannot be written (a label value that is not
+    encodable text), is left out of the scrape and handed to ``on_fault``; the other families are served.
+    Without this one bad series makes every scrape an HTTP 500 with nothing in it.
+    """
+
+    def __init__(self, registry: Any, on_fault: ExportFaultHandler) -> None:
+        self._registry = registry
+        self._on_fault = on_fault
+
+    def _collectors(self) -> list[Any]:
+        # prometheus_client's registry keeps its collectors in _collector_to_names (since its first
+        # releases); collecting each on its own keeps one raising collector from ending the iteration.
+        # Anything else (a restricted registry for ?name[]=...) is collected as one.
+        by_collector = getattr(self._registry, "_collector_to_names", None)
+        lock = getattr(self._registry, "_lock", None)
+        if not isinstance(by_collector, dict) or lock is None:
+            return [self._registry]
+        with lock:
+            return list(by_collector)
+
+    def collect(self) -> Iterable[Metric]:
+        for collector in self._collectors():
+            try:
+                families = list(collector.collect())
+            except Exception as exc:
+                self._on_fault(f"collector {type(collector).__name__}", exc)
+                continue
+            for family in families:
+                try:
+                    generate_latest(_OneFamily(family))  # what the scrape will do with it
+                except Exception as exc:
+                    self._on_fault(f"metric family {getattr(family, 'name', '?')}", exc)
+                    continue
+                yield family
+
+    def restricted_registry(self, names: Iterable[str]) -> FaultTolerantCollection:
+        """For ``/metrics?name[]=...``: the same checks on the named families only."""
+        return FaultTolerantCollection(self._registry.restricted_registry(names), self._on_fault)
+
+
 def _server_class(family: socket.AddressFamily) -> type[_ThreadingServer]:
     return type("_GradwatchExporterServer", (_ThreadingServer,), {"address_family": family})
 
@@ -120,7 +176,8 @@ def tls_context(certfile: str, keyfile: str) -> ssl.SSLContext:
 
 
 class MetricsServer:
-    """Serves ``registry`` at ``http(s)://address:port/metrics`` from a daemon thread until ``close()``."""
+    """Serves ``registry`` at ``http(s)://address:port/metrics`` from a daemon thread until ``close()``;
+    with ``on_fault``, what cannot be served is left out and reported (:class:`FaultTolerantCollection`)."""
 
     def __init__(
         self,
@@ -131,11 +188,13 @@ class MetricsServer:
         certfile: str | None = None,
         keyfile: str | None = None,
         basic_auth: BasicAuth | None = None,
+        on_fault: ExportFaultHandler | None = None,
     ) -> None:
         if (certfile is None) != (keyfile is None):
             raise ValueError("TLS needs both certfile and keyfile (or neither for plain HTTP)")
         context = tls_context(certfile, keyfile) if certfile and keyfile else None
-        app: WsgiApp = make_wsgi_app(registry)
+        served: Any = registry if on_fault is None else FaultTolerantCollection(registry, on_fault)
+        app: WsgiApp = make_wsgi_app(served)
         if basic_auth is not None:
             app = require_basic_auth(app, basic_auth)
         try:

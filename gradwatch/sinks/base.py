@@ -61,3 +61,12 @@ class HasUrl(Protocol):
 
     @property
     def url(self) -> str | None: ...
+
+
+@runtime_checkable
+class FaultSource(Protocol):
+    """Optional sink hook: faults the sink caught on its own threads (the Prometheus exporter's scrape
+    threads), as ``(where, exception)``. The fan-out takes them on the training thread at every step and
+    gives them to the fault policy, so they are faults like any other (warning, error record, counts)."""
+
+    def take_faults(self) -> list[tuple[str, Exception]]: ...

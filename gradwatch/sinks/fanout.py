@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from gradwatch.faults import FaultPolicy
 from gradwatch.records import Measurement, Record
-from gradwatch.sinks.base import HasUrl, LiveSink, Sink, StepObserver
+from gradwatch.sinks.base import FaultSource, HasUrl, LiveSink, Sink, StepObserver
 
 
 class SinkFanOut:
@@ -66,13 +66,17 @@ class SinkFanOut:
                 self.sink_failed(sink, exc)
 
     def observe_step(self, step: int) -> None:
-        """Tell every :class:`StepObserver` sink that ``step`` is closing."""
+        """Tell every :class:`StepObserver` sink that ``step`` is closing; report the faults each
+        :class:`FaultSource` sink caught on its own threads since the last step."""
         for sink in list(self._sinks):
             if isinstance(sink, StepObserver):
                 try:
                     sink.observe_step(step)
                 except Exception as exc:
                     self.sink_failed(sink, exc)
+            if isinstance(sink, FaultSource):
+                for where, fault in sink.take_faults():
+                    self._faults.fault(where, "", fault, step=step)
 
     def report_live_faults(self, faults: Sequence[tuple[Sink, Exception]], step: int) -> None:
         """Faults that ``write_live`` raised on the worker thread, reported on the training thread."""

@@ -18,6 +18,12 @@ thread hands it each finished measurement at once (``write_live``), so the per-l
 mode, are pushed) without waiting for a training step; alerts, errors, clips and the step gauge follow at
 publication on the training thread. A lock serialises the two threads' writes; the publication ``write``
 of a record already shown live changes nothing, so no counter counts it twice.
+
+Label values are text from the run (module, run id, parameter names): one that cannot be encoded (a lone
+surrogate) is exported with the escape written out (``\\ud800``), as ``gradwatch report`` shows it. A
+collector or metric family the exporter cannot serve is left out of the scrape, not the whole scrape: the
+failure is a fault of the exporter (one ``GradWatchWarning``, one error record, ``monitor.fault_counts``),
+reported on the training thread at the next step (:meth:`PrometheusSink.take_faults`).
 """
 
 from __future__ import annotations
@@ -61,6 +67,9 @@ LAYER_LABELS = (*RUN_LABELS, "module", "layer", "direction")
 # Exponential back-off between push attempts after a failure: 1 s, 2 s, 4 s, ... capped at 60 s.
 PUSH_BACKOFF_BASE_S = 1.0
 PUSH_BACKOFF_MAX_S = 60.0
+
+MAX_PENDING_FAULTS = 100
+"""Scrape faults kept for the training thread between two steps (more are dropped: the first tell it)."""
 
 # Alert kinds that open an episode; RECOVERED closes whichever is open.
 EPISODE_KINDS = (AlertKind.VANISHING, AlertKind.EXPLODING, AlertKind.NONFINITE)
@@ -173,6 +182,7 @@ class PrometheusSink:
         self._shown_live: dict[int, Measurement] = {}
         self._closed = False
         self._last_step = -1
+        self._pending_faults: list[tuple[str, Exception]] = []  # from scrape threads, under _lock
         self._step_gauge = self._metrics.training_step.labels(*self._run_labels())
 
         # Push bookkeeping (all monotonic seconds).
@@ -195,6 +205,7 @@ class PrometheusSink:
                     certfile=certfile,
                     keyfile=keyfile,
                     basic_auth=credentials,
+                    on_fault=self._export_failed,
                 )
             except ValueError:
                 self._metrics.unregister()  # leave a caller's registry as it was, so a retry can succeed
@@ -272,7 +283,8 @@ class PrometheusSink:
             elif isinstance(record, ClipEvent):
                 self._write_clip(record)
             elif isinstance(record, ErrorRecord):
-                self._metrics.errors.labels(*self._record_run_labels(record), record.where).inc()
+                where = label_value(record.where)
+                self._metrics.errors.labels(*self._record_run_labels(record), where).inc()
             elif isinstance(record, RunHeader):
                 self._write_header(record)
             else:
@@ -319,6 +331,25 @@ class PrometheusSink:
             if self._server is not None:
                 self._server.close()
 
+    def take_faults(self) -> list[tuple[str, Exception]]:
+        """The exporter's faults since the last call, as ``(where, exception)``: for the training thread,
+        which reports them through the fault policy (see :class:`~gradwatch.sinks.base.FaultSource`)."""
+        with self._lock:
+            faults, self._pending_faults = self._pending_faults, []
+        return faults
+
+    def _export_failed(self, what: str, exc: Exception) -> None:
+        """On a scrape thread: ``what`` was left out of the scrape; keep the fault for the training thread."""
+        logger.debug("gradwatch exporter left %s out of a scrape: %r", what, exc)
+        fault = ExportFault(
+            f"the exporter cannot serve {what} ({type(exc).__name__}: {exc}); it is left out of each "
+            "scrape while it fails and the other metrics are served"
+        )
+        fault.__cause__ = exc
+        with self._lock:
+            if len(self._pending_faults) < MAX_PENDING_FAULTS:
+                self._pending_faults.append(("exporter", fault))
+
     def __repr__(self) -> str:
         where = self.url or f"push {self.push_gateway}"
         return f"PrometheusSink({where}, run={self.run_id!r}, rank={self.rank})"
@@ -326,10 +357,10 @@ class PrometheusSink:
     # --- records -> metrics ---------------------------------------------------------------------------
 
     def _run_labels(self) -> tuple[str, str]:
-        return (self.run_id, str(self.rank))
+        return (label_value(self.run_id), str(self.rank))
 
     def _record_run_labels(self, record: Measurement | Alert | ClipEvent | ErrorRecord) -> tuple[str, str]:
-        return (record.run_id or self.run_id, str(record.rank))
+        return (label_value(record.run_id or self.run_id), str(record.rank))
 
     def _write_header(self, header: RunHeader) -> None:
         if not self.run_id:
@@ -338,15 +369,16 @@ class PrometheusSink:
             self.run_id = header.run_id
             self.rank = header.rank
             self._step_gauge = self._metrics.training_step.labels(*self._run_labels())
-        run = (header.run_id, str(header.rank))
-        self._metrics.run_info.labels(*run, header.gradwatch, header.torch, str(header.world_size)).set(1)
+        run = (label_value(header.run_id), str(header.rank))
+        versions = (label_value(header.gradwatch), label_value(header.torch), str(header.world_size))
+        self._metrics.run_info.labels(*run, *versions).set(1)
         self._metrics.run_start.labels(*run).set(header.started)
         self._last_step = -1
 
     def _write_measurement(self, record: Measurement) -> None:
         labels = (
             *self._record_run_labels(record),
-            record.module,
+            label_value(record.module),
             str(record.layer),
             record.direction,
         )
@@ -367,17 +399,17 @@ class PrometheusSink:
         """Set one series per key; keys the previous measurement had and this one lacks are removed."""
         key = (family, labels)
         previous = self._mapping_keys.get(key, set())
-        current = {str(k) for k in values}
+        current = {label_value(str(k)) for k in values}
         for gone in previous - current:
             gauge.remove(*labels, gone)
         for name, value in values.items():
-            _set_or_remove(gauge, (*labels, str(name)), value)
+            _set_or_remove(gauge, (*labels, label_value(str(name))), value)
         self._mapping_keys[key] = current
 
     def _write_alert(self, record: Alert) -> None:
         labels = (
             *self._record_run_labels(record),
-            record.module,
+            label_value(record.module),
             str(record.layer),
             record.direction,
         )
@@ -397,7 +429,7 @@ class PrometheusSink:
     # --- Pushgateway ----------------------------------------------------------------------------------
 
     def _grouping_key(self) -> dict[str, str]:
-        return {**self._grouping_key_extra, "run": self.run_id, "rank": str(self.rank)}
+        return {**self._grouping_key_extra, "run": label_value(self.run_id), "rank": str(self.rank)}
 
     def _push_if_due(self) -> None:
         """Push unless closed or inside a failed push's back-off (from either thread)."""
@@ -446,6 +478,22 @@ class PrometheusSink:
             logger.info("gradwatch pushes to %s work again", self.push_gateway)
         self._consecutive_failures = 0
         self._next_push_at = 0.0
+
+
+class ExportFault(RuntimeError):
+    """A metric family or collector the exporter could not serve (left out of the scrape)."""
+
+
+def label_value(text: str) -> str:
+    """``text`` as a label value that can always be encoded: a lone surrogate (from a module or parameter
+    name of broken text) is written out as its escape, ``\\ud800``; anything else is kept as it is."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
 def _set_or_remove(gauge: Gauge, labels: tuple[str, ...], value: float | None) -> None:

@@ -1,0 +1,127 @@
+"""The exporter under hostile names and failing collectors (#30): every scrape serves what it can.
+
+A lone surrogate in a module name (a real run can have one) used to make every scrape an HTTP 500 with a
+traceback on the training process's stderr, silently. Label values are now always encodable, and a
+collector or metric family the exporter cannot serve is left out of that scrape and reported as a fault
+like any other: one GradWatchWarning, one error record, counted in ``monitor.fault_counts``.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from prometheus_client import Gauge
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+from torch import nn
+
+import gradwatch
+from gradwatch.policy.alerts import GradWatchWarning
+from gradwatch.sinks.prometheus import PrometheusSink, label_value
+
+OPENMETRICS = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
+MODULE = "enc\ud800"
+RUN_ID = "run-\udcff"
+
+
+def _scrape(url: str, accept: str | None = None) -> tuple[int, str]:
+    request = urllib.request.Request(url, headers={"Accept": accept} if accept else {})
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return response.status, response.read().decode("utf-8")
+
+
+def _samples(body: str) -> dict[str, list[dict[str, str]]]:
+    families = text_string_to_metric_families(body.replace("# EOF\n", ""))
+    return {family.name: [sample.labels for sample in family.samples] for family in families}
+
+
+def _model() -> nn.Module:
+    model = nn.Module()
+    model.add_module(MODULE, nn.GRU(3, 4))
+    return model
+
+
+def _train(model: nn.Module, monitor: gradwatch.Monitor, steps: int) -> None:
+    for _ in range(steps):
+        out, _ = getattr(model, MODULE)(torch.randn(5, 2, 3))
+        out.sum().backward()
+        monitor.step()
+
+
+def test_label_values_are_always_encodable_and_otherwise_unchanged() -> None:
+    assert label_value("encoder.rnn") == "encoder.rnn"
+    assert label_value("é中🙂 \x1b") == "é中🙂 \x1b"
+    assert label_value("enc\ud800") == "enc\\ud800"
+    assert label_value("a\udcff\ud800b") == "a\\udcff\\ud800b"
+
+
+def test_a_lone_surrogate_module_and_run_id_are_exported_written_out(tmp_path: Path) -> None:
+    model = _model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradWatchWarning)  # no fault at all: the labels are sanitised
+        with gradwatch.watch(
+            model, every=1, prometheus=0, run_id=RUN_ID, log=tmp_path / "run.jsonl"
+        ) as monitor:
+            _train(model, monitor, 2)
+            for accept in (None, OPENMETRICS):  # Prometheus itself asks for OpenMetrics
+                status, body = _scrape(str(monitor.prometheus_url), accept)
+                assert status == 200
+                sigma = _samples(body)["gradwatch_jacobian_sigma_max"]
+                assert {labels["module"] for labels in sigma} == {"enc\\ud800"}
+                assert {labels["run"] for labels in sigma} == {"run-\\udcff"}
+            _train(model, monitor, 1)
+            assert monitor.fault_counts == {}
+
+
+class _BrokenCollector:
+    def collect(self) -> Iterator[Metric]:
+        raise RuntimeError("collector bug")
+
+
+def test_a_failing_collector_is_one_fault_and_the_rest_is_still_served(tmp_path: Path) -> None:
+    model = _model()
+    log = tmp_path / "run.jsonl"
+    with gradwatch.watch(model, every=1, prometheus=0, log=log) as monitor:
+        sink = next(s for s in monitor.sinks if isinstance(s, PrometheusSink))
+        sink.registry.register(_BrokenCollector())
+        # a family written around the sink's sanitising (a user's metric in the same registry)
+        Gauge("user_metric", "A user's metric.", ["name"], registry=sink.registry).labels("x\ud800").set(1)
+        _train(model, monitor, 1)
+        for accept in (None, OPENMETRICS):
+            status, body = _scrape(str(monitor.prometheus_url), accept)
+            assert status == 200
+            families = _samples(body)
+            assert "user_metric" not in families  # left out, alone
+            assert {"gradwatch_jacobian_sigma_max", "gradwatch_training_step"} <= set(families)
+        with pytest.warns(GradWatchWarning, match="exporter") as caught:
+            _train(model, monitor, 1)  # the faults are reported on the training thread, at the step
+        assert len([w for w in caught if issubclass(w.category, GradWatchWarning)]) == 1
+        assert monitor.fault_counts == {"exporter": 4}  # 2 scrapes x (the collector, the family)
+        _scrape(str(monitor.prometheus_url))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", GradWatchWarning)  # said once
+            _train(model, monitor, 1)
+        assert monitor.fault_counts == {"exporter": 6}
+        status, body = _scrape(str(monitor.prometheus_url))
+        errors = [labels for labels in _samples(body)["gradwatch_errors"] if labels["where"] == "exporter"]
+        assert status == 200 and len(errors) == 1
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    (error,) = [r for r in records if r["kind"] == "error"]
+    assert error["where"] == "exporter" and "collector bug" in error["message"]
+    assert [r["module"] for r in records if r["kind"] == "measurement"] == [MODULE] * 3
+
+
+def test_a_failing_collector_raises_in_strict_mode() -> None:
+    model = _model()
+    with gradwatch.watch(model, every=1, prometheus=0, strict=True) as monitor:
+        sink = next(s for s in monitor.sinks if isinstance(s, PrometheusSink))
+        sink.registry.register(_BrokenCollector())
+        _scrape(str(monitor.prometheus_url))
+        with pytest.raises(gradwatch.GradWatchFault, match="collector bug"):
+            _train(model, monitor, 1)
