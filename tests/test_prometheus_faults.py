@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from prometheus_client import Gauge
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
@@ -24,6 +25,7 @@ from torch import nn
 import gradwatch
 from gradwatch.policy.alerts import GradWatchWarning
 from gradwatch.sinks.prometheus import PrometheusSink, label_value
+from tests.prometheus_tools import free_port, label_values, query, require_binary, running_server, wait_until
 
 OPENMETRICS = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
 MODULE = "enc\ud800"
@@ -125,3 +127,40 @@ def test_a_failing_collector_raises_in_strict_mode() -> None:
         _scrape(str(monitor.prometheus_url))
         with pytest.raises(gradwatch.GradWatchFault, match="collector bug"):
             _train(model, monitor, 1)
+
+
+@pytest.mark.prometheus
+def test_real_prometheus_scrapes_a_run_with_a_lone_surrogate_and_a_broken_collector(tmp_path: Path) -> None:
+    prometheus = require_binary("prometheus")
+    model = _model()
+    with gradwatch.watch(model, every=1, prometheus=0, run_id=RUN_ID) as monitor:
+        sink = next(s for s in monitor.sinks if isinstance(s, PrometheusSink))
+        sink.registry.register(_BrokenCollector())
+        _train(model, monitor, 2)
+        exporter = str(monitor.prometheus_url).split("//")[1].split("/")[0]
+        config = {
+            "global": {"scrape_interval": "250ms"},
+            "scrape_configs": [{"job_name": "gradwatch", "static_configs": [{"targets": [exporter]}]}],
+        }
+        (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+        port = free_port()
+        argv = [
+            prometheus,
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--log.level=warn",
+        ]
+        with running_server(argv, port=port, log=tmp_path / "prometheus.log") as server:
+            wait_until(
+                lambda: query(server.url, "gradwatch_jacobian_sigma_max") or None,
+                timeout=20,
+                what="a scrape with the run's metrics",
+            )
+            (up,) = query(server.url, 'up{job="gradwatch"}')
+            assert up["value"][1] == "1"  # the scrape succeeds, with the broken collector left out
+            assert label_values(server.url, "module", "gradwatch_jacobian_sigma_max") == ["enc\\ud800"]
+            assert label_values(server.url, "run", "gradwatch_training_step") == ["run-\\udcff"]
+        with pytest.warns(GradWatchWarning, match="collector bug"):
+            _train(model, monitor, 1)
+        assert monitor.fault_counts["exporter"] >= 1
