@@ -280,8 +280,7 @@ class Alert:
             alert = AlertKind(data.get("alert"))
         except ValueError as exc:
             raise RecordError(
-                f"'alert' must be one of {[k.value for k in AlertKind]}, "
-                f"got {describe_value(data.get('alert'))}"
+                f"'alert' must be one of {[k.value for k in AlertKind]}, got {_describe(data.get('alert'))}"
             ) from exc
         return cls(
             **_envelope_fields(data),
@@ -380,7 +379,7 @@ def record_from_json(data: Any) -> Record | None:
         schema = data.get("schema")
         if schema != SCHEMA_VERSION:
             raise RecordError(
-                f"unsupported run-log schema {describe_value(schema)}; "
+                f"unsupported run-log schema {_describe(schema)}; "
                 f"this gradwatch reads schema {SCHEMA_VERSION}"
             )
     return cls.from_json(data)
@@ -429,7 +428,7 @@ FLOAT_INT_MAX = 2**1024 - 2**970 - 1
 """An integer whose magnitude is at most this converts to a finite float (larger ones overflow)."""
 
 
-def describe_value(value: Any, limit: int = 60) -> str:
+def _describe(value: Any, limit: int = 60) -> str:
     """A short, printable description of a log-supplied value for a message (never a 4,000-digit repr)."""
     if isinstance(value, int) and not isinstance(value, bool) and not INT_MIN <= value <= INT_MAX:
         digits = math.floor(math.log10(abs(value))) + 1  # str() of a huge int may raise or take seconds
@@ -439,11 +438,9 @@ def describe_value(value: Any, limit: int = 60) -> str:
 
 def _as_int(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise RecordError(f"'{name}' must be an integer, got {describe_value(value)}")
+        raise RecordError(f"'{name}' must be an integer, got {_describe(value)}")
     if not INT_MIN <= value <= INT_MAX:
-        raise RecordError(
-            f"'{name}' must be a 64-bit integer (-2**63 to 2**63-1), got {describe_value(value)}"
-        )
+        raise RecordError(f"'{name}' must be a 64-bit integer (-2**63 to 2**63-1), got {_describe(value)}")
     return value
 
 
@@ -453,11 +450,10 @@ def _as_optional_int(value: Any, name: str) -> int | None:
 
 def _as_float(value: Any, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise RecordError(f"'{name}' must be a number, got {describe_value(value)}")
+        raise RecordError(f"'{name}' must be a number, got {_describe(value)}")
     if type(value) is not float and not -FLOAT_INT_MAX <= value <= FLOAT_INT_MAX:
         raise RecordError(
-            f"'{name}' must be a number within the range of a double (about ±1.8e308), "
-            f"got {describe_value(value)}"
+            f"'{name}' must be a number within the range of a double (about ±1.8e308), got {_describe(value)}"
         )
     return float(value)
 
@@ -468,13 +464,13 @@ def _as_optional_float(value: Any, name: str) -> float | None:
 
 def _as_str(value: Any, name: str) -> str:
     if not isinstance(value, str):
-        raise RecordError(f"'{name}' must be a string, got {describe_value(value)}")
+        raise RecordError(f"'{name}' must be a string, got {_describe(value)}")
     return value
 
 
 def _as_direction(value: Any) -> Direction:
     if value not in DIRECTIONS:
-        raise RecordError(f"'direction' must be 'forward' or 'reverse', got {describe_value(value)}")
+        raise RecordError(f"'direction' must be 'forward' or 'reverse', got {_describe(value)}")
     return value
 
 

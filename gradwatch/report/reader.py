@@ -309,7 +309,7 @@ class LogTail:
         """:func:`json.loads` with the report's messages for each way a line can be bad."""
         try:
             data = json.loads(raw.decode("utf-8"), parse_constant=_non_finite_as_null)
-            if _SURROGATE_ESCAPE.search(raw) is not None:  # json decodes "\ud800" to a lone surrogate
+            if b"\\u" in raw and _SURROGATE_ESCAPE.search(raw) is not None:  # "\ud800": lone surrogate
                 data, replaced = _lone_surrogates_written_out(data)
                 if replaced:
                     self._note_lone_surrogates(out, line)
