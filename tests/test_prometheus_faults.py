@@ -24,8 +24,17 @@ from torch import nn
 
 import gradwatch
 from gradwatch.policy.alerts import GradWatchWarning
-from gradwatch.sinks.prometheus import PrometheusSink, label_value
-from tests.prometheus_tools import free_port, label_values, query, require_binary, running_server, wait_until
+from gradwatch.records import Measurement, MeasurementMetrics
+from gradwatch.sinks.prometheus import ExportFault, PrometheusSink, label_value
+from tests.prometheus_tools import (
+    free_port,
+    http_get,
+    label_values,
+    query,
+    require_binary,
+    running_server,
+    wait_until,
+)
 
 OPENMETRICS = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
 MODULE = "enc\ud800"
@@ -164,3 +173,25 @@ def test_real_prometheus_scrapes_a_run_with_a_lone_surrogate_and_a_broken_collec
         with pytest.warns(GradWatchWarning, match="collector bug"):
             _train(model, monitor, 1)
         assert monitor.fault_counts["exporter"] >= 1
+
+
+@pytest.mark.prometheus
+def test_a_push_sends_what_it_can_and_keeps_the_fault_for_the_training_thread(tmp_path: Path) -> None:
+    binary = require_binary("prometheus-pushgateway")
+    port = free_port()
+    argv = [binary, f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"]
+    with running_server(argv, port=port, log=tmp_path / "pushgateway.log") as gateway:
+        sink = PrometheusSink(None, push_gateway=gateway.url, run_id=RUN_ID, timeout=5.0)
+        sink.registry.register(_BrokenCollector())
+        metrics = MeasurementMetrics(*[0.5] * 9)
+        sink.write(Measurement(3, 1.0, MODULE, 0, "forward", metrics, run_id=RUN_ID))
+        sink.flush()
+        pushed = http_get(gateway.url + "/metrics").decode()
+        sink.close()
+    assert sink.push_failures == 0 and sink.push_attempts == 2  # the flush and the final push
+    ours = [labels for labels in _samples(pushed)["gradwatch_lyapunov_max"] if labels["job"] == "gradwatch"]
+    assert ("enc\\ud800", "run-\\udcff") in [(labels["module"], labels["run"]) for labels in ours]
+    faults = sink.take_faults()
+    assert [where for where, _ in faults] == ["exporter"] * 2  # one per push
+    assert all(isinstance(fault, ExportFault) and "collector bug" in str(fault) for _, fault in faults)
+    assert sink.take_faults() == []

@@ -23,7 +23,8 @@ Label values are text from the run (module, run id, parameter names): one that c
 surrogate) is exported with the escape written out (``\\ud800``), as ``gradwatch report`` shows it. A
 collector or metric family the exporter cannot serve is left out of the scrape, not the whole scrape: the
 failure is a fault of the exporter (one ``GradWatchWarning``, one error record, ``monitor.fault_counts``),
-reported on the training thread at the next step (:meth:`PrometheusSink.take_faults`).
+reported on the training thread at the next step (:meth:`PrometheusSink.take_faults`). Pushes send the same
+checked families.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from gradwatch.records import (
     Record,
     RunHeader,
 )
-from gradwatch.sinks._http_exporter import BasicAuth, MetricsServer
+from gradwatch.sinks._http_exporter import BasicAuth, FaultTolerantCollection, MetricsServer
 
 logger = logging.getLogger(__name__)
 
@@ -195,6 +196,8 @@ class PrometheusSink:
         self._unshown_warning: str | None = None  # a failed push's warning, shown on the training thread
         self._push_lock = threading.Lock()  # one push at a time; guards the push bookkeeping above
 
+        # What a scrape or a push sends: each collector and family checked on its own (see _export_failed).
+        self._exposed = FaultTolerantCollection(self.registry, self._export_failed)
         self._server: MetricsServer | None = None
         if port is not None:
             try:
@@ -453,7 +456,7 @@ class PrometheusSink:
             push_to_gateway(
                 self.push_gateway,
                 job=self.job,
-                registry=self.registry,
+                registry=self._exposed,
                 grouping_key=self._grouping_key(),
                 timeout=self.timeout,
                 handler=self._push_handler,
