@@ -135,7 +135,12 @@ controls, DEL, bidirectional overrides) or that cannot be encoded (lone surrogat
 
 
 def render_json(report: Report) -> str:
-    """Indented JSON text (valid JSON: never NaN or Infinity; printable: C0/C1 controls, bidirectional
-    overrides and lone surrogates in strings are ``\\uXXXX`` escapes, so they read back unchanged)."""
-    text = json.dumps(report_to_json(report), indent=2, ensure_ascii=False, allow_nan=False)
-    return _ESCAPED_IN_STRINGS.sub(lambda match: f"\\u{ord(match.group()):04x}", text) + "\n"
+    """Indented JSON text (valid JSON: never NaN or Infinity; printable, see :func:`_dumps`)."""
+    return _dumps(report_to_json(report)) + "\n"
+
+
+def _dumps(data: Any) -> str:
+    """``data`` as indented JSON; C0/C1 controls, bidirectional overrides and lone surrogates in strings
+    are ``\\uXXXX`` escapes (a terminal showing the JSON does not act on them; they read back unchanged)."""
+    text = json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False)
+    return _ESCAPED_IN_STRINGS.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
