@@ -176,8 +176,11 @@ class MeasurementPipeline:
         seed: int,
         estimator: EstimatorSettings,
         background: bool = False,
+        model_label: str = "",
     ) -> None:
         self.watched = list(watched)
+        self.model_label = model_label
+        """Names the model in warnings (two monitors' modules may share a name): class and run id."""
         self.faults = faults
         self.probe_mode = probe
         self.max_sequences = max_sequences
@@ -406,17 +409,9 @@ class MeasurementPipeline:
             )
         if fresh and fixed:
             self.probes[watched.name] = probe
-            self.probe_steps[watched.name] = steps = probe_length(probe)
-            if steps < VERDICT_MIN_STEPS:
-                message = (
-                    f"gradwatch: the fixed probe of {watched.name} has only {steps} time step(s): no lag "
-                    "norm and no Lyapunov exponent, so no vanishing/exploding verdict; it is replaced by "
-                    f"the next measured batch that is longer, until one has {FIXED_PROBE_MIN_STEPS} steps"
-                )
-                try:
-                    self.faults.warn_once(f"short-probe:{watched.name}", message)
-                except Warning:  # GradWatchWarning turned into an error: a notice, not a reason to fail
-                    logger.warning(message)
+            self.probe_steps[watched.name] = probe_length(probe)
+        if fresh and probe_length(probe) < VERDICT_MIN_STEPS:
+            self._warn_short_probe(watched, recorder, probe_length(probe), step)
         module = watched.module
         # A fresh call is measured at the weights its forward used, kept by the hook (the optimizer may have
         # moved them since: LBFGS steps after its last closure); a kept probe is re-run at the current ones.
@@ -451,6 +446,35 @@ class MeasurementPipeline:
             )
             return None
         return traces
+
+    def _warn_short_probe(
+        self, watched: WatchedModule, recorder: CallRecorder, steps: int, step: int
+    ) -> None:
+        """Once per module: a probe of one time step has no lag norm, so its verdict is unknown; say why
+        (calls that were not chained) and what replaces it."""
+        where = f"{watched.name} ({type(watched.module).__name__}) of {self.model_label or 'the model'}"
+        if recorder.calls_seen > 1:
+            cause = (
+                f"it was called {recorder.calls_seen} times on measured step {step}, but the calls are not "
+                "chained (a call's state is not the state the previous call returned, or its weights "
+                "changed), so they cannot be measured as one sequence and only the last call is measured"
+            )
+        else:
+            cause = f"its call on measured step {step} has {steps} time step(s)"
+        then = (
+            "; it is replaced by the next measured batch that is longer, until one has "
+            f"{FIXED_PROBE_MIN_STEPS} steps"
+            if self.probe_mode == "fixed"
+            else ""
+        )
+        message = (
+            f"gradwatch: {where}: {cause}. A product of one step Jacobian has no lag norm (lyapunov_max is "
+            f"then only the log of that one step's sigma_max), so its verdict is unknown, not healthy{then}"
+        )
+        try:
+            self.faults.warn_once(f"short-probe:{watched.name}", message)
+        except Warning:  # GradWatchWarning turned into an error: a notice, not a reason to fail
+            logger.warning(message)
 
     # --- plumbing -------------------------------------------------------------------------------------
 

@@ -196,6 +196,7 @@ class Monitor:
             seed=config.seed,
             estimator=config.estimator,
             background=config.background,
+            model_label=f"{type(model).__name__} (run {self.run_id})",
         )
         self._recorders = self._pipeline.recorders
         self._handles: list[RemovableHandle] = []  # hooks placed on user objects (none at present)

@@ -374,8 +374,9 @@ def test_a_fixed_probe_too_short_to_judge_is_renewed_by_a_longer_batch_and_warne
     assert [r.metrics.time_steps for r in records] == [1, 1, 5, 12, 12, 12]
     assert records[0].metrics.lag_norm == {}
     assert records[-1].metrics.lag_norm.keys() == {"1", "2", "4", "8", "12"}
-    short = [m for m in messages if "fixed probe" in m]
-    assert len(short) == 1 and "only 1 time step" in short[0] and "8 steps" in short[0]
+    short = [m for m in messages if "verdict is unknown" in m]
+    assert len(short) == 1 and "has 1 time step(s)" in short[0] and "8 steps" in short[0]
+    assert "SeqModel (run " in short[0]  # names the model: two monitors' modules may share a name
 
 
 def test_a_fixed_probe_of_enough_steps_is_kept_whatever_comes_later() -> None:
@@ -383,7 +384,7 @@ def test_a_fixed_probe_of_enough_steps_is_kept_whatever_comes_later() -> None:
     assert [r.metrics.time_steps for r in records] == [9, 9, 9, 9]
     short, quiet = _train_on_lengths({}, [5, 3, 6])  # short, but each carries a verdict: renewed silently
     assert [r.metrics.time_steps for r in short] == [5, 5, 6]
-    assert not [m for m in messages + quiet if "fixed probe" in m]
+    assert not [m for m in messages + quiet if "verdict is unknown" in m]
     live, _ = _train_on_lengths({"probe": "live"}, [1, 30, 4])
     assert [r.metrics.time_steps for r in live] == [1, 30, 4]
 
@@ -402,4 +403,4 @@ def test_the_short_probe_notice_never_fails_a_measurement(caplog: pytest.LogCapt
                 optimizer.step()
             records = [r for r in monitor.history if isinstance(r, Measurement)]
     assert [r.metrics.time_steps for r in records] == [1, 12]
-    assert any("fixed probe of rnn has only 1 time step" in r.getMessage() for r in caplog.records)
+    assert any("rnn (GRU) of SeqModel" in r.getMessage() for r in caplog.records)

@@ -1,8 +1,9 @@
 """Forward hooks that keep detached copies of what a measurement needs, on measured steps only.
 
 The hook never changes a module's inputs or outputs. It keeps the *last* call of a measured step (the last
-micro-batch under gradient accumulation; for cells, the last unbroken chain of calls), sliced to the first
-``max_sequences`` sequences and cloned so later in-place edits by the user cannot reach it.
+micro-batch under gradient accumulation), or the last unbroken chain of calls, each fed the state the previous
+one returned (a cell in a loop; an nn.GRU stepped one token at a time by a decoder), as one sequence; sliced
+to the first ``max_sequences`` sequences and cloned so later in-place edits by the user cannot reach it.
 
 Under ``torch.compile`` the hook body is traced, so it cannot copy tensors eagerly: it only appends the call's
 tensors to a list (Dynamo replays that as a side effect after the graph runs) and :meth:`CallRecorder.settle`
@@ -31,6 +32,7 @@ from torch.utils.hooks import RemovableHandle
 from gradwatch.capture.modules import CELL_TYPES, FUSED_TYPES, State, WatchedModule, weight_names
 
 MAX_CELL_CALLS = 4096  # bound on the recorded chain of one cell per measured step
+MAX_CHAINED_STEPS = 4096  # bound on the time steps of a fused module's chained calls per measured step
 
 PendingCall = tuple[tuple[Any, ...], dict[str, Any], Any, "torch.dtype | None", bool]
 """(args, kwargs, output, autocast dtype, module.training) of a call made inside a torch.compile'd forward,
@@ -90,6 +92,8 @@ class CallRecorder:
         self.recorded_in_eval = False  # what is recorded came from eval-mode calls (no training call yet)
         self._training_seen = False  # a training-mode call was recorded on this step
         self._last_output: tuple[Tensor, ...] | None = None  # the user's tensors, to detect a chain
+        self.calls_seen = 0  # calls recorded on this step (training-mode ones once one was seen)
+        self.chained_calls = 1  # calls joined into the kept fused chain (see :func:`continues_chain`)
         self._deferred: list[PendingCall] = []  # calls seen inside a compiled forward
         # The effective weights (parametrized, weight-dropped) the kept call ran with, copied at record time:
         # the optimizer may move the parameters before the measurement (LBFGS, a second optimizer).
@@ -116,6 +120,8 @@ class CallRecorder:
         self._deferred = []
         self.weights = None
         self._weight_sources = []
+        self.calls_seen = 0
+        self.chained_calls = 1
 
     def _keep_weights(self, module: nn.Module) -> None:
         """Copy the weights this call used, unless they are the very tensors (same version) copied last."""
@@ -179,6 +185,9 @@ class CallRecorder:
                 self.cell_calls = []
                 self._last_output = None
                 self.recorded_in_eval = False
+                self.calls_seen = 0
+                self.chained_calls = 1
+        self.calls_seen += 1
         self._record(args, kwargs, output, autocast)
 
     def _record(
@@ -186,12 +195,48 @@ class CallRecorder:
     ) -> None:
         with torch.no_grad():
             if self.watched.kind == "fused":
-                call = record_fused_call(self.watched.module, args, kwargs, output, self.max_sequences)
-                if call is not None:
-                    self.fused_call = replace(call, autocast_dtype=autocast)
-                    self._keep_weights(self.watched.module)
+                self._record_fused(args, kwargs, output, autocast)
             else:
                 self._record_cell(args, kwargs, output, autocast)
+
+    def _record_fused(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any, autocast: torch.dtype | None
+    ) -> None:
+        """Keep the call, or append it to the kept one when it continues it: fed the state the previous
+        call returned, with the same weights (a decoder stepped one token at a time is one sequence)."""
+        module = self.watched.module
+        call = record_fused_call(module, args, kwargs, output, self.max_sequences)
+        if call is None:
+            return
+        call = replace(call, autocast_dtype=autocast)
+        state_in = args[1] if len(args) > 1 else kwargs.get("hx")
+        previous = self.fused_call
+        if (
+            previous is not None
+            and self._last_output is not None
+            and state_in is not None
+            and not getattr(module, "bidirectional", False)
+            and _same_state(_as_tuple(state_in), self._last_output)
+            and self._same_weights(module)
+            and full_length(previous)
+            and full_length(call)
+        ):
+            if previous.inputs.shape[0] + call.inputs.shape[0] <= MAX_CHAINED_STEPS:
+                self.fused_call = join_fused_calls(previous, call)
+                self.chained_calls += 1
+                self._last_output = _as_tuple(output[1])
+            return  # a chain over the bound keeps its first MAX_CHAINED_STEPS steps
+        self.fused_call = call
+        self.chained_calls = 1
+        self._last_output = _as_tuple(output[1])
+        self._keep_weights(module)
+
+    def _same_weights(self, module: nn.Module) -> bool:
+        """Does the module compute with the very weight tensors (same versions) of the kept call?"""
+        sources = [(t, -1 if t is None else t._version) for t in used_weights(module).values()]
+        return len(sources) == len(self._weight_sources) and all(
+            a is b and va == vb for (a, va), (b, vb) in zip(sources, self._weight_sources, strict=True)
+        )
 
     def _record_cell(
         self, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any, autocast: torch.dtype | None = None
@@ -409,6 +454,25 @@ def _same_state(state_in: tuple[Tensor, ...], last_out: tuple[Tensor, ...]) -> b
     return all(
         a.shape == b.shape and bool(torch.equal(a.detach(), b.detach()))
         for a, b in zip(state_in, last_out, strict=True)
+    )
+
+
+def full_length(call: FusedCall) -> bool:
+    """Does every kept sequence of the call run its whole length (no packed, shorter sequence)?"""
+    return bool((call.lengths == call.inputs.shape[0]).all())
+
+
+def join_fused_calls(first: FusedCall, then: FusedCall) -> FusedCall:
+    """One call from two consecutive ones, the second started from the state the first returned."""
+    return FusedCall(
+        inputs=torch.cat([first.inputs, then.inputs]),
+        lengths=first.lengths + then.lengths,
+        h0=first.h0,
+        c0=first.c0,
+        output=torch.cat([first.output, then.output]),
+        h_n=then.h_n,
+        c_n=then.c_n,
+        autocast_dtype=first.autocast_dtype or then.autocast_dtype,
     )
 
 
