@@ -20,7 +20,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Literal
@@ -36,7 +35,6 @@ from gradwatch.capture.replay import (
     check_cell_against_module,
     check_cell_replay,
     check_fused_replay,
-    deterministic_mode,
     fused_parameter_names,
     replay_fused,
     rerun_fused,
@@ -300,7 +298,7 @@ class MeasurementPipeline:
     ) -> MeasurementJob:
         """The training-thread half of a measurement: replay every module on its probe and freeze what the
         estimators need (weights copied in background mode, as the optimizer is about to change them).
-        User cells are estimated here too: their step function calls the live module."""
+        User cells are estimated here too: their step function runs a private copy of the module."""
         job = MeasurementJob(
             step=step,
             time=time.time(),
@@ -314,24 +312,22 @@ class MeasurementPipeline:
             for watched in self.watched:
                 if self.faults.is_disabled(watched.name):
                     continue
-                # A user cell runs in eval mode while it is measured: dropout inside it would make every
-                # J v of the iteration a different matrix.
+                # A user cell is measured on a private copy in eval mode (replay.trace_custom_cell).
                 custom = watched.kind == "custom"
                 try:
-                    with deterministic_mode(watched.module) if custom else nullcontext():
-                        layers = self._layer_jobs(
-                            watched,
-                            step,
-                            grad_values,
-                            snapshot=self.background and not custom,
-                            nonfinite=grad_nonfinite,
-                        )
-                        if custom:
-                            fresh: dict[LayerKey, WarmStart] = {}
-                            ready = [estimate_layer_job(job, layer, fresh) for layer in layers]
-                            job.modules.append(ModuleJob(watched.name, [], ready, fresh))
-                        else:
-                            job.modules.append(ModuleJob(watched.name, layers, []))
+                    layers = self._layer_jobs(
+                        watched,
+                        step,
+                        grad_values,
+                        snapshot=self.background and not custom,
+                        nonfinite=grad_nonfinite,
+                    )
+                    if custom:
+                        fresh: dict[LayerKey, WarmStart] = {}
+                        ready = [estimate_layer_job(job, layer, fresh) for layer in layers]
+                        job.modules.append(ModuleJob(watched.name, [], ready, fresh))
+                    else:
+                        job.modules.append(ModuleJob(watched.name, layers, []))
                 except Exception as exc:
                     self.faults.fault("estimator", watched.name, exc)
         return job

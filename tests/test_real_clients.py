@@ -270,3 +270,256 @@ def test_calls_that_are_not_chained_are_said_once_with_the_model_named(probe: st
     assert "gru (GRU) of UnchainedDecoder (run " in said[0] and "called 6 times" in said[0]
     assert "verdict is unknown" in said[0] and "no Lyapunov exponent" not in said[0]
     assert records and all(r.metrics.time_steps == 1 and r.metrics.lag_norm == {} for r in records)
+
+
+# --- the char-RNN tutorials (char_rnn_classification_tutorial.py, char_rnn_generation_tutorial.py) ------
+
+N_LETTERS, N_HIDDEN, N_CATEGORIES = 7, 6, 3
+
+
+class ClassifierRNN(nn.Module):
+    """char_rnn_classification_tutorial.py's ``RNN``: forward(input, hidden) -> (output, hidden)."""
+
+    def __init__(self, input_size: int, hidden_size: int, output_size: int) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.i2h = nn.Linear(input_size + hidden_size, hidden_size)
+        self.i2o = nn.Linear(input_size + hidden_size, output_size)
+        self.softmax = nn.LogSoftmax(dim=1)
+
+    def forward(self, input: Tensor, hidden: Tensor) -> tuple[Tensor, Tensor]:
+        combined = torch.cat((input, hidden), 1)
+        hidden = self.i2h(combined)
+        output = self.i2o(combined)
+        output = self.softmax(output)
+        return output, hidden
+
+    def initHidden(self) -> Tensor:
+        return torch.zeros(1, self.hidden_size, dtype=torch.float64)
+
+
+class GeneratorRNN(nn.Module):
+    """char_rnn_generation_tutorial.py's ``RNN``: forward(category, input, hidden) -> (output, hidden)."""
+
+    def __init__(self, input_size: int, hidden_size: int, output_size: int) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.i2h = nn.Linear(N_CATEGORIES + input_size + hidden_size, hidden_size)
+        self.i2o = nn.Linear(N_CATEGORIES + input_size + hidden_size, output_size)
+        self.o2o = nn.Linear(hidden_size + output_size, output_size)
+        self.dropout = nn.Dropout(0.1)
+        self.softmax = nn.LogSoftmax(dim=1)
+
+    def forward(self, category: Tensor, input: Tensor, hidden: Tensor) -> tuple[Tensor, Tensor]:
+        input_combined = torch.cat((category, input, hidden), 1)
+        hidden = self.i2h(input_combined)
+        output = self.i2o(input_combined)
+        output_combined = torch.cat((hidden, output), 1)
+        output = self.o2o(output_combined)
+        output = self.dropout(output)
+        output = self.softmax(output)
+        return output, hidden
+
+    def initHidden(self) -> Tensor:
+        return torch.zeros(1, self.hidden_size, dtype=torch.float64)
+
+
+def one_hot(index: int, size: int) -> Tensor:
+    tensor = torch.zeros(1, size, dtype=torch.float64)
+    tensor[0][index] = 1
+    return tensor
+
+
+def char_examples(count: int, length: int = 5) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """(category, line (T, 1, letters), targets) as the tutorials' randomTrainingExample builds them."""
+    generator = torch.Generator().manual_seed(3)
+    out = []
+    for _ in range(count):
+        category = int(torch.randint(N_CATEGORIES, (1,), generator=generator))
+        letters = torch.randint(N_LETTERS, (length,), generator=generator)
+        line = torch.stack([one_hot(int(i), N_LETTERS) for i in letters])
+        targets = torch.cat([letters[1:], torch.tensor([N_LETTERS - 1])])
+        out.append((torch.tensor([category]), line, targets))
+    return out
+
+
+def train_char_rnn(
+    kind: str, registration: dict[str, Any] | None, steps: int = 3, **options: Any
+) -> tuple[
+    list[float], list[Tensor], list[Measurement], list[tuple[Tensor, Tensor]], list[dict[str, Tensor]]
+]:
+    """The tutorials' train(): zero_grad, one call per letter, backward, p.data.add_(-lr * grad); with
+    gradwatch, the one watch() line and monitor.step() (there is no optimizer). Returns the losses, the
+    final parameters, the records, the (x_t, hidden) each call was given and the parameters at each step."""
+    torch.manual_seed(0)
+    cls = ClassifierRNN if kind == "classification" else GeneratorRNN
+    rnn = cls(N_LETTERS, N_HIDDEN, N_CATEGORIES if kind == "classification" else N_LETTERS).double()
+    if registration is not None:
+        gradwatch.register_cell(cls, **registration)
+    criterion = nn.NLLLoss()
+    losses, calls, weights = [], [], []
+    spy = rnn.register_forward_hook(lambda m, a, o: calls.append((a[-2].detach(), a[-1].detach())))
+    try:
+        monitor = gradwatch.watch(rnn, **options) if registration is not None else None
+        for category_index, line, targets in char_examples(steps):
+            hidden = rnn.initHidden()
+            rnn.zero_grad()
+            weights.append({n: p.detach().clone() for n, p in rnn.named_parameters()})
+            if kind == "classification":
+                for i in range(line.size()[0]):
+                    output, hidden = rnn(line[i], hidden)
+                loss = criterion(output, category_index)
+            else:
+                category = one_hot(int(category_index), N_CATEGORIES)
+                loss = torch.zeros((), dtype=torch.float64)
+                for i in range(line.size()[0]):
+                    output, hidden = rnn(category, line[i], hidden)
+                    loss = loss + criterion(output, targets[i : i + 1])
+            loss.backward()
+            if monitor is not None:
+                monitor.step()
+            for p in rnn.parameters():
+                p.data.add_(p.grad.data, alpha=-0.005)
+            losses.append(loss.item())
+        records = [] if monitor is None else [r for r in monitor.history if isinstance(r, Measurement)]
+        if monitor is not None:
+            monitor.close()
+    finally:
+        spy.remove()
+        gradwatch.unregister_cell(cls)
+    return losses, [p.detach().clone() for p in rnn.parameters()], records, calls, weights
+
+
+CHAR_RNN_REGISTRATIONS = [
+    ("classification", {"returns": 1}),
+    ("classification", {"state": "hidden", "returns": "hidden"}),
+    ("classification", {"step": lambda cell, x, hidden: cell(x, hidden)[1]}),
+    ("generation", {"state": "hidden", "returns": "hidden"}),
+    ("generation", {"state": 2, "returns": 1}),
+]
+
+
+@pytest.mark.parametrize(
+    ("kind", "registration"),
+    CHAR_RNN_REGISTRATIONS,
+    ids=[
+        "classify-returns1",
+        "classify-by-name",
+        "classify-step",
+        "generate-by-name",
+        "generate-by-position",
+    ],
+)
+def test_the_char_rnn_tutorials_are_measured_exactly(kind: str, registration: dict[str, Any]) -> None:
+    """Step norms and lag products of the tutorials' RNN classes against jacrev of d hidden_t / d hidden_{t-1}
+    through the class itself, at the recorded inputs; losses and weights bit for bit as without gradwatch."""
+    bare_losses, bare_params, _, _, _ = train_char_rnn(kind, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradWatchWarning)
+        losses, params, records, calls, weights = train_char_rnn(
+            kind, registration, every=1, probe="live", estimator=EXACT
+        )
+    assert losses == bare_losses
+    assert all(torch.equal(a, b) for a, b in zip(params, bare_params, strict=True))
+    assert [r.step for r in records] == [0, 1, 2]
+    length = 5
+    for record in records:
+        reference = (ClassifierRNN if kind == "classification" else GeneratorRNN)(
+            N_LETTERS, N_HIDDEN, N_CATEGORIES if kind == "classification" else N_LETTERS
+        ).double()
+        reference.load_state_dict(weights[record.step])
+        reference.eval()
+        step_calls = calls[record.step * length : (record.step + 1) * length]
+        category = one_hot(int(char_examples(3)[record.step][0]), N_CATEGORIES)[0]
+
+        def step(
+            x: Tensor, h: Tensor, reference: nn.Module = reference, category: Tensor = category
+        ) -> Tensor:
+            if kind == "classification":
+                return reference(x[None], h[None])[1][0]
+            return reference(category[None], x[None], h[None])[1][0]
+
+        inputs = torch.stack([x for x, _h in step_calls])  # (T, 1, letters)
+        exact = exact_chain_metrics(step, inputs, step_calls[0][1])
+        assert_matches_exact(record, exact)
+
+
+def test_a_hand_written_rnn_registered_plainly_is_told_which_names_to_give() -> None:
+    """The documented first try: register_cell(RNN) on forward(category, input, hidden) -> (output, hidden)
+    fails at the first capture with one warning that names state= and returns=."""
+    with pytest.warns(
+        GradWatchWarning, match=r"register_cell\(GeneratorRNN, state='hidden', returns='hidden'\)"
+    ):
+        _, _, records, _, _ = train_char_rnn("generation", {}, every=1)
+    assert records == []
+
+
+def test_register_cell_rejects_malformed_state_and_returns() -> None:
+    with pytest.raises(TypeError, match="argument position"):
+        gradwatch.register_cell(ClassifierRNN, state=1.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="not both"):
+        gradwatch.register_cell(ClassifierRNN, state=1, state_first=True)
+    gradwatch.unregister_cell(ClassifierRNN)
+
+
+# --- #30 item 10: a user cell whose forward updates a buffer -------------------------------------------
+
+
+class CountingCell(nn.Module):
+    """Counts its calls in a buffer and an attribute, and lets the count shape what it computes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.x2h = nn.Linear(3, 4)
+        self.h2h = nn.Linear(4, 4)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        self.attribute_calls = 0
+
+    def forward(self, x: Tensor, h: Tensor) -> Tensor:
+        with torch.no_grad():
+            self.calls += 1
+        self.attribute_calls += 1
+        return torch.tanh(self.x2h(x) + self.h2h(h) * (1 + 1e-3 * self.calls))
+
+
+class CountingModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.cell = CountingCell()
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x.new_zeros(x.shape[1], 4)
+        for t in range(x.shape[0]):
+            h = self.cell(x[t], h)
+        return h.pow(2).mean()
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_a_cell_that_counts_its_calls_trains_bit_for_bit_as_without_gradwatch(background: bool) -> None:
+    def run(monitored: bool) -> tuple[list[float], int, int, int]:
+        torch.manual_seed(0)
+        model = CountingModel()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        gradwatch.register_cell(CountingCell)
+        measured = 0
+        try:
+            monitor = gradwatch.watch(model, optimizer, every=1, background=background) if monitored else None
+            losses = []
+            generator = torch.Generator().manual_seed(5)
+            for _ in range(4):
+                optimizer.zero_grad()
+                loss = model(torch.randn(6, 2, 3, generator=generator))
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.item())
+            if monitor is not None:
+                measured = len([r for r in monitor.history if isinstance(r, Measurement)])
+                monitor.close()
+        finally:
+            gradwatch.unregister_cell(CountingCell)
+        return losses, int(model.cell.calls), model.cell.attribute_calls, measured
+
+    bare_losses, bare_calls, bare_attribute, _ = run(False)
+    losses, calls, attribute, measured = run(True)
+    assert (losses, calls, attribute) == (bare_losses, bare_calls, bare_attribute)
+    assert calls == 24 and measured == 4

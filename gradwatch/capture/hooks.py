@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 from torch.utils.hooks import RemovableHandle
 
+from gradwatch.capture.cell_calls import CallLayout, hint_for, new_state, read_call
 from gradwatch.capture.modules import CELL_TYPES, FUSED_TYPES, State, WatchedModule, weight_names
 
 MAX_CELL_CALLS = 4096  # bound on the recorded chain of one cell per measured step
@@ -61,6 +62,7 @@ class CellCall:
     state_in: tuple[Tensor, ...]  # each (B, n_i)
     state_out: tuple[Tensor, ...]
     autocast_dtype: torch.dtype | None = None  # the call ran under torch.autocast with this dtype
+    layout: CallLayout | None = None  # a user cell: how to call it again from (x, state)
 
 
 class CallRecorder:
@@ -241,10 +243,11 @@ class CallRecorder:
     def _record_cell(
         self, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any, autocast: torch.dtype | None = None
     ) -> None:
-        custom = self.watched.custom
-        x_at, state_at = (1, 0) if custom is not None and custom.state_first else (0, 1)
-        x = args[x_at] if len(args) > x_at else kwargs.get("input", kwargs.get("x"))
-        state = args[state_at] if len(args) > state_at else kwargs.get("hx", kwargs.get("state"))
+        if self.watched.kind == "custom":
+            self._record_custom_cell(args, kwargs, output, autocast)
+            return
+        x = args[0] if args else kwargs.get("input")
+        state = args[1] if len(args) > 1 else kwargs.get("hx")
         if not isinstance(x, Tensor) or (x.dim() > 1 and x.shape[0] == 0):
             return  # an empty batch has nothing to measure; keep the chain recorded so far
         out = _as_tuple(output)
@@ -253,12 +256,40 @@ class CallRecorder:
             out = tuple(t.unsqueeze(0) for t in out)
             state = None if state is None else tuple(t.unsqueeze(0) for t in _as_tuple(state))
         if state is None:
-            if self.watched.kind == "custom":
-                return  # a user cell given no state: its shape is unknown, nothing to measure
             state = tuple(torch.zeros_like(t) for t in out)
-        state_in = _as_tuple(state)
-        if self.watched.kind == "custom" and not self.cell_calls:
-            check_custom_signature(self.watched, x, state_in, out)
+        self._append_cell_call(x, _as_tuple(state), out, autocast, None)
+
+    def _record_custom_cell(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any, autocast: torch.dtype | None
+    ) -> None:
+        """A registered cell's call, read through its registration (``state=``, ``returns=``, ``step=``)."""
+        module, spec = self.watched.module, self.watched.custom
+        assert spec is not None
+        view = read_call(module, spec, args, kwargs)
+        if view is None or view.x.shape[0] == 0:
+            return  # no state passed (its shape is unknown) or an empty batch: nothing to measure
+        state_in = _as_tuple(view.state)
+        out = _as_tuple_or_none(new_state(module, spec, output, state_in))
+        if not self.cell_calls:
+            check_custom_signature(
+                self.watched, view.x, state_in, out, hint_for(module, args, kwargs, output)
+            )
+        assert out is not None  # check_custom_signature raised otherwise
+        previous = self.cell_calls[-1].layout if self.cell_calls else None
+        if previous is not None and not previous.same_kept_values(view.layout):
+            self._last_output = None  # other kept arguments: not one step function, start a new chain
+        self._append_cell_call(view.x, state_in, out, autocast, view.layout)
+
+    def _append_cell_call(
+        self,
+        x: Tensor,
+        state_in: tuple[Tensor, ...],
+        out: tuple[Tensor, ...],
+        autocast: torch.dtype | None,
+        layout: CallLayout | None,
+    ) -> None:
+        """Continue the kept chain with this call if it was fed the state the last call returned, else
+        start a new chain with it."""
         k = min(self.max_sequences, x.shape[0])
         chained = self._last_output is not None and _same_state(state_in, self._last_output)
         if not chained:
@@ -271,6 +302,7 @@ class CallRecorder:
                 state_in=tuple(t[:k].detach().clone() for t in state_in),
                 state_out=tuple(t[:k].detach().clone() for t in out),
                 autocast_dtype=autocast,
+                layout=layout,
             )
         )
         self._last_output = out
@@ -288,26 +320,47 @@ _global_handle: RemovableHandle | None = None
 
 
 def check_custom_signature(
-    watched: WatchedModule, x: Tensor, state_in: tuple[Tensor, ...], out: tuple[Tensor, ...]
+    watched: WatchedModule,
+    x: Tensor,
+    state_in: tuple[Tensor, ...],
+    out: tuple[Tensor, ...] | None,
+    hint: str | None = None,
 ) -> None:
     """A registered cell must return a new state shaped like its state; say how to register it if not."""
-    if [tuple(t.shape) for t in state_in] == [tuple(t.shape) for t in out]:
+    if out is not None and [tuple(t.shape) for t in state_in] == [tuple(t.shape) for t in out]:
         return
-    assert watched.custom is not None
-    order = "cell(state, x_t)" if watched.custom.state_first else "cell(x_t, state)"
-    shapes = ", ".join(str(tuple(t.shape)) for t in state_in)
-    hint = (
-        "If its forward is cell(state, x_t), register it with "
-        f"gradwatch.register_cell({type(watched.module).__name__}, state_first=True)"
-        if not watched.custom.state_first
-        else "If its forward is cell(x_t, state), register it without state_first=True"
+    spec = watched.custom
+    assert spec is not None
+    cls = type(watched.module).__name__
+    order = "cell(state, x_t)" if spec.state_first else "cell(x_t, state)"
+    if spec.state is not None:
+        order = f"a call whose argument {spec.state!r} is the state"
+    returned = (
+        "something that is not a tensor or a tuple of tensors"
+        if out is None
+        else ", ".join(str(tuple(t.shape)) for t in out)
     )
-    swapped = (tuple(x.shape),) == tuple(tuple(t.shape) for t in out)
+    taken = (
+        "the whole return value" if spec.returns is None else f"returns={spec.returns!r} of the return value"
+    )
+    shapes = ", ".join(str(tuple(t.shape)) for t in state_in)
+    swapped = out is not None and (tuple(x.shape),) == tuple(tuple(t.shape) for t in out)
+    if hint is None and swapped and not spec.state_first and spec.state is None:
+        hint = (
+            "if its forward is cell(state, x_t), register it with "
+            f"gradwatch.register_cell({cls}, state_first=True)"
+        )
+    elif hint is None and spec.state_first:
+        hint = "if its forward is cell(x_t, state), register it without state_first=True"
+    options = (
+        "register_cell(state=<argument position or name>, returns=<position or name of the new state in "
+        "the return value>), or step=lambda cell, x, state: new_state"
+    )
     raise ValueError(
-        f"registered cell {watched.name} ({type(watched.module).__name__}) was called with a state of "
-        f"shape {shapes} but returned {', '.join(str(tuple(t.shape)) for t in out)}: gradwatch reads the "
-        f"call as {order} -> new_state, with new_state shaped like state. "
-        + (hint + "." if swapped else hint + "; for another signature pass step=lambda cell, x, state: ...")
+        f"registered cell {watched.name} ({cls}) was called with a state of shape {shapes} but "
+        f"{taken} is {returned}: gradwatch reads the call as {order} -> new_state, with new_state shaped "
+        f"like state. "
+        + (f"{hint[0].upper()}{hint[1:]}; otherwise use {options}." if hint else f"Use {options}.")
     )
 
 
@@ -435,6 +488,13 @@ def _tensors(value: Any) -> Iterator[Tensor]:
 def _is_compiling() -> bool:
     compiler = getattr(torch, "compiler", None)
     return bool(compiler is not None and compiler.is_compiling())
+
+
+def _as_tuple_or_none(state: Any) -> tuple[Tensor, ...] | None:
+    try:
+        return _as_tuple(state)
+    except TypeError:
+        return None
 
 
 def _as_tuple(state: State | Any) -> tuple[Tensor, ...]:

@@ -26,16 +26,13 @@ CELL_TYPES: tuple[type[nn.Module], ...] = (nn.RNNCell, nn.LSTMCell, nn.GRUCell)
 
 @dataclass(frozen=True)
 class CustomCellSpec:
-    """How to run a user-written cell one step, and which parameter is its recurrent weight W_hh."""
+    """How a user-written cell is called and measured (see :func:`register_cell`)."""
 
     step: StepFunction | None = None
     recurrent_weight: str | None = None
     state_first: bool = False  # the cell's forward is ``cell(state, x_t)``
-
-    def run(self, cell: nn.Module, x: Tensor, state: State) -> State:
-        if self.step is not None:
-            return self.step(cell, x, state)
-        return cell(state, x) if self.state_first else cell(x, state)
+    state: int | str | None = None  # the argument that holds the state (position or name)
+    returns: int | str | None = None  # the part of the return value that is the new state
 
 
 _registered_classes: dict[type[nn.Module], CustomCellSpec] = {}
@@ -47,24 +44,51 @@ CellTarget = TypeVar("CellTarget", bound="type[nn.Module] | nn.Module")
 def register_cell(
     target: CellTarget,
     *,
+    state: int | str | None = None,
+    returns: int | str | None = None,
     step: StepFunction | None = None,
     recurrent_weight: str | None = None,
     state_first: bool = False,
 ) -> CellTarget:
     """Tell gradwatch that a module class (or one instance) is a recurrent cell it should watch.
 
-    The cell is called once per time step as ``cell(x_t, state) -> new_state`` where ``state`` is a tensor
-    of shape (batch, n) or a tuple of such tensors (flattened into one state vector s = [h; c; ...]).
-    A cell whose ``forward`` is ``cell(state, x_t)`` needs ``state_first=True`` (the forward hook then reads
-    the state from the first argument). For any other signature pass ``step(cell, x_t, state) -> new_state``
-    (how to run one step when measuring); the hook still reads x_t and the state from the first two
-    arguments in the order ``state_first`` says.
+    By default the cell is called once per time step as ``cell(x_t, state) -> new_state`` where ``state``
+    is a tensor of shape (batch, n) or a tuple of such tensors (flattened into one state vector
+    s = [h; c; ...]). For another call:
+
+    * ``state``: the argument that holds the state, by position (``2``) or name (``"hidden"``); every other
+      argument is an input of the step, held at its recorded value while d(new state)/d(state) is measured
+      (tensors with one row per sequence are recorded on each call). ``state_first=True`` is ``state=0``.
+    * ``returns``: which part of the return value is the new state: a position in a returned tuple
+      (``returns=1`` for ``return output, hidden``), a key of a returned dict or a field of a namedtuple,
+      or the name a plain tuple has in the forward's ``return output, hidden`` statement
+      (``returns="hidden"``). Default: the whole return value.
+    * ``step(cell, x_t, state) -> new_state``: how to run one step when measuring, for anything else
+      (``x_t``: the first per-sequence tensor argument other than the state). The hook then needs the
+      return value only to follow the state from call to call: ``returns`` if given, else the element of a
+      returned tuple shaped like the state.
+
     ``recurrent_weight`` names the parameter that plays W_hh (reported as ``weight_hh_sigma_max``).
+    The cell is measured on a private copy, so a forward that updates buffers or attributes (a call
+    counter) is never run on the user's module by gradwatch.
     Usable as a class decorator: ``@gradwatch.register_cell``.
     """
     if not isinstance(state_first, bool):
         raise TypeError(f"state_first must be True or False, got {state_first!r}")
-    spec = CustomCellSpec(step=step, recurrent_weight=recurrent_weight, state_first=state_first)
+    for option, value in (("state", state), ("returns", returns)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, str))):
+            raise TypeError(
+                f"register_cell({option}=...) takes an argument position (int) or a name (str), got {value!r}"
+            )
+    if state is not None and state_first:
+        raise ValueError(
+            "register_cell: pass state=... or state_first=True, not both (state_first is state=0)"
+        )
+    if step is not None and not callable(step):
+        raise TypeError(f"register_cell(step=...) must be a callable step(cell, x_t, state), got {step!r}")
+    spec = CustomCellSpec(
+        step=step, recurrent_weight=recurrent_weight, state_first=state_first, state=state, returns=returns
+    )
     if isinstance(target, type):
         if not issubclass(target, nn.Module):
             raise TypeError(f"register_cell expects an nn.Module subclass or instance, got class {target!r}")

@@ -15,6 +15,7 @@ the first layer's final state, which dropout does not touch.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence
 from torch.nn.utils.stateless import _reparametrize_module
 
+from gradwatch.capture.cell_calls import CallLayout, new_state
 from gradwatch.capture.hooks import CellCall, FusedCall, frozen_parametrizations, record_fused_call
 from gradwatch.capture.modules import CustomCellSpec, weight_names
 from gradwatch.estimators.cells import (
@@ -353,33 +355,56 @@ def check_cell_against_module(module: nn.Module, trace: LayerTrace) -> ReplayChe
     return ReplayCheck(float(error), tolerance, "cell outputs (module re-run)")
 
 
+def private_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of a user cell to measure on: its forward may update buffers or attributes (a call
+    counter), and gradwatch never runs the user's own module (what it computes next must not change)."""
+    try:
+        with torch.no_grad():
+            return copy.deepcopy(module)
+    except Exception as exc:
+        raise ValueError(
+            f"gradwatch measures a registered cell ({type(module).__name__}) on a private copy, so that "
+            "running it cannot change the user's module (a forward may update buffers or attributes), but "
+            f"copy.deepcopy failed: {exc!r}. Make the cell deep-copyable, or do not register it"
+        ) from exc
+
+
 def custom_step_function(
     module: nn.Module,
     spec: CustomCellSpec,
+    layout: CallLayout | None,
     sizes: list[int],
     dtype: torch.dtype,
     weights: Weights | None = None,
 ) -> FlatStep:
-    """The user's cell as a function of flat states, bypassing hooks (``module.forward``); with ``weights``
-    (parameters by name, as the recorded calls had them) those stand in for the live parameters."""
+    """The user's cell as a function of flat states, on ``module`` (a private copy: see
+    :func:`private_copy`) through ``module.forward`` (no hooks). ``weights`` (parameters by name, as the
+    recorded calls had them) stand in for its parameters, and every call starts from the buffers it had when
+    this function was made, so a buffer the forward updates cannot make two calls differ."""
     single = len(sizes) == 1
+    buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
+    param_dtype = _parameter_dtype(module, dtype)
 
     def step(x: Tensor, s: Tensor) -> Tensor:
-        if weights is None:
-            return live_step(x, s)
-        with _reparametrize_module(module, weights):
-            return live_step(x, s)
+        substitutes = {**(weights or {}), **{name: b.clone() for name, b in buffers.items()}}
+        if not substitutes:
+            return one_step(x, s)
+        with _reparametrize_module(module, substitutes):
+            return one_step(x, s)
 
-    def live_step(x: Tensor, s: Tensor) -> Tensor:
+    def one_step(x: Tensor, s: Tensor) -> Tensor:
         parts = tuple(torch.split(s, sizes, dim=-1))
-        state = parts[0] if single else parts
-        param_dtype = _parameter_dtype(module, dtype)
+        state = _cast_state(parts[0] if single else parts, param_dtype)
+        x = x.to(param_dtype)
         if spec.step is not None:
-            out = spec.step(module, x.to(param_dtype), _cast_state(state, param_dtype))
-        elif spec.state_first:
-            out = module.forward(_cast_state(state, param_dtype), x.to(param_dtype))
+            first = layout.parts[0] if layout is not None and layout.parts else None
+            x_t = x.reshape(x.shape[0], *first.shape) if first is not None else x
+            out = spec.step(module, x_t, state)
+        elif layout is not None:
+            args, kwargs = layout.rebuild(x, state)
+            out = new_state(module, spec, module.forward(*args, **kwargs), _as_state_tuple(state))
         else:
-            out = module.forward(x.to(param_dtype), _cast_state(state, param_dtype))
+            out = module.forward(state, x) if spec.state_first else module.forward(x, state)
         out_tuple = (out,) if isinstance(out, Tensor) else tuple(out)
         return torch.cat(out_tuple, dim=-1).to(dtype)
 
@@ -394,16 +419,19 @@ def trace_custom_cell(
     weights: Weights | None = None,
 ) -> LayerTrace:
     """A trace of a user-written cell at ``weights`` (its parameters as the recorded calls had them; None:
-    the live ones); its Jacobians come from torch.func on ``step_function``."""
-    dtype = compute_dtype(_parameter_dtype(module, torch.float32))
+    its current ones), measured on a private copy in eval mode; its Jacobians come from torch.func on
+    ``step_function``."""
+    shadow = private_copy(module)
+    shadow.train(False)  # no dropout: every J v of the iteration must be the same matrix
+    dtype = compute_dtype(_parameter_dtype(shadow, torch.float32))
     inputs, states, sizes = stack_cell_calls(calls, dtype)
-    step = custom_step_function(module, spec, sizes, dtype, weights)
+    step = custom_step_function(shadow, spec, calls[0].layout, sizes, dtype, weights)
     if recompute:
         states = _rerun_chain(step, inputs, states[0])
     mask = torch.ones(inputs.shape[:2], dtype=torch.bool, device=inputs.device)
     weight = None
     if spec.recurrent_weight is not None:
-        param = (weights if weights is not None else dict(module.named_parameters())).get(
+        param = (weights if weights is not None else dict(shadow.named_parameters())).get(
             spec.recurrent_weight
         )
         if param is None:
@@ -426,6 +454,10 @@ def _parameter_dtype(module: nn.Module, default: torch.dtype) -> torch.dtype:
     for p in module.parameters():
         return p.dtype
     return default
+
+
+def _as_state_tuple(state: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    return (state,) if isinstance(state, Tensor) else tuple(state)
 
 
 def _cast_state(state: Tensor | tuple[Tensor, ...], dtype: torch.dtype) -> Tensor | tuple[Tensor, ...]:
