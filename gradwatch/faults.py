@@ -9,6 +9,7 @@ and reports the first fault of each place as an :class:`~gradwatch.records.Error
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -125,6 +126,29 @@ class FaultPolicy:
 
     def warn(self, message: str) -> None:
         warnings.warn(message, GradWatchWarning, stacklevel=3)
+
+    def notice(self, key: str, where: str, module: str, message: str, *, step: int | None = None) -> None:
+        """Once per ``key``: warn (to the log instead when warnings are errors: a notice never stops the
+        run) and give the sinks an error record with ``message``; nothing is disabled."""
+        if key in self._warned:
+            return
+        self._warned.add(key)
+        try:
+            self.warn(message)
+        except Warning:
+            logging.getLogger("gradwatch").warning(message)
+        if self.report is not None:
+            self.report(
+                ErrorRecord(
+                    self._current_step() if step is None else step,
+                    time.time(),
+                    where,
+                    message,
+                    module=module,
+                    rank=self.rank,
+                    run_id=self.run_id,
+                )
+            )
 
     def warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

@@ -62,6 +62,8 @@ logger = logging.getLogger("gradwatch")
 FIXED_PROBE_MIN_STEPS = 8
 #: A probe shorter than this has no lag norm and no Lyapunov exponent: no verdict at all (one warning).
 VERDICT_MIN_STEPS = 2
+#: A watched module not recorded on this many measured steps gets one warning and one error record.
+NEVER_RECORDED_AFTER = 2
 
 ProbeMode = Literal["fixed", "live"]
 LayerKey = tuple[str, int, str]  # (module name, layer, direction)
@@ -192,6 +194,8 @@ class MeasurementPipeline:
         self.probe_steps: dict[str, int] = {}  # time steps of each kept probe (see FIXED_PROBE_MIN_STEPS)
         self.generator: torch.Generator | None = None
         self.recorders: dict[str, CallRecorder] = {}
+        self.measured_steps = 0  # measurements prepared so far
+        self.recorded_modules: set[str] = set()  # modules recorded on some measured step
         self._attached: list[tuple[nn.Module, CallRecorder]] = []  # routed by gradwatch's global hooks
         self._local_names: dict[LayerKey, dict[str, str]] = {}
         self.layer_parameters = self._map_layer_parameters()
@@ -220,6 +224,8 @@ class MeasurementPipeline:
                 self.recorders[watched.name] = recorder
                 _hooks.attach(watched.module, recorder, owner)
                 self._attached.append((watched.module, recorder))
+                if watched.parent is not None:  # a wrapper may call watched.module.forward (no hook fires)
+                    _hooks.attach_parent(watched.parent, recorder)
         except Exception:
             self.detach()
             raise
@@ -330,7 +336,28 @@ class MeasurementPipeline:
                         job.modules.append(ModuleJob(watched.name, layers, []))
                 except Exception as exc:
                     self.faults.fault("estimator", watched.name, exc)
+        self.measured_steps += 1
+        self._tell_never_recorded(step)
         return job
+
+    def _tell_never_recorded(self, step: int) -> None:
+        """From the second measured step on: one warning and one error record for each watched module that
+        was never recorded while training went on (its verdict is unknown; the cause is rarely a stop)."""
+        if self.measured_steps < NEVER_RECORDED_AFTER:
+            return
+        for watched in self.watched:
+            if watched.name in self.recorded_modules or self.faults.is_disabled(watched.name):
+                continue
+            message = (
+                f"gradwatch: {watched.name} ({type(watched.module).__name__}) of "
+                f"{self.model_label or 'the model'} was not recorded on any of the {self.measured_steps} "
+                f"measured steps up to step {step}, while training went on: no call of it fired its "
+                "forward hook with gradients on. Likely causes: a wrapper calls its .forward(...) directly "
+                "instead of calling the module (gradwatch follows a wrapper only when the wrapper's own "
+                "arguments and result are the module's, as in salesforce's WeightDrop), it runs only under "
+                "torch.no_grad(), or training does not use it. It has no measurement: its verdict is unknown"
+            )
+            self.faults.notice(f"never-recorded:{watched.name}", "capture", watched.name, message, step=step)
 
     def _layer_jobs(
         self,
@@ -383,6 +410,8 @@ class MeasurementPipeline:
         kept = self.probes.get(watched.name) if fixed else None
         kept_steps = self.probe_steps.get(watched.name, 0)
         recorded = recorder.fused_call if watched.kind == "fused" else (list(recorder.cell_calls) or None)
+        if recorded is not None or kept is not None:
+            self.recorded_modules.add(watched.name)
         # A kept probe shorter than FIXED_PROBE_MIN_STEPS gives way to a longer batch (the recorder stays
         # armed on measured steps until then): a first batch of T = 1 must not blind the monitor for good.
         renew = (

@@ -523,3 +523,213 @@ def test_a_cell_that_counts_its_calls_trains_bit_for_bit_as_without_gradwatch(ba
     losses, calls, attribute, measured = run(True)
     assert (losses, calls, attribute) == (bare_losses, bare_calls, bare_attribute)
     assert calls == 24 and measured == 4
+
+
+# --- salesforce/awd-lstm-lm: WeightDrop (weight_drop.py), RNNModel (model.py), NT-ASGD (main.py) --------
+
+
+class WeightDrop(nn.Module):
+    """weight_drop.py's WeightDrop: the raw weight on the wrapped module, ``self.module.forward(*args)``."""
+
+    def __init__(self, module: nn.Module, weights: list[str], dropout: float = 0, variational: bool = False):
+        super().__init__()
+        self.module = module
+        self.weights = weights
+        self.dropout = dropout
+        self.variational = variational
+        self._setup()
+
+    def widget_demagnetizer_y2k_edition(*args: Any, **kwargs: Any) -> None:
+        return
+
+    def _setup(self) -> None:
+        if issubclass(type(self.module), torch.nn.RNNBase):
+            self.module.flatten_parameters = self.widget_demagnetizer_y2k_edition
+        for name_w in self.weights:
+            w = getattr(self.module, name_w)
+            del self.module._parameters[name_w]
+            self.module.register_parameter(name_w + "_raw", nn.Parameter(w.data))
+
+    def _setweights(self) -> None:
+        for name_w in self.weights:
+            raw_w = getattr(self.module, name_w + "_raw")
+            w = torch.nn.functional.dropout(raw_w, p=self.dropout, training=self.training)
+            setattr(self.module, name_w, w)
+
+    def forward(self, *args: Any) -> Any:
+        self._setweights()
+        return self.module.forward(*args)
+
+
+class AwdRNNModel(nn.Module):
+    """model.py's RNNModel (LSTM, wdrop > 0), without its embedding and locked dropouts."""
+
+    def __init__(self, ntoken: int = 13, ninp: int = 4, nhid: int = 5, nlayers: int = 2, wdrop: float = 0.5):
+        super().__init__()
+        self.encoder = nn.Embedding(ntoken, ninp)
+        self.rnns = [
+            torch.nn.LSTM(ninp if i == 0 else nhid, nhid if i != nlayers - 1 else ninp, 1, dropout=0)
+            for i in range(nlayers)
+        ]
+        self.rnns = [WeightDrop(rnn, ["weight_hh_l0"], dropout=wdrop) for rnn in self.rnns]
+        self.rnns = torch.nn.ModuleList(self.rnns)
+        self.decoder = nn.Linear(ninp, ntoken)
+        self.ninp, self.nhid, self.nlayers = ninp, nhid, nlayers
+
+    def forward(self, input: Tensor, hidden: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, list]:
+        raw_output = self.encoder(input)
+        new_hidden = []
+        for i, rnn in enumerate(self.rnns):
+            raw_output, new_h = rnn(raw_output, hidden[i])
+            new_hidden.append(new_h)
+        result = self.decoder(raw_output.view(raw_output.size(0) * raw_output.size(1), raw_output.size(2)))
+        return result, new_hidden
+
+    def init_hidden(self, bsz: int) -> list[tuple[Tensor, Tensor]]:
+        weight = next(self.parameters()).data
+        return [
+            (
+                weight.new(1, bsz, self.nhid if i != self.nlayers - 1 else self.ninp).zero_(),
+                weight.new(1, bsz, self.nhid if i != self.nlayers - 1 else self.ninp).zero_(),
+            )
+            for i in range(self.nlayers)
+        ]
+
+
+def repackage_hidden(h: Any) -> Any:
+    if isinstance(h, Tensor):
+        return h.detach()
+    return tuple(repackage_hidden(v) for v in h)
+
+
+def train_awd(
+    monitored: bool, *, steps: int = 6, switch_at: int | None = None, spy: bool = False, **options: Any
+) -> dict[str, Any]:
+    """main.py's train(): repackage_hidden, zero_grad, forward, backward, clip_grad_norm_, step; at
+    ``switch_at`` the NT-ASGD switch: ``optimizer = torch.optim.ASGD(model.parameters(), t0=0, lambd=0.)``."""
+    torch.manual_seed(0)
+    model = AwdRNNModel().double()
+    optimizer: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=1.0, weight_decay=1.2e-6)
+    monitor = gradwatch.watch(model, optimizer, **options) if monitored else None
+    calls: list[dict[str, Any]] = []
+    if spy:
+        for index, rnn in enumerate(model.rnns):
+            rnn.register_forward_hook(
+                lambda m, a, o, index=index: calls.append(
+                    {
+                        "layer": index,
+                        "x": a[0].detach(),
+                        "h0": tuple(t.detach() for t in a[1]),
+                        "weights": {
+                            **{n: p.detach().clone() for n, p in m.module.named_parameters()},
+                            "weight_hh_l0": m.module.weight_hh_l0.detach().clone(),
+                        },
+                    }
+                )
+            )
+    generator = torch.Generator().manual_seed(2)
+    data = torch.randint(13, (60, 2), generator=generator)
+    hidden = model.init_hidden(2)
+    losses = []
+    for i in range(steps):
+        if switch_at is not None and i == switch_at:
+            optimizer = torch.optim.ASGD(model.parameters(), lr=1.0, t0=0, lambd=0.0, weight_decay=1.2e-6)
+        model.train()
+        batch, targets = data[i * 7 : i * 7 + 7], data[i * 7 + 1 : i * 7 + 8]
+        hidden = repackage_hidden(hidden)
+        optimizer.zero_grad()
+        output, hidden = model(batch, hidden)
+        loss = F.cross_entropy(output, targets.reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)
+        optimizer.step()
+        losses.append(loss.item())
+    out: dict[str, Any] = {"losses": losses, "params": [p.detach().clone() for p in model.parameters()]}
+    out["calls"] = calls
+    if monitor is not None:
+        out["history"] = list(monitor.history)
+        out["step"] = monitor.current_step
+        monitor.close()
+    return out
+
+
+def lstm_step_function(weights: dict[str, Tensor], hidden: int) -> Callable[[Tensor, Tensor], Tensor]:
+    """s_t = [h_t; c_t] of one nn.LSTM step with these weights (the dropped W_hh), through torch's nn.LSTM."""
+    lstm = nn.LSTM(weights["weight_ih_l0"].shape[1], hidden).double()
+    with torch.no_grad():
+        for name, value in weights.items():
+            getattr(lstm, name.removesuffix("_raw")).copy_(value)
+
+    def step(x: Tensor, s: Tensor) -> Tensor:
+        _, (h, c) = lstm(x.view(1, 1, -1), (s[:hidden].view(1, 1, -1), s[hidden:].view(1, 1, -1)))
+        return torch.cat([h.view(-1), c.view(-1)])
+
+    return step
+
+
+def test_weight_drop_calling_module_forward_is_measured_at_the_dropped_weights() -> None:
+    """WeightDrop's ``self.module.forward(*args)`` fires no hook of the LSTM: the wrapper's call is taken as
+    the LSTM's, at the dropped W_hh it set, and checked against jacrev through nn.LSTM with those weights."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradWatchWarning)
+        run = train_awd(True, steps=2, spy=True, every=1, probe="live", estimator=EXACT, background=False)
+    records = [r for r in run["history"] if isinstance(r, Measurement)]
+    assert {(r.step, r.module) for r in records} == {(s, f"rnns.{i}.module") for s in (0, 1) for i in (0, 1)}
+    for record in records:
+        call = run["calls"][record.step * 2 + int(record.module.split(".")[1])]
+        hidden = call["h0"][0].shape[-1]
+        step = lstm_step_function(call["weights"], hidden)
+        h0 = torch.cat([call["h0"][0][0], call["h0"][1][0]], dim=-1)
+        assert_matches_exact(record, exact_chain_metrics(step, call["x"], h0))
+        assert set(record.metrics.grad_norm) >= {"weight_hh_l0_raw", "weight_ih_l0"}
+
+
+def test_weight_drop_trains_bit_for_bit_as_without_gradwatch() -> None:
+    bare = train_awd(False)
+    watched = train_awd(True, every=1)
+    assert watched["losses"] == bare["losses"]
+    assert all(torch.equal(a, b) for a, b in zip(watched["params"], bare["params"], strict=True))
+    assert len([r for r in watched["history"] if isinstance(r, Measurement)]) == 6 * 2
+
+
+class HiddenForwardModel(nn.Module):
+    """Calls its LSTM's .forward itself, with arguments that are not its own: nothing gradwatch can follow."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Embedding(9, 3)
+        self.rnn = nn.LSTM(3, 4)
+        self.head = nn.Linear(4, 9)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        out, _ = self.rnn.forward(self.encoder(tokens))
+        return self.head(out)
+
+
+def test_a_module_never_recorded_while_training_goes_on_is_told_once(tmp_path: Any) -> None:
+    from click.testing import CliRunner
+
+    from gradwatch.cli import main
+    from gradwatch.records import ErrorRecord
+
+    torch.manual_seed(0)
+    model = HiddenForwardModel()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    log = tmp_path / "run.jsonl"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with gradwatch.watch(model, optimizer, every=2, log=log, background=False) as monitor:
+            for _ in range(7):
+                optimizer.zero_grad()
+                tokens = torch.randint(9, (5, 2))
+                F.cross_entropy(model(tokens).view(-1, 9), tokens.view(-1)).backward()
+                optimizer.step()
+            history = list(monitor.history)
+    told = [str(w.message) for w in caught if "not recorded" in str(w.message)]
+    assert len(told) == 1
+    assert "rnn (LSTM) of HiddenForwardModel (run " in told[0] and ".forward(...)" in told[0]
+    assert "verdict is unknown" in told[0]
+    (error,) = [r for r in history if isinstance(r, ErrorRecord)]
+    assert error.module == "rnn" and error.step == 2
+    text = CliRunner().invoke(main, ["report", str(log)], catch_exceptions=False).stdout
+    assert "probably stopped" not in text and "not recorded" in text

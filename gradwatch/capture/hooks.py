@@ -95,6 +95,7 @@ class CallRecorder:
         self._training_seen = False  # a training-mode call was recorded on this step
         self._last_output: tuple[Tensor, ...] | None = None  # the user's tensors, to detect a chain
         self.calls_seen = 0  # calls recorded on this step (training-mode ones once one was seen)
+        self.own_calls = 0  # calls on this step that fired the module's own hook (not through a wrapper)
         self.chained_calls = 1  # calls joined into the kept fused chain (see :func:`continues_chain`)
         self._deferred: list[PendingCall] = []  # calls seen inside a compiled forward
         # The effective weights (parametrized, weight-dropped) the kept call ran with, copied at record time:
@@ -123,6 +124,7 @@ class CallRecorder:
         self.weights = None
         self._weight_sources = []
         self.calls_seen = 0
+        self.own_calls = 0
         self.chained_calls = 1
 
     def _keep_weights(self, module: nn.Module) -> None:
@@ -153,9 +155,32 @@ class CallRecorder:
             self.traced_by_compile = True
         if not self._armed or not torch.is_grad_enabled():
             return  # no_grad passes and unmeasured steps are not recorded
+        self.own_calls += 1
         if _is_compiling():
             # Traced by Dynamo: keep references only (a side effect it replays); settle() copies them eagerly.
             self._deferred.append((args, kwargs, output, _autocast_dtype(output), bool(module.training)))
+            return
+        try:
+            self.settle()
+            self._take(args, kwargs, output, _autocast_dtype(output), bool(module.training))
+        except Exception as exc:
+            if self.on_fault is None:
+                raise
+            self.reset()
+            self.armed = False
+            self.on_fault(exc)
+
+    def wrapper_called(
+        self, wrapper: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+    ) -> None:
+        """The module's parent (a wrapper) finished a call. When no call of the module fired its own hook on
+        this step and the wrapper's arguments and result are the module's own (salesforce's WeightDrop:
+        ``return self.module.forward(*args)``), record the wrapper's call as the module's, at the weights the
+        wrapper set. A parent whose call does not look like the module's is ignored."""
+        if not self._armed or self.own_calls or not torch.is_grad_enabled() or _is_compiling():
+            return
+        module = self.watched.module
+        if self.watched.kind != "fused" or not looks_like_fused_call(module, args, kwargs, output):
             return
         try:
             self.settle()
@@ -316,6 +341,7 @@ class CallRecorder:
 # against every key, which makes Dynamo wrap other monitors' modules.)
 _attached: dict[int, CallRecorder] = {}
 _owners: dict[int, str] = {}
+_wrapped: dict[int, list[CallRecorder]] = {}  # id(parent module) -> recorders of the modules it holds
 _global_handle: RemovableHandle | None = None
 
 
@@ -415,7 +441,19 @@ def detach(module: nn.Module, recorder: CallRecorder) -> None:
     if _attached.get(id(module)) is recorder:
         del _attached[id(module)]
         _owners.pop(id(module), None)
+    for key, recorders in list(_wrapped.items()):
+        if recorder in recorders:
+            recorders.remove(recorder)
+            if not recorders:
+                del _wrapped[key]
     _refresh_global_hook()
+
+
+def attach_parent(parent: nn.Module, recorder: CallRecorder) -> None:
+    """Also hand ``parent``'s finished calls to ``recorder`` (see :meth:`CallRecorder.wrapper_called`);
+    :func:`detach` undoes it. The recorder keeps its module alive, so the parent's id is not reused while the
+    entry exists (the parent holds the module)."""
+    _wrapped.setdefault(id(parent), []).append(recorder)
 
 
 def attached_owner(module: nn.Module) -> str | None:
@@ -462,6 +500,8 @@ def _dispatch_forward(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str
     recorder = _attached.get(id(module))
     if recorder is not None:
         recorder(module, args, kwargs, output)
+    for held in _wrapped.get(id(module), ()):
+        held.wrapper_called(module, args, kwargs, output)
 
 
 def _autocast_dtype(output: Any) -> torch.dtype | None:
@@ -515,6 +555,27 @@ def _same_state(state_in: tuple[Tensor, ...], last_out: tuple[Tensor, ...]) -> b
         a.shape == b.shape and bool(torch.equal(a.detach(), b.detach()))
         for a, b in zip(state_in, last_out, strict=True)
     )
+
+
+def looks_like_fused_call(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+) -> bool:
+    """Are these the arguments and the result of a call of the fused ``module`` (input of its input size and
+    a floating dtype, an (output, state) result of its output size)?"""
+    x = args[0] if args else kwargs.get("input")
+    data = x.data if isinstance(x, PackedSequence) else x
+    if not isinstance(data, Tensor) or not data.is_floating_point() or data.dim() < 1:
+        return False
+    if data.shape[-1] != getattr(module, "input_size", None):
+        return False
+    if not isinstance(output, tuple) or len(output) != 2:
+        return False
+    out = output[0].data if isinstance(output[0], PackedSequence) else output[0]
+    proj = int(getattr(module, "proj_size", 0) or 0)
+    width = (proj or int(getattr(module, "hidden_size", 0))) * (
+        2 if getattr(module, "bidirectional", False) else 1
+    )
+    return isinstance(out, Tensor) and out.shape[-1] == width
 
 
 def full_length(call: FusedCall) -> bool:

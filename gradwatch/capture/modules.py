@@ -134,6 +134,9 @@ class WatchedModule:
     """For each weight the forward reads (``weight_hh_l0``), the leaf parameters behind it, by name relative
     to the module (a leaf on a parent module: its name relative to the model). Empty for a weight whose leaf
     could not be found (see :func:`weight_leaves`)."""
+    parent: nn.Module | None = field(default=None, repr=False, compare=False)
+    """The module that holds this one (None for the model itself): a wrapper such as salesforce's WeightDrop
+    calls ``self.module.forward(...)``, which fires no hook of this module, only the wrapper's."""
 
     @property
     def unattributed_weights(self) -> list[str]:
@@ -229,12 +232,13 @@ def find_rnn_modules(model: nn.Module) -> list[WatchedModule]:
         elif isinstance(module, CELL_TYPES):
             found.append(WatchedModule(name or _root_name(module), module, "cell", builtin_cell_kind(module)))
     qualified = {id(m): n for n, m in _walk(root, "")}
-    return [
-        replace(w, weight_leaves=weight_leaves(w.module, _ancestors(root, qualified[id(w.module)])))
-        if w.kind != "custom"
-        else w
-        for w in found
-    ]
+    out = []
+    for w in found:
+        ancestors = _ancestors(root, qualified[id(w.module)])
+        parent = ancestors[0][1] if ancestors else None
+        leaves = weight_leaves(w.module, ancestors) if w.kind != "custom" else w.weight_leaves
+        out.append(replace(w, weight_leaves=leaves, parent=parent))
+    return out
 
 
 def weight_names(module: nn.Module) -> list[str]:
