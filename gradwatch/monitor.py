@@ -18,7 +18,6 @@ import math
 import os
 import time
 import uuid
-import weakref
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -28,7 +27,6 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from torch.utils.hooks import RemovableHandle
 
 from gradwatch._version import __version__
@@ -41,6 +39,7 @@ from gradwatch.capture.modules import (
     no_rnn_message,
     unwrap_model,
 )
+from gradwatch.capture.optimizer_steps import attach_optimizer, detach_optimizer
 from gradwatch.checks import (
     alert_callbacks,
     check_config,
@@ -230,7 +229,7 @@ class Monitor:
         try:
             self._pipeline.attach(f"monitor {self.run_id} (modules {', '.join(self.watched_modules)})")
             if optimizer is not None:
-                _attach_optimizer(optimizer, self)
+                attach_optimizer(optimizer, self)
             self._arm(self._is_measured(self._step))
         except Exception:
             self._detach()
@@ -287,6 +286,10 @@ class Monitor:
     def current_step(self) -> int:
         """The index of the step in progress (the number of completed steps)."""
         return self._step
+
+    def watched_parameter_ids(self) -> set[int]:
+        """Ids of the watched leaf parameters (an optimizer holding them all may replace the one given)."""
+        return {id(p) for p in self._parameters.values()}
 
     @property
     def watched_modules(self) -> list[str]:
@@ -347,7 +350,7 @@ class Monitor:
         self._handles.clear()
         self._pipeline.detach()
         if self.optimizer is not None:
-            _detach_optimizer(self.optimizer, self)
+            detach_optimizer(self.optimizer, self)
 
     def __enter__(self) -> Monitor:
         return self
@@ -612,56 +615,6 @@ class Monitor:
         self.faults.fault(where, module, exc, step=step)
 
 
-# One process-wide optimizer step pre-hook (nothing is registered on the optimizer), dispatching to the
-# monitors attached to each optimizer; removed when the last one closes.
-_optimizer_monitors: weakref.WeakKeyDictionary[torch.optim.Optimizer, list[Monitor]] = (
-    weakref.WeakKeyDictionary()
-)
-_optimizer_hook_handle: RemovableHandle | None = None
-_optimizer_post_hook_handle: RemovableHandle | None = None
-
-
-def _attach_optimizer(optimizer: torch.optim.Optimizer, monitor: Monitor) -> None:
-    global _optimizer_hook_handle, _optimizer_post_hook_handle
-    _optimizer_monitors.setdefault(optimizer, []).append(monitor)
-    if _optimizer_hook_handle is None:
-        _optimizer_hook_handle = register_optimizer_step_pre_hook(_optimizer_step_hook)
-    if _optimizer_post_hook_handle is None:
-        _optimizer_post_hook_handle = register_optimizer_step_post_hook(_optimizer_step_post_hook)
-
-
-def _detach_optimizer(optimizer: torch.optim.Optimizer, monitor: Monitor) -> None:
-    global _optimizer_hook_handle, _optimizer_post_hook_handle
-    monitors = _optimizer_monitors.get(optimizer, [])
-    if monitor in monitors:
-        monitors.remove(monitor)
-    if not monitors:
-        _optimizer_monitors.pop(optimizer, None)
-    if not _optimizer_monitors and _optimizer_hook_handle is not None:
-        _optimizer_hook_handle.remove()
-        _optimizer_hook_handle = None
-    if not _optimizer_monitors and _optimizer_post_hook_handle is not None:
-        _optimizer_post_hook_handle.remove()
-        _optimizer_post_hook_handle = None
-
-
-def _optimizer_step_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    """Close the step of every monitor attached to this optimizer (a copy of it has none)."""
-    monitors = _optimizer_monitors.get(optimizer)
-    if not monitors:
-        return
-    positional = args[1:] if args and args[0] is optimizer else args  # torch passes (self, *args)
-    closure = kwargs.get("closure", positional[0] if positional else None)
-    for monitor in list(monitors):
-        monitor._end_of_step(optimizer, closure=callable(closure))
-
-
-def _optimizer_step_post_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    """After ``optimizer.step(closure)``: measure a measured closure step (see Monitor._end_of_step)."""
-    for monitor in list(_optimizer_monitors.get(optimizer, ())):
-        monitor._end_of_closure_step()
-
-
 def _estimate_and_show_live(job: MeasurementJob, live_sinks: list[LiveSink]) -> MeasurementResult:
     """The worker's job: estimate, then give the records at once to the sinks that take them from this
     thread (so an exporter shows them without waiting for another step). A sink that raises gets no more of
@@ -722,7 +675,8 @@ def watch(
             inside it are watched (DistributedDataParallel, DataParallel and ``torch.compile`` wrappers are
             unwrapped). A model without any raises ValueError.
         optimizer: the ``torch.optim.Optimizer`` that holds the watched parameters; its ``step()`` closes
-            each training step. Default None: call ``monitor.step()`` after ``loss.backward()``.
+            each training step (a new optimizer that later steps all of them instead, as AWD-LSTM's switch
+            to ASGD, is followed). Default None: call ``monitor.step()`` after ``loss.backward()``.
         every: measure on step 0 and every ``every`` steps after it; a positive int. Default None: every
             50 steps within a 2% time budget (below).
         time_budget: the share of the training time measurements may take, in (0, 1]: a multiple of

@@ -733,3 +733,35 @@ def test_a_module_never_recorded_while_training_goes_on_is_told_once(tmp_path: A
     assert error.module == "rnn" and error.step == 2
     text = CliRunner().invoke(main, ["report", str(log)], catch_exceptions=False).stdout
     assert "probably stopped" not in text and "not recorded" in text
+
+
+def test_the_nt_asgd_switch_is_followed_and_every_step_measured() -> None:
+    """main.py replaces SGD by a new torch.optim.ASGD over model.parameters() mid-run: the monitor follows
+    it (the step counter goes on, every step is measured) and training is bit for bit as without it."""
+    bare = train_awd(False, switch_at=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradWatchWarning)
+        watched = train_awd(True, switch_at=3, every=1, background=False)
+    assert watched["losses"] == bare["losses"]
+    assert all(torch.equal(a, b) for a, b in zip(watched["params"], bare["params"], strict=True))
+    assert watched["step"] == 6
+    steps = sorted({r.step for r in watched["history"] if isinstance(r, Measurement)})
+    assert steps == [0, 1, 2, 3, 4, 5]
+
+
+def test_two_optimizers_over_different_modules_are_never_swapped() -> None:
+    """The seq2seq tutorial steps an encoder and a decoder optimizer: only the one given to watch() closes
+    the steps, so each training step is counted once."""
+    torch.manual_seed(0)
+    model = Translator().double()
+    encoder_optimizer = torch.optim.SGD(model.encoder.parameters(), lr=0.1)
+    decoder_optimizer = torch.optim.SGD(model.decoder.parameters(), lr=0.1)
+    with gradwatch.watch(model, encoder_optimizer, every=1, background=False) as monitor:
+        for input_tensor, target_tensor in translation_batches(3):
+            encoder_optimizer.zero_grad()
+            decoder_optimizer.zero_grad()
+            out = model(input_tensor, target_tensor)
+            F.nll_loss(out.view(-1, out.size(-1)), target_tensor.view(-1)).backward()
+            encoder_optimizer.step()
+            decoder_optimizer.step()
+        assert monitor.current_step == 3 and monitor.optimizer is encoder_optimizer
