@@ -765,3 +765,49 @@ def test_two_optimizers_over_different_modules_are_never_swapped() -> None:
             encoder_optimizer.step()
             decoder_optimizer.step()
         assert monitor.current_step == 3 and monitor.optimizer is encoder_optimizer
+
+
+class UncopyableCell(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.x2h = nn.Linear(3, 4)
+        self.h2h = nn.Linear(4, 4)
+
+    def forward(self, x: Tensor, h: Tensor) -> Tensor:
+        return torch.tanh(self.x2h(x) + self.h2h(h))
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> UncopyableCell:
+        raise TypeError("cannot pickle '_thread.lock' object")
+
+
+def test_a_cell_that_cannot_be_copied_is_disabled_with_one_clear_warning() -> None:
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cell = UncopyableCell()
+
+        def forward(self, x: Tensor) -> Tensor:
+            h = x.new_zeros(x.shape[1], 4)
+            for t in range(x.shape[0]):
+                h = self.cell(x[t], h)
+            return h.pow(2).mean()
+
+    torch.manual_seed(0)
+    model = Model()
+    gradwatch.register_cell(UncopyableCell)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    try:
+        with (
+            pytest.warns(GradWatchWarning, match="private copy") as caught,
+            gradwatch.watch(model, optimizer, every=1, background=False) as monitor,
+        ):
+            for _ in range(3):
+                optimizer.zero_grad()
+                model(torch.randn(5, 2, 3)).backward()
+                optimizer.step()
+            records = [r for r in monitor.history if isinstance(r, Measurement)]
+    finally:
+        gradwatch.unregister_cell(UncopyableCell)
+    assert records == []
+    assert len([w for w in caught if "private copy" in str(w.message)]) == 1
+    assert monitor.fault_counts == {"estimator:cell": 1}
