@@ -756,7 +756,11 @@ def test_two_optimizers_over_different_modules_are_never_swapped() -> None:
     model = Translator().double()
     encoder_optimizer = torch.optim.SGD(model.encoder.parameters(), lr=0.1)
     decoder_optimizer = torch.optim.SGD(model.decoder.parameters(), lr=0.1)
-    with gradwatch.watch(model, encoder_optimizer, every=1, background=False) as monitor:
+    with (
+        warnings.catch_warnings(),
+        gradwatch.watch(model, encoder_optimizer, every=1, background=False) as monitor,
+    ):
+        warnings.simplefilter("error", GradWatchWarning)  # the decoder's steps are no stray steps
         for input_tensor, target_tensor in translation_batches(3):
             encoder_optimizer.zero_grad()
             decoder_optimizer.zero_grad()
@@ -811,3 +815,31 @@ def test_a_cell_that_cannot_be_copied_is_disabled_with_one_clear_warning() -> No
     assert records == []
     assert len([w for w in caught if "private copy" in str(w.message)]) == 1
     assert monitor.fault_counts == {"estimator:cell": 1}
+
+
+def test_an_optimizer_stepping_part_of_the_watched_parameters_instead_is_told_at_once() -> None:
+    """A replacement over one layer only is not followed (it would miss the others): gradwatch says after
+    two of its steps that the followed optimizer stopped stepping, once."""
+    torch.manual_seed(0)
+    model = AwdRNNModel().double()
+    optimizer: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    data = torch.randint(13, (60, 2), generator=torch.Generator().manual_seed(2))
+    with (
+        warnings.catch_warnings(record=True) as caught,
+        gradwatch.watch(model, optimizer, every=1, background=False) as monitor,
+    ):
+        warnings.simplefilter("always")
+        hidden = model.init_hidden(2)
+        for i in range(6):
+            if i == 2:
+                optimizer = torch.optim.ASGD(model.rnns[0].parameters(), lr=1.0, t0=0, lambd=0.0)
+            hidden = repackage_hidden(hidden)
+            optimizer.zero_grad()
+            output, hidden = model(data[i * 7 : i * 7 + 7], hidden)
+            F.cross_entropy(output, data[i * 7 + 1 : i * 7 + 8].reshape(-1)).backward()
+            optimizer.step()
+        step = monitor.current_step
+    told = [str(w.message) for w in caught if "has not stepped" in str(w.message)]
+    assert step == 2 and len(told) == 1
+    assert "does not follow (ASGD) steps watched parameters" in told[0]
+    assert "the SGD it counts steps from has not stepped for 2 of its steps" in told[0]

@@ -6,17 +6,22 @@ the same parameters and steps only that one from then on. A step of an optimizer
 is checked once (again if its parameters change): when it holds every watched parameter the monitor's
 current optimizer held, the monitor moves to it (logged at INFO), so its steps keep being counted. Two
 optimizers over disjoint parts of a model (an encoder's and a decoder's) are never swapped for each other.
+An optimizer that steps some of the watched parameters while the monitor's own optimizer has stopped
+stepping (:data:`STRAY_STEPS` of its steps in a row) is told once: the monitor counts no steps then.
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 import weakref
 from typing import Any, Protocol
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from torch.utils.hooks import RemovableHandle
+
+from gradwatch.policy.alerts import GradWatchWarning
 
 logger = logging.getLogger("gradwatch")
 
@@ -40,6 +45,15 @@ _listeners: weakref.WeakKeyDictionary[torch.optim.Optimizer, list[StepListener]]
 # Optimizers no monitor is attached to, with the parameter count they had when checked (checked again when
 # it changes: add_param_group).
 _checked: weakref.WeakKeyDictionary[torch.optim.Optimizer, int] = weakref.WeakKeyDictionary()
+# Per optimizer no monitor is attached to: the monitors some of whose watched parameters it holds.
+_overlaps: weakref.WeakKeyDictionary[torch.optim.Optimizer, list[weakref.ref[StepListener]]] = (
+    weakref.WeakKeyDictionary()
+)
+# Per monitor: steps of other optimizers holding its parameters since its own optimizer last stepped.
+_stray: weakref.WeakKeyDictionary[StepListener, int] = weakref.WeakKeyDictionary()
+_told: weakref.WeakSet[StepListener] = weakref.WeakSet()
+#: Steps of another optimizer over watched parameters, with none of the followed one, before it is told.
+STRAY_STEPS = 2
 _pre_handle: RemovableHandle | None = None
 _post_handle: RemovableHandle | None = None
 
@@ -65,6 +79,7 @@ def detach_optimizer(optimizer: torch.optim.Optimizer, listener: StepListener) -
         _listeners.pop(optimizer, None)
     if not _listeners:
         _checked.clear()
+        _overlaps.clear()
         if _pre_handle is not None:
             _pre_handle.remove()
             _pre_handle = None
@@ -89,10 +104,12 @@ def _step_pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> 
     if not listeners:
         listeners = _follow(optimizer)
         if not listeners:
+            _count_stray_step(optimizer)
             return
     positional = args[1:] if args and args[0] is optimizer else args  # torch passes (self, *args)
     closure = kwargs.get("closure", positional[0] if positional else None)
     for listener in list(listeners):
+        _stray.pop(listener, None)
         listener._end_of_step(optimizer, closure=callable(closure))
 
 
@@ -115,11 +132,14 @@ def _follow(optimizer: torch.optim.Optimizer) -> list[StepListener]:
     _checked[optimizer] = count
     held = held_parameter_ids(optimizer)
     moved: list[StepListener] = []
+    overlapping: list[weakref.ref[StepListener]] = []
     for current, listeners in list(_listeners.items()):
         if current is optimizer:
             continue
         share = held_parameter_ids(current)
         for listener in list(listeners):
+            if listener.watched_parameter_ids() & held:
+                overlapping.append(weakref.ref(listener))
             watched = listener.watched_parameter_ids() & share
             if watched and watched <= held:
                 detach_optimizer(current, listener)
@@ -133,5 +153,35 @@ def _follow(optimizer: torch.optim.Optimizer) -> list[StepListener]:
                     type(optimizer).__name__,
                     type(current).__name__,
                 )
-    _checked.pop(optimizer, None)
+    if moved:
+        _checked.pop(optimizer, None)
+    else:
+        _overlaps[optimizer] = overlapping
     return moved
+
+
+def _count_stray_step(optimizer: torch.optim.Optimizer) -> None:
+    """A step of an optimizer that is not followed: for each monitor some of whose watched parameters it
+    steps, count it; after :data:`STRAY_STEPS` in a row with no step of the monitor's own optimizer, say
+    once that steps stopped arriving (a warning, or a log line when warnings are errors)."""
+    for ref in _overlaps.get(optimizer, ()):
+        listener = ref()
+        if listener is None or listener.optimizer is None or listener in _told:
+            continue
+        _stray[listener] = count = _stray.get(listener, 0) + 1
+        if count < STRAY_STEPS:
+            continue
+        _told.add(listener)
+        followed = type(listener.optimizer).__name__
+        message = (
+            f"gradwatch: run {listener.run_id}: an optimizer gradwatch does not follow "
+            f"({type(optimizer).__name__}) steps watched parameters, but the {followed} "
+            f"it counts steps from has not stepped for {count} of its steps: no step is counted and nothing "
+            "is measured while this goes on. Pass the "
+            "optimizer that steps the watched parameters to watch() (a new one holding all of them is "
+            "followed by itself), or watch with optimizer=None and call monitor.step() after backward()"
+        )
+        try:
+            warnings.warn(message, GradWatchWarning, stacklevel=4)
+        except Warning:  # warnings are errors: a notice must not stop the user's step
+            logger.warning(message)
