@@ -89,7 +89,8 @@ class CallRecorder:
         self.on_fault = on_fault
         self._armed = False
         self.traced_by_compile = False  # a torch.compile trace called it: keep the global hook installed
-        self.fused_call: FusedCall | None = None
+        self._fused_chain: list[FusedCall] = []  # the kept call, or the chained calls (joined when read)
+        self._chained_steps = 0  # time steps of the kept chain
         self.cell_calls: list[CellCall] = []
         self.recorded_in_eval = False  # what is recorded came from eval-mode calls (no training call yet)
         self._training_seen = False  # a training-mode call was recorded on this step
@@ -102,6 +103,18 @@ class CallRecorder:
         # the optimizer may move the parameters before the measurement (LBFGS, a second optimizer).
         self.weights: dict[str, Tensor] | None = None
         self._weight_sources: list[tuple[Tensor | None, int]] = []  # what self.weights was copied from
+
+    @property
+    def fused_call(self) -> FusedCall | None:
+        """The kept call of a fused module: its chained calls joined into one (see :meth:`_record_fused`)."""
+        if len(self._fused_chain) > 1:
+            self._fused_chain = [join_fused_calls(self._fused_chain)]
+        return self._fused_chain[0] if self._fused_chain else None
+
+    @fused_call.setter
+    def fused_call(self, call: FusedCall | None) -> None:
+        self._fused_chain = [] if call is None else [call]
+        self._chained_steps = 0 if call is None else int(call.inputs.shape[0])
 
     @property
     def armed(self) -> bool:
@@ -237,7 +250,7 @@ class CallRecorder:
             return
         call = replace(call, autocast_dtype=autocast)
         state_in = args[1] if len(args) > 1 else kwargs.get("hx")
-        previous = self.fused_call
+        previous = self._fused_chain[-1] if self._fused_chain else None
         if (
             previous is not None
             and self._last_output is not None
@@ -248,8 +261,9 @@ class CallRecorder:
             and full_length(previous)
             and full_length(call)
         ):
-            if previous.inputs.shape[0] + call.inputs.shape[0] <= MAX_CHAINED_STEPS:
-                self.fused_call = join_fused_calls(previous, call)
+            if self._chained_steps + call.inputs.shape[0] <= MAX_CHAINED_STEPS:
+                self._fused_chain.append(call)  # joined once, when read: no copy per token
+                self._chained_steps += int(call.inputs.shape[0])
                 self.chained_calls += 1
                 self._last_output = _as_tuple(output[1])
             return  # a chain over the bound keeps its first MAX_CHAINED_STEPS steps
@@ -583,17 +597,18 @@ def full_length(call: FusedCall) -> bool:
     return bool((call.lengths == call.inputs.shape[0]).all())
 
 
-def join_fused_calls(first: FusedCall, then: FusedCall) -> FusedCall:
-    """One call from two consecutive ones, the second started from the state the first returned."""
+def join_fused_calls(calls: list[FusedCall]) -> FusedCall:
+    """One call from consecutive ones, each started from the state the previous one returned."""
+    first, last = calls[0], calls[-1]
     return FusedCall(
-        inputs=torch.cat([first.inputs, then.inputs]),
-        lengths=first.lengths + then.lengths,
+        inputs=torch.cat([c.inputs for c in calls]),
+        lengths=torch.stack([c.lengths for c in calls]).sum(0),
         h0=first.h0,
         c0=first.c0,
-        output=torch.cat([first.output, then.output]),
-        h_n=then.h_n,
-        c_n=then.c_n,
-        autocast_dtype=first.autocast_dtype or then.autocast_dtype,
+        output=torch.cat([c.output for c in calls]),
+        h_n=last.h_n,
+        c_n=last.c_n,
+        autocast_dtype=next((c.autocast_dtype for c in calls if c.autocast_dtype is not None), None),
     )
 
 
