@@ -843,3 +843,57 @@ def test_an_optimizer_stepping_part_of_the_watched_parameters_instead_is_told_at
     assert step == 2 and len(told) == 1
     assert "does not follow (ASGD) steps watched parameters" in told[0]
     assert "the SGD it counts steps from has not stepped for 2 of its steps" in told[0]
+
+
+# --- chained calls of every fused kind equal one call on the whole sequence ------------------------------
+
+
+FUSED_KINDS = {
+    "rnn": lambda: nn.RNN(3, 5, num_layers=2),
+    "lstm": lambda: nn.LSTM(3, 5, num_layers=2),
+    "lstm-proj": lambda: nn.LSTM(3, 5, num_layers=2, proj_size=2),
+    "gru-batch-first": lambda: nn.GRU(3, 5, num_layers=2, batch_first=True),
+}
+
+
+class StepByStep(nn.Module):
+    """Feeds its RNN one time step per call (teacher forcing), the state carried by hand."""
+
+    def __init__(self, rnn: nn.Module, chunk: int) -> None:
+        super().__init__()
+        self.rnn, self.chunk = rnn, chunk
+
+    def forward(self, x: Tensor) -> Tensor:  # x: (T, B, I)
+        batch_first = getattr(self.rnn, "batch_first", False)
+        state, outputs = None, []
+        for t in range(0, x.shape[0], self.chunk):
+            piece = x[t : t + self.chunk]
+            output, state = self.rnn(piece.transpose(0, 1) if batch_first else piece, state)
+            outputs.append(output.transpose(0, 1) if batch_first else output)
+        return torch.cat(outputs).pow(2).mean()
+
+
+@pytest.mark.parametrize("kind", list(FUSED_KINDS))
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_chained_calls_are_measured_as_the_same_module_on_the_whole_sequence(kind: str, chunk: int) -> None:
+    """Every layer's record of the step-by-step calls equals the record of one call on the whole sequence
+    (the first call starts from no state: zeros, as the one call)."""
+    x = torch.randn(9, 2, 3, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+
+    def measure(chunk_size: int) -> dict[tuple[int, str], Any]:
+        torch.manual_seed(0)
+        model = StepByStep(FUSED_KINDS[kind]().double(), chunk_size)
+        with gradwatch.watch(model, every=1, probe="live", estimator=EXACT, background=False) as monitor:
+            model(x).backward()
+            monitor.step()
+            return {(r.layer, r.direction): r.metrics for r in monitor.history if isinstance(r, Measurement)}
+
+    chained, whole = measure(chunk), measure(9)
+    assert chained.keys() == whole.keys() == {(0, "forward"), (1, "forward")}
+    for key, metrics in whole.items():
+        assert chained[key].time_steps == metrics.time_steps == 9
+        assert chained[key].lag_norm == pytest.approx(metrics.lag_norm, rel=1e-9)
+        assert chained[key].jacobian_sigma_max_mean == pytest.approx(
+            metrics.jacobian_sigma_max_mean, rel=1e-9
+        )
+        assert chained[key].lyapunov_max == pytest.approx(metrics.lyapunov_max, rel=1e-9)
