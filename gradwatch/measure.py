@@ -337,13 +337,14 @@ class MeasurementPipeline:
                 except Exception as exc:
                     self.faults.fault("estimator", watched.name, exc)
         self.measured_steps += 1
-        self._tell_never_recorded(step)
+        self.tell_never_recorded(step)
         return job
 
-    def _tell_never_recorded(self, step: int) -> None:
-        """From the second measured step on: one warning and one error record for each watched module that
-        was never recorded while training went on (its verdict is unknown; the cause is rarely a stop)."""
-        if self.measured_steps < NEVER_RECORDED_AFTER:
+    def tell_never_recorded(self, step: int, *, closing: bool = False) -> None:
+        """From the second measured step on (or when the monitor closes after one): one warning and one
+        error record for each watched module that was never recorded while training went on (its verdict
+        is unknown; the cause is rarely a stop)."""
+        if self.measured_steps < (1 if closing else NEVER_RECORDED_AFTER):
             return
         for watched in self.watched:
             if watched.name in self.recorded_modules or self.faults.is_disabled(watched.name):

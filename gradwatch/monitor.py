@@ -336,6 +336,8 @@ class Monitor:
             self._closed = True
             if self._background is not None:
                 self._background.shutdown()
+        with contextlib.suppress(Exception):  # a module never recorded in a short run is told too
+            self._pipeline.tell_never_recorded(self._step - 1, closing=True)
         self._detach()
         self._pipeline.reset()
         self._pipeline.probes.clear()

@@ -706,7 +706,14 @@ class HiddenForwardModel(nn.Module):
         return self.head(out)
 
 
-def test_a_module_never_recorded_while_training_goes_on_is_told_once(tmp_path: Any) -> None:
+@pytest.mark.parametrize(
+    ("every", "steps", "told_at"),
+    [(2, 7, 2), (50, 3, 2)],
+    ids=["at-the-second-measured-step", "at-close-of-a-short-run"],
+)
+def test_a_module_never_recorded_while_training_goes_on_is_told_once(
+    tmp_path: Any, every: int, steps: int, told_at: int
+) -> None:
     from click.testing import CliRunner
 
     from gradwatch.cli import main
@@ -718,19 +725,19 @@ def test_a_module_never_recorded_while_training_goes_on_is_told_once(tmp_path: A
     log = tmp_path / "run.jsonl"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with gradwatch.watch(model, optimizer, every=2, log=log, background=False) as monitor:
-            for _ in range(7):
+        with gradwatch.watch(model, optimizer, every=every, log=log, background=False) as monitor:
+            for _ in range(steps):
                 optimizer.zero_grad()
                 tokens = torch.randint(9, (5, 2))
                 F.cross_entropy(model(tokens).view(-1, 9), tokens.view(-1)).backward()
                 optimizer.step()
-            history = list(monitor.history)
+        history = list(monitor.history)
     told = [str(w.message) for w in caught if "not recorded" in str(w.message)]
     assert len(told) == 1
     assert "rnn (LSTM) of HiddenForwardModel (run " in told[0] and ".forward(...)" in told[0]
     assert "verdict is unknown" in told[0]
     (error,) = [r for r in history if isinstance(r, ErrorRecord)]
-    assert error.module == "rnn" and error.step == 2
+    assert error.module == "rnn" and error.step == told_at
     text = CliRunner().invoke(main, ["report", str(log)], catch_exceptions=False).stdout
     assert "probably stopped" not in text and "not recorded" in text
 
