@@ -904,3 +904,64 @@ def test_chained_calls_are_measured_as_the_same_module_on_the_whole_sequence(kin
             metrics.jacobian_sigma_max_mean, rel=1e-9
         )
         assert chained[key].lyapunov_max == pytest.approx(metrics.lyapunov_max, rel=1e-9)
+
+
+class WeightDroppedCellModel(nn.Module):
+    """WeightDrop around an nn.LSTMCell stepped in a loop: every step's call goes through .forward."""
+
+    def __init__(self, dropout: float) -> None:
+        super().__init__()
+        self.cell = WeightDrop(nn.LSTMCell(3, 4), ["weight_hh"], dropout=dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = c = x.new_zeros(x.shape[1], 4)
+        for t in range(x.shape[0]):
+            h, c = self.cell(x[t], (h, c))
+        return h.pow(2).mean()
+
+
+def test_weight_drop_around_a_cell_in_a_loop_is_measured_exactly() -> None:
+    x = torch.randn(6, 2, 3, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+
+    def run(monitored: bool) -> tuple[list[float], list[Tensor], list[Measurement], dict[str, Tensor]]:
+        torch.manual_seed(0)
+        model = WeightDroppedCellModel(dropout=0.0).double()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        weights = {
+            n.removesuffix("_raw"): p.detach().clone() for n, p in model.cell.module.named_parameters()
+        }
+        monitor = (
+            gradwatch.watch(model, optimizer, every=1, probe="live", estimator=EXACT, background=False)
+            if monitored
+            else None
+        )
+        losses = []
+        for _ in range(2):
+            optimizer.zero_grad()
+            loss = model(x)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        records = [] if monitor is None else [r for r in monitor.history if isinstance(r, Measurement)]
+        if monitor is not None:
+            monitor.close()
+        return losses, [p.detach().clone() for p in model.parameters()], records, weights
+
+    bare_losses, bare_params, _, _ = run(False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradWatchWarning)
+        losses, params, records, weights = run(True)
+    assert losses == bare_losses
+    assert all(torch.equal(a, b) for a, b in zip(params, bare_params, strict=True))
+    assert [(r.step, r.module, r.metrics.time_steps) for r in records] == [
+        (0, "cell.module", 6),
+        (1, "cell.module", 6),
+    ]
+    reference = nn.LSTMCell(3, 4).double()
+    reference.load_state_dict(weights)
+
+    def step(x_t: Tensor, s: Tensor) -> Tensor:
+        h, c = reference(x_t[None], (s[None, :4], s[None, 4:]))
+        return torch.cat([h[0], c[0]])
+
+    assert_matches_exact(records[0], exact_chain_metrics(step, x, torch.zeros(2, 8, dtype=torch.float64)))

@@ -193,7 +193,7 @@ class CallRecorder:
         if not self._armed or self.own_calls or not torch.is_grad_enabled() or _is_compiling():
             return
         module = self.watched.module
-        if self.watched.kind != "fused" or not looks_like_fused_call(module, args, kwargs, output):
+        if self.watched.kind == "custom" or not looks_like_builtin_call(module, args, kwargs, output):
             return
         try:
             self.settle()
@@ -571,17 +571,22 @@ def _same_state(state_in: tuple[Tensor, ...], last_out: tuple[Tensor, ...]) -> b
     )
 
 
-def looks_like_fused_call(
+def looks_like_builtin_call(
     module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
 ) -> bool:
-    """Are these the arguments and the result of a call of the fused ``module`` (input of its input size and
-    a floating dtype, an (output, state) result of its output size)?"""
+    """Are these the arguments and the result of a call of the built-in ``module`` (input of its input size
+    and a floating dtype; a fused module's (output, state) of its output size, a cell's new state of its
+    hidden size)?"""
     x = args[0] if args else kwargs.get("input")
     data = x.data if isinstance(x, PackedSequence) else x
     if not isinstance(data, Tensor) or not data.is_floating_point() or data.dim() < 1:
         return False
     if data.shape[-1] != getattr(module, "input_size", None):
         return False
+    if isinstance(module, CELL_TYPES):
+        parts = output if isinstance(output, tuple) else (output,)
+        hidden = int(getattr(module, "hidden_size", 0))
+        return all(isinstance(t, Tensor) and t.shape[-1] == hidden for t in parts) and len(parts) in (1, 2)
     if not isinstance(output, tuple) or len(output) != 2:
         return False
     out = output[0].data if isinstance(output[0], PackedSequence) else output[0]
