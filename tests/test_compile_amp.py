@@ -157,6 +157,47 @@ def test_fullgraph_compile_of_a_cell_loop_keeps_working_and_is_measured() -> Non
     assert monitor is not None and [m[0] for m in _metrics(monitor)] == list(range(STEPS))
 
 
+def _gradwatch_global_hooks() -> list[str]:
+    """Every entry of torch's global module-hook dicts that belongs to gradwatch (hook or its flags)."""
+    module = torch.nn.modules.module
+    dicts = {
+        name: getattr(module, name)
+        for name in dir(module)
+        if name.startswith("_global_") and isinstance(getattr(module, name), dict)
+    }
+    gradwatch_ids = {
+        key for hooks in dicts.values() for key, hook in hooks.items() if "gradwatch" in repr(hook)
+    }
+    found = [f"{name}[{key}]" for name, hooks in dicts.items() for key in hooks if key in gradwatch_ids]
+    # flags whose hook is gone (the with_kwargs leak: a True left behind under a removed hook's id)
+    hook_ids = set(module._global_forward_hooks)
+    found += [
+        f"_global_forward_hooks_with_kwargs[{key}] (orphan)"
+        for key in module._global_forward_hooks_with_kwargs
+        if key not in hook_ids
+    ]
+    return found
+
+
+@pytest.mark.parametrize("compiled_model", [False, True], ids=["eager", "compiled"])
+def test_nothing_of_gradwatch_stays_in_torch_global_hooks_after_close(compiled_model: bool) -> None:
+    """close() removes the global forward hook and its with_kwargs flag; a module compiled afterwards,
+    unrelated to the monitor, then runs without torch.compile's "global hooks" warning."""
+    model = _model("lstm-2layer")
+    runner = torch.compile(model, backend="eager") if compiled_model else model
+    _, monitor = _train(model, runner, runner)
+    assert monitor is not None and _metrics(monitor)
+    monitor.close()
+    assert _gradwatch_global_hooks() == []
+    assert not torch.nn.modules.module._has_any_global_hook()
+    unrelated = torch.compile(nn.Linear(3, 2), backend="eager")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        unrelated(torch.randn(4, 3))
+        unrelated(torch.randn(4, 3))
+    assert [str(w.message) for w in caught if "global hooks" in str(w.message)] == []
+
+
 # --- autocast -------------------------------------------------------------------------------------------
 
 

@@ -505,8 +505,19 @@ def _refresh_global_hook() -> None:
             _dispatch_forward, with_kwargs=True
         )
     elif not needed and _global_handle is not None:
-        _global_handle.remove()
+        remove_global_hook(_global_handle)
         _global_handle = None
+
+
+def remove_global_hook(handle: RemovableHandle) -> None:
+    """Remove a global forward hook registered with ``with_kwargs=True`` completely.
+
+    torch's handle knows ``_global_forward_hooks`` and ``_global_forward_hooks_always_called`` but not
+    ``_global_forward_hooks_with_kwargs`` (torch 2.13, ``register_module_forward_hook``), so its entry would
+    stay behind and ``torch.compile`` would warn about "global hooks" for the rest of the process.
+    """
+    handle.remove()
+    torch.nn.modules.module._global_forward_hooks_with_kwargs.pop(handle.id, None)
 
 
 def _dispatch_forward(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
