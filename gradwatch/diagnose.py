@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 from torch import nn
 
 from gradwatch.capture.modules import NO_RNN_MESSAGE, find_rnn_modules
@@ -79,14 +80,14 @@ class Diagnosis:
             m = d.metrics
             lag = longest_lag_norm(m.lag_norm)
             colour = {"healthy": "green", "vanishing": "yellow", "exploding": "red"}.get(d.verdict.value, "")
-            table.add_row(
-                f"{d.module} {d.layer} {d.direction}",
-                f"[{colour}]{d.verdict.value}[/]" if colour else d.verdict.value,
+            table.add_row(  # Text cells: a message's "[sigma_max(W_hh) = ...]" is shown, not read as markup
+                Text(f"{d.module} {d.layer} {d.direction}"),
+                Text(d.verdict.value, style=colour),
                 _fmt(m.lyapunov_max),
                 "n/a" if lag is None else f"{_fmt(lag[1])} (tau={lag[0]})",
                 _fmt(m.weight_hh_sigma_max),
                 _fmt(m.activation_derivative_mean),
-                d.message,
+                Text(d.message),
             )
         return table
 

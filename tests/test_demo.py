@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import socket
 from pathlib import Path
@@ -9,12 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from rich.console import Console
 
 from gradwatch.cli import main
 from gradwatch.demo import DemoOptions, adding_problem_batch, build_model, scenario_for
-from gradwatch.demo.run import latest_layer_measurement, live_fields
+from gradwatch.demo.run import AlertPrinter, latest_layer_measurement, live_fields
 from gradwatch.demo.scenarios import CELLS, SCENARIOS
-from gradwatch.records import Measurement, MeasurementMetrics, RunHeader
+from gradwatch.records import Alert, AlertKind, Measurement, MeasurementMetrics, RunHeader
 from gradwatch.report.command import make_report, render
 from gradwatch.report.summary import ReportOptions
 
@@ -195,3 +197,12 @@ def test_demo_rejects_unknown_choices(runner: CliRunner, tmp_path: Path) -> None
     assert result.exit_code == 2
     assert "transformer" in result.output and "rnn" in result.output
     assert not list(tmp_path.iterdir())
+
+
+def test_live_alerts_keep_their_bracketed_evidence() -> None:
+    """A message's "[sigma_max(W_hh) = ...]" is text, not rich markup (it was eaten as a style tag)."""
+    console = Console(file=io.StringIO(), width=300, no_color=True)
+    printer = AlertPrinter(console)
+    message = "the product shrinks every step [sigma_max(W_hh) = 0.2, mean |f'| = 0.9]. Hint: [/] orthogonal"
+    printer(Alert(10, 0.0, "rnn", 0, "forward", AlertKind.VANISHING, "lyapunov_max", -1.6, -0.8, message))
+    assert console.file.getvalue().strip() == f"VANISHING at step 10: {message}"

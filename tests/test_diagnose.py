@@ -71,3 +71,16 @@ def test_a_model_whose_forward_skips_the_rnn_is_a_clear_error():
 
     with pytest.raises(RuntimeError, match="did not run any recurrent module"):
         gradwatch.diagnose(Skips(), torch.randn(3, 1, 2), print_report=False)
+
+
+def test_printed_diagnosis_keeps_bracketed_evidence() -> None:
+    """The message's "[sigma_max(W_hh) = ...]" stays in the printed table (rich would read it as markup)."""
+    torch.manual_seed(0)
+    rnn = torch.nn.RNN(3, 8)
+    with torch.no_grad():
+        rnn.weight_hh_l0.copy_(0.2 * torch.nn.init.orthogonal_(torch.empty(8, 8)))
+    diagnosis = gradwatch.diagnose(rnn, torch.randn(16, 2, 3), print_report=False)
+    (layer,) = diagnosis.layers
+    assert "[" in layer.message, layer.message
+    text = " ".join(str(diagnosis).split())
+    assert "".join(layer.message.split()) in "".join(text.replace("│", "").split())

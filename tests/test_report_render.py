@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import html
+import io
 import json
 import math
 import re
@@ -12,6 +15,7 @@ from gradwatch.records import Alert, AlertKind, Measurement, MeasurementMetrics,
 from gradwatch.report.render_html import axis_labels, chart_svg, render_html
 from gradwatch.report.render_json import REPORT_JSON_SCHEMA, render_json
 from gradwatch.report.render_markdown import escape_markdown, render_markdown
+from gradwatch.report.render_text import make_console, render_text
 from gradwatch.report.summary import summarize
 from tests.report_logs import make_run
 
@@ -101,3 +105,38 @@ def test_long_series_are_binned_for_the_chart() -> None:
 )
 def test_html_axis_labels_tell_the_ends_apart(low: float, high: float, expected: tuple[str, str]) -> None:
     assert axis_labels(low, high) == expected
+
+
+# --- messages are shown whole (#31) ---------------------------------------------------------------------
+
+LONG_HINT = "Hint: initialise W_hh orthogonally (torch.nn.init.orthogonal_) and keep [sigma_max(W_hh) = 1.0]"
+
+
+def _run_with_long_alert() -> list[Record]:
+    records = make_run("exploding")
+    message = "sigma_max(J_t) grows at every step " + "because of the recurrent weight; " * 12 + LONG_HINT
+    assert len(message) > 400  # longer than any cut a report ever made
+    alert = next(r for r in records if isinstance(r, Alert))
+    return [*records, dataclasses.replace(alert, step=alert.step + 1, message=message)]
+
+
+@pytest.mark.parametrize("output", ["text", "markdown", "html"])
+def test_every_format_shows_an_alert_message_whole_with_its_hint(output: str) -> None:
+    report = summarize(_run_with_long_alert())
+    if output == "text":
+        console = make_console(io.StringIO(), color=False)
+        render_text(report, console)
+        # the text renderer wraps the message inside its table cell: compare without borders and spaces
+        page = re.sub(r"[│┃\s]", "", console.file.getvalue())
+        assert re.sub(r"\s", "", LONG_HINT) in page
+    elif output == "markdown":
+        assert escape_markdown(LONG_HINT) in render_markdown(report)
+    else:
+        assert html.escape(LONG_HINT, quote=True) in render_html(report)
+
+
+def test_a_crafted_huge_message_is_still_bounded() -> None:
+    records = _run_with_long_alert()
+    records[-1] = dataclasses.replace(records[-1], message="x" * 100_000)  # type: ignore[type-var]
+    page = render_html(summarize(records))
+    assert "x" * 3990 in page and "x" * 4001 not in page

@@ -19,6 +19,7 @@ from typing import TypedDict
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.text import Text
 
 from gradwatch.demo.choices import DEFAULT_PORT
 from gradwatch.demo.scenarios import Scenario, build_model, scenario_for
@@ -103,13 +104,10 @@ class AlertPrinter:
     def __call__(self, alert: Alert) -> None:
         self.alerts.append(alert)
         kind = AlertKind(alert.alert)
-        self.console.print(
-            f"[{ALERT_STYLES[kind]}]{kind.value.upper()}[/] at step {alert.step}: ",
-            alert.message,
-            sep="",
-            markup=True,
-            highlight=False,
-        )
+        line = Text(kind.value.upper(), style=ALERT_STYLES[kind])
+        # a Text, not markup: a message's "[sigma_max(W_hh) = ...]" is shown as it is
+        line.append(f" at step {alert.step}: {alert.message}")
+        self.console.print(line, highlight=False)
 
 
 def latest_layer_measurement(history: Reversible[Record], layer: int = 0) -> Measurement | None:
@@ -219,15 +217,16 @@ def run_demo(options: DemoOptions, console: Console) -> DemoResult:
     console.rule(f"gradwatch demo: {scenario.name} {scenario.cell}")
     baseline = f"always predicting 1 gives MSE {BASELINE_MSE:.3f}"
     console.print(f"Task: the adding problem, T = {scenario.seq_len} ({baseline}).")
-    console.print(f"Model: {scenario.describe()}.", highlight=False)
+    console.print(f"Model: {scenario.describe()}.", highlight=False, markup=False)
     if scenario.adjusted:
         console.print(
             f"[bold]Adjusted:[/] --cell {scenario.requested_cell} with --scenario {scenario.name} "
             f"trains --cell {scenario.cell}.",
         )
-    console.print(
-        f"Expected verdict: [bold]{scenario.expected_verdict}[/]. Why: {scenario.why}", highlight=False
-    )
+    expected = Text("Expected verdict: ")
+    expected.append(scenario.expected_verdict, style="bold")
+    expected.append(f". Why: {scenario.why}")
+    console.print(expected, highlight=False)
 
     torch.manual_seed(options.seed)
     model = build_model(scenario, options.hidden_size)
@@ -242,11 +241,12 @@ def run_demo(options: DemoOptions, console: Console) -> DemoResult:
         monitor = _start_monitor(model, optimizer, options, scenario, log_path, printer)
         url = _prometheus_url(monitor)
         # soft_wrap: a path or URL is never broken across lines (people copy them)
-        console.print(f"Run log: {log_path}", highlight=False, soft_wrap=True)
+        console.print(f"Run log: {log_path}", highlight=False, soft_wrap=True, markup=False)
         console.print(
             f"Prometheus metrics: {url}" if url else "Prometheus exporter: off",
             highlight=False,
             soft_wrap=True,
+            markup=False,
         )
         progress = Progress(
             TextColumn("[progress.description]{task.description}"),
@@ -296,6 +296,7 @@ def _print_summary(result: DemoResult, console: Console) -> None:
         f"Run log: {result.log_path}  (gradwatch report {result.log_path} --format html -o report.html)",
         highlight=False,
         soft_wrap=True,
+        markup=False,
     )
     others = [name for name in ("healthy", "vanishing", "exploding") if name != scenario.name]
     console.print(

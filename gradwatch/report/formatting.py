@@ -63,11 +63,21 @@ def printable(text: str) -> str:
     return text if text.isprintable() else text.translate(_UNSAFE_CHARACTERS)
 
 
+MAX_MESSAGE_CHARS = 4000
+"""Alert messages, verdict reasons and hints are shown whole up to this length (renderers wrap them): a
+real message is a few hundred characters and its hint comes last; only a crafted log reaches the limit."""
+
+
 def shorten(text: str, limit: int = MAX_SHOWN_CHARS) -> str:
     """``text`` made :func:`printable` and cut to ``limit`` characters with an ellipsis, so one huge or
     hostile log string can neither flood a report nor control the terminal showing it."""
     text = printable(text)
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def message(text: str) -> str:
+    """A log-supplied message (alert, verdict reason, cause, hint) as shown: whole, unless absurdly long."""
+    return shorten(text, MAX_MESSAGE_CHARS)
 
 
 def alert_location(module: str, layer: int, direction: str) -> str:

@@ -17,6 +17,7 @@ from gradwatch.report.formatting import (
     format_number,
     format_steps,
     format_trend,
+    message,
     omitted_alerts_note,
     shorten,
 )
@@ -57,6 +58,11 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
 def esc(text: object) -> str:
     """HTML-escape anything shown on the page (quotes too, for attribute values)."""
     return html.escape(shorten(str(text)), quote=True)
+
+
+def esc_message(text: str) -> str:
+    """HTML-escape a message (alert, reason, cause, hint): shown whole, the page wraps it."""
+    return html.escape(message(text), quote=True)
 
 
 def _verdict_span(value: str) -> str:
@@ -191,13 +197,14 @@ def _layer(layer: LayerSummary) -> str:
         f"<td class=num>{esc(format_number(m.maximum))}</td><td class=num>{esc(format_trend(m))}</td></tr>"
         for m in layer.metrics
     )
-    items = "".join(f"<li>try: {esc(s)}</li>" for s in verdict.suggestions)
-    items += "".join(f"<li>recovered: {esc(note)}</li>" for note in verdict.recovered)
+    items = "".join(f"<li>try: {esc_message(s)}</li>" for s in verdict.suggestions)
+    items += "".join(f"<li>recovered: {esc_message(note)}</li>" for note in verdict.recovered)
     charts = "".join(chart_svg(m, alerts) for m in layer.metrics)
     return (
         f"<section class=layer><h3>{esc(layer.title)}</h3>"
-        f"<p>{_verdict_span(verdict.verdict.value)}: {esc(verdict.reason)} ({esc(verdict.source)})</p>"
-        + (f"<p>Cause: {esc(verdict.cause)}</p>" if verdict.cause else "")
+        f"<p>{_verdict_span(verdict.verdict.value)}: {esc_message(verdict.reason)} "
+        f"({esc(verdict.source)})</p>"
+        + (f"<p>Cause: {esc_message(verdict.cause)}</p>" if verdict.cause else "")
         + (f"<ul>{items}</ul>" if items else "")
         + "<table><tr><th>metric</th><th>first</th><th>last</th><th>min</th><th>max</th>"
         f"<th>trend /1k steps</th></tr>{rows}</table>"
@@ -222,7 +229,7 @@ def _run(run: RunSummary) -> str:
                 f"<tr><td>{esc(layer.title)}</td><td>{esc(layer.module_type or '?')}</td>"
                 f"<td>{esc(format_steps(layer.first_step, layer.last_step))}</td>"
                 f"<td>{_verdict_span(layer.verdict.verdict.value)}</td>"
-                f"<td>{esc(layer.verdict.cause or layer.verdict.reason)}</td></tr>"
+                f"<td>{esc_message(layer.verdict.cause or layer.verdict.reason)}</td></tr>"
             )
         out.append("</table>")
     else:
@@ -240,7 +247,7 @@ def _run(run: RunSummary) -> str:
                 f"<td>{esc(alert_location(a.module, a.layer, a.direction))}</td>"
                 f'<td style="color:{color}">{esc(a.alert.value)}</td><td>{esc(a.metric)}</td>'
                 f"<td class=num>{esc(format_number(a.value))}</td>"
-                f"<td class=num>{esc(format_number(a.threshold))}</td><td>{esc(a.message)}</td></tr>"
+                f"<td class=num>{esc(format_number(a.threshold))}</td><td>{esc_message(a.message)}</td></tr>"
             )
         out.append("</table>")
         if run.alerts_omitted:
@@ -257,7 +264,9 @@ def _run(run: RunSummary) -> str:
         + "</p>"
     )
     for error in run.errors:
-        out.append(f"<p>gradwatch error at step {error.step} in {esc(error.where)}: {esc(error.message)}</p>")
+        out.append(
+            f"<p>gradwatch error at step {error.step} in {esc(error.where)}: {esc_message(error.message)}</p>"
+        )
     out.append("</section>")
     return "".join(out)
 

@@ -10,6 +10,7 @@ from gradwatch.report.formatting import (
     format_number,
     format_steps,
     format_trend,
+    message,
     omitted_alerts_note,
     shorten,
 )
@@ -19,9 +20,13 @@ _MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]<>|~&])")
 VERDICT_MARKS = {"healthy": "✅", "vanishing": "🔻", "exploding": "🔺", "nonfinite": "❌"}
 
 
-def escape_markdown(text: str) -> str:
-    """Log text shown literally: markdown/HTML punctuation backslash-escaped, newlines flattened."""
-    return _MARKDOWN_SPECIAL.sub(r"\\\1", shorten(text)).replace("\r", " ").replace("\n", " ")
+def escape_markdown(text: str, *, whole: bool = False) -> str:
+    """Log text shown literally: markdown/HTML punctuation backslash-escaped, newlines flattened.
+
+    ``whole``: a message (alert, reason, cause, hint) is kept whole up to MAX_MESSAGE_CHARS, not cut.
+    """
+    shown = message(text) if whole else shorten(text)
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", shown).replace("\r", " ").replace("\n", " ")
 
 
 def _verdict(layer: LayerSummary) -> str:
@@ -57,7 +62,7 @@ def _run(run: RunSummary) -> list[str]:
                         escape_markdown(layer.module_type or "?"),
                         format_steps(layer.first_step, layer.last_step),
                         _verdict(layer),
-                        escape_markdown(layer.verdict.cause or layer.verdict.reason),
+                        escape_markdown(layer.verdict.cause or layer.verdict.reason, whole=True),
                     ]
                 )
             )
@@ -72,7 +77,7 @@ def _run(run: RunSummary) -> list[str]:
             lines.append(
                 f"- step {alert.step} (rank {alert.rank}) "
                 f"{escape_markdown(alert_location(alert.module, alert.layer, alert.direction))}: "
-                f"**{alert.alert.value}** — {escape_markdown(alert.message)}"
+                f"**{alert.alert.value}** — {escape_markdown(alert.message, whole=True)}"
             )
         if run.alerts_omitted:
             lines.append(f"- {omitted_alerts_note(run)}")
@@ -94,13 +99,13 @@ def _layer(layer: LayerSummary) -> list[str]:
         # Inside an HTML block markdown escapes do not apply: escape as HTML instead.
         f"<summary>{html.escape(shorten(layer.title))}: {verdict.verdict.value}</summary>",
         "",
-        f"{_verdict(layer)}: {escape_markdown(verdict.reason)}",
+        f"{_verdict(layer)}: {escape_markdown(verdict.reason, whole=True)}",
         "",
     ]
     if verdict.cause:
-        lines += [f"Cause: {escape_markdown(verdict.cause)}", ""]
-    lines += [f"- try: {escape_markdown(s)}" for s in verdict.suggestions]
-    lines += [f"- recovered: {escape_markdown(note)}" for note in verdict.recovered]
+        lines += [f"Cause: {escape_markdown(verdict.cause, whole=True)}", ""]
+    lines += [f"- try: {escape_markdown(s, whole=True)}" for s in verdict.suggestions]
+    lines += [f"- recovered: {escape_markdown(note, whole=True)}" for note in verdict.recovered]
     if verdict.suggestions or verdict.recovered:
         lines.append("")
     lines.append(_row(["metric", "first", "last", "min", "max", "trend /1k steps", "over training"]))

@@ -16,6 +16,7 @@ from gradwatch.report.formatting import (
     format_number,
     format_steps,
     format_trend,
+    message,
     omitted_alerts_note,
     printable,
     shorten,
@@ -71,7 +72,7 @@ def _overview(run: RunSummary) -> Table:
             format_steps(layer.first_step, layer.last_step),
             str(layer.measurements),
             verdict_text(layer.verdict.verdict),
-            Text(f"{shorten(layer.verdict.reason)} [{layer.verdict.source}]"),
+            Text(f"{message(layer.verdict.reason)} [{layer.verdict.source}]"),
         )
     return table
 
@@ -98,16 +99,16 @@ def _diagnosis(layer: LayerSummary) -> RenderableType:
     lines = Text()
     lines.append("verdict: ", style="bold")
     lines.append_text(verdict_text(verdict.verdict))
-    lines.append(f" — {shorten(verdict.reason)}\n")
+    lines.append(f" — {message(verdict.reason)}\n")
     if verdict.cause:
         lines.append("cause: ", style="bold")
-        lines.append(printable(verdict.cause) + "\n")
+        lines.append(message(verdict.cause) + "\n")
     for suggestion in verdict.suggestions:
         lines.append("  try: ", style="bold")
-        lines.append(printable(suggestion) + "\n")
+        lines.append(message(suggestion) + "\n")
     for note in verdict.recovered:
         lines.append("  recovered: ", style="bold green")
-        lines.append(printable(note) + "\n")
+        lines.append(message(note) + "\n")
     lines.rstrip()
     return lines
 
@@ -131,7 +132,7 @@ def _alerts(run: RunSummary) -> RenderableType:
             Text(shorten(alert.metric, 60)),
             format_number(alert.value),
             format_number(alert.threshold),
-            Text(shorten(alert.message)),
+            Text(message(alert.message), overflow="fold"),
         )
     if run.alerts_omitted:
         table.caption = omitted_alerts_note(run)
@@ -170,7 +171,7 @@ def _run(run: RunSummary) -> list[RenderableType]:
     parts.append(Text(clip_text))
     for error in run.errors:
         where = shorten(error.where, 80)
-        parts.append(Text(f"gradwatch error at step {error.step} in {where}: {shorten(error.message)}"))
+        parts.append(Text(f"gradwatch error at step {error.step} in {where}: {message(error.message)}"))
     return parts
 
 
