@@ -154,6 +154,21 @@ def check_run_id(run_id: object) -> None:
         raise ValueError(f"run_id must be a non-empty string (or None for a new one), got {run_id!r}")
 
 
+MAX_RUN_NAME_CHARS = 200
+
+
+def check_run_name(name: object) -> None:
+    """A run name is a non-empty string of printable characters (it is shown in reports and file lists)."""
+    if name is None:
+        return
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"name must be a non-empty string (or None), got {name!r:.80}")
+    if len(name) > MAX_RUN_NAME_CHARS or not name.isprintable():
+        raise ValueError(
+            f"name must be printable and at most {MAX_RUN_NAME_CHARS} characters, got {name!r:.80}"
+        )
+
+
 def check_sinks(sinks: Iterable[Sink]) -> list[Sink]:
     """User sinks: anything with write(record), flush() and close() (the Sink protocol)."""
     user_sinks = list(sinks)

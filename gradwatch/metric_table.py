@@ -89,7 +89,7 @@ METRIC_TABLE: tuple[Metric, ...] = (
            "Number of non-finite (NaN/Inf) gradient values of this layer at the measured step.",
            source="gradients", prometheus="grad_nonfinite", combine="sum"),
     Metric("gate_mean", "float", "Mean gate activation (forget gate for LSTM, update gate for GRU).",
-           prometheus="gate_mean"),
+           prometheus="gate_mean", report_label="mean gate (f / z)"),
     Metric("jacobian_converged_ratio", "float",
            "Share of the sigma_max(J_t) estimates (Lanczos or power iteration) that met rtol "
            "within max_iter.",

@@ -46,6 +46,7 @@ from gradwatch.checks import (
     check_optimizer,
     check_optimizer_holds_watched,
     check_run_id,
+    check_run_name,
     check_sinks,
     check_watch_options,
     resolve_background,
@@ -146,6 +147,7 @@ class Monitor:
         run_id: str | None = None,
         on_alert: Sequence[AlertCallback] = (),
         clip: ClipPolicy | None = None,
+        name: str | None = None,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
@@ -155,6 +157,8 @@ class Monitor:
             raise ValueError(no_rnn_message(model))
         self.rank, self.world_size = distributed_rank()
         self.run_id = run_id or new_run_id()
+        self.name = name
+        """The run's name from ``watch(..., name=...)`` (in the run header; the report shows it), or None."""
         self.detector = TrendDetector(config.detection)
         self._global_view = (
             GlobalView(self.run_id, self.rank, self.world_size)
@@ -246,6 +250,7 @@ class Monitor:
                 modules=tuple(w.describe() for w in self._watched),
                 rank=self.rank,
                 world_size=self.world_size,
+                name=self.name,
             )
         )
         self._flush()
@@ -662,6 +667,7 @@ def watch(
     fsync: FsyncPolicy = "header",
     history_size: int = 100_000,
     run_id: str | None = None,
+    name: str | None = None,
     log_ranks: LogRanks = "all",
     global_view: bool = False,
     background: bool | None = None,
@@ -725,6 +731,9 @@ def watch(
             all. Default 100_000.
         run_id: the run's id in every record; a non-empty string. Default None: a new sortable id (under
             torch.distributed, rank 0's, shared by every rank).
+        name: a name for the run, to tell runs apart ("lstm-lr3e-4", "baseline"): written in the run header,
+            shown by every report format and the TensorBoard export beside the run id; a non-empty string.
+            Default None: the run is known by its run id.
         log_ranks: under torch.distributed every rank measures its own batch; ``"all"`` writes one log per
             rank, ``"zero"`` only rank 0's. Default ``"all"``.
         global_view: True adds, on rank 0, records of rank -1 that combine every rank's measurement
@@ -771,6 +780,7 @@ def watch(
     )
     log_ranks = check_log_ranks(log_ranks)
     check_run_id(run_id)
+    check_run_name(name)
     rank, _ = distributed_rank()
     run_id = run_id or shared_run_id(new_run_id())
     user_sinks = check_sinks(sinks)
@@ -801,6 +811,7 @@ def watch(
             run_id=run_id,
             on_alert=callbacks,
             clip=clip_policy,
+            name=name,
         )
         if is_compile_wrapper(model):  # its first trace may come on an unmeasured step
             for recorder in monitor._recorders.values():

@@ -183,9 +183,11 @@ class RunHeader:
     rank: int = 0
     world_size: int = 1
     schema: int = SCHEMA_VERSION
+    name: str | None = None
+    """The name the user gave the run (``watch(..., name=...)``), to tell runs apart; absent when none."""
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "kind": self.kind,
             "schema": self.schema,
             "run_id": self.run_id,
@@ -197,6 +199,9 @@ class RunHeader:
             "config": dict(self.config),
             "modules": [dict(m) for m in self.modules],
         }
+        if self.name is not None:
+            data["name"] = self.name
+        return data
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> RunHeader:
@@ -216,6 +221,7 @@ class RunHeader:
             rank=_as_int(data.get("rank", 0), "rank"),
             world_size=_as_int(data.get("world_size", 1), "world_size"),
             schema=_as_int(data.get("schema"), "schema"),
+            name=None if data.get("name") is None else _as_str(data.get("name"), "name"),
         )
 
 

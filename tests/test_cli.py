@@ -93,7 +93,9 @@ def test_html_is_one_self_contained_file(cli_runner: CliRunner, runs_dir: Path, 
     assert result.exit_code == 0 and result.stdout == ""
     page = out.read_text(encoding="utf-8")
     assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
-    assert page.count("<svg") == 5 * 9  # five runs, one chart per metric
+    # five runs: per layer the lag-norm profile and one chart per metric with values (no gate: 9)
+    assert page.count("<svg") == 5 * (1 + 9)
+    assert page.count('class="chart profile"') == 5
     assert 'class="alert-mark"' in page
     for external in ("http:", "https:", "<script", "<link", "src=", "@import", "url("):
         assert external not in page

@@ -158,6 +158,9 @@ def test_demo_reaches_the_scenarios_verdict(
     assert result.exit_code == 0, result.output
     log, verdicts = _verdicts(tmp_path)
     assert verdicts == {("rnn", 0, "forward"): scenario}
+    header = json.loads(log.read_text().splitlines()[0])
+    assert header["name"] == f"demo {scenario} {cell}"  # the run names its scenario
+    assert log.name == f"demo-{scenario}-{cell}-{header['run_id']}.jsonl"  # file name and run id agree
     assert f"Run log: {log}" in result.output
     assert f"Verdict: {scenario} (as expected)" in result.output
     assert "Prometheus exporter: off" in result.output

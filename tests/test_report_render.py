@@ -12,7 +12,16 @@ import re
 import pytest
 
 from gradwatch.records import Alert, AlertKind, Measurement, MeasurementMetrics, Record, RunHeader
-from gradwatch.report.render_html import axis_labels, chart_svg, render_html
+from gradwatch.report.formatting import format_number
+from gradwatch.report.render_html import (
+    PROFILE_SNAPSHOTS,
+    Thresholds,
+    axis_labels,
+    chart_svg,
+    falls_below,
+    lag_profile_svg,
+    render_html,
+)
 from gradwatch.report.render_json import REPORT_JSON_SCHEMA, render_json
 from gradwatch.report.render_markdown import escape_markdown, render_markdown
 from gradwatch.report.render_text import make_console, render_text
@@ -38,8 +47,10 @@ def test_html_chart_marks_alerts_and_reference_line() -> None:
     svg = chart_svg(sigma, [(500, "exploding", "step 500: <boom>")])
     assert svg.startswith("<svg") and svg.endswith("</svg>")
     assert 'class="alert-mark"' in svg and "&lt;boom&gt;" in svg and "<boom>" not in svg
-    assert 'stroke-dasharray="3,3"' in svg  # sigma = 1 lies inside the plotted range
-    assert "(log scale)" in svg
+    assert re.search(r'class="reference"[^>]*><title>σ = 1</title>', svg)  # the sigma = 1 line
+    assert "(log axis)" not in svg  # 0.95 .. 3: less than a decade, a linear axis
+    lag = next(m for m in layer.metrics if m.name == "lag_norm")
+    assert "(log axis)" in chart_svg(lag, [])  # 0.2 .. 1e6: many decades
     outside = chart_svg(sigma, [(10**6, "exploding", "late")])
     assert "alert-mark" not in outside  # an alert outside the plotted steps is not drawn
 
@@ -140,3 +151,51 @@ def test_a_crafted_huge_message_is_still_bounded() -> None:
     records[-1] = dataclasses.replace(records[-1], message="x" * 100_000)  # type: ignore[type-var]
     page = render_html(summarize(records))
     assert "x" * 3990 in page and "x" * 4001 not in page
+
+
+# --- the one picture per layer: the lag-norm profile (#31) ----------------------------------------------
+
+
+def test_falls_below_interpolates_in_log_log() -> None:
+    # norm 1 at tau 1, 1e-6 at tau 100: the log-log line reaches 1e-3 half-way, at tau 10
+    assert falls_below([(1, 1.0), (100, 1e-6)], 1e-3) == pytest.approx(10.0)
+    assert falls_below([(1, 1.0), (8, 0.5)], 1e-3) is None
+    assert falls_below([(1, 1e-4), (8, 1e-5)], 1e-3) == 1.0
+
+
+def test_lag_profile_marks_norm_one_thresholds_and_reach() -> None:
+    records = make_run("vanishing")
+    header = records[0]
+    assert isinstance(header, RunHeader)
+    config = {"horizon": 16, "detection": {"vanishing_lag_norm": 1e-4, "exploding_lag_norm": 50.0}}
+    records[0] = dataclasses.replace(header, config=config)
+    run = summarize(records).runs[0]
+    layer = run.layers[0]
+    assert [tau for tau, _series in layer.lag_series] == [1, 8, 32]
+    svg = lag_profile_svg(layer, Thresholds.of(run))
+    assert svg.count("<polyline") == PROFILE_SNAPSHOTS  # evenly spaced steps over training
+    assert "step 0" in svg and f"step {layer.last_step}" in svg
+    for label in ("norm 1", "vanishing &lt; 1.00e-04", "exploding &gt; 50", "horizon 16", "reach ≈"):
+        assert label in svg, label
+    # the newest profile: 0.2**1, 0.2**8 = 2.6e-6 ... falls below 1e-4 between tau 1 and 8
+    newest = [(tau, series[-1][1]) for tau, series in layer.lag_series]
+    below = falls_below([(t, v) for t, v in newest if v is not None], 1e-4)
+    assert below is not None and 1 < below < 8 and f"reach ≈ {format_number(below)} steps" in svg
+
+
+def test_lag_profile_shows_a_recorded_reach_field() -> None:
+    run = summarize(make_run("healthy")).runs[0]
+    layer = run.layers[0]
+    reach = dataclasses.replace(layer.metrics[0], name="reach", label="reach", last=12.0)
+    with_reach = dataclasses.replace(layer, metrics=(*layer.metrics, reach))
+    svg = lag_profile_svg(with_reach, Thresholds.of(run))
+    assert "reach 12" in svg and "reach ≈" not in svg
+
+
+def test_html_headline_is_the_verdict_and_charts_draw_the_run_thresholds() -> None:
+    page = render_html(summarize(make_run("exploding")))
+    first_layer = page.index("<section class=layer")
+    assert re.search(r'class="headline"><span class="verdict"[^>]*>exploding</span>', page[first_layer:])
+    assert "<h2>Runs</h2>" not in page  # one run: no index
+    assert "exploding &gt; 0.02" in page and "vanishing &lt; -0.8" in page  # lambda thresholds
+    assert "λ = 0" in page and "training step" in page and "lag τ (steps back, log axis)" in page

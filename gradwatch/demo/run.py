@@ -182,11 +182,14 @@ def _start_monitor(
     scenario: Scenario,
     log_path: Path,
     printer: AlertPrinter,
+    run_id: str,
 ) -> Monitor:
     try:
         return watch(
             model,
             optimizer,
+            run_id=run_id,  # the same id as in the log's file name
+            name=f"demo {scenario.name} {scenario.cell}",
             every=options.every,
             log=log_path,
             on_alert=printer,
@@ -233,12 +236,13 @@ def run_demo(options: DemoOptions, console: Console) -> DemoResult:
     optimizer = torch.optim.SGD(model.parameters(), lr=scenario.learning_rate)
     generator = torch.Generator().manual_seed(options.seed)
     options.log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = options.log_dir / f"demo-{scenario.name}-{scenario.cell}-{new_run_id()}.jsonl"
+    run_id = new_run_id()
+    log_path = options.log_dir / f"demo-{scenario.name}-{scenario.cell}-{run_id}.jsonl"
     printer = AlertPrinter(console)
     started = time.perf_counter()
     loss_value = math.nan
     with _alerts_shown_once(), _one_torch_thread():
-        monitor = _start_monitor(model, optimizer, options, scenario, log_path, printer)
+        monitor = _start_monitor(model, optimizer, options, scenario, log_path, printer, run_id)
         url = _prometheus_url(monitor)
         # soft_wrap: a path or URL is never broken across lines (people copy them)
         console.print(f"Run log: {log_path}", highlight=False, soft_wrap=True, markup=False)

@@ -111,7 +111,7 @@ def _finish(
         files=contents.files,
         unknown_kinds=contents.unknown_kinds,
         truncated_runs=contents.truncated_runs,
-    )
+    ).with_run_files(contents.run_files)
 
 
 PARALLEL_MIN_BYTES = 64_000_000

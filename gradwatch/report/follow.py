@@ -72,7 +72,7 @@ class Follower:
             files=contents.files,
             unknown_kinds=contents.unknown_kinds,
             truncated_runs=contents.truncated_runs,
-        )
+        ).with_run_files(contents.run_files)
 
 
 def follow(

@@ -4,9 +4,18 @@ from __future__ import annotations
 
 import math
 
-from gradwatch.report.summary import MetricSummary, RunSummary
+from gradwatch.report.summary import LayerSummary, MetricSummary, RunSummary
 
 MISSING_VALUE = "—"
+
+
+GATED_ONLY_METRICS = frozenset({"gate_mean"})
+"""Metrics only gated cells (LSTM, GRU) have: a layer without any value of them does not list them."""
+
+
+def shown_metrics(layer: LayerSummary) -> tuple[MetricSummary, ...]:
+    """The metric rows a renderer shows for ``layer``: all, less gate rows of a layer without gates."""
+    return tuple(m for m in layer.metrics if m.count or m.name not in GATED_ONLY_METRICS)
 
 
 def format_number(value: float | None) -> str:

@@ -101,6 +101,8 @@ class LogContents:
     truncated_files: list[str] = field(default_factory=list)
     truncated_runs: list[tuple[str, int]] = field(default_factory=list)
     """``(run_id, rank)`` of the last record before each truncated last line: the run that crashed."""
+    run_files: dict[str, list[str]] = field(default_factory=dict)
+    """run_id -> the files holding a header of that run (so a report can say which file a run is)."""
 
     def extend(self, other: LogContents) -> None:
         self.records.extend(other.records)
@@ -109,6 +111,9 @@ class LogContents:
         self.unknown_kinds.update(other.unknown_kinds)
         self.truncated_files.extend(f for f in other.truncated_files if f not in self.truncated_files)
         self.truncated_runs.extend(r for r in other.truncated_runs if r not in self.truncated_runs)
+        for run_id, files in other.run_files.items():
+            known = self.run_files.setdefault(run_id, [])
+            known.extend(f for f in files if f not in known)
 
 
 def expand_paths(patterns: list[str]) -> tuple[list[Path], list[Problem]]:
@@ -383,6 +388,9 @@ class LogTail:
         if isinstance(record, RunHeader):
             self._skipping_unsupported_run = False
             self._current_header = record
+            files = out.run_files.setdefault(record.run_id, [])
+            if self.display not in files:
+                files.append(self.display)
         record = self._with_run_context(record)
         self._last_run = (record.run_id, record.rank)
         self._batch.append(record)

@@ -90,10 +90,12 @@ def _clips(clips: ClipSummary) -> dict[str, Any]:
     }
 
 
-def _run(run: RunSummary) -> dict[str, Any]:
+def _run(run: RunSummary, files: tuple[str, ...] = ()) -> dict[str, Any]:
     header = run.header
     return {
         "run_id": run.run_id,
+        "name": run.name,
+        "files": list(files),
         "ranks": list(run.ranks),
         "merged_ranks": run.merged_ranks,
         "truncated": run.truncated,
@@ -121,7 +123,7 @@ def report_to_json(report: Report) -> dict[str, Any]:
             "merge_ranks": report.options.merge_ranks,
         },
         "verdicts": report.verdict_counts(),
-        "runs": [_run(run) for run in report.runs],
+        "runs": [_run(run, report.files_of(run)) for run in report.runs],
         "problems": [{"file": p.path, "line": p.line, "message": p.message} for p in report.problems],
         "skipped_unknown_kinds": dict(report.unknown_kinds),
     }

@@ -13,6 +13,7 @@ from gradwatch.report.formatting import (
     message,
     omitted_alerts_note,
     shorten,
+    shown_metrics,
 )
 from gradwatch.report.summary import LayerSummary, Report, RunSummary, why_no_measurements
 
@@ -38,8 +39,10 @@ def _row(cells: list[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
-def _run(run: RunSummary) -> list[str]:
-    lines = [f"## Run {escape_markdown(run.title)}", ""]
+def _run(run: RunSummary, files: tuple[str, ...] = ()) -> list[str]:
+    lines = [f"## Run {escape_markdown(run.heading)}", ""]
+    if files:
+        lines += ["file: " + ", ".join(escape_markdown(f) for f in files), ""]
     if run.header is not None:
         lines.append(
             f"gradwatch {escape_markdown(run.header.gradwatch)} · "
@@ -110,7 +113,7 @@ def _layer(layer: LayerSummary) -> list[str]:
         lines.append("")
     lines.append(_row(["metric", "first", "last", "min", "max", "trend /1k steps", "over training"]))
     lines.append(_row(["---"] + ["---:"] * 5 + ["---"]))
-    for metric in layer.metrics:
+    for metric in shown_metrics(layer):
         lines.append(
             _row(
                 [
@@ -138,7 +141,7 @@ def render_markdown(report: Report) -> str:
         "",
     ]
     for run in report.runs:
-        lines += _run(run)
+        lines += _run(run, report.files_of(run))
     if report.problems:
         lines += ["### Problems reading the logs", ""]
         lines += [f"- {escape_markdown(str(problem))}" for problem in report.problems]

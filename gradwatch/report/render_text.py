@@ -20,6 +20,7 @@ from gradwatch.report.formatting import (
     omitted_alerts_note,
     printable,
     shorten,
+    shown_metrics,
 )
 from gradwatch.report.summary import LayerSummary, Report, RunSummary, why_no_measurements
 from gradwatch.report.verdict import Verdict
@@ -81,7 +82,7 @@ def _metric_table(layer: LayerSummary) -> Table:
     table = Table(title=Text(shorten(layer.title, 100)), title_justify="left")
     for column in ("metric", "first", "last", "min", "max", "trend /1k steps", "over training"):
         table.add_column(column, justify="left" if column in ("metric", "over training") else "right")
-    for metric in layer.metrics:
+    for metric in shown_metrics(layer):
         table.add_row(
             Text(metric.label),
             format_number(metric.first),
@@ -140,8 +141,10 @@ def _alerts(run: RunSummary) -> RenderableType:
     return table
 
 
-def _run(run: RunSummary) -> list[RenderableType]:
-    parts: list[RenderableType] = [Rule(Text(f"Run {shorten(run.title, 120)}"))]
+def _run(run: RunSummary, files: tuple[str, ...] = ()) -> list[RenderableType]:
+    parts: list[RenderableType] = [Rule(Text(f"Run {shorten(run.heading, 160)}"))]
+    if files:
+        parts.append(Text(f"file: {', '.join(shorten(f, 200) for f in files)}", overflow="fold"))
     info = []
     if run.header is not None:
         header = run.header
@@ -179,7 +182,7 @@ def build_renderable(report: Report) -> RenderableType:
     """The whole report as one rich renderable (also what ``--follow`` refreshes)."""
     parts: list[RenderableType] = []
     for run in report.runs:
-        parts.extend(_run(run))
+        parts.extend(_run(run, report.files_of(run)))
     if not report.runs:
         parts.append(Text("no records read"))
     counts = report.verdict_counts()

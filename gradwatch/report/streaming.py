@@ -575,6 +575,10 @@ class _LayerAccumulator:
                 clip_median_max_norm=clips.median_max_norm(),
             ),
             alert_count=self.alerts.count,
+            lag_series=tuple(
+                (lag, accumulator.summary(f"lag {lag}").series)
+                for lag, accumulator in sorted(self.lag_metrics.items())
+            ),
         )
 
     def add_alert(self, alert: Alert) -> None:

@@ -12,7 +12,7 @@ import math
 import statistics
 from collections import defaultdict, deque
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TypeGuard
 
 from gradwatch.policy.judge import RUN_VERDICTS
@@ -118,10 +118,20 @@ class LayerSummary:
     """The alerts shown (see :class:`AlertTimeline`); ``alert_count`` says how many there were."""
     verdict: LayerVerdict
     alert_count: int = 0
+    lag_series: tuple[LagSeries, ...] = ()
+    """Every measured lag tau with its norm over the steps, by tau: the lag-norm profile over training."""
 
     @property
     def title(self) -> str:
         return f"{self.module} · layer {self.layer} · {self.direction}"
+
+    def metric(self, name: str) -> MetricSummary | None:
+        """The summary of metric ``name`` (``reach``, ``lyapunov_max`` ...), if the report computed it."""
+        return next((m for m in self.metrics if m.name == name), None)
+
+
+LagSeries = tuple[int, tuple[tuple[int, float | None], ...]]
+"""``(tau, ((step, norm), ...))``: one lag's norm over training (binned like every metric series)."""
 
 
 ALERTS_SHOWN = 200
@@ -208,6 +218,16 @@ class RunSummary:
         return self.alert_count - len(self.alerts)
 
     @property
+    def name(self) -> str | None:
+        """The name the run was given (``watch(..., name=...)``), if any."""
+        return None if self.header is None else self.header.name
+
+    @property
+    def heading(self) -> str:
+        """The run's name first when it has one, then its id and rank: ``baseline · 2026...-1a2b rank 0``."""
+        return f"{self.name} · {self.title}" if self.name else self.title
+
+    @property
     def title(self) -> str:
         name = self.run_id or "(run without id)"
         if self.merged_ranks:
@@ -224,6 +244,16 @@ class Report:
     files: tuple[str, ...] = ()
     unknown_kinds: tuple[tuple[str, int], ...] = ()
     options: ReportOptions = field(default_factory=ReportOptions)
+    run_files: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    """run_id -> the log files that hold its run header (which file a run came from)."""
+
+    def files_of(self, run: RunSummary) -> tuple[str, ...]:
+        """The log files ``run`` was read from (empty when the log had no run header for it)."""
+        return tuple(self.run_files.get(run.run_id, ()))
+
+    def with_run_files(self, run_files: Mapping[str, Sequence[str]]) -> Report:
+        """This report with the reader's run_id -> files map attached."""
+        return replace(self, run_files={run_id: tuple(files) for run_id, files in run_files.items()})
 
     def layer_verdicts(self) -> list[tuple[RunSummary, LayerSummary]]:
         return [(run, layer) for run in self.runs for layer in run.layers]
@@ -252,7 +282,7 @@ def build_report(contents: LogContents, options: ReportOptions | None = None) ->
         files=contents.files,
         unknown_kinds=contents.unknown_kinds,
         truncated_runs=contents.truncated_runs,
-    )
+    ).with_run_files(contents.run_files)
 
 
 def summarize(
@@ -365,6 +395,9 @@ def _summarize_layer(
         by_step[m.step].append(m)
     lag = longest_lag(measurements)
     metrics = tuple(_summarize_metric(spec, by_step, lag) for spec in metric_specs(options.metrics))
+    lag_spec = metric_specs(("lag_norm",))[0]
+    taus = sorted({int(key) for m in measurements for key in m.metrics.lag_norm if key.isdigit()})
+    lag_series = tuple((tau, _summarize_metric(lag_spec, by_step, str(tau)).series) for tau in taus)
     steps = sorted(by_step)
     return LayerSummary(
         module=module,
@@ -383,6 +416,7 @@ def _summarize_layer(
             measurements, alerts, run_has_alerts=run_has_alerts, module_type=module_type, clips=clips
         ),
         alert_count=len(alerts),
+        lag_series=lag_series,
     )
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from gradwatch.records import RunHeader
 from gradwatch.report.reader import Problem, read_logs
-from gradwatch.sinks.tensorboard import TensorBoardSink
+from gradwatch.sinks.tensorboard import TAG_ROOT, TensorBoardSink
 
 
 @dataclass
@@ -63,10 +63,16 @@ def run_directory_name(run_id: str) -> str:
     return f"{name or 'run'}-{digest}"
 
 
-def run_directory(out_dir: str | os.PathLike[str], run_id: str, rank: int) -> Path:
-    """``DIR/<name>`` for rank 0 (and the all-ranks records), ``DIR/<name>/rank<r>`` for rank r > 0, where
-    ``<name>`` is :func:`run_directory_name` of the run id: always a directory inside ``DIR``."""
-    base = Path(out_dir, run_directory_name(run_id))
+def run_directory(out_dir: str | os.PathLike[str], run_id: str, rank: int, name: str | None = None) -> Path:
+    """``DIR/<dir>`` for rank 0 (and the all-ranks records), ``DIR/<dir>/rank<r>`` for rank r > 0, where
+    ``<dir>`` is :func:`run_directory_name` of the run id: always a directory inside ``DIR``. A named run
+    (``watch(..., name=...)``) is ``DIR/<name>__<dir>``, so TensorBoard's run list tells runs apart (the
+    name with each run of characters other than letters, digits, ``.``, ``_``, ``-`` replaced by ``_``)."""
+    folder = run_directory_name(run_id)
+    if name:
+        safe = _UNSAFE_RUNS.sub("_", name).strip("._-")[:MAX_NAME_CHARS]
+        folder = f"{safe}__{folder}" if safe else folder
+    base = Path(out_dir, folder)
     return base if rank <= 0 else base / f"rank{int(rank)}"
 
 
@@ -78,17 +84,20 @@ def export_tensorboard(paths: list[str], out_dir: str | os.PathLike[str]) -> Exp
         raise ValueError(f"the TensorBoard output {str(out)!r} is a file; give a directory (-o runs/tb)")
     contents = read_logs(paths)
     result = ExportResult(problems=list(contents.problems))
+    names = {r.run_id: r.name for r in contents.records if isinstance(r, RunHeader) and r.name}
     sinks: dict[Path, TensorBoardSink] = {}
     try:
         for record in contents.records:
             rank = record.rank
-            directory = run_directory(out, record.run_id, rank)
+            directory = run_directory(out, record.run_id, rank, names.get(record.run_id))
             sink = sinks.get(directory)
             key = str(directory.relative_to(out))
             if sink is None:
                 sink = sinks[directory] = TensorBoardSink(directory, lag_images=True)
-                if directory.parts[len(out.parts)] not in (record.run_id, "unnamed-run"):
+                if run_directory_name(record.run_id) not in (record.run_id, "unnamed-run"):
                     result.renamed[key] = record.run_id
+                source = ", ".join(contents.run_files.get(record.run_id, ())) or "(no run header read)"
+                sink.writer.add_text(f"{TAG_ROOT}/source", f"run log: {source}", 0)
             sink.write(record)
             result.runs[key] = result.runs.get(key, 0) + (0 if isinstance(record, RunHeader) else 1)
     finally:

@@ -183,7 +183,8 @@ class TensorBoardSink:
                 self._layout_written = True
             modules = ", ".join(f"{m.get('name')} ({m.get('type')})" for m in record.modules)
             versions = f"gradwatch {record.gradwatch}, torch {record.torch}"
-            text = f"run {record.run_id}: {versions}; modules {modules}"
+            named = f"run {record.name!r} ({record.run_id})" if record.name else f"run {record.run_id}"
+            text = f"{named}: {versions}; modules {modules}"
             writer.add_text(f"{TAG_ROOT}/run", text, 0, walltime=record.started)
         self.records_written += 1
 
