@@ -100,10 +100,17 @@ def _export_tensorboard(paths: list[str], output: Path | None, *, follow: bool) 
     "--fail-on",
     multiple=True,
     callback=_parse_fail_on,
-    help="Exit with status 1 if a layer's verdict is one of these: vanishing,exploding,nonfinite.",
+    help="Exit with status 1 if a layer's verdict is one of these: vanishing,exploding,nonfinite "
+    "(comma-separated, repeatable; an empty value is an error).",
 )
 @click.option("--follow", is_flag=True, help="Live view that refreshes as the logs grow (Ctrl-C to stop).")
-@click.option("--follow-interval", type=click.FloatRange(min=0.01), default=1.0, show_default=True)
+@click.option(
+    "--follow-interval",
+    type=click.FloatRange(min=0.01),
+    default=1.0,
+    show_default=True,
+    help="Seconds between two reads of the growing logs in --follow mode.",
+)
 @click.option(
     "--follow-timeout", type=click.FloatRange(min=0), default=None, help="Stop following after seconds."
 )
@@ -146,9 +153,12 @@ def report(
     )
     stdout = sys.stdout  # click.get_text_stream is deprecated since click 8.5
     if follow:
+        # the live view is text; with another --format and no -o it goes to stderr, so that stdout gets
+        # only the final report in that format (json stays parseable)
+        live_stream = stdout if output_format == "text" or output is not None else sys.stderr
         result = follow_logs(
             list(paths),
-            console=make_console(stdout),
+            console=make_console(live_stream),
             options=options,
             interval=follow_interval,
             timeout=follow_timeout,
@@ -162,11 +172,10 @@ def report(
             output.write_text(command.render(result, output_format), encoding="utf-8")
         except OSError as exc:
             raise _OutputError(f"cannot write the report to {str(output)!r}: {exc.strerror or exc}") from None
-    elif not follow:
-        if output_format == "text":
-            render_text(result, make_console(stdout))
-        else:
-            click.echo(command.render(result, output_format), nl=False)
+    elif output_format != "text":
+        click.echo(command.render(result, output_format), nl=False)
+    elif not follow:  # --follow has shown the text report live already
+        render_text(result, make_console(stdout))
     status = command.exit_status(result, fail_on)
     if status == command.EXIT_NOTHING_READ:
         click.echo("gradwatch report: no usable record was read", err=True)
@@ -223,7 +232,12 @@ def demo(
     log_dir: Path,
 ) -> None:
     """Train a small RNN on the adding problem with gradwatch on: live Jacobian norms, alerts, report."""
-    from gradwatch.demo import DemoOptions, DemoSetupError, run_demo  # imports torch: only for the demo
+    from gradwatch.demo import (  # imports torch: only for the demo
+        DemoInterrupted,
+        DemoOptions,
+        DemoSetupError,
+        run_demo,
+    )
 
     options = DemoOptions(
         cell=cell,
@@ -239,6 +253,8 @@ def demo(
         run_demo(options, make_console(sys.stdout))  # not click.get_text_stream: deprecated since click 8.5
     except (DemoSetupError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
+    except DemoInterrupted:  # the demo has said where the partial run log is
+        sys.exit(130)  # 128 + SIGINT, as a shell reports Ctrl-C
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -7,6 +7,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner, Result
 
@@ -368,3 +369,58 @@ def test_follow_with_timeout_ends_and_reports(cli_runner: CliRunner, make_log: C
     result = run_report(cli_runner, str(log), "--follow", "--follow-timeout", "0", "--fail-on", "vanishing")
     assert result.exit_code == 1
     assert "run-vanishing" in result.stdout and "vanishing" in result.stdout
+
+
+# --- CLI details (#31) ----------------------------------------------------------------------------------
+
+
+def test_follow_with_json_and_no_output_prints_json(
+    cli_runner: CliRunner, make_log: Callable[..., Path]
+) -> None:
+    log = make_log("vanishing")
+    result = run_report(cli_runner, str(log), "--follow", "--follow-timeout", "0", "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)  # stdout is the json report alone; the live view went to stderr
+    assert verdicts(data) == {"run-vanishing": "vanishing"}
+    assert "run-vanishing" in result.stderr
+
+
+@pytest.mark.parametrize("value", ["", " ", ",", " , "])
+def test_fail_on_without_a_verdict_is_refused(
+    cli_runner: CliRunner, make_log: Callable[..., Path], value: str
+) -> None:
+    result = run_report(cli_runner, str(make_log("vanishing")), "--fail-on", value)
+    assert result.exit_code == 2
+    assert "--fail-on needs at least one verdict" in result.stderr and "vanishing" in result.stderr
+
+
+def test_metric_gate_mean_is_accepted(cli_runner: CliRunner, make_log: Callable[..., Path]) -> None:
+    result, data = report_json(cli_runner, str(make_log("healthy")), "--metric", "gate_mean")
+    assert result.exit_code == 0
+    assert list(data["runs"][0]["layers"][0]["metrics"]) == ["gate_mean"]
+
+
+def test_every_report_option_has_help(cli_runner: CliRunner) -> None:
+    from gradwatch.cli import report
+
+    for option in report.params:
+        if isinstance(option, click.Option):
+            assert option.help, f"{option.opts} has no help"
+    assert "Seconds between two reads" in cli_runner.invoke(main, ["report", "--help"]).stdout
+
+
+def test_second_tensorboard_export_into_the_same_directory_is_refused(
+    cli_runner: CliRunner, make_log: Callable[..., Path], tmp_path: Path
+) -> None:
+    pytest.importorskip("tensorboard")
+    log = make_log("healthy")
+    out = tmp_path / "tb"
+    first = run_report(cli_runner, str(log), "--format", "tensorboard", "-o", str(out))
+    assert first.exit_code == 0, first.stderr
+    events = sorted(out.rglob("events.out.tfevents*"))
+    sizes = [p.stat().st_size for p in events]
+    second = run_report(cli_runner, str(log), "--format", "tensorboard", "-o", str(out))
+    assert second.exit_code == 2
+    assert "already hold TensorBoard event files" in second.stderr and "another -o" in second.stderr
+    assert sorted(out.rglob("events.out.tfevents*")) == events  # nothing added
+    assert [p.stat().st_size for p in events] == sizes

@@ -209,3 +209,42 @@ def test_live_alerts_keep_their_bracketed_evidence() -> None:
     message = "the product shrinks every step [sigma_max(W_hh) = 0.2, mean |f'| = 0.9]. Hint: [/] orthogonal"
     printer(Alert(10, 0.0, "rnn", 0, "forward", AlertKind.VANISHING, "lyapunov_max", -1.6, -0.8, message))
     assert console.file.getvalue().strip() == f"VANISHING at step 10: {message}"
+
+
+def test_demo_on_a_busy_port_leaves_no_empty_log(runner: CliRunner, tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = runner.invoke(
+            main, ["demo", "--steps", "2", "--port", str(port), "--log-dir", str(tmp_path)]
+        )
+    assert result.exit_code == 1
+    assert list(tmp_path.glob("*.jsonl")) == []  # no 0-byte log for a later report to call "empty"
+
+
+def test_ctrl_c_in_the_demo_points_at_the_partial_log(
+    runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gradwatch.demo.run as demo_run
+
+    batches = 0
+    real_batch = demo_run.adding_problem_batch
+
+    def interrupting_batch(*args: object, **kwargs: object) -> object:
+        nonlocal batches
+        batches += 1
+        if batches == 4:
+            raise KeyboardInterrupt
+        return real_batch(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(demo_run, "adding_problem_batch", interrupting_batch)
+    result = runner.invoke(
+        main, ["demo", "--steps", "50", "--every", "1", "--no-prometheus", "--log-dir", str(tmp_path)]
+    )
+    assert result.exit_code == 130
+    (log,) = tmp_path.glob("demo-*.jsonl")
+    assert "Interrupted at step 3 of 50" in result.output
+    assert f"gradwatch report {log}" in " ".join(result.output.split())
+    kinds = [json.loads(line)["kind"] for line in log.read_text().splitlines()]
+    assert kinds[0] == "run" and kinds.count("measurement") == 3  # the steps before Ctrl-C, all logged

@@ -291,8 +291,8 @@ def test_log_to_trainer_sends_every_scalar_to_the_csv_logger(tmp_path: Path, bac
         if value and tag.startswith("gradwatch/")
     }
     assert logged == expected  # the optimizer step s has trainer.global_step s (no accumulation)
-    assert "gradwatch/rnn/L1/forward/lyapunov_max" in rows[0]
-    assert "gradwatch/rnn/L0/forward/lag_norm/1" in rows[0]
+    assert "gradwatch/rnn/L1/forward/1_verdict/lyapunov_max" in rows[0]
+    assert "gradwatch/rnn/L0/forward/2_lag_norm_log10/lag001" in rows[0]
 
 
 def test_log_to_trainer_must_be_a_bool() -> None:

@@ -149,11 +149,50 @@ def test_sink_writes_every_run_log_value(tmp_path: Path) -> None:
         for direction in ("forward", "reverse"):
             prefix = f"gradwatch/encoder/L{layer}/{direction}"
             assert {
-                f"{prefix}/lyapunov_max",
-                f"{prefix}/lag_norm/1",
-                f"{prefix}/jacobian_sigma_max_mean",
+                f"{prefix}/1_verdict/lyapunov_max",
+                f"{prefix}/1_verdict/lag_norm_longest_log10",
+                f"{prefix}/1_verdict/grad_norm_total",
+                f"{prefix}/2_lag_norm_log10/lag001",
+                f"{prefix}/4_step_jacobian/jacobian_sigma_max_mean",
             } <= tags
-    assert "gradwatch/encoder/L1/reverse/grad_norm/weight_hh_l1_reverse" in tags
+    assert "gradwatch/encoder/L1/reverse/5_gradients/grad_norm/weight_hh_l1_reverse" in tags
+
+
+def test_tags_put_the_verdict_first_and_sort_lags_in_lag_order() -> None:
+    """TensorBoard orders cards by tag name: the verdict's metrics first, lags 1 < 2 < 16 < 128, and the
+    lag norms as log10 (1e-34 and 1e4 both readable)."""
+    metrics = {
+        "lyapunov_max": -0.5,
+        "jacobian_iterations": 7,
+        "activation_saturation_ratio": 0.1,
+        "lag_norm": {"1": 0.5, "16": 1e-34, "2": 0.25, "128": 1e4, "4": 0.0, "8": None},
+        "grad_norm": {"bias_hh_l0": 3.0, "weight_hh_l0": 4.0},
+        "jacobian_sigma_max_mean": 0.9,
+    }
+    line = {"kind": "measurement", "module": "rnn", "layer": 0, "direction": "forward", "metrics": metrics}
+    scalars = measurement_scalars(line)
+    tags = [tag.removeprefix("gradwatch/rnn/L0/forward/") for tag, _ in scalars]
+    assert tags == sorted(tags)  # what TensorBoard shows, in this order:
+    assert tags == [
+        "1_verdict/grad_norm_total",
+        "1_verdict/lag_norm_longest_log10",
+        "1_verdict/lyapunov_max",
+        "2_lag_norm_log10/lag001",
+        "2_lag_norm_log10/lag002",
+        "2_lag_norm_log10/lag016",
+        "2_lag_norm_log10/lag128",
+        "3_factors/activation_saturation_ratio",
+        "4_step_jacobian/jacobian_sigma_max_mean",
+        "5_gradients/grad_norm/bias_hh_l0",
+        "5_gradients/grad_norm/weight_hh_l0",
+        "6_estimator/jacobian_iterations",
+    ]
+    values = dict(scalars)
+    prefix = "gradwatch/rnn/L0/forward"
+    assert values[f"{prefix}/2_lag_norm_log10/lag016"] == pytest.approx(-34.0)
+    assert values[f"{prefix}/2_lag_norm_log10/lag128"] == pytest.approx(4.0)
+    assert values[f"{prefix}/1_verdict/lag_norm_longest_log10"] == pytest.approx(4.0)
+    assert values[f"{prefix}/1_verdict/grad_norm_total"] == pytest.approx(5.0)
 
 
 def test_sink_writes_one_lag_norm_chart_per_layer(tmp_path: Path) -> None:
@@ -168,13 +207,16 @@ def test_sink_writes_one_lag_norm_chart_per_layer(tmp_path: Path) -> None:
     assert category.title == LAG_LAYOUT_CATEGORY
     titles = [chart.title for chart in category.chart]
     assert titles == [
-        "encoder L0 forward",
-        "encoder L0 reverse",
-        "encoder L1 forward",
-        "encoder L1 reverse",
-        "boom L0 forward",
+        f"{name}: log10 lag norm"
+        for name in (
+            "encoder L0 forward",
+            "encoder L0 reverse",
+            "encoder L1 forward",
+            "encoder L1 reverse",
+            "boom L0 forward",
+        )
     ]
-    assert list(category.chart[0].multiline.tag) == ["^gradwatch/encoder/L0/forward/lag_norm/"]
+    assert list(category.chart[0].multiline.tag) == ["^gradwatch/encoder/L0/forward/2_lag_norm_log10/"]
 
 
 def test_report_converter_writes_the_same_events(tmp_path: Path) -> None:

@@ -8,12 +8,13 @@ from gradwatch._lazy import lazy_attributes
 from gradwatch.demo.choices import CELLS, SCENARIOS
 
 if TYPE_CHECKING:
-    from gradwatch.demo.run import DemoOptions, DemoResult, DemoSetupError, run_demo
+    from gradwatch.demo.run import DemoInterrupted, DemoOptions, DemoResult, DemoSetupError, run_demo
     from gradwatch.demo.scenarios import Scenario, build_model, scenario_for
     from gradwatch.demo.task import AddingBatch, adding_problem_batch
 
 # Loaded on first use (PEP 562): the demo needs torch, the CLI that offers it must not import it up front.
 _LAZY_ATTRIBUTES: dict[str, str] = {
+    "DemoInterrupted": "gradwatch.demo.run",
     "DemoOptions": "gradwatch.demo.run",
     "DemoResult": "gradwatch.demo.run",
     "DemoSetupError": "gradwatch.demo.run",
@@ -33,6 +34,7 @@ __all__ = [
     "CELLS",
     "SCENARIOS",
     "AddingBatch",
+    "DemoInterrupted",
     "DemoOptions",
     "DemoResult",
     "DemoSetupError",

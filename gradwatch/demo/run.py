@@ -45,6 +45,15 @@ class DemoSetupError(RuntimeError):
     """The demo cannot start (for example the Prometheus port is taken); the message says what to change."""
 
 
+class DemoInterrupted(KeyboardInterrupt):
+    """Ctrl-C during the demo's training: the monitor is closed and ``log_path`` holds the run so far."""
+
+    def __init__(self, log_path: Path, step: int) -> None:
+        super().__init__(f"interrupted at step {step}; the run log so far is {log_path}")
+        self.log_path = log_path
+        self.step = step
+
+
 @dataclass(frozen=True)
 class DemoOptions:
     """The demo's settings (the ``gradwatch demo`` options); validated on construction."""
@@ -185,7 +194,7 @@ def _start_monitor(
     run_id: str,
 ) -> Monitor:
     try:
-        return watch(
+        monitor = watch(
             model,
             optimizer,
             run_id=run_id,  # the same id as in the log's file name
@@ -198,13 +207,21 @@ def _start_monitor(
             prometheus=options.port,
             seed=options.seed,
         )
-    except ValueError as exc:
-        if options.port is not None and "port" in str(exc):
+    except Exception as exc:
+        _remove_if_empty(log_path)  # nothing was logged: leave no empty file that a report calls "empty"
+        if isinstance(exc, ValueError) and options.port is not None and "port" in str(exc):
             raise DemoSetupError(
                 f"cannot start the Prometheus exporter on port {options.port}: {exc}\n"
                 "Try `gradwatch demo --port 0` (any free port) or `--no-prometheus`."
             ) from exc
         raise
+    return monitor
+
+
+def _remove_if_empty(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        if path.stat().st_size == 0:
+            path.unlink()
 
 
 def _prometheus_url(monitor: Monitor) -> str | None:
@@ -262,6 +279,7 @@ def run_demo(options: DemoOptions, console: Console) -> DemoResult:
             TimeElapsedColumn(),
             console=console,
         )
+        interrupted = False
         try:
             with progress:
                 task = progress.add_task("training", total=options.steps, **live_fields(loss_value, ()))
@@ -273,8 +291,20 @@ def run_demo(options: DemoOptions, console: Console) -> DemoResult:
                     optimizer.step()  # the monitor measures and clips from the optimizer's step pre-hook
                     loss_value = loss.item()
                     progress.update(task, advance=1, **live_fields(loss_value, monitor.history))
+        except KeyboardInterrupt:
+            interrupted = True
         finally:
             monitor.close()
+    if interrupted:
+        done = monitor.current_step  # the optimizer steps that completed
+        console.print(
+            f"Interrupted at step {done} of {options.steps}. The run log so far: {log_path}\n"
+            f"Read it with: gradwatch report {log_path}",
+            highlight=False,
+            soft_wrap=True,
+            markup=False,
+        )
+        raise DemoInterrupted(log_path, done)
     seconds = time.perf_counter() - started
     report = make_report([str(log_path)], ReportOptions())
     render_text(report, console)

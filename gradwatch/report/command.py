@@ -38,7 +38,13 @@ def parse_fail_on(values: Iterable[str]) -> frozenset[Verdict]:
     """Comma-separated verdict names (repeatable) -> verdicts; unknown names raise ``ValueError``."""
     verdicts: set[Verdict] = set()
     for value in values:
-        for name in filter(None, (part.strip().lower() for part in value.split(","))):
+        names = [part.strip().lower() for part in value.split(",")]
+        if not any(names):
+            raise ValueError(
+                f"--fail-on needs at least one verdict, got {value!r}; choose from vanishing, exploding, "
+                "nonfinite (comma-separated)"
+            )
+        for name in filter(None, names):
             if name not in FAIL_ON_CHOICES:
                 raise ValueError(
                     f"unknown verdict {name!r}; choose from vanishing, exploding, nonfinite (comma-separated)"

@@ -5,7 +5,8 @@ The records are read with the report's tolerant reader and written through the s
 tags, steps and wall times it would have had with ``watch(..., tensorboard=DIR)``, plus the lag-norm
 decay-curve images (``lag_images=True``; a live run leaves them off). Each run (``run_id``) becomes its
 own TensorBoard run, ``DIR/<run_id>``, and rank r > 0 of it ``DIR/<run_id>/rank<r>``; records that combine
-all ranks (rank -1) go with rank 0's.
+all ranks (rank -1) go with rank 0's; a run named with ``watch(..., name=...)`` is ``DIR/<name>__<run_id>``.
+A run directory that already holds event files is refused (exporting again would add every point twice).
 
 Nothing read from a log becomes a path outside ``DIR``: the run id becomes one safe directory name
 (:func:`run_directory_name`), the rank an integer.
@@ -85,6 +86,14 @@ def export_tensorboard(paths: list[str], out_dir: str | os.PathLike[str]) -> Exp
     contents = read_logs(paths)
     result = ExportResult(problems=list(contents.problems))
     names = {r.run_id: r.name for r in contents.records if isinstance(r, RunHeader) and r.name}
+    targets = {run_directory(out, r.run_id, r.rank, names.get(r.run_id)) for r in contents.records}
+    exported = sorted(str(d) for d in targets if d.is_dir() and any(d.glob("events.out.tfevents*")))
+    if exported:
+        raise ValueError(
+            f"{', '.join(exported[:3])}{' ...' if len(exported) > 3 else ''} already hold TensorBoard event "
+            "files (an earlier export?); exporting again would add every point a second time. Remove "
+            "them or give another -o directory"
+        )
     sinks: dict[Path, TensorBoardSink] = {}
     try:
         for record in contents.records:

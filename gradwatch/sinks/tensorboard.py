@@ -3,9 +3,11 @@
 The tag layout (shared by this sink, the Lightning callback's ``log_to_trainer`` and
 ``gradwatch report --format tensorboard``, all through :func:`measurement_scalars`):
 
-- ``gradwatch/<module>/L<layer>/<direction>/<metric>``: every scalar metric of a measurement record
-  (``jacobian_sigma_max_mean``, ``lyapunov_max``, ``jacobian_iterations``, ``sequences`` ...);
-- ``.../lag_norm/<tau>`` and ``.../grad_norm/<parameter>``: the entries of the two mapping metrics;
+- ``gradwatch/<module>/L<layer>/<direction>/<group>/<metric>``: every scalar metric of a measurement
+  record, in numbered groups so that TensorBoard's name order puts what decides the verdict first:
+  ``1_verdict`` (``lyapunov_max``, ``lag_norm_longest_log10``, ``grad_norm_total``), ``2_lag_norm_log10``
+  (``lag001``, ``lag002`` ... zero-padded), ``3_factors``, ``4_step_jacobian``, ``5_gradients``
+  (``grad_norm/<parameter>``, ``grad_nonfinite``), ``6_estimator``, ``7_other``;
 - ``.../jacobian_sigma_max``: histogram of the per-step sigma_max(J_t) values (records that carry one);
 - ``.../lag_norm_curve`` (image, ``lag_images=True``): the decay curve ||ds_T/ds_(T-tau)|| over tau at
   that step, log-log;
@@ -21,12 +23,14 @@ the tag functions import nothing beyond gradwatch.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeGuard
 
+from gradwatch.policy.judge import total_gradient_norm
 from gradwatch.records import Alert, ClipEvent, ErrorRecord, Measurement, Record, RunHeader, SigmaHistogram
 
 if TYPE_CHECKING:
@@ -46,24 +50,76 @@ def layer_tag_prefix(module: str, layer: int, direction: str, rank: int = 0) -> 
     return f"{root}/{module}/L{layer}/{direction}"
 
 
+VERDICT_GROUP = "1_verdict"
+LAG_GROUP = "2_lag_norm_log10"
+TAG_GROUPS: dict[str, str] = {
+    # what decides the verdict first, then what explains it, then how the estimate went
+    "lyapunov_max": VERDICT_GROUP,
+    "reach": VERDICT_GROUP,
+    "weight_hh_sigma_max": "3_factors",
+    "activation_derivative_mean": "3_factors",
+    "activation_saturation_ratio": "3_factors",
+    "gate_mean": "3_factors",
+    "jacobian_sigma_max_mean": "4_step_jacobian",
+    "jacobian_sigma_max_p95": "4_step_jacobian",
+    "jacobian_sigma_max_min": "4_step_jacobian",
+    "jacobian_sigma_max_max": "4_step_jacobian",
+    "jacobian_frac_above_one": "4_step_jacobian",
+    "grad_norm": "5_gradients",
+    "grad_nonfinite": "5_gradients",
+    "jacobian_converged_ratio": "6_estimator",
+    "jacobian_iterations": "6_estimator",
+    "sequences": "6_estimator",
+    "time_steps": "6_estimator",
+}
+"""Metric -> the numbered group its tag goes under: TensorBoard sorts tags by name, so the verdict's
+metrics (lambda, the longest lag norm, the total gradient norm) come first and the estimator's last."""
+OTHER_GROUP = "7_other"
+
+
+def lag_tag(tau: str) -> str:
+    """``lag001``, ``lag016``, ``lag512``: zero-padded so TensorBoard's name order is the lag order."""
+    return f"lag{int(tau):03d}" if tau.isdigit() else f"lag_{tau}"
+
+
 def measurement_scalars(record: Measurement | Mapping[str, Any]) -> list[tuple[str, float]]:
     """Every scalar of one measurement as ``(tag, value)``, from the record or its run-log JSON dict.
 
-    A record is first turned into its JSON form, so the values are exactly the run log's (nulls skipped).
+    Tags are ``<prefix>/<group>/<metric>`` with numbered groups (:data:`TAG_GROUPS`): the verdict first
+    (``1_verdict/lyapunov_max``, ``1_verdict/lag_norm_longest_log10``, ``1_verdict/grad_norm_total``),
+    then log10 of every lag norm (``2_lag_norm_log10/lag001`` ..., zero-padded), the factors, the per-step
+    Jacobian norms, the gradients and the estimator. Values are the run log's (nulls skipped); lag norms
+    are written as log10 (a norm of 0 has none and is skipped), because they span tens of decades.
     """
     data = record.to_json() if isinstance(record, Measurement) else record
     prefix = layer_tag_prefix(
         str(data["module"]), int(data["layer"]), str(data["direction"]), int(data.get("rank", 0))
     )
     scalars: list[tuple[str, float]] = []
-    for name, value in dict(data.get("metrics") or {}).items():
-        if name == HISTOGRAM_METRIC:
+    metrics = dict(data.get("metrics") or {})
+    lag_norm = metrics.get("lag_norm")
+    if isinstance(lag_norm, Mapping):
+        lags = sorted((int(k), v) for k, v in lag_norm.items() if str(k).isdigit())
+        logs = [(tau, math.log10(v)) for tau, v in lags if _is_number(v) and v > 0 and math.isfinite(v)]
+        if lags and logs and logs[-1][0] == lags[-1][0]:
+            scalars.append((f"{prefix}/{VERDICT_GROUP}/lag_norm_longest_log10", logs[-1][1]))
+        scalars += [(f"{prefix}/{LAG_GROUP}/{lag_tag(str(tau))}", value) for tau, value in logs]
+    grad_norm = metrics.get("grad_norm")
+    if isinstance(grad_norm, Mapping) and all(_is_number(v) for v in grad_norm.values()):
+        total = total_gradient_norm(grad_norm)  # as the report and clip_grad_norm_ compute it
+        if total is not None:
+            scalars.append((f"{prefix}/{VERDICT_GROUP}/grad_norm_total", total))
+    for name, value in metrics.items():
+        if name in (HISTOGRAM_METRIC, "lag_norm"):
             continue
+        group = TAG_GROUPS.get(name, OTHER_GROUP)
         if isinstance(value, Mapping):
-            scalars += [(f"{prefix}/{name}/{key}", float(v)) for key, v in value.items() if _is_number(v)]
+            scalars += [
+                (f"{prefix}/{group}/{name}/{key}", float(v)) for key, v in value.items() if _is_number(v)
+            ]
         elif _is_number(value):
-            scalars.append((f"{prefix}/{name}", float(value)))
-    return scalars
+            scalars.append((f"{prefix}/{group}/{name}", float(value)))
+    return sorted(scalars)
 
 
 def clip_scalars(record: ClipEvent | Mapping[str, Any]) -> list[tuple[str, float]]:
@@ -77,15 +133,19 @@ def clip_scalars(record: ClipEvent | Mapping[str, Any]) -> list[tuple[str, float
 
 
 def lag_norm_layout(modules: Iterable[Mapping[str, Any]], rank: int = 0) -> dict[str, Any]:
-    """A custom-scalars layout with one multi-line chart per module, layer and direction: the lag norms of
-    every tau over the steps (the decay with tau is the spread between the lines)."""
+    """A custom-scalars layout with one multi-line chart per module, layer and direction: log10 of the lag
+    norm of every tau over the steps (the decay with tau is the spread between the lines; log10 so that
+    1e-34 and 1e4 both stay readable)."""
     charts: dict[str, list[Any]] = {}
     for module in modules:
         name = str(module.get("name", ""))
         for layer in range(int(module.get("layers", 1) or 1)):
             for direction in module.get("directions") or ["forward"]:
                 prefix = layer_tag_prefix(name, layer, str(direction), rank)
-                charts[f"{name} L{layer} {direction}"] = ["Multiline", [f"^{re.escape(prefix)}/lag_norm/"]]
+                charts[f"{name} L{layer} {direction}: log10 lag norm"] = [
+                    "Multiline",
+                    [f"^{re.escape(prefix)}/{LAG_GROUP}/"],
+                ]
     return {LAG_LAYOUT_CATEGORY: charts}
 
 
