@@ -224,3 +224,32 @@ def test_promtool_rule_unit_tests_pass() -> None:
 def test_promtool_check_config_passes() -> None:
     result = _promtool("check", "config", str(SCRAPE_CONFIG))
     assert result.returncode == 0, (result.stdout + result.stderr).decode()
+
+
+def test_dashboard_keeps_ddp_ranks_apart() -> None:
+    """A rank variable, every raw-series query filtered on it, and every per-series legend naming the rank:
+    two DDP ranks of one layer never share a legend entry."""
+    variables = {v["name"]: v for v in dashboard()["templating"]["list"]}
+    rank = variables["rank"]
+    assert rank["query"]["query"] == 'label_values(gradwatch_training_step{run=~"$run"}, rank)'
+    assert rank["multi"] and rank["includeAll"] and rank["allValue"] == ".*"
+    for panel in dashboard_panels():
+        for target in panel["targets"]:
+            raw = [m for m in referenced_metrics(target["expr"]) if ":" not in m]
+            if raw:  # recording rules aggregate over ranks; exported series carry a rank label
+                assert 'rank=~"$rank"' in target["expr"], (panel["title"], target["expr"])
+                if panel["type"] == "timeseries":
+                    assert "{{rank}}" in target["legendFormat"], (panel["title"], target["legendFormat"])
+
+
+def test_saturation_panel_shows_the_mean_derivative_as_a_number_not_a_percent() -> None:
+    (panel,) = [p for p in dashboard_panels() if "saturation" in p["title"].lower()]
+    refs = {t["refId"]: t["expr"] for t in panel["targets"]}
+    assert "gradwatch_activation_saturation_ratio" in refs["A"]
+    assert "gradwatch_activation_derivative_mean" in refs["B"]
+    assert panel["fieldConfig"]["defaults"]["unit"] == "percentunit"  # the share of saturated units
+    (override,) = [
+        o for o in panel["fieldConfig"]["overrides"] if o["matcher"] == {"id": "byFrameRefID", "options": "B"}
+    ]
+    properties = {p["id"]: p["value"] for p in override["properties"]}
+    assert properties["unit"] == "none" and properties["custom.axisPlacement"] == "right"
