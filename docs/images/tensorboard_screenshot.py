@@ -3,8 +3,8 @@
 Needs tensorboard (``pip install 'gradwatch[tensorboard]'``) and chromium (Debian:
 ``apt-get install -y chromium``). Run from anywhere: ``python3 docs/images/tensorboard_screenshot.py``.
 
-1. ``gradwatch demo`` trains an LSTM on the adding problem (the exploding initialisation) and writes a run
-   log; ``gradwatch report --format tensorboard`` converts it into event files (the same events a live
+1. ``gradwatch demo`` trains a tanh RNN on the adding problem (the exploding initialisation) and writes a
+   run log; ``gradwatch report --format tensorboard`` converts it into event files (the same events a live
    ``watch(..., tensorboard=DIR)`` writes).
 2. ``tensorboard --logdir`` starts on 127.0.0.1 with a free port; the script waits until it answers.
 3. ``chromium --headless`` opens the scalars page filtered on the gradwatch tags and saves a screenshot.
@@ -25,7 +25,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 OUTPUT = REPO / "docs" / "images" / "tensorboard.png"
-TAG_FILTER = "gradwatch/rnn/L0/forward/(lyapunov_max|jacobian_sigma_max_mean|lag_norm/(1|4|16)$)"
+TAG_FILTER = "gradwatch/rnn/L0/forward/(1_verdict|2_lag_norm_log10)/"
+"""The cards a person reads first: what decides the verdict, then log10 of the lag norms."""
 WINDOW = "1400,1000"
 
 
@@ -59,7 +60,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         runs, events = Path(work, "runs"), Path(work, "tb")
         gradwatch = [sys.executable, "-m", "gradwatch.cli"]
-        demo = ["demo", "--cell", "lstm", "--scenario", "exploding", "--steps", "200", "--every", "5"]
+        demo = ["demo", "--cell", "rnn", "--scenario", "exploding", "--steps", "200", "--every", "5"]
         subprocess.run(
             [*gradwatch, *demo, "--no-prometheus", "--log-dir", str(runs)],
             check=True,

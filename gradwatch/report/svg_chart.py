@@ -248,8 +248,8 @@ def render_chart(chart: Chart) -> str:
                 f'stroke="{reference.color}" stroke-width="1.5"{dash}>'
                 f"<title>{esc(reference.label)}</title></line>"
             )
-            parts.append(
-                f'<text class="ref-label" x="{x + 3:.1f}" y="{MARGIN_TOP + 10}" '
+            parts.append(  # at the foot of the plot: the horizontal reference labels sit at its top
+                f'<text class="ref-label" x="{x + 3:.1f}" y="{bottom - 5}" '
                 f'fill="{reference.color}">{esc(reference.label)}</text>'
             )
     for mark in chart.marks:
