@@ -1,4 +1,4 @@
-"""Regenerate the README's pictures of the HTML report: docs/images/report.png and docs/images/lag_profile.png.
+"""Regenerate the README's pictures of the HTML report: docs/images/report.png and lag_profile.png.
 
 Needs chromium (Debian: ``apt-get install -y chromium``). Run from anywhere:
 ``python3 docs/images/make_screenshots.py`` (about a minute on 2 cores). The TensorBoard picture has its own
