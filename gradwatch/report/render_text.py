@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import IO
 
 from rich.console import Console, Group, RenderableType
+from rich.padding import Padding
 from rich.rule import Rule
 from rich.table import Table
 from rich.text import Text
@@ -115,30 +116,27 @@ def _diagnosis(layer: LayerSummary) -> RenderableType:
 
 
 def _alerts(run: RunSummary) -> RenderableType:
+    """The alert timeline as a list: one line of facts per alert, its whole message wrapped beneath it
+    (a table column would squeeze the message, whose hint comes last, into a narrow strip)."""
     if not run.alerts:
         return Text("Alerts: none")
-    table = Table(title="Alerts", title_justify="left")
-    for column in ("step", "rank", "layer", "alert", "metric", "value", "threshold", "message"):
-        table.add_column(
-            column, justify="right" if column in ("step", "rank", "value", "threshold") else "left"
-        )
+    parts: list[RenderableType] = [Text("Alerts", style="italic")]
     for alert in run.alerts:
         kind = alert.alert.value
         style = "green" if kind == "recovered" else VERDICT_STYLES[Verdict(kind)]
-        table.add_row(
-            str(alert.step),
-            str(alert.rank),
-            Text(alert_location(alert.module, alert.layer, alert.direction)),
-            Text(kind, style=style),
-            Text(shorten(alert.metric, 60)),
-            format_number(alert.value),
-            format_number(alert.threshold),
-            Text(message(alert.message), overflow="fold"),
+        facts = Text(f"step {alert.step} · rank {alert.rank} · ")
+        facts.append(alert_location(alert.module, alert.layer, alert.direction))
+        facts.append(" · ")
+        facts.append(kind, style=style)
+        facts.append(
+            f" {shorten(alert.metric, 60)} = {format_number(alert.value)} "
+            f"(threshold {format_number(alert.threshold)})"
         )
+        parts.append(facts)
+        parts.append(Padding(Text(message(alert.message), overflow="fold"), (0, 0, 0, 4)))
     if run.alerts_omitted:
-        table.caption = omitted_alerts_note(run)
-        table.caption_justify = "left"
-    return table
+        parts.append(Text(omitted_alerts_note(run)))
+    return Group(*parts)
 
 
 def _run(run: RunSummary, files: tuple[str, ...] = ()) -> list[RenderableType]:
