@@ -23,6 +23,7 @@ the tag functions import nothing beyond gradwatch.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import re
@@ -30,6 +31,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeGuard
 
+from gradwatch.policy.config import DetectionConfig
 from gradwatch.policy.judge import total_gradient_norm
 from gradwatch.records import Alert, ClipEvent, ErrorRecord, Measurement, Record, RunHeader, SigmaHistogram
 
@@ -287,8 +289,10 @@ def write_histogram(
 
 def lag_curve_image(lag_norm: Mapping[str, float | None], size: tuple[int, int] = (360, 240)) -> Any:
     """The decay curve log10 ||ds_T/ds_(T-tau)|| over log2 tau as an RGB array (H, W, 3), drawn with
-    Pillow (a dependency of tensorboard); ``None`` with fewer than two finite points. The dashed line is
-    norm 1: above it gradients over that lag grow, below it they shrink."""
+    Pillow (a dependency of tensorboard); ``None`` with fewer than two finite points. The grey dashed line is
+    norm 1: above it gradients over that lag grow, below it they shrink; the detector's default lag-norm
+    thresholds (amber: vanishing, red: exploding) are dashed where they fall in the drawn range, and the
+    green vertical line is the reach, where the curve falls below the vanishing threshold."""
     import math
 
     import numpy as np
@@ -321,6 +325,21 @@ def lag_curve_image(lag_norm: Mapping[str, float | None], size: tuple[int, int] 
     _, one_y = pixel(x_low, 0.0)
     for dash in range(left, width - right, 8):
         draw.line([(dash, one_y), (dash + 4, one_y)], fill=(160, 160, 160))
+    defaults = DetectionConfig()
+    for level, color in (
+        (defaults.vanishing_lag_norm, (201, 138, 0)),
+        (defaults.exploding_lag_norm, (198, 40, 40)),
+    ):
+        y_level = math.log10(level)
+        if y_low <= y_level <= y_high:  # the detector's thresholds, where they fall inside the drawn range
+            _, py_level = pixel(x_low, y_level)
+            for dash in range(left, width - right, 8):
+                draw.line([(dash, py_level), (dash + 4, py_level)], fill=color)
+    reach = _falls_below(list(zip(xs, ys, strict=True)), math.log10(defaults.vanishing_lag_norm))
+    if reach is not None:  # how far back a gradient still arrives: where the curve crosses the threshold
+        reach_x, _ = pixel(reach, y_low)
+        draw.line([(reach_x, top), (reach_x, height - bottom)], fill=(27, 94, 32), width=1)
+        draw.text((reach_x + 3, top + 2), f"reach ~{2**reach:.3g}", fill=(27, 94, 32))
     draw.line([pixel(x, y) for x, y in zip(xs, ys, strict=True)], fill=(230, 85, 13), width=2)
     for x, y in zip(xs, ys, strict=True):
         px, py = pixel(x, y)
@@ -336,3 +355,12 @@ def lag_curve_image(lag_norm: Mapping[str, float | None], size: tuple[int, int] 
         (left + 4, height - 14), "tau (log scale); norm of ds_T/ds_(T-tau), log scale", fill=(60, 60, 60)
     )
     return np.asarray(image)
+
+
+def _falls_below(curve: list[tuple[float, float]], level: float) -> float | None:
+    """The x where the (x, y) polyline first goes below ``level`` (linear between points); None if never,
+    or if it starts below."""
+    for (x0, y0), (x1, y1) in itertools.pairwise(curve):
+        if y0 >= level > y1:
+            return x0 + (level - y0) / (y1 - y0) * (x1 - x0)
+    return None
