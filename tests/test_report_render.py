@@ -199,3 +199,22 @@ def test_html_headline_is_the_verdict_and_charts_draw_the_run_thresholds() -> No
     assert "<h2>Runs</h2>" not in page  # one run: no index
     assert "exploding &gt; 0.02" in page and "vanishing &lt; -0.8" in page  # lambda thresholds
     assert "λ = 0" in page and "training step" in page and "lag τ (steps back, log axis)" in page
+
+
+def test_shares_are_charted_on_their_whole_range() -> None:
+    """A saturation ratio wandering 0.57 -> 0.62 is drawn on 0..1, not blown up to fill the chart."""
+    layer = summarize(make_run("healthy")).runs[0].layers[0]
+    ratio = next(m for m in layer.metrics if m.name == "activation_saturation_ratio")
+    wiggle = dataclasses.replace(
+        ratio, series=tuple((s, 0.57 + 0.05 * (i % 2)) for i, (s, _v) in enumerate(ratio.series))
+    )
+    ticks = re.findall(r'class="tick"[^>]*text-anchor="end">([^<]+)<', chart_svg(wiggle, []))
+    assert ticks[0] == "0" and ticks[-1] == "1"
+    sigma = next(m for m in layer.metrics if m.name == "weight_hh_sigma_max")  # not a share: its own range
+    flat = dataclasses.replace(
+        sigma, series=tuple((s, 2.0 + 0.003 * (i % 2)) for i, (s, _v) in enumerate(sigma.series))
+    )
+    sigma_ticks = [
+        float(t) for t in re.findall(r'class="tick"[^>]*text-anchor="end">([^<]+)<', chart_svg(flat, []))
+    ]
+    assert min(sigma_ticks) <= 1.0 <= max(sigma_ticks)  # the sigma = 1 line keeps 2.000 -> 2.003 flat

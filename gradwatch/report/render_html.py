@@ -52,6 +52,10 @@ VERDICT_COLORS = {
 }
 REFERENCE_LINES = reference_lines()
 """Where gradients neither grow nor shrink: a Jacobian norm of 1, a Lyapunov exponent of 0."""
+UNIT_RANGE_METRICS = frozenset(
+    {"jacobian_frac_above_one", "activation_saturation_ratio", "activation_derivative_mean", "gate_mean"}
+)
+"""Shares and gate values live in [0, 1] (tanh's derivative too): their charts show the whole range."""
 NEUTRAL_LABELS = {
     "lyapunov_max": "λ = 0",
     "lag_norm": "norm 1",
@@ -206,6 +210,7 @@ def chart_svg(
         y_label=_short_label(metric.label),
         lines=[Line([(float(step), value) for step, value in points])],
         y_log=log_axis,
+        y_include=(0.0, 1.0) if metric.name in UNIT_RANGE_METRICS and not log_axis else (),
         references=references,
         marks=[Mark(float(step), ALERT_COLORS.get(kind, "#555"), label) for step, kind, label in alerts],
         width=CHART_WIDTH,

@@ -58,6 +58,8 @@ class Chart:
     y_log: bool = False
     references: Sequence[Reference] = ()
     marks: Sequence[Mark] = ()
+    y_include: Sequence[float] = ()
+    """Values the y range always covers (0 and 1 for a share), so small wiggles are not blown up."""
     x_ticks: Sequence[float] | None = None
     """Explicit x tick positions (e.g. the measured lags); None: chosen automatically."""
     width: int = 460
@@ -162,7 +164,8 @@ def render_chart(chart: Chart) -> str:
     if not ys:
         parts.append(f'<text x="{MARGIN_LEFT}" y="{height // 2}">no finite values</text></svg>')
         return "".join(parts)
-    y_low, y_high = min([*ys, *y_refs]), max([*ys, *y_refs])
+    y_hints = [t for v in chart.y_include if (t := _transform(v, chart.y_log)) is not None]
+    y_low, y_high = min([*ys, *y_refs, *y_hints]), max([*ys, *y_refs, *y_hints])
     if y_high - y_low < 1e-12:
         pad = 0.5 if chart.y_log else max(abs(y_low) * 0.05, 0.5)
         y_low, y_high = y_low - pad, y_high + pad
