@@ -219,7 +219,7 @@ def test_demo_on_a_busy_port_leaves_no_empty_log(runner: CliRunner, tmp_path: Pa
         result = runner.invoke(
             main, ["demo", "--steps", "2", "--port", str(port), "--log-dir", str(tmp_path)]
         )
-    assert result.exit_code == 1
+    assert result.exit_code == 1 and f"port {port}" in result.output  # the exporter's error, told
     assert list(tmp_path.glob("*.jsonl")) == []  # no 0-byte log for a later report to call "empty"
 
 
