@@ -576,8 +576,7 @@ class _LayerAccumulator:
             ),
             alert_count=self.alerts.count,
             lag_series=tuple(
-                (lag, accumulator.summary(f"lag {lag}").series)
-                for lag, accumulator in sorted(self.lag_metrics.items())
+                (lag, _folded_series(accumulator)) for lag, accumulator in sorted(self.lag_metrics.items())
             ),
         )
 
@@ -586,6 +585,12 @@ class _LayerAccumulator:
         self.episodes.add(alert)
         if self.episodes.out_of_order:
             self.out_of_order = True  # the episode replay needs step order: only the whole file is exact
+
+
+def _folded_series(accumulator: _MetricAccumulator) -> tuple[tuple[int, float | None], ...]:
+    """A lag's series as its summary would have it (folded the same way), without the summary's statistics."""
+    accumulator.fold_if_full()
+    return accumulator.series()
 
 
 ROW_BATCH = 512

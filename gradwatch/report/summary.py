@@ -395,9 +395,8 @@ def _summarize_layer(
         by_step[m.step].append(m)
     lag = longest_lag(measurements)
     metrics = tuple(_summarize_metric(spec, by_step, lag) for spec in metric_specs(options.metrics))
-    lag_spec = metric_specs(("lag_norm",))[0]
     taus = sorted({int(key) for m in measurements for key in m.metrics.lag_norm if key.isdigit()})
-    lag_series = tuple((tau, _summarize_metric(lag_spec, by_step, str(tau)).series) for tau in taus)
+    lag_series = tuple((tau, _lag_series(by_step, str(tau))) for tau in taus)
     steps = sorted(by_step)
     return LayerSummary(
         module=module,
@@ -448,6 +447,15 @@ def _summarize_metric(
         series=tuple(series),
         measured_steps=len(series),
     )
+
+
+def _lag_series(by_step: Mapping[int, list[Measurement]], key: str) -> tuple[tuple[int, float | None], ...]:
+    """One lag's norm per step: the mean over ranks of the finite readings, as every metric series."""
+    series: list[tuple[int, float | None]] = []
+    for step in sorted(by_step):
+        readings = [v for m in by_step[step] if _finite(v := m.metrics.lag_norm.get(key))]
+        series.append((step, statistics.fmean(readings) if readings else None))
+    return tuple(series)
 
 
 def trend_per_1000_steps(points: Sequence[tuple[int, float]], *, log_scale: bool) -> float | None:
