@@ -72,18 +72,18 @@ def main() -> None:
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     gradwatch = [sys.executable, "-m", "gradwatch.cli"]
     with tempfile.TemporaryDirectory() as work:
-        runs = Path(work, "runs")
+        runs = Path(work, "runs")  # run from ``work``, so the page names the logs runs/demo-...jsonl
         logs: list[Path] = []
         for scenario, cell in DEMOS:
             before = set(runs.glob("*.jsonl")) if runs.exists() else set()
-            demo = ["demo", "--scenario", scenario, "--cell", cell, "--no-prometheus", "--log-dir", str(runs)]
-            subprocess.run([*gradwatch, *demo], check=True, env=env, stdout=subprocess.DEVNULL)
+            demo = ["demo", "--scenario", scenario, "--cell", cell, "--no-prometheus", "--log-dir", "runs"]
+            subprocess.run([*gradwatch, *demo], check=True, env=env, stdout=subprocess.DEVNULL, cwd=work)
             (log,) = set(runs.glob("*.jsonl")) - before
             logs.append(log)
         page = Path(work, "report.html")
-        subprocess.run(
-            [*gradwatch, "report", *map(str, logs), "--format", "html", "-o", str(page)], check=True, env=env
-        )
+        relative = [str(log.relative_to(work)) for log in logs]
+        report = [*gradwatch, "report", *relative, "--format", "html", "-o", str(page)]
+        subprocess.run(report, check=True, env=env, cwd=work)
         screenshot(chromium, page, IMAGES / "report.png", "1280,1250")
         card = Path(work, "layer.html")
         card.write_text(layer_page(logs), encoding="utf-8")
