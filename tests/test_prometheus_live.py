@@ -184,6 +184,8 @@ def test_dashboard_variables_list_the_runs_and_modules(live: LiveStack) -> None:
     assert {"run-a", "run-b"} <= set(label_values(live.prometheus_url, "run", "gradwatch_training_step"))
     modules = label_values(live.prometheus_url, "module", 'gradwatch_jacobian_sigma_max{run=~"run-a"}')
     assert modules == [MODULE]
+    ranks = label_values(live.prometheus_url, "rank", 'gradwatch_training_step{run=~"run-a"}')
+    assert ranks and all(rank.isdigit() for rank in ranks)  # the dashboard's Rank variable
 
 
 def grafana_regex_escape(value: str) -> str:
@@ -191,20 +193,21 @@ def grafana_regex_escape(value: str) -> str:
     return re.sub(r"([$^*{}\[\]'+?.()|])", r"\\\\\1", value)
 
 
-def _substitute(expr: str, run_id: str, module_regex: str) -> str:
+def _substitute(expr: str, run_id: str, module_regex: str, rank_regex: str = ".*") -> str:
     """Fill in the dashboard's variables as Grafana does ($run is single-valued and not escaped)."""
     expr = expr.replace("$__rate_interval", "1m").replace("$__interval", "1s").replace("$__range", "5m")
-    expr = expr.replace("$run", run_id).replace("$module", module_regex)
+    expr = expr.replace("$run", run_id).replace("$module", module_regex).replace("$rank", rank_regex)
     assert "$" not in expr, f"unsubstituted variable in {expr!r}"
     return expr
 
 
+@pytest.mark.parametrize("rank_regex", [".*", "0"], ids=["all-ranks", "rank-0"])
 @pytest.mark.parametrize(
     "module_regex", [".*", grafana_regex_escape(MODULE)], ids=["all-modules", "one-module"]
 )
-def test_every_dashboard_query_returns_data(live: LiveStack, module_regex: str) -> None:
+def test_every_dashboard_query_returns_data(live: LiveStack, module_regex: str, rank_regex: str) -> None:
     for title, template in dashboard_expressions():
-        expr = _substitute(template, live.run.run_id, module_regex)
+        expr = _substitute(template, live.run.run_id, module_regex, rank_regex)
         # Recording rules need an evaluation after the data arrived; give them a few intervals.
         result = wait_until(
             lambda expr=expr: query(live.prometheus_url, expr) or None, timeout=10, what=f"data for {title!r}"
