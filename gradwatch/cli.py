@@ -14,7 +14,7 @@ from gradwatch.report.follow import follow as follow_logs
 from gradwatch.report.formatting import printable
 from gradwatch.report.metrics import METRIC_NAMES
 from gradwatch.report.render_text import make_console, render_text
-from gradwatch.report.summary import ReportOptions, StepRange
+from gradwatch.report.summary import ReportOptions, StepRange, why_no_measurements
 from gradwatch.report.verdict import Verdict
 
 
@@ -100,8 +100,11 @@ def _export_tensorboard(paths: list[str], output: Path | None, *, follow: bool) 
     "--fail-on",
     multiple=True,
     callback=_parse_fail_on,
-    help="Exit with status 1 if a layer's verdict is one of these: vanishing,exploding,nonfinite "
-    "(comma-separated, repeatable; an empty value is an error).",
+    help=(
+        "Exit with status 1 if a layer's verdict is one of these: vanishing,exploding,nonfinite,unknown "
+        "(comma-separated, repeatable; an empty value is an error). An unknown verdict (fewer "
+        "measurements than the rule needs, or never measured) fails only when unknown is named."
+    ),
 )
 @click.option("--follow", is_flag=True, help="Live view that refreshes as the logs grow (Ctrl-C to stop).")
 @click.option(
@@ -181,10 +184,12 @@ def report(
         click.echo("gradwatch report: no usable record was read", err=True)
     elif status == command.EXIT_FAIL_ON:
         for run, layer in result.matches(fail_on):
-            click.echo(
-                printable(f"gradwatch report: {run.title}: {layer.title} is {layer.verdict.verdict.value}"),
-                err=True,
+            what = (
+                f"{layer.title} is {layer.verdict.verdict.value} ({layer.verdict.reason})"
+                if layer is not None
+                else f"no layer was measured, so its verdict is unknown ({why_no_measurements(run)})"
             )
+            click.echo(printable(f"gradwatch report: {run.title}: {what}"), err=True)
     ctx.exit(status)
 
 

@@ -42,7 +42,7 @@ def test_text_is_default_plain_and_names_every_verdict(cli_runner: CliRunner, ru
     assert "\x1b[" not in result.stdout  # not a TTY: no colour codes
     for run_id in ("run-healthy", "run-vanishing", "run-exploding", "run-nonfinite", "run-recovered"):
         assert run_id in result.stdout
-    assert "Summary: 2 healthy, 1 vanishing, 1 exploding, 1 nonfinite" in result.stdout
+    assert "Summary: 2 healthy, 0 unknown, 1 vanishing, 1 exploding, 1 nonfinite" in result.stdout
     assert "recovered: exploding from step 500, recovered at step 700" in result.stdout
     assert "orthogonal" in result.stdout and "already clipped" in result.stdout  # the exploding run clips
 

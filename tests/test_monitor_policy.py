@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import warnings
 
 import pytest
@@ -323,11 +324,15 @@ def test_extreme_explosion_alerts_at_once_and_the_nan_names_its_cause():
 
 def test_nan_after_an_unconfirmed_exploding_measurement_still_names_the_cause():
     # seed 0: the step-0 product (lag ~1.4e3) is exploding but below the extreme bound, so patience holds
-    # the exploding alert; the NaN two steps later must still say what drove it.
+    # the exploding alert; the total norm's jump at step 1 (1.6e4 -> 1.3e28) alerts then, whatever the
+    # history (issue #28), and the NaN at step 2 must still say what drove it.
     _, alerts = _fast_explosion(seed=0)
-    assert [a.alert for a in alerts] == [AlertKind.NONFINITE]
-    assert "follows an exploding measurement" in alerts[0].message
-    assert "sigma_max(W_hh) = 1.6 > 1" in alerts[0].message
+    assert [(a.alert, a.metric, a.step) for a in alerts] == [
+        (AlertKind.EXPLODING, "grad_norm_growth", 1),
+        (AlertKind.NONFINITE, "grad_nonfinite", 2),
+    ]
+    assert "follows an exploding measurement" in alerts[1].message
+    assert "sigma_max(W_hh) = 1.6 > 1" in alerts[1].message
 
 
 def test_gradient_growth_under_contracting_jacobians_warns_before_the_overflow():
@@ -374,3 +379,33 @@ def test_healthy_training_with_adam_raises_no_alert(cell):
         optimizer.step()
     monitor.close()
     assert alerts == []
+
+
+def test_a_gradient_norm_jump_alerts_on_its_step_before_any_history():
+    """Issue #28: a GRU, SGD lr 3 on the adding problem: total norms 1.2, 131, 2e7 at steps 0-2. The jump
+    alerts at step 2 (not a measured step: the total norm is read every step), while the loss is finite."""
+    from gradwatch.demo.task import adding_problem_batch
+
+    torch.manual_seed(2)
+    rnn = nn.GRU(2, 32)
+    head = nn.Linear(32, 1)
+    model = nn.ModuleDict({"rnn": rnn, "head": head})
+    optimizer = torch.optim.SGD(model.parameters(), lr=3.0)
+    generator = torch.Generator().manual_seed(2)
+    alerts: list[Alert] = []
+    losses: list[float] = []
+    monitor = gradwatch.watch(model, optimizer, every=1000, on_alert=alerts.append)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gradwatch.GradWatchWarning)
+        for _ in range(3):
+            batch = adding_problem_batch(generator, 50, 16)
+            output, _ = rnn(batch.inputs)
+            loss = nn.functional.mse_loss(head(output[-1]), batch.targets)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+    monitor.close()
+    growth = [a for a in alerts if a.metric == "grad_norm_growth"]
+    assert [(a.alert, a.step) for a in growth] == [(AlertKind.EXPLODING, 2)]
+    assert growth[0].value > 1e6 and all(math.isfinite(loss) for loss in losses)

@@ -188,6 +188,8 @@ def test_grad_nonfinite_old_and_new_meaning_are_both_read_sensibly() -> None:
     # The same overflow in a new log: finite norms beyond float32, no non-finite elements, and the huge
     # norm reaches the report (sqrt of summed squares would overflow to inf for 1e200).
     new_log = [_m(0, lyapunov=-0.05, grad_norm={"w": 1e200, "b": 1e200}), _m(10, lyapunov=-0.05)]
+    assert fallback_verdict(new_log) == (Verdict.UNKNOWN, "2 measurements; the rule needs 3")
+    new_log.append(_m(20, lyapunov=-0.05))
     assert fallback_verdict(new_log)[0] == Verdict.HEALTHY
     assert total_gradient_norm(new_log[0].metrics.grad_norm) == pytest.approx(2**0.5 * 1e200)
 

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from gradwatch.policy.evidence import Verdict
-from gradwatch.policy.judge import total_gradient_norm
-from gradwatch.policy.trends import DetectionConfig, TrendDetector
+from gradwatch.policy.judge import Judgement
+from gradwatch.policy.trends import DetectionConfig, TrendDetector, detector_gradient_norm
 from gradwatch.records import AlertKind, Measurement, MeasurementMetrics
 from tests.oracles.exact_metrics import exact_measurement, gradient_norms
 from tests.oracles.reference_cases import (
@@ -189,7 +189,7 @@ def test_reset_forgets_episodes() -> None:
     detector = TrendDetector(DetectionConfig.for_diagnosis())
     assert len(detector.update(bad)) == 1
     detector.reset()
-    assert detector.verdict("rnn") is Verdict.HEALTHY
+    assert detector.verdict("rnn") is Verdict.UNKNOWN  # never measured since the reset
     assert len(detector.update(bad)) == 1
 
 
@@ -350,10 +350,122 @@ def test_update_many_gives_the_alerts_and_state_of_update_on_each(seed: int, bat
             ("m", 0, "forward"),
             [m.metrics.lyapunov_max for m in part],
             [m.metrics.lag_norm for m in part],
-            [total_gradient_norm(m.metrics.grad_norm) for m in part],
+            [detector_gradient_norm(m.metrics.grad_norm) for m in part],
             part.__getitem__,
         )
     assert {a.alert for a in expected} >= {AlertKind.EXPLODING, AlertKind.VANISHING, AlertKind.RECOVERED}
     assert got == expected
     assert batched.state_dict() == one_by_one.state_dict()
     assert batched.suggested_clip_norm("m") == one_by_one.suggested_clip_norm("m")
+
+
+# --- issue #28: explosions before the overflow, a diverged run stays exploding, unknown is not healthy -----
+
+
+def test_a_jump_of_orders_of_magnitude_alerts_on_its_step_whatever_the_history() -> None:
+    """Issue #28: norms 1.2, 131, 2.05e7 (a contracting GRU, SGD lr 3): the jump alerts at step 2."""
+    assert _growth_alerts(TrendDetector(), [1.2, 131.0, 2.05e7]) == [(2, AlertKind.EXPLODING)]
+    assert _growth_alerts(TrendDetector(), [1.0, 5e3]) == [(1, AlertKind.EXPLODING)]  # one norm before it
+    assert _growth_alerts(TrendDetector(), [5e7]) == []  # nothing to jump from
+    # a short history is compared with its largest norm: normal early growth does not alert
+    assert _growth_alerts(TrendDetector(), [1.0, 300.0, 2e5]) == []
+
+
+def test_the_short_history_message_names_its_baseline() -> None:
+    detector = TrendDetector()
+    alerts = [
+        a
+        for s, n in enumerate([1.2, 131.0, 2.05e7])
+        for a in detector.observe_gradient_norms(s, "m", n, time=0.0)
+    ]
+    (alert,) = alerts
+    assert alert.metric == "grad_norm_growth" and alert.threshold == pytest.approx(131.0 * 1e3)
+    assert "the largest 131 of the previous 2 steps" in alert.message
+
+
+def _reading(step: int, lyapunov: float, lags: dict[str, float | None], grad: float | None) -> Measurement:
+    metrics = MeasurementMetrics(
+        None, None, None, None, None, 2.0, 0.9, 0.0, lyapunov, lags, {"weight_hh_l0": grad}
+    )
+    return Measurement(step=step, time=float(step), module="m", layer=0, direction="forward", metrics=metrics)
+
+
+EXPLODING_READING = (0.3, {"1": 2.0, "32": 1e3})
+HEALTHY_READING = (-0.05, {"1": 0.9, "32": 0.5})
+
+
+@pytest.mark.parametrize(
+    ("lyapunov", "lags", "grad"),
+    [
+        (*HEALTHY_READING, None),  # non-finite gradient elements (null in the log)
+        (*HEALTHY_READING, float("inf")),
+        (*HEALTHY_READING, 2.2e36),  # the dead relu run of the issue: 1e30-scale gradients
+        (0.305, {"1": 2.0, "64": 0.0, "150": None}, 1.0),  # lambda still grows, the product overflowed
+    ],
+    ids=["null-gradient", "inf-gradient", "1e36-gradient", "overflowed-product"],
+)
+def test_a_diverged_run_stays_exploding_and_is_never_recovered(
+    lyapunov: float, lags: dict[str, float | None], grad: float | None
+) -> None:
+    detector = TrendDetector()
+    opened = [a for step in range(3) for a in detector.update(_reading(step, *EXPLODING_READING, 1.0))]
+    assert [a.alert for a in opened] == [AlertKind.EXPLODING]
+    later = [a for step in range(3, 30) for a in detector.update(_reading(step, lyapunov, lags, grad))]
+    assert later == [] and detector.verdict("m") is Verdict.EXPLODING
+    # the same readings from the log's columns (the report's replay) agree
+    batched = TrendDetector()
+    stream = [_reading(s, *EXPLODING_READING, 1.0) for s in range(3)]
+    stream += [_reading(s, lyapunov, lags, grad) for s in range(3, 30)]
+    got = batched.update_many(
+        ("m", 0, "forward"),
+        [m.metrics.lyapunov_max for m in stream],
+        [m.metrics.lag_norm for m in stream],
+        [detector_gradient_norm(m.metrics.grad_norm) for m in stream],
+        stream.__getitem__,
+    )
+    assert [a.alert for a in got] == [AlertKind.EXPLODING]
+    # a finite, ordinary reading does end it
+    recovered = [a for step in range(30, 33) for a in detector.update(_reading(step, *HEALTHY_READING, 1.0))]
+    assert [a.alert for a in recovered] == [AlertKind.RECOVERED]
+
+
+def test_diverged_gradient_norm_is_a_detection_config_field() -> None:
+    detector = TrendDetector(DetectionConfig(diverged_gradient_norm=1e3))
+    for step in range(3):
+        detector.update(_reading(step, *EXPLODING_READING, 1.0))
+    assert [a for s in range(3, 9) for a in detector.update(_reading(s, *HEALTHY_READING, 5e3))] == []
+    with pytest.raises(ValueError, match="diverged_gradient_norm"):
+        DetectionConfig(diverged_gradient_norm=float("inf"))
+
+
+def test_judgement_is_unknown_until_the_rule_has_its_measurements() -> None:
+    detector = TrendDetector()
+    needed = detector.config.measurements_needed
+    assert needed == detector.config.patience
+    never = detector.judgement("m")
+    assert never.verdict is Verdict.UNKNOWN and never.reason.startswith("never measured")
+    for step in range(needed):
+        judgement = detector.judgement("m")
+        if step:
+            reason = f"{step} measurement{'s' if step > 1 else ''}; the rule needs {needed}"
+            assert judgement == Judgement(Verdict.UNKNOWN, reason, step)
+        detector.update(_reading(step, *HEALTHY_READING, 1.0))
+    assert detector.judgement("m").verdict is Verdict.HEALTHY
+    # unmeasurable readings (T = 1: no product) do not count
+    fresh = TrendDetector()
+    for step in range(5):
+        fresh.update(_reading(step, None, {}, 1.0))  # type: ignore[arg-type]
+    assert fresh.judgement("m").verdict is Verdict.UNKNOWN and fresh.judged_measurements("m") == 0
+
+
+def test_one_extreme_reading_decides_before_the_rule_has_its_measurements() -> None:
+    detector = TrendDetector()
+    (alert,) = detector.update(_reading(0, 0.9, {"1": 3.0, "8": float("inf")}, 1.0))
+    assert alert.alert is AlertKind.EXPLODING and detector.judgement("m").verdict is Verdict.EXPLODING
+
+
+def test_an_open_growth_episode_is_the_module_s_judgement() -> None:
+    detector = TrendDetector()
+    _growth_alerts(detector, [1.0, 1.0, 5e5])
+    judgement = detector.judgement("m")
+    assert judgement.verdict is Verdict.EXPLODING and "jumped at step 2" in judgement.reason

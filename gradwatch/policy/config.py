@@ -22,7 +22,13 @@ class DetectionConfig:
     An exploding product beyond ``exploding_extreme_lag_norm`` (or beyond the float range) alerts at once,
     without patience: it is not a borderline trend, and the run may be NaN by the next measurement.
     The gradient-growth test runs on every step (``observe_gradient_norms``): the module's total gradient
-    norm above ``gradient_growth_factor`` x the median of its last ``gradient_growth_window`` finite norms.
+    norm above ``gradient_growth_factor`` x the median of its last ``gradient_growth_window`` finite norms;
+    with fewer than ``gradient_growth_min_history`` norms, above that factor x the largest of them (a jump of
+    several orders of magnitude alerts on the step it happens, whatever the history).
+    A diverged run stays exploding: an exploding episode does not end on a reading whose total gradient
+    norm is non-finite or at least ``diverged_gradient_norm``, nor on one whose lambda still grows past
+    ``exploding_growth_rate`` while its longest lag norm reads 0 (an overflowed product).
+    Fewer measurements of a layer than ``measurements_needed`` and no open episode: verdict ``unknown``.
     """
 
     patience: int = 3
@@ -42,6 +48,7 @@ class DetectionConfig:
     gradient_growth_factor: float = 1e3
     gradient_growth_window: int = 25
     gradient_growth_min_history: int = 3
+    diverged_gradient_norm: float = 1e30
 
     def __post_init__(self) -> None:
         def require(condition: bool, name: str, accepted: str) -> None:
@@ -74,6 +81,7 @@ class DetectionConfig:
             "gradient_spike_factor",
             "exploding_extreme_lag_norm",
             "gradient_growth_factor",
+            "diverged_gradient_norm",
         ):
             value = getattr(self, name)
             require(
@@ -105,6 +113,12 @@ class DetectionConfig:
     def vanishing_growth_rate(self) -> float:
         """lambda below this (negative) rate is a memory horizon shorter than ``vanishing_horizon_steps``."""
         return -1.0 / self.vanishing_horizon_steps
+
+    @property
+    def measurements_needed(self) -> int:
+        """Fewest measurements of a layer before "no alert" means healthy: the rule needs ``patience``
+        readings to open an episode, so fewer (and no episode open) is verdict ``unknown``."""
+        return self.patience
 
     @classmethod
     def for_diagnosis(cls, **overrides: Any) -> DetectionConfig:

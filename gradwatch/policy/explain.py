@@ -126,8 +126,11 @@ def explain_gradient_growth(
     history: int,
     config: DetectionConfig,
     reading: JacobianReading | None,
+    baseline: str = "median",
 ) -> str:
     """The message of an every-step gradient-growth alert, with the cause read off the latest Jacobians.
+
+    ``baseline``: what ``median`` is of the previous steps ("median", or "largest" over a short history).
 
     Contracting Jacobians (lambda <= 0) cannot amplify a gradient through the recurrence, so the growth
     comes from the loss scale or the learning rate (each update makes the loss surface steeper); expanding
@@ -136,10 +139,11 @@ def explain_gradient_growth(
     ratio = total_norm / median
     head = (
         f"exploding gradients in {module} at step {step}: the total gradient norm {_format(total_norm)} is "
-        f"{_format(ratio)} x the median {_format(median)} of the previous {history} steps (threshold "
+        f"{_format(ratio)} x the {baseline} {_format(median)} of the previous "
+        f"{'step' if history == 1 else f'{history} steps'} (threshold "
         f"{config.gradient_growth_factor:g} x)"
     )
-    clip = f"clip gradients at max_norm ~ {_format(median * 10)} (10 x the running median)"
+    clip = f"clip gradients at max_norm ~ {_format(median * 10)} (10 x the running {baseline})"
     if reading is None:
         return (
             f"{head}; no Jacobian measurement of {module} yet, so whether the recurrence drives it is "

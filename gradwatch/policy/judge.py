@@ -28,25 +28,44 @@ class Verdict(str, Enum):
     VANISHING = "vanishing"
     EXPLODING = "exploding"
     NONFINITE = "nonfinite"
-    UNKNOWN = "unknown"  # nothing measurable (sequence too short, NaN metrics): neither healthy nor bad
+    UNKNOWN = "unknown"  # too few measurements for the rule, none at all, or not measurable: never healthy
 
 
 SEVERITY: dict[Verdict, int] = {
-    Verdict.UNKNOWN: 0,
     Verdict.HEALTHY: 0,
-    Verdict.VANISHING: 1,
-    Verdict.EXPLODING: 2,
-    Verdict.NONFINITE: 3,
+    Verdict.UNKNOWN: 1,
+    Verdict.VANISHING: 2,
+    Verdict.EXPLODING: 3,
+    Verdict.NONFINITE: 4,
 }
-"""Worst wins: the order in which verdicts of several ranks (or episodes) are combined."""
+"""Worst wins: the order in which verdicts of several ranks (or episodes) are combined (not knowing is
+worse than knowing it is healthy)."""
 
 RUN_VERDICTS: tuple[Verdict, ...] = (
     Verdict.HEALTHY,
+    Verdict.UNKNOWN,
     Verdict.VANISHING,
     Verdict.EXPLODING,
     Verdict.NONFINITE,
 )
-"""The verdicts a layer can end a run with (UNKNOWN is a single measurement's, never a run's)."""
+"""The verdicts a layer can end a run with, in the order summaries count them."""
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """A layer's verdict now, in words, and how many measurements it rests on."""
+
+    verdict: Verdict
+    reason: str
+    measurements: int
+
+
+def too_few_measurements(count: int, needed: int, where: str = "") -> str:
+    """The reason of an ``unknown`` verdict, "1 measurement; the rule needs 3"."""
+    if count == 0:
+        return f"no measurement{where}; the rule needs {needed}"
+    plural = "" if count == 1 else "s"
+    return f"{count} measurement{plural}{where}; the rule needs {needed}"
 
 
 # --- thresholds: every rule below, live and offline, reads these ------------------------------------

@@ -30,7 +30,14 @@ from gradwatch.policy.explain import (
     explain_gradient_growth_recovery,
     explain_recovery,
 )
-from gradwatch.policy.judge import CLIP_PERCENTILE, Verdict, percentile, total_gradient_norm
+from gradwatch.policy.judge import (
+    CLIP_PERCENTILE,
+    Judgement,
+    Verdict,
+    percentile,
+    too_few_measurements,
+    total_gradient_norm,
+)
 from gradwatch.records import Alert, AlertKind, Direction, Measurement
 
 LayerKey = tuple[str, int, str]
@@ -114,6 +121,8 @@ class LayerState:
     episode_threshold: float | None = None
     candidate: Verdict = Verdict.HEALTHY
     streak: int = 0
+    judged: int = 0
+    """Measurements with a Jacobian reading (a raw verdict other than unknown) so far."""
     gradient: GradientNormStatistics = field(default_factory=GradientNormStatistics)
     healthy_gradient_norms: deque[float] = field(default_factory=deque)
     latest: JacobianReading | None = None
@@ -153,6 +162,7 @@ class LayerState:
             "episode_threshold": self.episode_threshold,
             "candidate": self.candidate.value,
             "streak": self.streak,
+            "judged": self.judged,
             "gradient_warmup": list(self.gradient.warmup),
             "gradient_mean": self.gradient.mean,
             "gradient_variance": self.gradient.variance,
@@ -168,6 +178,7 @@ class LayerState:
             episode_threshold=data["episode_threshold"],
             candidate=Verdict(data["candidate"]),
             streak=int(data["streak"]),
+            judged=int(data.get("judged", 0)),
             gradient=GradientNormStatistics(
                 warmup=[float(v) for v in data["gradient_warmup"]],
                 mean=data["gradient_mean"],
@@ -225,6 +236,15 @@ def _jacobian_evidence(
     )
 
 
+def detector_gradient_norm(grad_norm: Mapping[str, float | None]) -> float | None:
+    """:func:`total_gradient_norm` for the detector: inf where an entry is null or not finite (NaN/Inf
+    gradient elements: a diverged reading), None only without any entry."""
+    if not grad_norm:
+        return None
+    total = total_gradient_norm(grad_norm)
+    return math.inf if total is None else total
+
+
 def _clip_norm(state: LayerState) -> float | None:
     """The suggested clip norm: the 90th percentile of a layer's recent healthy total gradient norms."""
     return percentile(list(state.healthy_gradient_norms), CLIP_PERCENTILE)
@@ -240,10 +260,41 @@ class TrendDetector:
         self._states: dict[LayerKey, LayerState] = {}
         self._growth: dict[str, GradientGrowthState] = {}
 
-    def verdict(self, module: str, layer: int = 0, direction: Direction = "forward") -> Verdict:
-        """The current episode of a layer (HEALTHY when none, or never seen)."""
+    def verdict(self, module: str, layer: int = 0, direction: str = "forward") -> Verdict:
+        """The current verdict of a layer: its open episode; HEALTHY when none is open and the layer had
+        the measurements the rule needs; UNKNOWN when it had fewer, or was never measured."""
+        return self.judgement(module, layer, direction).verdict
+
+    def judgement(self, module: str, layer: int = 0, direction: str = "forward") -> Judgement:
+        """:meth:`verdict` with its reason ("1 measurement; the rule needs 3") and measurement count.
+
+        The every-step gradient-growth episode of the module counts for its layer 0 (forward), where its
+        alerts are filed.
+        """
         state = self._states.get((module, layer, direction))
-        return Verdict.HEALTHY if state is None else state.episode
+        growth = self._growth.get(module)
+        if growth is not None and growth.episode_start is not None and (layer, direction) == (0, "forward"):
+            judged = 0 if state is None else state.judged
+            reason = f"exploding: the total gradient norm jumped at step {growth.episode_start}, still open"
+            return Judgement(Verdict.EXPLODING, reason, judged)
+        if state is None:
+            needed = self.config.measurements_needed
+            return Judgement(Verdict.UNKNOWN, f"never measured; the rule needs {needed} measurements", 0)
+        if state.episode is not Verdict.HEALTHY:
+            reason = f"{state.episode.value} since step {state.episode_start}, still open"
+            return Judgement(state.episode, reason, state.judged)
+        needed = self.config.measurements_needed
+        if state.judged < needed:
+            return Judgement(Verdict.UNKNOWN, too_few_measurements(state.judged, needed), state.judged)
+        plural = "" if state.judged == 1 else "s"
+        return Judgement(
+            Verdict.HEALTHY, f"no episode open after {state.judged} measurement{plural}", state.judged
+        )
+
+    def judged_measurements(self, module: str, layer: int = 0, direction: str = "forward") -> int:
+        """How many measurements of a layer had a Jacobian reading (0 when never seen)."""
+        state = self._states.get((module, layer, direction))
+        return 0 if state is None else state.judged
 
     def suggested_clip_norm(
         self, module: str, layer: int = 0, direction: Direction = "forward"
@@ -268,7 +319,7 @@ class TrendDetector:
             _jacobian_verdict(rate, longest, self.config),
             rate,
             longest,
-            total_gradient_norm(metrics.grad_norm),
+            detector_gradient_norm(metrics.grad_norm),
             self.growth_episode_open(measurement.module),
             True,
             0,
@@ -286,6 +337,7 @@ class TrendDetector:
     ) -> list[Alert]:
         """:meth:`update` on each of one layer's measurements in step order, given as columns.
 
+        ``total_gradient_norms``: :func:`detector_gradient_norm` of each (inf where an entry is not finite).
         The same alerts and state as feeding the measurements one by one (both run :meth:`_advance`), but
         a :class:`Measurement` is built (``measurement_at(i)``) only for an alert or the kept reading: the
         report replays millions of measurements this way.
@@ -342,6 +394,12 @@ class TrendDetector:
         """
         config = self.config
         jacobian_verdict = verdict
+        if verdict is not Verdict.UNKNOWN:
+            state.judged += 1
+        # a diverged run: non-finite (inf here) or 1e30-scale gradients
+        diverged = total is not None and not total < config.diverged_gradient_norm
+        if total is not None and not math.isfinite(total):
+            total = None
         if keep_reading and verdict is not Verdict.UNKNOWN:
             # only an exploding hint quotes the clip threshold (a sort and a quantile: skip it otherwise)
             suggested_clip = _clip_norm(state) if verdict is Verdict.EXPLODING else None
@@ -384,6 +442,15 @@ class TrendDetector:
             and longest is not None
             and (longest[1] > config.exploding_extreme_lag_norm or (rate is not None and math.isinf(rate)))
         )
+        if state.episode is Verdict.EXPLODING and verdict is not Verdict.EXPLODING:
+            overflowed = (
+                rate is not None
+                and rate > config.exploding_growth_rate
+                and longest is not None
+                and longest[1] == 0
+            )
+            if diverged or overflowed:
+                verdict = Verdict.EXPLODING  # a diverged run, or an overflowed product, is not a recovery
         if verdict is state.episode:
             state.candidate, state.streak = state.episode, 0
             return None
@@ -486,10 +553,13 @@ class TrendDetector:
                     **common,
                 )
             ]
-        if len(growth.history) < config.gradient_growth_min_history:
+        if not growth.history:
             growth.history.append(log_norm)
             return []
-        median = statistics.median(growth.history)
+        # a short history (the first steps): compared with the largest norm so far, so a jump of several
+        # orders of magnitude alerts on the step it happens
+        short = len(growth.history) < config.gradient_growth_min_history
+        median = max(growth.history) if short else statistics.median(growth.history)
         if log_norm - median <= trigger:
             growth.history.append(log_norm)
             return []
@@ -502,6 +572,7 @@ class TrendDetector:
             len(growth.history),
             config,
             self.latest_jacobian_reading(module),
+            baseline="largest" if short else "median",
         )
         return [
             Alert(

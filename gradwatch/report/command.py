@@ -30,7 +30,10 @@ FAIL_ON_CHOICES: dict[str, Verdict] = {
     "exploding": Verdict.EXPLODING,
     "nonfinite": Verdict.NONFINITE,
     "non-finite": Verdict.NONFINITE,
+    "unknown": Verdict.UNKNOWN,
 }
+"""``--fail-on`` names. ``unknown`` is opt-in: without it, a layer with too few measurements (or none) does
+not change the exit status."""
 EXIT_OK, EXIT_FAIL_ON, EXIT_NOTHING_READ = 0, 1, 2
 
 
@@ -47,7 +50,8 @@ def parse_fail_on(values: Iterable[str]) -> frozenset[Verdict]:
         for name in filter(None, names):
             if name not in FAIL_ON_CHOICES:
                 raise ValueError(
-                    f"unknown verdict {name!r}; choose from vanishing, exploding, nonfinite (comma-separated)"
+                    f"unknown verdict {name!r}; choose from vanishing, exploding, nonfinite, unknown "
+                    "(comma-separated)"
                 )
             verdicts.add(FAIL_ON_CHOICES[name])
     return frozenset(verdicts)
@@ -202,7 +206,8 @@ def diagnostics(report: Report) -> list[str]:
 
 
 def exit_status(report: Report, fail_on: Iterable[Verdict]) -> int:
-    """2 when no record could be read, 1 when a layer's verdict is in ``fail_on``, else 0."""
+    """2 when no record could be read, 1 when a layer's verdict is in ``fail_on`` (with ``unknown`` in it,
+    also a run without any measured layer), else 0."""
     if not report.runs:
         return EXIT_NOTHING_READ
     if report.matches(fail_on):

@@ -18,7 +18,7 @@ from gradwatch.report.formatting import (
 from gradwatch.report.summary import LayerSummary, Report, RunSummary, why_no_measurements
 
 _MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]<>|~&])")
-VERDICT_MARKS = {"healthy": "✅", "vanishing": "🔻", "exploding": "🔺", "nonfinite": "❌"}
+VERDICT_MARKS = {"healthy": "✅", "unknown": "❔", "vanishing": "🔻", "exploding": "🔺", "nonfinite": "❌"}
 
 
 def escape_markdown(text: str, *, whole: bool = False) -> str:

@@ -60,6 +60,7 @@ from gradwatch.report.summary import (
     RunSummary,
     _module_types,
     trend_per_1000_steps,
+    unmeasured_layers,
 )
 
 if TYPE_CHECKING:
@@ -347,6 +348,8 @@ class _LayerAccumulator:
         self._rows_foldable = {acc.spec.name for acc, _read in self._other_reads} <= _ROW_READS
         self._rows: list[MeasurementLine] = []
         """Measurement lines not folded yet (rows-mode readers yield them): folded in batches."""
+        self._before_rows: list[MeasurementLine] = []
+        """Measurement lines before the ``--steps`` window: only the detector replays them."""
 
     def __getstate__(self) -> dict[str, object]:
         # the read functions are lambdas: rebuilt from the specs on unpickling (see absorb, worker processes)
@@ -371,6 +374,7 @@ class _LayerAccumulator:
         appended as arrays; every other case goes through :meth:`add_measurement`, which handles them all.
         Either way the result is what :meth:`add_measurement` on each row in turn gives.
         """
+        self._fold_before_rows()
         rows = self._rows
         if not rows:
             return
@@ -420,12 +424,46 @@ class _LayerAccumulator:
             (first.module, first.layer, first.direction),
             list(map(_LYAPUNOV_MAX, metrics)),
             lag_norms,
-            totals,
+            _detector_norms(totals, grad_norms),
             measurement_at,
         )
         # every step but the last is complete; the last stays open (the next rows may have its step too)
         self._append_points(steps[:-1], metrics[:-1], totals[:-1])
         self._pending_step, self._pending = steps[-1], [measurement_at(count - 1)]
+
+    def _fold_before_rows(self) -> None:
+        """Replay the buffered lines before the window through the detector (its state, not the figures)."""
+        rows = self._before_rows
+        if not rows:
+            return
+        self._before_rows = []
+        steps = list(map(_STEP, rows))
+        if not all(map(int.__lt__, steps, steps[1:])):
+            for row in rows:  # several ranks, or out of order: one record at a time, as add_measurement
+                self.add_measurement_before(_measurement_of(row))
+            return
+        metrics = list(map(_METRICS, rows))
+        grad_norms = list(map(_GRAD_NORM, metrics))
+        first = rows[0]
+        self.evidence.replay_before_many(
+            self.detector,
+            (first.module, first.layer, first.direction),
+            list(map(_LYAPUNOV_MAX, metrics)),
+            list(map(_LAG_NORM, metrics)),
+            _detector_norms(_total_gradient_norms(grad_norms), grad_norms),
+            lambda index: _measurement_of(rows[index]),
+        )
+
+    def add_measurement_before(self, m: Measurement) -> None:
+        """A measurement before the ``--steps`` window: replayed through the detector only."""
+        self._fold_before_rows()
+        self.evidence.replay_before(m, self.detector)
+
+    def add_alert_before(self, alert: Alert) -> None:
+        """An alert before the ``--steps`` window: it sets the episode open when the window starts."""
+        self.episodes.add(alert, before_window=True)
+        if self.episodes.out_of_order:
+            self.out_of_order = True
 
     def _append_points(
         self, steps: list[int], metrics: list[MetricsLine], totals: list[float | None]
@@ -458,7 +496,7 @@ class _LayerAccumulator:
             start = end
 
     def add_measurement(self, m: Measurement) -> None:
-        if self._rows:
+        if self._rows or self._before_rows:
             self.fold_rows()  # the rows before this measurement come first
         self.ranks.add(m.rank)
         if self._pending_step is not None and m.step < self._pending_step:
@@ -535,6 +573,7 @@ class _LayerAccumulator:
         run_has_alerts: bool,
         module_type: str | None,
         clips: ClipAccumulator,
+        window: str = "",
     ) -> LayerSummary:
         # close the open step (in --follow mode, more readings of that step from a lagging rank then form
         # a point of their own: the series stays bounded and nearly exact)
@@ -573,6 +612,7 @@ class _LayerAccumulator:
                 module_type=module_type,
                 clip_count=clips.count,
                 clip_median_max_norm=clips.median_max_norm(),
+                window=window,
             ),
             alert_count=self.alerts.count,
             lag_series=tuple(
@@ -636,6 +676,19 @@ def _total_gradient_norms(grad_norms: list[dict[str, float | None]]) -> list[flo
         if total is not None and not isfinite(total):  # an inf entry (None), or an overflow (inf)
             totals[index] = total_gradient_norm(grad_norms[index])
     return totals
+
+
+def _detector_norms(
+    totals: list[float | None], grad_norms: list[dict[str, float | None]]
+) -> list[float | None]:
+    """The totals as :func:`~gradwatch.policy.trends.detector_gradient_norm` gives them: inf (not None) where
+    a row has entries but no finite total (a diverged reading)."""
+    if None not in totals:
+        return totals
+    inf = math.inf
+    return [
+        inf if total is None and grads else total for total, grads in zip(totals, grad_norms, strict=True)
+    ]
 
 
 @dataclass
@@ -717,6 +770,16 @@ class StreamingSummary:
         if record.step not in options.steps:
             if isinstance(record, Measurement):
                 run.unselected_measurements += 1
+            if (
+                options.steps.before(record.step)
+                and isinstance(record, (Measurement, Alert))
+                and options.wants_module(record.module)
+            ):
+                layer = self._layer(run, (record.module, record.layer, record.direction))
+                if isinstance(record, Measurement):
+                    layer.add_measurement_before(record)
+                else:
+                    layer.add_alert_before(record)
             return
         step = record.step
         if run.first_step is None or step < run.first_step:
@@ -752,6 +815,11 @@ class StreamingSummary:
         step = row.step
         if step not in options.steps:
             run.unselected_measurements += 1
+            if options.steps.before(step) and options.wants_module(row.module):
+                before = self._layer(run, (row.module, row.layer, row.direction))
+                before._before_rows.append(row)
+                if len(before._before_rows) >= ROW_BATCH:
+                    before._fold_before_rows()
             return
         if run.first_step is None or step < run.first_step:
             run.first_step = step
@@ -815,9 +883,11 @@ class StreamingSummary:
                 run_has_alerts=run.any_alert,
                 module_type=module_types.get(layer_key[0]),
                 clips=run.clips,
+                window=self.options.steps.describe(),
             )
             for layer_key, layer in sorted(run.layers.items())
         )
+        layers += unmeasured_layers(headers, set(run.layers), self.options)
         return RunSummary(
             run_id=key[0],
             ranks=tuple(sorted(run.ranks)),

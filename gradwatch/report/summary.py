@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TypeGuard
 
+from gradwatch.policy.config import DetectionConfig
 from gradwatch.policy.judge import RUN_VERDICTS
 from gradwatch.records import (
     GLOBAL_RANK,
@@ -62,6 +63,18 @@ class StepRange:
         if not isinstance(step, int):
             return False
         return (self.start is None or step >= self.start) and (self.stop is None or step < self.stop)
+
+    def before(self, step: int) -> bool:
+        """Whether ``step`` comes before the window (its records set the state the window starts from)."""
+        return self.start is not None and step < self.start
+
+    def describe(self) -> str:
+        """ " in steps A:B" for messages about the window ("" without one)."""
+        if self.start is None and self.stop is None:
+            return ""
+        return (
+            f" in steps {'' if self.start is None else self.start}:{'' if self.stop is None else self.stop}"
+        )
 
 
 @dataclass(frozen=True)
@@ -128,6 +141,10 @@ class LayerSummary:
     def metric(self, name: str) -> MetricSummary | None:
         """The summary of metric ``name`` (``reach``, ``lyapunov_max`` ...), if the report computed it."""
         return next((m for m in self.metrics if m.name == name), None)
+
+    @property
+    def key(self) -> tuple[str, int, str]:
+        return (self.module, self.layer, self.direction)
 
 
 LagSeries = tuple[int, tuple[tuple[int, float | None], ...]]
@@ -264,10 +281,16 @@ class Report:
             counts[layer.verdict.verdict.value] += 1
         return counts
 
-    def matches(self, fail_on: Iterable[Verdict]) -> list[tuple[RunSummary, LayerSummary]]:
-        """The layers whose verdict is one of ``fail_on`` (for ``--fail-on`` gating)."""
+    def matches(self, fail_on: Iterable[Verdict]) -> list[tuple[RunSummary, LayerSummary | None]]:
+        """The layers whose verdict is one of ``fail_on`` (for ``--fail-on`` gating); with ``unknown`` among
+        them, also each run without any measured layer (as ``(run, None)``)."""
         wanted = set(fail_on)
-        return [(run, layer) for run, layer in self.layer_verdicts() if layer.verdict.verdict in wanted]
+        found: list[tuple[RunSummary, LayerSummary | None]] = [
+            (run, layer) for run, layer in self.layer_verdicts() if layer.verdict.verdict in wanted
+        ]
+        if Verdict.UNKNOWN in wanted:
+            found += [(run, None) for run in self.runs if not run.layers]
+        return found
 
 
 RunKey = tuple[str, int | None]
@@ -322,6 +345,21 @@ def _summarize_run(
     header = headers[0] if headers else None
     all_alerts = [r for r in records if isinstance(r, Alert)]
     in_window = [r for r in records if not isinstance(r, RunHeader) and r.step in options.steps]
+    # measurements and alerts before the window: the detector state and open episode it starts from
+    before_by_layer: dict[tuple[str, int, str], tuple[list[Measurement], list[Alert]]] = defaultdict(
+        lambda: ([], [])
+    )
+    for r in records:
+        if (
+            isinstance(r, (Measurement, Alert))
+            and options.steps.before(r.step)
+            and options.wants_module(r.module)
+        ):
+            entry = before_by_layer[(r.module, r.layer, r.direction)]
+            if isinstance(r, Measurement):
+                entry[0].append(r)
+            else:
+                entry[1].append(r)
     measurements = [r for r in in_window if isinstance(r, Measurement) and options.wants_module(r.module)]
     unselected = sum(isinstance(r, Measurement) for r in records) - len(measurements)
     alerts = sorted(
@@ -346,9 +384,11 @@ def _summarize_run(
             run_has_alerts=bool(all_alerts),
             module_type=module_types.get(layer_key[0]),
             clips=clips,
+            before=before_by_layer.get(layer_key, ([], [])),
         )
-        for layer_key in sorted(set(by_layer) | set(alerts_by_layer))
+        for layer_key in sorted(set(by_layer) | set(alerts_by_layer) | set(before_by_layer))
     )
+    layers += unmeasured_layers(headers, {layer.key for layer in layers}, options)
     steps = [r.step for r in in_window]
     ranks = tuple(sorted({r.rank for r in records}))
     return RunSummary(
@@ -365,6 +405,54 @@ def _summarize_run(
         truncated=truncated,
         unselected_measurements=unselected,
         alert_count=len(alerts),
+    )
+
+
+def unmeasured_layers(
+    headers: Sequence[RunHeader], present: set[tuple[str, int, str]], options: ReportOptions
+) -> tuple[LayerSummary, ...]:
+    """An ``unknown`` layer for each layer and direction of a watched module (the run header lists them)
+    that has no measurement and no alert, when the run has some other layer (a run without any has its
+    own explanation, :func:`why_no_measurements`)."""
+    if not present:
+        return ()
+    missing: dict[tuple[str, int, str], str | None] = {}
+    for header in headers:
+        for entry in header.modules:
+            name, layers, directions = entry.get("name"), entry.get("layers", 1), entry.get("directions")
+            if not isinstance(name, str) or not options.wants_module(name):
+                continue
+            if not isinstance(layers, int) or isinstance(layers, bool) or not 0 < layers <= 1024:
+                layers = 1
+            if not isinstance(directions, list) or not directions:
+                directions = ["forward"]
+            kind = entry.get("type")
+            for index in range(layers):
+                for direction in directions:
+                    key = (name, index, str(direction))
+                    if direction in ("forward", "reverse") and key not in present:
+                        missing.setdefault(key, kind if isinstance(kind, str) else None)
+    specs = metric_specs(options.metrics)
+    needed = DetectionConfig().measurements_needed
+    reason = (
+        f"never measured{options.steps.describe()}: the run header lists this layer; the rule needs {needed}"
+    )
+    return tuple(
+        LayerSummary(
+            module=module,
+            layer=layer,
+            direction=direction,  # type: ignore[arg-type]  # checked above: forward or reverse
+            module_type=kind,
+            ranks=(),
+            measurements=0,
+            first_step=None,
+            last_step=None,
+            lag=None,
+            metrics=tuple(_summarize_metric(spec, {}, None) for spec in specs),
+            alerts=(),
+            verdict=LayerVerdict(Verdict.UNKNOWN, "rules", reason, "", ()),
+        )
+        for (module, layer, direction), kind in sorted(missing.items())
     )
 
 
@@ -388,6 +476,7 @@ def _summarize_layer(
     run_has_alerts: bool,
     module_type: str | None,
     clips: Sequence[ClipEvent] = (),
+    before: tuple[Sequence[Measurement], Sequence[Alert]] = ((), ()),
 ) -> LayerSummary:
     module, layer, direction = key
     by_step: dict[int, list[Measurement]] = defaultdict(list)
@@ -412,7 +501,13 @@ def _summarize_layer(
         metrics=metrics,
         alerts=AlertTimeline.of(alerts).shown(),
         verdict=judge_layer(
-            measurements, alerts, run_has_alerts=run_has_alerts, module_type=module_type, clips=clips
+            measurements,
+            alerts,
+            run_has_alerts=run_has_alerts,
+            module_type=module_type,
+            clips=clips,
+            before=before,
+            window=options.steps.describe(),
         ),
         alert_count=len(alerts),
         lag_series=lag_series,

@@ -1,7 +1,11 @@
-"""Per-layer verdicts (healthy / vanishing / exploding / non-finite), their cause and what to try.
+"""Per-layer verdicts (healthy / unknown / vanishing / exploding / non-finite), their cause and what to try.
 
 The verdict comes from the alert records the monitor's detectors wrote; a log without any alert record
-falls back to :func:`fallback_verdict`, which replays the monitor's detector over the measurements. The
+falls back to :func:`fallback_verdict`, which replays the monitor's detector over the measurements. With
+no episode open, a layer is healthy only after as many measurements as the rule needs
+(``DetectionConfig.measurements_needed``); fewer is ``unknown``. Over a ``--steps`` window the verdict is
+the one at the window's end from the window's measurements, with the records before the window replayed
+first, so an episode opened earlier and still open counts. The
 cause is told in the lecture's two factors of J_t = diag(f'(a_t)) W_hh: the nonlinearity (saturating or
 dying units make f' small) and the recurrent weight (sigma_max(W_hh) well below or above 1).
 """
@@ -16,6 +20,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from gradwatch.policy.config import DetectionConfig
 from gradwatch.policy.judge import (
     CLIP_PERCENTILE,
     SEVERITY,
@@ -24,6 +29,7 @@ from gradwatch.policy.judge import (
     layer_cause,
     layer_suggestions,
     percentile,
+    too_few_measurements,
     total_gradient_norm,
 )
 from gradwatch.policy.trends import TrendDetector
@@ -69,6 +75,27 @@ class LayerEvidence:
         self.last_detector_alert: Alert | None = None
         self.last: Measurement | None = None
         self._detector: TrendDetector | None = None
+        self._key: tuple[str, int, str] | None = None
+        self._judged_before: int | None = None
+        """The detector's count of judged measurements of the layer before the first one of the window."""
+
+    @property
+    def judged(self) -> int:
+        """Measurements of the window with a Jacobian reading (what the rule counts)."""
+        if self._detector is None or self._key is None or self._judged_before is None:
+            return 0
+        return self._detector.judged_measurements(*self._key) - self._judged_before
+
+    @property
+    def needed(self) -> int:
+        """Measurements the rule needs before no episode means healthy."""
+        config = self._detector.config if self._detector is not None else DetectionConfig()
+        return config.measurements_needed
+
+    def _start_window(self, detector: TrendDetector, key: tuple[str, int, str]) -> None:
+        self._detector, self._key = detector, key
+        if self._judged_before is None:
+            self._judged_before = detector.judged_measurements(*key)
 
     def add(self, measurement: Measurement) -> None:
         """Fold one measurement (in step order) into the evidence."""
@@ -121,7 +148,7 @@ class LayerEvidence:
         measurement_at: Callable[[int], Measurement],
     ) -> None:
         """:meth:`replay` for several measurements of one layer, given as columns (see ``update_many``)."""
-        self._detector = detector
+        self._start_window(detector, key)
         alerts = detector.update_many(key, lyapunov_max, lag_norms, total_gradient_norms, measurement_at)
         if alerts:
             self.detector_alerts += len(alerts)
@@ -129,17 +156,44 @@ class LayerEvidence:
 
     def replay(self, measurement: Measurement, detector: TrendDetector) -> None:
         """Feed the monitor's detector (keyed by layer, so one detector may serve a whole run)."""
-        self._detector = detector
+        self._start_window(detector, (measurement.module, measurement.layer, measurement.direction))
         alerts = detector.update(measurement)
         if alerts:
             self.detector_alerts += len(alerts)
             self.last_detector_alert = alerts[-1]
 
+    def replay_before_many(
+        self,
+        detector: TrendDetector,
+        key: tuple[str, int, str],
+        lyapunov_max: Sequence[float | None],
+        lag_norms: Sequence[Mapping[str, float | None]],
+        total_gradient_norms: Sequence[float | None],
+        measurement_at: Callable[[int], Measurement],
+    ) -> None:
+        """Measurements before the ``--steps`` window: the detector's state only (an episode they open
+        and the window does not close counts), not the window's evidence."""
+        self._detector, self._key = detector, key
+        alerts = detector.update_many(key, lyapunov_max, lag_norms, total_gradient_norms, measurement_at)
+        if alerts:
+            self.last_detector_alert = alerts[-1]
+
+    def replay_before(self, measurement: Measurement, detector: TrendDetector) -> None:
+        """:meth:`replay_before_many` for one measurement record."""
+        self._detector = detector
+        self._key = (measurement.module, measurement.layer, measurement.direction)
+        alerts = detector.update(measurement)
+        if alerts:
+            self.last_detector_alert = alerts[-1]
+
     @classmethod
-    def of(cls, measurements: Sequence[Measurement]) -> LayerEvidence:
-        """The evidence of ``measurements`` (any order: they are sorted by step, stably)."""
+    def of(cls, measurements: Sequence[Measurement], before: Sequence[Measurement] = ()) -> LayerEvidence:
+        """The evidence of ``measurements`` (any order: they are sorted by step, stably), the detector
+        replayed over ``before`` (the measurements before a ``--steps`` window) first."""
         evidence = cls()
         detector = TrendDetector()
+        for measurement in sorted(before, key=lambda m: m.step):
+            evidence.replay_before(measurement, detector)
         for measurement in sorted(measurements, key=lambda m: m.step):
             evidence.add(measurement)
             evidence.replay(measurement, detector)
@@ -176,24 +230,31 @@ class GradientNormSample:
         return count, [n for n in norms[:end] if not math.isnan(n)]
 
 
-def fallback_verdict(measurements: Sequence[Measurement] | LayerEvidence) -> tuple[Verdict, str]:
+def fallback_verdict(
+    measurements: Sequence[Measurement] | LayerEvidence, window: str = ""
+) -> tuple[Verdict, str]:
     """For logs without alert records: replay the monitor's own detector over the measurements.
 
     Any measurement with ``grad_nonfinite > 0`` -> non-finite; otherwise the verdict is the one
     :class:`gradwatch.policy.trends.TrendDetector` (default :class:`DetectionConfig`) reaches at the end,
-    so a log written without alerts is judged exactly as a live run would have been.
+    so a log written without alerts is judged exactly as a live run would have been: an open episode, or
+    healthy only after the measurements the rule needs (fewer: unknown). ``window``: " in steps A:B".
     """
     evidence = measurements if isinstance(measurements, LayerEvidence) else LayerEvidence.of(measurements)
     if evidence.nonfinite_steps:
         return Verdict.NONFINITE, _nonfinite_reason(evidence.nonfinite_steps)
-    if evidence.last is None or evidence._detector is None:
-        return Verdict.HEALTHY, "no measurements"
-    last = evidence.last
-    state = evidence._detector.verdict(last.module, last.layer, last.direction)
-    span = f"{evidence.count} measurement(s), steps {evidence.first_step}-{evidence.last_step}"
+    detector, key = evidence._detector, evidence._key
     alert = evidence.last_detector_alert
-    if state.value in (Verdict.EXPLODING.value, Verdict.VANISHING.value) and alert is not None:
-        return Verdict(state.value), f"{alert.message} (the monitor's detector replayed over {span})"
+    if detector is not None and key is not None:
+        state = detector.verdict(*key)
+        if state in (Verdict.EXPLODING, Verdict.VANISHING) and alert is not None:
+            if evidence.count == 0:
+                return state, f"{alert.message} (an episode opened before the window{window}, still open)"
+            span = f"{evidence.count} measurement(s), steps {evidence.first_step}-{evidence.last_step}"
+            return state, f"{alert.message} (the monitor's detector replayed over {span})"
+    if evidence.judged < evidence.needed:
+        return Verdict.UNKNOWN, too_few_measurements(evidence.judged, evidence.needed, window)
+    span = f"{evidence.count} measurement(s), steps {evidence.first_step}-{evidence.last_step}"
     return Verdict.HEALTHY, f"the monitor's detector found no open episode over {span}"
 
 
@@ -238,7 +299,9 @@ class AlertEpisodes:
             episodes.add(alert)
         return episodes
 
-    def add(self, alert: Alert) -> None:
+    def add(self, alert: Alert, *, before_window: bool = False) -> None:
+        """Fold one alert; ``before_window``: it precedes the ``--steps`` window, so it only sets which
+        episode is open when the window starts (an episode it closes is not listed as recovered)."""
         rank = alert.rank
         self.ranks.add(rank)
         if alert.step < self._last_step.get(rank, alert.step):
@@ -246,6 +309,9 @@ class AlertEpisodes:
         self._last_step[rank] = alert.step
         current, episode_start = self._open.get(rank, (None, None))
         if alert.alert == AlertKind.RECOVERED:
+            if before_window:
+                self._open[rank] = (None, None)
+                return
             if current is not None:
                 recovered = self._recovered[rank]
                 if sum(map(len, self._recovered.values())) < RECOVERED_SHOWN:
@@ -325,20 +391,30 @@ def judge_layer(
     run_has_alerts: bool,
     module_type: str | None = None,
     clips: Sequence[ClipEvent] = (),
+    before: tuple[Sequence[Measurement], Sequence[Alert]] = ((), ()),
+    window: str = "",
 ) -> LayerVerdict:
     """Verdict, cause and suggestions for one layer from its measurements and alerts (pure function).
 
     ``run_has_alerts`` says whether the run's detectors wrote any alert at all; if not, the alert-less
-    layer is judged by :func:`fallback_verdict` instead of being called healthy by default.
+    layer is judged by :func:`fallback_verdict` instead of being called healthy by default. ``before``: the
+    layer's measurements and alerts before a ``--steps`` window (``window``: " in steps A:B"), replayed
+    first so that an episode still open when the window starts counts.
     """
     clip_events = ClipAccumulator.of(clips)
+    episodes = AlertEpisodes()
+    for alert in sorted(before[1], key=lambda a: a.step):
+        episodes.add(alert, before_window=True)
+    for alert in sorted(alerts, key=lambda a: a.step):
+        episodes.add(alert)
     return judge_evidence(
-        LayerEvidence.of(measurements),
-        AlertEpisodes.of(alerts),
+        LayerEvidence.of(measurements, before[0]),
+        episodes,
         run_has_alerts=run_has_alerts,
         module_type=module_type,
         clip_count=clip_events.count,
         clip_median_max_norm=clip_events.median_max_norm(),
+        window=window,
     )
 
 
@@ -350,6 +426,7 @@ def judge_evidence(
     module_type: str | None = None,
     clip_count: int = 0,
     clip_median_max_norm: float | None = None,
+    window: str = "",
 ) -> LayerVerdict:
     """:func:`judge_layer` over evidence and alert episodes folded in bounded state (the streaming report)."""
     recovered: tuple[str, ...] = ()
@@ -370,15 +447,17 @@ def judge_evidence(
                 _nonfinite_reason(nonfinite),
                 nonfinite[0],
             )
+        if verdict is Verdict.HEALTHY and evidence.judged < evidence.needed:
+            verdict, reason = Verdict.UNKNOWN, too_few_measurements(evidence.judged, evidence.needed, window)
     else:
-        verdict, reason = fallback_verdict(evidence)
+        verdict, reason = fallback_verdict(evidence, window)
         source = "rules"
         episode_start = None
     # the last CAUSE_WINDOW measurements of the episode: a suffix of the tail (measurements are in step order)
     tail = list(evidence.tail)
-    window = [m for m in tail if episode_start is None or m.step >= episode_start] or tail
-    window = window[-CAUSE_WINDOW:]
-    values = FactorValues.median_of(m.metrics for m in window)
+    recent = [m for m in tail if episode_start is None or m.step >= episode_start] or tail
+    recent = recent[-CAUSE_WINDOW:]
+    values = FactorValues.median_of(m.metrics for m in recent)
     return LayerVerdict(
         verdict=verdict,
         source=source,
@@ -428,7 +507,7 @@ def _suggestions(
     clip_count: int = 0,
     clip_median_max_norm: float | None = None,
 ) -> tuple[str, ...]:
-    if verdict == Verdict.HEALTHY:
+    if verdict in (Verdict.HEALTHY, Verdict.UNKNOWN):
         return ()
     clip = _clip_suggestion(evidence, episode_start)
     if clip_count and clip_median_max_norm is not None:

@@ -1,0 +1,177 @@
+"""One judge in the report: ``unknown`` below the measurements the rule needs, never-measured layers, the
+``--steps`` window judged from its own measurements (an episode opened before it and still open counts),
+and ``--fail-on unknown``. Through the CLI (every format) and on the pure verdict functions."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from gradwatch.cli import main
+from gradwatch.policy.config import DetectionConfig
+from gradwatch.records import Alert, AlertKind, Measurement, MeasurementMetrics, RunHeader
+from gradwatch.report.command import make_report, render
+from gradwatch.report.reader import read_logs
+from gradwatch.report.summary import ReportOptions, StepRange, build_report
+from gradwatch.report.verdict import Verdict, fallback_verdict, judge_layer
+from tests.report_logs import make_run, write_log
+
+pytest_plugins = ["tests.report_fixtures"]
+
+NEEDED = DetectionConfig().measurements_needed
+
+
+def run_report(runner: CliRunner, *args: str) -> Result:
+    return runner.invoke(main, ["report", *args], catch_exceptions=False)
+
+
+def json_layers(runner: CliRunner, *args: str) -> list[dict]:
+    result = run_report(runner, "--format", "json", *args)
+    return [layer for run in json.loads(result.stdout)["runs"] for layer in run["layers"]]
+
+
+def _m(step: int, lyapunov: float, lag: float) -> Measurement:
+    metrics = MeasurementMetrics(
+        0.9, 0.5, 1.0, 1.0, 0.1, 1.0, 0.6, 0.05, lyapunov, {"1": 0.9, "32": lag}, {"w": 1.0}
+    )
+    return Measurement(step, 0.0, "rnn", 0, "forward", metrics)
+
+
+def _alert(step: int, kind: AlertKind) -> Alert:
+    return Alert(step, 0.0, "rnn", 0, "forward", kind, "lyapunov_max", -1.0, -0.8, kind.value)
+
+
+# --- unknown: fewer measurements than the rule needs ----------------------------------------------------
+
+
+@pytest.mark.parametrize("count", range(NEEDED + 1), ids=lambda n: f"{n}-measurements")
+def test_fallback_is_unknown_below_the_measurements_the_rule_needs(count: int) -> None:
+    measurements = [_m(10 * i, -0.05, 0.5) for i in range(count)]
+    verdict, reason = fallback_verdict(measurements)
+    if count < NEEDED:
+        assert verdict is Verdict.UNKNOWN
+        expected = "no measurement" if count == 0 else f"{count} measurement{'s' if count > 1 else ''}"
+        assert reason == f"{expected}; the rule needs {NEEDED}"
+    else:
+        assert verdict is Verdict.HEALTHY
+
+
+def test_alert_path_is_unknown_without_enough_measurements_but_an_open_episode_decides() -> None:
+    one = [_m(0, -0.05, 0.5)]
+    assert judge_layer(one, [], run_has_alerts=True).verdict is Verdict.UNKNOWN
+    assert (
+        judge_layer(one, [_alert(0, AlertKind.EXPLODING)], run_has_alerts=True).verdict is Verdict.EXPLODING
+    )
+
+
+def test_a_single_short_run_is_unknown_in_every_format(cli_runner: CliRunner, tmp_path: Path) -> None:
+    log = write_log(tmp_path / "short.jsonl", make_run("healthy", measurements=1))
+    reason = f"1 measurement; the rule needs {NEEDED}"
+    (layer,) = json_layers(cli_runner, str(log))
+    assert layer["verdict"]["verdict"] == "unknown" and layer["verdict"]["reason"] == reason
+    text = run_report(cli_runner, str(log)).stdout
+    assert "unknown" in text and reason in text and "Summary: 0 healthy, 1 unknown" in text
+    markdown = run_report(cli_runner, str(log), "--format", "markdown").stdout
+    assert "❔ **unknown**" in markdown and reason in markdown
+    html = run_report(cli_runner, str(log), "--format", "html").stdout
+    assert re.search(r'class="verdict"[^>]*>unknown<', html) and reason in html
+
+
+def test_fail_on_unknown_is_opt_in(cli_runner: CliRunner, tmp_path: Path) -> None:
+    log = write_log(tmp_path / "short.jsonl", make_run("healthy", measurements=2))
+    assert run_report(cli_runner, str(log), "--fail-on", "vanishing,exploding,nonfinite").exit_code == 0
+    failed = run_report(cli_runner, str(log), "--fail-on", "unknown")
+    assert failed.exit_code == 1
+    assert "is unknown (2 measurements; the rule needs" in failed.stderr
+    healthy = write_log(tmp_path / "long.jsonl", make_run("healthy", measurements=NEEDED + 2))
+    assert run_report(cli_runner, str(healthy), "--fail-on", "unknown").exit_code == 0
+
+
+def test_fail_on_unknown_counts_a_run_without_any_measurement(cli_runner: CliRunner, tmp_path: Path) -> None:
+    log = write_log(tmp_path / "none.jsonl", make_run("healthy", measurements=0))
+    assert run_report(cli_runner, str(log), "--fail-on", "exploding").exit_code == 0
+    failed = run_report(cli_runner, str(log), "--fail-on", "unknown")
+    assert failed.exit_code == 1 and "no layer was measured" in failed.stderr
+
+
+def test_fail_on_help_says_what_unknown_does(cli_runner: CliRunner) -> None:
+    text = " ".join(cli_runner.invoke(main, ["report", "--help"]).stdout.split())
+    assert "unknown" in text and "fails only when unknown is named" in text
+
+
+def test_a_watched_module_never_measured_is_unknown(cli_runner: CliRunner, tmp_path: Path) -> None:
+    records = make_run("healthy", measurements=5)
+    header = records[0]
+    assert isinstance(header, RunHeader)
+    decoder = {"name": "decoder.lstm", "type": "LSTM", "layers": 2, "directions": ["forward"]}
+    records[0] = RunHeader(**{**header.__dict__, "modules": (*header.modules, decoder)})
+    log = write_log(tmp_path / "two.jsonl", records)
+    layers = {(layer["module"], layer["layer"]): layer for layer in json_layers(cli_runner, str(log))}
+    assert layers[("encoder.rnn", 0)]["verdict"]["verdict"] == "healthy"
+    for index in (0, 1):
+        never = layers[("decoder.lstm", index)]
+        assert never["verdict"]["verdict"] == "unknown" and never["measurements"] == 0
+        assert never["verdict"]["reason"].startswith("never measured")
+    # the streamed and the whole-file report agree
+    options = ReportOptions()
+    assert make_report([str(log)], options) == build_report(read_logs([str(log)]), options)
+
+
+# --- the --steps window ---------------------------------------------------------------------------------
+
+
+def _first_alert_step(records: list, kind: AlertKind) -> int:
+    return next(r.step for r in records if isinstance(r, Alert) and r.alert == kind)
+
+
+@pytest.mark.parametrize("with_alerts", [True, False], ids=["alerts", "detector-replay"])
+def test_an_episode_opened_before_the_window_and_still_open_counts(
+    cli_runner: CliRunner, tmp_path: Path, with_alerts: bool
+) -> None:
+    records = make_run("vanishing", measurements=30)
+    start = _first_alert_step(records, AlertKind.VANISHING) + 100  # the episode opened before the window
+    log = write_log(tmp_path / "v.jsonl", make_run("vanishing", measurements=30, with_alerts=with_alerts))
+    (layer,) = json_layers(cli_runner, str(log), "--steps", f"{start}:")
+    assert layer["steps"]["first"] >= start
+    assert layer["verdict"]["verdict"] == "vanishing", layer["verdict"]["reason"]
+    options = ReportOptions(steps=StepRange(start, None))
+    streamed = make_report([str(log)], options)
+    assert streamed == build_report(read_logs([str(log)]), options)
+    assert render(streamed, "text") == render(build_report(read_logs([str(log)]), options), "text")
+
+
+def test_an_episode_recovered_before_the_window_is_neither_open_nor_listed() -> None:
+    window = [_m(s, -0.05, 0.5) for s in range(100, 160, 10)]
+    before_alerts = [_alert(10, AlertKind.VANISHING), _alert(50, AlertKind.RECOVERED)]
+    verdict = judge_layer(
+        window, [], run_has_alerts=True, before=([], before_alerts), window=" in steps 100:"
+    )
+    assert verdict.verdict is Verdict.HEALTHY and verdict.recovered == ()
+    still_open = judge_layer(
+        window, [], run_has_alerts=True, before=([], before_alerts[:1]), window=" in steps 100:"
+    )
+    assert still_open.verdict is Verdict.VANISHING and "step 10" in still_open.reason
+
+
+def test_a_window_with_too_few_measurements_is_unknown_and_says_the_window(
+    cli_runner: CliRunner, tmp_path: Path
+) -> None:
+    log = write_log(tmp_path / "h.jsonl", make_run("healthy", measurements=20, every=50))
+    (layer,) = json_layers(cli_runner, str(log), "--steps", "900:")
+    assert layer["measurements"] == 2
+    assert layer["verdict"]["verdict"] == "unknown"
+    assert layer["verdict"]["reason"] == f"2 measurements in steps 900:; the rule needs {NEEDED}"
+
+
+def test_alerts_after_the_window_do_not_judge_it(cli_runner: CliRunner, tmp_path: Path) -> None:
+    records = make_run("exploding", measurements=20)
+    onset = _first_alert_step(records, AlertKind.EXPLODING)
+    log = write_log(tmp_path / "e.jsonl", records)
+    (layer,) = json_layers(cli_runner, str(log), "--steps", f":{onset}")
+    assert layer["verdict"]["verdict"] == "healthy"
+    (layer,) = json_layers(cli_runner, str(log), "--steps", f":{onset + 1}")
+    assert layer["verdict"]["verdict"] == "exploding"
