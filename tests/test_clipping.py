@@ -86,6 +86,89 @@ def test_apply_clip_skips_non_finite_norms_without_touching_policy_state() -> No
     assert apply_clip([nn.Parameter(torch.ones(2))], policy, step=0) is None  # no gradients at all
 
 
+def model_with_overflowing_grads(seed: int) -> nn.Module:
+    """Finite float32 gradients whose total 2-norm overflows to inf (squares beyond 3.4e38)."""
+    model = model_with_grads(seed)
+    for parameter in model.parameters():
+        assert parameter.grad is not None
+        parameter.grad.mul_(1e19)
+    assert all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None)
+    return model
+
+
+@pytest.mark.parametrize("max_norm", [1e-3, 1.0, 1e30], ids=["tiny", "one", "huge"])
+def test_an_overflowed_total_norm_is_clipped_as_clip_grad_norm_does_bit_for_bit(max_norm: float) -> None:
+    """Issue #28: clip_grad_norm_ scales by max_norm / (inf + 1e-6) = 0 when the total norm overflows; the
+    clip was skipped before. Same gradients bit for bit, and the clip is recorded."""
+    ours, theirs = model_with_overflowing_grads(0), model_with_overflowing_grads(0)
+    event = apply_clip(ours.parameters(), FixedNorm(max_norm), step=7, time=1.0)
+    total = torch.nn.utils.clip_grad_norm_(theirs.parameters(), max_norm)
+    assert math.isinf(float(total))
+    for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+        assert torch.equal(a.grad, b.grad)
+    assert event is not None and event.step == 7 and event.max_norm == max_norm
+    assert event.norm_before == math.inf and event.scale == 0.0
+    assert event.to_json()["norm_before"] is None  # the run log writes inf as null
+
+
+def test_zclip_clips_an_overflowed_norm_to_its_mean_without_updating_its_statistics() -> None:
+    policy = ZClip(warmup_steps=2)
+    assert policy.max_norm(math.inf, 0) is None  # warm-up, no ceiling: nothing to clip to yet
+    policy.max_norm(1.0, 1)
+    policy.max_norm(3.0, 2)
+    state = policy.state_dict()
+    assert policy.max_norm(math.inf, 3) == pytest.approx(2.0)
+    assert policy.state_dict() == state
+    assert ZClip(warmup_steps=2, ceiling=0.5).max_norm(math.inf, 0) == 0.5
+    with pytest.raises(ValueError, match="NaN"):
+        policy.max_norm(math.nan, 4)
+
+
+def test_watch_clip_records_the_overflowed_clip_and_matches_clip_grad_norm_() -> None:
+    """watch(clip=1.0) on gradients whose total norm overflows: the optimizer gets clip_grad_norm_'s."""
+    import gradwatch
+
+    def run(with_monitor: bool) -> tuple[list[torch.Tensor], list]:
+        torch.manual_seed(0)
+        model = nn.RNN(3, 6)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        output, _ = model(torch.randn(5, 2, 3))
+        output.square().sum().backward()
+        for parameter in model.parameters():
+            parameter.grad.mul_(1e19)  # finite, but the float32 total norm overflows
+        records: list = []
+        if with_monitor:
+            monitor = gradwatch.watch(model, optimizer, every=1000, clip=1.0, sinks=[_Collect(records)])
+            optimizer.step()
+            monitor.close()
+        else:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+        return [p.detach().clone() for p in model.parameters()], records
+
+    ours, records = run(True)
+    theirs, _ = run(False)
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
+    clips = [r for r in records if isinstance(r, gradwatch.ClipEvent)]
+    assert [(c.step, c.scale, c.norm_before) for c in clips] == [(0, 0.0, math.inf)]
+
+
+class _Collect:
+    """A sink that keeps every record."""
+
+    def __init__(self, records: list) -> None:
+        self.records = records
+
+    def write(self, record: object) -> None:
+        self.records.append(record)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 @pytest.mark.parametrize(
     ("spec", "expected"),
     [("auto", ZClip), (2.0, FixedNorm), (FixedNorm(1.0), FixedNorm)],

@@ -82,7 +82,9 @@ class ZClip:
     with the clipped value: mu <- alpha mu + (1 - alpha) g', s^2 <- alpha s^2 + (1 - alpha) (g' - mu)^2.
     Defaults are the paper's: alpha = 0.97, z_threshold = 2.5, warmup_steps = 25. ``ceiling`` is the
     paper's optional fixed ``max_grad_norm`` applied on top (also during warm-up); None disables it.
-    Non-finite norms never reach the policy (``apply_clip`` skips them), so the statistics stay finite.
+    NaN never reaches the policy (``apply_clip`` skips non-finite gradients). A norm that overflowed to
+    +inf (every element finite) is beyond any z-score: clipped to the running mean (the limit of the rule as
+    z grows) or the ceiling, without updating the statistics, so they stay finite.
     """
 
     def __init__(
@@ -107,10 +109,13 @@ class ZClip:
         self.variance = 0.0
 
     def max_norm(self, total_norm: float, step: int) -> float | None:
+        if total_norm == math.inf:
+            limit = self.mean
+            if limit is None or (self.ceiling is not None and self.ceiling < limit):
+                return self.ceiling
+            return limit
         if not math.isfinite(total_norm):
-            raise ValueError(
-                f"ZClip needs a finite gradient norm, got {total_norm!r} (apply_clip filters these)"
-            )
+            raise ValueError(f"ZClip needs a gradient norm, got {total_norm!r} (apply_clip filters NaN)")
         if self.mean is None:
             self._warmup.append(total_norm)
             if len(self._warmup) >= self.warmup_steps:
@@ -170,14 +175,23 @@ def _total_norm(grads: list[Tensor]) -> Tensor:
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, 2.0) for g in grads]), 2.0)
 
 
+def _all_elements_finite(grads: list[Tensor]) -> bool:
+    """Whether every gradient element is finite (each tensor's largest magnitude is); host syncs, taken
+    only when the 2-norm is not finite."""
+    return all(bool(torch.isfinite(torch.linalg.vector_norm(g, math.inf))) for g in grads)
+
+
 def apply_clip(
     parameters: Iterable[Tensor], policy: ClipPolicy, step: int, *, time: float | None = None
 ) -> ClipEvent | None:
     """Compute the total gradient norm (one host sync), ask ``policy``, and scale gradients in place.
 
-    Returns a ClipEvent when gradients were scaled down, else None (no gradients, a non-finite norm, which is
-    the non-finite policy's business, or a norm within the policy's max). The scaling is
-    ``torch.nn.utils.clip_grads_with_norm_``: bit-identical to ``clip_grad_norm_`` at the same max norm.
+    Returns a ClipEvent when gradients were scaled down, else None (no gradients, NaN/Inf gradient
+    elements, which are the non-finite policy's business, or a norm within the policy's max). The scaling
+    is ``torch.nn.utils.clip_grads_with_norm_``: bit-identical to ``clip_grad_norm_`` at the same max norm,
+    also when the total norm overflows to inf although every element is finite: ``clip_grad_norm_`` then
+    scales by max_norm / inf = 0 (the gradients become zeros), and so does this, recording a clip with
+    scale 0 and ``norm_before`` inf.
     """
     parameters = [p for p in parameters if p.grad is not None]
     grads = [p.grad for p in parameters if p.grad is not None]  # the same tensors, typed as present
@@ -185,7 +199,7 @@ def apply_clip(
         return None
     total = _total_norm(grads)
     norm = float(total)  # the one host sync
-    if not math.isfinite(norm):
+    if not math.isfinite(norm) and (math.isnan(norm) or not _all_elements_finite(grads)):
         logger.debug("step %d: gradient norm %r is not finite; not clipping", step, norm)
         return None
     max_norm = policy.max_norm(norm, step)
