@@ -138,7 +138,7 @@ def test_the_default_schedule_stays_within_its_budget(
     assert measured[0] == 0
     assert len(measured) < 4  # 0, 50, 100, 150 without the budget
     assert all(step % 50 == 0 for step in measured)
-    assert any("keeps measurements within 2%" in message for message in caplog.messages)
+    assert any("measurements within 2% of the training time" in message for message in caplog.messages)
 
 
 def test_an_explicit_every_measures_exactly_every_n_steps(slow_measurements: None) -> None:
@@ -166,3 +166,28 @@ def test_several_ranks_keep_the_fixed_schedule(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(monitor_module, "distributed_rank", lambda: (0, 1))
     with gradwatch.watch(TinyLstm()) as monitor:
         assert monitor._schedule.time_budget == DEFAULT_TIME_BUDGET
+
+
+def test_a_stretch_past_four_times_every_warns_once_with_the_interval_and_the_remedies(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Issue #28: cost 10 training steps at a 2% budget stretches every=50 to 500 (10x): one WARNING."""
+    clock = FakeClock()
+    schedule = MeasurementSchedule(50, 0.02, clock)
+    with caplog.at_level(logging.INFO, logger="gradwatch"):
+        run_schedule(schedule, clock, 2001, 0.03, cost=0.3)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    message = warnings[0].getMessage()
+    assert "every 500 steps instead of every 50" in message
+    assert "every=N" in message and "time_budget=" in message and "background=True" in message
+    assert not [r for r in caplog.records if r.levelno == logging.INFO]  # the warning says it all
+
+
+def test_a_small_stretch_is_only_logged_at_info(caplog: pytest.LogCaptureFixture) -> None:
+    """cost 3 training steps at a 2% budget: every 50 becomes 150 (3x), within the 4x that only informs."""
+    clock = FakeClock()
+    with caplog.at_level(logging.INFO, logger="gradwatch"):
+        measured = run_schedule(MeasurementSchedule(50, 0.02, clock), clock, 1001, 0.03, cost=0.09)
+    assert measured[:3] == [0, 150, 300]
+    assert [r.levelno for r in caplog.records if r.name == "gradwatch"] == [logging.INFO]

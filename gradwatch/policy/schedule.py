@@ -8,7 +8,9 @@ allows: the next measured step is the first multiple of ``every`` at least
     cost / (time_budget * median training step)
 
 steps after the last one, so measurements take at most about ``time_budget`` of the run's time. Without a
-budget every multiple of ``every`` is measured.
+budget every multiple of ``every`` is measured. A stretch is logged once at INFO; one past
+:data:`STRETCH_WARNING` x ``every`` once at WARNING, with the interval and how to change it: alerts then come
+late, and a short run may end with too few measurements for a verdict (``unknown``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ logger = logging.getLogger("gradwatch")
 
 DEFAULT_TIME_BUDGET = 0.02
 """The default schedule's share of the training time for measurements (issue #14: <= 2% overhead)."""
+
+STRETCH_WARNING = 4
+"""An interval beyond this many times ``every`` is logged at WARNING (once)."""
 
 STEP_TIME_SAMPLES = 32
 """Training step times (measurement time taken out) whose median sets the step time."""
@@ -49,6 +54,7 @@ class MeasurementSchedule:
         self._last_cost = 0.0
         self._decided: tuple[int, bool] | None = None
         self._told_stretch = False
+        self._warned_stretch = False
 
     def step_boundary(self) -> None:
         """A training step ended (called before the monitor's own work on it): one more step time."""
@@ -90,7 +96,24 @@ class MeasurementSchedule:
         interval = self.interval()
         if interval is None or self._last_measured is None:
             return True
-        if interval > self.every and not self._told_stretch:
+        if interval > STRETCH_WARNING * self.every and not self._warned_stretch:
+            self._warned_stretch = self._told_stretch = True
+            assert self.time_budget is not None
+            logger.warning(
+                "gradwatch: one measurement takes %.3g s (%.1f training steps), so the schedule now "
+                "measures every %d steps instead of every %d (more than %dx) to keep measurements within "
+                "%.0f%% of the training time: alerts come later and a short run may end with too few "
+                "measurements for a verdict. Change it with watch(every=N) (exactly every N steps, no "
+                "budget), watch(time_budget=...) (a larger share of the time), or watch(background=True) "
+                "(the estimators beside training, on a spare core)",
+                self._last_cost,
+                self._last_cost / statistics.median(self._step_seconds),
+                interval,
+                self.every,
+                STRETCH_WARNING,
+                100 * self.time_budget,
+            )
+        elif interval > self.every and not self._told_stretch:
             self._told_stretch = True
             assert self.time_budget is not None
             logger.info(
