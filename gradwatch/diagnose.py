@@ -53,7 +53,8 @@ class Diagnosis:
 
     @property
     def healthy(self) -> bool:
-        return all(d.verdict in (Verdict.HEALTHY, Verdict.UNKNOWN) for d in self.layers)
+        """Every layer healthy (an unknown one is not)."""
+        return all(d.verdict is Verdict.HEALTHY for d in self.layers)
 
     def verdict(self, module: str, layer: int = 0, direction: str = "forward") -> Verdict:
         for d in self.layers:
@@ -153,14 +154,24 @@ def diagnose(
             f"(watched: {[m.name for m in modules]})"
         )
     by_key = {(a.module, a.layer, a.direction): a for a in alerts}
+    needed = config.detection.measurements_needed
     layers = []
     for m in measurements:
         key = (m.module, m.layer, m.direction)
-        verdict = detector.verdict(m.module, m.layer, m.direction)
-        if verdict is Verdict.HEALTHY and _unmeasurable(m.metrics):
-            verdict = Verdict.UNKNOWN
+        judgement = detector.judgement(m.module, m.layer, m.direction)
+        verdict = judgement.verdict
         alert = by_key.get(key)
-        message = alert.message if alert is not None else _healthy_message(m.metrics, verdict)
+        if alert is not None:
+            message = alert.message
+            if needed > 1:  # the rule wants more readings: only an extreme one decides at once
+                message = f"decided on one measurement, an extreme case that needs no patience: {message}"
+        elif verdict is Verdict.UNKNOWN and not _unmeasurable(m.metrics):
+            message = (
+                f"unknown: {judgement.reason} (DetectionConfig.patience); only an extreme reading decides "
+                f"on one. This one: {_healthy_message(m.metrics, Verdict.HEALTHY).partition(': ')[2]}"
+            )
+        else:
+            message = _healthy_message(m.metrics, verdict)
         layers.append(LayerDiagnosis(m.module, m.layer, m.direction, verdict, message, m.metrics))
     diagnosis = Diagnosis(tuple(layers))
     if print_report:

@@ -84,3 +84,26 @@ def test_printed_diagnosis_keeps_bracketed_evidence() -> None:
     assert "[" in layer.message, layer.message
     text = " ".join(str(diagnosis).split())
     assert "".join(layer.message.split()) in "".join(text.replace("│", "").split())
+
+
+def test_a_rule_that_needs_several_measurements_leaves_one_ordinary_reading_unknown():
+    """Issue #28: with the training rule (patience 3) one measurement is too few: unknown, said so; an
+    extreme reading (an exploding product beyond exploding_extreme_lag_norm) still decides, and says so."""
+    training_rule = gradwatch.DetectionConfig()
+    lstm = gradwatch.diagnose(
+        lstm_forget_bias_one(), torch.randn(50, 8, 4), print_report=False, detection=training_rule
+    )
+    (layer,) = lstm.layers
+    assert layer.verdict is Verdict.UNKNOWN and not lstm.healthy
+    assert "1 measurement; the rule needs 3" in layer.message and "lyapunov_max" in layer.message
+    relu = gradwatch.diagnose(
+        scaled_orthogonal_rnn("relu", 2.0), torch.randn(50, 8, 4), print_report=False, detection=training_rule
+    )
+    (layer,) = relu.layers
+    assert layer.verdict is Verdict.EXPLODING
+    assert layer.message.startswith("decided on one measurement, an extreme case")
+
+
+def test_an_unmeasurable_layer_is_not_healthy():
+    diagnosis = gradwatch.diagnose(nn.RNN(4, 8), torch.randn(1, 2, 4), print_report=False)
+    assert not diagnosis.healthy and "too short" in diagnosis.layers[0].message
