@@ -203,6 +203,26 @@ class RunHeader:
             data["name"] = self.name
         return data
 
+    def watched_layers(self) -> list[tuple[str, str | None, int, Direction]]:
+        """(module, type, layer, direction) of every layer the header lists, as far as it says (a module
+        without a layer count has one layer; without directions, forward), at most 1024 layers a module."""
+        out: list[tuple[str, str | None, int, Direction]] = []
+        for entry in self.modules:
+            name, kind = entry.get("name"), entry.get("type")
+            if not isinstance(name, str):
+                continue
+            layers = entry.get("layers", entry.get("num_layers", 1))
+            if not isinstance(layers, int) or isinstance(layers, bool) or not 0 < layers <= 1024:
+                layers = 1
+            directions = entry.get("directions")
+            if not isinstance(directions, list):
+                directions = ["forward", "reverse"] if entry.get("bidirectional") is True else ["forward"]
+            for layer in range(layers):
+                for direction in ("forward", "reverse"):
+                    if direction in directions:
+                        out.append((name, kind if isinstance(kind, str) else None, layer, direction))
+        return out
+
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> RunHeader:
         modules = data.get("modules", [])

@@ -559,3 +559,43 @@ def test_basic_auth_without_tls_off_loopback_logs_a_warning(caplog: pytest.LogCa
     caplog.clear()
     PrometheusSink(0, basic_auth=("user", "password")).close()  # loopback: no warning
     assert "without TLS" not in caplog.text
+
+
+def test_counters_exist_at_zero_from_the_first_scrape_for_every_listed_layer() -> None:
+    """Issue #28: alerts/clips counters first appeared at 1, so rate() and increase() lost the first alert."""
+    from gradwatch.records import AlertKind
+    from tests.synthetic_run import synthetic_run
+
+    run = synthetic_run()
+    header = run.records[0]
+    sink = PrometheusSink(None, registry=CollectorRegistry())
+    sink.write(header)
+    layers = [(MODULE, layer, direction) for layer in (0, 1) for direction in ("forward", "reverse")]
+    registry = sink.registry
+    for module, layer, direction in layers:
+        labels = {"run": "run-a", "rank": "0", "module": module, "layer": str(layer), "direction": direction}
+        for kind in AlertKind:
+            assert registry.get_sample_value("gradwatch_alerts_total", {**labels, "alert": kind.value}) == 0
+        for kind in ("vanishing", "exploding", "nonfinite"):
+            assert registry.get_sample_value("gradwatch_alert_active", {**labels, "alert": kind}) == 0
+        assert registry.get_sample_value("gradwatch_measurements_total", labels) == 0
+    assert registry.get_sample_value("gradwatch_clips_total", {"run": "run-a", "rank": "0"}) == 0
+    assert registry.get_sample_value("gradwatch_push_failures_total", {"run": "run-a", "rank": "0"}) == 0
+    for record in run.records[1:]:
+        sink.write(record)
+    exploding = {"run": "run-a", "rank": "0", "module": MODULE, "layer": "1", "direction": "reverse"}
+    assert registry.get_sample_value("gradwatch_alerts_total", {**exploding, "alert": "exploding"}) == 1
+    assert registry.get_sample_value("gradwatch_clips_total", {"run": "run-a", "rank": "0"}) == 2
+    sink.close()
+
+
+def test_a_layer_the_header_does_not_list_gets_its_counters_at_its_first_measurement() -> None:
+    from tests.synthetic_run import synthetic_run
+
+    measurement = next(r for r in synthetic_run().records if isinstance(r, Measurement))
+    sink = PrometheusSink(None, registry=CollectorRegistry())
+    sink.write(measurement)
+    labels = {"run": "run-a", "rank": "0", "module": measurement.module, "layer": "0", "direction": "forward"}
+    assert sink.registry.get_sample_value("gradwatch_alerts_total", {**labels, "alert": "vanishing"}) == 0
+    assert sink.registry.get_sample_value("gradwatch_measurements_total", labels) == 1
+    sink.close()

@@ -333,3 +333,17 @@ def test_a_background_measurement_reaches_prometheus_without_another_step(tmp_pa
             assert float(count["value"][1]) == 1  # shown live, written at publication, counted once
     finally:
         monitor.close()
+
+
+def test_increase_sees_the_first_alert_and_the_first_clips(live: LiveStack) -> None:
+    """Issue #28: the counters are scraped at 0 before the first alert (step 15) and clips, so increase()
+    counts them; a series born at 1 has nothing to increase from."""
+    exploding = query(
+        live.prometheus_url,
+        f'increase(gradwatch_alerts_total{{run="{live.run.run_id}", alert="exploding"}}[1h])',
+    )
+    by_layer = {(s["metric"]["layer"], s["metric"]["direction"]): float(s["value"][1]) for s in exploding}
+    assert by_layer[("1", "reverse")] >= 1.0  # the one exploding alert
+    assert all(value == 0 for key, value in by_layer.items() if key != ("1", "reverse"))
+    (clips,) = query(live.prometheus_url, f'increase(gradwatch_clips_total{{run="{live.run.run_id}"}}[1h])')
+    assert float(clips["value"][1]) >= 2.0

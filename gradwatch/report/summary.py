@@ -418,20 +418,10 @@ def unmeasured_layers(
         return ()
     missing: dict[tuple[str, int, str], str | None] = {}
     for header in headers:
-        for entry in header.modules:
-            name, layers, directions = entry.get("name"), entry.get("layers", 1), entry.get("directions")
-            if not isinstance(name, str) or not options.wants_module(name):
-                continue
-            if not isinstance(layers, int) or isinstance(layers, bool) or not 0 < layers <= 1024:
-                layers = 1
-            if not isinstance(directions, list) or not directions:
-                directions = ["forward"]
-            kind = entry.get("type")
-            for index in range(layers):
-                for direction in directions:
-                    key = (name, index, str(direction))
-                    if direction in ("forward", "reverse") and key not in present:
-                        missing.setdefault(key, kind if isinstance(kind, str) else None)
+        for name, kind, layer, direction in header.watched_layers():
+            key = (name, layer, direction)
+            if options.wants_module(name) and key not in present:
+                missing.setdefault(key, kind)
     specs = metric_specs(options.metrics)
     needed = DetectionConfig().measurements_needed
     reason = (
@@ -441,7 +431,7 @@ def unmeasured_layers(
         LayerSummary(
             module=module,
             layer=layer,
-            direction=direction,  # type: ignore[arg-type]  # checked above: forward or reverse
+            direction=direction,  # type: ignore[arg-type]  # from RunHeader.watched_layers: a Direction
             module_type=kind,
             ranks=(),
             measurements=0,

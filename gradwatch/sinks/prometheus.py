@@ -8,6 +8,10 @@ Two ways out, usable together:
   holding ``run`` and ``rank`` on every ``flush()`` and at ``close()``. Failures never reach training: they
   are counted, warned about once, and retried with exponential back-off.
 
+Counters exist at 0 from the first scrape (each layer the run header lists, or from its first measurement;
+the run's clip and push-failure counters from the header), so ``rate()`` and ``increase()`` see the first
+alert and the first clip.
+
 Values are the record's values. A ``None`` field ("not measurable") removes that series, so queries see it
 absent rather than stale; non-finite floats are exported as ``+Inf``/``-Inf``/``NaN`` (the JSON run log can
 only write ``null`` for those). The metric list with meanings is in ``docs/grafana.md``.
@@ -180,6 +184,7 @@ class PrometheusSink:
         # write() later is recognised; each entry is dropped at that write()).
         self._lock = threading.RLock()
         self._mapping_keys: dict[tuple[str, tuple[str, ...]], set[str]] = {}
+        self._counted_layers: set[tuple[str, ...]] = set()  # layer label sets whose counters exist
         self._shown_live: dict[int, Measurement] = {}
         self._closed = False
         self._last_step = -1
@@ -377,6 +382,23 @@ class PrometheusSink:
         self._metrics.run_info.labels(*run, *versions).set(1)
         self._metrics.run_start.labels(*run).set(header.started)
         self._last_step = -1
+        # counters at 0 from the first scrape: rate() and increase() then see their first increment
+        self._metrics.clips.labels(*run)
+        self._metrics.push_failures.labels(*run)
+        for module, _kind, layer, direction in header.watched_layers():
+            self._count_layer((*run, module, str(layer), direction))
+
+    def _count_layer(self, labels: tuple[str, ...]) -> None:
+        """Create a layer's counters at 0 (and its alert_active gauges at 0), once."""
+        if labels in self._counted_layers:
+            return
+        self._counted_layers.add(labels)
+        families = self._metrics
+        families.measurements.labels(*labels)
+        for kind in AlertKind:
+            families.alerts.labels(*labels, kind.value)
+        for episode in EPISODE_KINDS:
+            families.alert_active.labels(*labels, episode.value).set(0)
 
     def _write_measurement(self, record: Measurement) -> None:
         labels = (
@@ -387,6 +409,7 @@ class PrometheusSink:
         )
         metrics: MeasurementMetrics = record.metrics
         families = self._metrics
+        self._count_layer(labels)
         for stat, field in JACOBIAN_STATS:
             _set_or_remove(families.jacobian_sigma_max, (*labels, stat), getattr(metrics, field))
         for spec in LAYER_GAUGES:
@@ -417,6 +440,7 @@ class PrometheusSink:
             record.direction,
         )
         kind = AlertKind(record.alert)
+        self._count_layer(labels)
         self._metrics.alerts.labels(*labels, kind.value).inc()
         # A layer has one verdict at a time: the new alert's kind is active, every other kind is not.
         for episode in EPISODE_KINDS:
