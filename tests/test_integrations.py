@@ -12,6 +12,9 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 
+from gradwatch.policy.config import DetectionConfig
+from gradwatch.policy.thresholds import apply_thresholds, dump_dashboard, panel_key, panel_thresholds
+from gradwatch.records import AlertKind
 from gradwatch.sinks.prometheus import PrometheusSink
 from tests.prometheus_tools import require_binary
 from tests.synthetic_run import synthetic_run
@@ -125,11 +128,56 @@ def test_dashboard_only_uses_exported_metrics_or_recording_rules() -> None:
         assert not unknown, f"panel {title!r} uses {unknown}, which neither the sink nor the rules produce"
 
 
-def test_lyapunov_panel_draws_the_zero_line() -> None:
+def test_lyapunov_panel_draws_the_detector_thresholds() -> None:
     (panel,) = [p for p in dashboard_panels() if p["title"] == "Top Lyapunov exponent"]
     defaults = panel["fieldConfig"]["defaults"]
     assert defaults["custom"]["thresholdsStyle"]["mode"] == "line"
-    assert [step["value"] for step in defaults["thresholds"]["steps"]] == [None, 0]
+    config = DetectionConfig()
+    assert [step["value"] for step in defaults["thresholds"]["steps"]] == [
+        None,
+        config.vanishing_growth_rate,
+        config.exploding_growth_rate,
+    ]
+
+
+def test_dashboard_thresholds_are_generated_from_detection_config() -> None:
+    """Issue #28: the dashboard drew lambda -0.2 / 0.05 while the detector used -0.8 / 0.02. Fails on drift;
+    ``python -m gradwatch.policy.thresholds`` regenerates them."""
+    text = DASHBOARD.read_text(encoding="utf-8")
+    generated = json.loads(text)
+    titles = apply_thresholds(generated)
+    assert len(titles) == len(panel_thresholds())
+    assert dump_dashboard(generated) == text, "run: python -m gradwatch.policy.thresholds"
+
+
+def test_dashboard_thresholds_follow_the_config_they_are_generated_from() -> None:
+    config = DetectionConfig(exploding_growth_rate=0.1, vanishing_horizon_steps=4.0, exploding_lag_norm=1e3)
+    board = dashboard()
+    apply_thresholds(board, config)
+    steps = {
+        panel_key(p): p["fieldConfig"]["defaults"]["thresholds"]["steps"]
+        for p in board["panels"]
+        if "targets" in p
+    }
+    assert [s["value"] for s in steps["timeseries", "gradwatch_lyapunov_max"]] == [None, -0.25, 0.1]
+    assert [s["value"] for s in steps["timeseries", "gradwatch_lag_norm"]] == [None, 1e-3, 1e3]
+    with pytest.raises(ValueError, match="no panel"):
+        apply_thresholds({"panels": []})
+
+
+def test_the_vanishing_and_exploding_alerts_are_the_detector_verdict() -> None:
+    """One judge: the alert rules hold no threshold of their own (DetectionConfig decides)."""
+    groups = yaml.safe_load(RULES.read_text())["groups"]
+    rules = {rule["alert"]: rule for group in groups for rule in group["rules"] if "alert" in rule}
+    for name, verdict in (
+        ("GradwatchVanishingGradients", AlertKind.VANISHING),
+        ("GradwatchExplodingGradients", AlertKind.EXPLODING),
+    ):
+        assert rules[name]["expr"] == f'gradwatch_alert_active{{alert="{verdict.value}"}} == 1'
+        assert "for" not in rules[name]  # the detector's patience already applies
+    for rule in rules.values():  # no alert compares a measured metric with a threshold of its own
+        thresholds = re.findall(r"gradwatch_(?:lyapunov_max|lag_norm)\S*\s*[<>]=?\s*-?[0-9.]", rule["expr"])
+        assert not thresholds, f"{rule['alert']}: {rule['expr']} (use gradwatch_alert_active)"
 
 
 # --- rules and config ----------------------------------------------------------------------------------
@@ -253,3 +301,72 @@ def test_saturation_panel_shows_the_mean_derivative_as_a_number_not_a_percent() 
     ]
     properties = {p["id"]: p["value"] for p in override["properties"]}
     assert properties["unit"] == "none" and properties["custom.axisPlacement"] == "right"
+
+
+def test_promtool_fires_the_shipped_alerts_exactly_while_the_detector_says_so(tmp_path: Path) -> None:
+    """The rules against DetectionConfig end to end: a layer's measurements (one a minute) go through the
+    default detector and a PrometheusSink; promtool evaluates the shipped rules on what the sink exported
+    and the vanishing alert fires at exactly the minutes the detector's verdict is vanishing."""
+    from gradwatch.policy.judge import Verdict
+    from gradwatch.policy.trends import TrendDetector
+    from gradwatch.records import Measurement, MeasurementMetrics
+
+    def reading(minute: int, lyapunov: float, lags: dict[str, float | None]) -> Measurement:
+        metrics = MeasurementMetrics(0.9, 0.5, 1.0, 1.0, 0.1, 1.0, 0.6, 0.05, lyapunov, lags, {"w": 1.0})
+        return Measurement(minute, 60.0 * minute, "enc", 0, "forward", metrics, run_id="r1")
+
+    healthy, vanishing = (-0.05, {"1": 0.9, "32": 0.5}), (-1.0, {"1": 0.4, "32": 1e-9})
+    # below the old rule's -0.2 but healthy for the detector, then a vanishing stretch, then healthy again
+    plan = [(-0.3, {"1": 0.9, "32": 0.01})] * 4 + [vanishing] * 6 + [healthy] * 5
+    detector, sink = TrendDetector(), PrometheusSink(None, registry=CollectorRegistry())
+    labels = {"run": "r1", "rank": "0", "module": "enc", "layer": "0", "direction": "forward"}
+    values, verdicts = [], []
+    for minute, (lyapunov, lags) in enumerate(plan):
+        measurement = reading(minute, lyapunov, lags)
+        sink.write(measurement)
+        for alert in detector.update(measurement):
+            sink.write(alert)
+        value = sink.registry.get_sample_value("gradwatch_alert_active", {**labels, "alert": "vanishing"})
+        values.append(str(int(value)) if value is not None else "_")
+        verdicts.append(detector.verdict("enc"))
+    sink.close()
+    assert Verdict.VANISHING in verdicts and verdicts[-1] is not Verdict.VANISHING
+    matchers = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    series = f'gradwatch_alert_active{{{matchers},alert="vanishing"}}'
+    (rule,) = [
+        rule
+        for group in yaml.safe_load(RULES.read_text())["groups"]
+        for rule in group["rules"]
+        if rule.get("alert") == "GradwatchVanishingGradients"
+    ]
+    expected = {
+        "exp_labels": {"severity": "warning", **labels, "alert": "vanishing"},
+        "exp_annotations": {
+            "summary": "Vanishing gradients in enc layer 0 (forward), run r1",
+            "description": rule["annotations"]["description"],
+        },
+    }
+    tests = [
+        {
+            "eval_time": f"{minute}m",
+            "alertname": "GradwatchVanishingGradients",
+            "exp_alerts": [expected] if verdict is Verdict.VANISHING else [],
+        }
+        for minute, verdict in enumerate(verdicts)
+    ]
+    spec = {
+        "rule_files": [str(RULES)],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [{"series": series, "values": " ".join(values)}],
+                "alert_rule_test": tests,
+            }
+        ],
+    }
+    test_file = tmp_path / "detector.test.yml"
+    test_file.write_text(yaml.safe_dump(spec))
+    result = _promtool("test", "rules", str(test_file))
+    output = (result.stdout + result.stderr).decode()
+    assert result.returncode == 0 and "SUCCESS" in output, output
