@@ -175,3 +175,35 @@ def test_alerts_after_the_window_do_not_judge_it(cli_runner: CliRunner, tmp_path
     assert layer["verdict"]["verdict"] == "healthy"
     (layer,) = json_layers(cli_runner, str(log), "--steps", f":{onset + 1}")
     assert layer["verdict"]["verdict"] == "exploding"
+
+
+# --- a diverged run stays exploding in the report too ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("lyapunov", "lags", "grad"),
+    [
+        (0.305, {"1": 2.0, "64": 0.0, "150": None}, 2.2e36),
+        (-0.05, {"1": 0.9, "32": 0.5}, 2.2e36),
+        (-0.05, {"1": 0.9, "32": 0.5}, None),
+    ],
+    ids=["overflowed-product-1e36-gradient", "1e36-gradient", "null-gradient"],
+)
+def test_the_report_keeps_a_diverged_run_exploding(
+    cli_runner: CliRunner, tmp_path: Path, lyapunov: float, lags: dict, grad: float | None
+) -> None:
+    """Issue #28's dead relu run: exploding at first, then lambda 0.305 with the lag-64 norm 0.0 and a
+    total gradient norm of 2.2e36; the detector's replay (a log without alerts) must not call it recovered,
+    nor a run whose gradients diverged while its Jacobians read healthy."""
+
+    def reading(step: int, lyapunov: float, lags: dict, norm: float | None) -> Measurement:
+        metrics = MeasurementMetrics(2.0, 1.0, 3.0, 3.0, 1.0, 2.0, 0.9, 0.0, lyapunov, lags, {"w": norm})
+        return Measurement(step, float(step), "rnn", 0, "forward", metrics, run_id="dead")
+
+    records = [reading(10 * i, 0.3, {"1": 2.0, "32": 1e3}, 1.0) for i in range(3)]
+    records += [reading(10 * i, lyapunov, lags, grad) for i in range(3, 20)]
+    log = write_log(tmp_path / "dead.jsonl", records)
+    (layer,) = json_layers(cli_runner, str(log))
+    assert layer["verdict"]["verdict"] == "exploding", layer["verdict"]["reason"]
+    options = ReportOptions()
+    assert make_report([str(log)], options) == build_report(read_logs([str(log)]), options)
