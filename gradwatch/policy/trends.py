@@ -41,6 +41,7 @@ from gradwatch.policy.judge import (
 from gradwatch.records import Alert, AlertKind, Direction, Measurement
 
 LayerKey = tuple[str, int, str]
+_UNKNOWN, _EXPLODING = Verdict.UNKNOWN, Verdict.EXPLODING  # looked up once per replayed measurement
 
 
 @dataclass
@@ -394,12 +395,13 @@ class TrendDetector:
         """
         config = self.config
         jacobian_verdict = verdict
-        if verdict is not Verdict.UNKNOWN:
+        if verdict is not _UNKNOWN:
             state.judged += 1
-        # a diverged run: non-finite (inf here) or 1e30-scale gradients
-        diverged = total is not None and not total < config.diverged_gradient_norm
-        if total is not None and not math.isfinite(total):
-            total = None
+        diverged = False
+        if total is not None and not total < config.diverged_gradient_norm:
+            diverged = True  # a diverged run: non-finite (inf here) or 1e30-scale gradients
+            if not math.isfinite(total):
+                total = None
         if keep_reading and verdict is not Verdict.UNKNOWN:
             # only an exploding hint quotes the clip threshold (a sort and a quantile: skip it otherwise)
             suggested_clip = _clip_norm(state) if verdict is Verdict.EXPLODING else None
@@ -442,7 +444,7 @@ class TrendDetector:
             and longest is not None
             and (longest[1] > config.exploding_extreme_lag_norm or (rate is not None and math.isinf(rate)))
         )
-        if state.episode is Verdict.EXPLODING and verdict is not Verdict.EXPLODING:
+        if state.episode is _EXPLODING and verdict is not _EXPLODING:
             overflowed = (
                 rate is not None
                 and rate > config.exploding_growth_rate
