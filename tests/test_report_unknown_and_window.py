@@ -207,3 +207,29 @@ def test_the_report_keeps_a_diverged_run_exploding(
     assert layer["verdict"]["verdict"] == "exploding", layer["verdict"]["reason"]
     options = ReportOptions()
     assert make_report([str(log)], options) == build_report(read_logs([str(log)]), options)
+
+
+def test_a_real_run_measured_once_is_unknown_not_healthy(cli_runner: CliRunner, tmp_path: Path) -> None:
+    """Issue #28's repro in small: a loop measured only at step 0 (every=1000) used to report healthy."""
+    import torch
+    from torch import nn
+
+    import gradwatch
+
+    torch.manual_seed(0)
+    model = nn.RNN(3, 8)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    log = tmp_path / "once.jsonl"
+    with gradwatch.watch(model, optimizer, every=1000, log=log, background=False):
+        for _ in range(5):
+            output, _ = model(torch.randn(12, 4, 3))
+            optimizer.zero_grad()
+            output.square().mean().backward()
+            optimizer.step()
+    (layer,) = json_layers(cli_runner, str(log))
+    assert layer["measurements"] == 1
+    assert (layer["verdict"]["verdict"], layer["verdict"]["reason"]) == (
+        "unknown",
+        f"1 measurement; the rule needs {NEEDED}",
+    )
+    assert run_report(cli_runner, str(log), "--fail-on", "unknown").exit_code == 1
