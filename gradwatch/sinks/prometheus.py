@@ -386,7 +386,7 @@ class PrometheusSink:
         self._metrics.clips.labels(*run)
         self._metrics.push_failures.labels(*run)
         for module, _kind, layer, direction in header.watched_layers():
-            self._count_layer((*run, module, str(layer), direction))
+            self._count_layer((*run, label_value(module), str(layer), direction))
 
     def _count_layer(self, labels: tuple[str, ...]) -> None:
         """Create a layer's counters at 0 (and its alert_active gauges at 0), once."""
