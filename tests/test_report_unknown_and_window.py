@@ -16,7 +16,7 @@ from gradwatch.policy.config import DetectionConfig
 from gradwatch.records import Alert, AlertKind, Measurement, MeasurementMetrics, RunHeader
 from gradwatch.report.command import make_report, render
 from gradwatch.report.reader import read_logs
-from gradwatch.report.summary import ReportOptions, StepRange, build_report
+from gradwatch.report.summary import ReportOptions, StepRange, build_report, run_detection
 from gradwatch.report.verdict import Verdict, fallback_verdict, judge_layer
 from tests.report_logs import make_run, write_log
 
@@ -233,3 +233,35 @@ def test_a_real_run_measured_once_is_unknown_not_healthy(cli_runner: CliRunner, 
         f"1 measurement; the rule needs {NEEDED}",
     )
     assert run_report(cli_runner, str(log), "--fail-on", "unknown").exit_code == 1
+
+
+@pytest.mark.parametrize(
+    ("patience", "verdict"), [(1, "healthy"), (5, "unknown")], ids=["patience-1", "patience-5"]
+)
+def test_the_report_judges_with_the_detection_config_the_run_header_records(
+    cli_runner: CliRunner, tmp_path: Path, patience: int, verdict: str
+) -> None:
+    """One judge: a run watched with DetectionConfig(patience=...) is judged by that rule, not the default."""
+    records = make_run("healthy", measurements=2 if patience == 1 else 4)
+    header = records[0]
+    assert isinstance(header, RunHeader)
+    config = {**header.config, "detection": {"patience": patience, "some_future_field": 1}}
+    records[0] = RunHeader(**{**header.__dict__, "config": config})
+    log = write_log(tmp_path / "own.jsonl", records)
+    (layer,) = json_layers(cli_runner, str(log))
+    assert layer["verdict"]["verdict"] == verdict
+    if verdict == "unknown":
+        assert layer["verdict"]["reason"] == "4 measurements; the rule needs 5"
+    options = ReportOptions()
+    assert make_report([str(log)], options) == build_report(read_logs([str(log)]), options)
+
+
+def test_a_header_without_a_usable_detection_config_falls_back_to_the_default() -> None:
+    assert DetectionConfig.from_json({"patience": 2}).patience == 2
+    for bad in ({"patience": 0}, "patience", None):
+        with pytest.raises(ValueError):
+            DetectionConfig.from_json(bad)
+    header = make_run("healthy", measurements=0)[0]
+    assert isinstance(header, RunHeader)
+    broken = RunHeader(**{**header.__dict__, "config": {"detection": {"patience": "three"}}})
+    assert run_detection([broken]) == DetectionConfig()

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 
@@ -119,6 +119,18 @@ class DetectionConfig:
         """Fewest measurements of a layer before "no alert" means healthy: the rule needs ``patience``
         readings to open an episode, so fewer (and no episode open) is verdict ``unknown``."""
         return self.patience
+
+    @classmethod
+    def from_json(cls, data: Any) -> DetectionConfig:
+        """The config a run header records (``config["detection"]``): its known fields, validated as in
+        the constructor (``ValueError`` when they are not a config); fields of other versions are ignored."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a DetectionConfig is an object of its fields, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        try:
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except TypeError as exc:
+            raise ValueError(f"not a DetectionConfig: {exc}") from None
 
     @classmethod
     def for_diagnosis(cls, **overrides: Any) -> DetectionConfig:

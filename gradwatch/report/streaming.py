@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from gradwatch.policy.config import DetectionConfig
 from gradwatch.policy.judge import total_gradient_norm
 from gradwatch.policy.trends import TrendDetector
 from gradwatch.records import (
@@ -59,6 +60,7 @@ from gradwatch.report.summary import (
     RunKey,
     RunSummary,
     _module_types,
+    run_detection,
     trend_per_1000_steps,
     unmeasured_layers,
 )
@@ -703,6 +705,7 @@ class _RunAccumulator:
     last_step: int | None = None
     layers: dict[tuple[str, int, str], _LayerAccumulator] = field(default_factory=dict)
     detector: TrendDetector = field(default_factory=TrendDetector)
+    detection: DetectionConfig = field(default_factory=DetectionConfig)
     unselected_measurements: int = 0
 
 
@@ -764,6 +767,9 @@ class StreamingSummary:
         run.ranks.add(record.rank)
         if isinstance(record, RunHeader):
             run.headers.append(record)
+            if not run.layers:  # judge with the run's own detector config (all headers precede records)
+                run.detection = run_detection(run.headers)
+                run.detector = TrendDetector(run.detection)
             return
         if isinstance(record, Alert):
             run.any_alert = True
@@ -887,7 +893,7 @@ class StreamingSummary:
             )
             for layer_key, layer in sorted(run.layers.items())
         )
-        layers += unmeasured_layers(headers, set(run.layers), self.options)
+        layers += unmeasured_layers(headers, set(run.layers), self.options, run.detection)
         return RunSummary(
             run_id=key[0],
             ranks=tuple(sorted(run.ranks)),

@@ -368,6 +368,7 @@ def _summarize_run(
     clips = [r for r in in_window if isinstance(r, ClipEvent)]
     errors = tuple(sorted((r for r in in_window if isinstance(r, ErrorRecord)), key=lambda e: e.step))
     module_types = _module_types(headers)
+    detection = run_detection(headers)
 
     by_layer: dict[tuple[str, int, str], list[Measurement]] = defaultdict(list)
     alerts_by_layer: dict[tuple[str, int, str], list[Alert]] = defaultdict(list)
@@ -385,10 +386,11 @@ def _summarize_run(
             module_type=module_types.get(layer_key[0]),
             clips=clips,
             before=before_by_layer.get(layer_key, ([], [])),
+            detection=detection,
         )
         for layer_key in sorted(set(by_layer) | set(alerts_by_layer) | set(before_by_layer))
     )
-    layers += unmeasured_layers(headers, {layer.key for layer in layers}, options)
+    layers += unmeasured_layers(headers, {layer.key for layer in layers}, options, detection)
     steps = [r.step for r in in_window]
     ranks = tuple(sorted({r.rank for r in records}))
     return RunSummary(
@@ -408,8 +410,22 @@ def _summarize_run(
     )
 
 
+def run_detection(headers: Sequence[RunHeader]) -> DetectionConfig:
+    """The detector config the run recorded in its header (the first header, by rank and start, that has a
+    usable one), so the report judges with the run's own thresholds; ``DetectionConfig()`` otherwise."""
+    for header in sorted(headers, key=lambda h: (h.rank, h.started)):
+        try:
+            return DetectionConfig.from_json(header.config.get("detection"))
+        except ValueError:
+            continue
+    return DetectionConfig()
+
+
 def unmeasured_layers(
-    headers: Sequence[RunHeader], present: set[tuple[str, int, str]], options: ReportOptions
+    headers: Sequence[RunHeader],
+    present: set[tuple[str, int, str]],
+    options: ReportOptions,
+    detection: DetectionConfig | None = None,
 ) -> tuple[LayerSummary, ...]:
     """An ``unknown`` layer for each layer and direction of a watched module (the run header lists them)
     that has no measurement and no alert, when the run has some other layer (a run without any has its
@@ -423,7 +439,7 @@ def unmeasured_layers(
             if options.wants_module(name) and key not in present:
                 missing.setdefault(key, kind)
     specs = metric_specs(options.metrics)
-    needed = DetectionConfig().measurements_needed
+    needed = (detection or DetectionConfig()).measurements_needed
     reason = (
         f"never measured{options.steps.describe()}: the run header lists this layer; the rule needs {needed}"
     )
@@ -467,6 +483,7 @@ def _summarize_layer(
     module_type: str | None,
     clips: Sequence[ClipEvent] = (),
     before: tuple[Sequence[Measurement], Sequence[Alert]] = ((), ()),
+    detection: DetectionConfig | None = None,
 ) -> LayerSummary:
     module, layer, direction = key
     by_step: dict[int, list[Measurement]] = defaultdict(list)
@@ -498,6 +515,7 @@ def _summarize_layer(
             clips=clips,
             before=before,
             window=options.steps.describe(),
+            detection=detection,
         ),
         alert_count=len(alerts),
         lag_series=lag_series,

@@ -187,11 +187,17 @@ class LayerEvidence:
             self.last_detector_alert = alerts[-1]
 
     @classmethod
-    def of(cls, measurements: Sequence[Measurement], before: Sequence[Measurement] = ()) -> LayerEvidence:
+    def of(
+        cls,
+        measurements: Sequence[Measurement],
+        before: Sequence[Measurement] = (),
+        detection: DetectionConfig | None = None,
+    ) -> LayerEvidence:
         """The evidence of ``measurements`` (any order: they are sorted by step, stably), the detector
-        replayed over ``before`` (the measurements before a ``--steps`` window) first."""
+        (``detection``: the run's own config, default ``DetectionConfig()``) replayed over ``before`` (the
+        measurements before a ``--steps`` window) first."""
         evidence = cls()
-        detector = TrendDetector()
+        detector = TrendDetector(detection)
         for measurement in sorted(before, key=lambda m: m.step):
             evidence.replay_before(measurement, detector)
         for measurement in sorted(measurements, key=lambda m: m.step):
@@ -393,13 +399,15 @@ def judge_layer(
     clips: Sequence[ClipEvent] = (),
     before: tuple[Sequence[Measurement], Sequence[Alert]] = ((), ()),
     window: str = "",
+    detection: DetectionConfig | None = None,
 ) -> LayerVerdict:
     """Verdict, cause and suggestions for one layer from its measurements and alerts (pure function).
 
     ``run_has_alerts`` says whether the run's detectors wrote any alert at all; if not, the alert-less
     layer is judged by :func:`fallback_verdict` instead of being called healthy by default. ``before``: the
     layer's measurements and alerts before a ``--steps`` window (``window``: " in steps A:B"), replayed
-    first so that an episode still open when the window starts counts.
+    first so that an episode still open when the window starts counts. ``detection``: the run's detector
+    config (its header's), which the replay and the measurement count use.
     """
     clip_events = ClipAccumulator.of(clips)
     episodes = AlertEpisodes()
@@ -408,7 +416,7 @@ def judge_layer(
     for alert in sorted(alerts, key=lambda a: a.step):
         episodes.add(alert)
     return judge_evidence(
-        LayerEvidence.of(measurements, before[0]),
+        LayerEvidence.of(measurements, before[0], detection),
         episodes,
         run_has_alerts=run_has_alerts,
         module_type=module_type,
