@@ -13,7 +13,13 @@ import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 
 from gradwatch.policy.config import DetectionConfig
-from gradwatch.policy.thresholds import apply_thresholds, dump_dashboard, panel_key, panel_thresholds
+from gradwatch.policy.thresholds import (
+    apply_thresholds,
+    dump_dashboard,
+    panel_key,
+    panel_thresholds,
+    vanishing_growth_rate,
+)
 from gradwatch.records import AlertKind
 from gradwatch.sinks.prometheus import PrometheusSink
 from tests.prometheus_tools import require_binary
@@ -133,9 +139,10 @@ def test_lyapunov_panel_draws_the_detector_thresholds() -> None:
     defaults = panel["fieldConfig"]["defaults"]
     assert defaults["custom"]["thresholdsStyle"]["mode"] == "line"
     config = DetectionConfig()
+    vanishing = vanishing_growth_rate(config)  # the vanishing rule's line on lambda, where it has one
     assert [step["value"] for step in defaults["thresholds"]["steps"]] == [
         None,
-        config.vanishing_growth_rate,
+        *([vanishing] if vanishing is not None else []),
         config.exploding_growth_rate,
     ]
 
@@ -151,7 +158,7 @@ def test_dashboard_thresholds_are_generated_from_detection_config() -> None:
 
 
 def test_dashboard_thresholds_follow_the_config_they_are_generated_from() -> None:
-    config = DetectionConfig(exploding_growth_rate=0.1, vanishing_horizon_steps=4.0, exploding_lag_norm=1e3)
+    config = DetectionConfig(exploding_growth_rate=0.1, vanishing_lag_norm=1e-2, exploding_lag_norm=1e3)
     board = dashboard()
     apply_thresholds(board, config)
     steps = {
@@ -159,8 +166,8 @@ def test_dashboard_thresholds_follow_the_config_they_are_generated_from() -> Non
         for p in board["panels"]
         if "targets" in p
     }
-    assert [s["value"] for s in steps["timeseries", "gradwatch_lyapunov_max"]] == [None, -0.25, 0.1]
-    assert [s["value"] for s in steps["timeseries", "gradwatch_lag_norm"]] == [None, 1e-3, 1e3]
+    assert [s["value"] for s in steps["timeseries", "gradwatch_lyapunov_max"]][-1] == 0.1
+    assert [s["value"] for s in steps["timeseries", "gradwatch_lag_norm"]] == [None, 1e-2, 1e3]
     with pytest.raises(ValueError, match="no panel"):
         apply_thresholds({"panels": []})
 
@@ -313,7 +320,8 @@ def test_promtool_fires_the_shipped_alerts_exactly_while_the_detector_says_so(tm
 
     def reading(minute: int, lyapunov: float, lags: dict[str, float | None]) -> Measurement:
         metrics = MeasurementMetrics(0.9, 0.5, 1.0, 1.0, 0.1, 1.0, 0.6, 0.05, lyapunov, lags, {"w": 1.0})
-        return Measurement(minute, 60.0 * minute, "enc", 0, "forward", metrics, run_id="r1")
+        step = 1000 + 50 * minute  # past any vanishing warm-up
+        return Measurement(step, 60.0 * minute, "enc", 0, "forward", metrics, run_id="r1")
 
     healthy, vanishing = (-0.05, {"1": 0.9, "32": 0.5}), (-1.0, {"1": 0.4, "32": 1e-9})
     # below the old rule's -0.2 but healthy for the detector, then a vanishing stretch, then healthy again

@@ -24,23 +24,32 @@ def _steps(*pairs: tuple[float | None, str]) -> Steps:
     return [{"color": color, "value": value} for value, color in pairs]
 
 
+def vanishing_growth_rate(config: DetectionConfig) -> float | None:
+    """The vanishing rule's threshold on lambda, where the rule has one (a memory horizon); None when
+    vanishing is judged on the lag norms alone."""
+    rate = getattr(config, "vanishing_growth_rate", None)
+    return rate if isinstance(rate, float) else None
+
+
 def panel_thresholds(config: DetectionConfig | None = None) -> dict[tuple[str, str], Steps]:
     """(panel type, the metric its first query reads) -> Grafana threshold steps, from ``config``.
 
-    The top Lyapunov exponent: below ``vanishing_growth_rate`` (a memory horizon shorter than
-    ``vanishing_horizon_steps``) and above ``exploding_growth_rate``; the product norms across lags: below
-    ``vanishing_lag_norm`` and above ``exploding_lag_norm``. A layer is judged on both (and on patience),
-    so a line crossed on one panel alone is not yet a verdict; ``gradwatch_alert_active`` is the verdict.
+    The top Lyapunov exponent: above ``exploding_growth_rate`` (and below the vanishing rule's threshold on
+    lambda, if it has one); the product norms across lags: below ``vanishing_lag_norm`` and above
+    ``exploding_lag_norm``. A layer is judged on several (and on patience), so a line crossed on one panel
+    alone is not yet a verdict; ``gradwatch_alert_active`` is the verdict.
     """
     config = config or DetectionConfig()
-    vanishing, exploding = config.vanishing_growth_rate, config.exploding_growth_rate
+    vanishing, exploding = vanishing_growth_rate(config), config.exploding_growth_rate
+    stat: list[tuple[float | None, str]] = (
+        [(None, "blue"), (vanishing, "green")] if vanishing else [(None, "green")]
+    )
+    lines: list[tuple[float | None, str]] = [(None, "transparent")] + (
+        [(vanishing, "yellow")] if vanishing else []
+    )
     return {
-        ("stat", "run_module:gradwatch_lyapunov_max:max"): _steps(
-            (None, "blue"), (vanishing, "green"), (exploding, "red")
-        ),
-        ("timeseries", "gradwatch_lyapunov_max"): _steps(
-            (None, "transparent"), (vanishing, "yellow"), (exploding, "red")
-        ),
+        ("stat", "run_module:gradwatch_lyapunov_max:max"): _steps(*stat, (exploding, "red")),
+        ("timeseries", "gradwatch_lyapunov_max"): _steps(*lines, (exploding, "red")),
         ("timeseries", "gradwatch_lag_norm"): _steps(
             (None, "transparent"), (config.vanishing_lag_norm, "yellow"), (config.exploding_lag_norm, "red")
         ),
@@ -50,19 +59,21 @@ def panel_thresholds(config: DetectionConfig | None = None) -> dict[tuple[str, s
 def panel_descriptions(config: DetectionConfig | None = None) -> dict[tuple[str, str], str]:
     """(panel type, metric) -> the panel's description, naming the thresholds it draws."""
     config = config or DetectionConfig()
-    vanishing, exploding = config.vanishing_growth_rate, config.exploding_growth_rate
+    vanishing, exploding = vanishing_growth_rate(config), config.exploding_growth_rate
+    below = f"blue below {vanishing:g}, " if vanishing else ""
+    line = f"{vanishing:g} (yellow) and " if vanishing else ""
     rule = (
         "The lines are the detector's thresholds (DetectionConfig); its verdict, which weighs them with the "
         "other metrics and patience, is gradwatch_alert_active (docs/alerts.md)."
     )
     return {
         ("stat", "run_module:gradwatch_lyapunov_max:max"): (
-            f"Largest top Lyapunov exponent lambda over the selected modules: blue below {vanishing:g}, red "
-            f"above {exploding:g}. {rule}"
+            f"Largest top Lyapunov exponent lambda over the selected modules: {below}red above "
+            f"{exploding:g}. {rule}"
         ),
         ("timeseries", "gradwatch_lyapunov_max"): (
             f"Mean log growth per step of the Jacobian product (0: neither grows nor shrinks); lines at "
-            f"{vanishing:g} (yellow) and {exploding:g} (red). {rule}"
+            f"{line}{exploding:g} (red). {rule}"
         ),
         ("timeseries", "gradwatch_lag_norm"): (
             "||ds_T/ds_{T-lag}||_2, median over sequences: how much a gradient from lag steps back is scaled "
