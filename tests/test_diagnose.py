@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -89,7 +91,7 @@ def test_printed_diagnosis_keeps_bracketed_evidence() -> None:
 def test_a_rule_that_needs_several_measurements_leaves_one_ordinary_reading_unknown():
     """Issue #28: with the training rule (patience 3) one measurement is too few: unknown, said so; an
     extreme reading (an exploding product beyond exploding_extreme_lag_norm) still decides, and says so."""
-    training_rule = gradwatch.DetectionConfig()
+    training_rule = dataclasses.replace(gradwatch.DetectionConfig.for_diagnosis(), patience=3)
     lstm = gradwatch.diagnose(
         lstm_forget_bias_one(), torch.randn(50, 8, 4), print_report=False, detection=training_rule
     )

@@ -325,7 +325,7 @@ def test_promtool_fires_the_shipped_alerts_exactly_while_the_detector_says_so(tm
 
     healthy, vanishing = (-0.05, {"1": 0.9, "32": 0.5}), (-1.0, {"1": 0.4, "32": 1e-9})
     # below the old rule's -0.2 but healthy for the detector, then a vanishing stretch, then healthy again
-    plan = [(-0.3, {"1": 0.9, "32": 0.01})] * 4 + [vanishing] * 6 + [healthy] * 5
+    plan = [(-0.3, {"1": 0.9, "32": 0.01})] * 4 + [vanishing] * 6 + [healthy] * 15  # room to recover
     detector, sink = TrendDetector(), PrometheusSink(None, registry=CollectorRegistry())
     labels = {"run": "r1", "rank": "0", "module": "enc", "layer": "0", "direction": "forward"}
     values, verdicts = [], []
