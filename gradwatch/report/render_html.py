@@ -45,7 +45,6 @@ ALERT_COLORS = {
 }
 VERDICT_COLORS = {
     "healthy": "#2e7d32",
-    "unknown": "#757575",
     "vanishing": "#c98a00",
     "exploding": "#c62828",
     "nonfinite": "#8e24aa",
