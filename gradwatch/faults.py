@@ -18,9 +18,22 @@ from dataclasses import dataclass
 from gradwatch.policy.alerts import GradWatchWarning, NonFiniteGradientError
 from gradwatch.records import ErrorRecord, Record
 
+logger = logging.getLogger("gradwatch")
+
 
 class GradWatchFault(RuntimeError):
     """Raised in strict mode when something inside gradwatch fails (the cause is chained)."""
+
+
+def warn_or_log(message: str, category: type[Warning] = GradWatchWarning, *, stacklevel: int = 2) -> bool:
+    """``warnings.warn``, except that a filter turning it into an error (``-W error``) does not raise into
+    the user's training step: the message then goes to the ``gradwatch`` logger. True when it was caught."""
+    try:
+        warnings.warn(message, category, stacklevel=stacklevel + 1)
+    except Warning:
+        logger.warning("%s", message)
+        return True
+    return False
 
 
 #: Monitor-wide parts that a fault turns off for the rest of the run, with the warning's wording.
@@ -90,7 +103,7 @@ class FaultPolicy:
             consequence = "gradwatch skips it on every step where it fails"
         if failures > 1:
             return
-        self.warn(f"gradwatch: {where} failed for {module or 'the monitor'} and {consequence}: {exc!r}")
+        self._warn(f"gradwatch: {where} failed for {module or 'the monitor'} and {consequence}: {exc!r}")
         if self.report is not None:
             self.report(self._error(where, exc, step, module=module))
 
@@ -105,12 +118,12 @@ class FaultPolicy:
         if isinstance(exc, OSError):
             if failures > 1:
                 return SinkFailure(disable=False, error=None)
-            self.warn(
+            self._warn(
                 f"gradwatch: sink {sink!r} failed with an I/O error ({exc!r}); records it cannot take are "
                 "dropped and counted in monitor.fault_counts, later ones are tried again"
             )
             return SinkFailure(disable=False, error=self._error(where, exc, step))
-        self.warn(f"gradwatch: sink {sink!r} failed and is disabled: {exc!r}")
+        self._warn(f"gradwatch: sink {sink!r} failed and is disabled: {exc!r}")
         return SinkFailure(disable=True, error=self._error(where, exc, step))
 
     @contextlib.contextmanager
@@ -125,7 +138,17 @@ class FaultPolicy:
             self.fault(where, "", exc)
 
     def warn(self, message: str) -> None:
-        warnings.warn(message, GradWatchWarning, stacklevel=3)
+        """A notice (not a fault). Turned into an error by a warnings filter it escapes only in strict
+        mode; otherwise it is logged and written as an error record with ``where="warning"``."""
+        if self._warn(message) and self.report is not None:
+            self.report(self._error("warning", None, None, message=message))
+
+    def _warn(self, message: str) -> bool:
+        """Warn; True when a warnings filter raised it and it was logged instead (never in strict mode)."""
+        if self.strict:
+            warnings.warn(message, GradWatchWarning, stacklevel=4)
+            return False
+        return warn_or_log(message, stacklevel=4)
 
     def notice(self, key: str, where: str, module: str, message: str, *, step: int | None = None) -> None:
         """Once per ``key``: warn (to the log instead when warnings are errors: a notice never stops the
@@ -155,12 +178,14 @@ class FaultPolicy:
             self._warned.add(key)
             self.warn(message)
 
-    def _error(self, where: str, exc: Exception, step: int | None, *, module: str = "") -> ErrorRecord:
+    def _error(
+        self, where: str, exc: Exception | None, step: int | None, *, module: str = "", message: str = ""
+    ) -> ErrorRecord:
         return ErrorRecord(
             self._current_step() if step is None else step,
             time.time(),
             where,
-            repr(exc),
+            repr(exc) if exc is not None else message,
             module=module,
             rank=self.rank,
             run_id=self.run_id,

@@ -10,11 +10,10 @@ worker thread. Whether a failing sink is retried or disabled is decided by the
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections import deque
 from collections.abc import Sequence
 
-from gradwatch.faults import FaultPolicy
+from gradwatch.faults import FaultPolicy, warn_or_log
 from gradwatch.records import Measurement, Record
 from gradwatch.sinks.base import FaultSource, HasUrl, LiveSink, Sink, StepObserver
 
@@ -104,9 +103,7 @@ class SinkFanOut:
             try:
                 sink.close()
             except Exception as exc:  # closing must not fail the user's run
-                warnings.warn(
-                    f"gradwatch: closing sink {sink!r} failed: {exc!r}", RuntimeWarning, stacklevel=3
-                )
+                warn_or_log(f"gradwatch: closing sink {sink!r} failed: {exc!r}", RuntimeWarning, stacklevel=3)
 
     def flush_quietly(self) -> None:
         """Best effort at interpreter exit: flush every sink, ignore what fails."""

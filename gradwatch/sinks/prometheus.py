@@ -37,7 +37,6 @@ import logging
 import re
 import threading
 import time
-import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -46,6 +45,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.exposition import basic_auth_handler, default_handler, push_to_gateway
 
+from gradwatch.faults import warn_or_log
 from gradwatch.metric_table import METRICS_BY_FIELD, jacobian_stats, layer_gauges
 from gradwatch.records import (
     Alert,
@@ -469,7 +469,7 @@ class PrometheusSink:
         with self._push_lock:
             message, self._unshown_warning = self._unshown_warning, None
         if message is not None:
-            warnings.warn(message, RuntimeWarning, stacklevel=3)
+            warn_or_log(message, RuntimeWarning, stacklevel=3)  # never raised into the training step
 
     def _push(self) -> None:
         """One bounded push (the caller holds ``_push_lock``); a failure is counted, its warning kept for
