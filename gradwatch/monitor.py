@@ -27,7 +27,6 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from gradwatch._version import __version__
 from gradwatch.background import BackgroundWorker
@@ -39,7 +38,6 @@ from gradwatch.capture.modules import (
     no_rnn_message,
     unwrap_model,
 )
-from gradwatch.capture.optimizer_steps import attach_optimizer, detach_optimizer
 from gradwatch.checks import (
     alert_callbacks,
     check_config,
@@ -65,6 +63,7 @@ from gradwatch.estimators.layer import (
     WarmStart,
 )
 from gradwatch.faults import FaultPolicy, GradWatchFault
+from gradwatch.lifecycle.attachment import Attachment, undone_on_failure
 from gradwatch.measure import (
     LayerKey,
     MeasurementJob,
@@ -202,7 +201,6 @@ class Monitor:
             model_label=f"{type(model).__name__} (run {self.run_id})",
         )
         self._recorders = self._pipeline.recorders
-        self._handles: list[RemovableHandle] = []  # hooks placed on user objects (none at present)
         self._layer_parameters = self._pipeline.layer_parameters
         self._module_gradient_names: dict[str, list[str]] | None = None  # built on first use
         self._parameters = self._pipeline.parameters
@@ -230,30 +228,27 @@ class Monitor:
             self._step_policies.append(self._clip_step)
 
         check_optimizer(optimizer)
-        try:
-            self._pipeline.attach(f"monitor {self.run_id} (modules {', '.join(self.watched_modules)})")
-            if optimizer is not None:
-                attach_optimizer(optimizer, self)
+        self._attachment = Attachment(self._pipeline, self)
+        # All or nothing: a failure up to the run header (strict mode and a full device) leaves nothing.
+        with undone_on_failure(self._attachment.detach):
+            self._attachment.attach(f"monitor {self.run_id} (modules {', '.join(self.watched_modules)})")
             self._arm(self._is_measured(self._step))
-        except Exception:
-            self._detach()
-            raise
-        if self.prometheus_url is not None:
-            logger.info("gradwatch: Prometheus metrics at %s", self.prometheus_url)
-        self._emit(
-            RunHeader(
-                run_id=self.run_id,
-                started=time.time(),
-                gradwatch=__version__,
-                torch=torch.__version__,
-                config=config.to_json(),
-                modules=tuple(w.describe() for w in self._watched),
-                rank=self.rank,
-                world_size=self.world_size,
-                name=self.name,
+            if self.prometheus_url is not None:
+                logger.info("gradwatch: Prometheus metrics at %s", self.prometheus_url)
+            self._emit(
+                RunHeader(
+                    run_id=self.run_id,
+                    started=time.time(),
+                    gradwatch=__version__,
+                    torch=torch.__version__,
+                    config=config.to_json(),
+                    modules=tuple(w.describe() for w in self._watched),
+                    rank=self.rank,
+                    world_size=self.world_size,
+                    name=self.name,
+                )
             )
-        )
-        self._flush()
+            self._flush()
 
     # --- public ---------------------------------------------------------------------------------------
 
@@ -351,13 +346,7 @@ class Monitor:
             raise pending_error
 
     def _detach(self) -> None:
-        """Stop routing the model's forward calls and the optimizer's steps here (nothing stays behind)."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self._pipeline.detach()
-        if self.optimizer is not None:
-            detach_optimizer(self.optimizer, self)
+        self._attachment.detach()
 
     def __enter__(self) -> Monitor:
         return self
