@@ -127,13 +127,15 @@ class BackgroundWorker(Generic[Result]):
         self._name = name
         self._executor: ThreadPoolExecutor | None = None
         self._pending: Future[Result] | None = None
+        self.pending_tag: object = None
+        """What the submitter said the job in flight is (the monitor: its step), for messages."""
 
     @property
     def busy(self) -> bool:
         """True while a submitted job has not been taken back."""
         return self._pending is not None
 
-    def submit(self, job: Callable[[], Result]) -> None:
+    def submit(self, job: Callable[[], Result], *, tag: object = None) -> None:
         """Start ``job``; the previous one must have been taken back first (one job at a time)."""
         if self._pending is not None:
             raise RuntimeError("a background measurement is still pending: take() it before submitting")
@@ -142,17 +144,38 @@ class BackgroundWorker(Generic[Result]):
                 max_workers=1, thread_name_prefix=self._name, initializer=_start_worker_thread
             )
         self._pending = self._executor.submit(_run_and_release, job)
+        self.pending_tag = tag
 
     def take(self, *, wait: bool) -> tuple[bool, Result | None]:
         """(True, result) for a finished job (waiting for it if ``wait``), else (False, None).
 
-        An exception raised by the job is re-raised here, on the caller's thread.
+        An exception raised by the job is re-raised here, on the caller's thread. An interrupt of the wait
+        (Ctrl-C) leaves the job pending, to be taken or abandoned later.
         """
         pending = self._pending
         if pending is None or (not wait and not pending.done()):
             return False, None
+        try:
+            result = pending.result()
+        except BaseException:
+            if pending.done():  # the job's own exception; an interrupted wait leaves the job pending
+                self._pending = None
+            raise
         self._pending = None
-        return True, pending.result()
+        return True, result
+
+    def abandon(self) -> None:
+        """Drop the job in flight without waiting for it (its result is lost) and let the thread end when
+        it is done with it."""
+        self._pending = None
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+    def forget(self) -> None:
+        """In a forked child: the worker thread does not exist here; drop everything without joining."""
+        self._pending = None
+        self._executor = None
 
     def shutdown(self) -> None:
         """Stop the thread (after the job in flight, whose result is dropped unless taken before)."""

@@ -64,6 +64,7 @@ from gradwatch.estimators.layer import (
 )
 from gradwatch.faults import FaultPolicy, GradWatchFault
 from gradwatch.lifecycle.attachment import Attachment, undone_on_failure
+from gradwatch.lifecycle.closing import CloseSequence, lost_measurement, quietly
 from gradwatch.measure import (
     LayerKey,
     MeasurementJob,
@@ -229,6 +230,20 @@ class Monitor:
 
         check_optimizer(optimizer)
         self._attachment = Attachment(self._pipeline, self)
+        self._closing = CloseSequence(
+            [
+                ("publish", self.wait),  # the last measurement's records go out before the sinks close
+                ("worker", self._stop_worker),
+                # a module never recorded in a short run is told too
+                (
+                    "never-recorded",
+                    quietly(lambda: self._pipeline.tell_never_recorded(self._step - 1, closing=True)),
+                ),
+                ("detach", self._attachment.detach),
+                ("recorded", self._drop_recorded),
+                ("sinks", self._out.close),
+            ]
+        )
         # All or nothing: a failure up to the run header (strict mode and a full device) leaves nothing.
         with undone_on_failure(self._attachment.detach):
             self._attachment.attach(f"monitor {self.run_id} (modules {', '.join(self.watched_modules)})")
@@ -324,29 +339,26 @@ class Monitor:
         return self._closed
 
     def close(self) -> None:
-        """Remove every hook, flush and close the sinks. Idempotent; the model behaves as before."""
-        if self._closed:
+        """Remove every hook, flush and close the sinks. Idempotent; the model behaves as before. An
+        interrupt (Ctrl-C) inside it still removes the hooks and closes the log, then propagates; calling
+        ``close()`` again completes whatever it stopped."""
+        self._closed = True
+        self._closing.run()
+
+    def _stop_worker(self) -> None:
+        """Stop the background thread; a measurement still in flight here (close() was interrupted while
+        waiting for it) is given up, and an error record says so."""
+        if self._background is None:
             return
-        pending_error: Exception | None = None
-        try:
-            self.wait()  # the last measurement's records go out before the sinks close
-        except Exception as exc:  # strict mode, or an alert callback raising on purpose: raised after
-            pending_error = exc  # the monitor is closed properly
-        finally:
-            self._closed = True
-            if self._background is not None:
-                self._background.shutdown()
-        with contextlib.suppress(Exception):  # a module never recorded in a short run is told too
-            self._pipeline.tell_never_recorded(self._step - 1, closing=True)
-        self._detach()
+        if self._background.busy:
+            tag = self._background.pending_tag
+            self._emit(lost_measurement(tag, rank=self.rank, run_id=self.run_id))
+            self._background.abandon()
+        self._background.shutdown()
+
+    def _drop_recorded(self) -> None:
         self._pipeline.reset()
         self._pipeline.probes.clear()
-        self._out.close()
-        if pending_error is not None:
-            raise pending_error
-
-    def _detach(self) -> None:
-        self._attachment.detach()
 
     def __enter__(self) -> Monitor:
         return self
@@ -536,7 +548,7 @@ class Monitor:
         if not any(module.layers for module in job.modules):
             return alerts + self._publish(estimate(job))
         live_sinks = self._out.live_sinks()  # chosen here, not there
-        self._background.submit(partial(_estimate_and_show_live, job, live_sinks))
+        self._background.submit(partial(_estimate_and_show_live, job, live_sinks), tag=step)
         return alerts
 
     def _prepare(

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import errno
 import json
+import signal
+import threading
+import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -91,3 +95,111 @@ def test_a_watch_under_warnings_as_errors_with_a_full_device_starts_with_an_erro
     kinds = [r["kind"] for r in _log_records(tmp_path / "a.jsonl")]
     assert kinds[:2] == ["run", "error"]
     assert _nothing_left_on(model, optimizer)
+
+
+# --- item 5: Ctrl-C during close() -------------------------------------------------------------------------
+
+
+def _interrupt_main_thread_in(seconds: float) -> threading.Thread:
+    """Ctrl-C as the terminal sends it: SIGINT delivered to the main thread, which is blocked in close()."""
+    main = threading.main_thread().ident
+    assert main is not None and threading.current_thread() is threading.main_thread()
+
+    def interrupt() -> None:
+        time.sleep(seconds)
+        signal.pthread_kill(main, signal.SIGINT)
+
+    thread = threading.Thread(target=interrupt)
+    thread.start()
+    return thread
+
+
+@pytest.fixture
+def slow_background_measurement(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
+    """Background measurements wait for the returned event before estimating (set at teardown)."""
+    import gradwatch.monitor as monitor_module
+
+    release = threading.Event()
+    original = monitor_module.estimate
+
+    def held_estimate(job: Any) -> Any:
+        release.wait(30)
+        return original(job)
+
+    monkeypatch.setattr(monitor_module, "estimate", held_estimate)
+    yield release
+    release.set()
+
+
+def test_ctrl_c_during_close_with_a_measurement_in_flight_still_closes(
+    tmp_path: Path, slow_background_measurement: threading.Event
+) -> None:
+    model = SeqModel()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    log = tmp_path / "run.jsonl"
+    monitor = gradwatch.watch(model, optimizer, every=2, background=True, log=log)
+    slow_background_measurement.set()
+    _train(model, optimizer, 3)  # steps 0 (measured, published at step 2) .. 2 (measured, in flight)
+    monitor.wait()
+    slow_background_measurement.clear()
+    _train(model, optimizer, 1)
+    _train(model, optimizer, 1)  # step 4: measured, held on the worker
+    assert monitor._background is not None and monitor._background.busy
+    interrupter = _interrupt_main_thread_in(0.3)
+    with pytest.raises(KeyboardInterrupt):
+        monitor.close()
+    interrupter.join()
+    # Nothing half-closed: no hook, no attachment, the log closed with an error record saying what was lost.
+    assert _nothing_left_on(model, optimizer)
+    assert all(getattr(sink, "_file", None) is None for sink in monitor.sinks if hasattr(sink, "_file"))
+    records = _log_records(log)
+    assert [r["step"] for r in records if r["kind"] == "measurement"] == [0, 2]
+    lost = [r for r in records if r["kind"] == "error"]
+    assert len(lost) == 1 and lost[0]["where"] == "close" and lost[0]["step"] == 4
+    assert "step 4" in lost[0]["message"] and "lost" in lost[0]["message"]
+    slow_background_measurement.set()  # the abandoned job finishes on its thread: nothing is written
+    monitor.close()  # completes what remains (nothing here), and raises nothing
+    assert monitor.closed
+    time.sleep(0.2)
+    assert _log_records(log) == records
+    _train(model, optimizer, 1)  # plain training goes on
+    with gradwatch.watch(model, optimizer, every=1, background=False, log=tmp_path / "again.jsonl"):
+        _train(model, optimizer, 1)  # and the model can be watched again
+    assert "measurement" in [r["kind"] for r in _log_records(tmp_path / "again.jsonl")]
+
+
+class InterruptedOnce:
+    """A sink whose first close() is interrupted (Ctrl-C while its file was fsynced)."""
+
+    def __init__(self) -> None:
+        self.close_calls = 0
+        self.closed = False
+
+    def write(self, record: Record) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.close_calls += 1
+        if self.close_calls == 1:
+            raise KeyboardInterrupt
+        self.closed = True
+
+
+def test_a_second_close_completes_a_close_interrupted_in_a_sink(tmp_path: Path) -> None:
+    model = SeqModel()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    interrupted, after = InterruptedOnce(), InterruptedOnce()
+    after.close_calls = 1  # closes at once
+    log = tmp_path / "run.jsonl"
+    monitor = gradwatch.watch(model, optimizer, every=1, log=log, sinks=[interrupted, after])
+    _train(model, optimizer, 2)
+    with pytest.raises(KeyboardInterrupt):
+        monitor.close()
+    assert _nothing_left_on(model, optimizer)
+    assert after.closed and not interrupted.closed  # the sinks after the interrupted one were closed
+    assert all(getattr(sink, "_file", None) is None for sink in monitor.sinks if hasattr(sink, "_file"))
+    monitor.close()
+    assert interrupted.closed and after.close_calls == 2  # each sink closed once

@@ -24,6 +24,7 @@ class SinkFanOut:
     def __init__(self, sinks: Sequence[Sink], faults: FaultPolicy, *, history_size: int) -> None:
         self._sinks: list[Sink] = list(sinks)
         self._faults = faults
+        self._closed: list[Sink] = []  # closed by close(), in order
         self.history: deque[Record] = deque(maxlen=history_size or None)
         """Every record emitted, oldest first (the last ``history_size`` of them; all when it is 0)."""
 
@@ -96,14 +97,25 @@ class SinkFanOut:
             self.emit(failure.error, skip=sink)
 
     def close(self) -> None:
-        """Flush and close every sink; a sink failing to close is a RuntimeWarning, never an error."""
+        """Flush and close every sink; a sink failing to close is a RuntimeWarning, never an error. An
+        interrupt (Ctrl-C) in one sink's close still closes the others, then propagates; calling close()
+        again closes the sink it stopped."""
+        interrupt: BaseException | None = None
         for sink in self._sinks:
-            with contextlib.suppress(Exception):
-                sink.flush()
+            if any(sink is done for done in self._closed):
+                continue
             try:
+                with contextlib.suppress(Exception):
+                    sink.flush()
                 sink.close()
             except Exception as exc:  # closing must not fail the user's run
                 warn_or_log(f"gradwatch: closing sink {sink!r} failed: {exc!r}", RuntimeWarning, stacklevel=3)
+            except BaseException as exc:
+                interrupt = interrupt or exc
+                continue
+            self._closed.append(sink)
+        if interrupt is not None:
+            raise interrupt
 
     def flush_quietly(self) -> None:
         """Best effort at interpreter exit: flush every sink, ignore what fails."""
