@@ -63,6 +63,7 @@ from gradwatch.estimators.layer import (
     WarmStart,
 )
 from gradwatch.faults import FaultPolicy, GradWatchFault
+from gradwatch.lifecycle import process
 from gradwatch.lifecycle.attachment import Attachment, undone_on_failure
 from gradwatch.lifecycle.closing import CloseSequence, lost_measurement, quietly
 from gradwatch.measure import (
@@ -242,8 +243,10 @@ class Monitor:
                 ("detach", self._attachment.detach),
                 ("recorded", self._drop_recorded),
                 ("sinks", self._out.close),
+                ("process", partial(process.unregister, self)),
             ]
         )
+        self._forked: process.ForkedCopy | None = None  # set in a child made by os.fork()
         # All or nothing: a failure up to the run header (strict mode and a full device) leaves nothing.
         with undone_on_failure(self._attachment.detach):
             self._attachment.attach(f"monitor {self.run_id} (modules {', '.join(self.watched_modules)})")
@@ -264,6 +267,7 @@ class Monitor:
                 )
             )
             self._flush()
+        process.register(self)  # closed at exit if still open; switched off in forked children
 
     # --- public ---------------------------------------------------------------------------------------
 
@@ -356,6 +360,17 @@ class Monitor:
             self._background.abandon()
         self._background.shutdown()
 
+    def _disable_in_forked_child(self, parent_pid: int) -> None:
+        """In a child made by os.fork(): off, without touching the parent's threads, files or sockets
+        (gradwatch/lifecycle/process.py)."""
+        self._closed = True
+        self._closing.skip_all()
+        self._forked = process.ForkedCopy(self.run_id, parent_pid, self._attachment.detach)
+        self._pipeline.detach()
+        if self._background is not None:
+            self._background.forget()
+        process.release_after_fork(self._out.sinks)
+
     def _drop_recorded(self) -> None:
         self._pipeline.reset()
         self._pipeline.probes.clear()
@@ -445,6 +460,8 @@ class Monitor:
         forward passes run inside it, after this pre-hook (LBFGS); a measured step is then measured from the
         step post-hook, on the last closure's forward (:meth:`_end_of_closure_step`)."""
         if self._closed:
+            if self._forked is not None:
+                self._forked.stepped()
             return
         self._closure_step = None  # a closure step whose post-hook never ran (its closure raised)
         self._schedule.step_boundary()

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 import warnings
@@ -203,3 +207,159 @@ def test_a_second_close_completes_a_close_interrupted_in_a_sink(tmp_path: Path) 
     assert all(getattr(sink, "_file", None) is None for sink in monitor.sinks if hasattr(sink, "_file"))
     monitor.close()
     assert interrupted.closed and after.close_calls == 2  # each sink closed once
+
+
+# --- item 9: a process that ends without close() keeps its last background measurement ---------------------
+
+EXIT_SCRIPT = """
+import sys, torch
+from torch import nn
+import gradwatch
+
+class SeqModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(3, 16)
+        self.head = nn.Linear(16, 1)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0]).squeeze(-1)
+
+torch.manual_seed(0)
+model = SeqModel()
+optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+monitor = gradwatch.watch(model, optimizer, every=5, background=True, log=sys.argv[1])
+for step in range(21):  # steps 0..20: step 20's measurement is on the worker when the loop ends
+    optimizer.zero_grad()
+    model(torch.randn(12, 4, 3)).pow(2).mean().backward()
+    optimizer.step()
+assert monitor._background.busy
+if sys.argv[2] == "sys.exit":
+    sys.exit(3)
+if sys.argv[2] == "exception":
+    raise RuntimeError("training crashed")
+"""
+
+
+@pytest.mark.parametrize(
+    ("ending", "status"),
+    [("normal", 0), ("sys.exit", 3), ("exception", 1)],
+    ids=["normal", "sys-exit", "raise"],
+)
+def test_the_last_background_measurement_is_written_when_the_process_ends_without_close(
+    tmp_path: Path, ending: str, status: int
+) -> None:
+    log = tmp_path / "run.jsonl"
+    done = subprocess.run(
+        [sys.executable, "-c", EXIT_SCRIPT, str(log), ending],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == status, done.stderr
+    measured = sorted({r["step"] for r in _log_records(log) if r["kind"] == "measurement"})
+    assert measured == [0, 5, 10, 15, 20]
+    if ending == "exception":
+        assert "training crashed" in done.stderr
+
+
+# --- item 8: os.fork() mid-run ---------------------------------------------------------------------------
+
+needs_fork = pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork() does not exist on this platform")
+
+
+def _in_forked_child(child: Any, timeout: float = 60.0) -> dict[str, Any]:
+    """Run ``child()`` (returns a JSON-able dict) in a forked child; its result, or a failure when it raised
+    or did not end within ``timeout`` (then it is killed: the hang the test guards against)."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never return into pytest
+        status = 0
+        try:
+            os.close(read)
+            result = child()
+        except BaseException as exc:
+            result, status = {"error": repr(exc)}, 1
+        with os.fdopen(write, "w") as out:
+            json.dump(result, out)
+        os._exit(status)
+    os.close(write)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ended, status = os.waitpid(pid, os.WNOHANG)
+        if ended:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail(f"the forked child hung for {timeout:.0f} s")
+    with os.fdopen(read) as got:
+        result = json.loads(got.read() or "{}")
+    assert os.waitstatus_to_exitcode(status) == 0, result
+    return result
+
+
+@needs_fork
+@pytest.mark.parametrize("background", [False, True], ids=["inline", "background"])
+def test_a_forked_child_gets_a_monitor_that_is_off_with_one_warning(tmp_path: Path, background: bool) -> None:
+    model = SeqModel()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    log = tmp_path / "run.jsonl"
+    monitor = gradwatch.watch(model, optimizer, every=2, background=background, log=log)
+    _train(model, optimizer, 3)  # step 2's measurement may be in flight at the fork
+
+    def child() -> dict[str, Any]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _train(model, optimizer, 6)  # would hang at the next measured step with the parent's worker
+            monitor.close()  # would hang on the parent's threads
+            with gradwatch.watch(
+                model, optimizer, every=2, log=tmp_path / "child.jsonl", background=background
+            ):
+                _train(model, optimizer, 3)  # the child can watch the model under its own run id
+        fork_warnings = [str(w.message) for w in caught if "forked" in str(w.message)]
+        return {"warnings": fork_warnings, "history": len(monitor._history)}
+
+    history_at_fork = len(monitor._history)
+    got = _in_forked_child(child)
+    assert len(got["warnings"]) == 1 and monitor.run_id in got["warnings"][0]
+    assert got["history"] <= history_at_fork + 2  # nothing measured in the child (in-flight results aside)
+    _train(model, optimizer, 3)  # the parent goes on: steps 3..5
+    monitor.close()
+    records = _log_records(log)
+    steps = [r["step"] for r in records if r["kind"] == "measurement"]
+    assert steps == [0, 2, 4]  # the parent's run only, each step once: the child wrote nothing
+    assert {r["run_id"] for r in records} == {monitor.run_id}
+    child_records = _log_records(tmp_path / "child.jsonl")
+    assert child_records[0]["kind"] == "run" and child_records[0]["run_id"] != monitor.run_id
+    assert [r["step"] for r in child_records if r["kind"] == "measurement"] == [0, 2]
+
+
+@needs_fork
+def test_a_forked_child_neither_hangs_on_the_exporter_nor_keeps_its_port(tmp_path: Path) -> None:
+    model = SeqModel()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    monitor = gradwatch.watch(model, optimizer, every=1, prometheus="127.0.0.1:0", background=True)
+    port = monitor.sinks[-1].port  # type: ignore[attr-defined]
+    _train(model, optimizer, 2)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a persistent DataLoader worker: outlives the parent's close(), never touches the monitor
+        os.close(read)
+        os.close(write)
+        time.sleep(5)
+        os._exit(0)
+    try:
+        os.close(write)
+        got = _in_forked_child(lambda: (monitor.close(), {"closed": monitor.closed})[1], timeout=20)
+        assert got == {"closed": True}
+        monitor.close()
+        with socket.socket() as again:  # the port is free although the worker child still lives
+            again.bind(("127.0.0.1", port))
+    finally:
+        os.close(read)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)

@@ -230,6 +230,12 @@ class MetricsServer:
         )
         self._thread.start()
 
+    def release_after_fork(self) -> None:
+        """In a forked child, where the serving thread does not exist (``close()`` would wait for it
+        forever): close the inherited listening socket, so the port is free once the parent closes."""
+        self._thread = None
+        self._server.socket.close()
+
     def close(self) -> None:
         """Stop serving and release the port; idempotent."""
         if self._thread is None:

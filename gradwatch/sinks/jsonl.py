@@ -85,6 +85,12 @@ class JsonlSink:
                 self._file.close()
                 self._file = None
 
+    def release_after_fork(self) -> None:
+        """In a forked child: close the inherited descriptor (unbuffered; the parent keeps its own)."""
+        if self._file is not None:
+            file, self._file = self._file, None
+            file.close()
+
     def __repr__(self) -> str:
         return f"JsonlSink({str(self.path)!r})"
 

@@ -358,6 +358,14 @@ class PrometheusSink:
             if len(self._pending_faults) < MAX_PENDING_FAULTS:
                 self._pending_faults.append(("exporter", fault))
 
+    def release_after_fork(self) -> None:
+        """In a forked child: off without taking a lock (a parent thread may have held one at the fork) and
+        without the parent's threads; the inherited listening socket is closed."""
+        self._closed = True
+        self.push_gateway = None
+        if self._server is not None:
+            self._server.release_after_fork()
+
     def __repr__(self) -> str:
         where = self.url or f"push {self.push_gateway}"
         return f"PrometheusSink({where}, run={self.run_id!r}, rank={self.rank})"
