@@ -448,6 +448,11 @@ def test_basic_auth_refuses_missing_or_wrong_credentials(tmp_path: Path) -> None
 # --- Pushgateway failures ------------------------------------------------------------------------------
 
 
+def _settled(sink: PrometheusSink) -> None:
+    """Wait for the pushes asked for so far (they run on the sink's pusher thread)."""
+    assert sink._pusher is not None and sink._pusher.settle(10.0)
+
+
 def test_push_to_a_closed_port_warns_once_counts_backs_off_and_never_raises() -> None:
     sink = PrometheusSink(
         None, push_gateway=f"http://127.0.0.1:{_closed_port()}", run_id="run-a", timeout=1.0
@@ -457,12 +462,16 @@ def test_push_to_a_closed_port_warns_once_counts_backs_off_and_never_raises() ->
     started = time.perf_counter()
     with pytest.warns(RuntimeWarning, match="could not push metrics") as caught:
         sink.write(_measurement(1))
-        sink.flush()  # attempt 1 fails
+        sink.flush()  # attempt 1 fails (on the pusher thread)
+        _settled(sink)
         sink.flush()  # inside the 1 s back-off: no attempt
+        _settled(sink)
         fake_now[0] += 1.5
         sink.flush()  # attempt 2 fails, back-off now 2 s
+        _settled(sink)
         fake_now[0] += 1.5
         sink.flush()  # still inside: no attempt
+        _settled(sink)
         sink.close()  # final attempt regardless of back-off
     elapsed = time.perf_counter() - started
     assert len([w for w in caught if issubclass(w.category, RuntimeWarning)]) == 1
@@ -483,16 +492,18 @@ def test_a_failed_live_push_warns_on_the_training_thread_not_on_the_worker() -> 
     def worker() -> None:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            sink.write_live(_measurement(1))  # pushes at once, from this thread: fails
+            sink.write_live(_measurement(1))  # asks for a push at once (on the pusher thread): fails
         worker_warnings.extend(caught)
 
     thread = threading.Thread(target=worker)
     thread.start()
     thread.join(timeout=10)
+    _settled(sink)
     assert sink.push_attempts == 1 and sink.push_failures == 1
     assert not [w for w in worker_warnings if "could not push" in str(w.message)]
     with pytest.warns(RuntimeWarning, match="could not push metrics"):
         sink.flush()  # inside the back-off: no new attempt, but the warning is shown here
+    _settled(sink)
     assert sink.push_attempts == 1
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # shown once only

@@ -245,6 +245,7 @@ def test_push_mode_delivers_each_flush_and_the_final_state(pushgateway: str) -> 
     for record in run.records:
         sink.write(record)
     sink.flush()
+    assert sink._pusher is not None and sink._pusher.settle(10.0)  # pushed on the sink's own thread
     pushed = _pushed(pushgateway)
     job = {"job": "gradwatch", "instance": "", "run": "run-p", "rank": "1"}  # the gateway adds instance=""
     last = run.latest_measurements()[(MODULE, 0, "forward")]

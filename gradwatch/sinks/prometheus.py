@@ -58,6 +58,7 @@ from gradwatch.records import (
     RunHeader,
 )
 from gradwatch.sinks._http_exporter import BasicAuth, FaultTolerantCollection, MetricsServer
+from gradwatch.sinks._push_thread import PushThread
 
 logger = logging.getLogger(__name__)
 
@@ -200,6 +201,8 @@ class PrometheusSink:
         self._warned = False
         self._unshown_warning: str | None = None  # a failed push's warning, shown on the training thread
         self._push_lock = threading.Lock()  # one push at a time; guards the push bookkeeping above
+        self._warning_lock = threading.Lock()
+        self._pusher = PushThread(self._push_if_due, self._final_push) if push_gateway is not None else None
 
         # What a scrape or a push sends: each collector and family checked on its own (see _export_failed).
         self._exposed = FaultTolerantCollection(self.registry, self._export_failed)
@@ -314,26 +317,27 @@ class PrometheusSink:
                 return
             self._write_measurement(record)
             self._shown_live[id(record)] = record
-        if self.push_gateway is not None:
-            self._push_if_due()
+        if self._pusher is not None:
+            self._pusher.request()
 
     def flush(self) -> None:
-        """In push mode, push now unless a failed push's back-off has not yet passed."""
-        if self.push_gateway is not None:
-            self._push_if_due()
+        """In push mode, have the pusher thread push unless a failed push's back-off has not yet passed
+        (returns at once: an unanswering gateway never blocks the training step)."""
+        if self._pusher is not None:
+            self._pusher.request()
             self._show_push_warning()
 
     def close(self) -> None:
-        """Final push (push mode, ignoring back-off), then stop the exporter; idempotent."""
+        """Final push (push mode, ignoring back-off; waited for at most ``timeout`` + 1 s), then stop the
+        exporter; idempotent."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
             self._shown_live.clear()
         try:
-            if self.push_gateway is not None:
-                with self._push_lock:
-                    self._push()
+            if self._pusher is not None:  # the final push, waited for at most the push timeout (+1 s)
+                self._pusher.finish(self.timeout + 1.0)
                 self._show_push_warning()
         finally:
             if self._server is not None:
@@ -362,7 +366,7 @@ class PrometheusSink:
         """In a forked child: off without taking a lock (a parent thread may have held one at the fork) and
         without the parent's threads; the inherited listening socket is closed."""
         self._closed = True
-        self.push_gateway = None
+        self._pusher = None  # its thread does not exist here
         if self._server is not None:
             self._server.release_after_fork()
 
@@ -472,9 +476,13 @@ class PrometheusSink:
             if not self._closed and self._clock() >= self._next_push_at:
                 self._push()
 
+    def _final_push(self) -> None:
+        with self._push_lock:
+            self._push()
+
     def _show_push_warning(self) -> None:
         """Show the one push-failure warning on the calling (training) thread, not on the worker's."""
-        with self._push_lock:
+        with self._warning_lock:  # not _push_lock: a push in progress must not block the training thread
             message, self._unshown_warning = self._unshown_warning, None
         if message is not None:
             warn_or_log(message, RuntimeWarning, stacklevel=3)  # never raised into the training step
@@ -506,7 +514,8 @@ class PrometheusSink:
             )
             if not self._warned:
                 self._warned = True
-                self._unshown_warning = message
+                with self._warning_lock:
+                    self._unshown_warning = message
             logger.debug("%s (next try in %.1f s)", message, delay)
             return
         if self._consecutive_failures:
