@@ -113,7 +113,7 @@ class WatchConfig:
     probe: ProbeMode = "fixed"
     strict: bool = False
     seed: int = 0
-    history_size: int = 100_000
+    history_size: int = 10_000  # ~2.8 KB per measurement record: ~28 MB (docs/performance.md)
     nonfinite: NonFinitePolicy = NonFinitePolicy.WARN
     clip: str | float | None = None  # the clip option as given (a policy: its repr), for the run header
     clip_scope: ClipScope = "monitored"
@@ -683,7 +683,7 @@ def watch(
     strict: bool = False,
     seed: int = 0,
     fsync: FsyncPolicy = "header",
-    history_size: int = 100_000,
+    history_size: int = 10_000,
     run_id: str | None = None,
     name: str | None = None,
     log_ranks: LogRanks = "all",
@@ -746,7 +746,7 @@ def watch(
         fsync: when the run log is fsynced: ``"header"`` (fsync the header line), ``"always"`` (every
             line) or ``"never"`` (flush to the OS only). Default ``"header"``.
         history_size: how many records ``monitor.history`` keeps in memory; a non-negative int, 0 keeps
-            all. Default 100_000.
+            all. Default 10_000 (a measurement record is about 2.8 KB: ~28 MB in all).
         run_id: the run's id in every record; a non-empty string. Default None: a new sortable id (under
             torch.distributed, rank 0's, shared by every rank).
         name: a name for the run, to tell runs apart ("lstm-lr3e-4", "baseline"): written in the run header,
