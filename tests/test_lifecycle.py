@@ -363,3 +363,31 @@ def test_a_forked_child_neither_hangs_on_the_exporter_nor_keeps_its_port(tmp_pat
         os.close(read)
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
+
+
+@needs_fork
+def test_persistent_dataloader_workers_keep_neither_the_port_nor_the_run(tmp_path: Path) -> None:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model = SeqModel()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    log = tmp_path / "run.jsonl"
+    monitor = gradwatch.watch(model, optimizer, every=2, log=log, prometheus="127.0.0.1:0", background=True)
+    port = monitor.sinks[-1].port  # type: ignore[attr-defined]
+    data = TensorDataset(torch.randn(16, 6, 3))
+    loader = DataLoader(
+        data, batch_size=4, num_workers=2, multiprocessing_context="fork", persistent_workers=True
+    )
+    for _ in range(2):  # two epochs through the same (persistent) workers
+        for (batch,) in loader:
+            optimizer.zero_grad()
+            model(batch.transpose(0, 1)).pow(2).mean().backward()
+            optimizer.step()
+    monitor.close()
+    alive = loader._iterator  # the persistent workers still run
+    assert alive is not None and all(w.is_alive() for w in alive._workers)
+    with socket.socket() as again:
+        again.bind(("127.0.0.1", port))  # the port is free all the same
+    steps = [r["step"] for r in _log_records(log) if r["kind"] == "measurement"]
+    assert steps == [0, 2, 4, 6]  # the parent's 8 steps, each measured step once
+    del loader, alive
