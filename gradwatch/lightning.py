@@ -10,12 +10,12 @@ gradients). Needs ``pip install 'gradwatch[lightning]'``.
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from gradwatch.faults import warn_or_log
 from gradwatch.monitor import Monitor, watch
 from gradwatch.policy.alerts import GradWatchWarning
 from gradwatch.records import ClipEvent, Measurement, Record
@@ -132,10 +132,8 @@ class GradWatchCallback(Callback):
                 except Exception as exc:
                     if self.watch_options.get("strict", False):
                         raise
-                    warnings.warn(
-                        f"gradwatch: logging to {type(logger).__name__} failed: {exc!r}",
-                        GradWatchWarning,
-                        stacklevel=2,
+                    warn_or_log(  # under -W error too: a notice, never a reason to stop training
+                        f"gradwatch: logging to {type(logger).__name__} failed: {exc!r}", GradWatchWarning
                     )
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
