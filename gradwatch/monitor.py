@@ -63,9 +63,7 @@ from gradwatch.estimators.layer import (
     WarmStart,
 )
 from gradwatch.faults import FaultPolicy, GradWatchFault
-from gradwatch.lifecycle import process
-from gradwatch.lifecycle.attachment import Attachment, undone_on_failure
-from gradwatch.lifecycle.closing import CloseSequence, lost_measurement, quietly
+from gradwatch.lifecycle.monitor_lifecycle import MonitorLifecycle
 from gradwatch.measure import (
     LayerKey,
     MeasurementJob,
@@ -175,7 +173,6 @@ class Monitor:
             config.every, config.time_budget if self.world_size <= 1 else None
         )
         self._step = 0
-        self._closed = False
         self._closure_step: int | None = None  # a measured step whose forward runs in optimizer.step(closure)
         self.faults = FaultPolicy(
             strict=config.strict,
@@ -230,44 +227,20 @@ class Monitor:
             self._step_policies.append(self._clip_step)
 
         check_optimizer(optimizer)
-        self._attachment = Attachment(self._pipeline, self)
-        self._closing = CloseSequence(
-            [
-                ("publish", self.wait),  # the last measurement's records go out before the sinks close
-                ("worker", self._stop_worker),
-                # a module never recorded in a short run is told too
-                (
-                    "never-recorded",
-                    quietly(lambda: self._pipeline.tell_never_recorded(self._step - 1, closing=True)),
-                ),
-                ("detach", self._attachment.detach),
-                ("recorded", self._drop_recorded),
-                ("sinks", self._out.close),
-                ("process", partial(process.unregister, self)),
-            ]
+        self._lifecycle = MonitorLifecycle(
+            self,
+            pipeline=self._pipeline,
+            background=self._background,
+            out=self._out,
+            publish=self.wait,
+            emit=self._emit,
+            last_step=lambda: self._step - 1,
+            rank=self.rank,
         )
-        self._forked: process.ForkedCopy | None = None  # set in a child made by os.fork()
         # All or nothing: a failure up to the run header (strict mode and a full device) leaves nothing.
-        with undone_on_failure(self._attachment.detach):
-            self._attachment.attach(f"monitor {self.run_id} (modules {', '.join(self.watched_modules)})")
-            self._arm(self._is_measured(self._step))
-            if self.prometheus_url is not None:
-                logger.info("gradwatch: Prometheus metrics at %s", self.prometheus_url)
-            self._emit(
-                RunHeader(
-                    run_id=self.run_id,
-                    started=time.time(),
-                    gradwatch=__version__,
-                    torch=torch.__version__,
-                    config=config.to_json(),
-                    modules=tuple(w.describe() for w in self._watched),
-                    rank=self.rank,
-                    world_size=self.world_size,
-                    name=self.name,
-                )
-            )
-            self._flush()
-        process.register(self)  # closed at exit if still open; switched off in forked children
+        self._lifecycle.start(
+            f"monitor {self.run_id} (modules {', '.join(self.watched_modules)})", announce=self._announce
+        )
 
     # --- public ---------------------------------------------------------------------------------------
 
@@ -340,40 +313,33 @@ class Monitor:
     @property
     def closed(self) -> bool:
         """True once :meth:`close` ran (even one that raised): no hook is left, the sinks are closed."""
-        return self._closed
+        return self._lifecycle.closed
 
     def close(self) -> None:
         """Remove every hook, flush and close the sinks. Idempotent; the model behaves as before. An
         interrupt (Ctrl-C) inside it still removes the hooks and closes the log, then propagates; calling
         ``close()`` again completes whatever it stopped."""
-        self._closed = True
-        self._closing.run()
+        self._lifecycle.close()
 
-    def _stop_worker(self) -> None:
-        """Stop the background thread; a measurement still in flight here (close() was interrupted while
-        waiting for it) is given up, and an error record says so."""
-        if self._background is None:
-            return
-        if self._background.busy:
-            tag = self._background.pending_tag
-            self._emit(lost_measurement(tag, rank=self.rank, run_id=self.run_id))
-            self._background.abandon()
-        self._background.shutdown()
-
-    def _disable_in_forked_child(self, parent_pid: int) -> None:
-        """In a child made by os.fork(): off, without touching the parent's threads, files or sockets
-        (gradwatch/lifecycle/process.py)."""
-        self._closed = True
-        self._closing.skip_all()
-        self._forked = process.ForkedCopy(self.run_id, parent_pid, self._attachment.detach)
-        self._pipeline.detach()
-        if self._background is not None:
-            self._background.forget()
-        process.release_after_fork(self._out.sinks)
-
-    def _drop_recorded(self) -> None:
-        self._pipeline.reset()
-        self._pipeline.probes.clear()
+    def _announce(self) -> None:
+        """The run starts: arm the first step, write the run header."""
+        self._arm(self._is_measured(self._step))
+        if self.prometheus_url is not None:
+            logger.info("gradwatch: Prometheus metrics at %s", self.prometheus_url)
+        self._emit(
+            RunHeader(
+                run_id=self.run_id,
+                started=time.time(),
+                gradwatch=__version__,
+                torch=torch.__version__,
+                config=self.config.to_json(),
+                modules=tuple(w.describe() for w in self._watched),
+                rank=self.rank,
+                world_size=self.world_size,
+                name=self.name,
+            )
+        )
+        self._flush()
 
     def __enter__(self) -> Monitor:
         return self
@@ -383,7 +349,7 @@ class Monitor:
 
     def __del__(self) -> None:  # pragma: no cover - best effort at interpreter exit
         with contextlib.suppress(Exception):
-            if not self._closed:
+            if not self._lifecycle.closed:
                 self._out.flush_quietly()
 
     def state_dict(self) -> dict[str, Any]:
@@ -459,9 +425,8 @@ class Monitor:
         """Close the step in progress. ``closure``: ``optimizer.step(closure)`` was called, so this step's
         forward passes run inside it, after this pre-hook (LBFGS); a measured step is then measured from the
         step post-hook, on the last closure's forward (:meth:`_end_of_closure_step`)."""
-        if self._closed:
-            if self._forked is not None:
-                self._forked.stepped()
+        if self._lifecycle.closed:
+            self._lifecycle.stepped_after_close()
             return
         self._closure_step = None  # a closure step whose post-hook never ran (its closure raised)
         self._schedule.step_boundary()
@@ -503,7 +468,7 @@ class Monitor:
         """Measure a closure step after ``optimizer.step(closure)``: its closures ran after the pre-hook, and
         the recorded (last) call is measured at the weights it used, with the gradients it left."""
         step, self._closure_step = self._closure_step, None
-        if self._closed or step is None:
+        if self._lifecycle.closed or step is None:
             return
         alerts: list[Alert] = []
         try:

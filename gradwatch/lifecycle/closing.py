@@ -3,7 +3,6 @@ a half-closed monitor behind (hooks still on the model, the log open)."""
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable, Sequence
 
@@ -61,13 +60,3 @@ def lost_measurement(step: object, *, rank: int, run_id: str) -> ErrorRecord:
         rank=rank,
         run_id=run_id,
     )
-
-
-def quietly(step: Callable[[], object]) -> Callable[[], None]:
-    """A close step whose failure must not be reported (an interrupt still stops it)."""
-
-    def run() -> None:
-        with contextlib.suppress(Exception):
-            step()
-
-    return run
