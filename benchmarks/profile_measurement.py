@@ -2,8 +2,14 @@
 
 Run from the repository root (bounded: a few warm measured steps per setting):
 
-    python3 -m benchmarks.profile_measurement                     # LSTM H=256, threads 2 and 1
-    python3 -m benchmarks.profile_measurement --kind gru --hidden 512 --threads 1
+    python3 -m benchmarks.profile_measurement       # LSTM and GRU, H=256 and 512, default threads and 1,
+                                                    # the economy (default) and the full estimator
+    python3 -m benchmarks.profile_measurement --kind gru --hidden 512 --threads 1 --estimator economy
+    python3 -m benchmarks.profile_measurement --quick   # one warm measurement, H=256 only: checks it runs
+
+Each line also gives the default schedule's actual interval and overhead for that cost: the default
+measures every 50 steps unless a measurement costs more than 2% of the steps since the last one
+(``gradwatch.policy.schedule``), so the interval is 50 * ceil(cost / (0.02 * 50)) steps.
 
 The model is the issue's language model (embedding 64 -> nn.LSTM/GRU(64, H) -> Linear to 64 tokens, T=64,
 B=32, Adam at lr 1e-3, a fresh batch every step), watched with ``every=50, background=False``: each warm
@@ -75,6 +81,7 @@ def profile(
     lr: float = 1e-3,
     steps: int = 64,
     batch: int = 32,
+    estimator: str = "economy",
 ) -> dict:
     """Median unmeasured step, measured step and stage times (seconds) over ``rounds`` warm measurements.
 
@@ -102,7 +109,7 @@ def profile(
     originals = {name: getattr(layer_module, name) for name in STAGES}
     for name in STAGES:
         setattr(layer_module, name, _timed(name, originals[name], totals))
-    monitor = gradwatch.watch(model, optimizer, every=gap, background=False)
+    monitor = gradwatch.watch(model, optimizer, every=gap, background=False, estimator=estimator)
     bare_times: list[float] = []
     measured_times: list[float] = []
     try:
@@ -132,10 +139,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--kind", choices=["lstm", "gru"], default="lstm")
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--threads", type=int, nargs="+", default=[2, 1])
+    parser.add_argument("--kind", choices=["lstm", "gru"], nargs="+", default=["lstm", "gru"])
+    parser.add_argument("--hidden", type=int, nargs="+", default=[256, 512])
+    parser.add_argument(
+        "--threads", type=int, nargs="+", default=[torch.get_num_threads(), 1], help="default: torch's and 1"
+    )
+    parser.add_argument("--estimator", choices=["economy", "full"], nargs="+", default=["economy", "full"])
     parser.add_argument("--rounds", type=int, default=5, help="warm measured steps per setting")
+    parser.add_argument("--quick", action="store_true", help="H=256, one warm measurement per setting")
     parser.add_argument(
         "--gap", type=int, default=50, help="steps between measurements (the default schedule)"
     )
@@ -145,16 +156,34 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.gap < 2:
         parser.error(f"--gap must be >= 2 (unmeasured steps give the bare step time), got {args.gap}")
-    for threads in args.threads:
-        r = profile(args.kind, args.hidden, threads, args.rounds, gap=args.gap, lr=args.lr)
-        cost = r["measured_step_s"] - r["bare_step_s"]
-        stages = ", ".join(f"{name} {1e3 * r[name]:.0f} ms" for name in STAGES)
-        print(
-            f"{args.kind} H={args.hidden} threads={threads}: bare step {1e3 * r['bare_step_s']:.0f} ms, "
-            f"measured step {1e3 * r['measured_step_s']:.0f} ms, one measurement = "
-            f"{cost / r['bare_step_s']:.2f} training steps; {stages}"
-        )
+    if args.quick:
+        args.hidden, args.rounds = [256], 1
+    for kind in args.kind:
+        for hidden in args.hidden:
+            for threads in dict.fromkeys(args.threads):
+                for estimator in args.estimator:  # side by side, same process and thread setting
+                    r = profile(
+                        kind, hidden, threads, args.rounds, gap=args.gap, lr=args.lr, estimator=estimator
+                    )
+                    cost_steps = (r["measured_step_s"] - r["bare_step_s"]) / r["bare_step_s"]
+                    interval = default_interval(cost_steps)
+                    stages = ", ".join(f"{name} {1e3 * r[name]:.0f} ms" for name in STAGES)
+                    print(
+                        f"{kind} H={hidden} threads={threads} estimator={estimator}: bare step "
+                        f"{1e3 * r['bare_step_s']:.0f} ms, measured step {1e3 * r['measured_step_s']:.0f} ms, "
+                        f"one measurement = {cost_steps:.2f} training steps -> default interval {interval} "
+                        f"steps, overhead {100 * max(cost_steps, 0.0) / interval:.2f}%; {stages}",
+                        flush=True,
+                    )
     return 0
+
+
+def default_interval(cost_steps: float, every: int = 50, budget: float = 0.02) -> int:
+    """The default schedule's interval for a measurement costing ``cost_steps`` training steps: the
+    smallest multiple of ``every`` that keeps the measurements within ``budget`` of the training time."""
+    if not math.isfinite(cost_steps) or cost_steps <= 0:
+        return every
+    return every * max(1, math.ceil(cost_steps / (budget * every)))
 
 
 if __name__ == "__main__":

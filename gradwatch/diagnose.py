@@ -22,7 +22,7 @@ from torch import nn
 
 from gradwatch.capture.modules import NO_RNN_MESSAGE, find_rnn_modules
 from gradwatch.distributed import distributed_rank
-from gradwatch.estimators.layer import EstimatorSettings
+from gradwatch.estimators.layer import EstimatorSettings, estimator_settings
 from gradwatch.faults import FaultPolicy
 from gradwatch.measure import MeasurementPipeline
 from gradwatch.monitor import WatchConfig, new_run_id
@@ -104,7 +104,7 @@ def diagnose(
     *,
     max_sequences: int = 8,
     detection: DetectionConfig | None = None,
-    estimator: EstimatorSettings | None = None,
+    estimator: EstimatorSettings | str | None = None,
     print_report: bool = True,
     console: Console | None = None,
 ) -> Diagnosis:
@@ -121,7 +121,7 @@ def diagnose(
         max_sequences=max_sequences,
         probe="live",
         history_size=0,
-        estimator=estimator or EstimatorSettings(),
+        estimator=estimator_settings("full" if estimator is None else estimator),
         detection=detection or DetectionConfig.for_diagnosis(),
     )
     rank, _ = distributed_rank()

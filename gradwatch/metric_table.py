@@ -101,6 +101,13 @@ METRIC_TABLE: tuple[Metric, ...] = (
            prometheus="measured_sequences", combine="sum"),
     Metric("time_steps", "int", "Time steps of the sequences used for this measurement.", source="derived",
            prometheus="measured_time_steps", combine="largest"),
+    Metric("step_sample", "int",
+           "(t, sequence) pairs whose sigma_max(J_t) was estimated (the economy estimator's stratified "
+           "sample, or every real pair with estimator='full').", source="derived",
+           prometheus="step_sample_pairs", combine="sum"),
+    Metric("lag_sequences", "int",
+           "Sequences whose lag products and Lyapunov exponent were estimated (economy: the longest).",
+           source="derived", prometheus="lag_sequences", combine="sum"),
     Metric("jacobian_sigma_max_histogram", "histogram",
            "Distribution of sigma_max(J_t) over the measured (t, sequence) pairs.", source="derived",
            combine="drop"),  # each rank's buckets span its own min..max: no common bucket edges

@@ -61,6 +61,7 @@ from gradwatch.estimators.gradients import gradient_norms
 from gradwatch.estimators.layer import (
     EstimatorSettings,
     WarmStart,
+    estimator_settings,
 )
 from gradwatch.faults import FaultPolicy, GradWatchFault
 from gradwatch.lifecycle.monitor_lifecycle import MonitorLifecycle
@@ -644,7 +645,7 @@ def watch(
     tensorboard: str | os.PathLike[str] | None = None,
     sinks: Iterable[Sink] = (),
     detection: DetectionConfig | None = None,
-    estimator: EstimatorSettings | None = None,
+    estimator: EstimatorSettings | str | None = None,
     strict: bool = False,
     seed: int = 0,
     fsync: FsyncPolicy = "header",
@@ -703,8 +704,10 @@ def watch(
             Default none.
         detection: the thresholds of the vanishing/exploding detector, a DetectionConfig. Default None:
             ``DetectionConfig()``.
-        estimator: the estimators' settings (iterations, tolerance, lags, chunking), an EstimatorSettings.
-            Default None: ``EstimatorSettings()``.
+        estimator: ``"economy"`` (sigma_max(J_t) on a stratified sample of (t, sequence) pairs, lags and
+            lambda on the longest sequences; error bounds in docs/estimators.md), ``"full"`` (every pair
+            and sequence), or an EstimatorSettings (iterations, tolerance, lags, chunking). Default None:
+            ``"economy"``.
         strict: True re-raises every fault inside gradwatch as GradWatchFault (for tests and debugging);
             False degrades it to one GradWatchWarning and an error record. Default False.
         seed: the seed of the estimators' own random generator (never the global one); an int. Default 0.
@@ -746,7 +749,7 @@ def watch(
         clip_scope=clip_scope,
         clip_mode=clip_mode,
         global_view=global_view,
-        estimator=estimator or EstimatorSettings(),
+        estimator=estimator_settings(estimator),
         detection=detection or DetectionConfig(),
     )
     check_watch_options(optimizer, nonfinite=config.nonfinite, strict=strict, seed=seed, fsync=fsync)

@@ -124,6 +124,11 @@ class MeasurementMetrics:
     time_steps: int | None = None
     # Optional (absent in older logs): the distribution behind the jacobian_sigma_max_* summaries.
     jacobian_sigma_max_histogram: SigmaHistogram | None = None
+    # Optional (absent in older logs): what the estimator measured. The economy estimator (the default)
+    # summarises sigma_max(J_t) over a stratified sample of step_sample (t, sequence) pairs and takes the
+    # lag norms and lyapunov_max over lag_sequences sequences; "full" measures all (docs/estimators.md).
+    step_sample: int | None = None
+    lag_sequences: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {}

@@ -48,7 +48,7 @@ def test_accuracy_target_p99_relative_error_below_one_percent(case: CellCase, se
     exact = exact_sigma_max(dense_step_jacobians(weights.to(torch.float64), x.double(), s_prev.double()))
     jac = builtin_step_jacobians(weights, x, s_prev)
     mask = torch.ones(steps, batch, dtype=torch.bool)
-    settings = EstimatorSettings(lags=(), lyapunov=False)  # only the step Jacobians matter here
+    settings = EstimatorSettings(mode="full", lags=(), lyapunov=False)  # only the step Jacobians matter here
     estimate = estimate_layer(jac, mask, None, settings, generator=generator)
     relative_error = (estimate.jacobian_sigma.double() - exact).abs() / exact
     assert float(torch.quantile(relative_error.flatten(), 0.99)) <= 0.01
@@ -71,7 +71,7 @@ def test_metrics_match_exact_summaries_over_real_steps_and_fill_the_record() -> 
     weights, x, s_prev, mask = ragged_gru_layer()
     jac = builtin_step_jacobians(weights, x, s_prev)
     estimate = estimate_layer(
-        jac, mask, weights.weight_hh, EstimatorSettings(), generator=torch.Generator().manual_seed(2)
+        jac, mask, weights.weight_hh, EstimatorSettings(mode="full"), generator=torch.Generator().manual_seed(2)
     )
     metrics = layer_metrics(estimate)
 
@@ -113,7 +113,7 @@ def test_metrics_match_exact_summaries_over_real_steps_and_fill_the_record() -> 
 def test_warm_start_reuses_vectors_and_a_misfit_one_is_ignored() -> None:
     weights, x, s_prev, mask = ragged_gru_layer(seed=3)
     jac = builtin_step_jacobians(weights, x, s_prev)
-    settings = EstimatorSettings(rtol=1e-6, max_iter=32)
+    settings = EstimatorSettings(mode="full", rtol=1e-6, max_iter=32)
     cold = estimate_layer(jac, mask, weights.weight_hh, settings, generator=torch.Generator().manual_seed(4))
     warm = estimate_layer(jac, mask, weights.weight_hh, settings, warm_start=cold.warm_start)
     assert warm.jacobian_iterations < cold.jacobian_iterations
@@ -131,7 +131,7 @@ def test_a_warm_start_rebuilt_from_plain_values_keeps_its_lag_vectors() -> None:
     (a tuple), or the lag products silently restart cold after a resume."""
     weights, x, s_prev, mask = ragged_gru_layer(seed=3)
     jac = builtin_step_jacobians(weights, x, s_prev)
-    settings = EstimatorSettings()
+    settings = EstimatorSettings(mode="full")
     first = estimate_layer(jac, mask, weights.weight_hh, settings, generator=torch.Generator().manual_seed(4))
     plain = {f.name: getattr(first.warm_start, f.name) for f in dataclasses.fields(WarmStart)}
     plain["lags"] = list(plain["lags"])
@@ -151,12 +151,12 @@ def test_same_generator_seed_gives_identical_results_and_global_rng_is_untouched
     before = torch.get_rng_state()
     first = layer_metrics(
         estimate_layer(
-            jac, mask, weights.weight_hh, EstimatorSettings(), generator=torch.Generator().manual_seed(6)
+            jac, mask, weights.weight_hh, EstimatorSettings(mode="full"), generator=torch.Generator().manual_seed(6)
         )
     )
     second = layer_metrics(
         estimate_layer(
-            jac, mask, weights.weight_hh, EstimatorSettings(), generator=torch.Generator().manual_seed(6)
+            jac, mask, weights.weight_hh, EstimatorSettings(mode="full"), generator=torch.Generator().manual_seed(6)
         )
     )
     assert torch.equal(torch.get_rng_state(), before)
@@ -174,7 +174,7 @@ def test_extreme_states_do_not_crash(kind: str, state_value: float) -> None:
     s_prev = torch.full((5, 2, weights.state_size), state_value)
     jac = builtin_step_jacobians(weights, x, s_prev)
     metrics = layer_metrics(
-        estimate_layer(jac, torch.ones(5, 2, dtype=torch.bool), weights.weight_hh, EstimatorSettings())
+        estimate_layer(jac, torch.ones(5, 2, dtype=torch.bool), weights.weight_hh, EstimatorSettings(mode="full"))
     )
     if math.isnan(state_value):
         assert metrics.jacobian_sigma_max_mean is None  # not measurable, reported as such
@@ -187,7 +187,7 @@ def test_empty_mask_gives_not_measurable_metrics() -> None:
     weights, x, s_prev, _ = ragged_gru_layer(seed=8)
     jac = builtin_step_jacobians(weights, x, s_prev)
     metrics = layer_metrics(
-        estimate_layer(jac, torch.zeros(10, 4, dtype=torch.bool), None, EstimatorSettings())
+        estimate_layer(jac, torch.zeros(10, 4, dtype=torch.bool), None, EstimatorSettings(mode="full"))
     )
     assert metrics.jacobian_sigma_max_mean is None
     assert metrics.lyapunov_max is None
@@ -216,7 +216,7 @@ def test_settings_reject_bad_values(kwargs: dict, message: str) -> None:
 def test_settings_and_power_method_work_end_to_end() -> None:
     weights, x, s_prev, mask = ragged_gru_layer(seed=9)
     jac = builtin_step_jacobians(weights, x, s_prev)
-    settings = EstimatorSettings(method="power", max_iter=200, rtol=1e-7, lags=[1, 3])  # type: ignore[arg-type]
+    settings = EstimatorSettings(mode="full", method="power", max_iter=200, rtol=1e-7, lags=[1, 3])  # type: ignore[arg-type]
     assert settings.lags == (1, 3)
     metrics = layer_metrics(estimate_layer(jac, mask, weights.weight_hh, settings))
     exact = exact_sigma_max(dense_step_jacobians(weights, x, s_prev))[mask]
@@ -230,10 +230,10 @@ def test_step_norms_in_memory_bounded_chunks_match_one_batch() -> None:
     weights, x, s_prev, mask = ragged_gru_layer(seed=3)
     jac = builtin_step_jacobians(weights, x, s_prev)
     start = torch.randn(s_prev.shape, generator=torch.Generator().manual_seed(4), dtype=s_prev.dtype)
-    whole = estimate_step_norms(jac, mask, EstimatorSettings(rtol=1e-7, max_iter=16), start)
+    whole = estimate_step_norms(jac, mask, EstimatorSettings(mode="full", rtol=1e-7, max_iter=16), start)
     # 16 entries per chunk = one operator of size 16 at a time: 40 Lanczos runs.
     chunked = estimate_step_norms(
-        jac, mask, EstimatorSettings(rtol=1e-7, max_iter=16, chunk_entries=16), start
+        jac, mask, EstimatorSettings(mode="full", rtol=1e-7, max_iter=16, chunk_entries=16), start
     )
     assert chunked.sigma.shape == whole.sigma.shape == mask.shape
     assert chunked.right_vectors.shape == s_prev.shape
@@ -246,7 +246,7 @@ def test_step_norms_in_memory_bounded_chunks_match_one_batch() -> None:
 
 def test_chunk_entries_must_be_a_positive_integer() -> None:
     with pytest.raises(ValueError, match="chunk_entries must be a positive integer"):
-        EstimatorSettings(chunk_entries=0)
+        EstimatorSettings(mode="full", chunk_entries=0)
 
 
 def test_lyapunov_of_estimate_layer_is_exact_and_steady_across_warm_started_measurements() -> None:
@@ -266,7 +266,7 @@ def test_lyapunov_of_estimate_layer_is_exact_and_steady_across_warm_started_meas
     warm: WarmStart | None = None
     readings = []
     for _ in range(4):
-        estimate = estimate_layer(jac, mask, weights.weight_hh, EstimatorSettings(), warm_start=warm)
+        estimate = estimate_layer(jac, mask, weights.weight_hh, EstimatorSettings(mode="full"), warm_start=warm)
         warm = estimate.warm_start
         assert estimate.lyapunov_per_sequence is not None
         readings.append(estimate.lyapunov_per_sequence)

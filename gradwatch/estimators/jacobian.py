@@ -244,6 +244,26 @@ class AnalyticStepJacobians(_TimeIndexing):
             )
         return subset
 
+    def select_sequences(self, sequences: Tensor) -> AnalyticStepJacobians:
+        """Only the sequences ``sequences`` (batch indices), every time step: (T, len(sequences))."""
+        subset = copy.copy(self)
+        subset.batch_size = int(sequences.numel())
+
+        def pick(tensor: Tensor) -> Tensor:
+            return tensor.index_select(1, sequences.to(tensor.device))
+
+        if self._rnn_derivative is not None:
+            subset._rnn_derivative = pick(self._rnn_derivative)
+        if self._lstm is not None:
+            subset._lstm = _LstmCoefficients(
+                **{f.name: pick(getattr(self._lstm, f.name)) for f in fields(_LstmCoefficients)}
+            )
+        if self._gru is not None:
+            subset._gru = _GruCoefficients(
+                **{f.name: pick(getattr(self._gru, f.name)) for f in fields(_GruCoefficients)}
+            )
+        return subset
+
     @staticmethod
     def _at(coefficient: Tensor, t: int | None) -> Tensor:
         return coefficient if t is None else coefficient[t]
@@ -410,6 +430,13 @@ class FunctionStepJacobians(_TimeIndexing):
     def select(self, index: Tensor) -> FunctionStepJacobians:
         """Only the operators at flat (t, b) positions ``index``, as one step of len(index) sequences."""
         return FunctionStepJacobians(self.step, _flat_rows(self.x, index), _flat_rows(self.s_prev, index))
+
+    def select_sequences(self, sequences: Tensor) -> FunctionStepJacobians:
+        """Only the sequences ``sequences`` (batch indices), every time step: (T, len(sequences))."""
+        index = sequences.to(self.x.device)
+        return FunctionStepJacobians(
+            self.step, self.x.index_select(1, index), self.s_prev.index_select(1, index)
+        )
 
     def activation_derivatives(self) -> Tensor | None:
         return None

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -37,6 +38,12 @@ from gradwatch.estimators.products import (
     lyapunov_from_full_products,
     sequence_lengths,
 )
+from gradwatch.estimators.sampling import (
+    lag_sequence_subset,
+    sample_summaries,
+    select_sequences,
+    stratified_step_sample,
+)
 from gradwatch.metric_table import estimated_scalars
 from gradwatch.records import MeasurementMetrics, SigmaHistogram
 
@@ -60,11 +67,34 @@ STEP_CHECK_INTERVAL = 2
 COLD_QUIET_CHECKS = 3
 WARM_QUIET_CHECKS = 1
 
+EstimatorMode = Literal["economy", "full"]
+ESTIMATOR_MODES: tuple[EstimatorMode, ...] = ("economy", "full")
+
+#: The economy estimator's sample sizes (docs/estimators.md "Economy estimator", docs/performance.md):
+#: sigma_max(J_t) on a stratified sample of this many real (t, sequence) pairs, and the lag products and
+#: the Lyapunov exponent on this many sequences (the longest). A population no larger is measured whole.
+ECONOMY_STEP_SAMPLE = 64
+ECONOMY_LAG_SEQUENCES = 4
+#: The economy estimator's tolerances (the looser of these and the settings' own): the verdict reads the
+#: lag norms on a log scale (10% is 0.04 in log10) and lambda = log(norm) / T (10% is 0.0015 at T = 64),
+#: and the step-norm summaries carry a sampling error of a few percent anyway.
+ECONOMY_STEP_RTOL = 1e-3
+ECONOMY_LAG_RTOL = 1e-2
+ECONOMY_LAG_QUIET_CHECKS = 1
+
 
 @dataclass(frozen=True)
 class EstimatorSettings:
-    """Accuracy/cost knobs of one layer measurement (defaults chosen by measurement, docs/estimators.md)."""
+    """Accuracy/cost knobs of one layer measurement (defaults chosen by measurement, docs/estimators.md).
 
+    ``mode="economy"`` (the default) estimates sigma_max(J_t) on a stratified sample of ``step_sample``
+    (t, sequence) pairs and the lag products and lambda on the ``lag_sequences`` longest sequences;
+    ``mode="full"`` measures every pair and sequence (``watch(estimator="full")``).
+    """
+
+    mode: EstimatorMode = "economy"
+    step_sample: int = ECONOMY_STEP_SAMPLE
+    lag_sequences: int = ECONOMY_LAG_SEQUENCES
     method: SpectralMethod = "lanczos"
     max_iter: int = 32
     rtol: float = 1e-4
@@ -77,9 +107,18 @@ class EstimatorSettings:
     chunk_entries: int | None = None  # None: DEFAULT_CHUNK_ENTRIES (BACKGROUND_CHUNK_ENTRIES off-thread)
 
     def __post_init__(self) -> None:
+        if self.mode not in ESTIMATOR_MODES:
+            raise ValueError(f"mode must be one of {ESTIMATOR_MODES}, got {self.mode!r}")
         if self.method not in SPECTRAL_METHODS:
             raise ValueError(f"method must be one of {SPECTRAL_METHODS}, got {self.method!r}")
-        for name in ("max_iter", "lag_max_iter", "weight_max_iter", "chunk_entries"):
+        for name in (
+            "max_iter",
+            "lag_max_iter",
+            "weight_max_iter",
+            "chunk_entries",
+            "step_sample",
+            "lag_sequences",
+        ):
             value = getattr(self, name)
             if name == "chunk_entries" and value is None:
                 continue
@@ -98,6 +137,20 @@ class EstimatorSettings:
             if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 1 for t in lags):
                 raise ValueError(f"lags must be None or a tuple of positive integers, got {self.lags!r}")
             object.__setattr__(self, "lags", lags)
+
+
+def estimator_settings(value: EstimatorSettings | str | None) -> EstimatorSettings:
+    """``watch(estimator=...)``: None or ``"economy"`` (the default), ``"full"`` (every (t, sequence)
+    pair and sequence, today's accuracy), or an EstimatorSettings as given."""
+    if value is None:
+        return EstimatorSettings()
+    if isinstance(value, EstimatorSettings):
+        return value
+    if isinstance(value, str) and value in ESTIMATOR_MODES:
+        return EstimatorSettings(mode=value)
+    raise ValueError(
+        f"estimator must be 'economy' (the default), 'full' or a gradwatch.EstimatorSettings, got {value!r}"
+    )
 
 
 @dataclass(frozen=True)
@@ -137,6 +190,8 @@ class LayerEstimate:
     sequences: Tensor  # number of sequences with at least one real step
     time_steps: int
     warm_start: WarmStart
+    step_sample: int = 0  # (t, sequence) pairs whose sigma_max(J_t) was estimated
+    lag_sequences: int = 0  # sequences whose lag products and lambda were estimated
 
 
 def _warm_or_random(
@@ -284,12 +339,24 @@ def estimate_layer(
         jac.device,
         generator,
     )
-    step_estimate = estimate_step_norms(jac, mask, settings, step_start, warm=warm_rows)
-    sigma = torch.where(mask, step_estimate.sigma, torch.full_like(step_estimate.sigma, float("nan")))
-    summaries = _masked_summaries(step_estimate.sigma, mask)
-    converged_ratio = (step_estimate.converged & mask).sum().to(jac.dtype) / mask.sum().clamp(min=1).to(
-        jac.dtype
+    sample = (
+        stratified_step_sample(mask, settings.step_sample, generator) if settings.mode == "economy" else None
     )
+    sampled = None if sample is None else select_operators(jac, sample.index.to(jac.device))
+    if sample is None or sampled is None:
+        step_estimate = estimate_step_norms(jac, mask, settings, step_start, warm=warm_rows)
+        sigma = torch.where(mask, step_estimate.sigma, torch.full_like(step_estimate.sigma, float("nan")))
+        summaries = _masked_summaries(step_estimate.sigma, mask)
+        converged_ratio = (step_estimate.converged & mask).sum().to(jac.dtype) / mask.sum().clamp(min=1).to(
+            jac.dtype
+        )
+        step_vectors = step_estimate.right_vectors
+        step_pairs = int(mask.sum())
+    else:
+        sigma, summaries, converged_ratio, step_estimate, step_vectors = _sampled_step_norms(
+            sampled, sample.index.to(jac.device), sample.weights, settings, step_start, warm_rows, warm_start
+        )
+        step_pairs = int(sample.index.numel())
 
     # 2. sigma_max(W_hh).
     weight_sigma: Tensor | None = None
@@ -318,23 +385,30 @@ def estimate_layer(
             real.sum().clamp(min=1).to(gates.dtype) * gates.shape[-1]
         )
 
-    # 4. Products over time: lag norms and the top Lyapunov exponent.
+    # 4. Products over time: lag norms and the top Lyapunov exponent (economy: on the longest sequences).
     lags = settings.lags if settings.lags is not None else tuple(default_lags(steps))
     warm_lags = warm_start.lag_vectors if warm_start is not None and warm_start.lags == lags else None
+    lag_jac, lag_mask = jac, mask
+    chosen = lag_sequence_subset(lengths, settings.lag_sequences) if settings.mode == "economy" else None
+    subset = None if chosen is None else select_sequences(jac, chosen.to(jac.device))
+    if chosen is not None and subset is not None:
+        lag_jac, lag_mask = subset, mask.index_select(1, chosen.to(mask.device))
+    economy = settings.mode == "economy"
     lag_estimate = estimate_lag_norms(
-        jac,
-        mask,
+        lag_jac,
+        lag_mask,
         lags,
         method=settings.method,
         max_iter=settings.lag_max_iter,
-        rtol=settings.lag_rtol,
+        rtol=max(settings.lag_rtol, ECONOMY_LAG_RTOL) if economy else settings.lag_rtol,
         generator=generator,
         v0=warm_lags,
         full_products=settings.lyapunov,
+        quiet_checks=ECONOMY_LAG_QUIET_CHECKS if economy else None,
     )
     # lambda from the whole-product rows of the lag sweeps (their GEMMs with W_hh are shared); the rescaled
     # path of lyapunov_max only for sequences too short, not converged, or out of the dtype's range.
-    lyapunov = lyapunov_from_full_products(jac, mask, lag_estimate) if settings.lyapunov else None
+    lyapunov = lyapunov_from_full_products(lag_jac, lag_mask, lag_estimate) if settings.lyapunov else None
 
     return LayerEstimate(
         jacobian_sigma=sigma,
@@ -349,14 +423,50 @@ def estimate_layer(
         lag_norm_per_sequence=lag_estimate.norms,
         sequences=(lengths > 0).sum(),
         time_steps=steps,
+        step_sample=step_pairs,
+        lag_sequences=int((sequence_lengths(lag_mask, steps, lag_jac.batch_size) > 0).sum()),
         warm_start=WarmStart(
-            step_vectors=step_estimate.right_vectors,
+            step_vectors=step_vectors,
             weight_vector=weight_vector,
             lag_vectors=lag_estimate.estimate.right_vectors,
             lags=lag_estimate.lags,
         ),
         **summaries,
     )
+
+
+def _sampled_step_norms(
+    sampled: StepJacobians,
+    index: Tensor,
+    weights: Tensor,
+    settings: EstimatorSettings,
+    step_start: Tensor,
+    warm_rows: Tensor,
+    warm_start: WarmStart | None,
+) -> tuple[Tensor, dict[str, Tensor], Tensor, SpectralNormEstimate, Tensor]:
+    """sigma_max(J_t) on the sampled pairs only (flat positions ``index``): the (T, B) sigma (NaN off the
+    sample), the weighted summaries, the converged share, the raw estimate and the (T, B, D) warm-start
+    vectors (the sampled rows new, the others kept from before; NaN rows were never measured, so the next
+    measurement starts them cold)."""
+    steps, batch, state = step_start.shape
+    count = int(index.numel())
+    start = step_start.reshape(steps * batch, state)[index].view(1, count, state)
+    warm = warm_rows.reshape(steps * batch)[index].view(1, count)
+    ones = torch.ones((1, count), dtype=torch.bool, device=step_start.device)
+    economy = replace(settings, rtol=max(settings.rtol, ECONOMY_STEP_RTOL))
+    estimate = estimate_step_norms(sampled, ones, economy, start, warm=warm)
+    values = estimate.sigma.reshape(count)
+    sigma = torch.full((steps * batch,), float("nan"), dtype=values.dtype, device=values.device)
+    sigma[index] = values
+    summaries = sample_summaries(values, weights.to(values.device), JACOBIAN_QUANTILE)
+    converged = estimate.converged.reshape(count).to(values.dtype).mean()
+    previous = warm_start.step_vectors if warm_start is not None else None
+    if previous is None or previous.shape != step_start.shape or previous.dtype != step_start.dtype:
+        vectors = torch.full_like(step_start, float("nan"))
+    else:
+        vectors = previous.to(step_start.device).clone()
+    vectors.view(steps * batch, state)[index] = estimate.right_vectors.reshape(count, state)
+    return sigma.view(steps, batch), summaries, converged, estimate, vectors
 
 
 _SCALAR_METRICS = estimated_scalars()  # the 0-d tensors of LayerEstimate copied to the host as they are
@@ -408,6 +518,8 @@ def layer_metrics(estimate: LayerEstimate) -> MeasurementMetrics:
         jacobian_iterations=estimate.jacobian_iterations,
         sequences=int(host["sequences"]),
         time_steps=estimate.time_steps,
+        step_sample=estimate.step_sample,
+        lag_sequences=estimate.lag_sequences,
         # None: a real step was non-finite, no distribution
         jacobian_sigma_max_histogram=None if mean is None else sigma_histogram(estimate.jacobian_sigma),
     )

@@ -133,6 +133,7 @@ def estimate_lag_norms(
     generator: torch.Generator | None = None,
     v0: Tensor | None = None,
     full_products: bool = False,
+    quiet_checks: int | None = None,
 ) -> LagNormEstimate:
     """Spectral norms of every lag product, all lags and sequences in one batched estimate.
 
@@ -141,14 +142,17 @@ def estimate_lag_norms(
     in the same sweeps, for :func:`lyapunov_from_full_products`. Every step operator of a sweep then
     multiplies the lag rows and the whole-product rows in one GEMM with W_hh: on CPU that GEMM is bound
     by reading W_hh, so the extra rows cost little, while a separate Lyapunov sweep reads W_hh again at
-    every step of every iteration.
+    every step of every iteration. ``quiet_checks``: one count for every row instead of the rules of
+    :func:`_lag_quiet_checks` (the economy estimator asks for fewer).
     """
     checked_lags = _check_lags(lags)
     steps, batch, state = jac.time_steps, jac.batch_size, jac.state_size
     lengths = sequence_lengths(mask, steps, batch).to(jac.device)
     lag_count = len(checked_lags)
     if full_products:
-        return _with_full_products(jac, mask, checked_lags, lengths, method, max_iter, rtol, generator, v0)
+        return _with_full_products(
+            jac, mask, checked_lags, lengths, method, max_iter, rtol, generator, v0, quiet_checks
+        )
     if lag_count == 0:
         empty = torch.empty((0, batch), dtype=jac.dtype, device=jac.device)
         raw = SpectralNormEstimate(
@@ -159,7 +163,9 @@ def estimate_lag_norms(
         )
         return LagNormEstimate((), empty, raw)
     tau = torch.tensor(checked_lags, device=jac.device).unsqueeze(1)  # (K, 1)
-    return _estimate_windows(jac, tau, lengths, method, max_iter, rtol, generator, v0, checked_lags)
+    return _estimate_windows(
+        jac, tau, lengths, method, max_iter, rtol, generator, v0, checked_lags, quiet_checks=quiet_checks
+    )
 
 
 def _estimate_windows(
@@ -173,6 +179,7 @@ def _estimate_windows(
     v0: Tensor | None,
     checked_lags: tuple[int, ...],
     fixed_start_rows: int = 0,
+    quiet_checks: int | None = None,
 ) -> LagNormEstimate:
     """Norms of the products over the last tau[k, b] real steps of each sequence b (tau (K, 1) or (K, B)),
     one batched Lanczos; the last ``fixed_start_rows`` rows start from the private seed-0 vectors when no
@@ -247,7 +254,9 @@ def _estimate_windows(
         active=valid,
         restrict=restrict,
         check_interval=_LAG_CONVERGENCE_TEST["check_interval"],
-        quiet_checks=_lag_quiet_checks(tau.expand(lag_count, batch), usable_warm_start),
+        quiet_checks=_lag_quiet_checks(tau.expand(lag_count, batch), usable_warm_start)
+        if quiet_checks is None
+        else quiet_checks,
     )
     norms = torch.where(valid, raw.sigma, torch.full_like(raw.sigma, float("nan")))
     return LagNormEstimate(checked_lags, norms, raw)
@@ -270,6 +279,7 @@ def _with_full_products(
     rtol: float,
     generator: torch.Generator | None,
     v0: Tensor | None,
+    quiet_checks: int | None = None,
 ) -> LagNormEstimate:
     """The lags plus one row per sequence with tau = L_b (the whole product), split apart again."""
     lag_count = len(checked_lags)
@@ -283,7 +293,17 @@ def _with_full_products(
     whole_product = lag_tau == whole_tau
     tau = torch.cat([torch.where(whole_product, 0, lag_tau), whole_tau])
     both = _estimate_windows(
-        jac, tau, lengths, method, max_iter, rtol, generator, v0, checked_lags, fixed_start_rows=1
+        jac,
+        tau,
+        lengths,
+        method,
+        max_iter,
+        rtol,
+        generator,
+        v0,
+        checked_lags,
+        fixed_start_rows=1,
+        quiet_checks=quiet_checks,
     )
     raw = both.estimate
     shared = torch.cat([whole_product, whole_product.new_zeros((1, batch))])  # (K + 1, B)

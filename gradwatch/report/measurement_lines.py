@@ -64,6 +64,8 @@ class MetricsLine(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     sequences: _JsonInt | None = None
     time_steps: _JsonInt | None = None
     jacobian_sigma_max_histogram: HistogramLine | None = None
+    step_sample: _JsonInt | None = None
+    lag_sequences: _JsonInt | None = None
 
 
 class MeasurementLine(msgspec.Struct, forbid_unknown_fields=True, gc=False):
