@@ -22,7 +22,7 @@ def test_monitor_and_watch_refuse_a_non_optimizer_with_the_same_message() -> Non
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
-        ("estimator", "fast", "estimator must be a gradwatch.EstimatorSettings"),
+        ("estimator", 3, "estimator must be a gradwatch.EstimatorSettings"),
         ("detection", "strict", "detection must be a gradwatch.DetectionConfig"),
         ("global_view", 1, "global_view must be True or False"),
     ],

@@ -71,7 +71,11 @@ def test_metrics_match_exact_summaries_over_real_steps_and_fill_the_record() -> 
     weights, x, s_prev, mask = ragged_gru_layer()
     jac = builtin_step_jacobians(weights, x, s_prev)
     estimate = estimate_layer(
-        jac, mask, weights.weight_hh, EstimatorSettings(mode="full"), generator=torch.Generator().manual_seed(2)
+        jac,
+        mask,
+        weights.weight_hh,
+        EstimatorSettings(mode="full"),
+        generator=torch.Generator().manual_seed(2),
     )
     metrics = layer_metrics(estimate)
 
@@ -151,12 +155,20 @@ def test_same_generator_seed_gives_identical_results_and_global_rng_is_untouched
     before = torch.get_rng_state()
     first = layer_metrics(
         estimate_layer(
-            jac, mask, weights.weight_hh, EstimatorSettings(mode="full"), generator=torch.Generator().manual_seed(6)
+            jac,
+            mask,
+            weights.weight_hh,
+            EstimatorSettings(mode="full"),
+            generator=torch.Generator().manual_seed(6),
         )
     )
     second = layer_metrics(
         estimate_layer(
-            jac, mask, weights.weight_hh, EstimatorSettings(mode="full"), generator=torch.Generator().manual_seed(6)
+            jac,
+            mask,
+            weights.weight_hh,
+            EstimatorSettings(mode="full"),
+            generator=torch.Generator().manual_seed(6),
         )
     )
     assert torch.equal(torch.get_rng_state(), before)
@@ -174,7 +186,9 @@ def test_extreme_states_do_not_crash(kind: str, state_value: float) -> None:
     s_prev = torch.full((5, 2, weights.state_size), state_value)
     jac = builtin_step_jacobians(weights, x, s_prev)
     metrics = layer_metrics(
-        estimate_layer(jac, torch.ones(5, 2, dtype=torch.bool), weights.weight_hh, EstimatorSettings(mode="full"))
+        estimate_layer(
+            jac, torch.ones(5, 2, dtype=torch.bool), weights.weight_hh, EstimatorSettings(mode="full")
+        )
     )
     if math.isnan(state_value):
         assert metrics.jacobian_sigma_max_mean is None  # not measurable, reported as such
@@ -266,7 +280,9 @@ def test_lyapunov_of_estimate_layer_is_exact_and_steady_across_warm_started_meas
     warm: WarmStart | None = None
     readings = []
     for _ in range(4):
-        estimate = estimate_layer(jac, mask, weights.weight_hh, EstimatorSettings(mode="full"), warm_start=warm)
+        estimate = estimate_layer(
+            jac, mask, weights.weight_hh, EstimatorSettings(mode="full"), warm_start=warm
+        )
         warm = estimate.warm_start
         assert estimate.lyapunov_per_sequence is not None
         readings.append(estimate.lyapunov_per_sequence)

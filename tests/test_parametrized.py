@@ -18,7 +18,9 @@ from gradwatch.policy.alerts import GradWatchWarning
 from gradwatch.records import ErrorRecord, Measurement
 
 BATCH, STEPS, INPUTS, HIDDEN = 3, 5, 3, 4
-EXACT = gradwatch.EstimatorSettings(mode="full", rtol=1e-12)  # iterate to convergence: compared with exact norms
+EXACT = gradwatch.EstimatorSettings(
+    mode="full", rtol=1e-12
+)  # iterate to convergence: compared with exact norms
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -74,7 +74,7 @@ ESTIMATOR_MODES: tuple[EstimatorMode, ...] = ("economy", "full")
 #: sigma_max(J_t) on a stratified sample of this many real (t, sequence) pairs, and the lag products and
 #: the Lyapunov exponent on this many sequences (the longest). A population no larger is measured whole.
 ECONOMY_STEP_SAMPLE = 64
-ECONOMY_LAG_SEQUENCES = 4
+ECONOMY_LAG_SEQUENCES = 8
 #: The economy estimator's tolerances (the looser of these and the settings' own): the verdict reads the
 #: lag norms on a log scale (10% is 0.04 in log10) and lambda = log(norm) / T (10% is 0.0015 at T = 64),
 #: and the step-norm summaries carry a sampling error of a few percent anyway.
@@ -148,9 +148,11 @@ def estimator_settings(value: EstimatorSettings | str | None) -> EstimatorSettin
         return value
     if isinstance(value, str) and value in ESTIMATOR_MODES:
         return EstimatorSettings(mode=value)
-    raise ValueError(
-        f"estimator must be 'economy' (the default), 'full' or a gradwatch.EstimatorSettings, got {value!r}"
+    message = (
+        f"estimator must be a gradwatch.EstimatorSettings or one of 'economy' (the default), 'full', "
+        f"got {value!r}"
     )
+    raise ValueError(message) if isinstance(value, str) else TypeError(message)
 
 
 @dataclass(frozen=True)

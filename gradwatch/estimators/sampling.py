@@ -12,6 +12,7 @@ a deterministic choice, so a fixed probe keeps its warm starts from one measurem
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -30,6 +31,18 @@ class StepSample:
     population: int  # N, the real pairs sampled from
 
 
+def stratum_bounds(population: int, size: int, device: torch.device | None = None) -> Tensor:
+    """(size + 1,) boundaries floor(i N / n) of the ``size`` strata of ``population`` time-major pairs."""
+    return torch.arange(size + 1, device=device, dtype=torch.long) * population // size
+
+
+def stratum_ranges(values: Tensor, size: int) -> Tensor:
+    """(size,) max - min of each stratum of the flat time-major ``values`` (the real pairs' sigma_max):
+    what the Hoeffding bound of the mean needs (tests and benchmarks have the whole population)."""
+    bounds = stratum_bounds(values.numel(), size).tolist()
+    return torch.stack([values[lo:hi].max() - values[lo:hi].min() for lo, hi in itertools.pairwise(bounds)])
+
+
 def stratified_step_sample(
     mask: Tensor, size: int, generator: torch.Generator | None = None
 ) -> StepSample | None:
@@ -42,7 +55,7 @@ def stratified_step_sample(
     population = int(real.numel())
     if population <= size:
         return None
-    bounds = torch.arange(size + 1, device=device, dtype=torch.long) * population // size
+    bounds = stratum_bounds(population, size, device)
     sizes = bounds[1:] - bounds[:-1]
     uniform = torch.rand(size, generator=generator, device=device, dtype=torch.float64)
     offsets = torch.minimum((uniform * sizes).long(), sizes - 1)

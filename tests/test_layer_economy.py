@@ -1,0 +1,178 @@
+"""The economy estimator (the default) against the full one and exact dense Jacobians: the sampled
+sigma_max(J_t), its summaries within the stated sampling bounds, lambda and the lag norms."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from gradwatch.estimators.jacobian import builtin_step_jacobians
+from gradwatch.estimators.layer import (
+    ECONOMY_STEP_SAMPLE,
+    EstimatorSettings,
+    estimate_layer,
+    estimator_settings,
+    layer_metrics,
+)
+from gradwatch.estimators.products import default_lags
+from gradwatch.estimators.sampling import mean_error_bound, quantile_rank_error, stratum_ranges
+from tests._estimator_cases import (
+    CellCase,
+    dense_step_jacobians,
+    exact_lag_norm,
+    exact_sigma_max,
+    random_cell_weights,
+    random_sequences,
+)
+
+CASES = [CellCase("rnn_tanh", 16), CellCase("lstm", 16), CellCase("gru", 16)]
+STEPS, BATCH = 40, 6  # 240 real pairs > the 64 sampled
+DELTA = 1e-3  # the bounds asserted hold with probability >= 1 - DELTA for any population
+
+
+def _layer(case: CellCase, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    weights = random_cell_weights(case, generator, dtype=torch.float64)
+    x, s_prev = random_sequences(case, weights, steps=STEPS, batch=BATCH, generator=generator)
+    return weights, x, s_prev, torch.ones(STEPS, BATCH, dtype=torch.bool)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.case_id)
+def test_economy_summaries_lie_within_the_stated_bounds_of_the_exact_population(case: CellCase) -> None:
+    weights, x, s_prev, mask = _layer(case)
+    dense = dense_step_jacobians(weights, x, s_prev)
+    exact = exact_sigma_max(dense)  # (T, B): the population, every real pair
+    jac = builtin_step_jacobians(weights, x, s_prev)
+    estimate = estimate_layer(
+        jac, mask, weights.weight_hh, EstimatorSettings(), generator=torch.Generator().manual_seed(3)
+    )
+    sampled = torch.isfinite(estimate.jacobian_sigma)
+    assert int(sampled.sum()) == estimate.step_sample == ECONOMY_STEP_SAMPLE
+    # every sampled operator is measured to the economy tolerance (a lower bound, as Lanczos gives)
+    relative = (estimate.jacobian_sigma[sampled] - exact[sampled]) / exact[sampled]
+    assert float(relative.abs().max()) <= 1e-2 and float(relative.max()) <= 1e-9
+    # the strata: 64 contiguous time-major blocks of the 240 pairs; the sample's weights N_i / N
+    population = exact.reshape(-1)
+    bounds = torch.arange(ECONOMY_STEP_SAMPLE + 1) * population.numel() // ECONOMY_STEP_SAMPLE
+    weights_ = (bounds[1:] - bounds[:-1]).double() / population.numel()
+    ranges = stratum_ranges(population, ECONOMY_STEP_SAMPLE)
+    estimator_error = 1e-2 * float(population.max())  # the Lanczos tolerance on top of the sampling error
+    mean_bound = mean_error_bound(weights_, ranges, DELTA) + estimator_error
+    assert abs(float(estimate.jacobian_sigma_max_mean) - float(population.mean())) <= mean_bound
+    epsilon = quantile_rank_error(weights_, DELTA)
+    ordered = torch.sort(population).values
+    low = float(ordered[max(0, math.ceil((0.95 - epsilon) * len(ordered)) - 1)]) * (1 - 1e-2)
+    high = float(ordered[min(len(ordered) - 1, math.ceil((0.95 + epsilon) * len(ordered)) - 1)])
+    assert low <= float(estimate.jacobian_sigma_max_p95) <= high
+    # max is the max of the sample: never above the population's
+    assert float(estimate.jacobian_sigma_max_max) <= float(population.max()) * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.case_id)
+def test_economy_lambda_and_lag_norms_match_full_and_exact_products(case: CellCase) -> None:
+    weights, x, s_prev, mask = _layer(case, seed=1)
+    dense = dense_step_jacobians(weights, x, s_prev)
+    jac = builtin_step_jacobians(weights, x, s_prev)
+    records = {
+        mode: layer_metrics(
+            estimate_layer(
+                jac,
+                mask,
+                weights.weight_hh,
+                EstimatorSettings(mode=mode),
+                generator=torch.Generator().manual_seed(4),
+            )
+        )
+        for mode in ("economy", "full")
+    }
+    lags = default_lags(STEPS)
+    exact_medians = {
+        tau: float(torch.tensor([exact_lag_norm(dense, b, STEPS, tau) for b in range(BATCH)]).median())
+        for tau in lags
+    }
+    # lambda: log of the whole product's norm per step, median over the sequences (lower middle)
+    exact_lambda = float(
+        torch.tensor(
+            [math.log(exact_lag_norm(dense, b, STEPS, STEPS)) / STEPS for b in range(BATCH)]
+        ).median()
+    )
+    economy, full = records["economy"], records["full"]
+    assert economy.lyapunov_max is not None and full.lyapunov_max is not None
+    assert abs(economy.lyapunov_max - full.lyapunov_max) <= 0.02
+    assert abs(economy.lyapunov_max - exact_lambda) <= 0.02
+    for tau in lags:  # every lag within 10% (0.04 in log10), the longest (the reach) included
+        value = economy.lag_norm[str(tau)]
+        assert value is not None
+        assert abs(value / exact_medians[tau] - 1) <= 0.10
+        assert abs(value / (full.lag_norm[str(tau)] or math.nan) - 1) <= 0.10
+    longest = math.log10(economy.lag_norm[str(lags[-1])] or math.nan)
+    assert abs(longest / math.log10(exact_medians[lags[-1]]) - 1) <= 0.10
+    assert (economy.step_sample, economy.lag_sequences) == (ECONOMY_STEP_SAMPLE, BATCH)
+    assert (full.step_sample, full.lag_sequences) == (STEPS * BATCH, BATCH)
+
+
+def test_a_population_no_larger_than_the_sample_is_measured_whole_like_full() -> None:
+    case = CellCase("gru", 8)
+    generator = torch.Generator().manual_seed(5)
+    weights = random_cell_weights(case, generator, dtype=torch.float64)
+    x, s_prev = random_sequences(case, weights, steps=10, batch=4, generator=generator)
+    mask = torch.ones(10, 4, dtype=torch.bool)
+    jac = builtin_step_jacobians(weights, x, s_prev)
+    economy, full = (
+        estimate_layer(
+            jac,
+            mask,
+            weights.weight_hh,
+            EstimatorSettings(mode=m),
+            generator=torch.Generator().manual_seed(6),
+        )
+        for m in ("economy", "full")
+    )
+    torch.testing.assert_close(economy.jacobian_sigma, full.jacobian_sigma)
+    assert economy.step_sample == full.step_sample == 40
+
+
+def test_lag_sequences_measures_the_longest_sequences_and_warm_starts_carry_over() -> None:
+    case = CellCase("lstm", 8)
+    generator = torch.Generator().manual_seed(7)
+    weights = random_cell_weights(case, generator, dtype=torch.float64)
+    x, s_prev = random_sequences(case, weights, steps=24, batch=5, generator=generator)
+    lengths = [24, 10, 24, 17, 24]
+    mask = torch.arange(24).unsqueeze(1) < torch.tensor(lengths).unsqueeze(0)
+    dense = dense_step_jacobians(weights, x, s_prev)
+    jac = builtin_step_jacobians(weights, x, s_prev)
+    settings = EstimatorSettings(lag_sequences=3, lags=(1, 4, 16))
+    first = estimate_layer(jac, mask, weights.weight_hh, settings, generator=torch.Generator().manual_seed(8))
+    assert first.lag_sequences == 3 and first.lag_norm_per_sequence.shape == (3, 3)
+    for k, tau in enumerate((1, 4, 16)):
+        for column, b in enumerate((0, 2, 4)):  # the three of length 24
+            exact = exact_lag_norm(dense, b, 24, tau)
+            assert abs(float(first.lag_norm_per_sequence[k, column]) / exact - 1) <= 0.05
+    # the sampled step vectors are kept (NaN rows never measured), and the next estimate reuses them
+    vectors = first.warm_start.step_vectors
+    measured_rows = torch.isfinite(vectors).all(dim=-1)
+    assert torch.equal(measured_rows, torch.isfinite(first.jacobian_sigma))
+    second = estimate_layer(
+        jac,
+        mask,
+        weights.weight_hh,
+        settings,
+        warm_start=first.warm_start,
+        generator=torch.Generator().manual_seed(9),
+    )
+    assert int(torch.isfinite(second.warm_start.step_vectors).all(dim=-1).sum()) >= int(measured_rows.sum())
+
+
+def test_the_estimator_option_names_what_it_accepts() -> None:
+    assert estimator_settings(None).mode == "economy"
+    assert estimator_settings("full") == EstimatorSettings(mode="full")
+    custom = EstimatorSettings(step_sample=128)
+    assert estimator_settings(custom) is custom
+    with pytest.raises(ValueError, match="one of 'economy' \\(the default\\), 'full', got 'fast'"):
+        estimator_settings("fast")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        EstimatorSettings(mode="cheap")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="step_sample must be a positive integer"):
+        EstimatorSettings(step_sample=0)
