@@ -5,6 +5,7 @@ Run from the repository root:
     python3 -m benchmarks.overhead                      # LSTM and GRU, H=256, T=64, B=32 (~12 min on 2 cores)
     python3 -m benchmarks.overhead --hidden 256 512     # the full grid of docs/performance.md
     python3 -m benchmarks.overhead --quick              # H=256, 2 rounds: every table in a few minutes
+    python3 -m benchmarks.overhead --estimator economy  # only the default estimator (both by default)
     python3 -m benchmarks.overhead --kinds lstm --variants bare every-step default --repeats 3
                                                         # bounded: one measurement's cost and every=50
 
@@ -34,7 +35,8 @@ more untimed steps, so the timed block is steps 50..99: it starts with the measu
 49 steps during which a background measurement runs, as in a long run; the block ends by waiting for any
 measurement still running. The peak-RSS mark is reset just before the block.
 
-Ratios are formed between runs of the same round and their median is reported.
+Ratios are formed between runs of the same round and their median is reported. Each case runs once per
+``--estimator`` (the economy default and ``estimator="full"``), each with its own bare runs.
 """
 
 from __future__ import annotations
@@ -91,6 +93,7 @@ class Summary:
     kind: str
     hidden: int
     threads: int
+    estimator: str
     bare_step_s: float
     default_ratio: float  # median over rounds of default time per step / bare time per step
     default_interval: float  # median steps between two measurements of the default schedule (its block)
@@ -127,7 +130,9 @@ def excess_over_own_median(results: list[dict]) -> float:
     )
 
 
-def summarise(kind: str, hidden: int, runs: dict[str, list[dict]], threads: int = 1) -> Summary:
+def summarise(
+    kind: str, hidden: int, runs: dict[str, list[dict]], threads: int = 1, estimator: str = "economy"
+) -> Summary:
     """Medians and ratios of one (kind, hidden, threads) case; a variant left out (``--variants``) reads
     NaN in every figure that needs it."""
     rounds = len(runs["bare"])
@@ -170,6 +175,7 @@ def summarise(kind: str, hidden: int, runs: dict[str, list[dict]], threads: int 
         kind=kind,
         hidden=hidden,
         threads=threads,
+        estimator=estimator,
         bare_step_s=bare_step,
         default_ratio=default_ratio,
         default_interval=default_interval,
@@ -235,7 +241,7 @@ def per_step_check_seconds(
 
 def label(summary: Summary) -> str:
     """The row name of a case: cell, hidden size and torch threads."""
-    return f"{summary.kind} H={summary.hidden} threads={summary.threads}"
+    return f"{summary.kind} H={summary.hidden} threads={summary.threads} {summary.estimator}"
 
 
 def percent(ratio: float) -> str:
@@ -269,6 +275,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument(
+        "--estimator",
+        nargs="+",
+        default=["economy", "full"],
+        choices=["economy", "full"],
+        help="watch(estimator=)",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help="H=256 only, 2 rounds: both cells and both thread settings in a few minutes (not for the docs)",
@@ -294,8 +307,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     summaries: list[Summary] = []
     raw: dict[str, dict[str, list[dict]]] = {}
-    for threads, kind, hidden in (
-        (t, k, h) for t in thread_settings for k in args.kinds for h in hidden_sizes
+    for threads, kind, hidden, estimator in (
+        (t, k, h, e)
+        for t in thread_settings
+        for k in args.kinds
+        for h in hidden_sizes
+        for e in args.estimator
     ):
         selected = [
             v for v in variants(args.block, args.measured_steps) if chosen is None or v.name in chosen
@@ -316,16 +333,17 @@ def main(argv: list[str] | None = None) -> int:
                 measured_intervals=variant.measured_intervals,
                 threads=threads,
                 device=args.device,
+                estimator=estimator,
             )
             result = run_worker("benchmarks.overhead", asdict(settings))
             runs[variant.name].append(result)
             print(
-                f"  {kind} H={hidden} threads={threads} round {round_index + 1}/{args.repeats} "
+                f"  {kind} H={hidden} threads={threads} {estimator} round {round_index + 1}/{args.repeats} "
                 f"{variant.name:<10} {result['total_seconds']:.2f} s",
                 file=sys.stderr,
             )
-        summaries.append(summarise(kind, hidden, runs, threads))
-        raw[f"{kind}-{hidden}-t{threads}"] = runs
+        summaries.append(summarise(kind, hidden, runs, threads, estimator))
+        raw[f"{kind}-{hidden}-t{threads}-{estimator}"] = runs
     print_tables(summaries)
     if chosen is None or "nonfinite" in chosen:
         print(

@@ -67,6 +67,7 @@ class WorkerSettings:
     threads: int | None = 1
     seed: int = 0
     device: str = "cpu"
+    estimator: str = "economy"  # gradwatch: watch(estimator=...), "economy" (the default) or "full"
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,9 @@ def gradwatch_instrument(
     """
     import gradwatch
 
-    monitor = gradwatch.watch(model, optimizer, every=settings.every, background=settings.background)
+    monitor = gradwatch.watch(
+        model, optimizer, every=settings.every, background=settings.background, estimator=settings.estimator
+    )
     detail: dict[str, Any] = {
         "settle": monitor.wait,
         "drain": monitor.wait,

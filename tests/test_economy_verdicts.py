@@ -4,16 +4,19 @@ training runs whose 8 measured sequences x T steps are more (t, sequence) pairs 
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import pytest
 import torch
+from rich.console import Console
 
 import gradwatch
 from gradwatch.demo.scenarios import build_model, scenario_for
 from gradwatch.demo.task import adding_problem_batch
 from gradwatch.records import Alert
 from gradwatch.report.command import make_report
+from gradwatch.report.render_text import render_text
 from gradwatch.report.summary import ReportOptions
 
 SCENARIOS = [
@@ -69,3 +72,18 @@ def test_economy_and_full_give_the_same_alerts_and_verdicts(name: str, cell: str
     assert economy[:2] == full[:2]
     assert economy[1] == [scenario_for(name, cell).expected_verdict]
     assert economy[2] < full[2]  # the economy run really sampled
+
+
+def test_the_report_says_which_estimator_wrote_the_run(tmp_path: Path) -> None:
+    notes = {}
+    for estimator in ("economy", "full"):
+        log = tmp_path / f"{estimator}.jsonl"
+        _run("healthy", "gru", estimator, log)
+        console = Console(width=200, record=True, file=io.StringIO())
+        render_text(make_report([str(log)], ReportOptions()), console)
+        notes[estimator] = [line for line in console.export_text().splitlines() if "estimator:" in line]
+    assert notes["economy"] == [
+        "estimator: economy (σmax(J_t) summaries and max over a stratified sample of up to 64 (t, sequence) "
+        "pairs; lags and λ over up to 8 sequences)"
+    ]
+    assert notes["full"] == ["estimator: full (every (t, sequence) pair and sequence)"]

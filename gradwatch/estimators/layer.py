@@ -342,7 +342,9 @@ def estimate_layer(
         generator,
     )
     sample = (
-        stratified_step_sample(mask, settings.step_sample, generator) if settings.mode == "economy" else None
+        stratified_step_sample(mask, settings.step_sample, _sample_generator(generator, jac.device))
+        if settings.mode == "economy"
+        else None
     )
     sampled = None if sample is None else select_operators(jac, sample.index.to(jac.device))
     if sample is None or sampled is None:
@@ -435,6 +437,15 @@ def estimate_layer(
         ),
         **summaries,
     )
+
+
+def _sample_generator(generator: torch.Generator | None, device: torch.device) -> torch.Generator:
+    """A private generator seeded with ``generator``'s seed (the monitor's ``seed``): the same probe shape
+    draws the same sample at every measurement, so its pairs start from their own previous vectors
+    (warm starts). The draw is still independent of the values, so each measurement's bound holds; the
+    errors of successive measurements are correlated (docs/estimators.md)."""
+    seed = generator.initial_seed() if generator is not None else 0
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 def _sampled_step_norms(

@@ -2,9 +2,11 @@
 
 Step norms: a stratified sample of the real (t, b) pairs. The N real pairs, in time-major order, are cut
 into n contiguous strata of sizes N_i = floor((i+1) N / n) - floor(i N / n) (so the strata are ranges of
-time steps), and one pair is drawn uniformly from each stratum, independently. Every summary weighs the
-pair of stratum i by w_i = N_i / N, so the weighted sample mean and the weighted empirical CDF are unbiased
-for the population's; the error bounds are in docs/estimators.md ("Economy estimator").
+time steps), and one pair is drawn uniformly from each stratum, independently, from a generator of its
+own seeded once: the same probe shape draws the same sample at every measurement, so the sampled pairs
+keep their warm starts. Every summary weighs the pair of stratum i by w_i = N_i / N, so the weighted
+sample mean and the weighted empirical CDF are unbiased for the population's; the error bounds are in
+docs/estimators.md ("Economy estimator").
 
 Lag products and the Lyapunov exponent: the ``count`` longest sequences (ties: the lower batch index),
 a deterministic choice, so a fixed probe keeps its warm starts from one measurement to the next.

@@ -15,7 +15,7 @@ from gradwatch.report.formatting import (
     shorten,
     shown_metrics,
 )
-from gradwatch.report.summary import LayerSummary, Report, RunSummary, why_no_measurements
+from gradwatch.report.summary import LayerSummary, Report, RunSummary, estimator_note, why_no_measurements
 
 _MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]<>|~&])")
 VERDICT_MARKS = {"healthy": "✅", "unknown": "❔", "vanishing": "🔻", "exploding": "🔺", "nonfinite": "❌"}
@@ -50,6 +50,9 @@ def _run(run: RunSummary, files: tuple[str, ...] = ()) -> list[str]:
             f"steps {format_steps(run.first_step, run.last_step)}"
         )
         lines.append("")
+        estimator = estimator_note(run)
+        if estimator is not None:
+            lines += [escape_markdown(estimator), ""]
     if run.truncated:
         lines += ["> **Warning:** the log ends in a truncated line: the run probably crashed.", ""]
     if not run.layers:

@@ -23,7 +23,7 @@ from gradwatch.report.formatting import (
     shorten,
     shown_metrics,
 )
-from gradwatch.report.summary import LayerSummary, Report, RunSummary, why_no_measurements
+from gradwatch.report.summary import LayerSummary, Report, RunSummary, estimator_note, why_no_measurements
 from gradwatch.report.verdict import Verdict
 
 VERDICT_STYLES: dict[Verdict, str] = {
@@ -152,6 +152,9 @@ def _run(run: RunSummary, files: tuple[str, ...] = ()) -> list[RenderableType]:
         )
     info.append(f"steps {format_steps(run.first_step, run.last_step)} · {len(run.layers)} layer(s)")
     parts.append(Text(" · ".join(info)))
+    estimator = estimator_note(run)
+    if estimator is not None:
+        parts.append(Text(printable(estimator)))
     if run.truncated:
         parts.append(Text("the log ends in a truncated line: the run probably crashed", style="bold red"))
     if not run.layers:

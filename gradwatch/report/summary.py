@@ -574,6 +574,22 @@ def trend_per_1000_steps(points: Sequence[tuple[int, float]], *, log_scale: bool
     return fit.slope * TREND_STEPS
 
 
+def estimator_note(run: RunSummary) -> str | None:
+    """Which estimator wrote the run's measurements, from its header (None without one): the economy
+    estimator's summaries are sample statistics and its max is the sample's (docs/estimators.md)."""
+    settings = run.header.config.get("estimator") if run.header is not None else None
+    if not isinstance(settings, Mapping):
+        return None
+    mode = settings.get("mode", "full")  # logs before the economy estimator measured every pair
+    if mode != "economy":
+        return "estimator: full (every (t, sequence) pair and sequence)"
+    pairs, sequences = settings.get("step_sample"), settings.get("lag_sequences")
+    return (
+        f"estimator: economy (σmax(J_t) summaries and max over a stratified sample of up to {pairs} "
+        f"(t, sequence) pairs; lags and λ over up to {sequences} sequences)"
+    )
+
+
 def why_no_measurements(run: RunSummary) -> str:
     """Why a run has no layer to show, as far as its log tells (errors, selection, header)."""
     if run.errors:
