@@ -142,8 +142,9 @@ def estimate_lag_norms(
     in the same sweeps, for :func:`lyapunov_from_full_products`. Every step operator of a sweep then
     multiplies the lag rows and the whole-product rows in one GEMM with W_hh: on CPU that GEMM is bound
     by reading W_hh, so the extra rows cost little, while a separate Lyapunov sweep reads W_hh again at
-    every step of every iteration. ``quiet_checks``: one count for every row instead of the rules of
-    :func:`_lag_quiet_checks` (the economy estimator asks for fewer).
+    every step of every iteration. ``quiet_checks``: the quiet checks asked of the long lags
+    (tau >= WARM_LONG_LAG) instead of :func:`_lag_quiet_checks`' rule (the economy estimator asks for
+    fewer); the short lags keep theirs.
     """
     checked_lags = _check_lags(lags)
     steps, batch, state = jac.time_steps, jac.batch_size, jac.state_size
@@ -254,18 +255,18 @@ def _estimate_windows(
         active=valid,
         restrict=restrict,
         check_interval=_LAG_CONVERGENCE_TEST["check_interval"],
-        quiet_checks=_lag_quiet_checks(tau.expand(lag_count, batch), usable_warm_start)
-        if quiet_checks is None
-        else quiet_checks,
+        quiet_checks=_lag_quiet_checks(tau.expand(lag_count, batch), usable_warm_start, quiet_checks),
     )
     norms = torch.where(valid, raw.sigma, torch.full_like(raw.sigma, float("nan")))
     return LagNormEstimate(checked_lags, norms, raw)
 
 
-def _lag_quiet_checks(tau: Tensor, warm: bool) -> Tensor:
+def _lag_quiet_checks(tau: Tensor, warm: bool, long_lag_checks: int | None = None) -> Tensor:
     """Quiet checks per (row, sequence): SHORT_LAG_QUIET_CHECKS for the short lags; for the long ones
-    WARM_LAG_QUIET_CHECKS when warm-started, else 3."""
+    ``long_lag_checks`` if given, else WARM_LAG_QUIET_CHECKS when warm-started, else 3."""
     long_lag = WARM_LAG_QUIET_CHECKS if warm else _LAG_CONVERGENCE_TEST["quiet_checks"]
+    if long_lag_checks is not None:
+        long_lag = long_lag_checks
     return torch.where(tau >= WARM_LONG_LAG, long_lag, SHORT_LAG_QUIET_CHECKS).to(torch.long)
 
 
