@@ -61,7 +61,7 @@ from gradwatch.report.summary import (
     RunSummary,
     _module_types,
     run_detection,
-    trend_per_1000_steps,
+    trend_of_arrays,
     unmeasured_layers,
 )
 
@@ -73,6 +73,8 @@ from gradwatch.report.verdict import CAUSE_WINDOW, AlertEpisodes, LayerEvidence,
 _METRIC_FIELDS = frozenset(f.name for f in dataclasses.fields(MeasurementMetrics))
 EXACT_POINTS = 2048
 """Series up to this many steps are kept exactly; longer ones are downsampled into at most this many bins."""
+SMALL_SERIES = 64
+"""Series up to this long are summarised with plain Python (numpy's per-call cost dominates below)."""
 BATCH_POINTS = 1024
 """Once downsampling, points are folded into the running statistics this many at a time."""
 
@@ -262,26 +264,45 @@ class _MetricAccumulator:
             out.append((step, mean))
         return tuple(out)
 
-    def summary(self, label: str) -> MetricSummary:
+    def summary(self, label: str, *, keep_series: bool = True) -> MetricSummary:
         self.fold_if_full()
         if not self.folded:
-            # exactly the whole-file computation (summary._summarize_metric)
-            series = self.series()
-            finite = [(s, v) for s, v in series if v is not None]
-            values = [v for _s, v in finite]
+            # exactly the whole-file computation (summary._summarize_metric), on arrays when long
+            values = self._take_values()
+            self._chunks = [values]
+            if len(values) <= SMALL_SERIES:
+                finite = [v for v in values.tolist() if v == v]  # v == v: not NaN
+                first = finite[0] if finite else None
+                last = finite[-1] if finite else None
+                minimum = min(finite) if finite else None
+                maximum = max(finite) if finite else None
+            else:
+                present = values[~np.isnan(values)]
+                first = float(present[0]) if present.size else None
+                last = float(present[-1]) if present.size else None
+                minimum = float(present.min()) if present.size else None
+                maximum = float(present.max()) if present.size else None
+                finite = present  # only its length is used below
+            series = (
+                tuple(zip(self.steps, [None if v != v else v for v in values.tolist()], strict=True))
+                if keep_series
+                else ()
+            )
             return MetricSummary(
                 name=self.spec.name,
                 label=label,
                 scale=self.spec.scale,
-                count=len(values),
-                first=values[0] if values else None,
-                last=values[-1] if values else None,
-                minimum=min(values) if values else None,
-                maximum=max(values) if values else None,
-                trend_per_1000_steps=trend_per_1000_steps(finite, log_scale=self.log_scale),
-                sparkline=sparkline([v for _s, v in series], log_scale=self.log_scale),
+                count=len(finite),
+                first=first,
+                last=last,
+                minimum=minimum,
+                maximum=maximum,
+                trend_per_1000_steps=trend_of_arrays(
+                    np.array(self.steps, dtype=np.float64), values, log_scale=self.log_scale
+                ),
+                sparkline=sparkline(values, log_scale=self.log_scale),
                 series=series,
-                measured_steps=len(series),
+                measured_steps=len(self.steps),
             )
         series = self.series()  # folds what is buffered
         trend = self._sxy / self._sxx * TREND_STEPS if self._fit_n >= 2 and self._sxx > 0 else None
@@ -296,7 +317,7 @@ class _MetricAccumulator:
             maximum=self.maximum if self.count else None,
             trend_per_1000_steps=trend,
             sparkline=sparkline([v for _s, v in series], log_scale=self.log_scale),
-            series=series,
+            series=series if keep_series else (),
             measured_steps=self.points,
         )
 
@@ -576,6 +597,7 @@ class _LayerAccumulator:
         module_type: str | None,
         clips: ClipAccumulator,
         window: str = "",
+        keep_series: bool = True,
     ) -> LayerSummary:
         # close the open step (in --follow mode, more readings of that step from a lagging rank then form
         # a point of their own: the series stays bounded and nearly exact)
@@ -589,9 +611,9 @@ class _LayerAccumulator:
                 label = spec.label if lag is None else f"lag norm (τ={lag})"
                 if accumulator is None:
                     accumulator = self.no_lag
-                metrics.append(accumulator.summary(label))
+                metrics.append(accumulator.summary(label, keep_series=keep_series))
             else:
-                metrics.append(self.metrics[spec.name].summary(spec.label))
+                metrics.append(self.metrics[spec.name].summary(spec.label, keep_series=keep_series))
         module, layer, direction = key
         ranks = self.ranks | self.episodes.ranks
         return LayerSummary(
@@ -619,7 +641,9 @@ class _LayerAccumulator:
             alert_count=self.alerts.count,
             lag_series=tuple(
                 (lag, _folded_series(accumulator)) for lag, accumulator in sorted(self.lag_metrics.items())
-            ),
+            )
+            if keep_series  # only the HTML charts draw them
+            else (),
         )
 
     def add_alert(self, alert: Alert) -> None:
@@ -707,22 +731,55 @@ class _RunAccumulator:
     detector: TrendDetector = field(default_factory=TrendDetector)
     detection: DetectionConfig = field(default_factory=DetectionConfig)
     unselected_measurements: int = 0
+    last_fed: int = 0
+    """The summary's record count when this run was last fed (the least recently fed is finished first)."""
+
+
+LIVE_RUNS = 8
+"""Runs a bounded summary (``live_runs``) folds at once; the least recently fed one beyond is finished."""
 
 
 class StreamingSummary:
-    """Fold records one at a time (:meth:`add`); :meth:`report` gives the :class:`Report` at any point."""
+    """Fold records one at a time (:meth:`add`); :meth:`report` gives the :class:`Report` at any point.
 
-    def __init__(self, options: ReportOptions | None = None) -> None:
+    With ``live_runs`` (what :func:`~gradwatch.report.command.make_report` uses), at most that many runs
+    are folded at once: when one more starts, the run fed least recently is finished into its
+    :class:`RunSummary` (a few KB without series) and its accumulators are dropped, so memory does not grow
+    with the number of runs in the logs. A record of a finished run arriving later (a run resumed after
+    others in the same file) cannot be folded any more: the run is listed in :meth:`inexact_runs` with the
+    runs whose records came out of step order, and the caller folds those again from the files, sorted
+    (:func:`gradwatch.report.reorder.refold`). Without ``live_runs`` (``--follow``) every run stays open.
+    """
+
+    def __init__(self, options: ReportOptions | None = None, *, live_runs: int | None = None) -> None:
         self.options = options or ReportOptions()
         self.specs = metric_specs(self.options.metrics)
+        self.live_runs = live_runs
         self._runs: dict[RunKey, _RunAccumulator] = {}
+        self._finished: dict[RunKey, RunSummary] = {}
+        """Summaries of runs no longer folded (``truncated`` is applied by :meth:`report`)."""
+        self._reopened: set[RunKey] = set()
+        """Finished runs that had more records later: their records are skipped (see inexact_runs)."""
         self._wanted_modules: dict[str, bool] = {}
+        self._clock = 0
 
     @property
     def needs_exact(self) -> bool:
-        """Some layer's measurements arrived out of step order: only the whole-file summary is exact."""
+        """Some run cannot be summarised exactly from the folded records (see :meth:`inexact_runs`)."""
+        return bool(self.inexact_runs())
+
+    def inexact_runs(self) -> set[RunKey]:
+        """Runs to fold again, sorted: measurements or alerts out of step order, or records after the run
+        was finished (only with ``live_runs``)."""
         self.fold_rows()
-        return any(layer.out_of_order for run in self._runs.values() for layer in run.layers.values())
+        out_of_order = {
+            key for key, run in self._runs.items() if any(layer.out_of_order for layer in run.layers.values())
+        }
+        return out_of_order | self._reopened
+
+    def live_run_count(self) -> int:
+        """How many runs are folded now (at most ``live_runs``, when set)."""
+        return len(self._runs)
 
     def fold_rows(self) -> None:
         """Fold every layer's buffered measurement rows (before reading results, or sending the summary)."""
@@ -732,7 +789,7 @@ class StreamingSummary:
 
     def run_keys(self) -> set[RunKey]:
         """The (run id, rank or None) of every run folded so far."""
-        return set(self._runs)
+        return set(self._runs) | set(self._finished) | self._reopened
 
     def absorb(self, other: StreamingSummary) -> None:
         """Take over the runs of ``other``, a summary of other files whose runs this one has none of.
@@ -740,17 +797,68 @@ class StreamingSummary:
         Exact because each run's records then all came from one side, folded in their file order (what
         :func:`merge_by_step` gives each run anyway). Raises ``ValueError`` when a run is on both sides.
         """
-        shared = self._runs.keys() & other._runs.keys()
+        shared = self.run_keys() & other.run_keys()
         if shared:
             raise ValueError(
                 f"runs {sorted(shared, key=str)} are in both summaries: fold their files together"
             )
         self._runs.update(other._runs)
+        self._finished.update(other._finished)
+        self._reopened |= other._reopened
+        while self.live_runs is not None and len(self._runs) > self.live_runs:
+            self._finish_oldest()
+
+    def replace_runs(self, other: StreamingSummary) -> None:
+        """Take the runs of ``other`` in place of this summary's runs of the same keys (a refold)."""
+        for key in other.run_keys():
+            self._runs.pop(key, None)
+            self._finished.pop(key, None)
+            self._reopened.discard(key)
+        self.absorb(other)
+
+    def use_summaries(self, keys: set[RunKey], runs: Iterable[RunSummary]) -> None:
+        """Report the runs ``keys`` with these summaries (computed elsewhere), dropping their folds."""
+        merge = self.options.merge_ranks
+        for key in keys:
+            self._runs.pop(key, None)
+            self._finished.pop(key, None)
+            self._reopened.discard(key)
+        for run in runs:
+            key = (run.run_id, None if merge else run.ranks[0])
+            if key in keys:
+                self._finished[key] = run
 
     def add_all(self, records: Iterable[LogItem]) -> None:
         add = self.add
         for record in records:
             add(record)
+
+    def _run(self, key: RunKey) -> _RunAccumulator | None:
+        """The accumulator of ``key``, started if new; ``None`` when the run was finished already."""
+        self._clock += 1
+        run = self._runs.get(key)
+        if run is None:
+            if key in self._finished or key in self._reopened:
+                # records after the run was finished: fold it again from the files (see inexact_runs)
+                self._finished.pop(key, None)
+                self._reopened.add(key)
+                return None
+            run = self._runs[key] = _RunAccumulator(last_fed=self._clock)
+            if self.live_runs is not None and len(self._runs) > self.live_runs:
+                self._finish_oldest()
+        run.last_fed = self._clock
+        return run
+
+    def _finish_oldest(self) -> None:
+        """Finish the run fed least recently: its summary is kept, its accumulators are dropped."""
+        key = min(self._runs, key=lambda k: self._runs[k].last_fed)
+        run = self._runs.pop(key)
+        for layer in run.layers.values():
+            layer.fold_rows()
+        if any(layer.out_of_order for layer in run.layers.values()):
+            self._reopened.add(key)  # folded again from the files, sorted
+        else:
+            self._finished[key] = self._run_summary(key, run, truncated=False)
 
     def add(self, record: LogItem) -> None:
         """Fold one record (or measurement row) into its run (pure bookkeeping, no I/O)."""
@@ -762,8 +870,10 @@ class StreamingSummary:
             return  # global_view records already combine the ranks: merged, they would count twice
         key = (record.run_id, None if options.merge_ranks else record.rank)
         run = self._runs.get(key)
-        if run is None:
-            run = self._runs[key] = _RunAccumulator()
+        if run is None or self._clock != run.last_fed:
+            run = self._run(key)
+            if run is None:
+                return
         run.ranks.add(record.rank)
         if isinstance(record, RunHeader):
             run.headers.append(record)
@@ -815,8 +925,10 @@ class StreamingSummary:
             return
         key = (row.run_id, None if merge else rank)
         run = self._runs.get(key)
-        if run is None:
-            run = self._runs[key] = _RunAccumulator()
+        if run is None or self._clock != run.last_fed:
+            run = self._run(key)
+            if run is None:
+                return
         run.ranks.add(rank)
         step = row.step
         if step not in options.steps:
@@ -863,14 +975,24 @@ class StreamingSummary:
         unknown_kinds: Mapping[str, int] | None = None,
         truncated_runs: Iterable[tuple[str, int]] = (),
     ) -> Report:
-        """The report over everything added so far (the accumulators keep running)."""
+        """The report over everything added so far (the accumulators keep running).
+
+        Runs in :meth:`inexact_runs` that were finished are left out: fold them again first.
+        """
         self.fold_rows()
         merge = self.options.merge_ranks
         truncated = {(run_id, None if merge else rank) for run_id, rank in truncated_runs}
-        runs = tuple(
-            self._run_summary(key, run, truncated=key in truncated)
-            for key, run in sorted(self._runs.items(), key=lambda item: (item[0][0], item[0][1] or 0))
-        )
+        summaries = []
+        for key in sorted(self._runs.keys() | self._finished.keys(), key=lambda k: (k[0], k[1] or 0)):
+            run = self._runs.get(key)
+            if run is not None:
+                summaries.append(self._run_summary(key, run, truncated=key in truncated))
+            else:
+                finished = self._finished[key]
+                summaries.append(
+                    dataclasses.replace(finished, truncated=True) if key in truncated else finished
+                )
+        runs = tuple(summaries)
         return Report(
             runs=runs,
             problems=tuple(problems),
@@ -890,6 +1012,7 @@ class StreamingSummary:
                 module_type=module_types.get(layer_key[0]),
                 clips=run.clips,
                 window=self.options.steps.describe(),
+                keep_series=self.options.series,
             )
             for layer_key, layer in sorted(run.layers.items())
         )

@@ -15,6 +15,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TypeGuard
 
+import numpy as np
+
 from gradwatch.policy.config import DetectionConfig
 from gradwatch.policy.judge import RUN_VERDICTS
 from gradwatch.records import (
@@ -85,6 +87,9 @@ class ReportOptions:
     steps: StepRange = field(default_factory=StepRange)
     metrics: tuple[str, ...] | None = None
     merge_ranks: bool = False
+    series: bool = True
+    """Keep each metric's per-step series (only the HTML charts draw it); without, a finished run's summary
+    is a few KB whatever its length, so a report over thousands of runs stays small."""
 
     def __post_init__(self) -> None:
         metric_specs(self.metrics)  # raises ValueError naming unknown metrics and the accepted ones
@@ -490,9 +495,12 @@ def _summarize_layer(
     for m in measurements:
         by_step[m.step].append(m)
     lag = longest_lag(measurements)
-    metrics = tuple(_summarize_metric(spec, by_step, lag) for spec in metric_specs(options.metrics))
+    metrics = tuple(
+        _summarize_metric(spec, by_step, lag, keep_series=options.series)
+        for spec in metric_specs(options.metrics)
+    )
     taus = sorted({int(key) for m in measurements for key in m.metrics.lag_norm if key.isdigit()})
-    lag_series = tuple((tau, _lag_series(by_step, str(tau))) for tau in taus)
+    lag_series = tuple((tau, _lag_series(by_step, str(tau))) for tau in taus) if options.series else ()
     steps = sorted(by_step)
     return LayerSummary(
         module=module,
@@ -527,7 +535,7 @@ def _finite(value: float | None) -> TypeGuard[float]:
 
 
 def _summarize_metric(
-    spec: MetricSpec, by_step: Mapping[int, list[Measurement]], lag: str | None
+    spec: MetricSpec, by_step: Mapping[int, list[Measurement]], lag: str | None, *, keep_series: bool = True
 ) -> MetricSummary:
     """Per step the mean over ranks of the finite readings; statistics over the finite steps."""
     series: list[tuple[int, float | None]] = []
@@ -547,7 +555,7 @@ def _summarize_metric(
         maximum=max(values) if values else None,
         trend_per_1000_steps=trend_per_1000_steps(finite, log_scale=spec.scale == "log"),
         sparkline=sparkline([v for _s, v in series], log_scale=spec.scale == "log"),
-        series=tuple(series),
+        series=tuple(series) if keep_series else (),
         measured_steps=len(series),
     )
 
@@ -567,11 +575,63 @@ def trend_per_1000_steps(points: Sequence[tuple[int, float]], *, log_scale: bool
     On the log scale a slope of -2.3 means the metric shrinks tenfold every 1000 steps; non-positive
     values have no logarithm and are left out. ``None`` with fewer than two distinct steps.
     """
-    usable = [(s, math.log(v) if log_scale else v) for s, v in points if not log_scale or v > 0]
-    if len({s for s, _v in usable}) < 2:
+    isfinite = math.isfinite
+    usable = [(float(s), v) for s, v in points if isfinite(v) and (v > 0 or not log_scale)]
+    if len(usable) <= _SMALL_FIT:
+        return _small_fit(usable, log_scale=log_scale)
+    xs = np.array([x for x, _v in usable], dtype=np.float64)
+    return _fit(xs, np.array([v for _x, v in usable], dtype=np.float64), log_scale=log_scale)
+
+
+def trend_of_arrays(steps: np.ndarray, values: np.ndarray, *, log_scale: bool) -> float | None:
+    """:func:`trend_per_1000_steps` of parallel float arrays (NaN: missing), vectorised.
+
+    The same computation for the whole-file and the streaming summaries (it depends only on the usable
+    points), so both give the same trend to the last bit.
+    """
+    if len(values) <= _SMALL_FIT:
+        return trend_per_1000_steps(
+            list(zip(steps.tolist(), values.tolist(), strict=True)), log_scale=log_scale
+        )
+    with np.errstate(invalid="ignore"):
+        usable = np.isfinite(values) & (values > 0) if log_scale else np.isfinite(values)
+    xs, ys = steps[usable], values[usable]
+    if xs.size <= _SMALL_FIT:
+        return _small_fit(list(zip(xs.tolist(), ys.tolist(), strict=True)), log_scale=log_scale)
+    return _fit(xs, ys, log_scale=log_scale)
+
+
+_SMALL_FIT = 64
+"""Fits of up to this many points are computed in plain Python (numpy's per-call cost dominates below)."""
+
+
+def _fit(xs: np.ndarray, values: np.ndarray, *, log_scale: bool) -> float | None:
+    """The slope per 1000 steps through usable points (centred sums: stable for large step numbers)."""
+    ys = np.log(values) if log_scale else values
+    if xs.min() == xs.max():
         return None
-    fit = statistics.linear_regression([float(s) for s, _v in usable], [v for _s, v in usable])
-    return fit.slope * TREND_STEPS
+    dxs = xs - xs.mean()
+    sxx = float(np.dot(dxs, dxs))
+    if sxx <= 0:
+        return None
+    return float(np.dot(dxs, ys - ys.mean())) / sxx * TREND_STEPS
+
+
+def _small_fit(usable: list[tuple[float, float]], *, log_scale: bool) -> float | None:
+    """:func:`_fit` of a few (step, value) points in plain Python."""
+    if len(usable) < 2:
+        return None
+    xs = [x for x, _v in usable]
+    if min(xs) == max(xs):
+        return None
+    ys = [math.log(v) for _x, v in usable] if log_scale else [v for _x, v in usable]
+    mean_x = sum(xs) / len(xs)
+    mean_y = sum(ys) / len(ys)
+    dxs = [x - mean_x for x in xs]
+    sxx = sum(d * d for d in dxs)
+    if sxx <= 0:
+        return None
+    return sum(d * (y - mean_y) for d, y in zip(dxs, ys, strict=True)) / sxx * TREND_STEPS
 
 
 def estimator_note(run: RunSummary) -> str | None:
