@@ -58,7 +58,7 @@ def sort_key(item: LogItem, key: RunKey, file_index: int, line: int) -> SortKey:
 class ExternalSort:
     """Sort (key, item) pairs of unique keys in bounded memory: sorted batches spilled to temporary files."""
 
-    def __init__(self, batch: int = SORT_BATCH) -> None:
+    def __init__(self, batch: int) -> None:
         self.batch = batch
         self._pairs: list[tuple[Any, Any]] = []
         self._spilled: list[IO[bytes]] = []
@@ -118,10 +118,10 @@ def _items_of(
 
 
 def refold(
-    files: Sequence[Path], keys: set[RunKey], options: ReportOptions, *, batch: int = SORT_BATCH
+    files: Sequence[Path], keys: set[RunKey], options: ReportOptions, *, batch: int | None = None
 ) -> StreamingSummary:
     """A summary of the runs ``keys`` of ``files``, their records folded sorted (see the module doc)."""
-    sorter = ExternalSort(batch)
+    sorter = ExternalSort(batch or SORT_BATCH)
     for file_index, line, item, key in _items_of(files, keys, options):
         sorter.add(sort_key(item, key, file_index, line), item)
     summary = StreamingSummary(options, live_runs=LIVE_RUNS)

@@ -1,0 +1,244 @@
+"""The report's state stays bounded whatever the input's shape (issue #34, #30 item 11), structurally:
+how many runs are folded at once, which path out-of-order records take, and that neither the order of the
+records nor the decoders (fast or the pure-json fallback) change the report."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gradwatch.records import Measurement, Record
+from gradwatch.report import command, reorder, streaming
+from gradwatch.report import summary as summary_module
+from gradwatch.report.command import make_report, render, write_report
+from gradwatch.report.reader import read_logs
+from gradwatch.report.render_json import report_to_json
+from gradwatch.report.render_text import build_renderable, make_console
+from gradwatch.report.summary import Report, ReportOptions, summarize
+from tests.report_logs import RUN_KINDS, make_run, write_log
+
+REPO = Path(__file__).resolve().parents[1]
+PLAIN_AND_MERGED = pytest.mark.parametrize(
+    "options", [ReportOptions(), ReportOptions(merge_ranks=True)], ids=["plain", "merged-ranks"]
+)
+
+
+def _whole_file(paths: list[str], options: ReportOptions) -> Report:
+    """The whole-file report (every record in memory), computed without the patched entry points."""
+    contents = read_logs(paths)
+    return summarize(
+        contents.records,
+        options,
+        problems=contents.problems,
+        files=contents.files,
+        unknown_kinds=contents.unknown_kinds,
+        truncated_runs=contents.truncated_runs,
+    )
+
+
+def _appended_runs(count: int, *, measurements: int = 12) -> list[Record]:
+    """``count`` runs one after another in one file, two ranks each (their records interleaved by step)."""
+    records: list[Record] = []
+    for number in range(count):
+        kind = RUN_KINDS[number % len(RUN_KINDS)]
+        ranks = [
+            make_run(kind, run_id=f"run-{number:03d}", rank=rank, world_size=2, measurements=measurements)
+            for rank in (0, 1)
+        ]
+        records += [ranks[0][0], ranks[1][0]]
+        records += sorted(ranks[0][1:] + ranks[1][1:], key=lambda r: r.step)  # stable: rank 0 first
+    return records
+
+
+@pytest.fixture
+def count_live_runs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record how many runs every summary folds at once, each time a run starts."""
+    seen: list[int] = []
+    original = streaming.StreamingSummary._run
+
+    def counted(self: streaming.StreamingSummary, key: Any) -> Any:
+        run = original(self, key)
+        seen.append(self.live_run_count())
+        return run
+
+    monkeypatch.setattr(streaming.StreamingSummary, "_run", counted)
+    return seen
+
+
+@pytest.fixture
+def no_whole_file_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail if the report reads any run whole into memory (the fallback this issue bounds)."""
+
+    def refuse(*_args: Any, **_kwargs: Any) -> Any:
+        raise AssertionError("the whole-file path was taken")
+
+    monkeypatch.setattr(command, "whole_runs", refuse)
+    monkeypatch.setattr(summary_module, "build_report", refuse)
+
+
+@PLAIN_AND_MERGED
+def test_many_runs_in_one_file_are_folded_a_few_at_a_time(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    count_live_runs: list[int],
+    no_whole_file_path: None,
+    options: ReportOptions,
+) -> None:
+    monkeypatch.setattr(command, "LIVE_RUNS", 3)
+    path = write_log(tmp_path / "appended.jsonl", _appended_runs(20))
+    streamed = make_report([str(path)], options)
+    assert len(streamed.runs) == (20 if options.merge_ranks else 40)
+    assert count_live_runs and max(count_live_runs) <= 3  # not one accumulator per run
+    assert streamed == _whole_file([str(path)], options)
+
+
+def test_finished_runs_keep_no_series_unless_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(command, "LIVE_RUNS", 2)
+    path = write_log(tmp_path / "appended.jsonl", _appended_runs(6))
+    compact = make_report([str(path)], ReportOptions(series=False))
+    charted = make_report([str(path)], ReportOptions())
+    assert all(m.series == () for run in compact.runs for layer in run.layers for m in layer.metrics)
+    assert all(len(m.series) == 12 for run in charted.runs for layer in run.layers for m in layer.metrics)
+    for output_format in ("json", "text", "markdown"):  # only HTML draws the series
+        assert render(compact, output_format) == render(charted, output_format)
+
+
+def _moved(records: list[Record], index: int, later: int) -> list[Record]:
+    """``records`` with the record at ``index`` moved ``later`` places later."""
+    out = list(records)
+    out.insert(index + later, out.pop(index))
+    return out
+
+
+@PLAIN_AND_MERGED
+def test_one_out_of_order_measurement_is_refolded_sorted_not_read_whole(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    no_whole_file_path: None,
+    options: ReportOptions,
+) -> None:
+    records = _appended_runs(3, measurements=40)
+    index = next(i for i, r in enumerate(records) if isinstance(r, Measurement) and r.step == 500)
+    path = write_log(tmp_path / "moved.jsonl", _moved(records, index, 30))
+    batches: list[int] = []
+    original = reorder.ExternalSort.sorted_items
+
+    def spied(self: reorder.ExternalSort) -> Any:
+        batches.append(self.spilled_batches)
+        return original(self)
+
+    monkeypatch.setattr(reorder.ExternalSort, "sorted_items", spied)
+    monkeypatch.setattr(reorder, "SORT_BATCH", 16)  # the sort spills to disk in small batches
+    streamed = make_report([str(path)], options)
+    assert batches and batches[0] >= 2  # the refold ran, and bounded: in sorted batches on disk
+    assert streamed == _whole_file([str(path)], options)
+    # and the same report as the records in order: the order does not change the result
+    in_order = write_log(tmp_path / "in-order.jsonl", records)
+    assert render(streamed, "json").replace(str(path), "") == render(
+        make_report([str(in_order)], options), "json"
+    ).replace(str(in_order), "")
+
+
+@PLAIN_AND_MERGED
+def test_records_in_any_order_give_the_same_report(tmp_path: Path, options: ReportOptions) -> None:
+    records = make_run("exploding", measurements=60, rank=0, world_size=1)
+    header, rest = records[0], records[1:]
+    shuffled = list(rest)
+    random.Random(3).shuffle(shuffled)
+    ordered_path = write_log(tmp_path / "ordered.jsonl", records)
+    shuffled_path = write_log(tmp_path / "shuffled.jsonl", [header, *shuffled])
+    ordered = render(make_report([str(ordered_path)], options), "json").replace(str(ordered_path), "")
+    assert ordered == render(make_report([str(shuffled_path)], options), "json").replace(
+        str(shuffled_path), ""
+    )
+
+
+def test_ranks_concatenated_in_one_file_merge_exactly(tmp_path: Path, no_whole_file_path: None) -> None:
+    # rank 0's whole log, then rank 1's: merged by step only by sorting
+    records = [*make_run("vanishing", rank=0, world_size=2), *make_run("vanishing", rank=1, world_size=2)]
+    path = write_log(tmp_path / "concatenated.jsonl", records)
+    options = ReportOptions(merge_ranks=True)
+    streamed = make_report([str(path)], options)
+    (layer,) = streamed.runs[0].layers
+    assert layer.ranks == (0, 1) and layer.measurements == 40
+    assert streamed == _whole_file([str(path)], options)
+
+
+def test_a_run_resumed_after_others_is_refolded_exactly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_whole_file_path: None
+) -> None:
+    monkeypatch.setattr(command, "LIVE_RUNS", 2)
+    first = make_run("exploding", run_id="resumed", measurements=40)
+    others = _appended_runs(3)
+    path = write_log(tmp_path / "resumed.jsonl", [*first[:15], *others, *first[15:]])
+    streamed = make_report([str(path)], ReportOptions())
+    assert streamed == _whole_file([str(path)], ReportOptions())
+    resumed = next(run for run in streamed.runs if run.run_id == "resumed")
+    assert resumed.layers[0].measurements == 40
+
+
+def test_external_sort_spills_sorted_batches_and_merges_them() -> None:
+    keys = list(range(1000))
+    random.Random(0).shuffle(keys)
+    sorter = reorder.ExternalSort(batch=64)
+    for key in keys:
+        sorter.add((key, 0), f"item-{key}")
+    assert sorter.spilled_batches == 1000 // 64
+    assert list(sorter.sorted_items()) == [f"item-{key}" for key in range(1000)]
+
+
+def test_json_and_text_written_run_by_run_are_the_whole_renderings(tmp_path: Path) -> None:
+    path = write_log(tmp_path / "appended.jsonl", _appended_runs(4))
+    report = make_report([str(path)], ReportOptions())
+    whole_json = json.dumps(report_to_json(report), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    written = io.StringIO()
+    write_report(report, "json", written)
+    assert written.getvalue() == whole_json == render(report, "json")
+    whole_text = io.StringIO()
+    make_console(whole_text, color=False).print(build_renderable(report))
+    written = io.StringIO()
+    write_report(report, "text", written)
+    assert written.getvalue() == whole_text.getvalue()
+    empty = Report(runs=())
+    assert render(empty, "json") == json.dumps(report_to_json(empty), indent=2) + "\n"
+
+
+_REPORT_WITHOUT_FAST_DECODERS = """
+import sys
+sys.modules["orjson"] = None  # what a platform without their wheels has: the import fails
+sys.modules["msgspec"] = None
+from gradwatch.report import reader
+from gradwatch.report.command import make_report, render
+from gradwatch.report.summary import ReportOptions
+assert reader.FAST_LOADS is None and reader.LINE_TYPE is None, "the fast decoders were imported"
+sys.stdout.write(render(make_report(sys.argv[1:], ReportOptions()), "json"))
+"""
+
+
+def test_the_pure_json_fallback_gives_the_same_report(tmp_path: Path) -> None:
+    records = _appended_runs(2, measurements=30)
+    path = write_log(tmp_path / "appended.jsonl", records)
+    with open(path, "a", encoding="utf-8") as handle:  # lines each decoder must judge alike
+        handle.write(
+            '{"kind": "measurement", "step": NaN}\n[1, 2]\nnot json\n{"kind": "clip", "step": "x"}\n'
+        )
+        handle.write(json.dumps({**records[5].to_json(), "layer": "0"}) + "\n")  # a wrong type
+    fallback = subprocess.run(
+        [sys.executable, "-c", _REPORT_WITHOUT_FAST_DECODERS, str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    fast = make_report([str(path)], ReportOptions())
+    assert len(fast.problems) >= 4
+    assert fallback.stdout == render(fast, "json")
