@@ -103,9 +103,7 @@ def _make_report(paths: list[str], options: ReportOptions, *, jobs: int) -> Repo
     streams = [
         LogTail(path, rows=True).stream(out, final=True) for path, out in zip(files, per_file, strict=True)
     ]
-    add = summary.add
-    for record in merge_by_step(streams):
-        add(record)
+    summary.add_all(merge_by_step(streams))
     for out in per_file:
         contents.extend(out)
     return _finish(summary, contents, files, options)

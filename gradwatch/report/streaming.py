@@ -59,6 +59,7 @@ from gradwatch.report.summary import (
     ReportOptions,
     RunKey,
     RunSummary,
+    StepRange,
     _module_types,
     run_detection,
     trend_of_arrays,
@@ -732,7 +733,9 @@ class _RunAccumulator:
     detection: DetectionConfig = field(default_factory=DetectionConfig)
     unselected_measurements: int = 0
     last_fed: int = 0
-    """The summary's record count when this run was last fed (the least recently fed is finished first)."""
+    """The summary's clock when this run was last fed (the least recently fed is finished first)."""
+    row_targets: list[tuple[str, int, str, int, str]] = field(default_factory=list)
+    """The keys of the summary's row lookup that lead to this run (dropped when it is finished)."""
 
 
 LIVE_RUNS = 8
@@ -762,6 +765,11 @@ class StreamingSummary:
         """Finished runs that had more records later: their records are skipped (see inexact_runs)."""
         self._wanted_modules: dict[str, bool] = {}
         self._clock = 0
+        self._every_step = self.options.steps == StepRange()
+        self._row_targets: dict[
+            tuple[str, int, str, int, str], tuple[_RunAccumulator, _LayerAccumulator]
+        ] = {}
+        """(run id, rank, module, layer, direction) of a row -> its live run and layer."""
 
     @property
     def needs_exact(self) -> bool:
@@ -803,6 +811,9 @@ class StreamingSummary:
                 f"runs {sorted(shared, key=str)} are in both summaries: fold their files together"
             )
         self._runs.update(other._runs)
+        for run in other._runs.values():
+            for target in run.row_targets:
+                self._row_targets[target] = other._row_targets[target]
         self._finished.update(other._finished)
         self._reopened |= other._reopened
         while self.live_runs is not None and len(self._runs) > self.live_runs:
@@ -811,27 +822,36 @@ class StreamingSummary:
     def replace_runs(self, other: StreamingSummary) -> None:
         """Take the runs of ``other`` in place of this summary's runs of the same keys (a refold)."""
         for key in other.run_keys():
-            self._runs.pop(key, None)
-            self._finished.pop(key, None)
-            self._reopened.discard(key)
+            self._forget(key)
         self.absorb(other)
+
+    def _forget(self, key: RunKey) -> None:
+        """Drop everything folded or finished of the run ``key``."""
+        run = self._runs.pop(key, None)
+        if run is not None:
+            for target in run.row_targets:
+                del self._row_targets[target]
+        self._finished.pop(key, None)
+        self._reopened.discard(key)
 
     def use_summaries(self, keys: set[RunKey], runs: Iterable[RunSummary]) -> None:
         """Report the runs ``keys`` with these summaries (computed elsewhere), dropping their folds."""
         merge = self.options.merge_ranks
         for key in keys:
-            self._runs.pop(key, None)
-            self._finished.pop(key, None)
-            self._reopened.discard(key)
+            self._forget(key)
         for run in runs:
             key = (run.run_id, None if merge else run.ranks[0])
             if key in keys:
                 self._finished[key] = run
 
     def add_all(self, records: Iterable[LogItem]) -> None:
-        add = self.add
+        """:meth:`add` for every record (the loop of a whole pass: one call per record, not two)."""
+        add_row, add, line_type = self._add_row, self.add, LINE_TYPE
         for record in records:
-            add(record)
+            if type(record) is line_type:
+                add_row(record)  # type: ignore[arg-type]  # a MeasurementLine
+            else:
+                add(record)
 
     def _run(self, key: RunKey) -> _RunAccumulator | None:
         """The accumulator of ``key``, started if new; ``None`` when the run was finished already."""
@@ -852,7 +872,8 @@ class StreamingSummary:
     def _finish_oldest(self) -> None:
         """Finish the run fed least recently: its summary is kept, its accumulators are dropped."""
         key = min(self._runs, key=lambda k: self._runs[k].last_fed)
-        run = self._runs.pop(key)
+        run = self._runs[key]
+        self._forget(key)
         for layer in run.layers.values():
             layer.fold_rows()
         if any(layer.out_of_order for layer in run.layers.values()):
@@ -917,7 +938,28 @@ class StreamingSummary:
             run.errors.append(record)
 
     def _add_row(self, row: MeasurementLine) -> None:
-        """:meth:`add` for a measurement line: the same bookkeeping."""
+        """:meth:`add` for a measurement line: the same bookkeeping, one lookup for a known layer."""
+        target = self._row_targets.get((row.run_id, row.rank, row.module, row.layer, row.direction))
+        if target is None:
+            self._add_new_row(row)
+            return
+        # a layer of a live run that took rows before, with every step selected: only the steps to note
+        run, layer = target
+        if run.last_fed != self._clock:  # another run was fed since (what _run does)
+            self._clock += 1
+            run.last_fed = self._clock
+        step = row.step
+        if step > run.last_step:  # type: ignore[operator]  # set by the row that made the target
+            run.last_step = step
+        elif step < run.first_step:  # type: ignore[operator]
+            run.first_step = step
+        rows = layer._rows
+        rows.append(row)
+        if len(rows) >= ROW_BATCH:
+            layer.fold_rows()
+
+    def _add_new_row(self, row: MeasurementLine) -> None:
+        """:meth:`_add_row` for a row whose layer is not known yet (or not selected, or windowed)."""
         options = self.options
         rank = row.rank
         merge = options.merge_ranks
@@ -954,6 +996,10 @@ class StreamingSummary:
         layer = run.layers.get(layer_key)
         if layer is None:
             layer = self._layer(run, layer_key)
+        if self._every_step:  # later rows of this layer and rank take the one-lookup path
+            target = (row.run_id, rank, module, row.layer, row.direction)
+            self._row_targets[target] = (run, layer)
+            run.row_targets.append(target)
         rows = (
             layer._rows
         )  # buffered, folded ROW_BATCH at a time (inline: this runs once per line of the log)
