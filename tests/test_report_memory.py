@@ -4,6 +4,7 @@ records nor the decoders (fast or the pure-json fallback) change the report."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -19,7 +20,7 @@ from gradwatch.records import Measurement, Record
 from gradwatch.report import command, reorder, streaming
 from gradwatch.report import summary as summary_module
 from gradwatch.report.command import make_report, render, write_report
-from gradwatch.report.reader import read_logs
+from gradwatch.report.reader import LogContents, LogTail, read_logs
 from gradwatch.report.render_json import report_to_json
 from gradwatch.report.render_text import build_renderable, make_console
 from gradwatch.report.summary import Report, ReportOptions, summarize
@@ -242,3 +243,49 @@ def test_the_pure_json_fallback_gives_the_same_report(tmp_path: Path) -> None:
     fast = make_report([str(path)], ReportOptions())
     assert len(fast.problems) >= 4
     assert fallback.stdout == render(fast, "json")
+
+
+@pytest.mark.parametrize("downsampled", [False, True], ids=["exact", "downsampled"])
+@pytest.mark.parametrize(
+    "options", [ReportOptions(), ReportOptions(metrics=("lag_norm",))], ids=["all-metrics", "lag-only"]
+)
+def test_a_lag_first_measured_late_is_folded_in_one_pass(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    no_whole_file_path: None,
+    downsampled: bool,
+    options: ReportOptions,
+) -> None:
+    if downsampled:
+        monkeypatch.setattr(streaming, "EXACT_POINTS", 64)
+        monkeypatch.setattr(streaming, "BATCH_POINTS", 32)
+    count = 600
+    records = []
+    for record in make_run("exploding", measurements=count):
+        if isinstance(record, Measurement) and record.step < count * 50 // 2:  # lag 32 only from halfway
+            lags = {k: v for k, v in record.metrics.lag_norm.items() if k != "32"}
+            record = dataclasses.replace(record, metrics=dataclasses.replace(record.metrics, lag_norm=lags))
+        records.append(record)
+    path = write_log(tmp_path / "late-lag.jsonl", records)
+    folded = streaming.StreamingSummary(options)
+    folded.add_all(LogTail(path, rows=True).stream(LogContents(), final=True))
+    assert not folded.inexact_runs()  # no second pass, no whole-file read
+    streamed, whole = make_report([str(path)], options), _whole_file([str(path)], options)
+    (s_layer,), (w_layer,) = streamed.runs[0].layers, whole.runs[0].layers
+    s_lag, w_lag = (next(m for m in layer.metrics if m.name == "lag_norm") for layer in (s_layer, w_layer))
+    assert s_lag.label == w_lag.label == "lag norm (τ=32)"
+    assert (
+        (s_lag.count, s_lag.first, s_lag.last)
+        == (w_lag.count, w_lag.first, w_lag.last)
+        == (
+            count // 2,
+            w_lag.first,
+            w_lag.last,
+        )
+    )
+    assert s_lag.trend_per_1000_steps == pytest.approx(w_lag.trend_per_1000_steps, rel=1e-9)
+    assert s_layer.verdict == w_layer.verdict
+    if not downsampled:
+        assert streamed == whole
+    else:
+        assert s_lag.measured_steps == count and all(v is None for _s, v in s_lag.series[:10])

@@ -118,9 +118,10 @@ def _finish(
     if inexact:
         logger.info("folding %d run(s) again in step order", len(inexact))
         refolded = refold(files, inexact, options)
-        still = refolded.inexact_runs()  # only a lag first measured late: its earlier steps are untracked
+        still = refolded.inexact_runs()  # sorted, none should be: a safety net that holds those runs whole
         summary.replace_runs(refolded)
         if still:
+            logger.warning("reading %d run(s) whole: their records could not be folded in order", len(still))
             summary.use_summaries(still, whole_runs(files, still, options))
     return summary.report(
         problems=contents.problems,

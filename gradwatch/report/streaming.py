@@ -135,6 +135,19 @@ class _MetricAccumulator:
         self.steps.extend(steps)
         self._chunks.append(values)
 
+    def take_steps_of(self, other: _MetricAccumulator) -> None:
+        """Start as ``other`` would be had every value it took been missing (a metric first seen late)."""
+        self.steps = list(other.steps)
+        self._chunks = [np.full(len(self.steps), np.nan)]
+        self._loose = []
+        self.folded = other.folded
+        self.points = other.points
+        self._bucket_size = other._bucket_size
+        self._bucket_steps = array("q", other._bucket_steps)
+        self._bucket_points = array("q", other._bucket_points)
+        self._bucket_sums = array("d", bytes(8 * len(other._bucket_sums)))
+        self._bucket_present = array("q", bytes(8 * len(other._bucket_present)))
+
     def _take_values(self) -> np.ndarray:
         """The buffered values as one array (NaN: missing), emptying the buffer."""
         chunks = self._chunks
@@ -539,9 +552,12 @@ class _LayerAccumulator:
         for key in lag_norm:
             self._lag_keys.add(key)
             if key.isdigit() and int(key) not in self.lag_metrics and self.lag_spec is not None:
-                if self.flushed_steps:
-                    self.out_of_order = True  # a lag first seen late: its earlier steps are not tracked
-                self.lag_metrics[int(key)] = _MetricAccumulator(self.lag_spec)
+                accumulator = _MetricAccumulator(self.lag_spec)
+                if self.flushed_steps:  # a lag first seen late: missing at every step folded before
+                    reference = next(iter(self.metrics.values()), None)
+                    reference = reference or next(iter(self.lag_metrics.values()), None) or self.no_lag
+                    accumulator.take_steps_of(reference)
+                self.lag_metrics[int(key)] = accumulator
         self._lag_reads = [(acc, str(lag)) for lag, acc in self.lag_metrics.items()]
 
     def _flush(self) -> None:
