@@ -16,8 +16,10 @@ Per measurement only 16 bytes are kept (step and total gradient norm, for the cl
 percentile the suggestions quote), plus the steps of non-finite measurements and the alert records.
 
 Records must arrive in step order per layer (the monitor writes them so; files of several ranks are merged
-by step by :func:`gradwatch.report.command.make_report`). A measurement that arrives out of order sets
-:attr:`StreamingSummary.needs_exact`, and the caller can fall back to the whole-file summary.
+by step by :func:`gradwatch.report.command.make_report`). A run whose records arrive out of order is
+listed by :meth:`StreamingSummary.inexact_runs`, and the caller folds it again from the files, sorted in
+bounded memory (:mod:`gradwatch.report.reorder`). With ``live_runs``, at most that many runs are folded at
+once; the others are finished into their summaries as they go idle.
 """
 
 from __future__ import annotations
