@@ -94,15 +94,39 @@ def test_many_runs_in_one_file_are_folded_a_few_at_a_time(
     options: ReportOptions,
 ) -> None:
     monkeypatch.setattr(command, "LIVE_RUNS", 3)
+    monkeypatch.setattr(streaming, "IDLE_RECORDS", 8)
     path = write_log(tmp_path / "appended.jsonl", _appended_runs(20))
     streamed = make_report([str(path)], options)
     assert len(streamed.runs) == (20 if options.merge_ranks else 40)
-    assert count_live_runs and max(count_live_runs) <= 3  # not one accumulator per run
+    # not one accumulator per run: the limit, plus the other rank of the run just before (fed in turn)
+    assert count_live_runs and max(count_live_runs) <= 4
     assert streamed == _whole_file([str(path)], options)
+
+
+def test_ranks_fed_in_turn_stay_open_and_are_folded_in_one_pass(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    count_live_runs: list[int],
+    no_whole_file_path: None,
+) -> None:
+    monkeypatch.setattr(command, "LIVE_RUNS", 3)
+    monkeypatch.setattr(streaming, "IDLE_RECORDS", 64)
+    ranks = [make_run("exploding", rank=rank, world_size=12, measurements=30) for rank in range(12)]
+    interleaved = [r[0] for r in ranks] + sorted((m for r in ranks for m in r[1:]), key=lambda m: m.step)
+    path = write_log(tmp_path / "twelve-ranks.jsonl", interleaved)
+
+    def no_refold(*_args: Any, **_kwargs: Any) -> Any:
+        raise AssertionError("a run was finished while its rank was still writing")
+
+    monkeypatch.setattr(command, "refold", no_refold)
+    streamed = make_report([str(path)], ReportOptions())
+    assert len(streamed.runs) == 12 and max(count_live_runs) == 12
+    assert streamed == _whole_file([str(path)], ReportOptions())
 
 
 def test_finished_runs_keep_no_series_unless_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(command, "LIVE_RUNS", 2)
+    monkeypatch.setattr(streaming, "IDLE_RECORDS", 8)
     path = write_log(tmp_path / "appended.jsonl", _appended_runs(6))
     compact = make_report([str(path)], ReportOptions(series=False))
     charted = make_report([str(path)], ReportOptions())
@@ -177,10 +201,20 @@ def test_a_run_resumed_after_others_is_refolded_exactly(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_whole_file_path: None
 ) -> None:
     monkeypatch.setattr(command, "LIVE_RUNS", 2)
+    monkeypatch.setattr(streaming, "IDLE_RECORDS", 8)
     first = make_run("exploding", run_id="resumed", measurements=40)
     others = _appended_runs(3)
     path = write_log(tmp_path / "resumed.jsonl", [*first[:15], *others, *first[15:]])
+    refolded: list[set[Any]] = []
+    original = command.refold
+
+    def spied(files: Any, keys: set[Any], options: ReportOptions) -> Any:
+        refolded.append(keys)
+        return original(files, keys, options)
+
+    monkeypatch.setattr(command, "refold", spied)
     streamed = make_report([str(path)], ReportOptions())
+    assert refolded == [{("resumed", 0)}]  # only the resumed run is read again
     assert streamed == _whole_file([str(path)], ReportOptions())
     resumed = next(run for run in streamed.runs if run.run_id == "resumed")
     assert resumed.layers[0].measurements == 40

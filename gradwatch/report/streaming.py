@@ -751,25 +751,29 @@ class _RunAccumulator:
     detection: DetectionConfig = field(default_factory=DetectionConfig)
     unselected_measurements: int = 0
     last_fed: int = 0
-    """The summary's clock when this run was last fed (the least recently fed is finished first)."""
+    """How many records the summary had taken when this run was last fed (idle runs are finished)."""
     row_targets: list[tuple[str, int, str, int, str]] = field(default_factory=list)
     """The keys of the summary's row lookup that lead to this run (dropped when it is finished)."""
 
 
 LIVE_RUNS = 8
-"""Runs a bounded summary (``live_runs``) folds at once; the least recently fed one beyond is finished."""
+"""Runs a bounded summary (``live_runs``) folds at once, unless more are fed in turn (see IDLE_RECORDS)."""
+IDLE_RECORDS = 1024
+"""Beyond ``live_runs``, a run not fed for this many records is finished. Runs fed in turn (the ranks of a
+file, interleaved by step) stay open; a run that ended gives way once this many records of others passed."""
 
 
 class StreamingSummary:
     """Fold records one at a time (:meth:`add`); :meth:`report` gives the :class:`Report` at any point.
 
     With ``live_runs`` (what :func:`~gradwatch.report.command.make_report` uses), at most that many runs
-    are folded at once: when one more starts, the run fed least recently is finished into its
-    :class:`RunSummary` (a few KB without series) and its accumulators are dropped, so memory does not grow
-    with the number of runs in the logs. A record of a finished run arriving later (a run resumed after
-    others in the same file) cannot be folded any more: the run is listed in :meth:`inexact_runs` with the
-    runs whose records came out of step order, and the caller folds those again from the files, sorted
-    (:func:`gradwatch.report.reorder.refold`). Without ``live_runs`` (``--follow``) every run stays open.
+    are folded at once, plus those fed within the last :data:`IDLE_RECORDS` records: when one more starts,
+    runs idle that long are finished into their :class:`RunSummary` (a few KB without series) and their
+    accumulators are dropped, so memory does not grow with the number of runs in the logs. A record of a
+    finished run arriving later (a run resumed after others in the same file) cannot be folded any more:
+    the run is listed in :meth:`inexact_runs` with the runs whose records came out of step order, and the
+    caller folds those again from the files, sorted (:func:`gradwatch.report.reorder.refold`). Without
+    ``live_runs`` (``--follow``) every run stays open.
     """
 
     def __init__(self, options: ReportOptions | None = None, *, live_runs: int | None = None) -> None:
@@ -834,8 +838,8 @@ class StreamingSummary:
                 self._row_targets[target] = other._row_targets[target]
         self._finished.update(other._finished)
         self._reopened |= other._reopened
-        while self.live_runs is not None and len(self._runs) > self.live_runs:
-            self._finish_oldest()
+        if self.live_runs is not None and len(self._runs) > self.live_runs:
+            self._finish_idle(force=True)  # absorbed: no more records come
 
     def replace_runs(self, other: StreamingSummary) -> None:
         """Take the runs of ``other`` in place of this summary's runs of the same keys (a refold)."""
@@ -872,24 +876,29 @@ class StreamingSummary:
                 add(record)
 
     def _run(self, key: RunKey) -> _RunAccumulator | None:
-        """The accumulator of ``key``, started if new; ``None`` when the run was finished already."""
-        self._clock += 1
-        run = self._runs.get(key)
-        if run is None:
-            if key in self._finished or key in self._reopened:
-                # records after the run was finished: fold it again from the files (see inexact_runs)
-                self._finished.pop(key, None)
-                self._reopened.add(key)
-                return None
-            run = self._runs[key] = _RunAccumulator(last_fed=self._clock)
-            if self.live_runs is not None and len(self._runs) > self.live_runs:
-                self._finish_oldest()
-        run.last_fed = self._clock
+        """A new run's accumulator; ``None`` when the run was finished already (records after its end)."""
+        if key in self._finished or key in self._reopened:
+            # records after the run was finished: fold it again from the files (see inexact_runs)
+            self._finished.pop(key, None)
+            self._reopened.add(key)
+            return None
+        run = self._runs[key] = _RunAccumulator(last_fed=self._clock)
+        if self.live_runs is not None and len(self._runs) > self.live_runs:
+            self._finish_idle()
         return run
 
-    def _finish_oldest(self) -> None:
-        """Finish the run fed least recently: its summary is kept, its accumulators are dropped."""
-        key = min(self._runs, key=lambda k: self._runs[k].last_fed)
+    def _finish_idle(self, *, force: bool = False) -> None:
+        """Finish runs (the first started first) not fed for :data:`IDLE_RECORDS` records (any, with
+        ``force``) until at most ``live_runs`` are left. Runs fed in turn (ranks interleaved by step) stay."""
+        assert self.live_runs is not None
+        for key in list(self._runs):
+            if len(self._runs) <= self.live_runs:
+                return
+            if force or self._clock - self._runs[key].last_fed >= IDLE_RECORDS:
+                self._finish(key)
+
+    def _finish(self, key: RunKey) -> None:
+        """Finish a run: its summary is kept, its accumulators are dropped."""
         run = self._runs[key]
         self._forget(key)
         for layer in run.layers.values():
@@ -908,11 +917,13 @@ class StreamingSummary:
         if options.merge_ranks and record.rank == GLOBAL_RANK:
             return  # global_view records already combine the ranks: merged, they would count twice
         key = (record.run_id, None if options.merge_ranks else record.rank)
+        self._clock += 1
         run = self._runs.get(key)
-        if run is None or self._clock != run.last_fed:
+        if run is None:
             run = self._run(key)
             if run is None:
                 return
+        run.last_fed = self._clock
         run.ranks.add(record.rank)
         if isinstance(record, RunHeader):
             run.headers.append(record)
@@ -963,9 +974,8 @@ class StreamingSummary:
             return
         # a layer of a live run that took rows before, with every step selected: only the steps to note
         run, layer = target
-        if run.last_fed != self._clock:  # another run was fed since (what _run does)
-            self._clock += 1
-            run.last_fed = self._clock
+        self._clock += 1
+        run.last_fed = self._clock
         step = row.step
         if step > run.last_step:  # type: ignore[operator]  # set by the row that made the target
             run.last_step = step
@@ -984,11 +994,13 @@ class StreamingSummary:
         if merge and rank == GLOBAL_RANK:
             return
         key = (row.run_id, None if merge else rank)
+        self._clock += 1
         run = self._runs.get(key)
-        if run is None or self._clock != run.last_fed:
+        if run is None:
             run = self._run(key)
             if run is None:
                 return
+        run.last_fed = self._clock
         run.ranks.add(rank)
         step = row.step
         if step not in options.steps:
