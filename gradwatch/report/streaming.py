@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import statistics
+import sys
 from array import array
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -316,7 +317,7 @@ class _MetricAccumulator:
                 trend_per_1000_steps=trend_of_arrays(
                     np.array(self.steps, dtype=np.float64), values, log_scale=self.log_scale
                 ),
-                sparkline=sparkline(values, log_scale=self.log_scale),
+                sparkline=sys.intern(sparkline(values, log_scale=self.log_scale)),  # short runs: shared
                 series=series,
                 measured_steps=len(self.steps),
             )
