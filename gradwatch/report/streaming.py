@@ -788,6 +788,7 @@ class StreamingSummary:
         """Finished runs that had more records later: their records are skipped (see inexact_runs)."""
         self._wanted_modules: dict[str, bool] = {}
         self._clock = 0
+        self._scanned = -IDLE_RECORDS  # the clock at the last look for idle runs
         self._every_step = self.options.steps == StepRange()
         self._row_targets: dict[
             tuple[str, int, str, int, str], tuple[_RunAccumulator, _LayerAccumulator]
@@ -884,7 +885,11 @@ class StreamingSummary:
             self._reopened.add(key)
             return None
         run = self._runs[key] = _RunAccumulator(last_fed=self._clock)
-        if self.live_runs is not None and len(self._runs) > self.live_runs:
+        if (
+            self.live_runs is not None
+            and len(self._runs) > self.live_runs
+            and self._clock - self._scanned >= IDLE_RECORDS // 4  # a run needs that long to go idle
+        ):
             self._finish_idle()
         return run
 
@@ -892,6 +897,7 @@ class StreamingSummary:
         """Finish runs (the first started first) not fed for :data:`IDLE_RECORDS` records (any, with
         ``force``) until at most ``live_runs`` are left. Runs fed in turn (ranks interleaved by step) stay."""
         assert self.live_runs is not None
+        self._scanned = self._clock
         for key in list(self._runs):
             if len(self._runs) <= self.live_runs:
                 return
