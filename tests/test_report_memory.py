@@ -220,14 +220,23 @@ def test_a_run_resumed_after_others_is_refolded_exactly(
     assert resumed.layers[0].measurements == 40
 
 
-def test_external_sort_spills_sorted_batches_and_merges_them() -> None:
+def test_external_sort_spills_measurement_lines_and_merges_them_exactly() -> None:
+    from gradwatch.report.measurement_lines import decode_measurement_line
+
+    measurement = next(r for r in make_run("exploding", measurements=2) if isinstance(r, Measurement))
+    lines = [
+        decode_measurement_line(json.dumps({**measurement.to_json(), "step": step}).encode())
+        for step in range(1000)
+    ]
+    header = make_run("exploding", measurements=1)[0]
     keys = list(range(1000))
     random.Random(0).shuffle(keys)
     sorter = reorder.ExternalSort(batch=64)
     for key in keys:
-        sorter.add((key, 0), f"item-{key}")
-    assert sorter.spilled_batches == 1000 // 64
-    assert list(sorter.sorted_items()) == [f"item-{key}" for key in range(1000)]
+        sorter.add((("run", 0), key, 0, "", 0, 0, key), lines[key])
+    sorter.add((("run", 0), -1, 0, "", 0, 0, 0), header)  # a record: kept in memory, merged first
+    assert sorter.spilled_batches == 1000 // 64  # on disk in sorted batches, not in memory
+    assert list(sorter.sorted_items()) == [header, *lines]  # read back equal, field for field
 
 
 def test_json_and_text_written_run_by_run_are_the_whole_renderings(tmp_path: Path) -> None:

@@ -13,24 +13,31 @@ however large the runs are. The sorted records are what the whole-file summary s
 from __future__ import annotations
 
 import heapq
-import pickle
+import json
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from operator import itemgetter
 from pathlib import Path
 from typing import IO, Any
 
 from gradwatch.records import GLOBAL_RANK, Alert, Measurement
-from gradwatch.report.reader import LINE_TYPE, LogContents, LogItem, LogTail, record_of
+from gradwatch.report.reader import LINE_DECODER, LINE_TYPE, LogContents, LogItem, LogTail, record_of
 from gradwatch.report.streaming import LIVE_RUNS, StreamingSummary
 from gradwatch.report.summary import ReportOptions, RunKey, RunSummary, summarize
 
 SORT_BATCH = 16_384
 """Records sorted in memory at a time; more are spilled to temporary files in sorted batches."""
-_BLOCK = 256
-"""Records per pickled block of a spilled batch (what the merge holds of each batch at a time)."""
 _FIRST = -(1 << 62)
 """The sort step of records folded in file order (headers, clips, errors): before every measurement."""
+
+_encode: Callable[[Any], bytes] | None
+_decode: Callable[[bytes], Any] | None
+if LINE_TYPE is not None:
+    import msgspec
+
+    _encode, _decode = msgspec.json.Encoder().encode, LINE_DECODER
+else:  # no msgspec: no measurement lines either (every item is a record, kept in memory)
+    _encode = _decode = None
 
 SortKey = tuple[tuple[str, int], int, int, str, int, int, int]
 _KEY = itemgetter(0)
@@ -56,11 +63,18 @@ def sort_key(item: LogItem, key: RunKey, file_index: int, line: int) -> SortKey:
 
 
 class ExternalSort:
-    """Sort (key, item) pairs of unique keys in bounded memory: sorted batches spilled to temporary files."""
+    """Sort (key, item) pairs of unique keys in bounded memory: sorted batches spilled to temporary files.
+
+    Keys are tuples of strings and ints; items are what a reader yields. Measurement lines (the bulk of a
+    log) are spilled as the JSON msgspec writes and reads back exactly (their numbers are finite: the
+    decoder refuses any other line); nothing is unpickled. Records (headers, alerts, clips, errors, and
+    measurements of another shape) stay in memory: few in a log read with msgspec, every one without.
+    """
 
     def __init__(self, batch: int) -> None:
         self.batch = batch
-        self._pairs: list[tuple[Any, Any]] = []
+        self._lines: list[tuple[Any, Any]] = []
+        self._records: list[tuple[Any, Any]] = []
         self._spilled: list[IO[bytes]] = []
 
     @property
@@ -68,41 +82,46 @@ class ExternalSort:
         return len(self._spilled)
 
     def add(self, key: Any, item: Any) -> None:
-        self._pairs.append((key, item))
-        if len(self._pairs) >= self.batch:
+        if _encode is None or type(item) is not LINE_TYPE:
+            self._records.append((key, item))
+            return
+        self._lines.append((key, item))
+        if len(self._lines) >= self.batch:
             self._spill()
 
     def _spill(self) -> None:
-        self._pairs.sort(key=_KEY)
-        handle = tempfile.TemporaryFile(prefix="gradwatch-report-")  # noqa: SIM115  # read back, closed by sorted_items
-        for start in range(0, len(self._pairs), _BLOCK):
-            pickle.dump(self._pairs[start : start + _BLOCK], handle, protocol=pickle.HIGHEST_PROTOCOL)
+        assert _encode is not None  # only measurement lines are spilled
+        self._lines.sort(key=_KEY)
+        handle = tempfile.TemporaryFile(prefix="gradwatch-report-")  # noqa: SIM115  # closed by sorted_items
+        encode = _encode
+        handle.writelines(
+            json.dumps(key).encode() + b"\t" + encode(line) + b"\n" for key, line in self._lines
+        )
         handle.seek(0)
         self._spilled.append(handle)
-        self._pairs = []
+        self._lines = []
 
     def sorted_items(self) -> Iterator[Any]:
         """Every item added, by key (the spilled batches are read back lazily and closed after)."""
-        self._pairs.sort(key=_KEY)
-        streams: list[Iterable[tuple[Any, Any]]] = [_read_back(handle) for handle in self._spilled]
-        streams.append(self._pairs)
+        self._lines.sort(key=_KEY)
+        self._records.sort(key=_KEY)
+        streams: list[Iterable[tuple[Any, Any]]] = [map(_decoded, handle) for handle in self._spilled]
+        streams += [self._lines, self._records]
         try:
             for _key, item in heapq.merge(*streams, key=_KEY):
                 yield item
         finally:
             for handle in self._spilled:
                 handle.close()
-            self._spilled, self._pairs = [], []
+            self._spilled, self._lines, self._records = [], [], []
 
 
-def _read_back(handle: IO[bytes]) -> Iterator[tuple[Any, Any]]:
-    """The pairs of one spilled batch, a block at a time (our own pickles, written above)."""
-    while True:
-        try:
-            block = pickle.load(handle)
-        except EOFError:
-            return
-        yield from block
+def _decoded(line: bytes) -> tuple[Any, Any]:
+    """The (key, measurement line) of a spilled line."""
+    assert _decode is not None  # only measurement lines are spilled
+    key_text, payload = line.rstrip(b"\n").split(b"\t", 1)
+    run_order, *rest = json.loads(key_text)
+    return (tuple(run_order), *rest), _decode(payload)
 
 
 def _items_of(
