@@ -8,6 +8,7 @@ import dataclasses
 import io
 import json
 import os
+import pickle
 import random
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from gradwatch.report.command import make_report, render, write_report
 from gradwatch.report.reader import LogContents, LogTail, read_logs
 from gradwatch.report.render_json import report_to_json
 from gradwatch.report.render_text import build_renderable, make_console
-from gradwatch.report.summary import Report, ReportOptions, summarize
+from gradwatch.report.summary import Report, ReportOptions, Series, summarize
 from tests.report_logs import RUN_KINDS, make_run, write_log
 
 REPO = Path(__file__).resolve().parents[1]
@@ -332,3 +333,25 @@ def test_a_lag_first_measured_late_is_folded_in_one_pass(
         assert streamed == whole
     else:
         assert s_lag.measured_steps == count and all(v is None for _s, v in s_lag.series[:10])
+
+
+def test_html_series_are_kept_compact_and_read_as_tuples(tmp_path: Path) -> None:
+    path = write_log(tmp_path / "run.jsonl", make_run("nonfinite", measurements=300))
+    streamed, whole = make_report([str(path)], ReportOptions()), _whole_file([str(path)], ReportOptions())
+    for s_metric, w_metric in zip(
+        streamed.runs[0].layers[0].metrics, whole.runs[0].layers[0].metrics, strict=True
+    ):
+        series = s_metric.series
+        assert isinstance(series, Series) and isinstance(w_metric.series, tuple)
+        assert (
+            series == w_metric.series and w_metric.series == series and hash(series) == hash(w_metric.series)
+        )
+        assert (series[0], series[-1], series[5:8]) == (
+            w_metric.series[0],
+            w_metric.series[-1],
+            w_metric.series[5:8],
+        )
+        assert pickle.loads(pickle.dumps(series)) == series  # summaries cross worker processes
+        # 16 bytes a point (an int64 step and a float64 value), not a tuple of Python objects
+        assert sys.getsizeof(series._steps) + sys.getsizeof(series._values) < 16 * len(series) + 512
+    assert any(v is None for m in streamed.runs[0].layers[0].metrics for _s, v in m.series)

@@ -62,6 +62,7 @@ from gradwatch.report.summary import (
     ReportOptions,
     RunKey,
     RunSummary,
+    Series,
     StepRange,
     _module_types,
     run_detection,
@@ -300,11 +301,7 @@ class _MetricAccumulator:
                 minimum = float(present.min()) if present.size else None
                 maximum = float(present.max()) if present.size else None
                 finite = present  # only its length is used below
-            series = (
-                tuple(zip(self.steps, [None if v != v else v for v in values.tolist()], strict=True))
-                if keep_series
-                else ()
-            )
+            exact: Series | tuple[()] = Series(self.steps, values) if keep_series else ()
             return MetricSummary(
                 name=self.spec.name,
                 label=label,
@@ -318,7 +315,7 @@ class _MetricAccumulator:
                     np.array(self.steps, dtype=np.float64), values, log_scale=self.log_scale
                 ),
                 sparkline=sys.intern(sparkline(values, log_scale=self.log_scale)),  # short runs: shared
-                series=series,
+                series=exact,
                 measured_steps=len(self.steps),
             )
         series = self.series()  # folds what is buffered
@@ -334,9 +331,15 @@ class _MetricAccumulator:
             maximum=self.maximum if self.count else None,
             trend_per_1000_steps=trend,
             sparkline=sparkline([v for _s, v in series], log_scale=self.log_scale),
-            series=series if keep_series else (),
+            series=_compact(series) if keep_series else (),
             measured_steps=self.points,
         )
+
+
+def _compact(series: Sequence[tuple[int, float | None]]) -> Series:
+    """``series`` as a :class:`Series` (16 bytes a point)."""
+    values = np.array([math.nan if v is None else v for _s, v in series], dtype=np.float64)
+    return Series([s for s, _v in series], values)
 
 
 def _pair_sums(values: array, typecode: str) -> array:

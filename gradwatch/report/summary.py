@@ -10,10 +10,11 @@ from __future__ import annotations
 import fnmatch
 import math
 import statistics
+from array import array
 from collections import defaultdict, deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TypeGuard
+from typing import TypeGuard, overload
 
 import numpy as np
 
@@ -98,6 +99,56 @@ class ReportOptions:
         return not self.modules or any(fnmatch.fnmatchcase(name, pattern) for pattern in self.modules)
 
 
+class Series(Sequence[tuple[int, "float | None"]]):
+    """A metric's (step, value) points, 16 bytes each (``None``: no finite value); reads as a tuple of pairs.
+
+    The streaming report keeps the series of every layer of every run for the HTML charts: as tuples of
+    Python objects that is about 80 bytes a point.
+    """
+
+    __slots__ = ("_steps", "_values")
+
+    def __init__(self, steps: Sequence[int], values: np.ndarray) -> None:
+        try:
+            self._steps: Sequence[int] = array("q", steps)
+        except OverflowError:  # a step beyond 64 bits: kept as it is
+            self._steps = tuple(steps)
+        self._values = array("d")
+        self._values.frombytes(np.ascontiguousarray(values, dtype=np.float64).tobytes())
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    @overload
+    def __getitem__(self, index: int) -> tuple[int, float | None]: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> tuple[tuple[int, float | None], ...]: ...
+
+    def __getitem__(
+        self, index: int | slice
+    ) -> tuple[int, float | None] | tuple[tuple[int, float | None], ...]:
+        if isinstance(index, slice):
+            return tuple(self)[index]
+        value = self._values[index]
+        return (self._steps[index], None if value != value else value)  # NaN: missing
+
+    def __iter__(self) -> Iterator[tuple[int, float | None]]:
+        for step, value in zip(self._steps, self._values, strict=True):
+            yield (step, None if value != value else value)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence):
+            return NotImplemented
+        return len(self) == len(other) and tuple(self) == tuple(other)
+
+    def __hash__(self) -> int:
+        return hash(tuple(self))
+
+    def __repr__(self) -> str:
+        return f"Series({tuple(self)!r})"
+
+
 @dataclass(frozen=True, slots=True)  # slots: thousands of runs keep ten of these per layer
 class MetricSummary:
     """Statistics of one metric over the measured steps of one layer (``None``: no finite value)."""
@@ -113,7 +164,8 @@ class MetricSummary:
     trend_per_1000_steps: float | None
     """Slope of log(value) (``scale == "log"``) or of the value (``"linear"``) per 1000 steps."""
     sparkline: str
-    series: tuple[tuple[int, float | None], ...]
+    series: Sequence[tuple[int, float | None]]
+    """The per-step points (a tuple, or a compact :class:`Series`); empty unless ``ReportOptions.series``."""
     measured_steps: int | None = None
     """Steps the series stands for; more than ``len(series)`` when a long run was downsampled."""
 
