@@ -43,7 +43,7 @@ def _whole_file(paths: list[str], options: ReportOptions) -> Report:
         files=contents.files,
         unknown_kinds=contents.unknown_kinds,
         truncated_runs=contents.truncated_runs,
-    )
+    ).with_run_files(contents.run_files)
 
 
 def _appended_runs(count: int, *, measurements: int = 12) -> list[Record]:

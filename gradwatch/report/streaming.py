@@ -663,7 +663,8 @@ class _LayerAccumulator:
             ),
             alert_count=self.alerts.count,
             lag_series=tuple(
-                (lag, _folded_series(accumulator)) for lag, accumulator in sorted(self.lag_metrics.items())
+                (lag, _compact(_folded_series(accumulator)))
+                for lag, accumulator in sorted(self.lag_metrics.items())
             )
             if keep_series  # only the HTML charts draw them
             else (),

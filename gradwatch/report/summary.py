@@ -204,7 +204,7 @@ class LayerSummary:
         return (self.module, self.layer, self.direction)
 
 
-LagSeries = tuple[int, tuple[tuple[int, float | None], ...]]
+LagSeries = tuple[int, Sequence[tuple[int, float | None]]]
 """``(tau, ((step, norm), ...))``: one lag's norm over training (binned like every metric series)."""
 
 
