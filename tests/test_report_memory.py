@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from gradwatch.records import Measurement, Record
@@ -24,6 +25,7 @@ from gradwatch.report.command import make_report, render, write_report
 from gradwatch.report.reader import LogContents, LogTail, read_logs
 from gradwatch.report.render_json import report_to_json
 from gradwatch.report.render_text import build_renderable, make_console
+from gradwatch.report.sparkline import BARS, sparkline
 from gradwatch.report.summary import Report, ReportOptions, Series, summarize
 from tests.report_logs import RUN_KINDS, make_run, write_log
 
@@ -355,3 +357,10 @@ def test_html_series_are_kept_compact_and_read_as_tuples(tmp_path: Path) -> None
         # 16 bytes a point (an int64 step and a float64 value), not a tuple of Python objects
         assert sys.getsizeof(series._steps) + sys.getsizeof(series._values) < 16 * len(series) + 512
     assert any(v is None for m in streamed.runs[0].layers[0].metrics for _s, v in m.series)
+
+
+def test_a_constant_metric_reads_flat_whatever_the_rounding_of_its_bin_means() -> None:
+    for length in (24, 100, 2001):
+        for value in (0.502, 0.1, 3e-7):
+            assert sparkline(np.full(length, value)) == sparkline([value] * length) == BARS[4] * 24
+            assert sparkline(np.full(length, value), log_scale=True) == BARS[4] * 24

@@ -10,6 +10,8 @@ import numpy as np
 BARS = "▁▂▃▄▅▆▇█"
 SMALL = 64
 """Series up to this long are drawn with plain Python (numpy's per-call cost dominates below)."""
+_FLAT_ULPS = 64
+"""Bin means closer than this many units in the last place are equal (their sums round differently)."""
 MISSING = "·"
 """Drawn for a bin whose values were all missing or non-finite (null in the log)."""
 
@@ -46,6 +48,8 @@ def sparkline(
         return MISSING * len(bins)
     low, high = min(finite), max(finite)
     span = high - low
+    if span <= _FLAT_ULPS * math.ulp(max(abs(low), abs(high))):
+        span = 0.0  # a constant metric whose bin means differ only by rounding reads flat
     chars = []
     for value in bins:
         if value is None:
