@@ -63,8 +63,10 @@ def make_report(paths: list[str], options: ReportOptions, *, jobs: int = 1) -> R
     """Read the logs named by ``paths`` (files, directories, globs) and summarise them as they stream by.
 
     The files are merged by step (each is in step order as the monitor writes it), so memory stays
-    bounded however long the logs are. Should some layer's measurements still arrive out of step order
-    (hand-edited or concatenated logs), the logs are read again whole so the figures stay exact.
+    bounded however long the logs are; runs are finished as they go idle, so it stays bounded however many
+    runs they hold. A run whose records still arrive out of step order (hand-edited or concatenated logs)
+    or resume after it was finished is folded again from the files, sorted in bounded memory
+    (:func:`gradwatch.report.reorder.refold`), so the figures stay exact.
 
     ``jobs`` > 1 (0: one per CPU) lets logs of at least :data:`PARALLEL_MIN_BYTES` in several files be
     summarised one file per worker process (same report; see :func:`_summarize_in_parallel`).
