@@ -1,5 +1,20 @@
 """``gradwatch report`` at the scale of real runs: throughput and peak memory on generated run logs.
 
+Four shapes of input (``--shapes``; each log is generated under ``--dir`` from the monitor's measurement
+record, with its 16-bin sigma histogram):
+
+* ``files`` (``--sizes-mb``): one file per run and rank, described below;
+* ``appended`` (``--appended-mb``, default 1000): ONE file holding runs appended one after another, two
+  ranks each (their records interleaved by step), two layers, steps 0..20000 every 10 (issue #34);
+* ``out-of-order`` (``--out-of-order-mb``, default 150): the appended shape with one measurement moved
+  10,000 steps later in its run (issue #30 item 11);
+* ``many-runs`` (``--many-runs``, default 32,695, about 53 MB): one file, each run a header and one
+  measurement, reported in text (issue #30 item 11).
+
+For every shape the report runs with the default install (orjson and msgspec) and with both blocked (the
+pure-json fallback of platforms without wheels), and with ``--compare-with`` also from another checkout,
+alternating in each round. The ``files`` shape:
+
 Generates run logs of a given total size (two runs, two ranks each, one file per rank, four RNN layers,
 measurements of every layer every 50 steps; one run healthy and alert-free, so its verdict comes from the
 detector replay, the other exploding late with alerts and clip events), then times in fresh subprocesses:
@@ -18,6 +33,8 @@ with its range), MB/s, peak RSS and the time as a multiple of the ``json.loads``
 
     PYTHONPATH=. python benchmarks/report_scale.py --sizes-mb 1000 --repeats 3 --dir /tmp/gw-report-bench
     PYTHONPATH=. python benchmarks/report_scale.py --sizes-mb 1000 --repeats 3 --no-histogram
+    PYTHONPATH=. python benchmarks/report_scale.py --shapes appended out-of-order many-runs \
+        --compare-with /path/to/main --repeats 2
 """
 
 from __future__ import annotations
@@ -32,6 +49,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 LAYERS = 4
@@ -158,6 +176,62 @@ def generate(directory: Path, total_bytes: int, *, histogram: bool = True) -> tu
     return written, records
 
 
+APPENDED_LAYERS = 2
+APPENDED_LAST_STEP = 20_000
+APPENDED_EVERY = 10
+
+
+def _appended_runs(rng: random.Random) -> Iterator[list[str]]:
+    """The lines of one run after another: two ranks (interleaved by step), two layers, steps 0..20000."""
+    run = 0
+    while True:
+        run_id = f"appended-{run:04d}"
+        lines = [_header(run_id, rank) for rank in range(RANKS)]
+        for step in range(0, APPENDED_LAST_STEP + 1, APPENDED_EVERY):
+            for rank in range(RANKS):
+                for layer in range(APPENDED_LAYERS):
+                    lines.append(_measurement(run_id, rank, step, layer, 1.0, rng, histogram=True))
+        yield lines
+        run += 1
+
+
+def generate_appended(path: Path, total_bytes: int, *, move_one: bool = False) -> tuple[int, int]:
+    """Runs appended in one file up to ``total_bytes``; ``move_one``: one measurement of the first run
+    written 10,000 steps late (out of step order). Returns (bytes, records)."""
+    size = records = 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as handle:
+        for number, lines in enumerate(_appended_runs(random.Random(0))):
+            if size >= total_bytes:
+                break
+            if move_one and number == 0:
+                # the measurement of rank 0, layer 0 at step 5000 moves after the records of step 15000
+                per_step = RANKS * APPENDED_LAYERS
+                moved = RANKS + (5000 // APPENDED_EVERY) * per_step
+                target = RANKS + (15000 // APPENDED_EVERY + 1) * per_step
+                lines.insert(target, lines[moved])
+                del lines[moved]
+            text = "\n".join(lines) + "\n"
+            handle.write(text)
+            size += len(text)
+            records += len(lines)
+    return size, records
+
+
+def generate_many_runs(path: Path, runs: int) -> tuple[int, int]:
+    """``runs`` runs in one file, each a header and one measurement. Returns (bytes, records)."""
+    rng = random.Random(0)
+    size = 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as handle:
+        for run in range(runs):
+            run_id = f"run-{run:05d}"
+            text = _header(run_id, 0) + "\n" + _measurement(run_id, 0, 0, 0, 1.0, rng, histogram=True) + "\n"
+            handle.write(text)
+            size += len(text)
+    return size, 2 * runs
+
+
 _MEASURE = (
     "import os, resource, subprocess, sys, time\n"
     "def tree_rss_kb(root):\n"
@@ -193,8 +267,9 @@ _MEASURE = (
     "wall = time.perf_counter() - start\n"
     "if child.returncode:\n"
     "    sys.exit(child.returncode)\n"
-    "peak = max(peak, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
-    "print(wall, peak)\n"
+    "usage = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+    "peak = max(peak, usage.ru_maxrss)\n"
+    "print(wall, peak, usage.ru_utime + usage.ru_stime)\n"
 )
 _JSON_LOOP = (
     "import json, sys\n"
@@ -205,8 +280,8 @@ _JSON_LOOP = (
 )
 
 
-def measure(command: list[str], timeout: float, pythonpath: str | None = None) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MB) of ``command`` run in a fresh child process."""
+def measure(command: list[str], timeout: float, pythonpath: str | None = None) -> tuple[float, float, float]:
+    """Wall seconds, peak RSS (MB) and CPU seconds of ``command`` run in a fresh child process."""
     env = dict(os.environ)
     if pythonpath is not None:
         env["PYTHONPATH"] = pythonpath
@@ -219,8 +294,8 @@ def measure(command: list[str], timeout: float, pythonpath: str | None = None) -
         env=env,
         cwd=pythonpath,  # `python -c` puts the working directory first on sys.path
     )
-    wall, rss_kb = out.stdout.split()
-    return float(wall), int(rss_kb) / 1024
+    wall, rss_kb, cpu = out.stdout.split()
+    return float(wall), int(rss_kb) / 1024, float(cpu)
 
 
 def _existing(directory: Path) -> tuple[int, int]:
@@ -233,10 +308,113 @@ def _existing(directory: Path) -> tuple[int, int]:
     return size, records
 
 
+_CLI = "from gradwatch.cli import main; main(sys.argv[1:])"
+_NO_FAST = "sys.modules['orjson'] = None; sys.modules['msgspec'] = None; "
+"""Blocks both fast decoders (their import raises ImportError): the pure-json fallback."""
+
+
+def _time_commands(
+    label: str,
+    size: int,
+    records: int,
+    commands: dict[str, tuple[list[str], str | None]],
+    args: argparse.Namespace,
+    *,
+    baseline: str | None = None,
+) -> None:
+    """Run ``commands`` in ``args.repeats`` alternating rounds; print one row per command."""
+    walls: dict[str, list[float]] = {what: [] for what in commands}
+    cpus: dict[str, list[float]] = {what: [] for what in commands}
+    peaks: dict[str, float] = dict.fromkeys(commands, 0.0)
+    for _round in range(args.repeats):
+        # rounds alternate the commands, so a slow phase of a shared machine hits each of them alike
+        for what, (command, pythonpath) in commands.items():
+            started = time.perf_counter()
+            try:
+                wall, rss, cpu = measure(command, args.timeout, pythonpath)
+            except subprocess.TimeoutExpired:
+                print(f"{what}: timed out after {time.perf_counter() - started:.0f} s")
+                continue
+            walls[what].append(wall)
+            cpus[what].append(cpu)
+            peaks[what] = max(peaks[what], rss)
+    base = walls.get(baseline or "", [])
+    for what, times in walls.items():
+        if not times:
+            continue
+        wall = statistics.median(times)
+        spread = f"{min(times):.1f}-{max(times):.1f}" if len(times) > 1 else ""
+        ratio = (
+            statistics.median(t / b for t, b in zip(times, base, strict=False))
+            if len(base) == len(times)
+            else math.nan
+        )
+        print(
+            f"{label:<13} {size / 1e6:>6.0f}MB {records:>10} {what:<34} {wall:>8.1f} {spread:>11} "
+            f"{statistics.median(cpus[what]):>7.1f} {size / 1e6 / wall:>7.1f} {peaks[what]:>12.0f} {ratio:>8.2f}",
+            flush=True,
+        )
+
+
+def _report_commands(
+    path: Path, output_format: str, compare_with: str | None
+) -> dict[str, tuple[list[str], str | None]]:
+    """The report of ``path`` with the fast decoders and without, here and in ``compare_with``."""
+    arguments = ["report", str(path), "--format", output_format, "-o", "/dev/null"]
+    commands: dict[str, tuple[list[str], str | None]] = {
+        "gradwatch report": ([sys.executable, "-c", "import sys; " + _CLI, *arguments], None),
+        "report, no orjson/msgspec": (
+            [sys.executable, "-c", "import sys; " + _NO_FAST + _CLI, *arguments],
+            None,
+        ),
+    }
+    if compare_with:
+        commands["compared checkout"] = (commands["gradwatch report"][0], compare_with)
+        commands["compared, no orjson/msgspec"] = (commands["report, no orjson/msgspec"][0], compare_with)
+    return commands
+
+
+def _shapes(args: argparse.Namespace) -> None:
+    """The one-file shapes of issues #34 and #30 (see the module doc)."""
+    for shape in args.shapes:
+        if shape == "files":
+            continue
+        path = args.dir / f"{shape}.jsonl"
+        if args.reuse and path.is_file():
+            size, records = _existing_file(path)
+        elif shape == "appended":
+            size, records = generate_appended(path, args.appended_mb * 1_000_000)
+        elif shape == "out-of-order":
+            size, records = generate_appended(path, args.out_of_order_mb * 1_000_000, move_one=True)
+        else:
+            size, records = generate_many_runs(path, args.many_runs)
+        output_format = "text" if shape == "many-runs" else "json"
+        commands = _report_commands(path, output_format, args.compare_with)
+        _time_commands(shape, size, records, commands, args, baseline="gradwatch report")
+        if not args.keep:
+            path.unlink()
+
+
+def _existing_file(path: Path) -> tuple[int, int]:
+    with open(path, "rb") as handle:
+        records = sum(chunk.count(b"\n") for chunk in iter(lambda: handle.read(1 << 20), b""))
+    return path.stat().st_size, records
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument(
+        "--shapes",
+        nargs="+",
+        choices=("files", "appended", "out-of-order", "many-runs"),
+        default=["files"],
+        help="which inputs (see above); files is the one-file-per-rank set of --sizes-mb",
+    )
+    parser.add_argument("--appended-mb", type=int, default=1000)
+    parser.add_argument("--out-of-order-mb", type=int, default=150)
+    parser.add_argument("--many-runs", type=int, default=32_695)
     parser.add_argument("--sizes-mb", type=int, nargs="+", default=[100, 1000])
     parser.add_argument("--dir", type=Path, default=Path("/tmp/gw-report-bench"))
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per measured command")
@@ -262,9 +440,12 @@ def main() -> None:
     )
     args = parser.parse_args()
     print(
-        f"{'log':>8} {'records':>10} {'what':<22} {'wall s':>8} {'min-max':>11} {'MB/s':>7} "
-        f"{'peak RSS MB':>12} {'x json loop':>10}"
+        f"{'shape':<13} {'log':>8} {'records':>10} {'what':<34} {'wall s':>8} {'min-max':>11} {'cpu s':>7} "
+        f"{'MB/s':>7} {'peak RSS MB':>12} {'x first':>8}"
     )
+    _shapes(args)
+    if "files" not in args.shapes:
+        return
     for size_mb in args.sizes_mb:
         directory = args.dir / f"logs-{size_mb}mb{'' if args.histogram else '-no-histogram'}"
         if args.reuse and directory.is_dir():
@@ -284,49 +465,16 @@ def main() -> None:
             "-o",
             "/dev/null",
         ]
-        without_msgspec = [
-            sys.executable,
-            "-c",
-            "import sys; from gradwatch.report import reader; reader.LINE_DECODER = None; "
-            "from gradwatch.cli import main; main(sys.argv[1:])",
-            *report[3:],
-        ]
+        without_fast = [sys.executable, "-c", "import sys; " + _NO_FAST + _CLI, *report[3:]]
         commands: dict[str, tuple[list[str], str | None]] = {
             "json.loads loop": ([sys.executable, "-c", _JSON_LOOP, *files], None),
             "gradwatch report": (report, None),
             "report --jobs 1": ([*report, "--jobs", "1"], None),
-            "report, no msgspec": (without_msgspec, None),
+            "report, no orjson/msgspec": (without_fast, None),
         }
         if args.compare_with:
             commands["report (--compare-with)"] = (report, args.compare_with)
-        # rounds alternate the commands, so a slow phase of a shared machine hits each of them alike
-        walls: dict[str, list[float]] = {what: [] for what in commands}
-        peaks: dict[str, float] = dict.fromkeys(commands, 0.0)
-        for _round in range(args.repeats):
-            for what, (command, pythonpath) in commands.items():
-                started = time.perf_counter()
-                try:
-                    wall, rss = measure(command, args.timeout, pythonpath)
-                except subprocess.TimeoutExpired:
-                    print(f"{what}: timed out after {time.perf_counter() - started:.0f} s")
-                    continue
-                walls[what].append(wall)
-                peaks[what] = max(peaks[what], rss)
-        loop = walls["json.loads loop"]
-        for what, times in walls.items():
-            if not times:
-                continue
-            wall = statistics.median(times)
-            spread = f"{min(times):.1f}-{max(times):.1f}" if len(times) > 1 else ""
-            ratio = (
-                statistics.median(t / base for t, base in zip(times, loop, strict=False))
-                if len(loop) == len(times)
-                else math.nan
-            )
-            print(
-                f"{size / 1e6:>6.0f}MB {records:>10} {what:<22} {wall:>8.1f} {spread:>11} "
-                f"{size / 1e6 / wall:>7.1f} {peaks[what]:>12.0f} {ratio:>10.2f}"
-            )
+        _time_commands("files", size, records, commands, args, baseline="json.loads loop")
         if not args.keep:
             shutil.rmtree(directory, ignore_errors=True)
 

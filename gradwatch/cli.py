@@ -153,6 +153,7 @@ def report(
         steps=steps,
         metrics=metrics or None,
         merge_ranks=merge_ranks,
+        series=output_format == "html",  # only the HTML charts draw the per-step series
     )
     stdout = sys.stdout  # click.get_text_stream is deprecated since click 8.5
     if follow:
@@ -172,11 +173,12 @@ def report(
         click.echo(f"gradwatch report: {line}", err=True)
     if output is not None:
         try:
-            output.write_text(command.render(result, output_format), encoding="utf-8")
+            with output.open("w", encoding="utf-8") as handle:
+                command.write_report(result, output_format, handle)
         except OSError as exc:
             raise _OutputError(f"cannot write the report to {str(output)!r}: {exc.strerror or exc}") from None
     elif output_format != "text":
-        click.echo(command.render(result, output_format), nl=False)
+        command.write_report(result, output_format, stdout)
     elif not follow:  # --follow has shown the text report live already
         render_text(result, make_console(stdout))
     status = command.exit_status(result, fail_on)

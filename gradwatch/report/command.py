@@ -11,15 +11,17 @@ import os
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import IO
 
 from gradwatch.report.formatting import printable
-from gradwatch.report.reader import LogContents, LogTail, expand_paths, merge_by_step, read_logs
+from gradwatch.report.reader import LogContents, LogTail, expand_paths, merge_by_step
 from gradwatch.report.render_html import render_html
-from gradwatch.report.render_json import render_json
+from gradwatch.report.render_json import iter_json, render_json
 from gradwatch.report.render_markdown import render_markdown
 from gradwatch.report.render_text import make_console, render_text
-from gradwatch.report.streaming import StreamingSummary
-from gradwatch.report.summary import Report, ReportOptions, build_report
+from gradwatch.report.reorder import refold, whole_runs
+from gradwatch.report.streaming import LIVE_RUNS, StreamingSummary
+from gradwatch.report.summary import Report, ReportOptions
 from gradwatch.report.verdict import Verdict
 
 logger = logging.getLogger(__name__)
@@ -61,8 +63,10 @@ def make_report(paths: list[str], options: ReportOptions, *, jobs: int = 1) -> R
     """Read the logs named by ``paths`` (files, directories, globs) and summarise them as they stream by.
 
     The files are merged by step (each is in step order as the monitor writes it), so memory stays
-    bounded however long the logs are. Should some layer's measurements still arrive out of step order
-    (hand-edited or concatenated logs), the logs are read again whole so the figures stay exact.
+    bounded however long the logs are; runs are finished as they go idle, so it stays bounded however many
+    runs they hold. A run whose records still arrive out of step order (hand-edited or concatenated logs)
+    or resume after it was finished is folded again from the files, sorted in bounded memory
+    (:func:`gradwatch.report.reorder.refold`), so the figures stay exact.
 
     ``jobs`` > 1 (0: one per CPU) lets logs of at least :data:`PARALLEL_MIN_BYTES` in several files be
     summarised one file per worker process (same report; see :func:`_summarize_in_parallel`).
@@ -95,27 +99,32 @@ def _make_report(paths: list[str], options: ReportOptions, *, jobs: int) -> Repo
         summary, per_file = parallel
         for out in per_file:
             contents.extend(out)
-        return _finish(summary, contents, paths, options)
-    summary = StreamingSummary(options)
+        return _finish(summary, contents, files, options)
+    summary = StreamingSummary(options, live_runs=LIVE_RUNS)
     per_file = [LogContents(files=[str(path)]) for path in files]
     streams = [
         LogTail(path, rows=True).stream(out, final=True) for path, out in zip(files, per_file, strict=True)
     ]
-    add = summary.add
-    for record in merge_by_step(streams):
-        add(record)
+    summary.add_all(merge_by_step(streams))
     for out in per_file:
         contents.extend(out)
-    return _finish(summary, contents, paths, options)
+    return _finish(summary, contents, files, options)
 
 
 def _finish(
-    summary: StreamingSummary, contents: LogContents, paths: list[str], options: ReportOptions
+    summary: StreamingSummary, contents: LogContents, files: list[Path], options: ReportOptions
 ) -> Report:
-    """The report from the streamed summary, or from the whole files when the summary cannot be exact
-    (measurements out of step order)."""
-    if summary.needs_exact:
-        return build_report(read_logs(paths), options)
+    """The report from the streamed summary, with the runs it could not fold exactly (records out of step
+    order, a run resumed after it was finished) folded again from the files, sorted in bounded memory."""
+    inexact = summary.inexact_runs()
+    if inexact:
+        logger.info("folding %d run(s) again in step order", len(inexact))
+        refolded = refold(files, inexact, options)
+        still = refolded.inexact_runs()  # sorted, none should be: a safety net that holds those runs whole
+        summary.replace_runs(refolded)
+        if still:
+            logger.warning("reading %d run(s) whole: their records could not be folded in order", len(still))
+            summary.use_summaries(still, whole_runs(files, still, options))
     return summary.report(
         problems=contents.problems,
         files=contents.files,
@@ -141,7 +150,7 @@ def _worker_count(files: list[Path], jobs: int) -> int:
 def _summarize_file(job: tuple[Path, ReportOptions]) -> tuple[StreamingSummary, LogContents]:
     """One file folded into its own summary (in a worker process)."""
     path, options = job
-    summary = StreamingSummary(options)
+    summary = StreamingSummary(options, live_runs=LIVE_RUNS)
     out = LogContents(files=[str(path)])
     summary.add_all(LogTail(path, rows=True).stream(out, final=True))
     summary.fold_rows()  # the worker sends folded accumulators, not rows
@@ -175,7 +184,7 @@ def _summarize_in_parallel(
     except Exception as exc:  # no worker processes here (sandbox, limits): the serial path does it all
         logger.debug("reading the logs in one process: %s", exc)
         return None
-    merged = StreamingSummary(options)
+    merged = StreamingSummary(options, live_runs=LIVE_RUNS)
     for summary, _out in results:
         if merged.run_keys() & summary.run_keys():
             return None  # a run spans files: only the merge by step folds it exactly
@@ -196,6 +205,17 @@ def render(report: Report, output_format: str) -> str:
         render_text(report, make_console(buffer, color=False))
         return buffer.getvalue()
     raise ValueError(f"unknown report format {output_format!r}; choose from {', '.join(FORMATS)}")
+
+
+def write_report(report: Report, output_format: str, stream: IO[str]) -> None:
+    """Write :func:`render`'s output to ``stream``, JSON and text run by run (memory: one run's output)."""
+    if output_format == "json":
+        for piece in iter_json(report):
+            stream.write(piece)
+    elif output_format == "text":
+        render_text(report, make_console(stream, color=False))
+    else:
+        stream.write(render(report, output_format))
 
 
 def diagnostics(report: Report) -> list[str]:

@@ -7,8 +7,8 @@ line of the usual shape straight into a :class:`MeasurementLine` struct, checkin
 batch at a time. Any other line (another kind, an unknown field, a wrong type, bad JSON) raises one of
 :data:`DECODE_ERRORS`, and the reader gives it to the generic path, which finds the same record or problem.
 
-This module needs ``msgspec`` (``pip install gradwatch[fast]``); importing it raises ``ImportError``
-without, and the reader then reads every line through the generic path.
+This module needs ``msgspec`` (a dependency; on a platform without its wheel importing this raises
+``ImportError``, and the reader then reads every line through the generic path).
 """
 
 from __future__ import annotations

@@ -2,10 +2,10 @@
 
 Logs are treated as untrusted data: every line is decoded as JSON only (nothing is evaluated, unpickled or
 used as a path), line length is capped so memory stays bounded, and every fault becomes a :class:`Problem`
-naming the file and line instead of an exception. Lines are parsed with ``orjson`` when it is installed
-(``pip install gradwatch[fast]``, several times faster); a line it rejects is parsed again with
-:mod:`json`, whose messages (and tolerance of ``NaN``/``Infinity``) the report shows, so both parsers give
-the same records and problems.
+naming the file and line instead of an exception. Lines are parsed with ``orjson`` (a dependency; a
+platform without its wheel falls back to :mod:`json`, several times slower); a line it rejects is parsed
+again with :mod:`json`, whose messages (and tolerance of ``NaN``/``Infinity``) the report shows, so both
+parsers give the same records and problems.
 """
 
 from __future__ import annotations

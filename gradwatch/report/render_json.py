@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Iterator
 from typing import Any
 
 from gradwatch._version import __version__
@@ -110,8 +111,9 @@ def _run(run: RunSummary, files: tuple[str, ...] = ()) -> dict[str, Any]:
     }
 
 
-def report_to_json(report: Report) -> dict[str, Any]:
-    """The report as plain JSON-ready data (see docs/report.md for every field)."""
+def report_to_json(report: Report, *, runs: bool = True) -> dict[str, Any]:
+    """The report as plain JSON-ready data (see docs/report.md for every field); ``runs=False`` leaves the
+    runs out (an empty list)."""
     return {
         "schema": REPORT_JSON_SCHEMA,
         "generator": f"gradwatch {__version__}",
@@ -123,7 +125,7 @@ def report_to_json(report: Report) -> dict[str, Any]:
             "merge_ranks": report.options.merge_ranks,
         },
         "verdicts": report.verdict_counts(),
-        "runs": [_run(run, report.files_of(run)) for run in report.runs],
+        "runs": [_run(run, report.files_of(run)) for run in report.runs] if runs else [],
         "problems": [{"file": p.path, "line": p.line, "message": p.message} for p in report.problems],
         "skipped_unknown_kinds": dict(report.unknown_kinds),
     }
@@ -138,7 +140,7 @@ controls, DEL, bidirectional overrides) or that cannot be encoded (lone surrogat
 
 def render_json(report: Report) -> str:
     """Indented JSON text (valid JSON: never NaN or Infinity; printable, see :func:`_dumps`)."""
-    return _dumps(report_to_json(report)) + "\n"
+    return "".join(iter_json(report))
 
 
 def _dumps(data: Any) -> str:
@@ -146,3 +148,25 @@ def _dumps(data: Any) -> str:
     are ``\\uXXXX`` escapes (a terminal showing the JSON does not act on them; they read back unchanged)."""
     text = json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False)
     return _ESCAPED_IN_STRINGS.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
+
+
+_RUNS_PLACEHOLDER = "\x00runs\x00"
+
+
+def iter_json(report: Report) -> Iterator[str]:
+    """:func:`render_json` in pieces, one run at a time: writing them keeps the JSON of one run in memory,
+    not the report's (thousands of runs in one file)."""
+    data = report_to_json(report, runs=False)
+    data["runs"] = _RUNS_PLACEHOLDER
+    before, after = _dumps(data).split(_dumps(_RUNS_PLACEHOLDER), 1)
+    yield before
+    if not report.runs:
+        yield "[]"
+    else:
+        yield "["
+        for index, run in enumerate(report.runs):
+            yield ("\n    " if index == 0 else ",\n    ") + _dumps(_run(run, report.files_of(run))).replace(
+                "\n", "\n    "
+            )
+        yield "\n  ]"
+    yield after + "\n"

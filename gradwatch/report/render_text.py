@@ -184,6 +184,13 @@ def build_renderable(report: Report) -> RenderableType:
     parts: list[RenderableType] = []
     for run in report.runs:
         parts.extend(_run(run, report.files_of(run)))
+    parts.extend(_closing(report))
+    return Group(*parts)
+
+
+def _closing(report: Report) -> list[RenderableType]:
+    """What follows the runs: the verdict counts, skipped kinds and the number of problems."""
+    parts: list[RenderableType] = []
     if not report.runs:
         parts.append(Text("no records read"))
     counts = report.verdict_counts()
@@ -194,9 +201,11 @@ def build_renderable(report: Report) -> RenderableType:
         parts.append(Text(f"skipped records of unknown kind: {skipped}"))
     if report.problems:
         parts.append(Text(f"{len(report.problems)} problem(s) reading the logs (details on stderr)"))
-    return Group(*parts)
+    return parts
 
 
 def render_text(report: Report, console: Console) -> None:
-    """Print ``report`` to ``console``."""
-    console.print(build_renderable(report))
+    """Print ``report`` to ``console``, one run at a time (rich holds the rendering of one run, not all)."""
+    for run in report.runs:
+        console.print(Group(*_run(run, report.files_of(run))))
+    console.print(Group(*_closing(report)))

@@ -16,8 +16,10 @@ Per measurement only 16 bytes are kept (step and total gradient norm, for the cl
 percentile the suggestions quote), plus the steps of non-finite measurements and the alert records.
 
 Records must arrive in step order per layer (the monitor writes them so; files of several ranks are merged
-by step by :func:`gradwatch.report.command.make_report`). A measurement that arrives out of order sets
-:attr:`StreamingSummary.needs_exact`, and the caller can fall back to the whole-file summary.
+by step by :func:`gradwatch.report.command.make_report`). A run whose records arrive out of order is
+listed by :meth:`StreamingSummary.inexact_runs`, and the caller folds it again from the files, sorted in
+bounded memory (:mod:`gradwatch.report.reorder`). With ``live_runs``, at most that many runs are folded at
+once; the others are finished into their summaries as they go idle.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import statistics
+import sys
 from array import array
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -59,9 +62,11 @@ from gradwatch.report.summary import (
     ReportOptions,
     RunKey,
     RunSummary,
+    Series,
+    StepRange,
     _module_types,
     run_detection,
-    trend_per_1000_steps,
+    trend_of_arrays,
     unmeasured_layers,
 )
 
@@ -73,6 +78,8 @@ from gradwatch.report.verdict import CAUSE_WINDOW, AlertEpisodes, LayerEvidence,
 _METRIC_FIELDS = frozenset(f.name for f in dataclasses.fields(MeasurementMetrics))
 EXACT_POINTS = 2048
 """Series up to this many steps are kept exactly; longer ones are downsampled into at most this many bins."""
+SMALL_SERIES = 64
+"""Series up to this long are summarised with plain Python (numpy's per-call cost dominates below)."""
 BATCH_POINTS = 1024
 """Once downsampling, points are folded into the running statistics this many at a time."""
 
@@ -131,6 +138,19 @@ class _MetricAccumulator:
             self._loose = []
         self.steps.extend(steps)
         self._chunks.append(values)
+
+    def take_steps_of(self, other: _MetricAccumulator) -> None:
+        """Start as ``other`` would be had every value it took been missing (a metric first seen late)."""
+        self.steps = list(other.steps)
+        self._chunks = [np.full(len(self.steps), np.nan)]
+        self._loose = []
+        self.folded = other.folded
+        self.points = other.points
+        self._bucket_size = other._bucket_size
+        self._bucket_steps = array("q", other._bucket_steps)
+        self._bucket_points = array("q", other._bucket_points)
+        self._bucket_sums = array("d", bytes(8 * len(other._bucket_sums)))
+        self._bucket_present = array("q", bytes(8 * len(other._bucket_present)))
 
     def _take_values(self) -> np.ndarray:
         """The buffered values as one array (NaN: missing), emptying the buffer."""
@@ -262,26 +282,41 @@ class _MetricAccumulator:
             out.append((step, mean))
         return tuple(out)
 
-    def summary(self, label: str) -> MetricSummary:
+    def summary(self, label: str, *, keep_series: bool = True) -> MetricSummary:
         self.fold_if_full()
         if not self.folded:
-            # exactly the whole-file computation (summary._summarize_metric)
-            series = self.series()
-            finite = [(s, v) for s, v in series if v is not None]
-            values = [v for _s, v in finite]
+            # exactly the whole-file computation (summary._summarize_metric), on arrays when long
+            values = self._take_values()
+            self._chunks = [values]
+            if len(values) <= SMALL_SERIES:
+                finite = [v for v in values.tolist() if v == v]  # v == v: not NaN
+                first = finite[0] if finite else None
+                last = finite[-1] if finite else None
+                minimum = min(finite) if finite else None
+                maximum = max(finite) if finite else None
+            else:
+                present = values[~np.isnan(values)]
+                first = float(present[0]) if present.size else None
+                last = float(present[-1]) if present.size else None
+                minimum = float(present.min()) if present.size else None
+                maximum = float(present.max()) if present.size else None
+                finite = present  # only its length is used below
+            exact: Series | tuple[()] = Series(self.steps, values) if keep_series else ()
             return MetricSummary(
                 name=self.spec.name,
                 label=label,
                 scale=self.spec.scale,
-                count=len(values),
-                first=values[0] if values else None,
-                last=values[-1] if values else None,
-                minimum=min(values) if values else None,
-                maximum=max(values) if values else None,
-                trend_per_1000_steps=trend_per_1000_steps(finite, log_scale=self.log_scale),
-                sparkline=sparkline([v for _s, v in series], log_scale=self.log_scale),
-                series=series,
-                measured_steps=len(series),
+                count=len(finite),
+                first=first,
+                last=last,
+                minimum=minimum,
+                maximum=maximum,
+                trend_per_1000_steps=trend_of_arrays(
+                    np.array(self.steps, dtype=np.float64), values, log_scale=self.log_scale
+                ),
+                sparkline=sys.intern(sparkline(values, log_scale=self.log_scale)),  # short runs: shared
+                series=exact,
+                measured_steps=len(self.steps),
             )
         series = self.series()  # folds what is buffered
         trend = self._sxy / self._sxx * TREND_STEPS if self._fit_n >= 2 and self._sxx > 0 else None
@@ -296,9 +331,15 @@ class _MetricAccumulator:
             maximum=self.maximum if self.count else None,
             trend_per_1000_steps=trend,
             sparkline=sparkline([v for _s, v in series], log_scale=self.log_scale),
-            series=series,
+            series=_compact(series) if keep_series else (),
             measured_steps=self.points,
         )
+
+
+def _compact(series: Sequence[tuple[int, float | None]]) -> Series:
+    """``series`` as a :class:`Series` (16 bytes a point)."""
+    values = np.array([math.nan if v is None else v for _s, v in series], dtype=np.float64)
+    return Series([s for s, _v in series], values)
 
 
 def _pair_sums(values: array, typecode: str) -> array:
@@ -517,9 +558,12 @@ class _LayerAccumulator:
         for key in lag_norm:
             self._lag_keys.add(key)
             if key.isdigit() and int(key) not in self.lag_metrics and self.lag_spec is not None:
-                if self.flushed_steps:
-                    self.out_of_order = True  # a lag first seen late: its earlier steps are not tracked
-                self.lag_metrics[int(key)] = _MetricAccumulator(self.lag_spec)
+                accumulator = _MetricAccumulator(self.lag_spec)
+                if self.flushed_steps:  # a lag first seen late: missing at every step folded before
+                    reference = next(iter(self.metrics.values()), None)
+                    reference = reference or next(iter(self.lag_metrics.values()), None) or self.no_lag
+                    accumulator.take_steps_of(reference)
+                self.lag_metrics[int(key)] = accumulator
         self._lag_reads = [(acc, str(lag)) for lag, acc in self.lag_metrics.items()]
 
     def _flush(self) -> None:
@@ -576,6 +620,7 @@ class _LayerAccumulator:
         module_type: str | None,
         clips: ClipAccumulator,
         window: str = "",
+        keep_series: bool = True,
     ) -> LayerSummary:
         # close the open step (in --follow mode, more readings of that step from a lagging rank then form
         # a point of their own: the series stays bounded and nearly exact)
@@ -589,9 +634,9 @@ class _LayerAccumulator:
                 label = spec.label if lag is None else f"lag norm (τ={lag})"
                 if accumulator is None:
                     accumulator = self.no_lag
-                metrics.append(accumulator.summary(label))
+                metrics.append(accumulator.summary(label, keep_series=keep_series))
             else:
-                metrics.append(self.metrics[spec.name].summary(spec.label))
+                metrics.append(self.metrics[spec.name].summary(spec.label, keep_series=keep_series))
         module, layer, direction = key
         ranks = self.ranks | self.episodes.ranks
         return LayerSummary(
@@ -618,8 +663,11 @@ class _LayerAccumulator:
             ),
             alert_count=self.alerts.count,
             lag_series=tuple(
-                (lag, _folded_series(accumulator)) for lag, accumulator in sorted(self.lag_metrics.items())
-            ),
+                (lag, _compact(_folded_series(accumulator)))
+                for lag, accumulator in sorted(self.lag_metrics.items())
+            )
+            if keep_series  # only the HTML charts draw them
+            else (),
         )
 
     def add_alert(self, alert: Alert) -> None:
@@ -707,22 +755,67 @@ class _RunAccumulator:
     detector: TrendDetector = field(default_factory=TrendDetector)
     detection: DetectionConfig = field(default_factory=DetectionConfig)
     unselected_measurements: int = 0
+    last_fed: int = 0
+    """How many records the summary had taken when this run was last fed (idle runs are finished)."""
+    row_targets: list[tuple[str, int, str, int, str]] = field(default_factory=list)
+    """The keys of the summary's row lookup that lead to this run (dropped when it is finished)."""
+
+
+LIVE_RUNS = 8
+"""Runs a bounded summary (``live_runs``) folds at once, unless more are fed in turn (see IDLE_RECORDS)."""
+IDLE_RECORDS = 1024
+"""Beyond ``live_runs``, a run not fed for this many records is finished. Runs fed in turn (the ranks of a
+file, interleaved by step) stay open; a run that ended gives way once this many records of others passed."""
 
 
 class StreamingSummary:
-    """Fold records one at a time (:meth:`add`); :meth:`report` gives the :class:`Report` at any point."""
+    """Fold records one at a time (:meth:`add`); :meth:`report` gives the :class:`Report` at any point.
 
-    def __init__(self, options: ReportOptions | None = None) -> None:
+    With ``live_runs`` (what :func:`~gradwatch.report.command.make_report` uses), at most that many runs
+    are folded at once, plus those fed within the last :data:`IDLE_RECORDS` records: when one more starts,
+    runs idle that long are finished into their :class:`RunSummary` (a few KB without series) and their
+    accumulators are dropped, so memory does not grow with the number of runs in the logs. A record of a
+    finished run arriving later (a run resumed after others in the same file) cannot be folded any more:
+    the run is listed in :meth:`inexact_runs` with the runs whose records came out of step order, and the
+    caller folds those again from the files, sorted (:func:`gradwatch.report.reorder.refold`). Without
+    ``live_runs`` (``--follow``) every run stays open.
+    """
+
+    def __init__(self, options: ReportOptions | None = None, *, live_runs: int | None = None) -> None:
         self.options = options or ReportOptions()
         self.specs = metric_specs(self.options.metrics)
+        self.live_runs = live_runs
         self._runs: dict[RunKey, _RunAccumulator] = {}
+        self._finished: dict[RunKey, RunSummary] = {}
+        """Summaries of runs no longer folded (``truncated`` is applied by :meth:`report`)."""
+        self._reopened: set[RunKey] = set()
+        """Finished runs that had more records later: their records are skipped (see inexact_runs)."""
         self._wanted_modules: dict[str, bool] = {}
+        self._clock = 0
+        self._scanned = -IDLE_RECORDS  # the clock at the last look for idle runs
+        self._every_step = self.options.steps == StepRange()
+        self._row_targets: dict[
+            tuple[str, int, str, int, str], tuple[_RunAccumulator, _LayerAccumulator]
+        ] = {}
+        """(run id, rank, module, layer, direction) of a row -> its live run and layer."""
 
     @property
     def needs_exact(self) -> bool:
-        """Some layer's measurements arrived out of step order: only the whole-file summary is exact."""
+        """Some run cannot be summarised exactly from the folded records (see :meth:`inexact_runs`)."""
+        return bool(self.inexact_runs())
+
+    def inexact_runs(self) -> set[RunKey]:
+        """Runs to fold again, sorted: measurements or alerts out of step order, or records after the run
+        was finished (only with ``live_runs``)."""
         self.fold_rows()
-        return any(layer.out_of_order for run in self._runs.values() for layer in run.layers.values())
+        out_of_order = {
+            key for key, run in self._runs.items() if any(layer.out_of_order for layer in run.layers.values())
+        }
+        return out_of_order | self._reopened
+
+    def live_run_count(self) -> int:
+        """How many runs are folded now (at most ``live_runs``, when set)."""
+        return len(self._runs)
 
     def fold_rows(self) -> None:
         """Fold every layer's buffered measurement rows (before reading results, or sending the summary)."""
@@ -732,7 +825,7 @@ class StreamingSummary:
 
     def run_keys(self) -> set[RunKey]:
         """The (run id, rank or None) of every run folded so far."""
-        return set(self._runs)
+        return set(self._runs) | set(self._finished) | self._reopened
 
     def absorb(self, other: StreamingSummary) -> None:
         """Take over the runs of ``other``, a summary of other files whose runs this one has none of.
@@ -740,17 +833,91 @@ class StreamingSummary:
         Exact because each run's records then all came from one side, folded in their file order (what
         :func:`merge_by_step` gives each run anyway). Raises ``ValueError`` when a run is on both sides.
         """
-        shared = self._runs.keys() & other._runs.keys()
+        shared = self.run_keys() & other.run_keys()
         if shared:
             raise ValueError(
                 f"runs {sorted(shared, key=str)} are in both summaries: fold their files together"
             )
         self._runs.update(other._runs)
+        for run in other._runs.values():
+            for target in run.row_targets:
+                self._row_targets[target] = other._row_targets[target]
+        self._finished.update(other._finished)
+        self._reopened |= other._reopened
+        if self.live_runs is not None and len(self._runs) > self.live_runs:
+            self._finish_idle(force=True)  # absorbed: no more records come
+
+    def replace_runs(self, other: StreamingSummary) -> None:
+        """Take the runs of ``other`` in place of this summary's runs of the same keys (a refold)."""
+        for key in other.run_keys():
+            self._forget(key)
+        self.absorb(other)
+
+    def _forget(self, key: RunKey) -> None:
+        """Drop everything folded or finished of the run ``key``."""
+        run = self._runs.pop(key, None)
+        if run is not None:
+            for target in run.row_targets:
+                del self._row_targets[target]
+        self._finished.pop(key, None)
+        self._reopened.discard(key)
+
+    def use_summaries(self, keys: set[RunKey], runs: Iterable[RunSummary]) -> None:
+        """Report the runs ``keys`` with these summaries (computed elsewhere), dropping their folds."""
+        merge = self.options.merge_ranks
+        for key in keys:
+            self._forget(key)
+        for run in runs:
+            key = (run.run_id, None if merge else run.ranks[0])
+            if key in keys:
+                self._finished[key] = run
 
     def add_all(self, records: Iterable[LogItem]) -> None:
-        add = self.add
+        """:meth:`add` for every record (the loop of a whole pass: one call per record, not two)."""
+        add_row, add, line_type = self._add_row, self.add, LINE_TYPE
         for record in records:
-            add(record)
+            if type(record) is line_type:
+                add_row(record)  # type: ignore[arg-type]  # a MeasurementLine
+            else:
+                add(record)
+
+    def _run(self, key: RunKey) -> _RunAccumulator | None:
+        """A new run's accumulator; ``None`` when the run was finished already (records after its end)."""
+        if key in self._finished or key in self._reopened:
+            # records after the run was finished: fold it again from the files (see inexact_runs)
+            self._finished.pop(key, None)
+            self._reopened.add(key)
+            return None
+        run = self._runs[key] = _RunAccumulator(last_fed=self._clock)
+        if (
+            self.live_runs is not None
+            and len(self._runs) > self.live_runs
+            and self._clock - self._scanned >= IDLE_RECORDS // 4  # a run needs that long to go idle
+        ):
+            self._finish_idle()
+        return run
+
+    def _finish_idle(self, *, force: bool = False) -> None:
+        """Finish runs (the first started first) not fed for :data:`IDLE_RECORDS` records (any, with
+        ``force``) until at most ``live_runs`` are left. Runs fed in turn (ranks interleaved by step) stay."""
+        assert self.live_runs is not None
+        self._scanned = self._clock
+        for key in list(self._runs):
+            if len(self._runs) <= self.live_runs:
+                return
+            if force or self._clock - self._runs[key].last_fed >= IDLE_RECORDS:
+                self._finish(key)
+
+    def _finish(self, key: RunKey) -> None:
+        """Finish a run: its summary is kept, its accumulators are dropped."""
+        run = self._runs[key]
+        self._forget(key)
+        for layer in run.layers.values():
+            layer.fold_rows()
+        if any(layer.out_of_order for layer in run.layers.values()):
+            self._reopened.add(key)  # folded again from the files, sorted
+        else:
+            self._finished[key] = self._run_summary(key, run, truncated=False)
 
     def add(self, record: LogItem) -> None:
         """Fold one record (or measurement row) into its run (pure bookkeeping, no I/O)."""
@@ -761,9 +928,13 @@ class StreamingSummary:
         if options.merge_ranks and record.rank == GLOBAL_RANK:
             return  # global_view records already combine the ranks: merged, they would count twice
         key = (record.run_id, None if options.merge_ranks else record.rank)
+        self._clock += 1
         run = self._runs.get(key)
         if run is None:
-            run = self._runs[key] = _RunAccumulator()
+            run = self._run(key)
+            if run is None:
+                return
+        run.last_fed = self._clock
         run.ranks.add(record.rank)
         if isinstance(record, RunHeader):
             run.headers.append(record)
@@ -807,16 +978,40 @@ class StreamingSummary:
             run.errors.append(record)
 
     def _add_row(self, row: MeasurementLine) -> None:
-        """:meth:`add` for a measurement line: the same bookkeeping."""
+        """:meth:`add` for a measurement line: the same bookkeeping, one lookup for a known layer."""
+        target = self._row_targets.get((row.run_id, row.rank, row.module, row.layer, row.direction))
+        if target is None:
+            self._add_new_row(row)
+            return
+        # a layer of a live run that took rows before, with every step selected: only the steps to note
+        run, layer = target
+        self._clock += 1
+        run.last_fed = self._clock
+        step = row.step
+        if step > run.last_step:  # type: ignore[operator]  # set by the row that made the target
+            run.last_step = step
+        elif step < run.first_step:  # type: ignore[operator]
+            run.first_step = step
+        rows = layer._rows
+        rows.append(row)
+        if len(rows) >= ROW_BATCH:
+            layer.fold_rows()
+
+    def _add_new_row(self, row: MeasurementLine) -> None:
+        """:meth:`_add_row` for a row whose layer is not known yet (or not selected, or windowed)."""
         options = self.options
         rank = row.rank
         merge = options.merge_ranks
         if merge and rank == GLOBAL_RANK:
             return
         key = (row.run_id, None if merge else rank)
+        self._clock += 1
         run = self._runs.get(key)
         if run is None:
-            run = self._runs[key] = _RunAccumulator()
+            run = self._run(key)
+            if run is None:
+                return
+        run.last_fed = self._clock
         run.ranks.add(rank)
         step = row.step
         if step not in options.steps:
@@ -842,6 +1037,10 @@ class StreamingSummary:
         layer = run.layers.get(layer_key)
         if layer is None:
             layer = self._layer(run, layer_key)
+        if self._every_step:  # later rows of this layer and rank take the one-lookup path
+            target = (row.run_id, rank, module, row.layer, row.direction)
+            self._row_targets[target] = (run, layer)
+            run.row_targets.append(target)
         rows = (
             layer._rows
         )  # buffered, folded ROW_BATCH at a time (inline: this runs once per line of the log)
@@ -863,14 +1062,24 @@ class StreamingSummary:
         unknown_kinds: Mapping[str, int] | None = None,
         truncated_runs: Iterable[tuple[str, int]] = (),
     ) -> Report:
-        """The report over everything added so far (the accumulators keep running)."""
+        """The report over everything added so far (the accumulators keep running).
+
+        Runs in :meth:`inexact_runs` that were finished are left out: fold them again first.
+        """
         self.fold_rows()
         merge = self.options.merge_ranks
         truncated = {(run_id, None if merge else rank) for run_id, rank in truncated_runs}
-        runs = tuple(
-            self._run_summary(key, run, truncated=key in truncated)
-            for key, run in sorted(self._runs.items(), key=lambda item: (item[0][0], item[0][1] or 0))
-        )
+        summaries = []
+        for key in sorted(self._runs.keys() | self._finished.keys(), key=lambda k: (k[0], k[1] or 0)):
+            run = self._runs.get(key)
+            if run is not None:
+                summaries.append(self._run_summary(key, run, truncated=key in truncated))
+            else:
+                finished = self._finished[key]
+                summaries.append(
+                    dataclasses.replace(finished, truncated=True) if key in truncated else finished
+                )
+        runs = tuple(summaries)
         return Report(
             runs=runs,
             problems=tuple(problems),
@@ -890,6 +1099,7 @@ class StreamingSummary:
                 module_type=module_types.get(layer_key[0]),
                 clips=run.clips,
                 window=self.options.steps.describe(),
+                keep_series=self.options.series,
             )
             for layer_key, layer in sorted(run.layers.items())
         )

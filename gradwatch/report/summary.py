@@ -10,10 +10,13 @@ from __future__ import annotations
 import fnmatch
 import math
 import statistics
+from array import array
 from collections import defaultdict, deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TypeGuard
+from typing import TypeGuard, overload
+
+import numpy as np
 
 from gradwatch.policy.config import DetectionConfig
 from gradwatch.policy.judge import RUN_VERDICTS
@@ -85,6 +88,9 @@ class ReportOptions:
     steps: StepRange = field(default_factory=StepRange)
     metrics: tuple[str, ...] | None = None
     merge_ranks: bool = False
+    series: bool = True
+    """Keep each metric's per-step series (only the HTML charts draw it); without, a finished run's summary
+    is a few KB whatever its length, so a report over thousands of runs stays small."""
 
     def __post_init__(self) -> None:
         metric_specs(self.metrics)  # raises ValueError naming unknown metrics and the accepted ones
@@ -93,7 +99,57 @@ class ReportOptions:
         return not self.modules or any(fnmatch.fnmatchcase(name, pattern) for pattern in self.modules)
 
 
-@dataclass(frozen=True)
+class Series(Sequence[tuple[int, "float | None"]]):
+    """A metric's (step, value) points, 16 bytes each (``None``: no finite value); reads as a tuple of pairs.
+
+    The streaming report keeps the series of every layer of every run for the HTML charts: as tuples of
+    Python objects that is about 80 bytes a point.
+    """
+
+    __slots__ = ("_steps", "_values")
+
+    def __init__(self, steps: Sequence[int], values: np.ndarray) -> None:
+        try:
+            self._steps: Sequence[int] = array("q", steps)
+        except OverflowError:  # a step beyond 64 bits: kept as it is
+            self._steps = tuple(steps)
+        self._values = array("d")
+        self._values.frombytes(np.ascontiguousarray(values, dtype=np.float64).tobytes())
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    @overload
+    def __getitem__(self, index: int) -> tuple[int, float | None]: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> tuple[tuple[int, float | None], ...]: ...
+
+    def __getitem__(
+        self, index: int | slice
+    ) -> tuple[int, float | None] | tuple[tuple[int, float | None], ...]:
+        if isinstance(index, slice):
+            return tuple(self)[index]
+        value = self._values[index]
+        return (self._steps[index], None if value != value else value)  # NaN: missing
+
+    def __iter__(self) -> Iterator[tuple[int, float | None]]:
+        for step, value in zip(self._steps, self._values, strict=True):
+            yield (step, None if value != value else value)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence):
+            return NotImplemented
+        return len(self) == len(other) and tuple(self) == tuple(other)
+
+    def __hash__(self) -> int:
+        return hash(tuple(self))
+
+    def __repr__(self) -> str:
+        return f"Series({tuple(self)!r})"
+
+
+@dataclass(frozen=True, slots=True)  # slots: thousands of runs keep ten of these per layer
 class MetricSummary:
     """Statistics of one metric over the measured steps of one layer (``None``: no finite value)."""
 
@@ -108,7 +164,8 @@ class MetricSummary:
     trend_per_1000_steps: float | None
     """Slope of log(value) (``scale == "log"``) or of the value (``"linear"``) per 1000 steps."""
     sparkline: str
-    series: tuple[tuple[int, float | None], ...]
+    series: Sequence[tuple[int, float | None]]
+    """The per-step points (a tuple, or a compact :class:`Series`); empty unless ``ReportOptions.series``."""
     measured_steps: int | None = None
     """Steps the series stands for; more than ``len(series)`` when a long run was downsampled."""
 
@@ -147,7 +204,7 @@ class LayerSummary:
         return (self.module, self.layer, self.direction)
 
 
-LagSeries = tuple[int, tuple[tuple[int, float | None], ...]]
+LagSeries = tuple[int, Sequence[tuple[int, float | None]]]
 """``(tau, ((step, norm), ...))``: one lag's norm over training (binned like every metric series)."""
 
 
@@ -490,9 +547,12 @@ def _summarize_layer(
     for m in measurements:
         by_step[m.step].append(m)
     lag = longest_lag(measurements)
-    metrics = tuple(_summarize_metric(spec, by_step, lag) for spec in metric_specs(options.metrics))
+    metrics = tuple(
+        _summarize_metric(spec, by_step, lag, keep_series=options.series)
+        for spec in metric_specs(options.metrics)
+    )
     taus = sorted({int(key) for m in measurements for key in m.metrics.lag_norm if key.isdigit()})
-    lag_series = tuple((tau, _lag_series(by_step, str(tau))) for tau in taus)
+    lag_series = tuple((tau, _lag_series(by_step, str(tau))) for tau in taus) if options.series else ()
     steps = sorted(by_step)
     return LayerSummary(
         module=module,
@@ -527,7 +587,7 @@ def _finite(value: float | None) -> TypeGuard[float]:
 
 
 def _summarize_metric(
-    spec: MetricSpec, by_step: Mapping[int, list[Measurement]], lag: str | None
+    spec: MetricSpec, by_step: Mapping[int, list[Measurement]], lag: str | None, *, keep_series: bool = True
 ) -> MetricSummary:
     """Per step the mean over ranks of the finite readings; statistics over the finite steps."""
     series: list[tuple[int, float | None]] = []
@@ -547,7 +607,7 @@ def _summarize_metric(
         maximum=max(values) if values else None,
         trend_per_1000_steps=trend_per_1000_steps(finite, log_scale=spec.scale == "log"),
         sparkline=sparkline([v for _s, v in series], log_scale=spec.scale == "log"),
-        series=tuple(series),
+        series=tuple(series) if keep_series else (),
         measured_steps=len(series),
     )
 
@@ -567,11 +627,63 @@ def trend_per_1000_steps(points: Sequence[tuple[int, float]], *, log_scale: bool
     On the log scale a slope of -2.3 means the metric shrinks tenfold every 1000 steps; non-positive
     values have no logarithm and are left out. ``None`` with fewer than two distinct steps.
     """
-    usable = [(s, math.log(v) if log_scale else v) for s, v in points if not log_scale or v > 0]
-    if len({s for s, _v in usable}) < 2:
+    isfinite = math.isfinite
+    usable = [(float(s), v) for s, v in points if isfinite(v) and (v > 0 or not log_scale)]
+    if len(usable) <= _SMALL_FIT:
+        return _small_fit(usable, log_scale=log_scale)
+    xs = np.array([x for x, _v in usable], dtype=np.float64)
+    return _fit(xs, np.array([v for _x, v in usable], dtype=np.float64), log_scale=log_scale)
+
+
+def trend_of_arrays(steps: np.ndarray, values: np.ndarray, *, log_scale: bool) -> float | None:
+    """:func:`trend_per_1000_steps` of parallel float arrays (NaN: missing), vectorised.
+
+    The same computation for the whole-file and the streaming summaries (it depends only on the usable
+    points), so both give the same trend to the last bit.
+    """
+    if len(values) <= _SMALL_FIT:
+        return trend_per_1000_steps(
+            list(zip(steps.tolist(), values.tolist(), strict=True)), log_scale=log_scale
+        )
+    with np.errstate(invalid="ignore"):
+        usable = np.isfinite(values) & (values > 0) if log_scale else np.isfinite(values)
+    xs, ys = steps[usable], values[usable]
+    if xs.size <= _SMALL_FIT:
+        return _small_fit(list(zip(xs.tolist(), ys.tolist(), strict=True)), log_scale=log_scale)
+    return _fit(xs, ys, log_scale=log_scale)
+
+
+_SMALL_FIT = 64
+"""Fits of up to this many points are computed in plain Python (numpy's per-call cost dominates below)."""
+
+
+def _fit(xs: np.ndarray, values: np.ndarray, *, log_scale: bool) -> float | None:
+    """The slope per 1000 steps through usable points (centred sums: stable for large step numbers)."""
+    ys = np.log(values) if log_scale else values
+    if xs.min() == xs.max():
         return None
-    fit = statistics.linear_regression([float(s) for s, _v in usable], [v for _s, v in usable])
-    return fit.slope * TREND_STEPS
+    dxs = xs - xs.mean()
+    sxx = float(np.dot(dxs, dxs))
+    if sxx <= 0:
+        return None
+    return float(np.dot(dxs, ys - ys.mean())) / sxx * TREND_STEPS
+
+
+def _small_fit(usable: list[tuple[float, float]], *, log_scale: bool) -> float | None:
+    """:func:`_fit` of a few (step, value) points in plain Python."""
+    if len(usable) < 2:
+        return None
+    xs = [x for x, _v in usable]
+    if min(xs) == max(xs):
+        return None
+    ys = [math.log(v) for _x, v in usable] if log_scale else [v for _x, v in usable]
+    mean_x = sum(xs) / len(xs)
+    mean_y = sum(ys) / len(ys)
+    dxs = [x - mean_x for x in xs]
+    sxx = sum(d * d for d in dxs)
+    if sxx <= 0:
+        return None
+    return sum(d * (y - mean_y) for d, y in zip(dxs, ys, strict=True)) / sxx * TREND_STEPS
 
 
 def estimator_note(run: RunSummary) -> str | None:
