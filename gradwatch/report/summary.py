@@ -28,7 +28,7 @@ from gradwatch.records import (
     RunHeader,
 )
 from gradwatch.report.bounded import ClipAccumulator
-from gradwatch.report.metrics import MetricSpec, longest_lag, metric_specs
+from gradwatch.report.metrics import MetricSpec, longest_lag, metric_specs, without_unmeasured
 from gradwatch.report.reader import LogContents, Problem
 from gradwatch.report.sparkline import sparkline
 from gradwatch.report.verdict import LayerVerdict, Verdict, judge_layer
@@ -490,7 +490,9 @@ def _summarize_layer(
     for m in measurements:
         by_step[m.step].append(m)
     lag = longest_lag(measurements)
-    metrics = tuple(_summarize_metric(spec, by_step, lag) for spec in metric_specs(options.metrics))
+    metrics = without_unmeasured(
+        _summarize_metric(spec, by_step, lag) for spec in metric_specs(options.metrics)
+    )
     taus = sorted({int(key) for m in measurements for key in m.metrics.lag_norm if key.isdigit()})
     lag_series = tuple((tau, _lag_series(by_step, str(tau))) for tau in taus)
     steps = sorted(by_step)
