@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+import gradwatch
 from gradwatch.estimators.cells import cell_step
 from gradwatch.estimators.jacobian import builtin_step_jacobians, function_step_jacobians
 from gradwatch.estimators.products import lyapunov_max
@@ -154,3 +157,28 @@ def test_the_dense_reference_helper_agrees_with_the_cell() -> None:
         cell_step(w64, x64[0], s64[0] + eps * direction) - cell_step(w64, x64[0], s64[0] - eps * direction)
     ) / (2 * eps)
     assert torch.allclose(dense[0, 0] @ direction, difference[0], atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["rnn", "lstm", "gru"])
+def test_watch_with_the_spectrum_turned_on_logs_it_for_every_layer(kind: str, tmp_path: Path) -> None:
+    """End to end: estimator=EstimatorSettings(lyapunov_spectrum=3) puts k exponents (largest first,
+    lambda_1 = lyapunov_max) and the condition number into each layer's log line; the default does not."""
+    module = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}[kind](3, 5, num_layers=2)
+    for settings, log in ((gradwatch.EstimatorSettings(lyapunov_spectrum=3), "on"), (None, "off")):
+        path = tmp_path / f"{log}.jsonl"
+        monitor = gradwatch.watch(module, every=1, log=str(path), estimator=settings, background=False)
+        out, _ = module(torch.randn(12, 2, 3, generator=torch.Generator().manual_seed(0)))
+        out.sum().backward()
+        monitor.step()
+        monitor.close()
+        lines = [json.loads(line) for line in path.read_text().splitlines()]
+        metrics = [line["metrics"] for line in lines if line["kind"] == "measurement"]
+        assert len(metrics) == 2  # two layers
+        for m in metrics:
+            if settings is None:
+                assert "lyapunov_spectrum" not in m and "lyapunov_log10_condition" not in m
+                continue
+            spectrum = [m["lyapunov_spectrum"][str(i)] for i in (1, 2, 3)]
+            assert spectrum == sorted(spectrum, reverse=True)
+            assert spectrum[0] == pytest.approx(m["lyapunov_max"], abs=1e-4)
+            assert m["lyapunov_log10_condition"] >= 0
