@@ -53,6 +53,7 @@ class RunResult:
     floss_seconds: float
     train_seconds: float
     eval_mse: tuple[tuple[int, float], ...]  # (step, MSE)
+    exponents_after_training: tuple[float, ...]
     final_mse: float
     solved_at: int | None
 
@@ -94,6 +95,7 @@ def run_one(args: argparse.Namespace, init: str, seed: int, flossed: bool) -> Ru
             curve.append((step, mse))
             if solved_at is None and mse < args.solved:
                 solved_at = step
+    after = floss(model, floss_batches, steps=0, exponents=args.exponents).layers[0].before  # a reading only
     return RunResult(
         init=init,
         seed=seed,
@@ -102,6 +104,7 @@ def run_one(args: argparse.Namespace, init: str, seed: int, flossed: bool) -> Ru
         floss_seconds=floss_seconds,
         train_seconds=time.perf_counter() - start,
         eval_mse=tuple(curve),
+        exponents_after_training=after,
         final_mse=curve[-1][1],
         solved_at=solved_at,
     )
@@ -116,13 +119,24 @@ def table(results: Sequence[RunResult]) -> str:
                 r.seed,
                 "yes" if r.flossed else "no",
                 f"{r.exponents_before_training[0]:+.3f} / {r.exponents_before_training[-1]:+.3f}",
+                f"{r.exponents_after_training[0]:+.3f} / {r.exponents_after_training[-1]:+.3f}",
                 f"{min(m for _, m in r.eval_mse):.4f}",
                 f"{r.final_mse:.4f}",
                 "-" if r.solved_at is None else r.solved_at,
                 f"{r.floss_seconds:.0f}",
             ]
         )
-    headers = ["init", "seed", "flossed", "λ1 / λk at start", "best MSE", "final MSE", "solved at", "floss s"]
+    headers = [
+        "init",
+        "seed",
+        "flossed",
+        "λ1 / λk at start",
+        "λ1 / λk at end",
+        "best MSE",
+        "final MSE",
+        "solved at",
+        "floss s",
+    ]
     return format_table(headers, rows)
 
 
