@@ -3,6 +3,7 @@ clear errors for what it cannot floss."""
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import pytest
@@ -10,7 +11,9 @@ import torch
 from torch import Tensor, nn
 
 import gradwatch
-from gradwatch.flossing import FlossError, floss
+from gradwatch.estimators.cells import cell_step
+from gradwatch.estimators.spectrum import orthonormalise
+from gradwatch.flossing import FlossError, _layer_weights, _run_layer, floss
 
 KINDS = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
 
@@ -175,3 +178,38 @@ def test_a_model_with_a_cell_beside_an_rnn_flosses_the_rnn_and_warns_once() -> N
 def test_floss_is_public() -> None:
     assert gradwatch.floss is floss
     assert "floss" in gradwatch.__all__ and "FlossResult" in gradwatch.__all__
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_the_flossing_exponents_are_the_qr_of_the_dense_product_and_their_gradient_is_exact(
+    kind: str,
+) -> None:
+    """What floss differentiates: sum_t log|diag R_t| / T of the layer's own trajectory equals log|diag R|
+    of torch.linalg.qr of the dense jacrev product times the same start frame, and autograd's gradient of
+    it in the parameters passes torch.autograd.gradcheck (float64, through the trajectory and every QR)."""
+    torch.manual_seed(5)
+    module = KINDS[kind](2, 3).double()
+    weights = _layer_weights(module, "rnn_tanh" if kind == "rnn" else kind, 0, "forward")  # type: ignore[arg-type]
+    steps, batch = 5, 2
+    x = torch.randn(steps, batch, 2, dtype=torch.float64)
+    s0 = 0.1 * torch.randn(batch, weights.state_size, dtype=torch.float64)
+    frame, _ = orthonormalise(torch.randn(batch, weights.state_size, 2, dtype=torch.float64))
+    run = _run_layer(weights, x, s0, frame, transient=0)
+    for b in range(batch):
+        product = torch.eye(weights.state_size, dtype=torch.float64)
+        for t in range(steps):
+            step = torch.func.jacrev(lambda s, t=t, b=b: cell_step(weights, x[t, b], s))(
+                run.s_prev[t, b].detach()
+            )
+            product = step.detach() @ product
+        _, r = torch.linalg.qr(product @ frame[b])
+        expected = torch.log(torch.diagonal(r).abs()) / steps
+        assert run.exponents[b].detach().tolist() == pytest.approx(expected.tolist(), abs=1e-10)
+
+    def exponents_of(weight_hh: Tensor, bias_ih: Tensor) -> Tensor:
+        live = dataclasses.replace(weights, weight_hh=weight_hh, bias_ih=bias_ih)
+        return _run_layer(live, x, s0, frame, transient=1).exponents
+
+    inputs = (weights.weight_hh.detach().clone(), weights.bias_ih.detach().clone())  # type: ignore[union-attr]
+    inputs = tuple(t.requires_grad_(True) for t in inputs)
+    assert torch.autograd.gradcheck(exponents_of, inputs, eps=1e-6, atol=1e-6)
