@@ -357,8 +357,8 @@ def floss(
 ) -> FlossResult:
     """Floss the recurrent layers of ``model``: ``steps`` Adam steps (learning rate ``lr``) on the mean of
     (lambda_i - target)^2 over the top ``exponents`` Lyapunov exponents of every nn.RNN/GRU/LSTM layer and
-    direction, measured on the model's own inputs ``batches`` (a tensor, or an iterable of model inputs:
-    tensors, tuples of positional inputs or dicts of keyword inputs; cycled if shorter than ``steps``).
+    direction, measured on the model's own inputs ``batches``: one batch (a tensor, a tuple of positional
+    inputs or a dict of keyword inputs) or a list/iterable of such batches, cycled if shorter than ``steps``.
 
     ``transient``: the first steps of each sequence left out of the exponents while the tangent frame
     aligns (default T // 10, as in the paper's code). Call it before training, or every N steps during
