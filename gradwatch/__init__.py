@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from gradwatch.capture.modules import register_cell, unregister_cell
     from gradwatch.diagnose import Diagnosis, LayerDiagnosis, diagnose
     from gradwatch.estimators.layer import EstimatorSettings
+    from gradwatch.flossing import FlossError, FlossResult, LayerFloss, floss
     from gradwatch.monitor import GradWatchFault, Monitor, watch
     from gradwatch.policy.alerts import (
         ExplodingGradientWarning,
@@ -48,6 +49,10 @@ _LAZY_ATTRIBUTES: dict[str, str] = {
     "LayerDiagnosis": "gradwatch.diagnose",
     "diagnose": "gradwatch.diagnose",
     "EstimatorSettings": "gradwatch.estimators.layer",
+    "FlossError": "gradwatch.flossing",
+    "FlossResult": "gradwatch.flossing",
+    "LayerFloss": "gradwatch.flossing",
+    "floss": "gradwatch.flossing",
     "GradWatchFault": "gradwatch.monitor",
     "Monitor": "gradwatch.monitor",
     "watch": "gradwatch.monitor",
@@ -115,10 +120,13 @@ __all__ = [
     "EstimatorSettings",
     "ExplodingGradientWarning",
     "FixedNorm",
+    "FlossError",
+    "FlossResult",
     "GradWatchFault",
     "GradWatchWarning",
     "JsonlSink",
     "LayerDiagnosis",
+    "LayerFloss",
     "LoggingSink",
     "Measurement",
     "MeasurementMetrics",
@@ -134,6 +142,7 @@ __all__ = [
     "ZClip",
     "__version__",
     "diagnose",
+    "floss",
     "record_from_json",
     "register_cell",
     "unregister_cell",

@@ -111,6 +111,16 @@ METRIC_TABLE: tuple[Metric, ...] = (
     Metric("jacobian_sigma_max_histogram", "histogram",
            "Distribution of sigma_max(J_t) over the measured (t, sequence) pairs.", source="derived",
            combine="drop"),  # each rank's buckets span its own min..max: no common bucket edges
+    # The top-k Lyapunov spectrum (issue #33): only with EstimatorSettings(lyapunov_spectrum=k), k >= 1.
+    Metric("lyapunov_spectrum", "mapping",
+           "Top-k Lyapunov exponents log sigma_i(P) / T of the whole Jacobian product P, median over "
+           "sequences (index 1 is the largest).",
+           source="derived", prometheus="lyapunov_spectrum", key_label="index",
+           report_label="k-th Lyapunov exp."),
+    Metric("lyapunov_log10_condition", "float",
+           "log10 of sigma_1 / sigma_k of the whole Jacobian product, T (lambda_1 - lambda_k) / ln 10, "
+           "median over sequences.",
+           source="derived", prometheus="lyapunov_log10_condition", report_label="log10 cond. top-k"),
 )  # fmt: skip
 
 METRICS_BY_FIELD: dict[str, Metric] = {metric.field: metric for metric in METRIC_TABLE}

@@ -21,6 +21,7 @@ SCHEMA_VERSION = 1
 _MAPPING_FIELDS = fields_of_kind("mapping")
 _HISTOGRAM_FIELDS = fields_of_kind("histogram")
 _INT_FIELDS = fields_of_kind("int")
+_WRITTEN_WHEN_MEASURED = frozenset({"lyapunov_spectrum", "lyapunov_log10_condition"})
 GLOBAL_RANK = -1
 """The ``rank`` of a record that combines all ranks' measurements (``watch(..., global_view=True)``)."""
 
@@ -129,11 +130,17 @@ class MeasurementMetrics:
     # lag norms and lyapunov_max over lag_sequences sequences; "full" measures all (docs/estimators.md).
     step_sample: int | None = None
     lag_sequences: int | None = None
+    # Optional, written only when measured (EstimatorSettings(lyapunov_spectrum=k)): the top-k Lyapunov
+    # exponents by index ("1" the largest) and log10 of the condition number sigma_1 / sigma_k they imply.
+    lyapunov_spectrum: Mapping[str, float | None] = field(default_factory=dict)
+    lyapunov_log10_condition: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            if f.name in _WRITTEN_WHEN_MEASURED and not value and value != 0:
+                continue  # the spectrum is off: the line stays as it was without it
             if isinstance(value, Mapping):
                 out[f.name] = {str(k): _finite_or_none(v) for k, v in value.items()}
             elif isinstance(value, float):

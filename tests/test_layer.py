@@ -16,6 +16,7 @@ from gradwatch.estimators.layer import (
     estimate_step_norms,
     layer_metrics,
 )
+from gradwatch.estimators.spectrum import lyapunov_spectrum
 from gradwatch.records import MeasurementMetrics
 from tests._estimator_cases import (
     CellCase,
@@ -83,7 +84,8 @@ def test_metrics_match_exact_summaries_over_real_steps_and_fill_the_record() -> 
     assert isinstance(metrics, MeasurementMetrics)
     assert metrics.grad_norm == {} and metrics.grad_nonfinite == 0
     unset = {f.name for f in dataclasses.fields(MeasurementMetrics) if getattr(metrics, f.name) is None}
-    assert unset == set()
+    assert unset == {"lyapunov_log10_condition"}  # the spectrum is off by default
+    assert metrics.lyapunov_spectrum == {}
     record = metrics
     assert MeasurementMetrics.from_json(record.to_json()) == record
 
@@ -289,3 +291,28 @@ def test_lyapunov_of_estimate_layer_is_exact_and_steady_across_warm_started_meas
         torch.testing.assert_close(estimate.lyapunov_per_sequence, exact, rtol=0.0, atol=1e-4)
     spread = torch.stack(readings).amax(0) - torch.stack(readings).amin(0)
     assert float(spread.max()) <= 1e-6
+
+
+def _lower_median(values: list[float]) -> float:
+    ordered = sorted(v for v in values if not math.isnan(v))
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def test_the_spectrum_is_off_by_default_and_when_asked_is_the_estimators_median_per_exponent() -> None:
+    weights, x, s_prev, mask = ragged_gru_layer()
+    jac = builtin_step_jacobians(weights, x, s_prev)
+    off = layer_metrics(estimate_layer(jac, mask, weights.weight_hh, EstimatorSettings()))
+    assert off.lyapunov_spectrum == {} and off.lyapunov_log10_condition is None
+    assert not {"lyapunov_spectrum", "lyapunov_log10_condition"} & set(off.to_json())  # log lines unchanged
+    on = layer_metrics(estimate_layer(jac, mask, weights.weight_hh, EstimatorSettings(lyapunov_spectrum=3)))
+    spectrum = lyapunov_spectrum(jac, mask, 3)
+    assert list(on.lyapunov_spectrum) == ["1", "2", "3"]
+    for i in range(3):
+        expected = _lower_median(spectrum.exponents[:, i].double().tolist())
+        assert on.lyapunov_spectrum[str(i + 1)] == pytest.approx(expected, abs=1e-7)
+    assert on.lyapunov_spectrum["1"] == pytest.approx(on.lyapunov_max, abs=1e-4)
+    expected_condition = _lower_median(spectrum.log_condition.double().tolist()) / math.log(10)
+    assert on.lyapunov_log10_condition == pytest.approx(expected_condition, abs=1e-7)
+    assert MeasurementMetrics.from_json(on.to_json()) == on
+    with pytest.raises(ValueError, match="lyapunov_spectrum must be 0"):
+        EstimatorSettings(lyapunov_spectrum=-1)

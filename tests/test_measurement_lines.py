@@ -78,6 +78,7 @@ def test_the_structs_hold_every_field_of_the_record() -> None:
         {"rank": _MISSING, "run_id": _MISSING},
         {"metric_lag_norm": {}, "metric_grad_norm": {"weight_hh_l0": 3}},
         {"metric_lag_norm": _MISSING, "metric_grad_norm": _MISSING},
+        {"metric_lyapunov_spectrum": {"1": -0.01, "2": -0.3}, "metric_lyapunov_log10_condition": 12.5},
         {"step": 2**62, "metric_jacobian_sigma_max_mean": 1e308},
         {
             "metric_jacobian_sigma_max_histogram": {
@@ -96,6 +97,7 @@ def test_the_structs_hold_every_field_of_the_record() -> None:
         "no-rank-or-run",
         "mappings",
         "no-mappings",
+        "lyapunov-spectrum",
         "large",
         "histogram",
     ],

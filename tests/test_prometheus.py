@@ -86,7 +86,7 @@ def test_every_measurement_field_equals_the_run_log_value(sink: PrometheusSink) 
             assert value == logged[field], (stat, measurement.layer, measurement.direction)
         for spec in LAYER_GAUGES:
             value = registry.get_sample_value("gradwatch_" + spec.name, _layer_labels(measurement))
-            assert value == logged[spec.field], spec.field
+            assert value == logged.get(spec.field), spec.field  # a field written only when measured
         for lag, logged_norm in logged["lag_norm"].items():
             value = registry.get_sample_value("gradwatch_lag_norm", _layer_labels(measurement, lag=lag))
             assert value == logged_norm, lag
@@ -610,3 +610,17 @@ def test_a_layer_the_header_does_not_list_gets_its_counters_at_its_first_measure
     assert sink.registry.get_sample_value("gradwatch_alerts_total", {**labels, "alert": "vanishing"}) == 0
     assert sink.registry.get_sample_value("gradwatch_measurements_total", labels) == 1
     sink.close()
+
+
+def test_the_lyapunov_spectrum_and_its_condition_number_are_exported(sink: PrometheusSink) -> None:
+    metrics = MeasurementMetrics(
+        *([None] * 9), lyapunov_spectrum={"1": -0.01, "2": -0.2}, lyapunov_log10_condition=3.5
+    )
+    record = Measurement(5, 1.0, MODULE, 0, "forward", metrics, run_id="run-a")
+    sink.write(record)
+    sink.flush()
+    registry = sink.registry
+    for index, value in (("1", -0.01), ("2", -0.2)):
+        got = registry.get_sample_value("gradwatch_lyapunov_spectrum", _layer_labels(record, index=index))
+        assert got == value
+    assert registry.get_sample_value("gradwatch_lyapunov_log10_condition", _layer_labels(record)) == 3.5

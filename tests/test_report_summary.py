@@ -83,6 +83,17 @@ def test_longest_lag_and_total_grad_norm() -> None:
     assert total_gradient_norm(_metrics().grad_norm) is None
 
 
+def test_the_spectrum_columns_read_the_kth_exponent_and_the_condition_number() -> None:
+    records: list[Record] = [
+        _measurement(0, lyapunov_spectrum={"1": -0.1, "2": -0.3, "10": -0.9}, lyapunov_log10_condition=2.0),
+        _measurement(10),  # measured without the spectrum: missing, not zero
+    ]
+    (layer,) = summarize(records).runs[0].layers
+    by_name = {m.name: m for m in layer.metrics}
+    assert by_name["lyapunov_spectrum"].series == ((0, -0.9), (10, None))
+    assert by_name["lyapunov_log10_condition"].series == ((0, 2.0), (10, None))
+
+
 def test_merged_ranks_average_each_step() -> None:
     records: list[Record] = [
         _measurement(0, rank=0, weight_hh_sigma_max=1.0),

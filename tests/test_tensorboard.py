@@ -17,7 +17,7 @@ from torch import nn
 import gradwatch
 from gradwatch.cli import main
 from gradwatch.estimators.layer import SIGMA_HISTOGRAM_BINS
-from gradwatch.records import MeasurementMetrics, RecordError, SigmaHistogram
+from gradwatch.records import Measurement, MeasurementMetrics, RecordError, SigmaHistogram
 from gradwatch.sinks.tensorboard import (
     HISTOGRAM_TAG,
     LAG_LAYOUT_CATEGORY,
@@ -433,3 +433,14 @@ def test_lag_curve_image_marks_the_thresholds_and_the_reach() -> None:
     assert len(green_columns) >= 1 and tau8 < green_columns[0] < right
     healthy = lag_curve_image({"1": 0.9, "8": 0.7, "64": 0.5})
     assert not ((healthy[..., 0] == 27) & (healthy[..., 1] == 94)).any()  # never below 1e-3: no reach line
+
+
+def test_the_lyapunov_spectrum_becomes_one_scalar_per_exponent() -> None:
+    metrics = MeasurementMetrics(
+        *([None] * 9), lyapunov_spectrum={"1": -0.01, "2": -0.25}, lyapunov_log10_condition=4.0
+    )
+    scalars = dict(measurement_scalars(Measurement(7, 1.0, "rnn", 1, "reverse", metrics)))
+    prefix = "gradwatch/rnn/L1/reverse"
+    assert scalars[f"{prefix}/7_other/lyapunov_spectrum/1"] == -0.01
+    assert scalars[f"{prefix}/7_other/lyapunov_spectrum/2"] == -0.25
+    assert scalars[f"{prefix}/7_other/lyapunov_log10_condition"] == 4.0

@@ -44,6 +44,7 @@ from gradwatch.estimators.sampling import (
     select_sequences,
     stratified_step_sample,
 )
+from gradwatch.estimators.spectrum import lyapunov_spectrum
 from gradwatch.metric_table import estimated_scalars
 from gradwatch.records import MeasurementMetrics, SigmaHistogram
 
@@ -105,6 +106,7 @@ class EstimatorSettings:
     weight_max_iter: int = 32
     lyapunov: bool = True
     chunk_entries: int | None = None  # None: DEFAULT_CHUNK_ENTRIES (BACKGROUND_CHUNK_ENTRIES off-thread)
+    lyapunov_spectrum: int = 0  # k >= 1: also the top-k Lyapunov spectrum (issue #33; off: its cost)
 
     def __post_init__(self) -> None:
         if self.mode not in ESTIMATOR_MODES:
@@ -131,6 +133,11 @@ class EstimatorSettings:
         if not (isinstance(self.saturation_threshold, (int, float)) and self.saturation_threshold >= 0):
             raise ValueError(
                 f"saturation_threshold must be a non-negative float, got {self.saturation_threshold!r}"
+            )
+        spectrum = self.lyapunov_spectrum
+        if isinstance(spectrum, bool) or not isinstance(spectrum, int) or spectrum < 0:
+            raise ValueError(
+                f"lyapunov_spectrum must be 0 (off) or the number k >= 1 of exponents, got {spectrum!r}"
             )
         if self.lags is not None:
             lags = tuple(self.lags)
@@ -194,6 +201,8 @@ class LayerEstimate:
     warm_start: WarmStart
     step_sample: int = 0  # (t, sequence) pairs whose sigma_max(J_t) was estimated
     lag_sequences: int = 0  # sequences whose lag products and lambda were estimated
+    lyapunov_spectrum_per_sequence: Tensor | None = None  # (B, k), only with settings.lyapunov_spectrum
+    lyapunov_log_condition_per_sequence: Tensor | None = None  # (B,) ln(sigma_1 / sigma_k)
 
 
 def _warm_or_random(
@@ -413,6 +422,9 @@ def estimate_layer(
     # lambda from the whole-product rows of the lag sweeps (their GEMMs with W_hh are shared); the rescaled
     # path of lyapunov_max only for sequences too short, not converged, or out of the dtype's range.
     lyapunov = lyapunov_from_full_products(lag_jac, lag_mask, lag_estimate) if settings.lyapunov else None
+    spectrum = (
+        lyapunov_spectrum(jac, mask, settings.lyapunov_spectrum) if settings.lyapunov_spectrum else None
+    )
 
     return LayerEstimate(
         jacobian_sigma=sigma,
@@ -435,6 +447,8 @@ def estimate_layer(
             lag_vectors=lag_estimate.estimate.right_vectors,
             lags=lag_estimate.lags,
         ),
+        lyapunov_spectrum_per_sequence=None if spectrum is None else spectrum.exponents,
+        lyapunov_log_condition_per_sequence=None if spectrum is None else spectrum.log_condition,
         **summaries,
     )
 
@@ -511,8 +525,9 @@ def layer_metrics(estimate: LayerEstimate) -> MeasurementMetrics:
         str(tau): torch.nanmedian(estimate.lag_norm_per_sequence[k].to(torch.float64))
         for k, tau in enumerate(estimate.lags)
     }
-    values = torch.stack([*named.values(), *lags.values()]).cpu().tolist()  # the one host transfer
-    host = dict(zip([*named, *(f"lag:{key}" for key in lags)], values, strict=True))
+    spectrum = _spectrum_medians(estimate, nan)
+    values = torch.stack([*named.values(), *lags.values(), *spectrum.values()]).cpu().tolist()  # one transfer
+    host = dict(zip([*named, *(f"lag:{key}" for key in lags), *spectrum], values, strict=True))
     plain = {name: _plain(value) for name, value in host.items()}
     mean = plain["jacobian_sigma_max_mean"]
     return MeasurementMetrics(
@@ -528,6 +543,8 @@ def layer_metrics(estimate: LayerEstimate) -> MeasurementMetrics:
         jacobian_converged_ratio=plain["jacobian_converged_ratio"],
         lyapunov_max=plain["lyapunov_max"],
         lag_norm={key: plain[f"lag:{key}"] for key in lags},
+        lyapunov_spectrum={key.split(":")[1]: plain[key] for key in spectrum if key.startswith("spectrum:")},
+        lyapunov_log10_condition=plain.get("condition"),
         jacobian_iterations=estimate.jacobian_iterations,
         sequences=int(host["sequences"]),
         time_steps=estimate.time_steps,
@@ -536,6 +553,23 @@ def layer_metrics(estimate: LayerEstimate) -> MeasurementMetrics:
         # None: a real step was non-finite, no distribution
         jacobian_sigma_max_histogram=None if mean is None else sigma_histogram(estimate.jacobian_sigma),
     )
+
+
+def _spectrum_medians(estimate: LayerEstimate, nan: Tensor) -> dict[str, Tensor]:
+    """Medians over sequences of each top-k exponent ("spectrum:<i>", i from 1) and of log10 of the
+    condition number ("condition"); empty when the spectrum was not measured."""
+    exponents, condition = (
+        estimate.lyapunov_spectrum_per_sequence,
+        estimate.lyapunov_log_condition_per_sequence,
+    )
+    if exponents is None or condition is None:
+        return {}
+    medians = {
+        f"spectrum:{i + 1}": torch.nanmedian(exponents[:, i].to(torch.float64))
+        for i in range(exponents.shape[1])
+    }
+    medians["condition"] = torch.nanmedian(condition.to(torch.float64)) / math.log(10)
+    return {name: value.reshape(()) if value.numel() else nan for name, value in medians.items()}
 
 
 SIGMA_HISTOGRAM_BINS = 16

@@ -66,6 +66,8 @@ class MetricsLine(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     jacobian_sigma_max_histogram: HistogramLine | None = None
     step_sample: _JsonInt | None = None
     lag_sequences: _JsonInt | None = None
+    lyapunov_spectrum: dict[str, float | None] = {}
+    lyapunov_log10_condition: float | None = None
 
 
 class MeasurementLine(msgspec.Struct, forbid_unknown_fields=True, gc=False):
@@ -96,6 +98,7 @@ def measurement_from_line(line: MeasurementLine) -> Measurement:
     fields["grad_nonfinite"] = fields["grad_nonfinite"] or 0
     fields["lag_norm"] = dict(metrics_line.lag_norm)
     fields["grad_norm"] = dict(metrics_line.grad_norm)
+    fields["lyapunov_spectrum"] = dict(metrics_line.lyapunov_spectrum)
     histogram = metrics_line.jacobian_sigma_max_histogram
     fields["jacobian_sigma_max_histogram"] = None if histogram is None else histogram.record()
     return checked_measurement(  # the decoder checked every type

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 from gradwatch.metric_table import METRIC_TABLE, Metric, Scale
 from gradwatch.policy.judge import total_gradient_norm
@@ -31,6 +32,32 @@ class MetricSpec:
         return _spec_named, (self.name,)
 
 
+def last_exponent(spectrum: Mapping[str, float | None]) -> float | None:
+    """The exponent of the largest index of a ``lyapunov_spectrum`` (None when it was not measured)."""
+    indices = [key for key in spectrum if key.isdigit()]
+    return spectrum[max(indices, key=int)] if indices else None
+
+
+#: Metrics measured only when asked for (the Lyapunov spectrum, issue #33): a layer whose log never has
+#: one shows no column or chart for them.
+SHOWN_WHEN_MEASURED = frozenset({"lyapunov_spectrum", "lyapunov_log10_condition"})
+
+
+class _Counted(Protocol):
+    @property
+    def name(self) -> str: ...
+    @property
+    def count(self) -> int: ...
+
+
+Summary = TypeVar("Summary", bound=_Counted)
+
+
+def without_unmeasured(summaries: Iterable[Summary]) -> tuple[Summary, ...]:
+    """The metric summaries less the :data:`SHOWN_WHEN_MEASURED` ones without a single value."""
+    return tuple(s for s in summaries if s.name not in SHOWN_WHEN_MEASURED or s.count > 0)
+
+
 def _field(name: str) -> Callable[[MeasurementMetrics, str | None], float | None]:
     return lambda metrics, _lag: getattr(metrics, name)
 
@@ -40,6 +67,8 @@ def _reader(metric: Metric) -> Callable[[MeasurementMetrics, str | None], float 
         return lambda metrics, lag: None if lag is None else metrics.lag_norm.get(lag)
     if metric.field == "grad_norm":  # the total over the parameters, as clip_grad_norm_ computes it
         return lambda metrics, _lag: total_gradient_norm(metrics.grad_norm)
+    if metric.field == "lyapunov_spectrum":  # the k-th (smallest measured) exponent
+        return lambda metrics, _lag: last_exponent(metrics.lyapunov_spectrum)
     return _field(metric.field)
 
 

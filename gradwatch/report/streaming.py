@@ -49,7 +49,7 @@ from gradwatch.records import (
     RunHeader,
 )
 from gradwatch.report.bounded import ClipAccumulator
-from gradwatch.report.metrics import METRICS, MetricSpec, metric_specs
+from gradwatch.report.metrics import METRICS, MetricSpec, last_exponent, metric_specs, without_unmeasured
 from gradwatch.report.reader import LINE_TYPE, LogItem, Problem, record_of
 from gradwatch.report.sparkline import sparkline
 from gradwatch.report.summary import (
@@ -356,7 +356,7 @@ def _pair_sums(values: array, typecode: str) -> array:
 _PLAIN_FIELDS = frozenset(
     spec.name
     for spec in METRICS
-    if spec.name in _METRIC_FIELDS and spec.name not in ("lag_norm", "grad_norm")
+    if spec.name in _METRIC_FIELDS and spec.name not in ("lag_norm", "grad_norm", "lyapunov_spectrum")
 )
 """Metrics whose spec reads the :class:`MeasurementMetrics` field of the same name."""
 
@@ -523,8 +523,12 @@ class _LayerAccumulator:
             part = metrics[start:end]
             for accumulator, name in self._field_reads:
                 accumulator.extend(part_steps, _missing_as_nan(list(map(attrgetter(name), part))))
-            for accumulator, _read in self._other_reads:  # the total gradient norm (see _ROW_READS)
-                accumulator.extend(part_steps, _missing_as_nan(totals[start:end]))
+            for accumulator, _read in self._other_reads:  # see _ROW_READS
+                if accumulator.spec.name == "grad_norm":
+                    values = totals[start:end]
+                else:
+                    values = [last_exponent(m.lyapunov_spectrum) for m in part]
+                accumulator.extend(part_steps, _missing_as_nan(values))
             for accumulator, key in self._lag_reads:
                 accumulator.extend(part_steps, _missing_as_nan([m.lag_norm.get(key) for m in part]))
             if not self.lag_metrics:
@@ -650,7 +654,7 @@ class _LayerAccumulator:
             first_step=self.evidence.first_step,
             last_step=self.evidence.last_step,
             lag=lag,
-            metrics=tuple(metrics),
+            metrics=without_unmeasured(metrics),
             alerts=self.alerts.shown(),
             verdict=judge_evidence(
                 self.evidence,
@@ -686,8 +690,9 @@ def _folded_series(accumulator: _MetricAccumulator) -> tuple[tuple[int, float | 
 ROW_BATCH = 512
 """Measurement rows of one layer folded together (bounded: a few hundred KB per layer)."""
 
-_ROW_READS = frozenset({"grad_norm"})
-"""The metrics besides plain fields and lag norms that the row path computes (see _append_points)."""
+_ROW_READS = frozenset({"grad_norm", "lyapunov_spectrum"})
+"""The metrics besides plain fields and lag norms that the row path computes (see _append_points): the
+total gradient norm and the spectrum's k-th exponent."""
 
 
 def _measurement_of(row: MeasurementLine) -> Measurement:

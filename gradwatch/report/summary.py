@@ -31,7 +31,7 @@ from gradwatch.records import (
     RunHeader,
 )
 from gradwatch.report.bounded import ClipAccumulator
-from gradwatch.report.metrics import MetricSpec, longest_lag, metric_specs
+from gradwatch.report.metrics import MetricSpec, longest_lag, metric_specs, without_unmeasured
 from gradwatch.report.reader import LogContents, Problem
 from gradwatch.report.sparkline import sparkline
 from gradwatch.report.verdict import LayerVerdict, Verdict, judge_layer
@@ -547,7 +547,7 @@ def _summarize_layer(
     for m in measurements:
         by_step[m.step].append(m)
     lag = longest_lag(measurements)
-    metrics = tuple(
+    metrics = without_unmeasured(
         _summarize_metric(spec, by_step, lag, keep_series=options.series)
         for spec in metric_specs(options.metrics)
     )

@@ -428,6 +428,9 @@ class PrometheusSink:
             _set_or_remove(families.layer[spec.field], labels, getattr(metrics, spec.field))
         self._write_mapping("lag_norm", families.lag_norm, labels, metrics.lag_norm)
         self._write_mapping("grad_norm", families.grad_norm, labels, metrics.grad_norm)
+        self._write_mapping(
+            "lyapunov_spectrum", families.lyapunov_spectrum, labels, metrics.lyapunov_spectrum
+        )
         families.measurements.labels(*labels).inc()
         families.last_measurement.labels(*labels[: len(RUN_LABELS)]).set(record.time)
 
@@ -572,6 +575,10 @@ class _MetricFamilies:
             lag, grad = METRICS_BY_FIELD["lag_norm"], METRICS_BY_FIELD["grad_norm"]
             self.lag_norm = gauge(str(lag.prometheus), lag.help, (*LAYER_LABELS, str(lag.key_label)))
             self.grad_norm = gauge(str(grad.prometheus), grad.help, (*LAYER_LABELS, str(grad.key_label)))
+            spectrum = METRICS_BY_FIELD["lyapunov_spectrum"]
+            self.lyapunov_spectrum = gauge(
+                str(spectrum.prometheus), spectrum.help, (*LAYER_LABELS, str(spectrum.key_label))
+            )
             self.measurements = counter("measurements", "Measurements exported per layer.", LAYER_LABELS)
             self.last_measurement = gauge(
                 "last_measurement_timestamp_seconds", "Unix time of the latest measurement.", RUN_LABELS

@@ -7,7 +7,8 @@ The tag layout (shared by this sink, the Lightning callback's ``log_to_trainer``
   record, in numbered groups so that TensorBoard's name order puts what decides the verdict first:
   ``1_verdict`` (``lyapunov_max``, ``lag_norm_longest_log10``, ``grad_norm_total``), ``2_lag_norm_log10``
   (``lag001``, ``lag002`` ... zero-padded), ``3_factors``, ``4_step_jacobian``, ``5_gradients``
-  (``grad_norm/<parameter>``, ``grad_nonfinite``), ``6_estimator``, ``7_other``;
+  (``grad_norm/<parameter>``, ``grad_nonfinite``), ``6_estimator``, ``7_other`` (the Lyapunov
+  spectrum when measured: ``lyapunov_spectrum/<index>``, ``lyapunov_log10_condition``);
 - ``.../jacobian_sigma_max``: histogram of the per-step sigma_max(J_t) values (records that carry one);
 - ``.../lag_norm_curve`` (image, ``lag_images=True``): the decay curve ||ds_T/ds_(T-tau)|| over tau at
   that step, log-log;
