@@ -30,7 +30,7 @@ import click
 import torch
 from torch import nn
 
-from gradwatch.policy.evidence import growth_rate, longest_lag_norm
+from gradwatch.policy.evidence import growth_rate, longest_lag_norm, reach_and_horizon
 from gradwatch.policy.trends import DetectionConfig, TrendDetector
 from gradwatch.records import Measurement
 from tests.oracles.exact_metrics import exact_measurement, gradient_norms
@@ -117,7 +117,12 @@ def row(name: str, measurement: Measurement, config: DetectionConfig, expected: 
     tau, lag = longest
     horizon = math.inf if rate >= 0 else -1 / rate
     lag_log = math.log10(lag) if lag > 0 else -math.inf
-    vanish = (rate - config.vanishing_growth_rate, lag_log - math.log10(config.vanishing_lag_norm))
+    reach, judged_at = reach_and_horizon(metrics.lag_norm, metrics.horizon, config.vanishing_lag_norm)
+    # vanishing is judged on the reach against the horizon (steps); the lag margin as before
+    vanish = (
+        math.nan if reach is None or judged_at is None else reach - judged_at,
+        lag_log - math.log10(config.vanishing_lag_norm),
+    )
     explode = (config.exploding_growth_rate - rate, math.log10(config.exploding_lag_norm) - lag_log)
     gate = "   -" if metrics.gate_mean is None else f"{metrics.gate_mean:4.2f}"
     return (
@@ -215,8 +220,8 @@ def main(steps: str, hidden: int, batch: int, seed: int, growth_seeds: int) -> N
     torch.set_num_threads(1)
     config = DetectionConfig.for_diagnosis()
     click.echo(
-        f"thresholds: vanishing lambda < {config.vanishing_growth_rate:.3f} (horizon < "
-        f"{config.vanishing_horizon_steps} steps) and lag < {config.vanishing_lag_norm:g}; exploding lambda > "
+        f"thresholds: vanishing when the reach (lag norm >= {config.vanishing_lag_norm:g}) is shorter than "
+        f"the horizon (T - 1; margin in steps); exploding lambda > "
         f"{config.exploding_growth_rate} and lag > {config.exploding_lag_norm:g}"
     )
     click.echo(

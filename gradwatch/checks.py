@@ -22,6 +22,15 @@ if TYPE_CHECKING:
     from gradwatch.monitor import WatchConfig
 
 
+def check_horizon(horizon: object) -> None:
+    """``horizon``: None (the measured sequence length) or a positive int number of steps."""
+    if horizon is not None and (isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1):
+        raise ValueError(
+            f"horizon must be None (judge at the measured sequence length) or the dependency range of the "
+            f"task in steps, a positive integer such as 150; got {horizon!r}"
+        )
+
+
 def check_config(config: WatchConfig) -> None:
     """The fields of a WatchConfig (called by its ``__post_init__``)."""
     if isinstance(config.every, bool) or not isinstance(config.every, int) or config.every < 1:
@@ -48,6 +57,7 @@ def check_config(config: WatchConfig) -> None:
             f"probe must be 'fixed' (re-measure the sequences seen at the first measurement) or 'live' "
             f"(measure each measured step's own batch), got {config.probe!r}"
         )
+    check_horizon(config.horizon)
     if not isinstance(config.history_size, int) or config.history_size < 0:
         raise ValueError(f"history_size must be a non-negative integer, got {config.history_size!r}")
     if config.clip_scope not in ("monitored", "all"):

@@ -200,11 +200,11 @@ def report(
 @click.option(
     "--scenario",
     type=click.Choice(SCENARIOS),
-    default="vanishing",
-    show_default=True,
-    help="Which gradient regime the initialisation sets up (see docs/demo.md).",
+    default=None,
+    help="Which gradient regime the initialisation sets up (see docs/demo.md). Default: the vanishing model, "
+    "then the healthy one, with both verdicts beside both outcomes.",
 )
-@click.option("--steps", type=click.IntRange(min=1), default=200, show_default=True, help="Training steps.")
+@click.option("--steps", type=click.IntRange(min=1), default=400, show_default=True, help="Training steps.")
 @click.option(
     "--seq-len", type=click.IntRange(min=2), default=None, help="Sequence length (default: the scenario's)."
 )
@@ -229,7 +229,7 @@ def report(
 )
 def demo(
     cell: str,
-    scenario: str,
+    scenario: str | None,
     steps: int,
     seq_len: int | None,
     every: int,
@@ -243,12 +243,13 @@ def demo(
         DemoInterrupted,
         DemoOptions,
         DemoSetupError,
+        run_comparison,
         run_demo,
     )
 
     options = DemoOptions(
         cell=cell,
-        scenario=scenario,
+        scenario=scenario or "vanishing",
         steps=steps,
         seq_len=seq_len,
         every=every,
@@ -257,7 +258,11 @@ def demo(
         log_dir=log_dir,
     )
     try:
-        run_demo(options, make_console(sys.stdout))  # not click.get_text_stream: deprecated since click 8.5
+        console = make_console(sys.stdout)  # not click.get_text_stream: deprecated since click 8.5
+        if scenario is None:
+            run_comparison(options, console)
+        else:
+            run_demo(options, console)
     except (DemoSetupError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
     except DemoInterrupted:  # the demo has said where the partial run log is

@@ -70,6 +70,7 @@ class Diagnosis:
         for column in (
             "layer",
             "verdict",
+            "reach / horizon",
             "lyapunov_max",
             "longest lag norm",
             "sigma_max(W_hh)",
@@ -84,6 +85,7 @@ class Diagnosis:
             table.add_row(  # Text cells: a message's "[sigma_max(W_hh) = ...]" is shown, not read as markup
                 Text(f"{d.module} {d.layer} {d.direction}"),
                 Text(d.verdict.value, style=colour),
+                Text(f"{_fmt(m.gradient_reach)} / {m.horizon if m.horizon is not None else 'n/a'} steps"),
                 _fmt(m.lyapunov_max),
                 "n/a" if lag is None else f"{_fmt(lag[1])} (tau={lag[0]})",
                 _fmt(m.weight_hh_sigma_max),
@@ -107,11 +109,14 @@ def diagnose(
     estimator: EstimatorSettings | str | None = None,
     print_report: bool = True,
     console: Console | None = None,
+    horizon: int | None = None,
 ) -> Diagnosis:
     """Measure every recurrent layer of ``model`` on ``example_input`` once and judge it.
 
     ``example_input`` is what the model's forward takes: a tensor, or a tuple of positional arguments.
-    The model's parameters, gradients and the global random state are left exactly as they were.
+    ``horizon``: the dependency range of the task in steps, where vanishing is judged (as in
+    ``watch(horizon=)``); default the sequence length of ``example_input``. The model's parameters,
+    gradients and the global random state are left exactly as they were.
     """
     modules = find_rnn_modules(model)
     if not modules:
@@ -121,6 +126,7 @@ def diagnose(
         max_sequences=max_sequences,
         probe="live",
         history_size=0,
+        horizon=horizon,
         estimator=estimator_settings("full" if estimator is None else estimator),
         detection=detection or DetectionConfig.for_diagnosis(),
     )
@@ -134,6 +140,8 @@ def diagnose(
         max_sequences=config.max_sequences,
         seed=config.seed,
         estimator=config.estimator,
+        horizon=config.horizon,
+        reach_floor=config.detection.vanishing_lag_norm,
     )
     detector = TrendDetector(config.detection)
     args = example_input if isinstance(example_input, tuple) else (example_input,)
@@ -155,6 +163,7 @@ def diagnose(
         )
     by_key = {(a.module, a.layer, a.direction): a for a in alerts}
     needed = config.detection.measurements_needed
+    gated = {w.name for w in modules if w.cell_kind in ("lstm", "gru")}
     layers = []
     for m in measurements:
         key = (m.module, m.layer, m.direction)
@@ -172,11 +181,20 @@ def diagnose(
             )
         else:
             message = _healthy_message(m.metrics, verdict)
+        if verdict is Verdict.VANISHING and m.module in gated:
+            message += f" {GATED_NOTE}"
         layers.append(LayerDiagnosis(m.module, m.layer, m.direction, verdict, message, m.metrics))
     diagnosis = Diagnosis(tuple(layers))
     if print_report:
         (console or Console()).print(diagnosis.table())
     return diagnosis
+
+
+GATED_NOTE = (
+    "Note: this is the fresh model. Gated cells (LSTM, GRU) often lengthen their reach while they learn; "
+    "watch it during training (gradwatch.watch reports the reach and says 'recovered' once it covers the "
+    "horizon)."
+)
 
 
 def _unmeasurable(metrics: MeasurementMetrics) -> bool:
@@ -186,11 +204,10 @@ def _unmeasurable(metrics: MeasurementMetrics) -> bool:
 def _healthy_message(metrics: MeasurementMetrics, verdict: Verdict) -> str:
     if verdict is Verdict.UNKNOWN:
         return "not measurable: the sequence is too short for any product of Jacobians (use T >= 2)"
-    rate = metrics.lyapunov_max
-    horizon = "unbounded" if rate is None or rate >= 0 else f"{-1 / rate:.3g} steps"
     return (
-        f"healthy: the Jacobian product neither vanishes nor explodes over this sequence "
-        f"(lyapunov_max = {_fmt(rate)}, memory horizon {horizon})"
+        f"healthy: the gradient reaches back {_fmt(metrics.gradient_reach)} steps, the whole horizon of "
+        f"{metrics.horizon} steps, and the Jacobian product does not explode "
+        f"(lyapunov_max = {_fmt(metrics.lyapunov_max)})"
     )
 
 

@@ -50,6 +50,7 @@ from gradwatch.estimators.layer import (
     estimate_layer,
     layer_metrics,
 )
+from gradwatch.estimators.reach import DEFAULT_REACH_FLOOR, gradient_reach, judged_horizon
 from gradwatch.faults import FaultPolicy
 from gradwatch.records import Direction, Measurement
 from gradwatch.sinks.base import Sink
@@ -108,6 +109,9 @@ class MeasurementJob:
     warm_starts: dict[LayerKey, WarmStart]  # IN: the previous measurement's (a private copy)
     rank: int = 0
     run_id: str = ""
+    reach_floor: float = DEFAULT_REACH_FLOOR
+    horizon: int | None = None
+    """The declared dependency range (``watch(horizon=)``); None: the measured sequence length."""
 
 
 @dataclass
@@ -150,7 +154,14 @@ def estimate_layer_job(
         generator=layer.generator,
     )
     warm_starts_out[layer.key] = estimated.warm_start
-    metrics = replace(layer_metrics(estimated), grad_norm=layer.grads, grad_nonfinite=layer.grad_nonfinite)
+    metrics = layer_metrics(estimated)
+    metrics = replace(
+        metrics,
+        grad_norm=layer.grads,
+        grad_nonfinite=layer.grad_nonfinite,
+        gradient_reach=gradient_reach(metrics.lag_norm, job.reach_floor),
+        horizon=judged_horizon(job.horizon, metrics.lag_norm),
+    )
     return Measurement(
         step=job.step,
         time=job.time,
@@ -177,10 +188,16 @@ class MeasurementPipeline:
         estimator: EstimatorSettings,
         background: bool = False,
         model_label: str = "",
+        horizon: int | None = None,
+        reach_floor: float = DEFAULT_REACH_FLOOR,
     ) -> None:
         self.watched = list(watched)
         self.model_label = model_label
         """Names the model in warnings (two monitors' modules may share a name): class and run id."""
+        self.horizon = horizon
+        """The declared dependency range in steps (None: each measurement's sequence length)."""
+        self.reach_floor = reach_floor
+        """Lag norms below this share of the last step's gradient count as lost (the reach)."""
         self.faults = faults
         self.probe_mode = probe
         self.max_sequences = max_sequences
@@ -313,6 +330,8 @@ class MeasurementPipeline:
             warm_starts=dict(warm_starts or {}),
             rank=rank,
             run_id=run_id,
+            reach_floor=self.reach_floor,
+            horizon=self.horizon,
         )
         with torch.random.fork_rng(devices=self._cuda_devices()), torch.no_grad(), _autocast_off():
             for watched in self.watched:

@@ -73,6 +73,14 @@ METRIC_TABLE: tuple[Metric, ...] = (
            "Median over sequences of the spectral norm of ds_T/ds_{T-lag} (a product of lag Jacobians).",
            source="derived", prometheus="lag_norm", key_label="lag", report_label="lag norm (longest lag)",
            scale="log", neutral=1.0),
+    Metric("gradient_reach", "float",
+           "Gradient reach: how many steps back the gradient survives, the lag at which "
+           "||ds_T/ds_{T-lag}|| first falls below the reach floor (DetectionConfig.vanishing_lag_norm).",
+           source="derived", prometheus="gradient_reach_steps", report_label="reach (steps)", combine="min"),
+    Metric("horizon", "int",
+           "Dependency range in steps the vanishing verdict is judged at: watch(horizon=), else the measured "
+           "sequence length (at most the longest measured lag).",
+           source="derived", prometheus="horizon_steps", combine="largest"),
     Metric("weight_hh_sigma_max", "float", "Spectral norm (largest singular value) of W_hh.",
            prometheus="weight_hh_sigma_max", report_label="σmax(W_hh)", scale="log", neutral=1.0,
            combine="max"),  # the same W_hh on every rank: its max is that value exactly

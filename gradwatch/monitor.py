@@ -119,6 +119,7 @@ class WatchConfig:
     clip_mode: ClipMode = "always"
     global_view: bool = False
     background: bool = False
+    horizon: int | None = None  # the dependency range (steps) the task needs; None: the sequence length
     estimator: EstimatorSettings = field(default_factory=EstimatorSettings)
     detection: DetectionConfig = field(default_factory=DetectionConfig)
 
@@ -199,6 +200,8 @@ class Monitor:
             estimator=config.estimator,
             background=config.background,
             model_label=f"{type(model).__name__} (run {self.run_id})",
+            horizon=config.horizon,
+            reach_floor=config.detection.vanishing_lag_norm,
         )
         self._recorders = self._pipeline.recorders
         self._layer_parameters = self._pipeline.layer_parameters
@@ -655,6 +658,7 @@ def watch(
     log_ranks: LogRanks = "all",
     global_view: bool = False,
     background: bool | None = None,
+    horizon: int | None = None,
 ) -> Monitor:
     """Attach a monitor to every recurrent module of ``model``: one line, no change to the training loop.
 
@@ -731,6 +735,11 @@ def watch(
             step. Default None: chosen automatically, on when every watched module is a built-in RNN on
             the CPU, ``global_view`` is off and a core is spare. True with ``global_view=True`` raises.
 
+        horizon: the dependency range of the task in steps (how far back the target depends on the input),
+            a positive int. Vanishing is judged there: the gradient must reach back ``horizon`` steps
+            (``gradient_reach``). Longer than the measured sequences: judged at their length. Default None:
+            the measured sequence length.
+
     Returns:
         The :class:`Monitor`; use it as a context manager or call ``close()`` to remove every hook.
     """
@@ -749,6 +758,7 @@ def watch(
         clip_scope=clip_scope,
         clip_mode=clip_mode,
         global_view=global_view,
+        horizon=horizon,
         estimator=estimator_settings(estimator),
         detection=detection or DetectionConfig(),
     )

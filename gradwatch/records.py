@@ -101,8 +101,9 @@ class MeasurementMetrics:
 
     ``jacobian_*`` summarise sigma_max(J_t), J_t = ds_t/ds_{t-1}, over the measured (t, sequence) pairs.
     ``lag_norm[str(tau)]`` is the median over sequences of ||ds_T/ds_{T-tau}||_2 (product of tau Jacobians);
-    ``lyapunov_max`` the mean log growth per step of that product. ``None`` means "not measurable here"
-    (for example a sequence too short for any lag).
+    ``lyapunov_max`` the mean log growth per step of that product. ``gradient_reach`` is the lag at which
+    those lag norms first fall below the reach floor (1e-4); ``horizon`` the lag the vanishing verdict is
+    judged at. ``None`` means "not measurable here" (for example a sequence too short for any lag).
     """
 
     jacobian_sigma_max_mean: float | None
@@ -134,6 +135,10 @@ class MeasurementMetrics:
     # exponents by index ("1" the largest) and log10 of the condition number sigma_1 / sigma_k they imply.
     lyapunov_spectrum: Mapping[str, float | None] = field(default_factory=dict)
     lyapunov_log10_condition: float | None = None
+    # Optional (absent in older logs): how many steps back the gradient survives (estimators/reach.py) and
+    # the dependency range it is judged against (watch(horizon=), else the measured sequence length).
+    gradient_reach: float | None = None
+    horizon: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {}

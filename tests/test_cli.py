@@ -13,6 +13,7 @@ from click.testing import CliRunner, Result
 
 from gradwatch.cli import main
 from gradwatch.records import SCHEMA_VERSION, RunHeader
+from gradwatch.report.metrics import METRIC_NAMES
 from gradwatch.report.reader import MAX_LINE_BYTES
 from gradwatch.report.render_json import REPORT_JSON_SCHEMA
 from tests.report_logs import make_run, write_log
@@ -94,8 +95,8 @@ def test_html_is_one_self_contained_file(cli_runner: CliRunner, runs_dir: Path, 
     assert result.exit_code == 0 and result.stdout == ""
     page = out.read_text(encoding="utf-8")
     assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
-    # five runs: per layer the lag-norm profile and one chart per metric with values (no gate: 9)
-    assert page.count("<svg") == 5 * (1 + 9)
+    # five runs: per layer the lag-norm profile and one chart per metric with values (no gate)
+    assert page.count("<svg") == 5 * (1 + len(METRIC_NAMES))
     assert page.count('class="chart profile"') == 5
     assert 'class="alert-mark"' in page
     for external in ("http:", "https:", "<script", "<link", "src=", "@import", "url("):

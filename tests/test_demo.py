@@ -137,21 +137,23 @@ def _verdicts(log_dir: Path) -> tuple[Path, dict[tuple[str, int, str], str]]:
 
 
 @pytest.mark.parametrize(
-    ("scenario", "cell", "alert_line"),
+    ("scenario", "cell", "steps", "alert_line"),
     [
-        ("vanishing", "rnn", "VANISHING at step 10"),
-        ("exploding", "rnn", "EXPLODING at step 5"),
-        ("healthy", "lstm", None),
+        # the vanishing warm-up is 100 steps: then 3 measurements of a short reach (every 10)
+        ("vanishing", "rnn", 130, "VANISHING at step 120"),
+        ("exploding", "rnn", 40, "EXPLODING at step 5"),
+        ("healthy", "lstm", 40, None),
     ],
     ids=["vanishing-rnn", "exploding-rnn", "healthy-lstm"],
 )
 def test_demo_reaches_the_scenarios_verdict(
-    runner: CliRunner, tmp_path: Path, scenario: str, cell: str, alert_line: str | None
+    runner: CliRunner, tmp_path: Path, scenario: str, cell: str, steps: int, alert_line: str | None
 ) -> None:
+    every = "10" if scenario == "vanishing" else "5"
     result = runner.invoke(
         main,
         [
-            *("demo", "--scenario", scenario, "--cell", cell, "--steps", "40", "--every", "5"),
+            *("demo", "--scenario", scenario, "--cell", cell, "--steps", str(steps), "--every", every),
             *("--no-prometheus", "--log-dir", str(tmp_path)),
         ],
     )
@@ -163,6 +165,7 @@ def test_demo_reaches_the_scenarios_verdict(
     assert log.name == f"demo-{scenario}-{cell}-{header['run_id']}.jsonl"  # file name and run id agree
     assert f"Run log: {log}" in result.output
     assert f"Verdict: {scenario} (as expected)" in result.output
+    assert "outcome: held-out MSE" in result.output and "(baseline 0.167)" in result.output
     assert "Prometheus exporter: off" in result.output
     if alert_line is None:
         assert "at step" not in result.output.split("Run log:")[1].split("training")[0]
@@ -248,3 +251,25 @@ def test_ctrl_c_in_the_demo_points_at_the_partial_log(
     assert f"gradwatch report {log}" in " ".join(result.output.split())
     kinds = [json.loads(line)["kind"] for line in log.read_text().splitlines()]
     assert kinds[0] == "run" and kinds.count("measurement") == 3  # the steps before Ctrl-C, all logged
+
+
+def test_the_outcome_is_read_against_the_baseline_of_always_predicting_one() -> None:
+    from gradwatch.demo import Outcome
+
+    assert Outcome(0.01).kind == "learned" and "learned the task" in Outcome(0.01).describe()
+    assert Outcome(0.16).kind == "baseline" and "stays at the baseline" in Outcome(0.16).describe()
+    assert Outcome(0.5).kind == "diverged" and Outcome(float("nan")).kind == "diverged"
+    assert Outcome(0.084).kind == "baseline" and Outcome(0.083).kind == "learned"  # half of 1/6
+
+
+def test_the_default_demo_puts_both_verdicts_beside_both_outcomes(runner: CliRunner, tmp_path: Path) -> None:
+    result = runner.invoke(
+        main, ["demo", "--steps", "12", "--every", "5", "--no-prometheus", "--log-dir", str(tmp_path)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "gradwatch demo: vanishing rnn" in result.output and "gradwatch demo: healthy rnn" in result.output
+    table = result.output.split("verdict and outcome")[1]
+    rows = [line for line in table.splitlines() if line.strip().startswith(("vanishing", "healthy"))]
+    assert [row.split()[0] for row in rows] == ["vanishing", "healthy"]
+    assert table.count("held-out MSE") == 2 and "W_hh = 1 x identity" in table
+    assert len(list(tmp_path.glob("demo-*.jsonl"))) == 2

@@ -16,7 +16,8 @@ CASES = [
     ("relu-2x-orthogonal", lambda: scaled_orthogonal_rnn("relu", 2.0), 50, Verdict.EXPLODING),
     ("tanh-0.2x-orthogonal-T100", lambda: scaled_orthogonal_rnn("tanh", 0.2), 100, Verdict.VANISHING),
     ("tanh-orthogonal-small-inputs-T20", lambda: scaled_orthogonal_rnn("tanh", 1.0), 20, Verdict.HEALTHY),
-    ("lstm-forget-bias-1-T50", lstm_forget_bias_one, 50, Verdict.HEALTHY),
+    ("lstm-forget-bias-1-T25", lstm_forget_bias_one, 25, Verdict.HEALTHY),
+    ("lstm-forget-bias-1-T150", lstm_forget_bias_one, 150, Verdict.VANISHING),
 ]
 
 
@@ -27,6 +28,47 @@ def test_reference_cases(name, make, steps, expected):
     diagnosis = gradwatch.diagnose(model, scale * torch.randn(steps, 8, 4), print_report=False)
     assert diagnosis.verdict(type(model).__name__.lower()) is expected, diagnosis.layers[0].message
     assert diagnosis.healthy is (expected is Verdict.HEALTHY)
+    metrics = diagnosis.layers[0].metrics
+    assert metrics.horizon == steps - 1 and metrics.gradient_reach is not None
+    assert (metrics.gradient_reach < steps - 1) is (expected is Verdict.VANISHING)
+
+
+def test_a_fresh_gated_cell_that_does_not_reach_is_vanishing_with_a_note_that_it_may_learn_to():
+    torch.manual_seed(0)
+    diagnosis = gradwatch.diagnose(lstm_forget_bias_one(), torch.randn(150, 8, 4), print_report=False)
+    layer = diagnosis.layers[0]
+    assert layer.verdict is Verdict.VANISHING
+    assert "reaches back about" in layer.message and "of the 149 steps" in layer.message
+    assert "cannot be learned now" in layer.message
+    assert "Gated cells (LSTM, GRU) often lengthen their reach while they learn" in layer.message
+    # a plain RNN gets no such note
+    plain = gradwatch.diagnose(scaled_orthogonal_rnn("tanh", 0.2), torch.randn(150, 8, 4), print_report=False)
+    assert plain.layers[0].verdict is Verdict.VANISHING and "Gated cells" not in plain.layers[0].message
+
+
+@pytest.mark.parametrize(("horizon", "expected"), [(10, Verdict.HEALTHY), (100, Verdict.VANISHING)])
+def test_vanishing_is_judged_at_the_declared_horizon(horizon: int, expected: Verdict) -> None:
+    torch.manual_seed(0)
+    model, inputs = nn.RNN(4, 16), torch.randn(100, 8, 4)  # default tanh: reaches back ~15 steps
+    diagnosis = gradwatch.diagnose(model, inputs, print_report=False, horizon=horizon)
+    layer = diagnosis.layers[0]
+    assert layer.metrics.horizon == horizon and layer.verdict is expected, layer.message
+    assert layer.metrics.gradient_reach is not None and 5 < layer.metrics.gradient_reach < 40
+
+
+def test_a_horizon_beyond_the_sequence_is_judged_at_the_sequence_length() -> None:
+    diagnosis = gradwatch.diagnose(nn.RNN(4, 8), torch.randn(12, 2, 4), print_report=False, horizon=1000)
+    assert diagnosis.layers[0].metrics.horizon == 12
+    default = gradwatch.diagnose(nn.RNN(4, 8), torch.randn(12, 2, 4), print_report=False)
+    assert default.layers[0].metrics.horizon == 11
+
+
+@pytest.mark.parametrize("horizon", [0, -5, 2.5, True, "150"])
+def test_a_bad_horizon_is_a_clear_error(horizon: object) -> None:
+    with pytest.raises(ValueError, match=r"horizon must be None .* a positive integer"):
+        gradwatch.diagnose(nn.RNN(4, 8), torch.randn(12, 2, 4), print_report=False, horizon=horizon)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"horizon must be None .* a positive integer"):
+        gradwatch.watch(nn.RNN(4, 8), horizon=horizon)  # type: ignore[arg-type]
 
 
 def test_message_names_the_factor_and_a_hint():

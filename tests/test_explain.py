@@ -49,11 +49,46 @@ def test_driving_factor(values: MeasurementMetrics, verdict: Verdict, expected: 
 
 def test_vanishing_message_names_value_threshold_step_factor_and_hint() -> None:
     measurement = Measurement(12, 0.0, "enc.rnn", 1, "reverse", metrics(0.2, 0.94, 0.0))
-    evidence = Evidence(Verdict.VANISHING, "lyapunov_max", -1.5, -0.8, 99, 1e-60, -1.5)
+    evidence = Evidence(
+        Verdict.VANISHING, "gradient_reach", 2.17, 99.0, 99, 1e-60, -1.5, reach=2.17, horizon=99
+    )
     message = explain_alert(measurement, evidence, DetectionConfig(), None)
-    for text in ("vanishing", "enc.rnn layer 1 (reverse) at step 12", "-1.5", "< -0.8", "recurrent weight",
-                 "sigma_max(W_hh) = 0.2", "orthogonal"):  # fmt: skip
+    expected = [
+        "vanishing",
+        "enc.rnn layer 1 (reverse) at step 12",
+        "reaches back about 2.2 of the 99 steps",
+        "||ds_T/ds_(T-99)|| = 1e-60 < 0.0001",
+        "dependencies longer than that cannot be learned now",
+        "recurrent weight",
+        "sigma_max(W_hh) = 0.2",
+        "orthogonal",
+    ]
+    for text in expected:
         assert text in message
+
+
+def test_vanishing_message_quotes_the_product_at_a_declared_horizon_interpolated() -> None:
+    lags = {str(tau): 0.25**tau for tau in (1, 2, 4, 8, 16, 32)}
+    measurement = Measurement(
+        12, 0.0, "rnn", 0, "forward", dataclasses.replace(metrics(0.5, 1, 0), lag_norm=lags)
+    )
+    evidence = Evidence(
+        Verdict.VANISHING, "gradient_reach", 9.97, 12.0, 32, 0.5**32, -0.69, reach=9.97, horizon=12
+    )
+    message = explain_alert(measurement, evidence, DetectionConfig(), None)
+    assert "reaches back about 10.0 of the 12 steps" not in message  # whole steps from 10 on
+    assert "reaches back about 10 of the 12 steps" in message
+    assert "||ds_T/ds_(T-12)|| = 5.96e-08 < 0.0001" in message  # 0.25**12, interpolated between lags 8, 16
+
+
+def test_vanishing_recovery_says_the_reach_has_grown() -> None:
+    measurement = Measurement(400, 0.0, "rnn", 0, "forward", metrics(1, 1, 0))
+    evidence = Evidence(
+        Verdict.HEALTHY, "gradient_reach", 150.0, None, 150, 0.02, -0.02, reach=150.0, horizon=150
+    )
+    message = explain_recovery(measurement, evidence, Verdict.VANISHING, 120)
+    assert "no longer vanishing (since step 120)" in message
+    assert "reach has grown, it now reaches back 150 steps, the whole horizon of 150 steps" in message
 
 
 def test_exploding_message_suggests_a_clip_norm() -> None:
@@ -78,7 +113,7 @@ def test_collapsed_product_is_told_in_words_not_as_a_non_finite_exponent() -> No
 
     collapsed = dataclasses.replace(
         metrics(3.0, 1.4e-4, 1.0), lyapunov_max=float("-inf"), lag_norm={"1": 0.0, "49": 0.0}
-    )
+    )  # a fresh diagnosis (no warm-up)
     (alert,) = TrendDetector(DetectionConfig.for_diagnosis()).update(
         Measurement(7, 0.0, "rnn", 0, "forward", collapsed)
     )

@@ -62,8 +62,9 @@ def test_live_alert_and_report_blame_the_same_factor(
     rate = 0.3 if exploding else -1.0
     metrics = _metrics(weight, derivative, saturation, gate, lyapunov_max=rate, lag_norm=lags)
     assert driving_factor(FactorValues.of(metrics), verdict) is factor
-    measurements = [Measurement(s, 0.0, "rnn", 0, "forward", metrics) for s in range(0, 50, 10)]
-    evidence = Evidence(verdict, "lyapunov_max", -1.0, -0.8, 32, 1e-6, -1.0)
+    warm = DetectionConfig().vanishing_warmup_steps  # a short reach counts from here on
+    measurements = [Measurement(s, 0.0, "rnn", 0, "forward", metrics) for s in range(warm, warm + 50, 10)]
+    evidence = Evidence(verdict, "gradient_reach", 1.5, 32.0, 32, 1e-6, -1.0, reach=1.5, horizon=32)
     live = explain_alert(measurements[-1], evidence, DetectionConfig(), None)
     report = judge_layer(measurements, [], run_has_alerts=False, module_type="LSTM" if gate else "RNN")
     assert report.verdict is verdict
@@ -81,7 +82,8 @@ def test_one_saturation_threshold_for_live_and_report(saturation: float) -> None
     metrics = _metrics(1.0, 0.6, saturation)
     values = FactorValues.of(metrics)
     assert values.saturating is (saturation > SATURATED_SHARE)
-    measurements = [Measurement(s, 0.0, "rnn", 0, "forward", metrics) for s in range(0, 50, 10)]
+    warm = DetectionConfig().vanishing_warmup_steps
+    measurements = [Measurement(s, 0.0, "rnn", 0, "forward", metrics) for s in range(warm, warm + 50, 10)]
     report = judge_layer(measurements, [], run_has_alerts=False)
     assert ("saturating or dying" in report.cause) is values.saturating
 

@@ -75,9 +75,25 @@ def test_borderline_exploding_product_still_waits_for_patience():
 
 def test_tanh_rnn_with_small_orthogonal_weight_alerts_vanishing_on_T100():
     torch.manual_seed(0)
-    _, alerts = _observe(RecurrentRegressor(scaled_orthogonal_rnn("tanh", 0.2)), 0, 100, 6)
-    assert [a.alert for a in alerts] == [AlertKind.VANISHING]
-    assert alerts[0].metric == "lyapunov_max" and alerts[0].value < alerts[0].threshold < 0
+    no_warmup = gradwatch.DetectionConfig(vanishing_warmup_steps=0)
+    _, alerts = _observe(
+        RecurrentRegressor(scaled_orthogonal_rnn("tanh", 0.2)), 0, 100, 6, detection=no_warmup
+    )
+    assert [(a.alert, a.step) for a in alerts] == [(AlertKind.VANISHING, 2)]  # the third measurement
+    assert alerts[0].metric == "gradient_reach" and alerts[0].threshold == 99
+    assert alerts[0].value is not None and 3 < alerts[0].value < 8  # ~log(1e-4) / log(0.2)
+    assert "reaches back about" in alerts[0].message and "of the 99 steps" in alerts[0].message
+
+
+def test_a_short_reach_within_the_warm_up_is_not_counted_yet():
+    torch.manual_seed(0)
+    warmup = gradwatch.DetectionConfig(vanishing_warmup_steps=4)
+    monitor, alerts = _observe(
+        RecurrentRegressor(scaled_orthogonal_rnn("tanh", 0.2)), 0, 100, 7, detection=warmup
+    )
+    assert [(a.alert, a.step) for a in alerts] == [(AlertKind.VANISHING, 6)]  # steps 4, 5, 6 count
+    measured = [r for r in monitor.history if isinstance(r, gradwatch.Measurement)]
+    assert all(m.metrics.gradient_reach is not None and m.metrics.gradient_reach < 6 for m in measured)
 
 
 def test_trained_orthogonal_tanh_rnn_with_small_inputs_raises_no_alert():

@@ -254,9 +254,11 @@ def test_measurement_lines_fold_exactly_as_their_records(
     folded_in_batches = []  # rows the batch path folded: it must run
     update_many = TrendDetector.update_many
 
-    def counted(self: TrendDetector, key: Any, lyapunov: list[float | None], *args: Any) -> list[Alert]:
+    def counted(
+        self: TrendDetector, key: Any, lyapunov: list[float | None], *args: Any, **kwargs: Any
+    ) -> list[Alert]:
         folded_in_batches.append(len(lyapunov))
-        return update_many(self, key, lyapunov, *args)
+        return update_many(self, key, lyapunov, *args, **kwargs)
 
     monkeypatch.setattr(TrendDetector, "update_many", counted)
     lines = make_report(paths, options)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from gradwatch.policy.config import DetectionConfig
 from gradwatch.policy.judge import total_gradient_norm
 from gradwatch.records import Alert, AlertKind, Measurement, MeasurementMetrics
 from gradwatch.report.verdict import (
@@ -14,6 +15,8 @@ from gradwatch.report.verdict import (
     judge_layer,
 )
 from tests.report_logs import make_run
+
+WARM = DetectionConfig().vanishing_warmup_steps  # a short reach counts from this step on
 
 
 def _m(
@@ -64,7 +67,7 @@ FALLBACK_CASES = {
 )
 def test_fallback_rules(lyapunovs: list, lags: list, nonfinite: int, expected: Verdict) -> None:
     measurements = [
-        _m(i * 10, lyapunov=ly, lag=lag, nonfinite=nonfinite if i == 0 else 0)
+        _m(WARM + i * 10, lyapunov=ly, lag=lag, nonfinite=nonfinite if i == 0 else 0)
         for i, (ly, lag) in enumerate(zip(lyapunovs, lags, strict=True))
     ]
     verdict, reason = fallback_verdict(measurements)
@@ -130,7 +133,7 @@ def test_cause_names_the_lecture_factor(kind: str, factors: dict, expected: str)
     lyapunov = -1.0 if kind == "vanishing" else 0.3
     ms = [
         _m(s, lyapunov=lyapunov, lag=1e-6 if kind == "vanishing" else 500.0, **factors)
-        for s in range(0, 50, 10)
+        for s in range(WARM, WARM + 50, 10)
     ]
     verdict = judge_layer(ms, [], run_has_alerts=False)
     assert verdict.verdict.value == kind and expected in verdict.cause
@@ -148,7 +151,7 @@ def test_cause_names_the_lecture_factor(kind: str, factors: dict, expected: str)
 def test_vanishing_suggestions_depend_on_the_cell(
     module_type: str | None, expected: str, absent: str
 ) -> None:
-    ms = [_m(s, lyapunov=-1.0, lag=1e-6) for s in range(0, 50, 10)]
+    ms = [_m(s, lyapunov=-1.0, lag=1e-6) for s in range(WARM, WARM + 50, 10)]
     text = " ".join(judge_layer(ms, [], run_has_alerts=False, module_type=module_type).suggestions)
     assert expected in text and (not absent or absent not in text) and "orthogonal" in text
 

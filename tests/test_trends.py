@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from gradwatch.estimators.reach import gradient_reach
 from gradwatch.policy.evidence import Verdict
 from gradwatch.policy.judge import Judgement
 from gradwatch.policy.trends import DetectionConfig, TrendDetector, detector_gradient_norm
@@ -32,9 +33,13 @@ def measure(module: nn.RNN | nn.LSTM, steps: int, *, scale: float = 1.0, name: s
     return exact_measurement(module, inputs, name=name, step=step)
 
 
+WARM = DetectionConfig().vanishing_warmup_steps
+"""A step past the vanishing warm-up: a short reach there counts."""
+
+
 def bad_and_healthy() -> tuple[Measurement, Measurement]:
-    bad = measure(scaled_orthogonal_rnn("tanh", 0.2), 100)
-    healthy = measure(lstm_forget_bias_one(), 50)
+    bad = measure(scaled_orthogonal_rnn("tanh", 0.2), 100, step=WARM)
+    healthy = measure(lstm_forget_bias_one(), 25, step=WARM)  # reaches the whole 25 steps
     return bad, healthy
 
 
@@ -43,12 +48,14 @@ def bad_and_healthy() -> tuple[Measurement, Measurement]:
     [
         (lambda: scaled_orthogonal_rnn("relu", 2.0), 30, AlertKind.EXPLODING),
         (lambda: scaled_orthogonal_rnn("tanh", 0.2), 100, AlertKind.VANISHING),
-        (lstm_forget_bias_one, 50, None),
+        (lstm_forget_bias_one, 150, AlertKind.VANISHING),  # a fresh LSTM reaches ~45 of 150 steps
+        (lstm_forget_bias_one, 25, None),
     ],
     ids=[
         "relu-2x-orthogonal-explodes",
         "tanh-0.2x-orthogonal-T100-vanishes",
-        "lstm-forget-bias-1-T50-healthy",
+        "lstm-forget-bias-1-T150-vanishes",
+        "lstm-forget-bias-1-T25-healthy",
     ],
 )
 @pytest.mark.parametrize(
@@ -56,12 +63,24 @@ def bad_and_healthy() -> tuple[Measurement, Measurement]:
 )
 def test_reference_cases(build, steps: int, expected: AlertKind | None, config: DetectionConfig) -> None:
     detector = TrendDetector(config)
-    measurement = measure(build(), steps)
+    measurement = measure(build(), steps, step=WARM)
     alerts = [alert for _ in range(config.patience) for alert in detector.update(measurement)]
     assert [a.alert for a in alerts] == ([] if expected is None else [expected])
-    if expected is not None:
+    if expected is AlertKind.EXPLODING:
         assert alerts[0].metric == "lyapunov_max"
         assert alerts[0].value == pytest.approx(measurement.metrics.lyapunov_max)
+    if expected is AlertKind.VANISHING:
+        reach = gradient_reach(measurement.metrics.lag_norm, config.vanishing_lag_norm)
+        assert reach is not None and reach < steps - 1
+        assert (alerts[0].metric, alerts[0].value, alerts[0].threshold) == (
+            "gradient_reach",
+            reach,
+            steps - 1,
+        )
+        assert f"reaches back about {reach:.0f} of the {steps - 1} steps" in alerts[0].message.replace(
+            f"{reach:.1f}", f"{reach:.0f}"
+        )
+    if expected is not None:
         assert str(measurement.step) in alerts[0].message and "Hint:" in alerts[0].message
 
 
@@ -103,7 +122,8 @@ def test_one_alert_per_episode_then_one_recovered() -> None:
     assert detector.verdict("rnn") is Verdict.VANISHING
     recovered = [a for _ in range(10) for a in detector.update(dataclasses.replace(healthy, module="rnn"))]
     assert [a.alert for a in recovered] == [AlertKind.RECOVERED]
-    assert recovered[0].metric == "lyapunov_max" and recovered[0].threshold == alerts[0].threshold
+    assert recovered[0].metric == "gradient_reach" and recovered[0].threshold == alerts[0].threshold
+    assert recovered[0].value == 25.0 and "reach has grown" in recovered[0].message
     assert detector.verdict("rnn") is Verdict.HEALTHY
 
 
@@ -225,7 +245,7 @@ def test_gradient_growth_fires_before_the_nan_and_blames_the_learning_rate_when_
     """Issue #18.4: gradient norms 9, 4, 26, 66,563, 39,351,008 (steps 1-5) under vanishing Jacobians."""
     detector = TrendDetector()
     bad, _ = bad_and_healthy()  # a vanishing measurement of module "rnn"
-    detector.update(dataclasses.replace(bad, module="m", step=0))
+    detector.update(dataclasses.replace(bad, module="m"))
     alerts = [
         a
         for step, norm in enumerate([9.0, 4.0, 26.0, 66_563.0, 39_351_008.0], 1)
@@ -352,6 +372,8 @@ def test_update_many_gives_the_alerts_and_state_of_update_on_each(seed: int, bat
             [m.metrics.lag_norm for m in part],
             [detector_gradient_norm(m.metrics.grad_norm) for m in part],
             part.__getitem__,
+            steps=[m.step for m in part],
+            horizons=[m.metrics.horizon for m in part],
         )
     assert {a.alert for a in expected} >= {AlertKind.EXPLODING, AlertKind.VANISHING, AlertKind.RECOVERED}
     assert got == expected

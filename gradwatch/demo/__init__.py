@@ -8,7 +8,15 @@ from gradwatch._lazy import lazy_attributes
 from gradwatch.demo.choices import CELLS, SCENARIOS
 
 if TYPE_CHECKING:
-    from gradwatch.demo.run import DemoInterrupted, DemoOptions, DemoResult, DemoSetupError, run_demo
+    from gradwatch.demo.run import (
+        DemoInterrupted,
+        DemoOptions,
+        DemoResult,
+        DemoSetupError,
+        Outcome,
+        run_comparison,
+        run_demo,
+    )
     from gradwatch.demo.scenarios import Scenario, build_model, scenario_for
     from gradwatch.demo.task import AddingBatch, adding_problem_batch
 
@@ -19,6 +27,8 @@ _LAZY_ATTRIBUTES: dict[str, str] = {
     "DemoResult": "gradwatch.demo.run",
     "DemoSetupError": "gradwatch.demo.run",
     "run_demo": "gradwatch.demo.run",
+    "run_comparison": "gradwatch.demo.run",
+    "Outcome": "gradwatch.demo.run",
     "Scenario": "gradwatch.demo.scenarios",
     "build_model": "gradwatch.demo.scenarios",
     "scenario_for": "gradwatch.demo.scenarios",
@@ -38,9 +48,11 @@ __all__ = [
     "DemoOptions",
     "DemoResult",
     "DemoSetupError",
+    "Outcome",
     "Scenario",
     "adding_problem_batch",
     "build_model",
+    "run_comparison",
     "run_demo",
     "scenario_for",
 ]

@@ -12,13 +12,14 @@ import math
 import time
 import warnings
 from collections.abc import Iterator, Reversible
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypedDict
 
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 from rich.text import Text
 
 from gradwatch.demo.choices import DEFAULT_PORT
@@ -60,7 +61,7 @@ class DemoOptions:
 
     cell: str = "rnn"
     scenario: str = "vanishing"
-    steps: int = 200
+    steps: int = 400
     seq_len: int | None = None
     every: int = 10
     seed: int = 0
@@ -84,6 +85,34 @@ class DemoOptions:
         scenario_for(self.scenario, self.cell, self.seq_len)  # raises on an unknown scenario/cell/seq_len
 
 
+HELD_OUT_SEQUENCES = 512
+"""Sequences of the held-out batch the outcome is measured on (drawn from their own seeded generator)."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What training achieved: the held-out MSE against the baseline of always predicting 1 (1/6)."""
+
+    held_out_mse: float
+
+    @property
+    def kind(self) -> str:
+        """``learned`` (below half the baseline), ``diverged`` (non-finite or above twice the baseline: worse
+        than always predicting 1) or ``baseline`` (between: the task was not learned)."""
+        mse = self.held_out_mse
+        if not math.isfinite(mse) or mse > 2 * BASELINE_MSE:
+            return "diverged"
+        return "learned" if mse < 0.5 * BASELINE_MSE else "baseline"
+
+    def describe(self) -> str:
+        words = {
+            "learned": "learned the task",
+            "baseline": "did not learn: stays at the baseline",
+            "diverged": "diverged, worse than always predicting 1",
+        }[self.kind]
+        return f"held-out MSE {_format(self.held_out_mse)} (baseline {BASELINE_MSE:.3f}): {words}"
+
+
 @dataclass(frozen=True)
 class DemoResult:
     """What a finished demo produced: where its log is, what the monitor said, what the report concluded."""
@@ -97,6 +126,10 @@ class DemoResult:
     verdict: Verdict
     """The worst layer verdict of the report (healthy < vanishing < exploding < nonfinite)."""
     seconds: float
+    outcome: Outcome
+    reach: float | None = None
+    """Layer 0's gradient reach (steps) at the last measurement, and the horizon it was judged at."""
+    horizon: int | None = None
 
     @property
     def as_expected(self) -> bool:
@@ -231,6 +264,19 @@ def _prometheus_url(monitor: Monitor) -> str | None:
     return None
 
 
+def held_out_mse(model: torch.nn.Module, seq_len: int, seed: int) -> float:
+    """MSE on a held-out batch of the adding problem (its own generator: the training data is untouched)."""
+    batch = adding_problem_batch(torch.Generator().manual_seed(10_000 + seed), seq_len, HELD_OUT_SEQUENCES)
+    with torch.no_grad():
+        return float(torch.nn.functional.mse_loss(model(batch.inputs), batch.targets))
+
+
+def _make_optimizer(model: torch.nn.Module, scenario: Scenario) -> torch.optim.Optimizer:
+    if scenario.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=scenario.learning_rate)
+    return torch.optim.SGD(model.parameters(), lr=scenario.learning_rate)
+
+
 def run_demo(options: DemoOptions, console: Console) -> DemoResult:
     """Train the scenario's network with the monitor on, printing progress, alerts and the final report."""
     scenario = scenario_for(options.scenario, options.cell, options.seq_len)
@@ -250,7 +296,7 @@ def run_demo(options: DemoOptions, console: Console) -> DemoResult:
 
     torch.manual_seed(options.seed)
     model = build_model(scenario, options.hidden_size)
-    optimizer = torch.optim.SGD(model.parameters(), lr=scenario.learning_rate)
+    optimizer = _make_optimizer(model, scenario)
     generator = torch.Generator().manual_seed(options.seed)
     options.log_dir.mkdir(parents=True, exist_ok=True)
     run_id = new_run_id()
@@ -306,6 +352,8 @@ def run_demo(options: DemoOptions, console: Console) -> DemoResult:
         )
         raise DemoInterrupted(log_path, done)
     seconds = time.perf_counter() - started
+    outcome = Outcome(held_out_mse(model, scenario.seq_len, options.seed))
+    latest = latest_layer_measurement(monitor.history)
     report = make_report([str(log_path)], ReportOptions())
     render_text(report, console)
     verdict = max(
@@ -313,18 +361,73 @@ def run_demo(options: DemoOptions, console: Console) -> DemoResult:
         key=SEVERITY.__getitem__,
         default=Verdict.HEALTHY,
     )
-    result = DemoResult(scenario, log_path, url, loss_value, tuple(printer.alerts), report, verdict, seconds)
+    result = DemoResult(
+        scenario,
+        log_path,
+        url,
+        loss_value,
+        tuple(printer.alerts),
+        report,
+        verdict,
+        seconds,
+        outcome,
+        None if latest is None else latest.metrics.gradient_reach,
+        None if latest is None else latest.metrics.horizon,
+    )
     _print_summary(result, console)
     return result
+
+
+def run_comparison(options: DemoOptions, console: Console) -> tuple[DemoResult, DemoResult]:
+    """The default demo: the vanishing model, then the healthy one of the same cell, and both verdicts
+    beside both outcomes (the vanishing model stays at the baseline loss while the healthy one learns)."""
+    results = (
+        run_demo(replace(options, scenario="vanishing"), console),
+        run_demo(replace(options, scenario="healthy"), console),
+    )
+    console.rule("verdict and outcome")
+    table = Table(show_header=True, header_style="bold", box=None)
+    for column in ("scenario", "model", "verdict", "gradient reach", "outcome"):
+        table.add_column(column)
+    for result in results:
+        table.add_row(*_verdict_and_outcome(result))
+    console.print(table)
+    return results
+
+
+def _reach_text(result: DemoResult) -> str:
+    if result.reach is None or result.horizon is None:
+        return "n/a"
+    if result.reach >= result.horizon:
+        return f"the whole horizon of {result.horizon} steps"
+    return (
+        f"{result.reach:.0f} of {result.horizon} steps"
+        if result.reach >= 9.95
+        else (f"{result.reach:.1f} of {result.horizon} steps")
+    )
+
+
+def _verdict_and_outcome(result: DemoResult) -> tuple[str, str, str, str, str]:
+    colour = {"healthy": "green", "vanishing": "yellow", "exploding": "red"}.get(
+        result.verdict.value, "magenta"
+    )
+    return (
+        result.scenario.name,
+        result.scenario.describe().split(", sequence length")[0],
+        f"[{colour}]{result.verdict.value}[/]",
+        _reach_text(result),
+        result.outcome.describe(),
+    )
 
 
 def _print_summary(result: DemoResult, console: Console) -> None:
     scenario = result.scenario
     mark = "as expected" if result.as_expected else f"expected {scenario.expected_verdict}"
     console.print(
-        f"Verdict: [bold]{result.verdict.value}[/] ({mark}) after {result.seconds:.1f} s; "
-        f"final loss {_format(result.final_loss)}.",
+        f"Verdict: [bold]{result.verdict.value}[/] ({mark}), gradient reach {_reach_text(result)}; "
+        f"outcome: {result.outcome.describe()}; {result.seconds:.1f} s.",
         highlight=False,
+        soft_wrap=True,  # one line: verdict and outcome side by side
     )
     console.print(
         f"Run log: {result.log_path}  (gradwatch report {result.log_path} --format html -o report.html)",

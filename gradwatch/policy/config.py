@@ -12,11 +12,15 @@ from typing import Any
 class DetectionConfig:
     """Thresholds of the detector; see docs/alerts.md for how the defaults were calibrated.
 
-    Products of Jacobians decide: with lambda = lyapunov_max (mean log growth per step of the product),
-    vanishing needs a memory horizon 1/|lambda| below ``vanishing_horizon_steps`` AND the longest measured
-    lag norm below ``vanishing_lag_norm``; exploding needs lambda above ``exploding_growth_rate`` AND the
-    longest lag norm above ``exploding_lag_norm``. The lag condition keeps short sequences (where even a fast
-    per-step decay leaves the whole-sequence gradient intact) from alerting.
+    Products of Jacobians decide. Vanishing is judged against the horizon (``watch(horizon=)``, else the
+    measured sequence length): the gradient reach (estimators/reach.py: the lag at which the product norm
+    ||ds_T/ds_{T-lag}|| first falls below ``vanishing_lag_norm``) shorter than the horizon, once the
+    monitor has seen ``vanishing_warmup_steps`` training steps (a fresh model's reach often grows in its
+    first updates). A vanishing episode ends only after ``vanishing_recovery_patience`` consecutive
+    measurements that reach the horizon: a reach that touches it now and then is not a recovery (the
+    trainability benchmark's non-learners do that). With lambda = lyapunov_max (mean log growth per step
+    of the product), exploding needs lambda above ``exploding_growth_rate`` AND the longest lag norm above
+    ``exploding_lag_norm``.
     The gradient-norm spike test (exploding) is a z-score on the log of the total gradient norm with an EMA
     mean/variance, as in ZClip, after ``gradient_warmup`` measurements of the layer.
     An exploding product beyond ``exploding_extreme_lag_norm`` (or beyond the float range) alerts at once,
@@ -33,8 +37,9 @@ class DetectionConfig:
 
     patience: int = 3
     recovery_patience: int = 3
-    vanishing_horizon_steps: float = 1.25
-    vanishing_lag_norm: float = 1e-3
+    vanishing_lag_norm: float = 1e-4
+    vanishing_warmup_steps: int = 100
+    vanishing_recovery_patience: int = 10
     exploding_growth_rate: float = 0.02
     exploding_lag_norm: float = 100.0
     exploding_extreme_lag_norm: float = 1e4
@@ -57,9 +62,17 @@ class DetectionConfig:
                     f"DetectionConfig.{name}={getattr(self, name)!r} is invalid: expected {accepted}"
                 )
 
+        require(
+            isinstance(self.vanishing_warmup_steps, int)
+            and not isinstance(self.vanishing_warmup_steps, bool)
+            and self.vanishing_warmup_steps >= 0,
+            "vanishing_warmup_steps",
+            "an integer >= 0 (training steps before a short reach counts)",
+        )
         for name in (
             "patience",
             "recovery_patience",
+            "vanishing_recovery_patience",
             "clip_history",
             "gradient_growth_window",
             "gradient_growth_min_history",
@@ -74,7 +87,6 @@ class DetectionConfig:
             "an integer >= 2 (a variance needs two readings)",
         )
         for name in (
-            "vanishing_horizon_steps",
             "vanishing_lag_norm",
             "exploding_lag_norm",
             "gradient_z_threshold",
@@ -110,11 +122,6 @@ class DetectionConfig:
         require(0 < self.gradient_ema_alpha < 1, "gradient_ema_alpha", "a number strictly between 0 and 1")
 
     @property
-    def vanishing_growth_rate(self) -> float:
-        """lambda below this (negative) rate is a memory horizon shorter than ``vanishing_horizon_steps``."""
-        return -1.0 / self.vanishing_horizon_steps
-
-    @property
     def measurements_needed(self) -> int:
         """Fewest measurements of a layer before "no alert" means healthy: the rule needs ``patience``
         readings to open an episode, so fewer (and no episode open) is verdict ``unknown``."""
@@ -134,10 +141,13 @@ class DetectionConfig:
 
     @classmethod
     def for_diagnosis(cls, **overrides: Any) -> DetectionConfig:
-        """One-shot pre-flight diagnosis: one measurement per layer decides (no patience, no spike test)."""
+        """One-shot pre-flight diagnosis: one measurement per layer decides (no patience, no spike test,
+        no warm-up: it judges the model as it is)."""
         settings: dict[str, Any] = {
+            "vanishing_warmup_steps": 0,
             "patience": 1,
             "recovery_patience": 1,
+            "vanishing_recovery_patience": 1,
             "gradient_spike_test": False,
             "gradient_growth_test": False,
         }

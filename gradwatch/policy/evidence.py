@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from gradwatch.estimators.reach import gradient_reach, judged_horizon, reach_at_horizon
 from gradwatch.policy.judge import Verdict
 from gradwatch.records import MeasurementMetrics
 
@@ -28,6 +29,20 @@ class Evidence:
     longest_lag_norm: float | None = None
     growth_rate: float | None = None  # lyapunov_max, or log(lag norm)/lag when lyapunov_max is missing
     grad_z_score: float | None = None
+    reach: float | None = None  # gradient reach in steps (estimators/reach.py), judged against the horizon
+    horizon: int | None = None
+
+
+def reach_and_horizon(
+    lag_norm: Mapping[str, float | None], recorded_horizon: int | None, floor: float
+) -> tuple[float | None, int | None]:
+    """The gradient reach (recomputed with ``floor``, so a replay follows its own DetectionConfig; None when
+    it cannot be judged at the horizon: :func:`reach_at_horizon`) and the horizon the measurement is judged
+    at: the recorded one, else the default :func:`judged_horizon` (older logs)."""
+    horizon = recorded_horizon if recorded_horizon is not None else judged_horizon(None, lag_norm)
+    if horizon is None:
+        return gradient_reach(lag_norm, floor), None
+    return reach_at_horizon(lag_norm, horizon, floor), horizon
 
 
 def longest_lag_norm(lag_norm: Mapping[str, float | None]) -> tuple[int, float] | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+from gradwatch.estimators.reach import product_norm_at
 from gradwatch.policy.config import DetectionConfig
 from gradwatch.policy.evidence import Evidence, JacobianReading
 from gradwatch.policy.judge import (
@@ -29,7 +30,24 @@ def _where(measurement: Measurement) -> str:
     )
 
 
-def _evidence_text(evidence: Evidence, config: DetectionConfig) -> str:
+def reach_text(reach: float | None, horizon: int | None, at_horizon: float | None, floor: float) -> str:
+    """The lecture's words for a short reach: how far back the gradient gets, and what that means."""
+    product = "" if at_horizon is None else f"; ||ds_T/ds_(T-{horizon})|| = {_format(at_horizon)} < {floor:g}"
+    return (
+        f"the gradient reaches back about {_steps(reach)} of the {horizon} steps of the horizon (the lag "
+        f"where the product of step Jacobians falls below {floor:g}{product}); dependencies longer than "
+        f"that cannot be learned now"
+    )
+
+
+def _steps(reach: float | None) -> str:
+    """A reach in words: whole steps from 10 on, one decimal below."""
+    if reach is None:
+        return "n/a"
+    return f"{reach:.0f}" if reach >= 9.95 else f"{reach:.1f}"
+
+
+def _evidence_text(evidence: Evidence, config: DetectionConfig, at_horizon: float | None = None) -> str:
     if evidence.metric == "grad_norm":
         return (
             f"the total gradient norm {_format(evidence.value)} is {_format(evidence.grad_z_score)} standard "
@@ -39,7 +57,7 @@ def _evidence_text(evidence: Evidence, config: DetectionConfig) -> str:
     rate = evidence.growth_rate
     lag = f"||ds_T/ds_(T-{evidence.longest_lag})|| = {_format(evidence.longest_lag_norm)}"
     collapsed = evidence.verdict is Verdict.VANISHING and (
-        (rate is not None and math.isinf(rate)) or evidence.longest_lag_norm == 0
+        (rate is not None and math.isinf(rate)) or evidence.reach == 0
     )
     if collapsed:
         # lyapunov_max = -inf: some step Jacobian is exactly 0 in float precision (every |f'| underflowed),
@@ -54,12 +72,7 @@ def _evidence_text(evidence: Evidence, config: DetectionConfig) -> str:
             "lyapunov_max = +inf)"
         )
     if evidence.verdict is Verdict.VANISHING:
-        horizon = math.inf if rate is None or rate == 0 else 1 / abs(rate)
-        return (
-            f"the product of step Jacobians shrinks by e every {_format(horizon)} steps "
-            f"(lyapunov_max = {_format(rate)} < {_format(evidence.threshold)}, memory horizon below "
-            f"{config.vanishing_horizon_steps:g} steps) and {lag} < {config.vanishing_lag_norm:g}"
-        )
+        return reach_text(evidence.reach, evidence.horizon, at_horizon, config.vanishing_lag_norm)
     doubling = math.inf if rate is None or rate <= 0 else math.log(2) / rate
     return (
         f"the product of step Jacobians doubles every {_format(doubling)} steps "
@@ -95,9 +108,15 @@ def explain_alert(
     hint = alert_hint(factor, evidence.verdict, suggested_clip)
     return (
         f"{evidence.verdict.value} gradients in {_where(measurement)}{replaced}: "
-        f"{_evidence_text(evidence, config)}{extreme}; {cause} "
+        f"{_evidence_text(evidence, config, _at_horizon(measurement, evidence))}{extreme}; {cause} "
         f"[{factors_text(measurement.metrics)}]. Hint: {hint}."
     )
+
+
+def _at_horizon(measurement: Measurement, evidence: Evidence) -> float | None:
+    if evidence.horizon is None:
+        return None
+    return product_norm_at(measurement.metrics.lag_norm, evidence.horizon)
 
 
 def cause_and_hint(
@@ -201,6 +220,12 @@ def explain_recovery(
     """The message of a recovered alert: which episode ended, since when, and the current products."""
     since = f" (since step {started})" if started is not None else ""
     grad = total_gradient_norm(measurement.metrics.grad_norm)
+    if previous is Verdict.VANISHING:
+        return (
+            f"recovered: {_where(measurement)} is no longer vanishing{since}: the gradient reach has grown, "
+            f"it now reaches back {_steps(evidence.reach)} steps, the whole horizon of {evidence.horizon} "
+            f"steps (lyapunov_max = {_format(evidence.growth_rate)}, total gradient norm = {_format(grad)})"
+        )
     return (
         f"recovered: {_where(measurement)} is no longer {previous.value}{since}; "
         f"lyapunov_max = {_format(evidence.growth_rate)}, "

@@ -22,6 +22,7 @@ from gradwatch.policy.evidence import (
     growth_rate_from,
     longest_lag_norm,
     longest_lag_norms,
+    reach_and_horizon,
 )
 from gradwatch.policy.explain import (
     cause_and_hint,
@@ -191,49 +192,70 @@ class LayerState:
 
 
 def classify_jacobian_products(measurement: Measurement, config: DetectionConfig) -> Evidence:
-    """Raw verdict from the products of Jacobians alone (no history)."""
+    """Raw verdict from the products of Jacobians alone (no history; past the vanishing warm-up)."""
     metrics = measurement.metrics
     longest = longest_lag_norm(metrics.lag_norm)
     rate = growth_rate_from(metrics.lyapunov_max, longest)
-    verdict = _jacobian_verdict(rate, longest, config)
+    reach, horizon = reach_and_horizon(metrics.lag_norm, metrics.horizon, config.vanishing_lag_norm)
+    verdict = _jacobian_verdict(rate, longest, config, reach, horizon)
     if verdict is Verdict.UNKNOWN:
         return Evidence(Verdict.UNKNOWN, "lyapunov_max", metrics.lyapunov_max, None)
-    return _jacobian_evidence(verdict, rate, longest, config)
+    return _jacobian_evidence(verdict, rate, longest, config, reach, horizon)
 
 
 def _jacobian_verdict(
-    rate: float | None, longest: tuple[int, float] | None, config: DetectionConfig
+    rate: float | None,
+    longest: tuple[int, float] | None,
+    config: DetectionConfig,
+    reach: float | None,
+    horizon: int | None,
 ) -> Verdict:
-    """Exploding when the growth rate and the longest lag norm are both past their thresholds, and so on."""
+    """Exploding when the growth rate and the longest lag norm are both past their thresholds; vanishing
+    when the gradient does not reach back the horizon (:func:`_reach_verdict`)."""
     if rate is None or longest is None:
         return Verdict.UNKNOWN
     norm = longest[1]
     if rate > config.exploding_growth_rate and norm > config.exploding_lag_norm:
         return Verdict.EXPLODING
-    if rate < config.vanishing_growth_rate and norm < config.vanishing_lag_norm:
-        return Verdict.VANISHING
-    return Verdict.HEALTHY
+    return _reach_verdict(reach, horizon)
+
+
+def _reach_verdict(reach: float | None, horizon: int | None) -> Verdict:
+    """Vanishing when the gradient reach is shorter than the horizon; unknown when the reach cannot be
+    measured (a missing or overflowed product), so such a measurement never ends a vanishing episode.
+    (Before ``vanishing_warmup_steps`` a vanishing reading is not counted: :meth:`TrendDetector._advance`.)"""
+    if reach is None or horizon is None:
+        return Verdict.UNKNOWN
+    return Verdict.VANISHING if reach < horizon else Verdict.HEALTHY
 
 
 def _jacobian_evidence(
-    verdict: Verdict, rate: float | None, longest: tuple[int, float] | None, config: DetectionConfig
+    verdict: Verdict,
+    rate: float | None,
+    longest: tuple[int, float] | None,
+    config: DetectionConfig,
+    reach: float | None = None,
+    horizon: int | None = None,
 ) -> Evidence:
     """The :class:`Evidence` of a raw Jacobian verdict (``UNKNOWN``: no rate or no lag norm to judge)."""
     if verdict is Verdict.UNKNOWN or rate is None or longest is None:
-        return Evidence(Verdict.UNKNOWN, "lyapunov_max", rate, None)
+        return Evidence(Verdict.UNKNOWN, "lyapunov_max", rate, None, reach=reach, horizon=horizon)
     tau, norm = longest
-    threshold = {
-        Verdict.EXPLODING: config.exploding_growth_rate,
-        Verdict.VANISHING: config.vanishing_growth_rate,
-    }.get(verdict)
+    if verdict is Verdict.VANISHING:
+        metric, value, threshold = "gradient_reach", reach, None if horizon is None else float(horizon)
+    else:
+        metric, value = "lyapunov_max", rate
+        threshold = config.exploding_growth_rate if verdict is Verdict.EXPLODING else None
     return Evidence(
         verdict,
-        "lyapunov_max",
-        rate,
+        metric,
+        value,
         threshold,
         longest_lag=tau,
         longest_lag_norm=norm,
         growth_rate=rate,
+        reach=reach,
+        horizon=horizon,
     )
 
 
@@ -314,12 +336,15 @@ class TrendDetector:
         metrics = measurement.metrics
         longest = longest_lag_norm(metrics.lag_norm)
         rate = growth_rate_from(metrics.lyapunov_max, longest)
+        reach, horizon = reach_and_horizon(metrics.lag_norm, metrics.horizon, self.config.vanishing_lag_norm)
         alert = self._advance(
             self._state(key),
             key,
-            _jacobian_verdict(rate, longest, self.config),
+            _jacobian_verdict(rate, longest, self.config, reach, horizon),
+            measurement.step >= self.config.vanishing_warmup_steps,
             rate,
             longest,
+            (reach, horizon),
             detector_gradient_norm(metrics.grad_norm),
             self.growth_episode_open(measurement.module),
             True,
@@ -335,8 +360,12 @@ class TrendDetector:
         lag_norms: Sequence[Mapping[str, float | None]],
         total_gradient_norms: Sequence[float | None],
         measurement_at: Callable[[int], Measurement],
+        *,
+        steps: Sequence[int],
+        horizons: Sequence[int | None],
     ) -> list[Alert]:
-        """:meth:`update` on each of one layer's measurements in step order, given as columns.
+        """:meth:`update` on each of one layer's measurements in step order, given as columns (``horizons``:
+        each measurement's recorded ``horizon``, None in older logs).
 
         ``total_gradient_norms``: :func:`detector_gradient_norm` of each (inf where an entry is not finite).
         The same alerts and state as feeding the measurements one by one (both run :meth:`_advance`), but
@@ -347,18 +376,37 @@ class TrendDetector:
         state = self._state(key)
         longest = longest_lag_norms(lag_norms)
         rates = [growth_rate_from(lyapunov, lag) for lyapunov, lag in zip(lyapunov_max, longest, strict=True)]
-        verdicts = [_jacobian_verdict(rate, lag, config) for rate, lag in zip(rates, longest, strict=True)]
+        reaches = [
+            reach_and_horizon(lags, h, config.vanishing_lag_norm)
+            for lags, h in zip(lag_norms, horizons, strict=True)
+        ]
+        verdicts = [
+            _jacobian_verdict(rate, lag, config, reach, horizon)
+            for rate, lag, (reach, horizon) in zip(rates, longest, reaches, strict=True)
+        ]
+        warmup = config.vanishing_warmup_steps
         # only the last reading with a Jacobian verdict stays pending (what update() leaves behind)
         unknown = Verdict.UNKNOWN
         kept = next((i for i in range(len(verdicts) - 1, -1, -1) if verdicts[i] is not unknown), -1)
         growth_open = self.growth_episode_open(key[0])
         advance = self._advance
         alerts = []
-        for index, (verdict, rate, lag, total) in enumerate(
-            zip(verdicts, rates, longest, total_gradient_norms, strict=True)
+        for index, (verdict, step, rate, lag, reach, total) in enumerate(
+            zip(verdicts, steps, rates, longest, reaches, total_gradient_norms, strict=True)
         ):
             alert = advance(
-                state, key, verdict, rate, lag, total, growth_open, index == kept, index, measurement_at
+                state,
+                key,
+                verdict,
+                step >= warmup,
+                rate,
+                lag,
+                reach,
+                total,
+                growth_open,
+                index == kept,
+                index,
+                measurement_at,
             )
             if alert is not None:
                 alerts.append(alert)
@@ -377,15 +425,18 @@ class TrendDetector:
         state: LayerState,
         key: LayerKey,
         verdict: Verdict,
+        warm: bool,
         rate: float | None,
         longest: tuple[int, float] | None,
+        reach: tuple[float | None, int | None],
         total: float | None,
         growth_open: bool,
         keep_reading: bool,
         index: int,
         measurement_at: Callable[[int], Measurement],
     ) -> Alert | None:
-        """One measurement, given as its raw Jacobian verdict, growth rate, longest lag norm and total norm.
+        """One measurement, given as its raw Jacobian verdict, whether it is past the vanishing warm-up, its
+        growth rate, longest lag norm, (reach, horizon) and total norm.
 
         The raw verdict (:func:`_jacobian_verdict`, or a gradient-norm spike), then the hysteresis: an
         episode starts after ``patience`` consecutive raw verdicts of one bad kind and ends after
@@ -407,9 +458,13 @@ class TrendDetector:
             suggested_clip = _clip_norm(state) if verdict is Verdict.EXPLODING else None
             state.pending_reading = (  # made on demand: reading()
                 measurement_at(index),
-                _jacobian_evidence(verdict, rate, longest, config),
+                _jacobian_evidence(verdict, rate, longest, config, *reach),
                 suggested_clip,
             )
+        if verdict is Verdict.VANISHING and not warm:
+            verdict = (
+                Verdict.UNKNOWN
+            )  # within the warm-up: a short reach is not counted (the reading is kept)
         z_score: float | None = None
         spike_threshold: float | None = None
         spike = False
@@ -461,11 +516,13 @@ class TrendDetector:
         else:
             state.candidate, state.streak = verdict, 1
         needed = config.recovery_patience if verdict is Verdict.HEALTHY else config.patience
+        if verdict is Verdict.HEALTHY and state.episode is Verdict.VANISHING:
+            needed = config.vanishing_recovery_patience  # the reach must have grown for good
         if extreme:
             needed = 1
         if state.streak < needed:
             return None
-        jacobian = _jacobian_evidence(jacobian_verdict, rate, longest, config)
+        jacobian = _jacobian_evidence(jacobian_verdict, rate, longest, config, *reach)
         if spike:
             evidence = replace(
                 jacobian,
@@ -631,6 +688,8 @@ class TrendDetector:
     def _metric_value(measurement: Measurement, metric: str, evidence: Evidence) -> float | None:
         if metric == "grad_norm":
             return total_gradient_norm(measurement.metrics.grad_norm)
+        if metric == "gradient_reach":
+            return evidence.reach
         return evidence.growth_rate
 
     def reset(self) -> None:

@@ -68,6 +68,8 @@ class MetricsLine(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     lag_sequences: _JsonInt | None = None
     lyapunov_spectrum: dict[str, float | None] = {}
     lyapunov_log10_condition: float | None = None
+    gradient_reach: float | None = None
+    horizon: _JsonInt | None = None
 
 
 class MeasurementLine(msgspec.Struct, forbid_unknown_fields=True, gc=False):

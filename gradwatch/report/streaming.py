@@ -469,6 +469,8 @@ class _LayerAccumulator:
             lag_norms,
             _detector_norms(totals, grad_norms),
             measurement_at,
+            steps=steps,
+            horizons=list(map(_HORIZON, metrics)),
         )
         # every step but the last is complete; the last stays open (the next rows may have its step too)
         self._append_points(steps[:-1], metrics[:-1], totals[:-1])
@@ -495,6 +497,8 @@ class _LayerAccumulator:
             list(map(_LAG_NORM, metrics)),
             _detector_norms(_total_gradient_norms(grad_norms), grad_norms),
             lambda index: _measurement_of(rows[index]),
+            steps=steps,
+            horizons=list(map(_HORIZON, metrics)),
         )
 
     def add_measurement_before(self, m: Measurement) -> None:
@@ -709,6 +713,7 @@ _LAG_NORM = attrgetter("lag_norm")
 _GRAD_NORM = attrgetter("grad_norm")
 _GRAD_NONFINITE = attrgetter("grad_nonfinite")
 _LYAPUNOV_MAX = attrgetter("lyapunov_max")
+_HORIZON = attrgetter("horizon")
 
 
 def _missing_as_nan(values: list[float | None] | list[float]) -> np.ndarray:

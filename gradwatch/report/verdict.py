@@ -146,10 +146,15 @@ class LayerEvidence:
         lag_norms: Sequence[Mapping[str, float | None]],
         total_gradient_norms: Sequence[float | None],
         measurement_at: Callable[[int], Measurement],
+        *,
+        steps: Sequence[int],
+        horizons: Sequence[int | None],
     ) -> None:
         """:meth:`replay` for several measurements of one layer, given as columns (see ``update_many``)."""
         self._start_window(detector, key)
-        alerts = detector.update_many(key, lyapunov_max, lag_norms, total_gradient_norms, measurement_at)
+        alerts = detector.update_many(
+            key, lyapunov_max, lag_norms, total_gradient_norms, measurement_at, steps=steps, horizons=horizons
+        )
         if alerts:
             self.detector_alerts += len(alerts)
             self.last_detector_alert = alerts[-1]
@@ -170,11 +175,16 @@ class LayerEvidence:
         lag_norms: Sequence[Mapping[str, float | None]],
         total_gradient_norms: Sequence[float | None],
         measurement_at: Callable[[int], Measurement],
+        *,
+        steps: Sequence[int],
+        horizons: Sequence[int | None],
     ) -> None:
         """Measurements before the ``--steps`` window: the detector's state only (an episode they open
         and the window does not close counts), not the window's evidence."""
         self._detector, self._key = detector, key
-        alerts = detector.update_many(key, lyapunov_max, lag_norms, total_gradient_norms, measurement_at)
+        alerts = detector.update_many(
+            key, lyapunov_max, lag_norms, total_gradient_norms, measurement_at, steps=steps, horizons=horizons
+        )
         if alerts:
             self.last_detector_alert = alerts[-1]
 

@@ -1,0 +1,308 @@
+"""Calibrate the verdicts on trainability: does the model learn the adding problem, and what did gradwatch say?
+
+Two phases, so that iterating on a rule needs no retraining:
+
+* ``record``: train each configuration on the adding problem (gradwatch/demo/task.py: values U(0, 1), two
+  marked steps, target their sum; predicting 1 gives MSE 1/6 ~ 0.167) with the monitor on, writing its run
+  log (JSONL) and an outcome file (held-out MSE every ``--eval-every`` steps) into ``--out``.
+* ``evaluate``: re-run the detector of this checkout (``DetectionConfig()`` defaults) over the recorded
+  measurements and print one row per run: config, T, learned? (held-out MSE vs the 0.167 baseline), the
+  final verdict, the alert history, and whether the verdict is right by the issue's criteria (#28):
+  vanishing open and staying open for a configuration that never learns; no vanishing or exploding open
+  once it has learned; exploding never "recovered" while the run is diverged.
+
+Setting (Le, Jaitly & Hinton 2015): H = 64, batch 64, Adam 1e-3, gradients clipped at 1 (clip_grad_norm_),
+``every=10``, 2000 steps at T = 50 and 5000 at T = 150.
+
+Run from the repository root (logs stay out of git: runs/ is ignored):
+  nice -n 5 python3 -m benchmarks.trainability record --out runs/trainability --only T50
+  python3 -m benchmarks.trainability evaluate --out runs/trainability
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import click
+import torch
+from torch import nn
+
+from gradwatch.demo.task import BASELINE_MSE, INPUT_SIZE, adding_problem_batch
+from gradwatch.monitor import watch
+from gradwatch.policy.config import DetectionConfig
+from gradwatch.policy.trends import TrendDetector
+from gradwatch.records import Alert, AlertKind, Measurement, record_from_json
+
+HIDDEN = 64
+BATCH = 64
+LEARNING_RATE = 1e-3
+CLIP = 1.0
+EVERY = 10
+HELD_OUT = 1000
+LEARNED_MSE = 0.5 * BASELINE_MSE
+"""A run has learned when its held-out MSE is below half the baseline (the issue's learners end at <= 0.043)."""
+
+
+class AddingModel(nn.Module):
+    """A recurrent layer and a linear read-out of its last hidden state."""
+
+    def __init__(self, rnn: nn.RNN | nn.LSTM | nn.GRU) -> None:
+        super().__init__()
+        self.rnn = rnn
+        self.head = nn.Linear(rnn.hidden_size, 1)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        output, _ = self.rnn(inputs)
+        return self.head(output[-1])
+
+
+def orthogonal_rnn(nonlinearity: str, gain: float) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        rnn = nn.RNN(INPUT_SIZE, HIDDEN, nonlinearity=nonlinearity)
+        with torch.no_grad():
+            nn.init.orthogonal_(rnn.weight_hh_l0)
+            rnn.weight_hh_l0.mul_(gain)
+        return rnn
+
+    return build
+
+
+def irnn() -> nn.Module:
+    """Le et al. 2015: ReLU, W_hh = identity, zero recurrent biases."""
+    rnn = nn.RNN(INPUT_SIZE, HIDDEN, nonlinearity="relu")
+    with torch.no_grad():
+        rnn.weight_hh_l0.copy_(torch.eye(HIDDEN))
+        rnn.bias_hh_l0.zero_()
+        rnn.bias_ih_l0.zero_()
+    return rnn
+
+
+def lstm_forget_bias_one() -> nn.Module:
+    rnn = nn.LSTM(INPUT_SIZE, HIDDEN)
+    with torch.no_grad():
+        for bias in (rnn.bias_ih_l0, rnn.bias_hh_l0):
+            bias[HIDDEN : 2 * HIDDEN].fill_(0.5)  # forget-gate bias 1 in total
+    return rnn
+
+
+CONFIGS: dict[str, Callable[[], nn.Module]] = {
+    "tanh default": lambda: nn.RNN(INPUT_SIZE, HIDDEN),
+    "tanh orth 1.0": orthogonal_rnn("tanh", 1.0),
+    "tanh orth 0.5": orthogonal_rnn("tanh", 0.5),
+    "tanh orth 0.2": orthogonal_rnn("tanh", 0.2),
+    "relu orth 2.0": orthogonal_rnn("relu", 2.0),
+    "relu default": lambda: nn.RNN(INPUT_SIZE, HIDDEN, nonlinearity="relu"),
+    "gru default": lambda: nn.GRU(INPUT_SIZE, HIDDEN),
+    "lstm forget 1": lstm_forget_bias_one,
+    "irnn": irnn,
+}
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    config: str
+    seq_len: int
+    steps: int
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.config.replace(' ', '_')}-T{self.seq_len}-s{self.seed}"
+
+
+def default_runs() -> list[RunSpec]:
+    """The issue's table: T = 50 runs first (they are cheaper), then T = 150."""
+    t50 = [("tanh default", 0), ("tanh default", 1), ("tanh orth 1.0", 0), ("tanh orth 0.5", 0),
+           ("tanh orth 0.5", 1), ("tanh orth 0.2", 0), ("relu default", 0), ("relu default", 1),
+           ("gru default", 0), ("lstm forget 1", 0), ("irnn", 0)]  # fmt: skip
+    t150 = ["tanh default", "tanh orth 1.0", "tanh orth 0.2", "relu orth 2.0", "relu default", "gru default",
+            "lstm forget 1", "irnn"]  # fmt: skip
+    return [RunSpec(c, 50, 2000, s) for c, s in t50] + [RunSpec(c, 150, 5000, 0) for c in t150]
+
+
+def held_out_mse(model: nn.Module, batch_inputs: torch.Tensor, targets: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float(nn.functional.mse_loss(model(batch_inputs), targets))
+
+
+def record_run(spec: RunSpec, out: Path, steps: int | None, eval_every: int) -> Path:
+    """Train one configuration with the monitor on; write NAME.jsonl (run log) and NAME.outcome.json."""
+    torch.manual_seed(spec.seed)
+    model = AddingModel(CONFIGS[spec.config]())  # type: ignore[arg-type]
+    optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
+    data = torch.Generator().manual_seed(1000 + spec.seed)
+    held = adding_problem_batch(torch.Generator().manual_seed(99), spec.seq_len, HELD_OUT)
+    total = steps if steps is not None else spec.steps
+    log = out / f"{spec.name}.jsonl"
+    curve: list[tuple[int, float]] = []
+    started = time.perf_counter()
+    monitor = watch(model, optimizer, every=EVERY, log=log, run_id=spec.name)
+    try:
+        for step in range(total):
+            batch = adding_problem_batch(data, spec.seq_len, BATCH)
+            optimizer.zero_grad()
+            loss = nn.functional.mse_loss(model(batch.inputs), batch.targets)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+            optimizer.step()
+            if (step + 1) % eval_every == 0 or step + 1 == total:
+                curve.append((step + 1, held_out_mse(model, held.inputs, held.targets)))
+    finally:
+        monitor.close()
+    outcome = {
+        "spec": asdict(spec),
+        "steps": total,
+        "seconds": time.perf_counter() - started,
+        "held_out_mse": curve,
+    }
+    (out / f"{spec.name}.outcome.json").write_text(json.dumps(outcome))
+    return log
+
+
+@click.group()
+def main() -> None:
+    """Trainability benchmark of the vanishing/exploding verdicts (adding problem)."""
+
+
+@main.command()
+@click.option("--out", type=click.Path(path_type=Path), default=Path("runs/trainability"), show_default=True)
+@click.option("--only", default="", help="comma-separated substrings of run names (e.g. T50,lstm)")
+@click.option("--steps", type=int, default=None, help="override the steps of every run (shortened table)")
+@click.option("--eval-every", type=int, default=100, show_default=True)
+@click.option("--skip-existing/--no-skip-existing", default=True, show_default=True)
+def record(out: Path, only: str, steps: int | None, eval_every: int, skip_existing: bool) -> None:
+    """Train the configurations and record their run logs and outcomes."""
+    out.mkdir(parents=True, exist_ok=True)
+    wanted = [s for s in only.split(",") if s]
+    for spec in default_runs():
+        if wanted and not any(w in spec.name for w in wanted):
+            continue
+        if skip_existing and (out / f"{spec.name}.outcome.json").exists():
+            continue
+        (out / f"{spec.name}.jsonl").unlink(missing_ok=True)
+        started = time.perf_counter()
+        record_run(spec, out, steps, eval_every)
+        outcome = json.loads((out / f"{spec.name}.outcome.json").read_text())
+        final = outcome["held_out_mse"][-1][1]
+        print(f"{spec.name}: held-out MSE {final:.4g} ({time.perf_counter() - started:.0f} s)", flush=True)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One recorded run judged again by this checkout's detector."""
+
+    spec: RunSpec
+    steps: int
+    final_mse: float
+    learned_step: int | None
+    diverged_step: int | None
+    final_verdict: str
+    history: str
+    right: bool
+    why: str
+
+
+def learned_at(curve: list[tuple[int, float]]) -> int | None:
+    """The first evaluated step from which the held-out MSE stays below LEARNED_MSE, or None."""
+    first: int | None = None
+    for step, mse in curve:
+        below = math.isfinite(mse) and mse < LEARNED_MSE
+        first = (step if first is None else first) if below else None
+    return first
+
+
+def diverged_at(curve: list[tuple[int, float]]) -> int | None:
+    """The first evaluated step whose held-out MSE is non-finite or beyond 1e3 x the baseline."""
+    return next((step for step, mse in curve if not math.isfinite(mse) or mse > 1e3 * BASELINE_MSE), None)
+
+
+def judge_run(log: Path, outcome: dict[str, object], config: DetectionConfig) -> Row:
+    """Replay the run log through a fresh detector and check the verdicts against the outcome (#28)."""
+    spec = RunSpec(**outcome["spec"])  # type: ignore[arg-type]
+    curve = [(int(s), float(m)) for s, m in outcome["held_out_mse"]]  # type: ignore[attr-defined]
+    detector = TrendDetector(config)
+    alerts: list[Alert] = []
+    layer: tuple[str, int, str] | None = None
+    with log.open() as lines:
+        for line in lines:
+            record = record_from_json(json.loads(line))
+            if isinstance(record, Measurement):
+                layer = (record.module, record.layer, record.direction)
+                alerts += detector.update(record)
+    final = detector.verdict(*layer).value if layer is not None else "unknown"  # type: ignore[arg-type]
+    learned, diverged = learned_at(curve), diverged_at(curve)
+    final_mse = curve[-1][1]
+    history = " ".join(f"{a.alert.value[0].upper()}@{a.step}" for a in alerts) or "-"
+    why = ""
+    if diverged is not None:
+        after = [a for a in alerts if a.step >= diverged and a.alert is AlertKind.RECOVERED]
+        right = final == "exploding" and not after
+        why = "" if right else "diverged: exploding must stay open"
+    elif learned is not None:
+        episode: str | None = None  # the episode open at each alert
+        late = []
+        for alert in alerts:
+            episode = None if alert.alert is AlertKind.RECOVERED else alert.alert.value
+            if alert.step >= learned and episode is not None:
+                late.append(alert)
+        open_at_learned = _open_episode(alerts, learned)
+        right = open_at_learned is None and not late and final == "healthy"
+        why = "" if right else f"learned at {learned}: {open_at_learned or 'alert'} still open"
+    else:
+        opened = [a for a in alerts if a.alert is AlertKind.VANISHING]
+        recovered = [
+            a for a in alerts if opened and a.alert is AlertKind.RECOVERED and a.step > opened[0].step
+        ]
+        right = final == "vanishing" and bool(opened) and not recovered
+        why = "" if right else "never learned: vanishing must open and stay open"
+    return Row(spec, int(outcome["steps"]), final_mse, learned, diverged, final, history, right, why)  # type: ignore[call-overload]
+
+
+def _open_episode(alerts: list[Alert], step: int) -> str | None:
+    """The vanishing/exploding episode open at ``step`` (after the alerts up to it), or None."""
+    episode: str | None = None
+    for alert in alerts:
+        if alert.step > step:
+            break
+        episode = None if alert.alert is AlertKind.RECOVERED else alert.alert.value
+    return episode
+
+
+def outcome_text(row: Row) -> str:
+    if row.diverged_step is not None:
+        return f"diverged at {row.diverged_step} (MSE {row.final_mse:.3g})"
+    if row.learned_step is not None:
+        return f"yes, at {row.learned_step} ({row.final_mse:.3f})"
+    return f"no ({row.final_mse:.3f})"
+
+
+@main.command()
+@click.option("--out", type=click.Path(path_type=Path), default=Path("runs/trainability"), show_default=True)
+@click.option("--markdown/--text", default=True, show_default=True)
+def evaluate(out: Path, markdown: bool) -> None:
+    """Judge the recorded runs with this checkout's DetectionConfig() and print the table."""
+    config = DetectionConfig()
+    rows = []
+    for spec in default_runs():
+        outcome_path = out / f"{spec.name}.outcome.json"
+        if not outcome_path.exists():
+            continue
+        rows.append(judge_run(out / f"{spec.name}.jsonl", json.loads(outcome_path.read_text()), config))
+    header = ["config", "T", "seed", "steps", "learned? (held-out MSE)", "final verdict", "alerts", "right?"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        cells = [row.spec.config, str(row.spec.seq_len), str(row.spec.seed), str(row.steps), outcome_text(row),
+                 row.final_verdict, row.history, "yes" if row.right else f"**no**: {row.why}"]  # fmt: skip
+        print("| " + " | ".join(cells) + " |")
+    print(f"\n{sum(r.right for r in rows)} of {len(rows)} rows right "
+          "(alerts: V vanishing, E exploding, R recovered, N non-finite, @ step)")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
