@@ -186,7 +186,7 @@ def test_lag_profile_marks_norm_one_thresholds_and_reach() -> None:
 def test_lag_profile_shows_a_recorded_reach_field() -> None:
     run = summarize(make_run("healthy")).runs[0]
     layer = run.layers[0]
-    reach = dataclasses.replace(layer.metrics[0], name="reach", label="reach", last=12.0)
+    reach = dataclasses.replace(layer.metrics[0], name="gradient_reach", label="reach (steps)", last=12.0)
     with_reach = dataclasses.replace(layer, metrics=(*layer.metrics, reach))
     svg = lag_profile_svg(with_reach, Thresholds.of(run))
     assert "reach 12" in svg and "reach ≈" not in svg

@@ -55,7 +55,7 @@ FALLBACK_CASES = {
     "exploding-sustained": ([0.0, 0.1, 0.2, 0.3], [500.0] * 4, 0, Verdict.EXPLODING),
     "exploding-not-sustained": ([0.2, 0.3, 0.01], [500.0] * 3, 0, Verdict.HEALTHY),
     "growing-but-short-lag": ([0.1, 0.2, 0.3], [5.0] * 3, 0, Verdict.HEALTHY),
-    "vanishing": ([-0.9, -1.0, -1.2], [1e-5] * 3, 0, Verdict.VANISHING),
+    "vanishing": ([-0.9, -1.0, -1.2, -1.1, -1.0], [1e-5] * 5, 0, Verdict.VANISHING),
     "negative-but-lag-ok": ([-0.9, -1.0, -1.2], [1e-2] * 3, 0, Verdict.HEALTHY),
     "missing-lyapunov": ([None, 0.2, 0.3], [5.0] * 3, 0, Verdict.HEALTHY),
     "nonfinite": ([-0.05] * 3, [0.5] * 3, 2, Verdict.NONFINITE),

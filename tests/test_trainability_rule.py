@@ -55,7 +55,7 @@ def kinds(alerts: list[Alert]) -> list[tuple[AlertKind, int]]:
     return [(a.alert, a.step) for a in alerts]
 
 
-WARMUP_END = 120  # the warm-up (100 steps) and then 3 measurements of a short reach, every=10
+WARMUP_END = 140  # the warm-up (100 steps) and then 5 measurements of a short reach, every=10
 
 
 @pytest.mark.parametrize("name", ["tanh_default-T50-s0", "tanh_orth_0.5-T50-s1", "tanh_orth_0.2-T150-s0"])
@@ -101,7 +101,7 @@ def test_nothing_is_counted_within_the_warm_up() -> None:
     assert len(early.measurements) == 10
     assert replay(early)[0] == []
     # the same readings count without a warm-up (a pre-flight diagnosis judges the model as it is)
-    assert kinds(replay(early, DetectionConfig(vanishing_warmup_steps=0))[0]) == [(AlertKind.VANISHING, 20)]
+    assert kinds(replay(early, DetectionConfig(vanishing_warmup_steps=0))[0]) == [(AlertKind.VANISHING, 40)]
 
 
 def test_a_zero_or_tiny_product_is_never_a_recovery() -> None:
@@ -116,7 +116,7 @@ def test_a_zero_or_tiny_product_is_never_a_recovery() -> None:
 
 def test_an_overflowed_product_never_counts_towards_a_recovery() -> None:
     run = recorded("tanh_default-T50-s0")
-    opened = run.measurements[:20]  # vanishing from step 120 on
+    opened = run.measurements[:20]  # vanishing from step 140 on
     overflowed = [
         replace(m, step=200 + 10 * i, metrics=replace(m.metrics, lag_norm={"1": 3.0, "32": 1e30, "50": None}))
         for i, m in enumerate(run.measurements[20:40])

@@ -64,7 +64,8 @@ def bad_and_healthy() -> tuple[Measurement, Measurement]:
 def test_reference_cases(build, steps: int, expected: AlertKind | None, config: DetectionConfig) -> None:
     detector = TrendDetector(config)
     measurement = measure(build(), steps, step=WARM)
-    alerts = [alert for _ in range(config.patience) for alert in detector.update(measurement)]
+    needed = max(config.patience, config.vanishing_patience)
+    alerts = [alert for _ in range(needed) for alert in detector.update(measurement)]
     assert [a.alert for a in alerts] == ([] if expected is None else [expected])
     if expected is AlertKind.EXPLODING:
         assert alerts[0].metric == "lyapunov_max"
@@ -130,7 +131,7 @@ def test_one_alert_per_episode_then_one_recovered() -> None:
 def test_patience_ignores_an_isolated_bad_reading() -> None:
     bad, healthy = bad_and_healthy()
     healthy = dataclasses.replace(healthy, module="rnn")
-    detector = TrendDetector(DetectionConfig(patience=3))
+    detector = TrendDetector(DetectionConfig(vanishing_patience=3))
     sequence = [healthy, bad, bad, healthy, bad, healthy, bad, bad, bad]
     alerts = [(i, a.alert) for i, m in enumerate(sequence) for a in detector.update(m)]
     assert alerts == [(8, AlertKind.VANISHING)]
@@ -174,7 +175,7 @@ def test_unknown_readings_neither_alert_nor_break_a_streak() -> None:
     unknown = dataclasses.replace(
         bad, metrics=dataclasses.replace(bad.metrics, lyapunov_max=None, lag_norm={})
     )
-    detector = TrendDetector(DetectionConfig(patience=2))
+    detector = TrendDetector(DetectionConfig(vanishing_patience=2))
     assert detector.update(unknown) == []
     assert detector.update(bad) == []
     assert detector.update(unknown) == []

@@ -16,7 +16,8 @@ class DetectionConfig:
     measured sequence length): the gradient reach (estimators/reach.py: the lag at which the product norm
     ||ds_T/ds_{T-lag}|| first falls below ``vanishing_lag_norm``) shorter than the horizon, once the
     monitor has seen ``vanishing_warmup_steps`` training steps (a fresh model's reach often grows in its
-    first updates). A vanishing episode ends only after ``vanishing_recovery_patience`` consecutive
+    first updates), for ``vanishing_patience`` measurements in a row (a learning transition dips the
+    reach for a few). A vanishing episode ends only after ``vanishing_recovery_patience`` consecutive
     measurements that reach the horizon: a reach that touches it now and then is not a recovery (the
     trainability benchmark's non-learners do that). With lambda = lyapunov_max (mean log growth per step
     of the product), exploding needs lambda above ``exploding_growth_rate`` AND the longest lag norm above
@@ -39,6 +40,7 @@ class DetectionConfig:
     recovery_patience: int = 3
     vanishing_lag_norm: float = 1e-4
     vanishing_warmup_steps: int = 100
+    vanishing_patience: int = 5
     vanishing_recovery_patience: int = 10
     exploding_growth_rate: float = 0.02
     exploding_lag_norm: float = 100.0
@@ -72,6 +74,7 @@ class DetectionConfig:
         for name in (
             "patience",
             "recovery_patience",
+            "vanishing_patience",
             "vanishing_recovery_patience",
             "clip_history",
             "gradient_growth_window",
@@ -147,6 +150,7 @@ class DetectionConfig:
             "vanishing_warmup_steps": 0,
             "patience": 1,
             "recovery_patience": 1,
+            "vanishing_patience": 1,
             "vanishing_recovery_patience": 1,
             "gradient_spike_test": False,
             "gradient_growth_test": False,

@@ -518,6 +518,8 @@ class TrendDetector:
         needed = config.recovery_patience if verdict is Verdict.HEALTHY else config.patience
         if verdict is Verdict.HEALTHY and state.episode is Verdict.VANISHING:
             needed = config.vanishing_recovery_patience  # the reach must have grown for good
+        elif verdict is Verdict.VANISHING:
+            needed = config.vanishing_patience
         if extreme:
             needed = 1
         if state.streak < needed:

@@ -295,7 +295,7 @@ def lag_profile_svg(layer: LayerSummary, thresholds: Thresholds) -> str:
         last = rank == len(indices) - 1
         lines.append(Line(points, _blend(fraction), f"step {step}", 2.6 if last else 1.6))
     references = [Reference(1.0, "norm 1"), *thresholds.lag_references()]
-    reach_metric = layer.metric("reach")
+    reach_metric = layer.metric("gradient_reach")
     newest = [(int(x), y) for x, y in lines[-1].points if y is not None and y > 0] if lines else []
     if reach_metric is not None and reach_metric.last is not None:
         references.append(

@@ -58,7 +58,8 @@ LAG_GROUP = "2_lag_norm_log10"
 TAG_GROUPS: dict[str, str] = {
     # what decides the verdict first, then what explains it, then how the estimate went
     "lyapunov_max": VERDICT_GROUP,
-    "reach": VERDICT_GROUP,
+    "gradient_reach": VERDICT_GROUP,
+    "horizon": VERDICT_GROUP,
     "weight_hh_sigma_max": "3_factors",
     "activation_derivative_mean": "3_factors",
     "activation_saturation_ratio": "3_factors",
