@@ -90,7 +90,7 @@ class Diagnosis:
                 "n/a" if lag is None else f"{_fmt(lag[1])} (tau={lag[0]})",
                 _fmt(m.weight_hh_sigma_max),
                 _fmt(m.activation_derivative_mean),
-                Text(d.message),
+                Text(d.message, overflow="fold"),  # a long word (a torch call) folds, never cut
             )
         return table
 

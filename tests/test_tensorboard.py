@@ -421,9 +421,9 @@ def test_missing_tensorboard_names_the_extra(tmp_path: Path, monkeypatch: pytest
 
 
 def test_lag_curve_image_marks_the_thresholds_and_the_reach() -> None:
-    """The image carries the detector's vanishing threshold (1e-3, amber) where it lies in the drawn range
-    and the reach (green) where the curve crosses it: between tau 8 (0.03) and 16 (1e-4)."""
-    image = lag_curve_image({"1": 0.8, "2": 0.5, "4": 0.2, "8": 0.03, "16": 1e-4})
+    """The image carries the detector's vanishing threshold (1e-4, amber) where it lies in the drawn range
+    and the reach (green) where the curve crosses it: between tau 8 (0.03) and 16 (1e-5)."""
+    image = lag_curve_image({"1": 0.8, "2": 0.5, "4": 0.2, "8": 0.03, "16": 1e-5})
     amber = (image[..., 0] == 201) & (image[..., 1] == 138) & (image[..., 2] == 0)
     green = (image[..., 0] == 27) & (image[..., 1] == 94) & (image[..., 2] == 32)
     assert amber.sum() > 50 and green.sum() > 50
@@ -432,7 +432,7 @@ def test_lag_curve_image_marks_the_thresholds_and_the_reach() -> None:
     tau8 = left + 3 / 4 * (right - left)  # log2 tau from 0 to 4 across the plot
     assert len(green_columns) >= 1 and tau8 < green_columns[0] < right
     healthy = lag_curve_image({"1": 0.9, "8": 0.7, "64": 0.5})
-    assert not ((healthy[..., 0] == 27) & (healthy[..., 1] == 94)).any()  # never below 1e-3: no reach line
+    assert not ((healthy[..., 0] == 27) & (healthy[..., 1] == 94)).any()  # never below 1e-4: no reach line
 
 
 def test_the_lyapunov_spectrum_becomes_one_scalar_per_exponent() -> None:
