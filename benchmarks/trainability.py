@@ -192,6 +192,114 @@ def record(out: Path, only: str, steps: int | None, eval_every: int, skip_existi
         print(f"{spec.name}: held-out MSE {final:.4g} ({time.perf_counter() - started:.0f} s)", flush=True)
 
 
+class WordLanguageModel(nn.Module):
+    """pytorch/examples' word_language_model in small: embedding, LSTM, tied-size decoder."""
+
+    def __init__(self, vocabulary: int, size: int = 128) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocabulary, size)
+        self.rnn = nn.LSTM(size, size)
+        self.decoder = nn.Linear(size, vocabulary)
+
+    def forward(
+        self, tokens: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        output, state = self.rnn(self.embedding(tokens), state)
+        return self.decoder(output), state
+
+
+def python_source_words(limit: int = 200_000) -> list[str]:
+    """A word-level corpus that ships with Python (no download): the stdlib's ``json``, ``email`` and
+    ``logging`` package sources, split on whitespace."""
+    import email
+    import json as json_package
+    import logging
+
+    words: list[str] = []
+    for package in (json_package, email, logging):
+        for path in sorted(Path(next(iter(package.__path__))).glob("*.py")):
+            words += path.read_text(encoding="utf-8").split()
+    return words[:limit]
+
+
+@main.command("record-lm")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("runs/trainability"), show_default=True)
+@click.option("--steps", type=int, default=1500, show_default=True)
+def record_lm(out: Path, steps: int) -> None:
+    """A word-level LSTM language model, truncated BPTT 35 with the hidden state carried between batches
+    (the pytorch/examples setting, small): does it learn (held-out perplexity), and what is its verdict?"""
+    out.mkdir(parents=True, exist_ok=True)
+    words = python_source_words()
+    vocabulary = {w: i for i, w in enumerate(sorted(set(words)))}
+    ids = torch.tensor([vocabulary[w] for w in words])
+    split = int(0.9 * len(ids))
+    batch, bptt = 20, 35
+    train = ids[:split][: (split // batch) * batch].view(batch, -1).t().contiguous()  # (time, batch)
+    held = ids[split:][: ((len(ids) - split) // batch) * batch].view(batch, -1).t().contiguous()
+    torch.manual_seed(0)
+    model = WordLanguageModel(len(vocabulary))
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    log = out / "word_lm-T35-s0.jsonl"
+    log.unlink(missing_ok=True)
+    curve: list[tuple[int, float]] = []
+    started = time.perf_counter()
+
+    def perplexity() -> float:
+        with torch.no_grad():
+            logits, _ = model(held[:-1], None)
+            loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), held[1:].reshape(-1))
+        return math.exp(float(loss))
+
+    state = None
+    position = 0
+    with watch(model, optimizer, every=EVERY, log=log, run_id="word_lm-T35-s0"):
+        for step in range(steps):
+            if position + bptt + 1 > train.shape[0]:
+                position, state = 0, None
+            tokens, targets = train[position : position + bptt], train[position + 1 : position + bptt + 1]
+            position += bptt
+            state = None if state is None else (state[0].detach(), state[1].detach())
+            logits, state = model(tokens, state)
+            loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)
+            optimizer.step()
+            if (step + 1) % 100 == 0 or step == 0:
+                curve.append((step + 1, perplexity()))
+    outcome = {"vocabulary": len(vocabulary), "words": len(words), "unigram_perplexity": None,
+               "held_out_perplexity": curve, "seconds": time.perf_counter() - started}  # fmt: skip
+    counts = torch.bincount(ids[:split], minlength=len(vocabulary)).double() + 1
+    probabilities = counts / counts.sum()
+    outcome["unigram_perplexity"] = math.exp(float(-probabilities[held].log().mean()))
+    (out / "word_lm-T35-s0.lm.json").write_text(json.dumps(outcome))
+    print(f"word LM: vocabulary {len(vocabulary)}, held-out perplexity {curve[0][1]:.0f} -> {curve[-1][1]:.0f} "
+          f"(unigram {outcome['unigram_perplexity']:.0f})")  # fmt: skip
+
+
+@main.command("evaluate-lm")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("runs/trainability"), show_default=True)
+def evaluate_lm(out: Path) -> None:
+    """The word LM's verdict under this checkout's rules, its alerts and its reach."""
+    outcome = json.loads((out / "word_lm-T35-s0.lm.json").read_text())
+    detector = TrendDetector(DetectionConfig())
+    alerts: list[Alert] = []
+    reaches: list[tuple[int, float | None, int | None]] = []
+    with (out / "word_lm-T35-s0.jsonl").open() as lines:
+        for line in lines:
+            record = record_from_json(json.loads(line))
+            if isinstance(record, Measurement):
+                alerts += detector.update(record)
+                reaches.append((record.step, record.metrics.gradient_reach, record.metrics.horizon))
+    history = " ".join(f"{a.alert.value[0].upper()}@{a.step}" for a in alerts) or "-"
+    curve = outcome["held_out_perplexity"]
+    print(f"word LM (LSTM, BPTT 35, vocabulary {outcome['vocabulary']}): held-out perplexity "
+          f"{curve[0][1]:.0f} -> {curve[-1][1]:.0f} (unigram {outcome['unigram_perplexity']:.0f}); "
+          f"final verdict {detector.verdict('rnn').value}; alerts {history}")  # fmt: skip
+    for step, reach, horizon in reaches[:: max(1, len(reaches) // 8)]:
+        print(f"  step {step}: reach {reach} of {horizon} steps")
+
+
 @dataclass(frozen=True)
 class Row:
     """One recorded run judged again by this checkout's detector."""
