@@ -147,6 +147,8 @@ def test_alerts_and_records_arrive_on_the_training_thread_by_wait_and_close(tmp_
             log=log,
             background=True,
             on_alert=lambda alert: threads.append(threading.current_thread().name),
+            # its product collapses to 0 within 4 steps: vanishing, once no warm-up holds the alert back
+            detection=gradwatch.DetectionConfig(vanishing_warmup_steps=0),
         )
     assert threads and set(threads) == {threading.current_thread().name}
     assert any(isinstance(r, Alert) for r in monitor.history)
