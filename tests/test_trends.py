@@ -445,6 +445,8 @@ def test_a_diverged_run_stays_exploding_and_is_never_recovered(
         [m.metrics.lag_norm for m in stream],
         [detector_gradient_norm(m.metrics.grad_norm) for m in stream],
         stream.__getitem__,
+        steps=[m.step for m in stream],
+        horizons=[m.metrics.horizon for m in stream],
     )
     assert [a.alert for a in got] == [AlertKind.EXPLODING]
     # a finite, ordinary reading does end it
