@@ -84,7 +84,8 @@ def test_metrics_match_exact_summaries_over_real_steps_and_fill_the_record() -> 
     assert isinstance(metrics, MeasurementMetrics)
     assert metrics.grad_norm == {} and metrics.grad_nonfinite == 0
     unset = {f.name for f in dataclasses.fields(MeasurementMetrics) if getattr(metrics, f.name) is None}
-    assert unset == {"lyapunov_log10_condition"}  # the spectrum is off by default
+    # the spectrum is off by default; the pipeline adds the reach and horizon (the monitor knows the horizon)
+    assert unset == {"lyapunov_log10_condition", "gradient_reach", "horizon"}
     assert metrics.lyapunov_spectrum == {}
     record = metrics
     assert MeasurementMetrics.from_json(record.to_json()) == record
