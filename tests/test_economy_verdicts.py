@@ -48,6 +48,8 @@ def _run(
         clip=scenario.clip,
         clip_scope="all",
         estimator=estimator,
+        # 40 steps: inside the vanishing warm-up (100 steps), which would hold every vanishing alert back
+        detection=gradwatch.DetectionConfig(vanishing_warmup_steps=0),
     )
     try:
         for _ in range(40):

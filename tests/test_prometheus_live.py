@@ -160,7 +160,7 @@ def test_prometheus_holds_the_values_of_the_run_log(live: LiveStack) -> None:
             else:
                 assert series[key] == value, key
             checked += 1
-    assert checked == 4 * (4 + 14 + 3 + 4)  # layer-directions x (stats + gauges + lags + params)
+    assert checked == 4 * (4 + 16 + 3 + 4)  # layer-directions x (stats + gauges + lags + params)
     run = frozenset({"run": "run-a", "rank": "0"}.items())
     assert series["gradwatch_clips_total", run] == 2
     assert series["gradwatch_training_step", run] == 21
