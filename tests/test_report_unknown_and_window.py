@@ -245,7 +245,10 @@ def test_the_report_judges_with_the_detection_config_the_run_header_records(
     records = make_run("healthy", measurements=2 if patience == 1 else 4)
     header = records[0]
     assert isinstance(header, RunHeader)
-    config = {**header.config, "detection": {"patience": patience, "some_future_field": 1}}
+    config = {
+        **header.config,
+        "detection": {"patience": patience, "vanishing_patience": patience, "some_future_field": 1},
+    }
     records[0] = RunHeader(**{**header.__dict__, "config": config})
     log = write_log(tmp_path / "own.jsonl", records)
     (layer,) = json_layers(cli_runner, str(log))

@@ -51,13 +51,13 @@ def _alert(step: int, kind: AlertKind, rank: int = 0) -> Alert:
 
 
 FALLBACK_CASES = {
-    "healthy": ([-0.05, -0.04, -0.06], [0.5] * 3, 0, Verdict.HEALTHY),
+    "healthy": ([-0.05, -0.04, -0.06, -0.05, -0.04], [0.5] * 5, 0, Verdict.HEALTHY),
     "exploding-sustained": ([0.0, 0.1, 0.2, 0.3], [500.0] * 4, 0, Verdict.EXPLODING),
-    "exploding-not-sustained": ([0.2, 0.3, 0.01], [500.0] * 3, 0, Verdict.HEALTHY),
-    "growing-but-short-lag": ([0.1, 0.2, 0.3], [5.0] * 3, 0, Verdict.HEALTHY),
+    "exploding-not-sustained": ([0.2, 0.3, 0.01, 0.01, 0.01], [500.0] * 5, 0, Verdict.HEALTHY),
+    "growing-but-short-lag": ([0.1, 0.2, 0.3, 0.2, 0.1], [5.0] * 5, 0, Verdict.HEALTHY),
     "vanishing": ([-0.9, -1.0, -1.2, -1.1, -1.0], [1e-5] * 5, 0, Verdict.VANISHING),
-    "negative-but-lag-ok": ([-0.9, -1.0, -1.2], [1e-2] * 3, 0, Verdict.HEALTHY),
-    "missing-lyapunov": ([None, 0.2, 0.3], [5.0] * 3, 0, Verdict.HEALTHY),
+    "negative-but-lag-ok": ([-0.9, -1.0, -1.2, -1.0, -0.9], [1e-2] * 5, 0, Verdict.HEALTHY),
+    "missing-lyapunov": ([None, 0.2, 0.3, 0.2, 0.3, 0.2], [5.0] * 6, 0, Verdict.HEALTHY),
     "nonfinite": ([-0.05] * 3, [0.5] * 3, 2, Verdict.NONFINITE),
 }
 
@@ -101,7 +101,11 @@ def test_worst_rank_wins() -> None:
 
 
 def test_nonfinite_gradients_override_alerts_unless_recovered_after() -> None:
-    ms = [_m(0, lyapunov=0.0), _m(10, lyapunov=0.0, nonfinite=3), _m(20, lyapunov=0.0)]
+    ms = [
+        _m(0, lyapunov=0.0),
+        _m(10, lyapunov=0.0, nonfinite=3),
+        *(_m(s, lyapunov=0.0) for s in (20, 30, 40)),
+    ]
     assert judge_layer(ms, [], run_has_alerts=True).verdict == Verdict.NONFINITE
     recovered = [_alert(5, AlertKind.NONFINITE), _alert(15, AlertKind.RECOVERED)]
     assert judge_layer(ms, recovered, run_has_alerts=True).verdict == Verdict.HEALTHY
@@ -191,8 +195,9 @@ def test_grad_nonfinite_old_and_new_meaning_are_both_read_sensibly() -> None:
     # The same overflow in a new log: finite norms beyond float32, no non-finite elements, and the huge
     # norm reaches the report (sqrt of summed squares would overflow to inf for 1e200).
     new_log = [_m(0, lyapunov=-0.05, grad_norm={"w": 1e200, "b": 1e200}), _m(10, lyapunov=-0.05)]
-    assert fallback_verdict(new_log) == (Verdict.UNKNOWN, "2 measurements; the rule needs 3")
-    new_log.append(_m(20, lyapunov=-0.05))
+    needed = DetectionConfig().measurements_needed
+    assert fallback_verdict(new_log) == (Verdict.UNKNOWN, f"2 measurements; the rule needs {needed}")
+    new_log.extend(_m(10 * i, lyapunov=-0.05) for i in range(2, needed))
     assert fallback_verdict(new_log)[0] == Verdict.HEALTHY
     assert total_gradient_norm(new_log[0].metrics.grad_norm) == pytest.approx(2**0.5 * 1e200)
 

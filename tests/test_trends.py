@@ -466,7 +466,7 @@ def test_diverged_gradient_norm_is_a_detection_config_field() -> None:
 def test_judgement_is_unknown_until_the_rule_has_its_measurements() -> None:
     detector = TrendDetector()
     needed = detector.config.measurements_needed
-    assert needed == detector.config.patience
+    assert needed == max(detector.config.patience, detector.config.vanishing_patience)
     never = detector.judgement("m")
     assert never.verdict is Verdict.UNKNOWN and never.reason.startswith("never measured")
     for step in range(needed):

@@ -126,9 +126,10 @@ class DetectionConfig:
 
     @property
     def measurements_needed(self) -> int:
-        """Fewest measurements of a layer before "no alert" means healthy: the rule needs ``patience``
-        readings to open an episode, so fewer (and no episode open) is verdict ``unknown``."""
-        return self.patience
+        """Fewest measurements of a layer past the vanishing warm-up before "no alert" means healthy: the
+        rules need ``patience`` (exploding) and ``vanishing_patience`` (vanishing) readings to open an
+        episode, so fewer (and no episode open) is verdict ``unknown``."""
+        return max(self.patience, self.vanishing_patience)
 
     @classmethod
     def from_json(cls, data: Any) -> DetectionConfig:

@@ -61,7 +61,7 @@ class Judgement:
 
 
 def too_few_measurements(count: int, needed: int, where: str = "") -> str:
-    """The reason of an ``unknown`` verdict, "1 measurement; the rule needs 3"."""
+    """The reason of an ``unknown`` verdict, "1 measurement; the rule needs 5"."""
     if count == 0:
         return f"no measurement{where}; the rule needs {needed}"
     plural = "" if count == 1 else "s"

@@ -289,7 +289,7 @@ class TrendDetector:
         return self.judgement(module, layer, direction).verdict
 
     def judgement(self, module: str, layer: int = 0, direction: str = "forward") -> Judgement:
-        """:meth:`verdict` with its reason ("1 measurement; the rule needs 3") and measurement count.
+        """:meth:`verdict` with its reason ("1 measurement; the rule needs 5") and measurement count.
 
         The every-step gradient-growth episode of the module counts for its layer 0 (forward), where its
         alerts are filed.
