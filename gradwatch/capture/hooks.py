@@ -173,15 +173,7 @@ class CallRecorder:
             # Traced by Dynamo: keep references only (a side effect it replays); settle() copies them eagerly.
             self._deferred.append((args, kwargs, output, _autocast_dtype(output), bool(module.training)))
             return
-        try:
-            self.settle()
-            self._take(args, kwargs, output, _autocast_dtype(output), bool(module.training))
-        except Exception as exc:
-            if self.on_fault is None:
-                raise
-            self.reset()
-            self.armed = False
-            self.on_fault(exc)
+        self._record_call(module, args, kwargs, output)
 
     def wrapper_called(
         self, wrapper: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
@@ -195,6 +187,12 @@ class CallRecorder:
         module = self.watched.module
         if self.watched.kind == "custom" or not looks_like_builtin_call(module, args, kwargs, output):
             return
+        self._record_call(module, args, kwargs, output)
+
+    def _record_call(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+    ) -> None:
+        """Copy one recorded call (after any deferred compiled calls); a fault disarms this capture."""
         try:
             self.settle()
             self._take(args, kwargs, output, _autocast_dtype(output), bool(module.training))
