@@ -38,8 +38,9 @@ def test_record_then_evaluate_prints_one_judged_row(tmp_path: Path) -> None:
     evaluated = runner.invoke(main, ["evaluate", "--out", str(tmp_path)])
     assert evaluated.exit_code == 0, evaluated.output
     row = next(line for line in evaluated.output.splitlines() if line.startswith("| tanh default |"))
-    # 24 steps are inside the warm-up: no alert yet, and a run that has not learned must end vanishing
-    assert row.startswith("| tanh default | 50 | 0 | 24 | no (") and "| healthy | - | **no**" in row
+    # 24 steps are inside the warm-up: no alert yet, 3 measurements are fewer than the rule needs (unknown),
+    # and a run that has not learned must end vanishing
+    assert row.startswith("| tanh default | 50 | 0 | 24 | no (") and "| unknown | - | **no**" in row
     assert "0 of 1 rows right" in evaluated.output
 
 
