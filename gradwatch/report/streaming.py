@@ -490,7 +490,7 @@ class _LayerAccumulator:
         metrics = list(map(_METRICS, rows))
         grad_norms = list(map(_GRAD_NORM, metrics))
         first = rows[0]
-        self.evidence.replay_before_many(
+        self.evidence.replay_many(
             self.detector,
             (first.module, first.layer, first.direction),
             list(map(_LYAPUNOV_MAX, metrics)),
@@ -499,12 +499,13 @@ class _LayerAccumulator:
             lambda index: _measurement_of(rows[index]),
             steps=steps,
             horizons=list(map(_HORIZON, metrics)),
+            before_window=True,
         )
 
     def add_measurement_before(self, m: Measurement) -> None:
         """A measurement before the ``--steps`` window: replayed through the detector only."""
         self._fold_before_rows()
-        self.evidence.replay_before(m, self.detector)
+        self.evidence.replay(m, self.detector, before_window=True)
 
     def add_alert_before(self, alert: Alert) -> None:
         """An alert before the ``--steps`` window: it sets the episode open when the window starts."""

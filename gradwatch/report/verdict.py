@@ -149,51 +149,35 @@ class LayerEvidence:
         *,
         steps: Sequence[int],
         horizons: Sequence[int | None],
+        before_window: bool = False,
     ) -> None:
-        """:meth:`replay` for several measurements of one layer, given as columns (see ``update_many``)."""
-        self._start_window(detector, key)
+        """:meth:`replay` for several measurements of one layer, given as columns (see ``update_many``).
+
+        ``before_window``: measurements before the ``--steps`` window advance the detector's state only (an
+        episode they open and the window does not close counts), not the window's evidence."""
+        self._attach(detector, key, before_window)
         alerts = detector.update_many(
             key, lyapunov_max, lag_norms, total_gradient_norms, measurement_at, steps=steps, horizons=horizons
         )
-        if alerts:
-            self.detector_alerts += len(alerts)
-            self.last_detector_alert = alerts[-1]
+        self._note_alerts(alerts, before_window)
 
-    def replay(self, measurement: Measurement, detector: TrendDetector) -> None:
-        """Feed the monitor's detector (keyed by layer, so one detector may serve a whole run)."""
-        self._start_window(detector, (measurement.module, measurement.layer, measurement.direction))
-        alerts = detector.update(measurement)
-        if alerts:
-            self.detector_alerts += len(alerts)
-            self.last_detector_alert = alerts[-1]
+    def replay(self, measurement: Measurement, detector: TrendDetector, before_window: bool = False) -> None:
+        """Feed the monitor's detector (keyed by layer, so one detector may serve a whole run); see
+        :meth:`replay_many` for ``before_window``."""
+        key = (measurement.module, measurement.layer, measurement.direction)
+        self._attach(detector, key, before_window)
+        self._note_alerts(detector.update(measurement), before_window)
 
-    def replay_before_many(
-        self,
-        detector: TrendDetector,
-        key: tuple[str, int, str],
-        lyapunov_max: Sequence[float | None],
-        lag_norms: Sequence[Mapping[str, float | None]],
-        total_gradient_norms: Sequence[float | None],
-        measurement_at: Callable[[int], Measurement],
-        *,
-        steps: Sequence[int],
-        horizons: Sequence[int | None],
-    ) -> None:
-        """Measurements before the ``--steps`` window: the detector's state only (an episode they open
-        and the window does not close counts), not the window's evidence."""
-        self._detector, self._key = detector, key
-        alerts = detector.update_many(
-            key, lyapunov_max, lag_norms, total_gradient_norms, measurement_at, steps=steps, horizons=horizons
-        )
-        if alerts:
-            self.last_detector_alert = alerts[-1]
+    def _attach(self, detector: TrendDetector, key: tuple[str, int, str], before_window: bool) -> None:
+        if before_window:
+            self._detector, self._key = detector, key
+        else:
+            self._start_window(detector, key)
 
-    def replay_before(self, measurement: Measurement, detector: TrendDetector) -> None:
-        """:meth:`replay_before_many` for one measurement record."""
-        self._detector = detector
-        self._key = (measurement.module, measurement.layer, measurement.direction)
-        alerts = detector.update(measurement)
+    def _note_alerts(self, alerts: list[Alert], before_window: bool) -> None:
         if alerts:
+            if not before_window:
+                self.detector_alerts += len(alerts)
             self.last_detector_alert = alerts[-1]
 
     @classmethod
@@ -209,7 +193,7 @@ class LayerEvidence:
         evidence = cls()
         detector = TrendDetector(detection)
         for measurement in sorted(before, key=lambda m: m.step):
-            evidence.replay_before(measurement, detector)
+            evidence.replay(measurement, detector, before_window=True)
         for measurement in sorted(measurements, key=lambda m: m.step):
             evidence.add(measurement)
             evidence.replay(measurement, detector)
