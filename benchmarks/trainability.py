@@ -21,6 +21,7 @@ Run from the repository root (logs stay out of git: runs/ is ignored):
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -130,6 +131,18 @@ def held_out_mse(model: nn.Module, batch_inputs: torch.Tensor, targets: torch.Te
         return float(nn.functional.mse_loss(model(batch_inputs), targets))
 
 
+def input_gradient_ratio(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> float:
+    """The lecture's quantity measured independently of gradwatch, in float64 on a copy of the model:
+    ||dL/dx_0|| / ||dL/dx_(T-1)||, how much of the loss gradient reaches the first input compared with the
+    last (x_k enters through s_k, so this is ||dL/ds_0|| / ||dL/ds_T|| seen through W_ih)."""
+    replica = copy.deepcopy(model).double()
+    probe = inputs.double().clone().requires_grad_(True)
+    loss = nn.functional.mse_loss(replica(probe), targets.double())
+    (gradient,) = torch.autograd.grad(loss, probe)
+    last = float(gradient[-1].norm())
+    return float(gradient[0].norm()) / last if last > 0 else math.nan
+
+
 def record_run(spec: RunSpec, out: Path, steps: int | None, eval_every: int) -> Path:
     """Train one configuration with the monitor on; write NAME.jsonl (run log) and NAME.outcome.json."""
     torch.manual_seed(spec.seed)
@@ -140,6 +153,7 @@ def record_run(spec: RunSpec, out: Path, steps: int | None, eval_every: int) -> 
     total = steps if steps is not None else spec.steps
     log = out / f"{spec.name}.jsonl"
     curve: list[tuple[int, float]] = []
+    reaches: list[tuple[int, float]] = []
     started = time.perf_counter()
     monitor = watch(model, optimizer, every=EVERY, log=log, run_id=spec.name)
     try:
@@ -152,6 +166,9 @@ def record_run(spec: RunSpec, out: Path, steps: int | None, eval_every: int) -> 
             optimizer.step()
             if (step + 1) % eval_every == 0 or step + 1 == total:
                 curve.append((step + 1, held_out_mse(model, held.inputs, held.targets)))
+                reaches.append(
+                    (step + 1, input_gradient_ratio(model, held.inputs[:, :64], held.targets[:64]))
+                )
     finally:
         monitor.close()
     outcome = {
@@ -159,6 +176,7 @@ def record_run(spec: RunSpec, out: Path, steps: int | None, eval_every: int) -> 
         "steps": total,
         "seconds": time.perf_counter() - started,
         "held_out_mse": curve,
+        "input_gradient_ratio": reaches,
     }
     (out / f"{spec.name}.outcome.json").write_text(json.dumps(outcome))
     return log
