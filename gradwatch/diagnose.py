@@ -176,8 +176,9 @@ def diagnose(
                 message = f"decided on one measurement, an extreme case that needs no patience: {message}"
         elif verdict is Verdict.UNKNOWN and not _unmeasurable(m.metrics):
             message = (
-                f"unknown: {judgement.reason} (DetectionConfig.patience); only an extreme reading decides "
-                f"on one. This one: {_healthy_message(m.metrics, Verdict.HEALTHY).partition(': ')[2]}"
+                f"unknown: {judgement.reason} (DetectionConfig: patience, vanishing_patience, "
+                "vanishing_warmup_steps); only an extreme reading decides on one. This one: "
+                f"{_healthy_message(m.metrics, Verdict.HEALTHY).partition(': ')[2]}"
             )
         else:
             message = _healthy_message(m.metrics, verdict)

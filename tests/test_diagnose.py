@@ -151,3 +151,40 @@ def test_a_rule_that_needs_several_measurements_leaves_one_ordinary_reading_unkn
 def test_an_unmeasurable_layer_is_not_healthy():
     diagnosis = gradwatch.diagnose(nn.RNN(4, 8), torch.randn(1, 2, 4), print_report=False)
     assert not diagnosis.healthy and "too short" in diagnosis.layers[0].message
+
+
+@pytest.mark.parametrize(("needed", "expected"), [(1, Verdict.HEALTHY), (2, Verdict.UNKNOWN)])
+def test_one_measurement_decides_exactly_when_the_rule_needs_one(needed: int, expected: Verdict) -> None:
+    """diagnose measures once: a rule that needs 1 judged measurement gives a real verdict, one that needs
+    2 leaves the ordinary reading unknown and says it counted it."""
+    rule = dataclasses.replace(gradwatch.DetectionConfig.for_diagnosis(), vanishing_patience=needed)
+    assert rule.measurements_needed == needed
+    diagnosis = gradwatch.diagnose(
+        lstm_forget_bias_one(), torch.randn(50, 8, 4), print_report=False, detection=rule
+    )
+    (layer,) = diagnosis.layers
+    assert layer.verdict is expected, layer.message
+    if expected is Verdict.UNKNOWN:
+        assert layer.message.startswith(f"unknown: 1 measurement; the rule needs {needed} (")
+
+
+def test_the_training_rule_does_not_count_the_one_reading_inside_its_warm_up() -> None:
+    """DetectionConfig() judges from step 100 on: diagnose's reading at step 0 is unknown and says why; an
+    extreme reading still decides at once."""
+    rule = gradwatch.DetectionConfig()
+    diagnosis = gradwatch.diagnose(
+        lstm_forget_bias_one(), torch.randn(50, 8, 4), print_report=False, detection=rule
+    )
+    (layer,) = diagnosis.layers
+    assert layer.verdict is Verdict.UNKNOWN and not diagnosis.healthy
+    warmup, needed = rule.vanishing_warmup_steps, rule.measurements_needed
+    assert layer.message.startswith(
+        f"unknown: 1 measurement, inside the {warmup}-step warm-up; the rule needs {needed} after it"
+    )
+    assert layer.message.count("measurement") == 1  # said once
+    relu = gradwatch.diagnose(
+        scaled_orthogonal_rnn("relu", 2.0), torch.randn(50, 8, 4), print_report=False, detection=rule
+    )
+    (layer,) = relu.layers
+    assert layer.verdict is Verdict.EXPLODING
+    assert layer.message.startswith("decided on one measurement, an extreme case")
