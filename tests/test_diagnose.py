@@ -188,3 +188,37 @@ def test_the_training_rule_does_not_count_the_one_reading_inside_its_warm_up() -
     (layer,) = relu.layers
     assert layer.verdict is Verdict.EXPLODING
     assert layer.message.startswith("decided on one measurement, an extreme case")
+
+
+@pytest.mark.parametrize(
+    ("kind", "gain", "says", "never"),
+    [
+        ("tanh", 0.2, "the gradient reaches back about {reach:.3g} of the {horizon} steps", "whole horizon"),
+        ("relu", 1.5, "the Jacobian product grows (lyapunov_max = {lyapunov:.3g} > 0.02", "not explode"),
+        ("relu", 1.3, "the gradient reaches back {reach:.3g} steps, the whole horizon of {horizon}", "grows"),
+    ],
+    ids=["short-reach", "growing-product", "healthy-reading"],
+)
+def test_an_unknown_layer_describes_its_one_reading_truthfully(
+    kind: str, gain: float, says: str, never: str
+) -> None:
+    """The training rule leaves the step-0 reading unknown; the message then says what that reading shows
+    on its own (a short reach is not "the whole horizon", a growing product does not "not explode")."""
+    torch.manual_seed(0)
+    diagnosis = gradwatch.diagnose(
+        scaled_orthogonal_rnn(kind, gain),
+        torch.randn(50, 8, 4),
+        print_report=False,
+        detection=gradwatch.DetectionConfig(),
+    )
+    (layer,) = diagnosis.layers
+    assert layer.verdict is Verdict.UNKNOWN
+    metrics = layer.metrics
+    assert metrics.gradient_reach is not None and metrics.horizon is not None
+    short = metrics.gradient_reach < metrics.horizon
+    assert short is (kind == "tanh")  # the reading's own verdict: a short reach only for the 0.2 x tanh
+    expected = says.format(
+        reach=metrics.gradient_reach, horizon=metrics.horizon, lyapunov=metrics.lyapunov_max
+    )
+    this_one = layer.message.partition("This one: ")[2]
+    assert this_one.startswith(expected) and never not in this_one, layer.message
