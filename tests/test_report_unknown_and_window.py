@@ -362,3 +362,36 @@ def test_exactly_the_measurements_needed_give_a_verdict_and_one_fewer_is_unknown
             )
         options = ReportOptions()
         assert make_report([str(log)], options) == build_report(read_logs([str(log)]), options)
+
+
+def test_the_live_detector_and_the_report_give_the_same_unknown_reason(
+    cli_runner: CliRunner, tmp_path: Path
+) -> None:
+    """One judge: a real run measured at steps 0, 30, 60, 90 (inside the warm-up) and 120 ends with one
+    judged measurement; the monitor's detector and the report (and --fail-on unknown) say the same."""
+    import torch
+    from torch import nn
+
+    import gradwatch
+
+    torch.manual_seed(0)
+    model = nn.RNN(3, 8)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    log = tmp_path / "warm.jsonl"
+    with gradwatch.watch(model, optimizer, every=30, log=log, background=False) as monitor:
+        for _ in range(WARM + 30):
+            output, _ = model(torch.randn(12, 4, 3))
+            optimizer.zero_grad()
+            output.square().mean().backward()
+            optimizer.step()
+    (layer,) = json_layers(cli_runner, str(log))
+    assert layer["measurements"] == 5
+    live = monitor.detector.judgement(layer["module"], layer["layer"], layer["direction"])
+    reason = (
+        f"5 measurements, 1 judged (4 inside the {WARM}-step warm-up); the rule needs {NEEDED} after the "
+    )
+    reason += "warm-up"
+    assert (live.verdict.value, live.reason) == ("unknown", reason)
+    assert (layer["verdict"]["verdict"], layer["verdict"]["reason"]) == ("unknown", reason)
+    failed = run_report(cli_runner, str(log), "--fail-on", "unknown")
+    assert failed.exit_code == 1 and f"is unknown ({reason})" in failed.stderr
