@@ -175,11 +175,16 @@ def diagnose(
             if needed > 1:  # the rule wants more readings: only an extreme one decides at once
                 message = f"decided on one measurement, an extreme case that needs no patience: {message}"
         elif verdict is Verdict.UNKNOWN and not _unmeasurable(m.metrics):
-            message = (
-                f"unknown: {judgement.reason} (DetectionConfig: patience, vanishing_patience, "
-                "vanishing_warmup_steps); only an extreme reading decides on one. This one: "
-                f"{_reading_text(m, config.detection)}"
-            )
+            counts = detector.reading_counts(*key)
+            if counts.judged + counts.in_warmup == 0:  # the reading itself could not be judged
+                text = _reading_text(m, config.detection)
+                message = f"unknown: {judgement.reason}. {text[:1].upper()}{text[1:]}"
+            else:
+                message = (
+                    f"unknown: {judgement.reason} (DetectionConfig: patience, vanishing_patience, "
+                    "vanishing_warmup_steps); only an extreme reading decides on one. This one: "
+                    f"{_reading_text(m, config.detection)}"
+                )
         else:
             message = _healthy_message(m.metrics, verdict)
         if verdict is Verdict.VANISHING and m.module in gated:
@@ -222,7 +227,11 @@ def _reading_text(measurement: Measurement, detection: DetectionConfig) -> str:
             f"{detection.exploding_lag_norm:g}), below the extreme bound "
             f"{detection.exploding_extreme_lag_norm:g}"
         )
-    return "the gradient reach could not be measured at the horizon (a missing, NaN or overflowed lag norm)"
+    return (
+        f"the gradient reach could not be measured at the horizon of {metrics.horizon} steps: a lag norm "
+        "before it is missing, NaN or overflowed, or the product drops to 0 between the measured lags "
+        "around it"
+    )
 
 
 def _healthy_message(metrics: MeasurementMetrics, verdict: Verdict) -> str:

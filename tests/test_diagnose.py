@@ -222,3 +222,26 @@ def test_an_unknown_layer_describes_its_one_reading_truthfully(
     )
     this_one = layer.message.partition("This one: ")[2]
     assert this_one.startswith(expected) and never not in this_one, layer.message
+
+
+@pytest.mark.parametrize("rule", ["for-diagnosis", "training"])
+def test_a_reading_whose_reach_cannot_be_judged_says_so_not_healthy(rule: str) -> None:
+    """An identity-initialised relu RNN whose units are all dead at the first step: every product up to
+    lag 32 has norm 1, the one over all 50 steps is exactly 0, so whether the gradient reaches the horizon
+    of 49 steps is not measured. Unknown under either rule, and the message says why."""
+    rnn = nn.RNN(1, 4, nonlinearity="relu")
+    with torch.no_grad():
+        rnn.weight_hh_l0.copy_(torch.eye(4))
+        rnn.weight_ih_l0.fill_(1.0)
+        rnn.bias_ih_l0.fill_(0.5)
+        rnn.bias_hh_l0.zero_()
+    inputs = torch.zeros(50, 2, 1)
+    inputs[0] = -10.0  # every unit dead at the first step (pre-activation -9.5)
+    detection = gradwatch.DetectionConfig() if rule == "training" else None
+    diagnosis = gradwatch.diagnose(rnn, inputs, print_report=False, detection=detection)
+    (layer,) = diagnosis.layers
+    assert layer.metrics.lag_norm["50"] == 0.0 and layer.metrics.lag_norm["32"] == pytest.approx(1.0)
+    assert layer.verdict is Verdict.UNKNOWN and not diagnosis.healthy
+    assert layer.message.startswith("unknown: 1 measurement, without a usable lag product; the rule needs ")
+    assert "The gradient reach could not be measured at the horizon of 49 steps" in layer.message
+    assert "healthy" not in layer.message and "whole horizon" not in layer.message
