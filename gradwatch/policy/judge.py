@@ -69,7 +69,8 @@ class ReadingCounts:
 
     @property
     def without_product(self) -> int:
-        """Measurements without a usable lag product (T = 1, null, NaN or overflowed lag norms)."""
+        """Measurements without a usable lag product (T = 1; null, NaN or overflowed lag norms; a reach that
+        cannot be judged at the horizon)."""
         return self.measured - self.judged - self.in_warmup
 
     def __sub__(self, earlier: ReadingCounts) -> ReadingCounts:
