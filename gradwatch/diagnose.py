@@ -29,7 +29,7 @@ from gradwatch.monitor import WatchConfig, new_run_id
 from gradwatch.policy.config import DetectionConfig
 from gradwatch.policy.evidence import longest_lag_norm
 from gradwatch.policy.judge import Verdict
-from gradwatch.policy.trends import TrendDetector
+from gradwatch.policy.trends import TrendDetector, classify_jacobian_products
 from gradwatch.records import Alert, Measurement, MeasurementMetrics
 
 
@@ -175,10 +175,16 @@ def diagnose(
             if needed > 1:  # the rule wants more readings: only an extreme one decides at once
                 message = f"decided on one measurement, an extreme case that needs no patience: {message}"
         elif verdict is Verdict.UNKNOWN and not _unmeasurable(m.metrics):
-            message = (
-                f"unknown: {judgement.reason} (DetectionConfig.patience); only an extreme reading decides "
-                f"on one. This one: {_healthy_message(m.metrics, Verdict.HEALTHY).partition(': ')[2]}"
-            )
+            counts = detector.reading_counts(*key)
+            if counts.judged + counts.in_warmup == 0:  # the reading itself could not be judged
+                text = _reading_text(m, config.detection)
+                message = f"unknown: {judgement.reason}. {text[:1].upper()}{text[1:]}"
+            else:
+                message = (
+                    f"unknown: {judgement.reason} (DetectionConfig: patience, vanishing_patience, "
+                    "vanishing_warmup_steps); only an extreme reading decides on one. This one: "
+                    f"{_reading_text(m, config.detection)}"
+                )
         else:
             message = _healthy_message(m.metrics, verdict)
         if verdict is Verdict.VANISHING and m.module in gated:
@@ -199,6 +205,33 @@ GATED_NOTE = (
 
 def _unmeasurable(metrics: MeasurementMetrics) -> bool:
     return metrics.lyapunov_max is None or longest_lag_norm(metrics.lag_norm) is None
+
+
+def _reading_text(measurement: Measurement, detection: DetectionConfig) -> str:
+    """What one reading says on its own (its raw verdict), for an ``unknown`` layer it did not decide."""
+    metrics = measurement.metrics
+    raw = classify_jacobian_products(measurement, detection).verdict
+    if raw is Verdict.HEALTHY:
+        return _healthy_message(metrics, raw).partition(": ")[2]
+    if raw is Verdict.VANISHING:
+        return (
+            f"the gradient reaches back about {_fmt(metrics.gradient_reach)} of the {metrics.horizon} steps "
+            "of the horizon (short of it: a vanishing reading)"
+        )
+    if raw is Verdict.EXPLODING:
+        longest = longest_lag_norm(metrics.lag_norm)
+        norm = None if longest is None else longest[1]
+        return (
+            f"the Jacobian product grows (lyapunov_max = {_fmt(metrics.lyapunov_max)} > "
+            f"{detection.exploding_growth_rate:g}, longest lag norm {_fmt(norm)} > "
+            f"{detection.exploding_lag_norm:g}), below the extreme bound "
+            f"{detection.exploding_extreme_lag_norm:g}"
+        )
+    return (
+        f"the gradient reach could not be measured at the horizon of {metrics.horizon} steps: a lag norm "
+        "before it is missing, NaN or overflowed, or the product drops to 0 between the measured lags "
+        "around it"
+    )
 
 
 def _healthy_message(metrics: MeasurementMetrics, verdict: Verdict) -> str:

@@ -92,8 +92,9 @@ def make_run(
     module_type: str = "RNN",
     with_alerts: bool = True,
     seed: int = 0,
+    first_step: int = 0,
 ) -> list[Record]:
-    """The records one rank of a ``kind`` run writes, in log order."""
+    """The records one rank of a ``kind`` run writes, in log order, at steps ``first_step`` + k ``every``."""
     run_id = run_id or f"run-{kind}"
     noise = random.Random(seed * 1000 + rank)
     records: list[Record] = [
@@ -110,7 +111,7 @@ def make_run(
     ]
     open_alert: AlertKind | None = None
     for index in range(measurements):
-        step = index * every
+        step = first_step + index * every
         time = 1_700_000_000.0 + step
         fraction = index / max(1, measurements - 1)
         progress = max(0.0, (fraction - ONSET) / (1 - ONSET)) if kind != "healthy" else 0.0

@@ -151,3 +151,97 @@ def test_a_rule_that_needs_several_measurements_leaves_one_ordinary_reading_unkn
 def test_an_unmeasurable_layer_is_not_healthy():
     diagnosis = gradwatch.diagnose(nn.RNN(4, 8), torch.randn(1, 2, 4), print_report=False)
     assert not diagnosis.healthy and "too short" in diagnosis.layers[0].message
+
+
+@pytest.mark.parametrize(("needed", "expected"), [(1, Verdict.HEALTHY), (2, Verdict.UNKNOWN)])
+def test_one_measurement_decides_exactly_when_the_rule_needs_one(needed: int, expected: Verdict) -> None:
+    """diagnose measures once: a rule that needs 1 judged measurement gives a real verdict, one that needs
+    2 leaves the ordinary reading unknown and says it counted it."""
+    rule = dataclasses.replace(gradwatch.DetectionConfig.for_diagnosis(), vanishing_patience=needed)
+    assert rule.measurements_needed == needed
+    diagnosis = gradwatch.diagnose(
+        lstm_forget_bias_one(), torch.randn(50, 8, 4), print_report=False, detection=rule
+    )
+    (layer,) = diagnosis.layers
+    assert layer.verdict is expected, layer.message
+    if expected is Verdict.UNKNOWN:
+        assert layer.message.startswith(f"unknown: 1 measurement; the rule needs {needed} (")
+
+
+def test_the_training_rule_does_not_count_the_one_reading_inside_its_warm_up() -> None:
+    """DetectionConfig() judges from step 100 on: diagnose's reading at step 0 is unknown and says why; an
+    extreme reading still decides at once."""
+    rule = gradwatch.DetectionConfig()
+    diagnosis = gradwatch.diagnose(
+        lstm_forget_bias_one(), torch.randn(50, 8, 4), print_report=False, detection=rule
+    )
+    (layer,) = diagnosis.layers
+    assert layer.verdict is Verdict.UNKNOWN and not diagnosis.healthy
+    warmup, needed = rule.vanishing_warmup_steps, rule.measurements_needed
+    assert layer.message.startswith(
+        f"unknown: 1 measurement, inside the {warmup}-step warm-up; the rule needs {needed} after it"
+    )
+    assert layer.message.count("measurement") == 1  # said once
+    relu = gradwatch.diagnose(
+        scaled_orthogonal_rnn("relu", 2.0), torch.randn(50, 8, 4), print_report=False, detection=rule
+    )
+    (layer,) = relu.layers
+    assert layer.verdict is Verdict.EXPLODING
+    assert layer.message.startswith("decided on one measurement, an extreme case")
+
+
+@pytest.mark.parametrize(
+    ("kind", "gain", "says", "never"),
+    [
+        ("tanh", 0.2, "the gradient reaches back about {reach:.3g} of the {horizon} steps", "whole horizon"),
+        ("relu", 1.5, "the Jacobian product grows (lyapunov_max = {lyapunov:.3g} > 0.02", "not explode"),
+        ("relu", 1.3, "the gradient reaches back {reach:.3g} steps, the whole horizon of {horizon}", "grows"),
+    ],
+    ids=["short-reach", "growing-product", "healthy-reading"],
+)
+def test_an_unknown_layer_describes_its_one_reading_truthfully(
+    kind: str, gain: float, says: str, never: str
+) -> None:
+    """The training rule leaves the step-0 reading unknown; the message then says what that reading shows
+    on its own (a short reach is not "the whole horizon", a growing product does not "not explode")."""
+    torch.manual_seed(0)
+    diagnosis = gradwatch.diagnose(
+        scaled_orthogonal_rnn(kind, gain),
+        torch.randn(50, 8, 4),
+        print_report=False,
+        detection=gradwatch.DetectionConfig(),
+    )
+    (layer,) = diagnosis.layers
+    assert layer.verdict is Verdict.UNKNOWN
+    metrics = layer.metrics
+    assert metrics.gradient_reach is not None and metrics.horizon is not None
+    short = metrics.gradient_reach < metrics.horizon
+    assert short is (kind == "tanh")  # the reading's own verdict: a short reach only for the 0.2 x tanh
+    expected = says.format(
+        reach=metrics.gradient_reach, horizon=metrics.horizon, lyapunov=metrics.lyapunov_max
+    )
+    this_one = layer.message.partition("This one: ")[2]
+    assert this_one.startswith(expected) and never not in this_one, layer.message
+
+
+@pytest.mark.parametrize("rule", ["for-diagnosis", "training"])
+def test_a_reading_whose_reach_cannot_be_judged_says_so_not_healthy(rule: str) -> None:
+    """An identity-initialised relu RNN whose units are all dead at the first step: every product up to
+    lag 32 has norm 1, the one over all 50 steps is exactly 0, so whether the gradient reaches the horizon
+    of 49 steps is not measured. Unknown under either rule, and the message says why."""
+    rnn = nn.RNN(1, 4, nonlinearity="relu")
+    with torch.no_grad():
+        rnn.weight_hh_l0.copy_(torch.eye(4))
+        rnn.weight_ih_l0.fill_(1.0)
+        rnn.bias_ih_l0.fill_(0.5)
+        rnn.bias_hh_l0.zero_()
+    inputs = torch.zeros(50, 2, 1)
+    inputs[0] = -10.0  # every unit dead at the first step (pre-activation -9.5)
+    detection = gradwatch.DetectionConfig() if rule == "training" else None
+    diagnosis = gradwatch.diagnose(rnn, inputs, print_report=False, detection=detection)
+    (layer,) = diagnosis.layers
+    assert layer.metrics.lag_norm["50"] == 0.0 and layer.metrics.lag_norm["32"] == pytest.approx(1.0)
+    assert layer.verdict is Verdict.UNKNOWN and not diagnosis.healthy
+    assert layer.message.startswith("unknown: 1 measurement, without a usable lag product; the rule needs ")
+    assert "The gradient reach could not be measured at the horizon of 49 steps" in layer.message
+    assert "healthy" not in layer.message and "whole horizon" not in layer.message

@@ -17,9 +17,11 @@ from gradwatch.policy.judge import (
     SATURATED_SHARE,
     Factor,
     FactorValues,
+    ReadingCounts,
     Verdict,
     driving_factor,
     percentile,
+    too_few_measurements,
     total_gradient_norm,
 )
 from gradwatch.records import Measurement, MeasurementMetrics
@@ -116,3 +118,67 @@ def test_percentile_is_numpy_linear_percentile(q: int, size: int) -> None:
     values = [random.Random(size * 100 + q).lognormvariate(0, 2) for _ in range(size)]
     assert percentile(values, q) == pytest.approx(float(np.percentile(values, q)), rel=1e-12)
     assert percentile([3.0], q) == 3.0 and percentile([], q) is None
+
+
+@pytest.mark.parametrize(
+    ("counts", "where", "expected"),
+    [
+        (ReadingCounts(0, 0, 0), "", "no measurement; the rule needs 5"),
+        (ReadingCounts(1, 1, 0), "", "1 measurement; the rule needs 5"),
+        (ReadingCounts(2, 2, 0), " in steps 900:", "2 measurements in steps 900:; the rule needs 5"),
+        (ReadingCounts(1, 0, 1), "", "1 measurement, inside the 100-step warm-up; the rule needs 5 after it"),
+        (
+            ReadingCounts(3, 0, 3),
+            "",
+            "3 measurements, all inside the 100-step warm-up; the rule needs 5 after it",
+        ),
+        (
+            ReadingCounts(12, 0, 0),
+            "",
+            "12 measurements, none with a usable lag product; the rule needs 5 after the 100-step warm-up",
+        ),
+        (
+            ReadingCounts(1, 0, 0),
+            "",
+            "1 measurement, without a usable lag product; the rule needs 5 after the 100-step warm-up",
+        ),
+        (
+            ReadingCounts(7, 2, 3),
+            " in steps 0:500",
+            "7 measurements in steps 0:500, 2 judged (3 inside the 100-step warm-up, 2 without a usable lag "
+            "product); the rule needs 5 after the warm-up",
+        ),
+        (
+            ReadingCounts(5, 0, 3),
+            "",
+            "5 measurements, none judged (3 inside the 100-step warm-up, 2 without a usable lag "
+            "product); the rule needs 5 after the warm-up",
+        ),
+        (
+            ReadingCounts(4, 3, 0),
+            "",
+            "4 measurements, 3 judged (1 without a usable lag product); the rule needs 5 after the 100-step "
+            "warm-up",
+        ),
+    ],
+    ids=[
+        "none", "one", "window", "one-in-warm-up", "all-in-warm-up", "no-product", "one-no-product",
+        "mixed", "mixed-none-judged", "judged-and-no-product",
+    ],
+)  # fmt: skip
+def test_an_unknown_reason_says_what_was_measured_and_why_it_did_not_count(
+    counts: ReadingCounts, where: str, expected: str
+) -> None:
+    assert too_few_measurements(counts, 5, where, warmup_steps=100) == expected
+
+
+def test_without_a_warm_up_the_reason_does_not_mention_one() -> None:
+    text = too_few_measurements(ReadingCounts(12, 0, 0), 3, warmup_steps=0)
+    assert text == "12 measurements, none with a usable lag product; the rule needs 3"
+    assert too_few_measurements(2, 3) == "2 measurements; the rule needs 3"  # a plain count: all judged
+
+
+def test_reading_counts_of_a_window_are_the_difference() -> None:
+    whole, before = ReadingCounts(10, 6, 3), ReadingCounts(4, 1, 3)
+    window = whole - before
+    assert window == ReadingCounts(6, 5, 0) and window.without_product == 1

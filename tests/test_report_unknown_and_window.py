@@ -23,6 +23,7 @@ from tests.report_logs import make_run, write_log
 pytest_plugins = ["tests.report_fixtures"]
 
 NEEDED = DetectionConfig().measurements_needed
+WARM = DetectionConfig().vanishing_warmup_steps  # measurements count towards NEEDED from this step on
 
 
 def run_report(runner: CliRunner, *args: str) -> Result:
@@ -50,7 +51,7 @@ def _alert(step: int, kind: AlertKind) -> Alert:
 
 @pytest.mark.parametrize("count", range(NEEDED + 1), ids=lambda n: f"{n}-measurements")
 def test_fallback_is_unknown_below_the_measurements_the_rule_needs(count: int) -> None:
-    measurements = [_m(10 * i, -0.05, 0.5) for i in range(count)]
+    measurements = [_m(WARM + 10 * i, -0.05, 0.5) for i in range(count)]
     verdict, reason = fallback_verdict(measurements)
     if count < NEEDED:
         assert verdict is Verdict.UNKNOWN
@@ -69,7 +70,7 @@ def test_alert_path_is_unknown_without_enough_measurements_but_an_open_episode_d
 
 
 def test_a_single_short_run_is_unknown_in_every_format(cli_runner: CliRunner, tmp_path: Path) -> None:
-    log = write_log(tmp_path / "short.jsonl", make_run("healthy", measurements=1))
+    log = write_log(tmp_path / "short.jsonl", make_run("healthy", measurements=1, first_step=WARM))
     reason = f"1 measurement; the rule needs {NEEDED}"
     (layer,) = json_layers(cli_runner, str(log))
     assert layer["verdict"]["verdict"] == "unknown" and layer["verdict"]["reason"] == reason
@@ -82,7 +83,7 @@ def test_a_single_short_run_is_unknown_in_every_format(cli_runner: CliRunner, tm
 
 
 def test_fail_on_unknown_is_opt_in(cli_runner: CliRunner, tmp_path: Path) -> None:
-    log = write_log(tmp_path / "short.jsonl", make_run("healthy", measurements=2))
+    log = write_log(tmp_path / "short.jsonl", make_run("healthy", measurements=2, first_step=WARM))
     assert run_report(cli_runner, str(log), "--fail-on", "vanishing,exploding,nonfinite").exit_code == 0
     failed = run_report(cli_runner, str(log), "--fail-on", "unknown")
     assert failed.exit_code == 1
@@ -104,7 +105,7 @@ def test_fail_on_help_says_what_unknown_does(cli_runner: CliRunner) -> None:
 
 
 def test_a_watched_module_never_measured_is_unknown(cli_runner: CliRunner, tmp_path: Path) -> None:
-    records = make_run("healthy", measurements=5)
+    records = make_run("healthy", measurements=NEEDED, first_step=WARM)
     header = records[0]
     assert isinstance(header, RunHeader)
     decoder = {"name": "decoder.lstm", "type": "LSTM", "layers": 2, "directions": ["forward"]}
@@ -230,7 +231,7 @@ def test_a_real_run_measured_once_is_unknown_not_healthy(cli_runner: CliRunner, 
     assert layer["measurements"] == 1
     assert (layer["verdict"]["verdict"], layer["verdict"]["reason"]) == (
         "unknown",
-        f"1 measurement; the rule needs {NEEDED}",
+        f"1 measurement, inside the {WARM}-step warm-up; the rule needs {NEEDED} after it",
     )
     assert run_report(cli_runner, str(log), "--fail-on", "unknown").exit_code == 1
 
@@ -247,7 +248,12 @@ def test_the_report_judges_with_the_detection_config_the_run_header_records(
     assert isinstance(header, RunHeader)
     config = {
         **header.config,
-        "detection": {"patience": patience, "vanishing_patience": patience, "some_future_field": 1},
+        "detection": {
+            "patience": patience,
+            "vanishing_patience": patience,
+            "vanishing_warmup_steps": 0,  # every measurement counts (make_run starts at step 0)
+            "some_future_field": 1,
+        },
     }
     records[0] = RunHeader(**{**header.__dict__, "config": config})
     log = write_log(tmp_path / "own.jsonl", records)
@@ -268,3 +274,124 @@ def test_a_header_without_a_usable_detection_config_falls_back_to_the_default() 
     assert isinstance(header, RunHeader)
     broken = RunHeader(**{**header.__dict__, "config": {"detection": {"patience": "three"}}})
     assert run_detection([broken]) == DetectionConfig()
+
+
+# --- what counts towards the rule: judged measurements only (issue #28) ---------------------------------
+
+
+def _unmeasurable(step: int) -> Measurement:
+    """A measurement whose lag norms could not be measured (all null): no product to judge."""
+    metrics = MeasurementMetrics(
+        0.9, 0.5, 1.0, 1.0, 0.1, 1.0, 0.6, 0.05, None, {"1": None, "32": None}, {"w": 1.0}
+    )
+    return Measurement(step, 0.0, "rnn", 0, "forward", metrics, run_id="blind")
+
+
+def _every_format_says(runner: CliRunner, log: Path, reason: str, *args: str) -> None:
+    """The reason in the JSON verdict, once in the layer's verdict line of text and markdown, in the HTML
+    layer section, and in --fail-on unknown's message."""
+    (layer,) = json_layers(runner, str(log), *args)
+    assert (layer["verdict"]["verdict"], layer["verdict"]["reason"]) == ("unknown", reason)
+    text = " ".join(run_report(runner, str(log), *args).stdout.split())  # the console wraps long lines
+    assert text.count(f"verdict: unknown — {reason}") == 1
+    assert "no measurement" not in text
+    markdown = run_report(runner, str(log), "--format", "markdown", *args).stdout
+    assert markdown.count(f"❔ **unknown**: {reason}") == 1
+    html = run_report(runner, str(log), "--format", "html", *args).stdout
+    assert html.count(f"<p>{reason} <small>") == 1
+    failed = run_report(runner, str(log), "--fail-on", "unknown", *args)
+    assert failed.exit_code == 1 and f"is unknown ({reason})" in failed.stderr
+    options = ReportOptions(steps=StepRange.parse(args[1]) if args else StepRange())
+    assert make_report([str(log)], options) == build_report(read_logs([str(log)]), options)
+
+
+def test_readings_inside_the_warm_up_do_not_count_in_the_report(
+    cli_runner: CliRunner, tmp_path: Path
+) -> None:
+    """Steps 0, 30, 60 and 90 with the 100-step warm-up: four readings, none judged by the reach rule."""
+    log = write_log(tmp_path / "warm.jsonl", make_run("healthy", measurements=4, every=30))
+    reason = f"4 measurements, all inside the {WARM}-step warm-up; the rule needs {NEEDED} after it"
+    _every_format_says(cli_runner, log, reason)
+
+
+def test_a_layer_measured_many_times_without_a_lag_product_says_so(
+    cli_runner: CliRunner, tmp_path: Path
+) -> None:
+    log = write_log(tmp_path / "blind.jsonl", [_unmeasurable(WARM + 10 * i) for i in range(12)])
+    reason = (
+        f"12 measurements, none with a usable lag product; the rule needs {NEEDED} after the {WARM}-step "
+        "warm-up"
+    )
+    _every_format_says(cli_runner, log, reason)
+
+
+def test_a_window_says_how_its_measurements_counted(cli_runner: CliRunner, tmp_path: Path) -> None:
+    log = write_log(tmp_path / "h.jsonl", make_run("healthy", measurements=20, every=30))
+    # steps 60 and 90 are inside the warm-up, 120 and 150 are judged
+    reason = (
+        f"4 measurements in steps 60:160, 2 judged (2 inside the {WARM}-step warm-up); "
+        f"the rule needs {NEEDED} after the warm-up"
+    )
+    _every_format_says(cli_runner, log, reason, "--steps", "60:160")
+    inside = write_log(tmp_path / "e.jsonl", make_run("healthy", measurements=20, every=50))
+    (layer,) = json_layers(cli_runner, str(inside), "--steps", "0:100")
+    assert layer["verdict"]["reason"] == (
+        f"2 measurements in steps 0:100, all inside the {WARM}-step warm-up; the rule needs {NEEDED} after it"
+    )
+
+
+@pytest.mark.parametrize("with_alerts", [True, False], ids=["alerts", "detector-replay"])
+def test_exactly_the_measurements_needed_give_a_verdict_and_one_fewer_is_unknown(
+    cli_runner: CliRunner, tmp_path: Path, with_alerts: bool
+) -> None:
+    """Warm-up readings first (they never count), then NEEDED - 1 or NEEDED judged ones."""
+    for judged, verdict in ((NEEDED - 1, "unknown"), (NEEDED, "healthy")):
+        warm = make_run("healthy", measurements=2, every=50, with_alerts=with_alerts)
+        past = make_run("healthy", measurements=judged, first_step=WARM, with_alerts=with_alerts)
+        records = [*warm, *past[1:]]
+        if with_alerts:  # another layer alerted: the run has alert records, this layer has none
+            records.append(Alert(WARM, 0.0, "other", 0, "forward", AlertKind.VANISHING, "m", 1.0, 2.0, "x"))
+        log = write_log(tmp_path / f"{judged}-{with_alerts}.jsonl", records)
+        layer = next(x for x in json_layers(cli_runner, str(log)) if x["module"] == "encoder.rnn")
+        assert layer["measurements"] == judged + 2
+        assert layer["verdict"]["verdict"] == verdict, layer["verdict"]["reason"]
+        if verdict == "unknown":
+            assert layer["verdict"]["reason"] == (
+                f"{judged + 2} measurements, {judged} judged (2 inside the {WARM}-step warm-up); "
+                f"the rule needs {NEEDED} after the warm-up"
+            )
+        options = ReportOptions()
+        assert make_report([str(log)], options) == build_report(read_logs([str(log)]), options)
+
+
+def test_the_live_detector_and_the_report_give_the_same_unknown_reason(
+    cli_runner: CliRunner, tmp_path: Path
+) -> None:
+    """One judge: a real run measured at steps 0, 30, 60, 90 (inside the warm-up) and 120 ends with one
+    judged measurement; the monitor's detector and the report (and --fail-on unknown) say the same."""
+    import torch
+    from torch import nn
+
+    import gradwatch
+
+    torch.manual_seed(0)
+    model = nn.RNN(3, 8)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    log = tmp_path / "warm.jsonl"
+    with gradwatch.watch(model, optimizer, every=30, log=log, background=False) as monitor:
+        for _ in range(WARM + 30):
+            output, _ = model(torch.randn(12, 4, 3))
+            optimizer.zero_grad()
+            output.square().mean().backward()
+            optimizer.step()
+    (layer,) = json_layers(cli_runner, str(log))
+    assert layer["measurements"] == 5
+    live = monitor.detector.judgement(layer["module"], layer["layer"], layer["direction"])
+    reason = (
+        f"5 measurements, 1 judged (4 inside the {WARM}-step warm-up); the rule needs {NEEDED} after the "
+    )
+    reason += "warm-up"
+    assert (live.verdict.value, live.reason) == ("unknown", reason)
+    assert (layer["verdict"]["verdict"], layer["verdict"]["reason"]) == ("unknown", reason)
+    failed = run_report(cli_runner, str(log), "--fail-on", "unknown")
+    assert failed.exit_code == 1 and f"is unknown ({reason})" in failed.stderr

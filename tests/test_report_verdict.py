@@ -75,14 +75,15 @@ def test_fallback_rules(lyapunovs: list, lags: list, nonfinite: int, expected: V
 
 
 def test_open_episode_gives_its_verdict_and_recovery_gives_healthy() -> None:
-    ms = [_m(s, lyapunov=0.1) for s in range(0, 100, 10)]
-    open_ = judge_layer(ms, [_alert(20, AlertKind.EXPLODING)], run_has_alerts=True)
-    assert open_.verdict == Verdict.EXPLODING and "step 20" in open_.reason and open_.source == "alerts"
+    ms = [_m(s, lyapunov=0.1) for s in range(WARM, WARM + 100, 10)]
+    start, end = WARM + 20, WARM + 60
+    open_ = judge_layer(ms, [_alert(start, AlertKind.EXPLODING)], run_has_alerts=True)
+    assert open_.verdict == Verdict.EXPLODING and f"step {start}" in open_.reason and open_.source == "alerts"
     closed = judge_layer(
-        ms, [_alert(20, AlertKind.EXPLODING), _alert(60, AlertKind.RECOVERED)], run_has_alerts=True
+        ms, [_alert(start, AlertKind.EXPLODING), _alert(end, AlertKind.RECOVERED)], run_has_alerts=True
     )
     assert closed.verdict == Verdict.HEALTHY
-    assert closed.recovered == ("exploding from step 20, recovered at step 60",)
+    assert closed.recovered == (f"exploding from step {start}, recovered at step {end}",)
     assert closed.suggestions == () and closed.cause == ""
 
 
@@ -102,17 +103,17 @@ def test_worst_rank_wins() -> None:
 
 def test_nonfinite_gradients_override_alerts_unless_recovered_after() -> None:
     ms = [
-        _m(0, lyapunov=0.0),
-        _m(10, lyapunov=0.0, nonfinite=3),
-        *(_m(s, lyapunov=0.0) for s in (20, 30, 40)),
+        _m(WARM, lyapunov=0.0),
+        _m(WARM + 10, lyapunov=0.0, nonfinite=3),
+        *(_m(WARM + s, lyapunov=0.0) for s in (20, 30, 40)),
     ]
     assert judge_layer(ms, [], run_has_alerts=True).verdict == Verdict.NONFINITE
-    recovered = [_alert(5, AlertKind.NONFINITE), _alert(15, AlertKind.RECOVERED)]
+    recovered = [_alert(WARM + 5, AlertKind.NONFINITE), _alert(WARM + 15, AlertKind.RECOVERED)]
     assert judge_layer(ms, recovered, run_has_alerts=True).verdict == Verdict.HEALTHY
 
 
 def test_layers_without_alerts_in_a_run_with_alerts_are_healthy_not_rule_judged() -> None:
-    exploding = [_m(s, lyapunov=0.5, lag=500.0) for s in range(0, 50, 10)]
+    exploding = [_m(s, lyapunov=0.5, lag=500.0) for s in range(WARM, WARM + 50, 10)]
     assert judge_layer(exploding, [], run_has_alerts=True).verdict == Verdict.HEALTHY
     assert judge_layer(exploding, [], run_has_alerts=False).verdict == Verdict.EXPLODING
 
@@ -194,10 +195,13 @@ def test_grad_nonfinite_old_and_new_meaning_are_both_read_sensibly() -> None:
     assert "NaN/Inf gradient elements" in reason and "beyond the float32 range" in reason
     # The same overflow in a new log: finite norms beyond float32, no non-finite elements, and the huge
     # norm reaches the report (sqrt of summed squares would overflow to inf for 1e200).
-    new_log = [_m(0, lyapunov=-0.05, grad_norm={"w": 1e200, "b": 1e200}), _m(10, lyapunov=-0.05)]
+    new_log = [
+        _m(WARM, lyapunov=-0.05, grad_norm={"w": 1e200, "b": 1e200}),
+        _m(WARM + 10, lyapunov=-0.05),
+    ]
     needed = DetectionConfig().measurements_needed
     assert fallback_verdict(new_log) == (Verdict.UNKNOWN, f"2 measurements; the rule needs {needed}")
-    new_log.extend(_m(10 * i, lyapunov=-0.05) for i in range(2, needed))
+    new_log.extend(_m(WARM + 10 * i, lyapunov=-0.05) for i in range(2, needed))
     assert fallback_verdict(new_log)[0] == Verdict.HEALTHY
     assert total_gradient_norm(new_log[0].metrics.grad_norm) == pytest.approx(2**0.5 * 1e200)
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from gradwatch.estimators.reach import gradient_reach
 from gradwatch.policy.evidence import Verdict
-from gradwatch.policy.judge import Judgement
+from gradwatch.policy.judge import Judgement, ReadingCounts
 from gradwatch.policy.trends import DetectionConfig, TrendDetector, detector_gradient_norm
 from gradwatch.records import AlertKind, Measurement, MeasurementMetrics
 from tests.oracles.exact_metrics import exact_measurement, gradient_norms
@@ -415,6 +415,7 @@ def _reading(step: int, lyapunov: float, lags: dict[str, float | None], grad: fl
 
 EXPLODING_READING = (0.3, {"1": 2.0, "32": 1e3})
 HEALTHY_READING = (-0.05, {"1": 0.9, "32": 0.5})
+VANISHING_READING = (-0.9, {"1": 0.5, "32": 1e-9})
 
 
 @pytest.mark.parametrize(
@@ -469,18 +470,84 @@ def test_judgement_is_unknown_until_the_rule_has_its_measurements() -> None:
     assert needed == max(detector.config.patience, detector.config.vanishing_patience)
     never = detector.judgement("m")
     assert never.verdict is Verdict.UNKNOWN and never.reason.startswith("never measured")
-    for step in range(needed):
+    for count in range(needed):
         judgement = detector.judgement("m")
-        if step:
-            reason = f"{step} measurement{'s' if step > 1 else ''}; the rule needs {needed}"
-            assert judgement == Judgement(Verdict.UNKNOWN, reason, step)
-        detector.update(_reading(step, *HEALTHY_READING, 1.0))
-    assert detector.judgement("m").verdict is Verdict.HEALTHY
+        if count:
+            reason = f"{count} measurement{'s' if count > 1 else ''}; the rule needs {needed}"
+            assert judgement == Judgement(Verdict.UNKNOWN, reason, count)
+        detector.update(_reading(WARM + count, *HEALTHY_READING, 1.0))
+    assert detector.judgement("m") == Judgement(
+        Verdict.HEALTHY, f"no episode open after {needed} measurements", needed
+    )
     # unmeasurable readings (T = 1: no product) do not count
     fresh = TrendDetector()
-    for step in range(5):
+    for step in range(WARM, WARM + 5):
         fresh.update(_reading(step, None, {}, 1.0))  # type: ignore[arg-type]
     assert fresh.judgement("m").verdict is Verdict.UNKNOWN and fresh.judged_measurements("m") == 0
+
+
+def test_readings_inside_the_warm_up_do_not_count_towards_the_rule() -> None:
+    """Steps 0, 50 and 90 with a 100-step warm-up: 3 readings, none the vanishing rule could judge."""
+    detector = TrendDetector()
+    for step in (0, 50, 90):
+        assert detector.update(_reading(step, *VANISHING_READING, 1.0)) == []
+    assert detector.reading_counts("m") == ReadingCounts(measured=3, judged=0, in_warmup=3)
+    assert detector.judgement("m") == Judgement(
+        Verdict.UNKNOWN, f"3 measurements, all inside the {WARM}-step warm-up; the rule needs 5 after it", 0
+    )
+    # more warm-up readings than the rule needs still decide nothing
+    for step in range(91, 91 + detector.config.measurements_needed):
+        detector.update(_reading(step, *HEALTHY_READING, 1.0))
+    assert detector.verdict("m") is Verdict.UNKNOWN and detector.judged_measurements("m") == 0
+
+
+@pytest.mark.parametrize("reading", ["healthy", "vanishing"])
+def test_exactly_the_measurements_needed_past_the_warm_up_give_a_verdict(reading: str) -> None:
+    """needed - 1 judged readings after the warm-up: unknown; the needed-th: a real verdict (healthy, or the
+    vanishing episode opening), whatever came before inside the warm-up."""
+    lyapunov, lags = HEALTHY_READING if reading == "healthy" else VANISHING_READING
+    detector = TrendDetector()
+    needed = detector.config.measurements_needed
+    for step in (0, 50, 90):
+        detector.update(_reading(step, lyapunov, lags, 1.0))
+    alerts = []
+    for count in range(needed):
+        judgement = detector.judgement("m")
+        assert judgement.verdict is Verdict.UNKNOWN and judgement.measurements == count
+        if count:
+            reason = f"{3 + count} measurements, {count} judged (3 inside the {WARM}-step warm-up); "
+            assert judgement.reason == reason + f"the rule needs {needed} after the warm-up"
+        alerts += detector.update(_reading(WARM + 10 * count, lyapunov, lags, 1.0))
+    expected = Verdict.HEALTHY if reading == "healthy" else Verdict.VANISHING
+    assert detector.verdict("m") is expected and detector.judged_measurements("m") == needed
+    assert [a.alert.value for a in alerts] == ([] if reading == "healthy" else ["vanishing"])
+
+
+def test_a_layer_measured_often_without_a_lag_product_says_so_once() -> None:
+    detector = TrendDetector()
+    for step in range(WARM, WARM + 12):
+        detector.update(_reading(step, None, {"1": None, "32": None}, 1.0))  # type: ignore[arg-type]
+    reason = detector.judgement("m").reason
+    assert (
+        reason
+        == f"12 measurements, none with a usable lag product; the rule needs 5 after the {WARM}-step warm-up"
+    )
+    assert reason.count("measurement") == 1
+    # an overflowed product (the reach cannot be measured) is not a usable one either
+    overflow = TrendDetector()
+    overflow.update(_reading(WARM, -0.05, {"1": float("inf"), "32": 0.5}, 1.0))
+    assert overflow.judgement("m").reason.startswith("1 measurement, without a usable lag product;")
+
+
+def test_the_reading_counts_survive_a_checkpoint() -> None:
+    detector = TrendDetector()
+    for step in (0, 50, WARM, WARM + 10):
+        detector.update(_reading(step, *HEALTHY_READING, 1.0))
+    detector.update(_reading(WARM + 20, None, {}, 1.0))  # type: ignore[arg-type]
+    restored = TrendDetector()
+    restored.load_state_dict(detector.state_dict())
+    assert restored.reading_counts("m") == ReadingCounts(measured=5, judged=2, in_warmup=2)
+    assert restored.judgement("m") == detector.judgement("m")
 
 
 def test_one_extreme_reading_decides_before_the_rule_has_its_measurements() -> None:

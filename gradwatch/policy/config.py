@@ -33,7 +33,8 @@ class DetectionConfig:
     A diverged run stays exploding: an exploding episode does not end on a reading whose total gradient
     norm is non-finite or at least ``diverged_gradient_norm``, nor on one whose lambda still grows past
     ``exploding_growth_rate`` while its longest lag norm reads 0 (an overflowed product).
-    Fewer measurements of a layer than ``measurements_needed`` and no open episode: verdict ``unknown``.
+    Fewer judged measurements of a layer than ``measurements_needed`` (judged: a usable lag product, taken
+    at or after ``vanishing_warmup_steps``) and no open episode: verdict ``unknown``.
     """
 
     patience: int = 3
@@ -126,9 +127,10 @@ class DetectionConfig:
 
     @property
     def measurements_needed(self) -> int:
-        """Fewest measurements of a layer past the vanishing warm-up before "no alert" means healthy: the
-        rules need ``patience`` (exploding) and ``vanishing_patience`` (vanishing) readings to open an
-        episode, so fewer (and no episode open) is verdict ``unknown``."""
+        """Fewest judged measurements of a layer (a usable lag product, at or after
+        ``vanishing_warmup_steps``) before "no alert" means healthy: the rules need ``patience`` (exploding)
+        and ``vanishing_patience`` (vanishing) readings to open an episode, so fewer (and no episode open)
+        is verdict ``unknown``."""
         return max(self.patience, self.vanishing_patience)
 
     @classmethod

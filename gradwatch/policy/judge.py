@@ -52,20 +52,78 @@ RUN_VERDICTS: tuple[Verdict, ...] = (
 
 
 @dataclass(frozen=True)
+class ReadingCounts:
+    """How a layer's measurements count towards ``DetectionConfig.measurements_needed``.
+
+    Only ``judged`` readings count: a usable product of Jacobians (a raw verdict) at or after
+    ``vanishing_warmup_steps``, where every rule can judge it. The others are said in an ``unknown``
+    verdict's reason, so that "12 measurements" never reads as "no measurement".
+    """
+
+    measured: int = 0
+    """Every measurement of the layer."""
+    judged: int = 0
+    """Measurements past the warm-up with a usable lag product: what the rule counts."""
+    in_warmup: int = 0
+    """Measurements with a usable lag product, but before ``vanishing_warmup_steps``."""
+
+    @property
+    def without_product(self) -> int:
+        """Measurements without a usable lag product (T = 1; null, NaN or overflowed lag norms; a reach that
+        cannot be judged at the horizon)."""
+        return self.measured - self.judged - self.in_warmup
+
+    def __sub__(self, earlier: ReadingCounts) -> ReadingCounts:
+        """The counts of the measurements since ``earlier`` was taken (a ``--steps`` window)."""
+        return ReadingCounts(
+            self.measured - earlier.measured, self.judged - earlier.judged, self.in_warmup - earlier.in_warmup
+        )
+
+
+@dataclass(frozen=True)
 class Judgement:
-    """A layer's verdict now, in words, and how many measurements it rests on."""
+    """A layer's verdict now, in words, and how many judged measurements it rests on."""
 
     verdict: Verdict
     reason: str
     measurements: int
 
 
-def too_few_measurements(count: int, needed: int, where: str = "") -> str:
-    """The reason of an ``unknown`` verdict, "1 measurement; the rule needs 5"."""
+def too_few_measurements(
+    counts: ReadingCounts | int, needed: int, where: str = "", warmup_steps: int = 0
+) -> str:
+    """The reason of an ``unknown`` verdict: "2 measurements; the rule needs 5" when every measurement was
+    judged, else what kept the others from counting ("3 measurements, all inside the 100-step warm-up; the
+    rule needs 5 after it", "12 measurements, none with a usable lag product; ..."). ``where``: " in
+    steps A:B"; ``warmup_steps``: ``DetectionConfig.vanishing_warmup_steps``."""
+    if isinstance(counts, int):
+        counts = ReadingCounts(measured=counts, judged=counts)
+    count = counts.measured
     if count == 0:
         return f"no measurement{where}; the rule needs {needed}"
-    plural = "" if count == 1 else "s"
-    return f"{count} measurement{plural}{where}; the rule needs {needed}"
+    noun = f"{count} measurement{'' if count == 1 else 's'}{where}"
+    if counts.judged == count:
+        return f"{noun}; the rule needs {needed}"
+    warmup = f"the {warmup_steps}-step warm-up"
+    after_warmup = (
+        f"the rule needs {needed} after {warmup}" if warmup_steps > 0 else f"the rule needs {needed}"
+    )
+    if counts.in_warmup == count:
+        return f"{noun}, {'' if count == 1 else 'all '}inside {warmup}; the rule needs {needed} after it"
+    if counts.without_product == count:
+        return f"{noun}, {'without' if count == 1 else 'none with'} a usable lag product; {after_warmup}"
+    left_out = [
+        f"{amount} {text}"
+        for amount, text in (
+            (counts.in_warmup, f"inside {warmup}"),
+            (counts.without_product, "without a usable lag product"),
+        )
+        if amount
+    ]
+    judged = "none" if counts.judged == 0 else str(counts.judged)
+    if counts.in_warmup:  # the warm-up is named in the parentheses already
+        after_warmup = f"the rule needs {needed} after the warm-up"
+    return f"{noun}, {judged} judged ({', '.join(left_out)}); {after_warmup}"
 
 
 # --- thresholds: every rule below, live and offline, reads these ------------------------------------

@@ -34,6 +34,7 @@ from gradwatch.policy.explain import (
 from gradwatch.policy.judge import (
     CLIP_PERCENTILE,
     Judgement,
+    ReadingCounts,
     Verdict,
     percentile,
     too_few_measurements,
@@ -124,7 +125,12 @@ class LayerState:
     candidate: Verdict = Verdict.HEALTHY
     streak: int = 0
     judged: int = 0
-    """Measurements with a Jacobian reading (a raw verdict other than unknown) so far."""
+    """Measurements past the vanishing warm-up with a Jacobian reading (a raw verdict other than unknown):
+    what ``measurements_needed`` counts."""
+    measured: int = 0
+    """Every measurement of the layer so far."""
+    in_warmup: int = 0
+    """Measurements with a Jacobian reading before ``vanishing_warmup_steps`` (not counted)."""
     gradient: GradientNormStatistics = field(default_factory=GradientNormStatistics)
     healthy_gradient_norms: deque[float] = field(default_factory=deque)
     latest: JacobianReading | None = None
@@ -154,6 +160,10 @@ class LayerState:
             )
         return self.latest
 
+    def counts(self) -> ReadingCounts:
+        """How the layer's measurements count towards ``measurements_needed``."""
+        return ReadingCounts(measured=self.measured, judged=self.judged, in_warmup=self.in_warmup)
+
     def to_json(self) -> dict[str, Any]:
         latest = self.reading()
         return {
@@ -165,6 +175,8 @@ class LayerState:
             "candidate": self.candidate.value,
             "streak": self.streak,
             "judged": self.judged,
+            "measured": self.measured,
+            "in_warmup": self.in_warmup,
             "gradient_warmup": list(self.gradient.warmup),
             "gradient_mean": self.gradient.mean,
             "gradient_variance": self.gradient.variance,
@@ -181,6 +193,8 @@ class LayerState:
             candidate=Verdict(data["candidate"]),
             streak=int(data["streak"]),
             judged=int(data.get("judged", 0)),
+            measured=int(data.get("measured", data.get("judged", 0))),  # older checkpoints: judged only
+            in_warmup=int(data.get("in_warmup", 0)),
             gradient=GradientNormStatistics(
                 warmup=[float(v) for v in data["gradient_warmup"]],
                 mean=data["gradient_mean"],
@@ -289,10 +303,11 @@ class TrendDetector:
         return self.judgement(module, layer, direction).verdict
 
     def judgement(self, module: str, layer: int = 0, direction: str = "forward") -> Judgement:
-        """:meth:`verdict` with its reason ("1 measurement; the rule needs 5") and measurement count.
+        """:meth:`verdict` with its reason ("1 measurement; the rule needs 5") and judged measurement count.
 
-        The every-step gradient-growth episode of the module counts for its layer 0 (forward), where its
-        alerts are filed.
+        Only measurements past ``vanishing_warmup_steps`` with a usable lag product count (see
+        :class:`ReadingCounts`); an ``unknown`` reason says what the others were. The every-step
+        gradient-growth episode of the module counts for its layer 0 (forward), where its alerts are filed.
         """
         state = self._states.get((module, layer, direction))
         growth = self._growth.get(module)
@@ -308,16 +323,24 @@ class TrendDetector:
             return Judgement(state.episode, reason, state.judged)
         needed = self.config.measurements_needed
         if state.judged < needed:
-            return Judgement(Verdict.UNKNOWN, too_few_measurements(state.judged, needed), state.judged)
+            reason = too_few_measurements(
+                state.counts(), needed, warmup_steps=self.config.vanishing_warmup_steps
+            )
+            return Judgement(Verdict.UNKNOWN, reason, state.judged)
         plural = "" if state.judged == 1 else "s"
         return Judgement(
             Verdict.HEALTHY, f"no episode open after {state.judged} measurement{plural}", state.judged
         )
 
     def judged_measurements(self, module: str, layer: int = 0, direction: str = "forward") -> int:
-        """How many measurements of a layer had a Jacobian reading (0 when never seen)."""
+        """How many measurements of a layer count towards ``measurements_needed``: a Jacobian reading past
+        the vanishing warm-up (0 when never seen)."""
+        return self.reading_counts(module, layer, direction).judged
+
+    def reading_counts(self, module: str, layer: int = 0, direction: str = "forward") -> ReadingCounts:
+        """All, judged and warm-up measurements of a layer (zeros when never seen)."""
         state = self._states.get((module, layer, direction))
-        return 0 if state is None else state.judged
+        return ReadingCounts() if state is None else state.counts()
 
     def suggested_clip_norm(
         self, module: str, layer: int = 0, direction: Direction = "forward"
@@ -446,8 +469,12 @@ class TrendDetector:
         """
         config = self.config
         jacobian_verdict = verdict
+        state.measured += 1
         if verdict is not _UNKNOWN:
-            state.judged += 1
+            if warm:
+                state.judged += 1  # every rule can judge it: past the vanishing warm-up
+            else:
+                state.in_warmup += 1
         diverged = False
         if total is not None and not total < config.diverged_gradient_norm:
             diverged = True  # a diverged run: non-finite (inf here) or 1e30-scale gradients

@@ -25,6 +25,7 @@ from gradwatch.policy.judge import (
     CLIP_PERCENTILE,
     SEVERITY,
     FactorValues,
+    ReadingCounts,
     Verdict,
     layer_cause,
     layer_suggestions,
@@ -76,26 +77,38 @@ class LayerEvidence:
         self.last: Measurement | None = None
         self._detector: TrendDetector | None = None
         self._key: tuple[str, int, str] | None = None
-        self._judged_before: int | None = None
-        """The detector's count of judged measurements of the layer before the first one of the window."""
+        self._counts_before: ReadingCounts | None = None
+        """The detector's counts of the layer's measurements before the first one of the window."""
+
+    @property
+    def counts(self) -> ReadingCounts:
+        """How the window's measurements count for the rule (judged: past the warm-up, with a product)."""
+        if self._detector is None or self._key is None or self._counts_before is None:
+            return ReadingCounts()
+        return self._detector.reading_counts(*self._key) - self._counts_before
 
     @property
     def judged(self) -> int:
-        """Measurements of the window with a Jacobian reading (what the rule counts)."""
-        if self._detector is None or self._key is None or self._judged_before is None:
-            return 0
-        return self._detector.judged_measurements(*self._key) - self._judged_before
+        """Measurements of the window the rule counts (a Jacobian reading past the vanishing warm-up)."""
+        return self.counts.judged
 
     @property
     def needed(self) -> int:
         """Measurements the rule needs before no episode means healthy."""
-        config = self._detector.config if self._detector is not None else DetectionConfig()
-        return config.measurements_needed
+        return self._config.measurements_needed
+
+    @property
+    def _config(self) -> DetectionConfig:
+        return self._detector.config if self._detector is not None else DetectionConfig()
+
+    def too_few(self, window: str = "") -> str:
+        """The reason of an ``unknown`` verdict over the window: what was measured, why it did not count."""
+        return too_few_measurements(self.counts, self.needed, window, self._config.vanishing_warmup_steps)
 
     def _start_window(self, detector: TrendDetector, key: tuple[str, int, str]) -> None:
         self._detector, self._key = detector, key
-        if self._judged_before is None:
-            self._judged_before = detector.judged_measurements(*key)
+        if self._counts_before is None:
+            self._counts_before = detector.reading_counts(*key)
 
     def add(self, measurement: Measurement) -> None:
         """Fold one measurement (in step order) into the evidence."""
@@ -253,7 +266,7 @@ def fallback_verdict(
             span = f"{evidence.count} measurement(s), steps {evidence.first_step}-{evidence.last_step}"
             return state, f"{alert.message} (the monitor's detector replayed over {span})"
     if evidence.judged < evidence.needed:
-        return Verdict.UNKNOWN, too_few_measurements(evidence.judged, evidence.needed, window)
+        return Verdict.UNKNOWN, evidence.too_few(window)
     span = f"{evidence.count} measurement(s), steps {evidence.first_step}-{evidence.last_step}"
     return Verdict.HEALTHY, f"the monitor's detector found no open episode over {span}"
 
@@ -450,7 +463,7 @@ def judge_evidence(
                 nonfinite[0],
             )
         if verdict is Verdict.HEALTHY and evidence.judged < evidence.needed:
-            verdict, reason = Verdict.UNKNOWN, too_few_measurements(evidence.judged, evidence.needed, window)
+            verdict, reason = Verdict.UNKNOWN, evidence.too_few(window)
     else:
         verdict, reason = fallback_verdict(evidence, window)
         source = "rules"
