@@ -179,6 +179,7 @@ def record_run(spec: RunSpec, out: Path, steps: int | None, eval_every: int) -> 
         "input_gradient_ratio": reaches,
     }
     (out / f"{spec.name}.outcome.json").write_text(json.dumps(outcome))
+    torch.save(model.state_dict(), out / f"{spec.name}.final.pt")  # for checking the measurements afterwards
     return log
 
 
