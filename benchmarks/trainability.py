@@ -332,6 +332,22 @@ class Row:
     history: str
     right: bool
     why: str
+    input_ratio: float | None = None  # the lecture's quantity at the end, measured independently
+    agreement: float | None = (
+        None  # share of evaluations where "vanishing open" == (independent ratio < floor)
+    )
+
+
+INDEPENDENT_TAIL = 5
+"""The independent ||dL/dx_0|| / ||dL/dx_(T-1)|| at the end of a run: the median of its last 5 evaluations
+(it moves by decades from one evaluation to the next)."""
+
+
+def final_input_ratio(outcome: dict[str, object]) -> float | None:
+    """The median of the last INDEPENDENT_TAIL evaluations of the independent ratio, or None (older logs)."""
+    ratios = [float(r) for _, r in outcome.get("input_gradient_ratio", [])][-INDEPENDENT_TAIL:]  # type: ignore[attr-defined]
+    finite = sorted(r for r in ratios if math.isfinite(r))
+    return finite[(len(finite) - 1) // 2] if finite else None
 
 
 def learned_at(curve: list[tuple[int, float]]) -> int | None:
@@ -363,6 +379,7 @@ def judge_run(log: Path, outcome: dict[str, object], config: DetectionConfig) ->
                 alerts += detector.update(record)
     final = detector.verdict(*layer).value if layer is not None else "unknown"  # type: ignore[arg-type]
     learned, diverged = learned_at(curve), diverged_at(curve)
+    ratio = final_input_ratio(outcome)
     final_mse = curve[-1][1]
     history = " ".join(f"{a.alert.value[0].upper()}@{a.step}" for a in alerts) or "-"
     why = ""
@@ -381,13 +398,65 @@ def judge_run(log: Path, outcome: dict[str, object], config: DetectionConfig) ->
         right = open_at_learned is None and not late and final == "healthy"
         why = "" if right else f"learned at {learned}: {open_at_learned or 'alert'} still open"
     else:
-        opened = [a for a in alerts if a.alert is AlertKind.VANISHING]
-        recovered = [
-            a for a in alerts if opened and a.alert is AlertKind.RECOVERED and a.step > opened[0].step
-        ]
-        right = final == "vanishing" and bool(opened) and not recovered
-        why = "" if right else "never learned: vanishing must open and stay open"
-    return Row(spec, int(outcome["steps"]), final_mse, learned, diverged, final, history, right, why)  # type: ignore[call-overload]
+        right, why = _judge_never_learned(alerts, final, outcome, config)
+    agreement = agreement_with_independent_ratio(alerts, outcome, config)
+    return Row(
+        spec,
+        int(outcome["steps"]),
+        final_mse,
+        learned,
+        diverged,
+        final,
+        history,
+        right,
+        why,
+        ratio,
+        agreement,
+    )  # type: ignore[call-overload]
+
+
+def agreement_with_independent_ratio(
+    alerts: list[Alert], outcome: dict[str, object], config: DetectionConfig
+) -> float | None:
+    """The share of evaluations after the warm-up (and the patience it takes to open) at which the
+    detector's state (a vanishing episode open or not) agrees with the independent ratio (below the floor or
+    not); None without recorded ratios."""
+    settled = config.vanishing_warmup_steps + config.vanishing_patience * EVERY
+    pairs = [(int(s), float(r)) for s, r in outcome.get("input_gradient_ratio", []) if int(s) >= settled]  # type: ignore[attr-defined]
+    pairs = [(s, r) for s, r in pairs if math.isfinite(r)]
+    if not pairs:
+        return None
+    agree = sum(
+        (_open_episode(alerts, s) == "vanishing") == (r < config.vanishing_lag_norm) for s, r in pairs
+    )
+    return agree / len(pairs)
+
+
+def _judge_never_learned(
+    alerts: list[Alert], final: str, outcome: dict[str, object], config: DetectionConfig
+) -> tuple[bool, str]:
+    """A run that never learned. Vanishing must open. Where the independent ratio was recorded, the verdict
+    must follow it: vanishing at the end iff the ratio at the end is below the floor, and every recovery
+    backed by an evaluation, between the episode's opening and 100 steps after the recovery, whose ratio
+    reached the floor (the gradient did reach back then). Without it (older logs), the issue's literal
+    rule: vanishing opens and stays open."""
+    opened = [a for a in alerts if a.alert is AlertKind.VANISHING]
+    if not opened:
+        return False, "never learned: vanishing must open"
+    recoveries = [a for a in alerts if a.alert is AlertKind.RECOVERED and a.step > opened[0].step]
+    ratio = final_input_ratio(outcome)
+    if ratio is None:
+        right = final == "vanishing" and not recoveries
+        return right, "" if right else "never learned: vanishing must open and stay open"
+    floor = config.vanishing_lag_norm
+    reached = [int(s) for s, r in outcome["input_gradient_ratio"] if math.isfinite(r) and r >= floor]  # type: ignore[attr-defined]
+    for recovery in recoveries:
+        since = max((a.step for a in opened if a.step < recovery.step), default=opened[0].step)
+        if not any(since <= step <= recovery.step + 100 for step in reached):
+            return False, f"recovered at {recovery.step} while the independent ratio stayed below {floor:g}"
+    expected = "vanishing" if ratio < floor else "not vanishing"
+    right = (final == "vanishing") == (ratio < floor)
+    return right, "" if right else f"never learned; the independent ratio at the end says {expected}"
 
 
 def _open_episode(alerts: list[Alert], step: int) -> str | None:
@@ -420,11 +489,15 @@ def evaluate(out: Path, markdown: bool) -> None:
         if not outcome_path.exists():
             continue
         rows.append(judge_run(out / f"{spec.name}.jsonl", json.loads(outcome_path.read_text()), config))
-    header = ["config", "T", "seed", "steps", "learned? (held-out MSE)", "final verdict", "alerts", "right?"]
+    header = ["config", "T", "seed", "steps", "learned? (held-out MSE)", "||dL/dx_0||/||dL/dx_T|| at the end",
+              "agrees with it",
+              "final verdict", "alerts", "right?"]  # fmt: skip
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for row in rows:
-        cells = [row.spec.config, str(row.spec.seq_len), str(row.spec.seed), str(row.steps), outcome_text(row),
+        ratio = "-" if row.input_ratio is None else f"{row.input_ratio:.1e}"
+        agreement = "-" if row.agreement is None else f"{100 * row.agreement:.0f}%"
+        cells = [row.spec.config, str(row.spec.seq_len), str(row.spec.seed), str(row.steps), outcome_text(row), ratio, agreement,
                  row.final_verdict, row.history, "yes" if row.right else f"**no**: {row.why}"]  # fmt: skip
         print("| " + " | ".join(cells) + " |")
     print(f"\n{sum(r.right for r in rows)} of {len(rows)} rows right "
