@@ -508,7 +508,10 @@ def layer_metrics(estimate: LayerEstimate) -> MeasurementMetrics:
     """The MeasurementMetrics of one layer estimate, with one host copy (grad_norm and grad_nonfinite are
     left empty: the caller adds the gradients it measured, with ``dataclasses.replace``).
 
-    lag_norm[str(tau)] and lyapunov_max are medians over sequences (the lower middle value for an even
+    lag_norm[str(tau)] is the mean over sequences: the gradient of a batch loss is a sum over its sequences,
+    so the share of it that reaches tau steps back is carried by the sequences whose product survives (an
+    input-gated memory keeps the product ~1 in a few sequences and ~0 in the rest; a median reads 0 there).
+    lyapunov_max is the median over sequences (the lower middle value for an even
     count, so an infinite value never turns into NaN by interpolation).
     """
     reference = estimate.jacobian_sigma
@@ -522,7 +525,7 @@ def layer_metrics(estimate: LayerEstimate) -> MeasurementMetrics:
     named["lyapunov_max"] = nan if lyapunov is None else torch.nanmedian(lyapunov.to(torch.float64))
     named["sequences"] = estimate.sequences.to(torch.float64).reshape(())
     lags = {
-        str(tau): torch.nanmedian(estimate.lag_norm_per_sequence[k].to(torch.float64))
+        str(tau): torch.nanmean(estimate.lag_norm_per_sequence[k].to(torch.float64))
         for k, tau in enumerate(estimate.lags)
     }
     spectrum = _spectrum_medians(estimate, nan)
