@@ -222,6 +222,23 @@ def test_warm_started_lag_norms_stop_sooner() -> None:
     torch.testing.assert_close(warm.norms, cold.norms, rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("method", ["lanczos", "power"])
+def test_a_warm_start_from_a_product_that_was_zero_measures_the_new_product(method: str) -> None:
+    """A product that was exactly 0 once (all units of a ReLU layer dead at one step) leaves zero or NaN
+    right vectors; the next measurement starts those rows afresh instead of reading 0 for ever."""
+    steps, batch, lags = 12, 3, [1, 4, 12]
+    mask = torch.ones(steps, batch, dtype=torch.bool)
+    dead = linear_cell_jacobians(torch.zeros(6, 6, dtype=torch.float64), steps, batch, "analytic", seed=0)
+    previous = estimate_lag_norms(dead, mask, lags, method=method)
+    assert bool((previous.norms == 0).all())
+    generator = torch.Generator().manual_seed(3)
+    orthogonal, _ = torch.linalg.qr(torch.randn(6, 6, generator=generator, dtype=torch.float64))
+    alive = linear_cell_jacobians(0.9 * orthogonal, steps, batch, "analytic", seed=0)
+    warm = estimate_lag_norms(alive, mask, lags, method=method, v0=previous.estimate.right_vectors)
+    for k, tau in enumerate(lags):
+        torch.testing.assert_close(warm.norms[k], torch.full((batch,), 0.9**tau, dtype=torch.float64))
+
+
 def test_mask_errors_and_lag_errors_are_clear() -> None:
     jac = ConstantLinearJacobians(torch.eye(3), steps=4, batch=2)
     with pytest.raises(ValueError, match="left-aligned"):

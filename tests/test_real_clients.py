@@ -160,7 +160,7 @@ def exact_chain_metrics(
     step: Callable[[Tensor, Tensor], Tensor], inputs: Tensor, h0: Tensor
 ) -> dict[str, Any]:
     """Dense J_t by jacrev along s_t = step(x_t, s_{t-1}) for every sequence (inputs (T, B, I), h0 (B, D)):
-    sigma_max per step, the median lag norms over sequences and the top Lyapunov exponent."""
+    sigma_max per step, the mean lag norms over sequences and the top Lyapunov exponent."""
     steps, batch = inputs.shape[:2]
     jacobians = []
     with torch.enable_grad():
@@ -177,7 +177,7 @@ def exact_chain_metrics(
     for tau in range(1, steps + 1):
         product = product @ jac[steps - tau]
         if tau in lags:
-            lag_norms[str(tau)] = float(torch.linalg.matrix_norm(product, ord=2).median())
+            lag_norms[str(tau)] = float(torch.linalg.matrix_norm(product, ord=2).mean())
     lyapunov = torch.log(torch.linalg.matrix_norm(product, ord=2)) / steps
     return {"sigmas": sigmas, "lag_norm": lag_norms, "lyapunov_max": float(lyapunov.median())}
 

@@ -11,8 +11,8 @@ from torch import Tensor
 from gradwatch.estimators.power_iteration import (
     SpectralMethod,
     SpectralNormEstimate,
-    random_start_vectors,
     spectral_norm,
+    warm_or_random_start,
 )
 
 DEFAULT_SATURATION_THRESHOLD = 0.05
@@ -77,18 +77,9 @@ def weight_spectral_norm(
         raise TypeError(f"weight_hh must be a floating-point tensor, got dtype {weight_hh.dtype}")
     matrix = weight_hh.detach()
     columns = matrix.shape[1]
-    usable = (
-        v0 is not None
-        and tuple(v0.shape) == (columns,)
-        and v0.dtype == matrix.dtype
-        and v0.device == matrix.device
+    start, _ = warm_or_random_start(
+        v0, (columns,), dtype=matrix.dtype, device=matrix.device, generator=generator
     )
-    start = (
-        v0
-        if usable
-        else random_start_vectors((columns,), dtype=matrix.dtype, device=matrix.device, generator=generator)
-    )
-    assert start is not None
     return spectral_norm(
         method, lambda v: matrix @ v, lambda u: matrix.T @ u, start, max_iter=max_iter, rtol=rtol
     )

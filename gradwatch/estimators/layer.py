@@ -26,9 +26,8 @@ from gradwatch.estimators.power_iteration import (
     MatVec,
     SpectralMethod,
     SpectralNormEstimate,
-    random_start_vectors,
-    safe_vector_norm,
     spectral_norm,
+    warm_or_random_start,
 )
 from gradwatch.estimators.products import (
     DEFAULT_LAG_MAX_ITER,
@@ -205,22 +204,6 @@ class LayerEstimate:
     lyapunov_log_condition_per_sequence: Tensor | None = None  # (B,) ln(sigma_1 / sigma_k)
 
 
-def _warm_or_random(
-    warm: Tensor | None,
-    shape: tuple[int, ...],
-    dtype: torch.dtype,
-    device: torch.device,
-    generator: torch.Generator | None,
-) -> tuple[Tensor, Tensor]:
-    """The warm vectors if shape/dtype/device fit, with non-finite or zero rows replaced by random ones;
-    and which rows are warm (shape[:-1], bool)."""
-    fresh = random_start_vectors(shape, dtype=dtype, device=device, generator=generator)
-    if warm is None or tuple(warm.shape) != shape or warm.dtype != dtype or warm.device != device:
-        return fresh, torch.zeros(shape[:-1], dtype=torch.bool, device=device)
-    usable = torch.isfinite(warm).all(dim=-1) & (safe_vector_norm(warm) > 0)
-    return torch.where(usable.unsqueeze(-1), warm, fresh), usable
-
-
 def _masked_summaries(sigma: Tensor, mask: Tensor) -> dict[str, Tensor]:
     """Mean, min, max, p95 and share above one over real steps; all NaN if any real step is non-finite."""
     real = mask.to(sigma.device)
@@ -343,12 +326,12 @@ def estimate_layer(
     mask = mask.to(jac.device)
 
     # 1. sigma_max(J_t) for every (t, b) at once: a batch of T*B matrix-free operators.
-    step_start, warm_rows = _warm_or_random(
+    step_start, warm_rows = warm_or_random_start(
         warm_start.step_vectors if warm_start else None,
         (steps, batch, state),
-        jac.dtype,
-        jac.device,
-        generator,
+        dtype=jac.dtype,
+        device=jac.device,
+        generator=generator,
     )
     sample = (
         stratified_step_sample(mask, settings.step_sample, _sample_generator(generator, jac.device))
@@ -508,7 +491,10 @@ def layer_metrics(estimate: LayerEstimate) -> MeasurementMetrics:
     """The MeasurementMetrics of one layer estimate, with one host copy (grad_norm and grad_nonfinite are
     left empty: the caller adds the gradients it measured, with ``dataclasses.replace``).
 
-    lag_norm[str(tau)] and lyapunov_max are medians over sequences (the lower middle value for an even
+    lag_norm[str(tau)] is the mean over sequences: the gradient of a batch loss is a sum over its sequences,
+    so the share of it that reaches tau steps back is carried by the sequences whose product survives (an
+    input-gated memory keeps the product ~1 in a few sequences and ~0 in the rest; a median reads 0 there).
+    lyapunov_max is the median over sequences (the lower middle value for an even
     count, so an infinite value never turns into NaN by interpolation).
     """
     reference = estimate.jacobian_sigma
@@ -522,7 +508,7 @@ def layer_metrics(estimate: LayerEstimate) -> MeasurementMetrics:
     named["lyapunov_max"] = nan if lyapunov is None else torch.nanmedian(lyapunov.to(torch.float64))
     named["sequences"] = estimate.sequences.to(torch.float64).reshape(())
     lags = {
-        str(tau): torch.nanmedian(estimate.lag_norm_per_sequence[k].to(torch.float64))
+        str(tau): torch.nanmean(estimate.lag_norm_per_sequence[k].to(torch.float64))
         for k, tau in enumerate(estimate.lags)
     }
     spectrum = _spectrum_medians(estimate, nan)

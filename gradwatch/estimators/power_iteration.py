@@ -76,6 +76,26 @@ def random_start_vectors(
     return vectors
 
 
+def warm_or_random_start(
+    warm: Tensor | None,
+    shape: tuple[int, ...],
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    generator: torch.Generator | None,
+) -> tuple[Tensor, Tensor]:
+    """Start vectors of shape ``shape``: the previous estimate's ``warm`` vectors where they fit, with every
+    row that is non-finite or zero replaced by a random one; and which rows are warm (shape[:-1], bool).
+
+    A product that was exactly 0 once (dead ReLU units at that measurement) leaves a zero right vector, and
+    iterating from 0 reads 0 for ever after: such a row must start afresh."""
+    fresh = random_start_vectors(shape, dtype=dtype, device=device, generator=generator)
+    if warm is None or tuple(warm.shape) != shape or warm.dtype != dtype or warm.device != device:
+        return fresh, torch.zeros(shape[:-1], dtype=torch.bool, device=device)
+    usable = torch.isfinite(warm).all(dim=-1) & (safe_vector_norm(warm) > 0)
+    return torch.where(usable.unsqueeze(-1), warm, fresh), usable
+
+
 def _normalise(x: Tensor) -> tuple[Tensor, Tensor]:
     """(x / ||x||, ||x||) with zero vectors left at zero instead of 0/0 = NaN."""
     norm = safe_vector_norm(x)

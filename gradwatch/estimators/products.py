@@ -36,6 +36,7 @@ from gradwatch.estimators.power_iteration import (
     safe_vector_norm,
     spectral_norm,
     spectral_norm_lanczos,
+    warm_or_random_start,
 )
 
 DEFAULT_LAG_MAX_ITER = 12
@@ -196,9 +197,11 @@ def _estimate_windows(
     usable_warm_start = (
         v0 is not None and tuple(v0.shape) == shape and v0.dtype == jac.dtype and v0.device == jac.device
     )
+    warm_rows: Tensor | bool = usable_warm_start
     if usable_warm_start:
-        assert v0 is not None
-        start_vectors = v0
+        start_vectors, warm_rows = warm_or_random_start(
+            v0, shape, dtype=jac.dtype, device=jac.device, generator=generator
+        )
     else:
         lag_rows = lag_count - fixed_start_rows
         start_vectors = random_start_vectors(
@@ -255,18 +258,20 @@ def _estimate_windows(
         active=valid,
         restrict=restrict,
         check_interval=_LAG_CONVERGENCE_TEST["check_interval"],
-        quiet_checks=_lag_quiet_checks(tau.expand(lag_count, batch), usable_warm_start, quiet_checks),
+        quiet_checks=_lag_quiet_checks(tau.expand(lag_count, batch), warm_rows, quiet_checks),
     )
     norms = torch.where(valid, raw.sigma, torch.full_like(raw.sigma, float("nan")))
     return LagNormEstimate(checked_lags, norms, raw)
 
 
-def _lag_quiet_checks(tau: Tensor, warm: bool, long_lag_checks: int | None = None) -> Tensor:
+def _lag_quiet_checks(tau: Tensor, warm: Tensor | bool, long_lag_checks: int | None = None) -> Tensor:
     """Quiet checks per (row, sequence): SHORT_LAG_QUIET_CHECKS for the short lags; for the long ones
-    ``long_lag_checks`` if given, else WARM_LAG_QUIET_CHECKS when warm-started, else 3."""
-    long_lag = WARM_LAG_QUIET_CHECKS if warm else _LAG_CONVERGENCE_TEST["quiet_checks"]
+    ``long_lag_checks`` if given, else WARM_LAG_QUIET_CHECKS where warm-started (``warm``: all rows, or a
+    (rows, sequences) mask), else 3."""
+    cold = _LAG_CONVERGENCE_TEST["quiet_checks"]
+    long_lag = torch.where(torch.as_tensor(warm, device=tau.device), WARM_LAG_QUIET_CHECKS, cold)
     if long_lag_checks is not None:
-        long_lag = long_lag_checks
+        long_lag = torch.full_like(long_lag, long_lag_checks)
     return torch.where(tau >= WARM_LONG_LAG, long_lag, SHORT_LAG_QUIET_CHECKS).to(torch.long)
 
 

@@ -5,7 +5,7 @@ Independent of gradwatch's matrix-free estimators: every step Jacobian is formed
 over 100+ steps neither underflow nor overflow.
 
 Index convention (the same as gradwatch.estimators): states s_0..s_T, inputs x_0..x_{T-1},
-J_t = ds_{t+1}/ds_t evaluated at (x_t, s_t), t = 0..T-1. ``lag_norm[str(tau)]`` is the median over
+J_t = ds_{t+1}/ds_t evaluated at (x_t, s_t), t = 0..T-1. ``lag_norm[str(tau)]`` is the mean over
 sequences of ||J_{T-1} ... J_{T-tau}||_2 = ||ds_T/ds_{T-tau}||_2 for tau in 1, 2, 4, ... (< T) and T.
 """
 
@@ -149,7 +149,7 @@ def exact_metrics(
     with torch.no_grad():
         sigmas = torch.linalg.matrix_norm(jacobians, ord=2).flatten()
         lags = default_lags(inputs.shape[0])
-        lag_norms = {str(tau): float(norms.median()) for tau, norms in product_norms(jacobians, lags).items()}
+        lag_norms = {str(tau): float(norms.mean()) for tau, norms in product_norms(jacobians, lags).items()}
         lyapunov = lyapunov_exponents(jacobians, torch.Generator().manual_seed(seed))
         derivatives, gates = candidate_derivatives(weights, inputs, states)
         weight_sigma = torch.linalg.matrix_norm(weights.weight_hh, ord=2)
