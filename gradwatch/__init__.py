@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from gradwatch.diagnose import Diagnosis, LayerDiagnosis, diagnose
     from gradwatch.estimators.layer import EstimatorSettings
     from gradwatch.flossing import FlossError, FlossResult, LayerFloss, floss
-    from gradwatch.monitor import GradWatchFault, Monitor, watch
+    from gradwatch.monitor import GradWatchFault, Monitor
     from gradwatch.policy.alerts import (
         ExplodingGradientWarning,
         GradWatchWarning,
@@ -39,6 +39,7 @@ if TYPE_CHECKING:
         record_from_json,
     )
     from gradwatch.sinks import JsonlSink, LoggingSink, PrometheusSink, Sink
+    from gradwatch.watch import watch
 
 # Public names are loaded on first use (PEP 562 module __getattr__), so tools that only read run logs
 # (`gradwatch report`) never import torch: importing it costs seconds and about 230 MB of memory.
@@ -55,7 +56,7 @@ _LAZY_ATTRIBUTES: dict[str, str] = {
     "floss": "gradwatch.flossing",
     "GradWatchFault": "gradwatch.monitor",
     "Monitor": "gradwatch.monitor",
-    "watch": "gradwatch.monitor",
+    "watch": "gradwatch.watch",
     "ExplodingGradientWarning": "gradwatch.policy.alerts",
     "GradWatchWarning": "gradwatch.policy.alerts",
     "NonFiniteGradientError": "gradwatch.policy.alerts",

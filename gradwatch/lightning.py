@@ -16,10 +16,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from gradwatch.faults import warn_or_log
-from gradwatch.monitor import Monitor, watch
+from gradwatch.monitor import Monitor
 from gradwatch.policy.alerts import GradWatchWarning
 from gradwatch.records import ClipEvent, Measurement, Record
 from gradwatch.sinks.tensorboard import clip_scalars, measurement_scalars
+from gradwatch.watch import watch
 
 try:  # Lightning 2.x ships as `lightning` (unified) and as the standalone `pytorch_lightning`
     from lightning.pytorch import Callback, LightningModule, Trainer

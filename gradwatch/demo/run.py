@@ -25,7 +25,7 @@ from rich.text import Text
 from gradwatch.demo.choices import DEFAULT_PORT
 from gradwatch.demo.scenarios import Scenario, build_model, scenario_for
 from gradwatch.demo.task import BASELINE_MSE, adding_problem_batch
-from gradwatch.monitor import Monitor, new_run_id, watch
+from gradwatch.monitor import Monitor, new_run_id
 from gradwatch.policy.alerts import WARNING_CATEGORIES
 from gradwatch.records import Alert, AlertKind, Measurement, Record
 from gradwatch.report.command import make_report
@@ -33,6 +33,7 @@ from gradwatch.report.render_text import render_text
 from gradwatch.report.summary import Report, ReportOptions
 from gradwatch.report.verdict import SEVERITY, Verdict
 from gradwatch.sinks.base import HasUrl
+from gradwatch.watch import watch
 
 ALERT_STYLES: dict[AlertKind, str] = {
     AlertKind.VANISHING: "bold yellow",
