@@ -33,11 +33,11 @@ import click
 import torch
 from torch import nn
 
+from gradwatch.attach import watch
 from gradwatch.demo.task import BASELINE_MSE, INPUT_SIZE, adding_problem_batch
 from gradwatch.policy.config import DetectionConfig
 from gradwatch.policy.trends import TrendDetector
 from gradwatch.records import Alert, AlertKind, Measurement, record_from_json
-from gradwatch.watch import watch
 
 HIDDEN = 64
 BATCH = 64

@@ -11,6 +11,7 @@ from gradwatch._lazy import lazy_attributes
 from gradwatch._version import __version__
 
 if TYPE_CHECKING:
+    from gradwatch.attach import watch
     from gradwatch.capture.modules import register_cell, unregister_cell
     from gradwatch.diagnose import Diagnosis, LayerDiagnosis, diagnose
     from gradwatch.estimators.layer import EstimatorSettings
@@ -39,7 +40,6 @@ if TYPE_CHECKING:
         record_from_json,
     )
     from gradwatch.sinks import JsonlSink, LoggingSink, PrometheusSink, Sink
-    from gradwatch.watch import watch
 
 # Public names are loaded on first use (PEP 562 module __getattr__), so tools that only read run logs
 # (`gradwatch report`) never import torch: importing it costs seconds and about 230 MB of memory.
@@ -56,7 +56,7 @@ _LAZY_ATTRIBUTES: dict[str, str] = {
     "floss": "gradwatch.flossing",
     "GradWatchFault": "gradwatch.monitor",
     "Monitor": "gradwatch.monitor",
-    "watch": "gradwatch.watch",
+    "watch": "gradwatch.attach",
     "ExplodingGradientWarning": "gradwatch.policy.alerts",
     "GradWatchWarning": "gradwatch.policy.alerts",
     "NonFiniteGradientError": "gradwatch.policy.alerts",

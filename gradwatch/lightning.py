@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from gradwatch.attach import watch
 from gradwatch.faults import warn_or_log
 from gradwatch.monitor import Monitor
 from gradwatch.policy.alerts import GradWatchWarning
 from gradwatch.records import ClipEvent, Measurement, Record
 from gradwatch.sinks.tensorboard import clip_scalars, measurement_scalars
-from gradwatch.watch import watch
 
 try:  # Lightning 2.x ships as `lightning` (unified) and as the standalone `pytorch_lightning`
     from lightning.pytorch import Callback, LightningModule, Trainer

@@ -1,4 +1,4 @@
-""":class:`Monitor`, the coordinator (``gradwatch.watch()`` in watch.py builds it): it owns the step
+""":class:`Monitor`, the coordinator (``gradwatch.watch()`` in attach.py builds it): it owns the step
 counter, the schedule and the order of the work in a step; the work itself is done by parts with one
 job each (docs/architecture.md).
 

@@ -100,7 +100,7 @@ class MeasurementMetrics:
     """What one measurement says about one layer and direction of one module.
 
     ``jacobian_*`` summarise sigma_max(J_t), J_t = ds_t/ds_{t-1}, over the measured (t, sequence) pairs.
-    ``lag_norm[str(tau)]`` is the median over sequences of ||ds_T/ds_{T-tau}||_2 (product of tau Jacobians);
+    ``lag_norm[str(tau)]`` is the mean over sequences of ||ds_T/ds_{T-tau}||_2 (product of tau Jacobians);
     ``lyapunov_max`` the mean log growth per step of that product. ``gradient_reach`` is the lag at which
     those lag norms first fall below the reach floor (1e-4); ``horizon`` the lag the vanishing verdict is
     judged at. ``None`` means "not measurable here" (for example a sequence too short for any lag).

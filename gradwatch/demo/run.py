@@ -22,6 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from gradwatch.attach import watch
 from gradwatch.demo.choices import DEFAULT_PORT
 from gradwatch.demo.scenarios import Scenario, build_model, scenario_for
 from gradwatch.demo.task import BASELINE_MSE, adding_problem_batch
@@ -33,7 +34,6 @@ from gradwatch.report.render_text import render_text
 from gradwatch.report.summary import Report, ReportOptions
 from gradwatch.report.verdict import SEVERITY, Verdict
 from gradwatch.sinks.base import HasUrl
-from gradwatch.watch import watch
 
 ALERT_STYLES: dict[AlertKind, str] = {
     AlertKind.VANISHING: "bold yellow",

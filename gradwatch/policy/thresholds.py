@@ -76,7 +76,7 @@ def panel_descriptions(config: DetectionConfig | None = None) -> dict[tuple[str,
             f"{line}{exploding:g} (red). {rule}"
         ),
         ("timeseries", "gradwatch_lag_norm"): (
-            "||ds_T/ds_{T-lag}||_2, median over sequences: how much a gradient from lag steps back is scaled "
+            "||ds_T/ds_{T-lag}||_2, mean over sequences: how much a gradient from lag steps back is scaled "
             f"(log scale); lines at {config.vanishing_lag_norm:g} (yellow) and {config.exploding_lag_norm:g} "
             f"(red). {rule}"
         ),
