@@ -143,7 +143,9 @@ def input_gradient_ratio(model: nn.Module, inputs: torch.Tensor, targets: torch.
     return float(gradient[0].norm()) / last if last > 0 else math.nan
 
 
-def record_run(spec: RunSpec, out: Path, steps: int | None, eval_every: int) -> Path:
+def record_run(
+    spec: RunSpec, out: Path, steps: int | None, eval_every: int, estimator: str = "economy"
+) -> Path:
     """Train one configuration with the monitor on; write NAME.jsonl (run log) and NAME.outcome.json."""
     torch.manual_seed(spec.seed)
     model = AddingModel(CONFIGS[spec.config]())  # type: ignore[arg-type]
@@ -155,7 +157,7 @@ def record_run(spec: RunSpec, out: Path, steps: int | None, eval_every: int) -> 
     curve: list[tuple[int, float]] = []
     reaches: list[tuple[int, float]] = []
     started = time.perf_counter()
-    monitor = watch(model, optimizer, every=EVERY, log=log, run_id=spec.name)
+    monitor = watch(model, optimizer, every=EVERY, log=log, run_id=spec.name, estimator=estimator)
     try:
         for step in range(total):
             batch = adding_problem_batch(data, spec.seq_len, BATCH)
@@ -194,7 +196,16 @@ def main() -> None:
 @click.option("--steps", type=int, default=None, help="override the steps of every run (shortened table)")
 @click.option("--eval-every", type=int, default=100, show_default=True)
 @click.option("--skip-existing/--no-skip-existing", default=True, show_default=True)
-def record(out: Path, only: str, steps: int | None, eval_every: int, skip_existing: bool) -> None:
+@click.option(
+    "--estimator",
+    type=click.Choice(["economy", "full"]),
+    default="economy",
+    show_default=True,
+    help="the monitor's estimator (record both into two --out folders, then run `compare`)",
+)
+def record(
+    out: Path, only: str, steps: int | None, eval_every: int, skip_existing: bool, estimator: str
+) -> None:
     """Train the configurations and record their run logs and outcomes."""
     out.mkdir(parents=True, exist_ok=True)
     wanted = [s for s in only.split(",") if s]
@@ -205,7 +216,7 @@ def record(out: Path, only: str, steps: int | None, eval_every: int, skip_existi
             continue
         (out / f"{spec.name}.jsonl").unlink(missing_ok=True)
         started = time.perf_counter()
-        record_run(spec, out, steps, eval_every)
+        record_run(spec, out, steps, eval_every, estimator)
         outcome = json.loads((out / f"{spec.name}.outcome.json").read_text())
         final = outcome["held_out_mse"][-1][1]
         print(f"{spec.name}: held-out MSE {final:.4g} ({time.perf_counter() - started:.0f} s)", flush=True)
@@ -475,6 +486,43 @@ def outcome_text(row: Row) -> str:
     if row.learned_step is not None:
         return f"yes, at {row.learned_step} ({row.final_mse:.3f})"
     return f"no ({row.final_mse:.3f})"
+
+
+def replay_alerts(log: Path, config: DetectionConfig) -> tuple[str, str]:
+    """The final verdict and the alert history ("V@140 R@1520") of a recorded run under ``config``."""
+    detector = TrendDetector(config)
+    alerts: list[Alert] = []
+    layer: tuple[str, int, str] | None = None
+    with log.open() as lines:
+        for line in lines:
+            record = record_from_json(json.loads(line))
+            if isinstance(record, Measurement):
+                layer = (record.module, record.layer, record.direction)
+                alerts += detector.update(record)
+    final = detector.verdict(*layer).value if layer is not None else "unknown"  # type: ignore[arg-type]
+    return final, " ".join(f"{a.alert.value[0].upper()}@{a.step}" for a in alerts) or "-"
+
+
+@main.command()
+@click.argument("economy", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.argument("full", type=click.Path(path_type=Path, exists=True, file_okay=False))
+def compare(economy: Path, full: str) -> None:
+    """Verdicts and alert steps of the same runs recorded with the economy and the full estimator (#32):
+    training is identical (the monitor changes nothing), so any difference is the estimator's."""
+    config = DetectionConfig()
+    same = total = 0
+    print("| run | economy: verdict, alerts | full: verdict, alerts | same? |\n|---|---|---|---|")
+    for spec in default_runs():
+        logs = [Path(folder) / f"{spec.name}.jsonl" for folder in (economy, full)]
+        if not all((Path(folder) / f"{spec.name}.outcome.json").exists() for folder in (economy, full)):
+            continue
+        (verdict_e, history_e), (verdict_f, history_f) = (replay_alerts(log, config) for log in logs)
+        equal = (verdict_e, history_e) == (verdict_f, history_f)
+        same, total = same + equal, total + 1
+        print(
+            f"| {spec.name} | {verdict_e}, {history_e} | {verdict_f}, {history_f} | {'yes' if equal else '**no**'} |"
+        )
+    print(f"\n{same} of {total} runs: the same final verdict and the same alert steps")
 
 
 @main.command()
