@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import gradwatch
+import gradwatch.attach as attach_module
 import gradwatch.monitor as monitor_module
 from gradwatch.policy.schedule import DEFAULT_TIME_BUDGET, MeasurementSchedule
 
@@ -158,12 +159,14 @@ def test_a_bad_time_budget_is_refused_with_what_is_accepted(budget: object) -> N
 
 def test_several_ranks_keep_the_fixed_schedule(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every rank must measure the same steps (the global view gathers them), so no budget applies."""
-    monkeypatch.setattr(monitor_module, "distributed_rank", lambda: (0, 2))
-    monkeypatch.setattr(monitor_module, "shared_run_id", lambda run_id: run_id)
+    for module in (monitor_module, attach_module):  # watch() and the Monitor both ask for the rank
+        monkeypatch.setattr(module, "distributed_rank", lambda: (0, 2))
+    monkeypatch.setattr(attach_module, "shared_run_id", lambda run_id: run_id)
     with gradwatch.watch(TinyLstm()) as monitor:
         assert monitor.config.time_budget == DEFAULT_TIME_BUDGET  # asked for, as the header says
         assert monitor._schedule.time_budget is None
-    monkeypatch.setattr(monitor_module, "distributed_rank", lambda: (0, 1))
+    for module in (monitor_module, attach_module):
+        monkeypatch.setattr(module, "distributed_rank", lambda: (0, 1))
     with gradwatch.watch(TinyLstm()) as monitor:
         assert monitor._schedule.time_budget == DEFAULT_TIME_BUDGET
 
