@@ -22,6 +22,7 @@ Run from the repository root (logs stay out of git: runs/ is ignored):
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import time
@@ -488,6 +489,21 @@ def outcome_text(row: Row) -> str:
     return f"no ({row.final_mse:.3f})"
 
 
+def changed_config(overrides: tuple[str, ...]) -> DetectionConfig:
+    """DetectionConfig() with FIELD=VALUE overrides, each value parsed as the field's default type."""
+    config = DetectionConfig()
+    for item in overrides:
+        name, _, text = item.partition("=")
+        if not hasattr(config, name) or not text:
+            raise click.BadParameter(
+                f"{item!r}: expected FIELD=VALUE with a DetectionConfig field", param_hint="--set"
+            )
+        kind = type(getattr(config, name))
+        value = text.lower() in ("1", "true", "yes") if kind is bool else kind(text)
+        config = dataclasses.replace(config, **{name: value})
+    return config
+
+
 def replay_alerts(log: Path, config: DetectionConfig) -> tuple[str, str]:
     """The final verdict and the alert history ("V@140 R@1520") of a recorded run under ``config``."""
     detector = TrendDetector(config)
@@ -528,9 +544,16 @@ def compare(economy: Path, full: str) -> None:
 @main.command()
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs/trainability"), show_default=True)
 @click.option("--markdown/--text", default=True, show_default=True)
-def evaluate(out: Path, markdown: bool) -> None:
-    """Judge the recorded runs with this checkout's DetectionConfig() and print the table."""
-    config = DetectionConfig()
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="FIELD=VALUE",
+    help="judge with a changed DetectionConfig field, e.g. --set vanishing_lag_norm=1e-3 (repeatable)",
+)
+def evaluate(out: Path, markdown: bool, overrides: tuple[str, ...]) -> None:
+    """Judge the recorded runs with this checkout's DetectionConfig() (or a changed one) and print the table."""
+    config = changed_config(overrides)
     rows = []
     for spec in default_runs():
         outcome_path = out / f"{spec.name}.outcome.json"
