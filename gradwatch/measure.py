@@ -41,7 +41,6 @@ from gradwatch.capture.replay import (
     trace_builtin_cell,
     trace_custom_cell,
 )
-from gradwatch.estimators.cells import CellWeights
 from gradwatch.estimators.jacobian import StepJacobians, builtin_step_jacobians, function_step_jacobians
 from gradwatch.estimators.layer import (
     BACKGROUND_CHUNK_ENTRIES,
@@ -396,10 +395,12 @@ class MeasurementPipeline:
             jacobians: StepJacobians
             recurrent = trace.recurrent_weight
             if trace.weights is not None:
-                weights = _copy_weights(trace.weights) if snapshot else trace.weights
-                jacobians = builtin_step_jacobians(weights, trace.inputs, trace.previous_states)
-                if recurrent is trace.weights.weight_hh:
-                    recurrent = weights.weight_hh  # a snapshot's own copy: W_hh is copied once, not twice
+                analytic = builtin_step_jacobians(trace.weights, trace.inputs, trace.previous_states)
+                if snapshot:  # only W_hh (and W_hr) are copied: the coefficients are computed already
+                    analytic = analytic.owning_recurrent_weights()
+                    if recurrent is trace.weights.weight_hh:
+                        recurrent = analytic.weights.weight_hh  # W_hh is copied once, not twice
+                jacobians = analytic
             else:
                 assert trace.step_function is not None
                 jacobians = function_step_jacobians(trace.step_function, trace.inputs, trace.previous_states)
@@ -569,18 +570,6 @@ class MeasurementPipeline:
         if not torch.cuda.is_available():
             return []
         return sorted({p.device.index or 0 for p in self.parameters.values() if p.device.type == "cuda"})
-
-
-def _copy_weights(weights: CellWeights) -> CellWeights:
-    """Private copies of a layer's weights: the optimizer updates the originals in place."""
-    return replace(
-        weights,
-        **{
-            name: getattr(weights, name).detach().clone()
-            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
-            if getattr(weights, name) is not None
-        },
-    )
 
 
 @contextlib.contextmanager
