@@ -34,7 +34,7 @@ import torch
 from benchmarks.harness import alternating, format_table, machine, median, megabytes, run_worker, set_threads
 from benchmarks.training import LanguageModel, WorkerSettings, worker_main
 
-VARIANTS = ("bare", "inline", "background")
+VARIANTS = ("bare", "inline", "background", "default")
 
 
 def settings_for(
@@ -49,7 +49,7 @@ def settings_for(
         vocabulary=args.vocabulary,
         instrument="gradwatch" if watched else "bare",
         every=args.block,
-        background=variant == "background" if watched else None,
+        background={"inline": False, "background": True}.get(variant),
         lead_in_steps=args.block - 1,
         timed_steps=args.block,
         threads=threads,
@@ -88,8 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--kinds", nargs="+", default=["lstm"], choices=["lstm", "gru"])
-    parser.add_argument("--hidden", nargs="+", type=int, default=[1024, 2048])
+    parser.add_argument("--kinds", nargs="+", default=["lstm", "gru"], choices=["lstm", "gru"])
+    parser.add_argument("--hidden", nargs="+", type=int, default=[256, 1024, 2048])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS[1:]), choices=VARIANTS[1:])
     parser.add_argument("--time-steps", type=int, default=64, help="T (default 64)")
     parser.add_argument("--batch", type=int, default=32, help="B (default 32)")
     parser.add_argument("--vocabulary", type=int, default=1000)
@@ -116,8 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     for threads in dict.fromkeys(args.threads):
         for kind in args.kinds:
             for hidden in args.hidden:
-                peaks: dict[str, list[float]] = {v: [] for v in VARIANTS}
-                for round_index, variant in alternating(list(VARIANTS), args.repeats):
+                variants = ["bare", *args.variants]
+                peaks: dict[str, list[float]] = {v: [] for v in variants}
+                for round_index, variant in alternating(variants, args.repeats):
                     settings = settings_for(variant, kind, hidden, args, threads)
                     result = run_worker("benchmarks.memory_large_h", asdict(settings), timeout=3600)
                     peaks[variant].append(float(result["peak_rss_bytes"] or "nan"))
@@ -128,7 +130,10 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 bare = median(peaks["bare"])
                 row: list[object] = [f"{kind} H={hidden} t={threads}", megabytes(bare)]
-                for variant in ("inline", "background"):
+                for variant in VARIANTS[1:]:
+                    if variant not in args.variants:
+                        row += ["-", "-", "-"]
+                        continue
                     peak = median(peaks[variant])
                     row += [megabytes(peak), f"{peak / bare - 1:+.1%}", megabytes(peak - bare)]
                 rows.append(row)
@@ -142,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         "background MB",
         "background",
         "bg +MB",
+        "default MB",
+        "default",
+        "default +MB",
     ]
     print(format_table(headers, rows))
 

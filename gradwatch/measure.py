@@ -51,6 +51,7 @@ from gradwatch.estimators.layer import (
 )
 from gradwatch.estimators.reach import DEFAULT_REACH_FLOOR, gradient_reach, judged_horizon
 from gradwatch.faults import FaultPolicy
+from gradwatch.policy.memory import background_budget, peak_memory_bytes
 from gradwatch.records import Direction, Measurement
 from gradwatch.sinks.base import Sink
 
@@ -111,6 +112,37 @@ class MeasurementJob:
     reach_floor: float = DEFAULT_REACH_FLOOR
     horizon: int | None = None
     """The declared dependency range (``watch(horizon=)``); None: the measured sequence length."""
+
+
+def job_bytes(job: MeasurementJob) -> tuple[int, torch.device]:
+    """Bytes of the tensors the job's layers hold that the model does not (the Jacobians' coefficients,
+    weight copies, masks: what a background job keeps alive beside the training steps; the warm starts are
+    the monitor's in every mode), and the device they live on."""
+    storages: dict[int, int] = {}
+    device = torch.device("cpu")
+    for module in job.modules:
+        for layer in module.layers:
+            for tensor in _tensors_of((layer.jacobians, layer.mask, layer.recurrent_weight)):
+                if not tensor.is_meta:
+                    storage = tensor.untyped_storage()
+                    storages[storage.data_ptr()] = storage.nbytes()
+                    device = tensor.device
+    return sum(storages.values()), device
+
+
+def _tensors_of(value: object, depth: int = 0) -> Iterator[torch.Tensor]:
+    """The tensors in ``value``: itself, or inside its tuples, lists, dicts and attributes (a few levels)."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif depth < 4 and isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _tensors_of(item, depth + 1)
+    elif depth < 4 and isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors_of(item, depth + 1)
+    elif depth < 4 and hasattr(value, "__dict__") and not isinstance(value, (nn.Module, torch.Generator)):
+        for item in vars(value).values():
+            yield from _tensors_of(item, depth + 1)
 
 
 @dataclass
@@ -357,6 +389,15 @@ class MeasurementPipeline:
         self.measured_steps += 1
         self.tell_never_recorded(step)
         return job
+
+    def fits_in_background(self, job: MeasurementJob) -> bool:
+        """Within the memory budget of a background job (gradwatch/policy/memory.py); a job over it is to
+        run inline, said once (a warning and an error record ``where="memory"`` with the sizes)."""
+        size, device = job_bytes(job)
+        decision = background_budget(size, peak_memory_bytes(device))
+        if not decision.fits:
+            self.faults.notice("background-memory", "memory", "", decision.message(job.step), step=job.step)
+        return decision.fits
 
     def tell_never_recorded(self, step: int, *, closing: bool = False) -> None:
         """From the second measured step on (or when the monitor closes after one): one warning and one

@@ -495,7 +495,7 @@ class Monitor:
         # One measurement at a time: the previous one's warm starts feed this one.
         alerts = self._collect(wait=True)
         job = self._prepare(step, grad_values, grad_nonfinite)
-        if not any(module.layers for module in job.modules):
+        if not any(module.layers for module in job.modules) or not self._pipeline.fits_in_background(job):
             return alerts + self._publish(estimate(job))
         live_sinks = self._out.live_sinks()  # chosen here, not there
         self._background.submit(partial(_estimate_and_show_live, job, live_sinks), tag=step)
