@@ -548,3 +548,13 @@ def test_a_background_job_over_the_memory_budget_runs_inline_with_the_same_recor
     assert len(notices) == 1 and notices[0].step == 0 and "MiB" in notices[0].message
     assert _measurements(inline_run) == _measurements(worker_run)  # the same job: the same numbers
     assert all(torch.equal(a, b) for a, b in zip(losses_within, losses_over, strict=True))
+
+
+def test_inline_measurements_give_the_memory_they_freed_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After each inline measurement (and each one the budget runs inline) the freed heap is trimmed, as
+    after a worker's job: glibc would keep it scattered through the heap, raising the next steps' RSS."""
+    released: list[int] = []
+    monkeypatch.setattr(background_module, "release_free_memory", lambda: released.append(1))
+    _, monitor = _train(SeqModel(nn.GRU(3, 6), 6), 5, every=2, background=False)
+    assert len(released) == 3  # steps 0, 2 and 4
+    assert {r[0] for r in _measurements(monitor)} == {0, 2, 4}
