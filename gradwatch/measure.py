@@ -41,7 +41,6 @@ from gradwatch.capture.replay import (
     trace_builtin_cell,
     trace_custom_cell,
 )
-from gradwatch.estimators.cells import CellWeights
 from gradwatch.estimators.jacobian import StepJacobians, builtin_step_jacobians, function_step_jacobians
 from gradwatch.estimators.layer import (
     BACKGROUND_CHUNK_ENTRIES,
@@ -52,6 +51,7 @@ from gradwatch.estimators.layer import (
 )
 from gradwatch.estimators.reach import DEFAULT_REACH_FLOOR, gradient_reach, judged_horizon
 from gradwatch.faults import FaultPolicy
+from gradwatch.policy.memory import background_budget, peak_memory_bytes
 from gradwatch.records import Direction, Measurement
 from gradwatch.sinks.base import Sink
 
@@ -112,6 +112,37 @@ class MeasurementJob:
     reach_floor: float = DEFAULT_REACH_FLOOR
     horizon: int | None = None
     """The declared dependency range (``watch(horizon=)``); None: the measured sequence length."""
+
+
+def job_bytes(job: MeasurementJob) -> tuple[int, torch.device]:
+    """Bytes of the tensors the job's layers hold that the model does not (the Jacobians' coefficients,
+    weight copies, masks: what a background job keeps alive beside the training steps; the warm starts are
+    the monitor's in every mode), and the device they live on."""
+    storages: dict[int, int] = {}
+    device = torch.device("cpu")
+    for module in job.modules:
+        for layer in module.layers:
+            for tensor in _tensors_of((layer.jacobians, layer.mask, layer.recurrent_weight)):
+                if not tensor.is_meta:
+                    storage = tensor.untyped_storage()
+                    storages[storage.data_ptr()] = storage.nbytes()
+                    device = tensor.device
+    return sum(storages.values()), device
+
+
+def _tensors_of(value: object, depth: int = 0) -> Iterator[torch.Tensor]:
+    """The tensors in ``value``: itself, or inside its tuples, lists, dicts and attributes (a few levels)."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif depth < 4 and isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _tensors_of(item, depth + 1)
+    elif depth < 4 and isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors_of(item, depth + 1)
+    elif depth < 4 and hasattr(value, "__dict__") and not isinstance(value, (nn.Module, torch.Generator)):
+        for item in vars(value).values():
+            yield from _tensors_of(item, depth + 1)
 
 
 @dataclass
@@ -359,6 +390,15 @@ class MeasurementPipeline:
         self.tell_never_recorded(step)
         return job
 
+    def fits_in_background(self, job: MeasurementJob) -> bool:
+        """Within the memory budget of a background job (gradwatch/policy/memory.py); a job over it is to
+        run inline, said once (a warning and an error record ``where="memory"`` with the sizes)."""
+        size, device = job_bytes(job)
+        decision = background_budget(size, peak_memory_bytes(device))
+        if not decision.fits:
+            self.faults.notice("background-memory", "memory", "", decision.message(job.step), step=job.step)
+        return decision.fits
+
     def tell_never_recorded(self, step: int, *, closing: bool = False) -> None:
         """From the second measured step on (or when the monitor closes after one): one warning and one
         error record for each watched module that was never recorded while training went on (its verdict
@@ -396,10 +436,12 @@ class MeasurementPipeline:
             jacobians: StepJacobians
             recurrent = trace.recurrent_weight
             if trace.weights is not None:
-                weights = _copy_weights(trace.weights) if snapshot else trace.weights
-                jacobians = builtin_step_jacobians(weights, trace.inputs, trace.previous_states)
-                if recurrent is trace.weights.weight_hh:
-                    recurrent = weights.weight_hh  # a snapshot's own copy: W_hh is copied once, not twice
+                analytic = builtin_step_jacobians(trace.weights, trace.inputs, trace.previous_states)
+                if snapshot:  # only W_hh (and W_hr) are copied: the coefficients are computed already
+                    analytic = analytic.owning_recurrent_weights()
+                    if recurrent is trace.weights.weight_hh:
+                        recurrent = analytic.weights.weight_hh  # W_hh is copied once, not twice
+                jacobians = analytic
             else:
                 assert trace.step_function is not None
                 jacobians = function_step_jacobians(trace.step_function, trace.inputs, trace.previous_states)
@@ -569,18 +611,6 @@ class MeasurementPipeline:
         if not torch.cuda.is_available():
             return []
         return sorted({p.device.index or 0 for p in self.parameters.values() if p.device.type == "cuda"})
-
-
-def _copy_weights(weights: CellWeights) -> CellWeights:
-    """Private copies of a layer's weights: the optimizer updates the originals in place."""
-    return replace(
-        weights,
-        **{
-            name: getattr(weights, name).detach().clone()
-            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
-            if getattr(weights, name) is not None
-        },
-    )
 
 
 @contextlib.contextmanager

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from gradwatch._version import __version__
-from gradwatch.background import BackgroundWorker
+from gradwatch.background import BackgroundWorker, run_and_release
 from gradwatch.capture.modules import (
     WatchedModule,
     find_rnn_modules,
@@ -491,12 +491,13 @@ class Monitor:
         sinks, the detector and the alerts get them at a later step boundary (or by wait()/close()).
         """
         if self._background is None:
-            return self._publish(estimate(self._prepare(step, grad_values, grad_nonfinite)))
+            job = self._prepare(step, grad_values, grad_nonfinite)
+            return self._publish(run_and_release(partial(estimate, job)))
         # One measurement at a time: the previous one's warm starts feed this one.
         alerts = self._collect(wait=True)
         job = self._prepare(step, grad_values, grad_nonfinite)
-        if not any(module.layers for module in job.modules):
-            return alerts + self._publish(estimate(job))
+        if not any(module.layers for module in job.modules) or not self._pipeline.fits_in_background(job):
+            return alerts + self._publish(run_and_release(partial(estimate, job)))
         live_sinks = self._out.live_sinks()  # chosen here, not there
         self._background.submit(partial(_estimate_and_show_live, job, live_sinks), tag=step)
         return alerts

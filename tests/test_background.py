@@ -474,3 +474,87 @@ def test_a_live_sink_with_io_errors_stays_attached_and_gets_every_record_at_publ
     assert sink in monitor.sinks  # an I/O error degrades, it does not disable
     assert [step for call, _, step in sink.events if call == "write"] == [0, 1, 2]  # published as usual
     assert monitor.fault_counts == {f"sink:{sink!r}": 3}
+
+
+# --- the memory budget of a background job ----------------------------------------------------------------
+
+
+def test_a_background_job_holds_the_coefficients_and_a_copy_of_w_hh_only() -> None:
+    """job_bytes against the sizes the LSTM formulas give: (T, B, 4H) gate coefficients, three (T, B, H)
+    coefficient tensors, the (T, B) mask and one private W_hh (4H, H); W_ih and the biases are not kept."""
+    hidden, steps, batch = 32, 9, 4
+    model = SeqModel(nn.LSTM(3, hidden), hidden)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    jobs: list[measure_module.MeasurementJob] = []
+    monitor = gradwatch.watch(model, optimizer, every=1, background=True, max_sequences=batch)
+    real_prepare = monitor._pipeline.prepare
+
+    def keep(*args: Any, **kwargs: Any) -> measure_module.MeasurementJob:
+        jobs.append(real_prepare(*args, **kwargs))
+        return jobs[-1]
+
+    monitor._pipeline.prepare = keep  # type: ignore[method-assign]
+    optimizer.zero_grad()
+    model(torch.randn(steps, batch, 3))[0].pow(2).mean().backward()
+    optimizer.step()
+    monitor.close()
+    float_bytes = 4
+    coefficients = steps * batch * (4 * hidden + 3 * hidden) * float_bytes
+    expected = coefficients + steps * batch * 1 + 4 * hidden * hidden * float_bytes
+    size, device = measure_module.job_bytes(jobs[0])
+    assert (size, device) == (expected, torch.device("cpu"))
+
+
+def test_the_budget_compares_the_job_and_its_working_set_with_the_peak() -> None:
+    from gradwatch.policy import memory
+
+    limit = memory.BACKGROUND_MEMORY_SHARE * 1000 / memory.WORKING_SET_FACTOR
+    assert memory.background_budget(int(limit), 1000).fits
+    assert not memory.background_budget(int(limit) + 1, 1000).fits
+    assert memory.background_budget(10**12, None).fits  # no peak to compare with: as asked
+    peak = memory.peak_memory_bytes(torch.device("cpu"))
+    if peak is not None:  # Linux/macOS: the peak RSS is about at least what this process holds now
+        with open("/proc/self/statm") if os.path.exists("/proc/self/statm") else open(os.devnull) as statm:
+            fields = statm.read().split()
+        if fields:  # the kernel updates its counters lazily (per-thread caches): within 5%
+            assert peak >= 0.95 * int(fields[1]) * os.sysconf("SC_PAGE_SIZE")
+        assert peak > 10 * 2**20  # a process running torch holds more than 10 MiB
+
+
+def test_a_background_job_over_the_memory_budget_runs_inline_with_the_same_records(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from gradwatch.policy import memory
+
+    torch.manual_seed(0)
+    within = _models()["lstm-2layer"]
+    over = _models()["lstm-2layer"]
+    over.load_state_dict(within.state_dict())
+    losses_within, worker_run = _train(within, 5, every=2, background=True)
+    submitted: list[object] = []
+    real_submit = BackgroundWorker.submit
+
+    def counted_submit(self: BackgroundWorker, job: Any, **kwargs: Any) -> None:
+        submitted.append(job)
+        real_submit(self, job, **kwargs)
+
+    monkeypatch.setattr(BackgroundWorker, "submit", counted_submit)
+    monkeypatch.setattr(memory, "BACKGROUND_MEMORY_SHARE", 0.0)  # every job is over the budget
+    with pytest.warns(gradwatch.GradWatchWarning, match="run inline") as caught:
+        losses_over, inline_run = _train(over, 5, every=2, background=True)
+    assert submitted == []  # nothing went to the worker
+    assert len([w for w in caught if "run inline" in str(w.message)]) == 1  # said once, not per step
+    notices = [r for r in inline_run.history if getattr(r, "where", None) == "memory"]
+    assert len(notices) == 1 and notices[0].step == 0 and "MiB" in notices[0].message
+    assert _measurements(inline_run) == _measurements(worker_run)  # the same job: the same numbers
+    assert all(torch.equal(a, b) for a, b in zip(losses_within, losses_over, strict=True))
+
+
+def test_inline_measurements_give_the_memory_they_freed_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After each inline measurement (and each one the budget runs inline) the freed heap is trimmed, as
+    after a worker's job: glibc would keep it scattered through the heap, raising the next steps' RSS."""
+    released: list[int] = []
+    monkeypatch.setattr(background_module, "release_free_memory", lambda: released.append(1))
+    _, monitor = _train(SeqModel(nn.GRU(3, 6), 6), 5, every=2, background=False)
+    assert len(released) == 3  # steps 0, 2 and 4
+    assert {r[0] for r in _measurements(monitor)} == {0, 2, 4}

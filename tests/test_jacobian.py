@@ -261,3 +261,25 @@ def test_bad_vectors_and_time_indices_raise_clear_errors() -> None:
         function_step_jacobians("not a cell", torch.zeros(3, 2, 5), torch.zeros(3, 2, 4))  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="CellWeights"):
         builtin_step_jacobians({"kind": "gru"}, torch.zeros(3, 2, 5), torch.zeros(3, 2, 4))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.case_id for c in CASES])
+def test_owning_recurrent_weights_keeps_the_products_and_holds_no_input_weights(case: CellCase) -> None:
+    """A background job's Jacobians: private W_hh/W_hr copies (the optimizer may change the originals
+    in place afterwards), no W_ih or biases (only needed for the coefficients), same products as jacrev."""
+    generator = torch.Generator().manual_seed(5)
+    weights = random_cell_weights(case, generator)
+    x, s_prev = random_sequences(case, weights, steps=4, batch=3, generator=generator)
+    dense = dense_step_jacobians(weights, x, s_prev)
+    owned = builtin_step_jacobians(weights, x, s_prev).owning_recurrent_weights()
+    kept = owned.weights
+    assert kept.weight_ih.is_meta and kept.weight_ih.shape == weights.weight_ih.shape
+    assert all(b is None or b.is_meta for b in (kept.bias_ih, kept.bias_hh))
+    assert kept.weight_hh.untyped_storage().data_ptr() != weights.weight_hh.untyped_storage().data_ptr()
+    originals = (weights.weight_ih, weights.weight_hh, weights.bias_ih, weights.bias_hh, weights.weight_hr)
+    for original in originals:
+        if original is not None:
+            original.add_(1.0)  # an optimizer step after the job was prepared
+    v = torch.randn(2, *s_prev.shape, generator=generator, dtype=s_prev.dtype)
+    torch.testing.assert_close(owned.jvp(v), torch.einsum("tbij,ntbj->ntbi", dense, v))
+    torch.testing.assert_close(owned.vjp(v), torch.einsum("tbij,ntbi->ntbj", dense, v))

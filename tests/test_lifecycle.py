@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -363,6 +364,55 @@ def test_a_forked_child_neither_hangs_on_the_exporter_nor_keeps_its_port(tmp_pat
         os.close(read)
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
+
+
+def _socket_inodes() -> set[int]:
+    """The inode numbers of the sockets this process holds open (from /proc/self/fd)."""
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(int(target[len("socket:[") : -1]))
+    return inodes
+
+
+@needs_fork
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc/self/fd to list descriptors")
+def test_a_forked_child_closes_the_scrape_connection_open_at_the_fork(tmp_path: Path) -> None:
+    model = SeqModel()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    monitor = gradwatch.watch(model, optimizer, every=1, prometheus="127.0.0.1:0")
+    sink = monitor.sinks[-1]
+    _train(model, optimizer, 2)
+    before = _socket_inodes()
+    with socket.create_connection(("127.0.0.1", sink.port), timeout=10) as scraper:  # type: ignore[attr-defined]
+        scraper.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # a scrape half sent: held open
+        mine = os.fstat(scraper.fileno()).st_ino
+        served: set[int] = set()
+        deadline = time.monotonic() + 10
+        while not served and time.monotonic() < deadline:  # the exporter's end of the connection
+            served = _socket_inodes() - before - {mine}
+            time.sleep(0.01)
+        assert len(served) == 1
+        (inode,) = served
+
+        def child() -> dict[str, Any]:
+            return {"still_open": inode in _socket_inodes()}
+
+        got = _in_forked_child(child, timeout=20)
+        assert got == {"still_open": False}
+        assert inode in _socket_inodes()  # the parent's copy is untouched...
+        scraper.sendall(b"Connection: close\r\n\r\n")
+        answer = b""
+        while chunk := scraper.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.0 200") and b"gradwatch_" in answer  # ...and that scrape is answered
+    with urllib.request.urlopen(sink.url, timeout=10) as again:  # type: ignore[attr-defined]
+        assert again.status == 200  # so is the next one
+    monitor.close()
 
 
 @needs_fork

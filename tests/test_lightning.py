@@ -14,7 +14,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import gradwatch
-from gradwatch.records import Alert, AlertKind, Measurement, RunHeader, record_from_json
+from gradwatch.records import Alert, AlertKind, ErrorRecord, Measurement, RunHeader, record_from_json
+from gradwatch.sinks.jsonl import JsonlSink
 
 pl = pytest.importorskip("lightning.pytorch", reason="needs Lightning: pip install 'gradwatch[lightning]'")
 from gradwatch.lightning import GradWatchCallback  # noqa: E402
@@ -329,3 +330,57 @@ def test_a_failing_trainer_logger_degrades_to_a_warning(tmp_path: Path) -> None:
     with pytest.warns(gradwatch.GradWatchWarning, match="logging to BrokenLogger failed"):
         trainer.fit(model, _loader(batches=2))
     assert trainer.global_step == 2
+
+
+class _KeepsMonitor(GradWatchCallback):
+    """The callback, keeping its monitor after teardown (which closes it) for the test to read."""
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.closed_monitor = self.monitor
+        super().teardown(trainer, pl_module, stage)
+
+
+class _LogAtSizeLimit(_KeepsMonitor):
+    """The callback with a run log whose file system refuses every write after the header (EFBIG)."""
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        from tests.test_warnings_as_errors import FileTooLarge
+
+        assert self.monitor is not None
+        log = next(s for s in self.monitor.sinks if isinstance(s, JsonlSink))
+        log._file = FileTooLarge(log._file)  # type: ignore[assignment]
+        self.log_sink = log
+
+
+class EvalModeRegressor(SequenceRegressor):
+    """Trains with its RNN deliberately in eval mode: gradwatch notices it (a GradWatchWarning)."""
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        self.rnn.eval()
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("background", [False, True], ids=["inline", "background"])
+def test_warnings_as_errors_never_stop_a_fit_and_are_recorded(tmp_path: Path, background: bool) -> None:
+    """``-W error``: gradwatch's warnings (a log at its size limit, an eval-mode-only step) raise nothing
+    out of Lightning's training step; each is an error record in the monitor's history."""
+    size_limited = _LogAtSizeLimit(log=tmp_path / "full.jsonl", every=1, background=background)
+    eval_only = _KeepsMonitor(every=1, background=background)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("error")
+        # Lightning's own advice (dataloader workers, log interval) stays a warning; gradwatch's are errors.
+        warnings.filterwarnings("always", module=r"lightning\..*")
+        warnings.filterwarnings("always", category=pl.utilities.warnings.PossibleUserWarning)
+        size_model = SequenceRegressor(nn.GRU(3, 5, batch_first=True), 5)
+        _trainer(size_limited, max_steps=3).fit(size_model, _loader(batches=3))
+        eval_model = EvalModeRegressor(nn.LSTM(3, 5, batch_first=True), 5)
+        _trainer(eval_only, max_steps=2).fit(eval_model, _loader(batches=2))
+    assert size_model.batches_seen == 3 and eval_model.batches_seen == 2  # both fits ran to the end
+    assert not [w for w in caught if issubclass(w.category, gradwatch.GradWatchWarning)]  # none escaped
+    size_errors = [r for r in size_limited.closed_monitor._history if isinstance(r, ErrorRecord)]
+    assert [e.where for e in size_errors] == [f"sink:{size_limited.log_sink!r}"]
+    assert "File too large" in size_errors[0].message
+    history = eval_only.closed_monitor._history
+    notices = [r for r in history if isinstance(r, ErrorRecord) and r.where == "warning"]
+    assert len(notices) == 1 and "ran only in eval mode" in notices[0].message

@@ -224,6 +224,23 @@ class AnalyticStepJacobians(_TimeIndexing):
         else:  # pragma: no cover - CellWeights.kind is a Literal
             raise ValueError(f"unknown cell kind {self.kind!r}; expected rnn_tanh, rnn_relu, lstm or gru")
 
+    def owning_recurrent_weights(self) -> AnalyticStepJacobians:
+        """A copy that owns private copies of the only weights its products read (W_hh, W_hr), for a
+        background job: the optimizer updates the originals in place. W_ih and the biases served only to
+        compute the coefficients (done at construction) and are not kept (shape-only meta tensors), which
+        halves the weights a job holds when the input size equals the hidden size."""
+        weights = self.weights
+        owned = copy.copy(self)
+        owned.weights = CellWeights(
+            weights.kind,
+            weights.weight_ih.to("meta"),
+            weights.weight_hh.detach().clone(),
+            None if weights.bias_ih is None else weights.bias_ih.to("meta"),
+            None if weights.bias_hh is None else weights.bias_hh.to("meta"),
+            None if weights.weight_hr is None else weights.weight_hr.detach().clone(),
+        )
+        return owned
+
     def select(self, index: Tensor) -> AnalyticStepJacobians:
         """Only the operators at flat (t, b) positions ``index``, as one step of len(index) sequences.
 

@@ -8,9 +8,11 @@ WSGI app and adds both: a basic-auth WSGI wrapper, and TLS wrapped per connectio
 from __future__ import annotations
 
 import base64
+import contextlib
 import errno
 import hmac
 import logging
+import os
 import socket
 import ssl
 import threading
@@ -82,6 +84,39 @@ class _ThreadingServer(ThreadingMixIn, WSGIServer):
     daemon_threads = True
     tls_context: ssl.SSLContext | None = None
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # The connections being served (plain or TLS sockets), so a forked child can close its copies.
+        self.open_connections: set[socket.socket] = set()
+        self.connections_lock = threading.Lock()
+        super().__init__(*args, **kwargs)
+
+    def _track(self, connection: socket.socket, open_: bool) -> None:
+        with self.connections_lock:
+            if open_:
+                self.open_connections.add(connection)
+            else:
+                self.open_connections.discard(connection)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        self._track(request, True)
+        super().process_request(request, client_address)
+
+    def close_request(self, request: Any) -> None:
+        self._track(request, False)
+        super().close_request(request)
+
+    def close_inherited_connections(self) -> None:
+        """In a forked child: close the child's copies of the connections the parent was serving at the
+        fork (the parent's stay open: closing a descriptor in one process does not end the connection
+        while the other holds it)."""
+        with self.connections_lock:
+            inherited, self.open_connections = self.open_connections, set()
+        for connection in inherited:
+            with contextlib.suppress(OSError):
+                # close() would wait for the handler's file objects (which never close in the child):
+                # take the descriptor out of the socket object and close it now.
+                os.close(connection.detach())
+
     def finish_request(self, request: Any, client_address: Any) -> None:
         if self.tls_context is None:
             super().finish_request(request, client_address)
@@ -92,6 +127,9 @@ class _ThreadingServer(ThreadingMixIn, WSGIServer):
         except (ssl.SSLError, OSError) as exc:  # wrap_socket closes the socket it failed on
             logger.debug("TLS handshake with %s failed: %s", client_address, exc)
             return
+        # The TLS socket now owns the connection's descriptor (the plain one is detached).
+        self._track(request, False)
+        self._track(tls_request, True)
         try:
             super().finish_request(tls_request, client_address)
         finally:
@@ -232,9 +270,11 @@ class MetricsServer:
 
     def release_after_fork(self) -> None:
         """In a forked child, where the serving thread does not exist (``close()`` would wait for it
-        forever): close the inherited listening socket, so the port is free once the parent closes."""
+        forever): close the inherited listening socket, so the port is free once the parent closes, and
+        the scrape connections open at the fork, so none stays open until the child exits."""
         self._thread = None
         self._server.socket.close()
+        self._server.close_inherited_connections()
 
     def close(self) -> None:
         """Stop serving and release the port; idempotent."""
