@@ -16,7 +16,9 @@ B=32, Adam at lr 1e-3, a fresh batch every step), watched with ``every=50, backg
 measurement starts from vectors 50 training steps old, as under the default schedule, and costs the
 measured step minus the median unmeasured step of the same run. (Earlier versions of this script kept the
 weights fixed, lr = 0, and measured every step: the warm starts were then exact and the cost came out about
-3x too low.) The stages of ``estimate_layer`` are timed by wrapping the functions it calls.
+3x too low.) The stages (replay, step Jacobians, step norms, lags and lambda, the record) are timed by wrapping the
+functions that run them, and printed largest first in ms and in training steps; indented stages are
+parts of the one above.
 """
 
 from __future__ import annotations
@@ -34,17 +36,37 @@ from torch import nn
 
 import gradwatch
 import gradwatch.estimators.layer as layer_module
+import gradwatch.estimators.products as products_module
+import gradwatch.measure as measure_module
+from gradwatch.estimators.layer import EstimatorSettings
 
-#: The functions estimate_layer calls, timed where this version of gradwatch has them (lambda came from a
-#: separate ``lyapunov_max`` before it shared the lag sweeps: ``lyapunov_from_full_products``).
+#: The stages of one measurement, timed by wrapping the functions that run them where this version of
+#: gradwatch has them: (module, function, label). Replay and record are the measurement pipeline's own
+#: (gradwatch.measure); lambda came from a separate ``lyapunov_max`` before it shared the lag sweeps.
 CANDIDATE_STAGES = (
-    "estimate_step_norms",
-    "estimate_lag_norms",
-    "lyapunov_max",
-    "lyapunov_from_full_products",
-    "weight_spectral_norm",
+    (measure_module, "rerun_fused", "replay: re-run the probe"),
+    (measure_module, "replay_fused", "replay: layer by layer"),
+    (measure_module, "check_fused_replay", "replay: check"),
+    (measure_module, "builtin_step_jacobians", "step Jacobians: build"),
+    (layer_module, "stratified_step_sample", "step sample: draw"),
+    (layer_module, "estimate_step_norms", "step norms (sample)"),
+    (layer_module, "weight_spectral_norm", "sigma_max(W_hh)"),
+    (layer_module, "estimate_lag_norms", "lags + lambda, all"),
+    (products_module, "_warm_power_rows", "  long lags: warm power steps"),
+    (products_module, "_lanczos_windows", "  lags: Lanczos (short lags, cold, fallback)"),
+    (layer_module, "lyapunov_max", "lambda: separate sweeps"),
+    (layer_module, "lyapunov_from_full_products", "lambda: from the shared sweeps"),
+    (measure_module, "layer_metrics", "record: summaries, one host copy"),
 )
-STAGES = tuple(name for name in CANDIDATE_STAGES if hasattr(layer_module, name))
+STAGES = tuple((module, name, label) for module, name, label in CANDIDATE_STAGES if hasattr(module, name))
+
+#: ``--estimator`` names: the two modes, and the economy estimator with every lag by Lanczos (the lever
+#: ``EstimatorSettings.lag_power_steps`` off), side by side in one process.
+ESTIMATORS = {
+    "economy": "economy",
+    "economy-lanczos": EstimatorSettings(lag_power_steps=0),
+    "full": "full",
+}
 
 
 class SmallLanguageModel(nn.Module):
@@ -106,32 +128,37 @@ def profile(
         return time.perf_counter() - begin
 
     totals: dict[str, list[float]] = defaultdict(list)
-    originals = {name: getattr(layer_module, name) for name in STAGES}
-    for name in STAGES:
-        setattr(layer_module, name, _timed(name, originals[name], totals))
-    monitor = gradwatch.watch(model, optimizer, every=gap, background=False, estimator=estimator)
+    originals = [(module, name, getattr(module, name)) for module, name, _ in STAGES]
+    for module, name, function in originals:
+        setattr(module, name, _timed(name, function, totals))
+    monitor = gradwatch.watch(
+        model, optimizer, every=gap, background=False, estimator=ESTIMATORS.get(estimator, estimator)
+    )
     bare_times: list[float] = []
     measured_times: list[float] = []
+    per_measurement: list[dict[str, float]] = []
     try:
         train_step(batches[0])  # the cold first measurement, not counted
-        totals.clear()
         index = 1
         while len(measured_times) < rounds:
-            calls = sum(len(times) for times in totals.values())
+            totals.clear()
             elapsed = train_step(batches[index % len(batches)])
             index += 1
-            measured = sum(len(times) for times in totals.values()) > calls
-            (measured_times if measured else bare_times).append(elapsed)
+            if totals:
+                measured_times.append(elapsed)
+                per_measurement.append({name: sum(times) for name, times in totals.items()})
+            else:
+                bare_times.append(elapsed)
     finally:
         monitor.close()
-        for name, function in originals.items():
-            setattr(layer_module, name, function)
+        for module, name, function in originals:
+            setattr(module, name, function)
     result = {
         "bare_step_s": statistics.median(bare_times) if bare_times else math.nan,
         "measured_step_s": statistics.median(measured_times),
     }
-    for name in STAGES:
-        result[name] = statistics.median(totals[name]) if totals[name] else 0.0
+    for _, name, _ in STAGES:
+        result[name] = statistics.median(m.get(name, 0.0) for m in per_measurement)
     return result
 
 
@@ -144,7 +171,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--threads", type=int, nargs="+", default=[torch.get_num_threads(), 1], help="default: torch's and 1"
     )
-    parser.add_argument("--estimator", choices=["economy", "full"], nargs="+", default=["economy", "full"])
+    parser.add_argument(
+        "--estimator",
+        choices=list(ESTIMATORS),
+        nargs="+",
+        default=["economy", "full"],
+        help="economy-lanczos: the economy estimator without the warm power steps on the long lags",
+    )
     parser.add_argument("--rounds", type=int, default=5, help="warm measured steps per setting")
     parser.add_argument("--quick", action="store_true", help="H=256, one warm measurement per setting")
     parser.add_argument(
@@ -167,15 +200,27 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     cost_steps = (r["measured_step_s"] - r["bare_step_s"]) / r["bare_step_s"]
                     interval = default_interval(cost_steps)
-                    stages = ", ".join(f"{name} {1e3 * r[name]:.0f} ms" for name in STAGES)
                     print(
                         f"{kind} H={hidden} threads={threads} estimator={estimator}: bare step "
                         f"{1e3 * r['bare_step_s']:.0f} ms, measured step {1e3 * r['measured_step_s']:.0f} ms, "
                         f"one measurement = {cost_steps:.2f} training steps -> default interval {interval} "
-                        f"steps, overhead {100 * max(cost_steps, 0.0) / interval:.2f}%; {stages}",
+                        f"steps, overhead {100 * max(cost_steps, 0.0) / interval:.2f}%",
                         flush=True,
                     )
+                    print(stage_table(r), flush=True)
     return 0
+
+
+def stage_table(result: dict) -> str:
+    """The stages of one measurement, largest first: median ms and share of the bare training step."""
+    bare = result["bare_step_s"]
+    rows = sorted(((result[name], label) for _, name, label in STAGES if result[name] > 0), reverse=True)
+    measurement = result["measured_step_s"] - bare
+    timed = sum(seconds for seconds, label in rows if not label.startswith("  "))
+    rows.append((measurement - timed, "other (hooks, sinks, warm starts, the rest)"))
+    return "\n".join(
+        f"    {1e3 * seconds:8.1f} ms {seconds / bare:6.2f} steps  {label}" for seconds, label in rows
+    )
 
 
 def default_interval(cost_steps: float, every: int = 50, budget: float = 0.02) -> int:

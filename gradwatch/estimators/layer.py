@@ -81,6 +81,10 @@ ECONOMY_LAG_SEQUENCES = 8
 ECONOMY_STEP_RTOL = 1e-3
 ECONOMY_LAG_RTOL = 1e-2
 ECONOMY_LAG_QUIET_CHECKS = 1  # long lags only: the short ones (a few steps per sweep) keep their five
+#: Warm-started long lags (tau >= 8) and whole products take this many power steps from the previous
+#: measurement's vectors instead of a Lanczos run (the power iteration goes on across measurements); a row
+#: whose two lower bounds still differ by more than products.WARM_POWER_GAP falls back to Lanczos.
+ECONOMY_LAG_POWER_STEPS = 1
 
 
 @dataclass(frozen=True)
@@ -89,12 +93,14 @@ class EstimatorSettings:
 
     ``mode="economy"`` (the default) estimates sigma_max(J_t) on a stratified sample of ``step_sample``
     (t, sequence) pairs and the lag products and lambda on the ``lag_sequences`` longest sequences;
-    ``mode="full"`` measures every pair and sequence (``watch(estimator="full")``).
+    ``mode="full"`` measures every pair and sequence (``watch(estimator="full")``). ``lag_power_steps``:
+    in economy mode the warm-started long lag products take this many power steps instead of a Lanczos run.
     """
 
     mode: EstimatorMode = "economy"
     step_sample: int = ECONOMY_STEP_SAMPLE
     lag_sequences: int = ECONOMY_LAG_SEQUENCES
+    lag_power_steps: int = ECONOMY_LAG_POWER_STEPS  # economy, warm: 0 = Lanczos for every lag
     method: SpectralMethod = "lanczos"
     max_iter: int = 32
     rtol: float = 1e-4
@@ -132,6 +138,11 @@ class EstimatorSettings:
         if not (isinstance(self.saturation_threshold, (int, float)) and self.saturation_threshold >= 0):
             raise ValueError(
                 f"saturation_threshold must be a non-negative float, got {self.saturation_threshold!r}"
+            )
+        power = self.lag_power_steps
+        if isinstance(power, bool) or not isinstance(power, int) or power < 0:
+            raise ValueError(
+                f"lag_power_steps must be 0 (Lanczos for every lag) or a positive integer, got {power!r}"
             )
         spectrum = self.lyapunov_spectrum
         if isinstance(spectrum, bool) or not isinstance(spectrum, int) or spectrum < 0:
@@ -401,6 +412,7 @@ def estimate_layer(
         v0=warm_lags,
         full_products=settings.lyapunov,
         quiet_checks=ECONOMY_LAG_QUIET_CHECKS if economy else None,
+        warm_power_steps=settings.lag_power_steps if economy else 0,
     )
     # lambda from the whole-product rows of the lag sweeps (their GEMMs with W_hh are shared); the rescaled
     # path of lyapunov_max only for sequences too short, not converged, or out of the dtype's range.

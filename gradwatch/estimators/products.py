@@ -135,6 +135,7 @@ def estimate_lag_norms(
     v0: Tensor | None = None,
     full_products: bool = False,
     quiet_checks: int | None = None,
+    warm_power_steps: int = 0,
 ) -> LagNormEstimate:
     """Spectral norms of every lag product, all lags and sequences in one batched estimate.
 
@@ -145,7 +146,9 @@ def estimate_lag_norms(
     by reading W_hh, so the extra rows cost little, while a separate Lyapunov sweep reads W_hh again at
     every step of every iteration. ``quiet_checks``: the quiet checks asked of the long lags
     (tau >= WARM_LONG_LAG) instead of :func:`_lag_quiet_checks`' rule (the economy estimator asks for
-    fewer); the short lags keep theirs.
+    fewer); the short lags keep theirs. ``warm_power_steps`` >= 1 (the economy estimator): when ``v0``
+    fits, the long lags (and whole products) take that many power steps from it instead of a Lanczos run
+    (:func:`_warm_power_rows`); the rows whose steps leave a gap fall back to Lanczos.
     """
     checked_lags = _check_lags(lags)
     steps, batch, state = jac.time_steps, jac.batch_size, jac.state_size
@@ -153,7 +156,17 @@ def estimate_lag_norms(
     lag_count = len(checked_lags)
     if full_products:
         return _with_full_products(
-            jac, mask, checked_lags, lengths, method, max_iter, rtol, generator, v0, quiet_checks
+            jac,
+            mask,
+            checked_lags,
+            lengths,
+            method,
+            max_iter,
+            rtol,
+            generator,
+            v0,
+            quiet_checks,
+            warm_power_steps,
         )
     if lag_count == 0:
         empty = torch.empty((0, batch), dtype=jac.dtype, device=jac.device)
@@ -166,7 +179,17 @@ def estimate_lag_norms(
         return LagNormEstimate((), empty, raw)
     tau = torch.tensor(checked_lags, device=jac.device).unsqueeze(1)  # (K, 1)
     return _estimate_windows(
-        jac, tau, lengths, method, max_iter, rtol, generator, v0, checked_lags, quiet_checks=quiet_checks
+        jac,
+        tau,
+        lengths,
+        method,
+        max_iter,
+        rtol,
+        generator,
+        v0,
+        checked_lags,
+        quiet_checks=quiet_checks,
+        warm_power_steps=warm_power_steps,
     )
 
 
@@ -182,6 +205,7 @@ def _estimate_windows(
     checked_lags: tuple[int, ...],
     fixed_start_rows: int = 0,
     quiet_checks: int | None = None,
+    warm_power_steps: int = 0,
 ) -> LagNormEstimate:
     """Norms of the products over the last tau[k, b] real steps of each sequence b (tau (K, 1) or (K, B)),
     one batched Lanczos; the last ``fixed_start_rows`` rows start from the private seed-0 vectors when no
@@ -212,10 +236,80 @@ def _estimate_windows(
                 (fixed_start_rows, batch, state), dtype=jac.dtype, device=jac.device, generator=None
             )
             start_vectors = torch.cat([start_vectors, fixed])
+    step_jvp, step_vjp = step_products(jac)
+    quiet = _lag_quiet_checks(tau.expand(lag_count, batch), warm_rows, quiet_checks)
+    if not (warm_power_steps >= 1 and usable_warm_start and method == "lanczos"):
+        return _lanczos_windows(
+            jac,
+            in_window,
+            valid,
+            start_vectors,
+            step_jvp,
+            step_vjp,
+            method,
+            max_iter,
+            rtol,
+            quiet,
+            checked_lags,
+        )
+    # Economy, warm: the long rows take a few power steps from their previous vectors, checked by the gap
+    # between their two lower bounds; the short rows and the long rows that failed the check run Lanczos.
+    # only rows that really start warm (a zero or non-finite warm row was replaced by a random vector)
+    long_rows = valid & (tau.expand(lag_count, batch) >= WARM_POWER_MIN_LAG) & torch.as_tensor(warm_rows)
+    power = _warm_power_rows(
+        start_vectors, in_window & long_rows.unsqueeze(0), step_jvp, step_vjp, warm_power_steps
+    )
+    accepted = long_rows & power.settled
+    rest = valid & ~accepted
+    lanczos_start = torch.where(long_rows.unsqueeze(-1), power.vectors, start_vectors)
+    lanczos = _lanczos_windows(
+        jac,
+        in_window & rest.unsqueeze(0),
+        rest,
+        lanczos_start,
+        step_jvp,
+        step_vjp,
+        method,
+        max_iter,
+        rtol,
+        quiet,
+        checked_lags,
+    )
+    raw = lanczos.estimate
+    element_iterations = raw.element_iterations
+    merged = SpectralNormEstimate(
+        sigma=torch.where(accepted, power.sigma, raw.sigma),
+        right_vectors=torch.where(accepted.unsqueeze(-1), power.vectors, raw.right_vectors),
+        converged=torch.where(accepted, True, raw.converged),
+        iterations=max(raw.iterations, warm_power_steps),
+        element_iterations=None
+        if element_iterations is None
+        else torch.where(accepted, warm_power_steps, element_iterations),
+    )
+    norms = torch.where(valid, merged.sigma, torch.full_like(merged.sigma, float("nan")))
+    return LagNormEstimate(checked_lags, norms, merged)
+
+
+def _lanczos_windows(
+    jac: StepJacobians,
+    in_window: Tensor,
+    valid: Tensor,
+    start_vectors: Tensor,
+    step_jvp: Callable[[Tensor, int], Tensor],
+    step_vjp: Callable[[Tensor, int], Tensor],
+    method: SpectralMethod,
+    max_iter: int,
+    rtol: float,
+    quiet: Tensor,
+    checked_lags: tuple[int, ...],
+) -> LagNormEstimate:
+    """One batched Lanczos (or power) run over the window products ``in_window`` (T, K, B) of the
+    ``valid`` (K, B) rows; every sweep touches only the steps of the rows it carries."""
+    steps = jac.time_steps
+    _, lag_count, batch = in_window.shape
     in_window_vectors = in_window.unsqueeze(-1)
     # Which lags each step touches, on the host once, outside the iteration loops (one transfer).
     spans = _sweep_plan(in_window)
-    step_jvp, step_vjp = step_products(jac)
 
     def product(v: Tensor) -> Tensor:
         return _sweep(v, step_jvp, range(steps), spans, in_window_vectors)
@@ -258,10 +352,69 @@ def _estimate_windows(
         active=valid,
         restrict=restrict,
         check_interval=_LAG_CONVERGENCE_TEST["check_interval"],
-        quiet_checks=_lag_quiet_checks(tau.expand(lag_count, batch), warm_rows, quiet_checks),
+        quiet_checks=quiet,
     )
     norms = torch.where(valid, raw.sigma, torch.full_like(raw.sigma, float("nan")))
     return LagNormEstimate(checked_lags, norms, raw)
+
+
+#: The economy estimator's check of a warm power step on a long product: its two lower bounds of
+#: sigma_max(P), a = ||P v|| and b = ||P^T P v|| / ||P v||, differ by more than this (b / a - 1) only when
+#: v is still far from the top singular vector (training moved the product a lot since the last
+#: measurement); then the row falls back to a Lanczos run from the new vector. The verdicts read the long
+#: lags on a log scale (reach within 10%, lambda = log(norm) / T within 0.02), where a few percent is
+#: nothing (docs/estimators.md "Economy estimator").
+WARM_POWER_GAP = 0.5
+
+#: The shortest lag whose warm start takes power steps: a product of 16 steps has a spread spectrum (sigma_2 /
+#: sigma_1 well below 1), so one power step from a vector one measurement old lands near its top; lag 8
+#: stopped 25% short on a tanh RNN whose weights moved by 5% (tests/test_layer_economy.py), and its
+#: Lanczos run sweeps 8 steps only.
+WARM_POWER_MIN_LAG = 16
+
+
+@dataclass(frozen=True)
+class WarmPowerRows:
+    """Power steps from warm vectors on window products: the estimate b (the larger lower bound), the new
+    unit vectors and whether each row's gap between its two lower bounds passed :data:`WARM_POWER_GAP`."""
+
+    sigma: Tensor  # (K, B)
+    vectors: Tensor  # (K, B, D)
+    settled: Tensor  # (K, B) bool
+
+
+def _warm_power_rows(
+    start: Tensor,
+    window: Tensor,
+    step_jvp: Callable[[Tensor, int], Tensor],
+    step_vjp: Callable[[Tensor, int], Tensor],
+    power_steps: int,
+) -> WarmPowerRows:
+    """``power_steps`` power steps on P^T P from unit ``start`` (K, B, D), on the rows with a window in
+    ``window`` (T, K, B): each a forward and an adjoint sweep, no convergence test but the final gap."""
+    steps = window.shape[0]
+    spans = _sweep_plan(window)
+    window_vectors = window.unsqueeze(-1)
+    v = _unit(start)[0]
+    forward_norm = backward_norm = torch.zeros(start.shape[:-1], dtype=start.dtype, device=start.device)
+    for _ in range(power_steps):
+        u = _sweep(v, step_jvp, range(steps), spans, window_vectors)
+        u, forward_norm = _unit(u)
+        w = _sweep(u, step_vjp, reversed(range(steps)), spans, window_vectors)
+        w, backward_norm = _unit(w)
+        v = torch.where((backward_norm > 0).unsqueeze(-1), w, v)
+    finite = torch.isfinite(forward_norm) & torch.isfinite(backward_norm)
+    gap = backward_norm - forward_norm
+    settled = finite & (gap <= WARM_POWER_GAP * forward_norm)
+    sigma = torch.where(finite, backward_norm, torch.full_like(backward_norm, float("nan")))
+    vectors = torch.where(finite.unsqueeze(-1), v, start)  # a non-finite product keeps its old start
+    return WarmPowerRows(sigma=sigma, vectors=vectors, settled=settled)
+
+
+def _unit(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(x / ||x||, ||x||) over the last axis, zero vectors left at zero."""
+    norm = safe_vector_norm(x)
+    return x / torch.where(norm > 0, norm, torch.ones_like(norm)).unsqueeze(-1), norm
 
 
 def _lag_quiet_checks(tau: Tensor, warm: Tensor | bool, long_lag_checks: int | None = None) -> Tensor:
@@ -286,6 +439,7 @@ def _with_full_products(
     generator: torch.Generator | None,
     v0: Tensor | None,
     quiet_checks: int | None = None,
+    warm_power_steps: int = 0,
 ) -> LagNormEstimate:
     """The lags plus one row per sequence with tau = L_b (the whole product), split apart again."""
     lag_count = len(checked_lags)
@@ -310,6 +464,7 @@ def _with_full_products(
         checked_lags,
         fixed_start_rows=1,
         quiet_checks=quiet_checks,
+        warm_power_steps=warm_power_steps,
     )
     raw = both.estimate
     shared = torch.cat([whole_product, whole_product.new_zeros((1, batch))])  # (K + 1, B)
