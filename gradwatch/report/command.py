@@ -175,7 +175,7 @@ def _summarize_piece(job: tuple[Piece, ReportOptions]) -> tuple[StreamingSummary
     out = LogContents(files=[str(piece.path)])
     tail = LogTail(piece.path, rows=True, start=piece.start, end=piece.end)
     summary.add_all(tail.stream(out, final=True))
-    summary.fold_rows()  # the worker sends folded accumulators, not rows
+    summary.finish_all()  # the worker sends run summaries (a few KB each), not accumulators
     return summary, out, tail.lines_read
 
 

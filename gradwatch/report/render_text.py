@@ -19,6 +19,7 @@ from gradwatch.report.formatting import (
     format_trend,
     message,
     omitted_alerts_note,
+    omitted_errors_note,
     printable,
     shorten,
     shown_metrics,
@@ -176,6 +177,8 @@ def _run(run: RunSummary, files: tuple[str, ...] = ()) -> list[RenderableType]:
     for error in run.errors:
         where = shorten(error.where, 80)
         parts.append(Text(f"gradwatch error at step {error.step} in {where}: {message(error.message)}"))
+    if run.errors_omitted:
+        parts.append(Text(printable(omitted_errors_note(run))))
     return parts
 
 
