@@ -8,6 +8,7 @@ its alerts and a verdict (see :mod:`gradwatch.report.verdict`).
 from __future__ import annotations
 
 import fnmatch
+import functools
 import math
 import statistics
 from array import array
@@ -560,7 +561,7 @@ def unmeasured_layers(
             key = (name, layer, direction)
             if options.wants_module(name) and key not in present:
                 missing.setdefault(key, kind)
-    specs = metric_specs(options.metrics)
+    metrics = _unmeasured_metrics(options.metrics)
     needed = (detection or DetectionConfig()).measurements_needed
     reason = (
         f"never measured{options.steps.describe()}: the run header lists this layer; the rule needs {needed}"
@@ -576,12 +577,19 @@ def unmeasured_layers(
             first_step=None,
             last_step=None,
             lag=None,
-            metrics=tuple(_summarize_metric(spec, {}, None) for spec in specs),
+            metrics=metrics,
             alerts=(),
             verdict=LayerVerdict(Verdict.UNKNOWN, "rules", reason, "", ()),
         )
         for (module, layer, direction), kind in sorted(missing.items())
     )
+
+
+@functools.lru_cache(maxsize=16)
+def _unmeasured_metrics(names: tuple[str, ...] | None) -> tuple[MetricSummary, ...]:
+    """The metric summaries of a layer never measured (all empty): one shared tuple per metric selection,
+    so that thousands of runs with unmeasured layers neither compute nor keep them again."""
+    return tuple(_summarize_metric(spec, {}, None) for spec in metric_specs(names))
 
 
 def _module_types(headers: Sequence[RunHeader]) -> dict[str, str]:
