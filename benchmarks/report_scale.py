@@ -357,20 +357,22 @@ def _time_commands(
 
 
 def _report_commands(
-    path: Path, output_format: str, compare_with: str | None
+    path: Path, output_format: str, compare_with: str | None, installs: list[str]
 ) -> dict[str, tuple[list[str], str | None]]:
-    """The report of ``path`` with the fast decoders and without, here and in ``compare_with``."""
+    """The report of ``path`` with the fast decoders (``default`` in ``installs``) and without
+    (``fallback``), here and in ``compare_with``."""
     arguments = ["report", str(path), "--format", output_format, "-o", "/dev/null"]
-    commands: dict[str, tuple[list[str], str | None]] = {
-        "gradwatch report": ([sys.executable, "-c", "import sys; " + _CLI, *arguments], None),
-        "report, no orjson/msgspec": (
-            [sys.executable, "-c", "import sys; " + _NO_FAST + _CLI, *arguments],
-            None,
-        ),
-    }
-    if compare_with:
-        commands["compared checkout"] = (commands["gradwatch report"][0], compare_with)
-        commands["compared, no orjson/msgspec"] = (commands["report, no orjson/msgspec"][0], compare_with)
+    default = [sys.executable, "-c", "import sys; " + _CLI, *arguments]
+    fallback = [sys.executable, "-c", "import sys; " + _NO_FAST + _CLI, *arguments]
+    commands: dict[str, tuple[list[str], str | None]] = {}
+    if "default" in installs:
+        commands["gradwatch report"] = (default, None)
+        if compare_with:
+            commands["compared checkout"] = (default, compare_with)
+    if "fallback" in installs:
+        commands["report, no orjson/msgspec"] = (fallback, None)
+        if compare_with:
+            commands["compared, no orjson/msgspec"] = (fallback, compare_with)
     return commands
 
 
@@ -389,8 +391,8 @@ def _shapes(args: argparse.Namespace) -> None:
         else:
             size, records = generate_many_runs(path, args.many_runs)
         output_format = "text" if shape == "many-runs" else "json"
-        commands = _report_commands(path, output_format, args.compare_with)
-        _time_commands(shape, size, records, commands, args, baseline="gradwatch report")
+        commands = _report_commands(path, output_format, args.compare_with, args.installs)
+        _time_commands(shape, size, records, commands, args, baseline=next(iter(commands)))
         if not args.keep:
             path.unlink()
 
@@ -411,6 +413,13 @@ def main() -> None:
         choices=("files", "appended", "out-of-order", "many-runs"),
         default=["files"],
         help="which inputs (see above); files is the one-file-per-rank set of --sizes-mb",
+    )
+    parser.add_argument(
+        "--installs",
+        nargs="+",
+        choices=("default", "fallback"),
+        default=["default", "fallback"],
+        help="for the one-file shapes: time the default install (orjson, msgspec), the pure-json fallback, or both",
     )
     parser.add_argument("--appended-mb", type=int, default=1000)
     parser.add_argument("--out-of-order-mb", type=int, default=150)
