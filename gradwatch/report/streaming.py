@@ -533,7 +533,7 @@ class _LayerAccumulator:
                 if accumulator.spec.name == "grad_norm":
                     values = totals[start:end]
                 else:
-                    values = [last_exponent(m.lyapunov_spectrum) for m in part]
+                    values = [last_exponent(s) if s else None for s in map(_SPECTRUM, part)]
                 accumulator.extend(part_steps, _missing_as_nan(values))
             for accumulator, key in self._lag_reads:
                 accumulator.extend(part_steps, _missing_as_nan([m.lag_norm.get(key) for m in part]))
@@ -716,6 +716,7 @@ _GRAD_NORM = attrgetter("grad_norm")
 _GRAD_NONFINITE = attrgetter("grad_nonfinite")
 _LYAPUNOV_MAX = attrgetter("lyapunov_max")
 _HORIZON = attrgetter("horizon")
+_SPECTRUM = attrgetter("lyapunov_spectrum")
 
 
 def _missing_as_nan(values: list[float | None] | list[float]) -> np.ndarray:
