@@ -448,6 +448,7 @@ def main() -> None:
         help="measurements without the sigma histogram (smaller lines: about 1.16 M records per GB, not 0.74 M)",
     )
     args = parser.parse_args()
+    args.dir = args.dir.resolve()  # --compare-with runs the report from that checkout's directory
     print(
         f"{'shape':<13} {'log':>8} {'records':>10} {'what':<34} {'wall s':>8} {'min-max':>11} {'cpu s':>7} "
         f"{'MB/s':>7} {'peak RSS MB':>12} {'x first':>8}"
