@@ -393,8 +393,54 @@ def _shapes(args: argparse.Namespace) -> None:
         output_format = "text" if shape == "many-runs" else "json"
         commands = _report_commands(path, output_format, args.compare_with, args.installs)
         _time_commands(shape, size, records, commands, args, baseline=next(iter(commands)))
+        if args.critical_path and shape == "appended":
+            critical_path(path)
         if not args.keep:
             path.unlink()
+
+
+_CRITICAL_PATH = """
+import resource, sys, time
+from gradwatch.report import command
+from gradwatch.report.render_json import iter_json
+from gradwatch.report.summary import ReportOptions
+
+real = command._summarize_piece
+cpus = []
+
+def timed(job):
+    start = time.process_time()
+    summary, contents, lines = real(job)
+    summary.piece_cpu = time.process_time() - start  # sent back with the summary
+    return summary, contents, lines
+
+absorb = command.StreamingSummary.absorb
+
+def noted(self, other):
+    cpus.append(getattr(other, "piece_cpu", 0.0))
+    return absorb(self, other)
+
+command._summarize_piece, command.StreamingSummary.absorb = timed, noted
+wall = time.perf_counter()
+report = command.make_report(sys.argv[1:], ReportOptions(), jobs=0)
+with open("/dev/null", "w") as sink:
+    for part in iter_json(report):
+        sink.write(part)
+wall = time.perf_counter() - wall
+own = resource.getrusage(resource.RUSAGE_SELF)
+parent = own.ru_utime + own.ru_stime
+lanes = [0.0, 0.0]
+for cpu in sorted(cpus, reverse=True):  # pieces go to whichever of 2 cores is free first
+    lanes[lanes.index(min(lanes))] += cpu
+print(f"pieces CPU s {[round(c, 2) for c in cpus]}; parent {parent:.1f}; 2-core critical path about "
+      f"{max(lanes) + parent:.1f} s; wall here {wall:.1f} s")
+"""
+
+
+def critical_path(path: Path) -> None:
+    """Each worker's CPU time and the parent's for one report of ``path``, and the wall time two idle cores
+    would take (the longer core's pieces plus the parent): an estimate a shared machine can still give."""
+    subprocess.run([sys.executable, "-c", _CRITICAL_PATH, str(path)], check=True)
 
 
 def _existing_file(path: Path) -> tuple[int, int]:
@@ -420,6 +466,11 @@ def main() -> None:
         choices=("default", "fallback"),
         default=["default", "fallback"],
         help="for the one-file shapes: time the default install (orjson, msgspec), the pure-json fallback, or both",
+    )
+    parser.add_argument(
+        "--critical-path",
+        action="store_true",
+        help="after the appended shape, time each worker's CPU and estimate the wall time on 2 idle cores",
     )
     parser.add_argument("--appended-mb", type=int, default=1000)
     parser.add_argument("--out-of-order-mb", type=int, default=150)
