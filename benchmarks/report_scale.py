@@ -357,20 +357,22 @@ def _time_commands(
 
 
 def _report_commands(
-    path: Path, output_format: str, compare_with: str | None
+    path: Path, output_format: str, compare_with: str | None, installs: list[str]
 ) -> dict[str, tuple[list[str], str | None]]:
-    """The report of ``path`` with the fast decoders and without, here and in ``compare_with``."""
+    """The report of ``path`` with the fast decoders (``default`` in ``installs``) and without
+    (``fallback``), here and in ``compare_with``."""
     arguments = ["report", str(path), "--format", output_format, "-o", "/dev/null"]
-    commands: dict[str, tuple[list[str], str | None]] = {
-        "gradwatch report": ([sys.executable, "-c", "import sys; " + _CLI, *arguments], None),
-        "report, no orjson/msgspec": (
-            [sys.executable, "-c", "import sys; " + _NO_FAST + _CLI, *arguments],
-            None,
-        ),
-    }
-    if compare_with:
-        commands["compared checkout"] = (commands["gradwatch report"][0], compare_with)
-        commands["compared, no orjson/msgspec"] = (commands["report, no orjson/msgspec"][0], compare_with)
+    default = [sys.executable, "-c", "import sys; " + _CLI, *arguments]
+    fallback = [sys.executable, "-c", "import sys; " + _NO_FAST + _CLI, *arguments]
+    commands: dict[str, tuple[list[str], str | None]] = {}
+    if "default" in installs:
+        commands["gradwatch report"] = (default, None)
+        if compare_with:
+            commands["compared checkout"] = (default, compare_with)
+    if "fallback" in installs:
+        commands["report, no orjson/msgspec"] = (fallback, None)
+        if compare_with:
+            commands["compared, no orjson/msgspec"] = (fallback, compare_with)
     return commands
 
 
@@ -389,10 +391,56 @@ def _shapes(args: argparse.Namespace) -> None:
         else:
             size, records = generate_many_runs(path, args.many_runs)
         output_format = "text" if shape == "many-runs" else "json"
-        commands = _report_commands(path, output_format, args.compare_with)
-        _time_commands(shape, size, records, commands, args, baseline="gradwatch report")
+        commands = _report_commands(path, output_format, args.compare_with, args.installs)
+        _time_commands(shape, size, records, commands, args, baseline=next(iter(commands)))
+        if args.critical_path and shape == "appended":
+            critical_path(path)
         if not args.keep:
             path.unlink()
+
+
+_CRITICAL_PATH = """
+import resource, sys, time
+from gradwatch.report import command
+from gradwatch.report.render_json import iter_json
+from gradwatch.report.summary import ReportOptions
+
+real = command._summarize_piece
+cpus = []
+
+def timed(job):
+    start = time.process_time()
+    summary, contents, lines = real(job)
+    summary.piece_cpu = time.process_time() - start  # sent back with the summary
+    return summary, contents, lines
+
+absorb = command.StreamingSummary.absorb
+
+def noted(self, other):
+    cpus.append(getattr(other, "piece_cpu", 0.0))
+    return absorb(self, other)
+
+command._summarize_piece, command.StreamingSummary.absorb = timed, noted
+wall = time.perf_counter()
+report = command.make_report(sys.argv[1:], ReportOptions(), jobs=0)
+with open("/dev/null", "w") as sink:
+    for part in iter_json(report):
+        sink.write(part)
+wall = time.perf_counter() - wall
+own = resource.getrusage(resource.RUSAGE_SELF)
+parent = own.ru_utime + own.ru_stime
+lanes = [0.0, 0.0]
+for cpu in sorted(cpus, reverse=True):  # pieces go to whichever of 2 cores is free first
+    lanes[lanes.index(min(lanes))] += cpu
+print(f"pieces CPU s {[round(c, 2) for c in cpus]}; parent {parent:.1f}; 2-core critical path about "
+      f"{max(lanes) + parent:.1f} s; wall here {wall:.1f} s")
+"""
+
+
+def critical_path(path: Path) -> None:
+    """Each worker's CPU time and the parent's for one report of ``path``, and the wall time two idle cores
+    would take (the longer core's pieces plus the parent): an estimate a shared machine can still give."""
+    subprocess.run([sys.executable, "-c", _CRITICAL_PATH, str(path)], check=True)
 
 
 def _existing_file(path: Path) -> tuple[int, int]:
@@ -411,6 +459,18 @@ def main() -> None:
         choices=("files", "appended", "out-of-order", "many-runs"),
         default=["files"],
         help="which inputs (see above); files is the one-file-per-rank set of --sizes-mb",
+    )
+    parser.add_argument(
+        "--installs",
+        nargs="+",
+        choices=("default", "fallback"),
+        default=["default", "fallback"],
+        help="for the one-file shapes: time the default install (orjson, msgspec), the pure-json fallback, or both",
+    )
+    parser.add_argument(
+        "--critical-path",
+        action="store_true",
+        help="after the appended shape, time each worker's CPU and estimate the wall time on 2 idle cores",
     )
     parser.add_argument("--appended-mb", type=int, default=1000)
     parser.add_argument("--out-of-order-mb", type=int, default=150)
@@ -439,6 +499,7 @@ def main() -> None:
         help="measurements without the sigma histogram (smaller lines: about 1.16 M records per GB, not 0.74 M)",
     )
     args = parser.parse_args()
+    args.dir = args.dir.resolve()  # --compare-with runs the report from that checkout's directory
     print(
         f"{'shape':<13} {'log':>8} {'records':>10} {'what':<34} {'wall s':>8} {'min-max':>11} {'cpu s':>7} "
         f"{'MB/s':>7} {'peak RSS MB':>12} {'x first':>8}"

@@ -122,7 +122,8 @@ def _export_tensorboard(paths: list[str], output: Path | None, *, follow: bool) 
     type=click.IntRange(min=0),
     default=0,
     show_default=True,
-    help="Worker processes for large logs in several files (0: one per CPU; 1: read in this process).",
+    help="Worker processes for logs of 64 MB or more, a file or a piece of a big file each (0: one per CPU; "
+    "1: read in this process).",
 )
 @click.pass_context
 def report(

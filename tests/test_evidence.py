@@ -7,7 +7,13 @@ import random
 
 import pytest
 
-from gradwatch.policy.evidence import growth_rate, longest_lag_norm, longest_lag_norms
+from gradwatch.policy.evidence import (
+    growth_rate,
+    longest_lag_norm,
+    longest_lag_norms,
+    reach_and_horizon,
+    reaches_and_horizons,
+)
 from gradwatch.records import MeasurementMetrics
 
 
@@ -46,3 +52,21 @@ def test_longest_lag_norms_is_longest_lag_norm_of_each() -> None:
     ]
     mappings += [{"8": 1.0, "08": 2.0}, {"08": 2.0, "8": 1.0}, {"1": math.nan}, {}]
     assert longest_lag_norms(mappings) == [longest_lag_norm(m) for m in mappings]
+
+
+def test_reaches_and_horizons_is_reach_and_horizon_of_each() -> None:
+    generator = random.Random(7)
+    keys = ["1", "2", "8", "32", "08", "x", "-2", " 4", "0"]
+    values: list[float | None] = [0.5, 2.0, 1e-3, 1e-5, 1e-9, math.inf, math.nan, None, 0.0, 1.0]
+    mappings = [
+        {key: generator.choice(values) for key in generator.sample(keys, generator.randint(0, len(keys)))}
+        for _ in range(2000)
+    ]
+    mappings += [{"1": 0.5, "8": 1e-3, "32": 0.0}, {"08": 2.0, "8": 1e-9}, {"1": math.nan}, {}]
+    horizons = [generator.choice([None, 1, 4, 16, 31, 64]) for _ in mappings]
+    for floor in (1e-4, 0.3):
+        expected = [reach_and_horizon(m, h, floor) for m, h in zip(mappings, horizons, strict=True)]
+        assert reaches_and_horizons(mappings, horizons, floor) == expected
+    assert any(reach is None for reach, _ in expected) and any(reach for reach, _ in expected)
+    with pytest.raises(ValueError, match="floor"):
+        reaches_and_horizons([{"1": 0.5}], [None], 1.5)

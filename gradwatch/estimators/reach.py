@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 DEFAULT_REACH_FLOOR = 1e-4
 """The share of the last step's gradient below which a contribution counts as lost (see the docstring)."""
@@ -25,15 +25,28 @@ DEFAULT_REACH_FLOOR = 1e-4
 
 def measured_lags(lag_norm: Mapping[str, float | None]) -> list[tuple[int, float | None]]:
     """(tau, norm) of the keys that name a positive lag, shortest first (other keys are ignored)."""
-    lags: dict[int, float | None] = {}
-    for key, value in lag_norm.items():
+    return lags_of(lag_norm, lag_keys(tuple(lag_norm)))
+
+
+def lag_keys(keys: Sequence[str]) -> list[tuple[str, int]]:
+    """(key, tau) of the keys that name a positive lag, shortest first; of equal lags the first key wins.
+    Depends on the keys only: a replay of many measurements parses each key set once."""
+    taus: dict[int, str] = {}
+    for key in keys:
         try:
             tau = int(key)
         except ValueError:
             continue
-        if tau >= 1 and tau not in lags:
-            lags[tau] = None if value is None else float(value)
-    return sorted(lags.items())
+        if tau >= 1 and tau not in taus:
+            taus[tau] = key
+    return [(key, tau) for tau, key in sorted(taus.items())]
+
+
+def lags_of(
+    lag_norm: Mapping[str, float | None], keys: list[tuple[str, int]]
+) -> list[tuple[int, float | None]]:
+    """:func:`measured_lags` given the :func:`lag_keys` of ``lag_norm``'s keys."""
+    return [(tau, None if (value := lag_norm[key]) is None else float(value)) for key, tau in keys]
 
 
 def gradient_reach(lag_norm: Mapping[str, float | None], floor: float = DEFAULT_REACH_FLOOR) -> float | None:
@@ -44,7 +57,11 @@ def gradient_reach(lag_norm: Mapping[str, float | None], floor: float = DEFAULT_
     """
     if not (isinstance(floor, (int, float)) and 0 < floor < 1):
         raise ValueError(f"floor must be a number in (0, 1), got {floor!r}")
-    lags = measured_lags(lag_norm)
+    return reach_of(measured_lags(lag_norm), floor)
+
+
+def reach_of(lags: Sequence[tuple[int, float | None]], floor: float) -> float | None:
+    """:func:`gradient_reach` of the :func:`measured_lags` ``lags`` (``floor`` checked by the caller)."""
     if not lags:
         return None
     previous_tau, previous_norm = 0, 1.0
@@ -67,7 +84,11 @@ def judged_horizon(declared: int | None, lag_norm: Mapping[str, float | None]) -
     product cannot be measured beyond the sequences). None declared: T - 1 for a longest lag of T, the
     longest dependency a sequence of T steps holds (from its first input to its last output; lag T also
     multiplies by the Jacobian with respect to the initial state, which carries no input)."""
-    lags = measured_lags(lag_norm)
+    return horizon_of(declared, measured_lags(lag_norm))
+
+
+def horizon_of(declared: int | None, lags: Sequence[tuple[int, float | None]]) -> int | None:
+    """:func:`judged_horizon` of the :func:`measured_lags` ``lags``."""
     if not lags:
         return None
     longest = lags[-1][0]
@@ -82,7 +103,13 @@ def reach_at_horizon(lag_norm: Mapping[str, float | None], horizon: int, floor: 
     reach = gradient_reach(lag_norm, floor)
     if reach is None or reach >= horizon:
         return reach
-    beyond = next(((tau, norm) for tau, norm in measured_lags(lag_norm) if tau > reach), None)
+    return reach_at_horizon_of(measured_lags(lag_norm), horizon, reach)
+
+
+def reach_at_horizon_of(lags: Sequence[tuple[int, float | None]], horizon: int, reach: float) -> float | None:
+    """:func:`reach_at_horizon` of the :func:`measured_lags` ``lags`` whose reach (below ``horizon``) is
+    ``reach``."""
+    beyond = next(((tau, norm) for tau, norm in lags if tau > reach), None)
     if beyond is not None and beyond[1] == 0 and beyond[0] > horizon and reach == int(reach):
         return None
     return reach

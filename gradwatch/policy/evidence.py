@@ -12,7 +12,16 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gradwatch.estimators.reach import gradient_reach, judged_horizon, reach_at_horizon
+from gradwatch.estimators.reach import (
+    gradient_reach,
+    horizon_of,
+    judged_horizon,
+    lag_keys,
+    lags_of,
+    reach_at_horizon,
+    reach_at_horizon_of,
+    reach_of,
+)
 from gradwatch.policy.judge import Verdict
 from gradwatch.records import MeasurementMetrics
 
@@ -43,6 +52,28 @@ def reach_and_horizon(
     if horizon is None:
         return gradient_reach(lag_norm, floor), None
     return reach_at_horizon(lag_norm, horizon, floor), horizon
+
+
+def reaches_and_horizons(
+    lag_norms: Sequence[Mapping[str, float | None]], recorded_horizons: Sequence[int | None], floor: float
+) -> list[tuple[float | None, int | None]]:
+    """:func:`reach_and_horizon` of each measurement; the lags are parsed and ordered once per key set."""
+    if not (isinstance(floor, (int, float)) and 0 < floor < 1):
+        raise ValueError(f"floor must be a number in (0, 1), got {floor!r}")
+    orders: dict[tuple[str, ...], list[tuple[str, int]]] = {}
+    out: list[tuple[float | None, int | None]] = []
+    for lag_norm, recorded in zip(lag_norms, recorded_horizons, strict=True):
+        keys = tuple(lag_norm)
+        order = orders.get(keys)
+        if order is None:
+            order = orders[keys] = lag_keys(keys)
+        lags = lags_of(lag_norm, order)
+        reach = reach_of(lags, floor)
+        horizon = recorded if recorded is not None else horizon_of(None, lags)
+        if horizon is not None and reach is not None and reach < horizon:
+            reach = reach_at_horizon_of(lags, horizon, reach)
+        out.append((reach, horizon))
+    return out
 
 
 def longest_lag_norm(lag_norm: Mapping[str, float | None]) -> tuple[int, float] | None:

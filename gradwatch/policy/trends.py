@@ -23,6 +23,7 @@ from gradwatch.policy.evidence import (
     longest_lag_norm,
     longest_lag_norms,
     reach_and_horizon,
+    reaches_and_horizons,
 )
 from gradwatch.policy.explain import (
     cause_and_hint,
@@ -399,10 +400,7 @@ class TrendDetector:
         state = self._state(key)
         longest = longest_lag_norms(lag_norms)
         rates = [growth_rate_from(lyapunov, lag) for lyapunov, lag in zip(lyapunov_max, longest, strict=True)]
-        reaches = [
-            reach_and_horizon(lags, h, config.vanishing_lag_norm)
-            for lags, h in zip(lag_norms, horizons, strict=True)
-        ]
+        reaches = reaches_and_horizons(lag_norms, horizons, config.vanishing_lag_norm)
         verdicts = [
             _jacobian_verdict(rate, lag, config, reach, horizon)
             for rate, lag, (reach, horizon) in zip(rates, longest, reaches, strict=True)

@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import IO
 
 from gradwatch.report.formatting import printable
-from gradwatch.report.reader import LogContents, LogTail, expand_paths, merge_by_step
+from gradwatch.report.pieces import Piece, split_at_runs
+from gradwatch.report.reader import (
+    LogContents,
+    LogTail,
+    cap_problems,
+    expand_paths,
+    merge_by_step,
+    shift_lines,
+)
 from gradwatch.report.render_html import render_html
 from gradwatch.report.render_json import iter_json, render_json
 from gradwatch.report.render_markdown import render_markdown
@@ -68,8 +76,8 @@ def make_report(paths: list[str], options: ReportOptions, *, jobs: int = 1) -> R
     or resume after it was finished is folded again from the files, sorted in bounded memory
     (:func:`gradwatch.report.reorder.refold`), so the figures stay exact.
 
-    ``jobs`` > 1 (0: one per CPU) lets logs of at least :data:`PARALLEL_MIN_BYTES` in several files be
-    summarised one file per worker process (same report; see :func:`_summarize_in_parallel`).
+    ``jobs`` > 1 (0: one per CPU) lets logs of at least :data:`PARALLEL_MIN_BYTES` be summarised in
+    worker processes, a file or a piece of a big file each (same report; see :func:`_summarize_in_parallel`).
     """
     with fewer_gc_passes():
         return _make_report(paths, options, jobs=jobs)
@@ -136,60 +144,97 @@ def _finish(
 PARALLEL_MIN_BYTES = 64_000_000
 """Below this much log in all, one process: starting workers and moving their summaries costs more."""
 MAX_WORKERS = 8
+PIECES_PER_WORKER = 2
+"""A big file is cut into about this many pieces per worker, so a worker slowed down (a shared machine)
+holds the others up less; each piece costs a process start and a summary sent back."""
 
 
-def _worker_count(files: list[Path], jobs: int) -> int:
+def _worker_count(jobs: int) -> int:
     if jobs == 0:
         try:
             jobs = len(os.sched_getaffinity(0))
         except (AttributeError, OSError):
             jobs = os.cpu_count() or 1
-    return max(1, min(jobs, len(files), MAX_WORKERS))
+    return max(1, min(jobs, MAX_WORKERS))
 
 
-def _summarize_file(job: tuple[Path, ReportOptions]) -> tuple[StreamingSummary, LogContents]:
-    """One file folded into its own summary (in a worker process)."""
-    path, options = job
+def _pieces(files: list[Path], sizes: list[int], workers: int) -> list[Piece]:
+    """The files, each cut at run starts into about its share of ``workers * PIECES_PER_WORKER`` pieces."""
+    total = sum(sizes) or 1
+    pieces: list[Piece] = []
+    for path, size in zip(files, sizes, strict=True):
+        share = round(size / total * workers * PIECES_PER_WORKER)
+        pieces.extend(split_at_runs(path, size, share) if share >= 2 else [Piece(path, 0, None)])
+    return pieces
+
+
+def _summarize_piece(job: tuple[Piece, ReportOptions]) -> tuple[StreamingSummary, LogContents, int]:
+    """One piece of a file folded into its own summary (in a worker process), with the lines it read."""
+    piece, options = job
     summary = StreamingSummary(options, live_runs=LIVE_RUNS)
-    out = LogContents(files=[str(path)])
-    summary.add_all(LogTail(path, rows=True).stream(out, final=True))
-    summary.fold_rows()  # the worker sends folded accumulators, not rows
-    return summary, out
+    out = LogContents(files=[str(piece.path)])
+    tail = LogTail(piece.path, rows=True, start=piece.start, end=piece.end)
+    summary.add_all(tail.stream(out, final=True))
+    summary.finish_all()  # the worker sends run summaries (a few KB each), not accumulators
+    return summary, out, tail.lines_read
 
 
 def _summarize_in_parallel(
     files: list[Path], options: ReportOptions, jobs: int
 ) -> tuple[StreamingSummary, list[LogContents]] | None:
-    """Each file summarised in a worker process, merged; ``None`` when that does not pay or is not exact.
+    """Pieces of the logs summarised in worker processes, merged; ``None`` when that does not pay or is
+    not exact.
 
-    Exact only when no run (run id and rank; run id alone with ``--merge-ranks``) has records in two
-    files: then each run's records were folded in file order, as the serial merge by step folds them.
-    Otherwise, or when worker processes cannot be used, ``None`` and the caller reads serially. Workers
-    are forked, and only from a single-threaded process (forking one with threads can deadlock).
+    Each file is a piece, and a large one is cut at run starts into several (:mod:`.pieces`), so one big
+    file of appended runs uses every core too. Exact only when no run (run id and rank; run id alone with
+    ``--merge-ranks``) has records in two pieces: then each run's records were folded in file order, as
+    the serial merge by step folds them. Otherwise, or when worker processes cannot be used, ``None`` and
+    the caller reads serially. Workers are forked, and only from a single-threaded process (forking one
+    with threads can deadlock); each holds the bounded state of one serial pass over its piece.
     """
-    workers = _worker_count(files, jobs)
+    workers = _worker_count(jobs)
     if workers < 2 or "fork" not in multiprocessing.get_all_start_methods() or threading.active_count() > 1:
         return None
     try:
-        if sum(path.stat().st_size for path in files) < PARALLEL_MIN_BYTES:
-            return None
+        sizes = [path.stat().st_size for path in files]
     except OSError:
         return None  # the serial reader reports the file that cannot be read
+    if sum(sizes) < PARALLEL_MIN_BYTES:
+        return None
+    pieces = _pieces(files, sizes, workers)
+    if len(pieces) < 2:
+        return None
     try:
-        context = multiprocessing.get_context(
-            "fork" if "fork" in multiprocessing.get_all_start_methods() else None
-        )
-        with context.Pool(workers, maxtasksperchild=1) as pool:
-            results = pool.map(_summarize_file, [(path, options) for path in files], chunksize=1)
+        context = multiprocessing.get_context("fork")
+        with context.Pool(min(workers, len(pieces)), maxtasksperchild=1) as pool:
+            results = pool.map(_summarize_piece, [(piece, options) for piece in pieces], chunksize=1)
     except Exception as exc:  # no worker processes here (sandbox, limits): the serial path does it all
         logger.debug("reading the logs in one process: %s", exc)
         return None
     merged = StreamingSummary(options, live_runs=LIVE_RUNS)
-    for summary, _out in results:
+    for summary, _out, _lines in results:
         if merged.run_keys() & summary.run_keys():
-            return None  # a run spans files: only the merge by step folds it exactly
+            return None  # a run spans files or pieces: only the serial merge by step folds it exactly
         merged.absorb(summary)
-    return merged, [out for _summary, out in results]
+    return merged, _contents_per_file(pieces, [(out, lines) for _summary, out, lines in results])
+
+
+def _contents_per_file(pieces: list[Piece], outs: list[tuple[LogContents, int]]) -> list[LogContents]:
+    """What the pieces' readers noted, put together per file as one reader of the whole file notes it:
+    problems numbered by the file's lines and capped per file."""
+    per_file: dict[Path, LogContents] = {}
+    lines_before: dict[Path, int] = {}
+    for piece, (out, lines) in zip(pieces, outs, strict=True):
+        shift_lines(out, lines_before.get(piece.path, 0))
+        lines_before[piece.path] = lines_before.get(piece.path, 0) + lines
+        contents = per_file.get(piece.path)
+        if contents is None:
+            per_file[piece.path] = out
+        else:
+            contents.extend(out)
+    for contents in per_file.values():
+        contents.problems = cap_problems(contents.problems)
+    return list(per_file.values())
 
 
 def render(report: Report, output_format: str) -> str:

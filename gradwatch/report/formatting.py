@@ -100,3 +100,13 @@ def omitted_alerts_note(run: RunSummary) -> str:
         f"… and {run.alerts_omitted} more alert(s) between these: the report lists the first {first} and "
         f"the last {len(run.alerts) - first} of {run.alert_count} (the run log has them all)"
     )
+
+
+def omitted_errors_note(run: RunSummary) -> str:
+    """The line under a run's gradwatch errors that says how many it leaves out, and how many of each kind."""
+    kinds = ", ".join(f"{count} × {shorten(kind, 60)}" for kind, count in run.error_kinds[:10])
+    more = f", and {len(run.error_kinds) - 10} more kind(s)" if len(run.error_kinds) > 10 else ""
+    return (
+        f"… and {run.errors_omitted} more gradwatch error(s) not listed: {run.error_count} in all "
+        f"({kinds}{more}); the report lists the first and last of each kind (the run log has them all)"
+    )

@@ -56,6 +56,7 @@ MAX_LINE_BYTES = 1 << 20
 MAX_PROBLEMS_PER_FILE = 20
 """Further problems in one file are only counted, so a garbage file cannot flood the report."""
 
+_TOO_MANY = "too many problems; further ones are not listed"
 _CHUNK_BYTES = 1 << 18
 """Read size: big enough that per-read overhead vanishes, small enough that many files merged stay small."""
 
@@ -150,15 +151,26 @@ class LogTail:
     (rotated or rewritten) is read again from the start.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, rows: bool = False) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, rows: bool = False, start: int = 0, end: int | None = None
+    ) -> None:
         self.path = Path(path)
         self.display = str(path)
         self._decode_line = LINE_DECODER if rows else None
         """Measurement lines of the usual shape become :class:`MeasurementLine` rows (rows mode)."""
+        self._start = start
+        self._end = end
+        """Read only the bytes ``[start, end)`` (a piece of a large file read by several workers: both at line
+        starts); line numbers then count from ``start`` (see :func:`shift_lines`)."""
         self._reset()
 
+    @property
+    def lines_read(self) -> int:
+        """How many lines were read so far (in this piece of the file)."""
+        return self._line_number
+
     def _reset(self) -> None:
-        self._offset = 0
+        self._offset = self._start
         self._line_number = 0
         self._pending = bytearray()
         self._discarding = False  # inside an over-long line: drop bytes until its newline
@@ -192,7 +204,10 @@ class LogTail:
                 self._reset()
             with open(self.path, "rb") as handle:
                 handle.seek(self._offset)
-                while chunk := handle.read(_CHUNK_BYTES):
+                end = self._end
+                while chunk := handle.read(
+                    _CHUNK_BYTES if end is None else min(_CHUNK_BYTES, end - self._offset)
+                ):
                     if self._offset == 0 and b"\x00" in chunk[:4096]:
                         self._binary = True
                         self._problem(
@@ -249,7 +264,7 @@ class LogTail:
             start = newline + 1
 
     def _finish(self, out: LogContents) -> None:
-        if self._offset == 0:
+        if self._offset == 0 and self._start == 0:
             self._problem(out, None, "empty file")
         if self._pending.strip():
             line = self._line_number + 1
@@ -257,12 +272,7 @@ class LogTail:
             if _is_json(bytes(self._pending)):
                 self._parse(bytes(self._pending), line, out)
             else:
-                self._problem(
-                    out,
-                    line,
-                    "truncated last line (the run probably crashed while writing); "
-                    f"read the {line - 1} line(s) before it",
-                )
+                self._problem(out, line, _truncated_line_message(line))
                 out.truncated_files.append(self.display)
                 if self._last_run is not None:
                     out.truncated_runs.append(self._last_run)
@@ -407,7 +417,45 @@ class LogTail:
         if self._problem_count <= MAX_PROBLEMS_PER_FILE:
             out.problems.append(Problem(self.display, line, message))
         elif self._problem_count == MAX_PROBLEMS_PER_FILE + 1:
-            out.problems.append(Problem(self.display, line, "too many problems; further ones are not listed"))
+            out.problems.append(Problem(self.display, line, _TOO_MANY))
+
+
+def _truncated_line_message(line: int) -> str:
+    return (
+        f"truncated last line (the run probably crashed while writing); read the {line - 1} line(s) before it"
+    )
+
+
+def shift_lines(out: LogContents, lines_before: int) -> None:
+    """Number the problems of a piece of a file read from a later start (``LogTail(start=...)``) as lines
+    of the whole file, ``lines_before`` being the lines before that start."""
+    if not lines_before:
+        return
+    shifted = []
+    for problem in out.problems:
+        if problem.line is not None:
+            line = problem.line + lines_before
+            text = problem.message
+            if text.startswith("truncated last line"):
+                text = _truncated_line_message(line)
+            problem = Problem(problem.path, line, text)
+        shifted.append(problem)
+    out.problems = shifted
+
+
+def cap_problems(problems: list[Problem]) -> list[Problem]:
+    """The problems of the pieces of one file, capped as one reader caps a file's (see MAX_PROBLEMS_PER_FILE):
+    the first ones, then one line saying that further ones are not listed."""
+    listed: list[Problem] = []
+    overflow: Problem | None = None
+    for problem in problems:
+        if problem.message == _TOO_MANY:
+            overflow = overflow or problem
+        elif len(listed) < MAX_PROBLEMS_PER_FILE:
+            listed.append(problem)
+        else:
+            overflow = overflow or Problem(problem.path, problem.line, _TOO_MANY)
+    return listed + ([overflow] if overflow is not None else [])
 
 
 _NOT_PARSED: Any = object()

@@ -24,6 +24,7 @@ from gradwatch.report.formatting import (
     format_trend,
     message,
     omitted_alerts_note,
+    omitted_errors_note,
     shorten,
     shown_metrics,
 )
@@ -431,6 +432,8 @@ def _run(run: RunSummary, files: tuple[str, ...], index: int) -> str:
         out.append(
             f"<p>gradwatch error at step {error.step} in {esc(error.where)}: {esc_message(error.message)}</p>"
         )
+    if run.errors_omitted:
+        out.append(f"<p>{esc(omitted_errors_note(run))}</p>")
     out.append("</section>")
     return "".join(out)
 

@@ -107,6 +107,8 @@ def _run(run: RunSummary, files: tuple[str, ...] = ()) -> dict[str, Any]:
         "alerts_omitted": run.alerts_omitted,
         "clips": _clips(run.clips),
         "errors": [_json_safe(error.to_json()) for error in run.errors],
+        "errors_omitted": run.errors_omitted,
+        "error_kinds": dict(run.error_kinds),
         "why_no_measurements": None if run.layers else why_no_measurements(run),
     }
 

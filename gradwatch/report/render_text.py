@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import IO
 
 from rich.console import Console, Group, RenderableType
@@ -19,6 +19,7 @@ from gradwatch.report.formatting import (
     format_trend,
     message,
     omitted_alerts_note,
+    omitted_errors_note,
     printable,
     shorten,
     shown_metrics,
@@ -176,6 +177,8 @@ def _run(run: RunSummary, files: tuple[str, ...] = ()) -> list[RenderableType]:
     for error in run.errors:
         where = shorten(error.where, 80)
         parts.append(Text(f"gradwatch error at step {error.step} in {where}: {message(error.message)}"))
+    if run.errors_omitted:
+        parts.append(Text(printable(omitted_errors_note(run))))
     return parts
 
 
@@ -204,8 +207,92 @@ def _closing(report: Report) -> list[RenderableType]:
     return parts
 
 
+FULL_LAYOUT_RUNS = 100
+"""Up to this many runs the text report shows each in full (its tables); beyond, one line per layer."""
+COMPACT_CHUNK = 500
+"""Lines of the compact layout printed at a time (rich holds one chunk, not the whole report)."""
+
+
 def render_text(report: Report, console: Console) -> None:
-    """Print ``report`` to ``console``, one run at a time (rich holds the rendering of one run, not all)."""
-    for run in report.runs:
-        console.print(Group(*_run(run, report.files_of(run))))
+    """Print ``report`` to ``console``, one run at a time (rich holds the rendering of one run, not all).
+
+    Beyond :data:`FULL_LAYOUT_RUNS` runs, the verdict counts come first and then one line per layer
+    (:func:`_compact_lines`): tables for tens of thousands of runs would take minutes and say less."""
+    if len(report.runs) > FULL_LAYOUT_RUNS:
+        _render_compact(report, console)
+    else:
+        for run in report.runs:
+            console.print(Group(*_run(run, report.files_of(run))))
     console.print(Group(*_closing(report)))
+
+
+def _render_compact(report: Report, console: Console) -> None:
+    counts = report.verdict_counts()
+    console.print(
+        Text(
+            f"{len(report.runs)} runs: one line per layer (over {FULL_LAYOUT_RUNS} runs; each run in full: "
+            "--format html, markdown or json)\n"
+            "Summary: " + ", ".join(f"{n} {name}" for name, n in counts.items())
+        )
+    )
+    plain = console.no_color or console.color_system is None
+    chunk: list[str] = []
+    text = Text()
+    for prefix, verdict, suffix in _compact_lines(report):
+        if plain:  # no styles: the line as it is, without rich's per-line work
+            chunk.append(f"{prefix}{'' if verdict is None else f'{verdict.value:<9}'}{suffix}\n")
+        else:
+            text.append(prefix)
+            if verdict is not None:
+                text.append_text(verdict_text(verdict))
+                text.append(" " * (9 - len(verdict.value)))
+            text.append(suffix + "\n")
+        if len(chunk) >= COMPACT_CHUNK or len(text) >= COMPACT_CHUNK * 120:
+            _flush_compact(console, chunk, text)
+            chunk, text = [], Text()
+    _flush_compact(console, chunk, text)
+
+
+def _flush_compact(console: Console, chunk: list[str], text: Text) -> None:
+    if chunk:
+        console.file.write("".join(chunk))
+    if text:
+        console.print(text, end="", soft_wrap=True)
+
+
+CompactLine = tuple[str, "Verdict | None", str]
+"""A line of the compact layout: the text before the verdict, the verdict (styled on a terminal; None: a
+line without one), the text after it."""
+
+
+def _compact_lines(report: Report) -> Iterator[CompactLine]:
+    """The compact layout: a column header, then per run one line per layer (one for a run without any)
+    and a line of notes (alerts, clips, errors, a truncated log) when there are any."""
+    yield (f"{'run':<44} {'layer':<36} {'steps':>13} {'measured':>8} {'verdict':<9} evidence", None, "")
+    for run in report.runs:
+        heading = shorten(run.heading, 44)
+        if not run.layers:
+            steps = format_steps(run.first_step, run.last_step)
+            yield (
+                f"{heading:<44} {'—':<36} {steps:>13} {0:>8} ",
+                Verdict.UNKNOWN,
+                f" {printable(why_no_measurements(run))}",
+            )
+        for layer in run.layers:
+            steps = format_steps(layer.first_step, layer.last_step)
+            yield (
+                f"{heading:<44} {shorten(layer.title, 36):<36} {steps:>13} {layer.measurements:>8} ",
+                layer.verdict.verdict,
+                f" {message(layer.verdict.reason)} [{layer.verdict.source}]",
+            )
+        notes = []
+        if run.alert_count:
+            notes.append(f"{run.alert_count} alert(s)")
+        if run.clips.count:
+            notes.append(f"{run.clips.count} clip(s)")
+        if run.error_count or run.errors:
+            notes.append(f"{max(run.error_count, len(run.errors))} gradwatch error(s)")
+        if run.truncated:
+            notes.append("the log ends in a truncated line: the run probably crashed")
+        if notes:
+            yield (f"    {heading}: {', '.join(notes)}", None, "")

@@ -5,22 +5,34 @@ came out of step order (a hand-edited or concatenated log), or that had more rec
 (a run resumed after others in the same file), is listed by
 :meth:`~gradwatch.report.streaming.StreamingSummary.inexact_runs`. :func:`refold` reads the files again,
 keeps only those runs' records and sorts them with an external merge sort: sorted batches of
-:data:`SORT_BATCH` records are spilled to temporary files and merged lazily, so memory stays bounded
-however large the runs are. The sorted records are what the whole-file summary sees after its own
-(stable) sorts, so the refolded runs get the whole-file figures.
+:data:`SORT_BATCH` records (any kind, with the fast decoders or without) are spilled to temporary files and
+merged lazily, so memory stays bounded however large the runs are. The sorted records are what the
+whole-file summary sees after its own (stable) sorts, so the refolded runs get the whole-file figures.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import json
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from enum import Enum
 from operator import itemgetter
 from pathlib import Path
 from typing import IO, Any
 
-from gradwatch.records import GLOBAL_RANK, Alert, Measurement
+from gradwatch.records import (
+    GLOBAL_RANK,
+    Alert,
+    AlertKind,
+    ClipEvent,
+    ErrorRecord,
+    Measurement,
+    MeasurementMetrics,
+    RunHeader,
+    SigmaHistogram,
+)
 from gradwatch.report.reader import LINE_DECODER, LINE_TYPE, LogContents, LogItem, LogTail, record_of
 from gradwatch.report.streaming import LIVE_RUNS, StreamingSummary
 from gradwatch.report.summary import ReportOptions, RunKey, RunSummary, summarize
@@ -36,11 +48,12 @@ if LINE_TYPE is not None:
     import msgspec
 
     _encode, _decode = msgspec.json.Encoder().encode, LINE_DECODER
-else:  # no msgspec: no measurement lines either (every item is a record, kept in memory)
+else:  # no msgspec: no measurement lines either (every item is a record, spilled as its JSON)
     _encode = _decode = None
 
 SortKey = tuple[tuple[str, int], int, int, str, int, int, int]
 _KEY = itemgetter(0)
+_LINE_TAG, _RECORD_TAG = b"L", b"R"
 
 
 def run_key(item: LogItem, options: ReportOptions) -> RunKey | None:
@@ -65,63 +78,117 @@ def sort_key(item: LogItem, key: RunKey, file_index: int, line: int) -> SortKey:
 class ExternalSort:
     """Sort (key, item) pairs of unique keys in bounded memory: sorted batches spilled to temporary files.
 
-    Keys are tuples of strings and ints; items are what a reader yields. Measurement lines (the bulk of a
-    log) are spilled as the JSON msgspec writes and reads back exactly (their numbers are finite: the
-    decoder refuses any other line); nothing is unpickled. Records (headers, alerts, clips, errors, and
-    measurements of another shape) stay in memory: few in a log read with msgspec, every one without.
+    Keys are tuples of strings and ints; items are what a reader yields. At most ``batch`` items are held
+    in memory, whatever they are: measurement lines (the bulk of a log read with msgspec) are spilled as
+    the JSON msgspec writes and reads back exactly (their numbers are finite: the decoder refuses any other
+    line); records (every item without msgspec; headers, alerts, clips, errors and odd measurements with
+    it) field by field through :mod:`json` (:func:`_plain`), which reads every float back to the bit
+    (``Infinity`` and ``NaN`` too). Nothing is unpickled or evaluated.
     """
 
     def __init__(self, batch: int) -> None:
         self.batch = batch
-        self._lines: list[tuple[Any, Any]] = []
-        self._records: list[tuple[Any, Any]] = []
+        self._items: list[tuple[Any, Any]] = []
         self._spilled: list[IO[bytes]] = []
 
     @property
     def spilled_batches(self) -> int:
         return len(self._spilled)
 
+    @property
+    def held(self) -> int:
+        """Items held in memory now (at most ``batch``)."""
+        return len(self._items)
+
     def add(self, key: Any, item: Any) -> None:
-        if _encode is None or type(item) is not LINE_TYPE:
-            self._records.append((key, item))
-            return
-        self._lines.append((key, item))
-        if len(self._lines) >= self.batch:
+        self._items.append((key, item))
+        if len(self._items) >= self.batch:
             self._spill()
 
     def _spill(self) -> None:
-        assert _encode is not None  # only measurement lines are spilled
-        self._lines.sort(key=_KEY)
+        self._items.sort(key=_KEY)
         handle = tempfile.TemporaryFile(prefix="gradwatch-report-")  # noqa: SIM115  # closed by sorted_items
-        encode = _encode
         handle.writelines(
-            json.dumps(key).encode() + b"\t" + encode(line) + b"\n" for key, line in self._lines
+            json.dumps(key).encode() + b"\t" + _payload(item) + b"\n" for key, item in self._items
         )
         handle.seek(0)
         self._spilled.append(handle)
-        self._lines = []
+        self._items = []
 
     def sorted_items(self) -> Iterator[Any]:
         """Every item added, by key (the spilled batches are read back lazily and closed after)."""
-        self._lines.sort(key=_KEY)
-        self._records.sort(key=_KEY)
+        self._items.sort(key=_KEY)
         streams: list[Iterable[tuple[Any, Any]]] = [map(_decoded, handle) for handle in self._spilled]
-        streams += [self._lines, self._records]
+        streams.append(self._items)
         try:
             for _key, item in heapq.merge(*streams, key=_KEY):
                 yield item
         finally:
             for handle in self._spilled:
                 handle.close()
-            self._spilled, self._lines, self._records = [], [], []
+            self._spilled, self._items = [], []
+
+
+def _payload(item: LogItem) -> bytes:
+    """An item as one line of a spilled batch: a tag, then its JSON."""
+    if _encode is not None and type(item) is LINE_TYPE:
+        return _LINE_TAG + _encode(item)
+    return _RECORD_TAG + json.dumps(_plain(item)).encode()
+
+
+_RECORD_TYPES: dict[str, Any] = {
+    cls.__name__: cls
+    for cls in (RunHeader, Measurement, MeasurementMetrics, SigmaHistogram, Alert, ClipEvent, ErrorRecord)
+}
+_ENUM_TYPES: dict[str, Any] = {AlertKind.__name__: AlertKind}
+
+
+def _plain(value: Any) -> Any:
+    """A record as JSON data that :func:`_restored` turns back into an equal record, every field as it was
+    (``to_json`` writes non-finite floats as null; here :mod:`json` writes ``NaN``/``Infinity`` and reads
+    them back). Dataclasses, enums, dicts and tuples are tagged; nothing is evaluated when read."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {
+            "t": type(value).__name__,
+            "f": [_plain(getattr(value, f.name)) for f in dataclasses.fields(value)],
+        }
+    if isinstance(value, Enum):
+        return {"e": type(value).__name__, "v": value.value}
+    if isinstance(value, dict):
+        return {"d": [[_plain(key), _plain(item)] for key, item in value.items()]}
+    if isinstance(value, tuple):
+        return {"u": [_plain(item) for item in value]}
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
+    return value  # str, int, float, bool, None
+
+
+def _restored(value: Any) -> Any:
+    """The value :func:`_plain` made ``value`` from."""
+    if isinstance(value, list):
+        return [_restored(item) for item in value]
+    if isinstance(value, dict):
+        if "t" in value:
+            return _RECORD_TYPES[value["t"]](*(_restored(item) for item in value["f"]))
+        if "e" in value:
+            return _ENUM_TYPES[value["e"]](value["v"])
+        if "d" in value:
+            return {_restored(key): _restored(item) for key, item in value["d"]}
+        return tuple(_restored(item) for item in value["u"])
+    return value
 
 
 def _decoded(line: bytes) -> tuple[Any, Any]:
-    """The (key, measurement line) of a spilled line."""
-    assert _decode is not None  # only measurement lines are spilled
+    """The (key, item) of a spilled line."""
     key_text, payload = line.rstrip(b"\n").split(b"\t", 1)
     run_order, *rest = json.loads(key_text)
-    return (tuple(run_order), *rest), _decode(payload)
+    tag, body = payload[:1], payload[1:]
+    if tag == _LINE_TAG:
+        assert _decode is not None  # only written with msgspec
+        item = _decode(body)
+    else:
+        item = _restored(json.loads(body))
+    return (tuple(run_order), *rest), item
 
 
 def _items_of(

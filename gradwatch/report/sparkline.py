@@ -27,6 +27,8 @@ def sparkline(
     """
     if width < 1:
         raise ValueError(f"sparkline width must be at least 1, got {width}")
+    if len(values) == 1:  # one point (thousands of short runs): a flat bar, or missing
+        return MISSING if _transform(values[0], log_scale) is None else BARS[len(BARS) // 2]
     if len(values) <= SMALL:
         if isinstance(values, np.ndarray):
             values = values.tolist()  # NaN is not finite: missing, as None

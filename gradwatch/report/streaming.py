@@ -56,6 +56,7 @@ from gradwatch.report.summary import (
     TREND_STEPS,
     AlertTimeline,
     ClipSummary,
+    ErrorTimeline,
     LayerSummary,
     MetricSummary,
     Report,
@@ -532,7 +533,7 @@ class _LayerAccumulator:
                 if accumulator.spec.name == "grad_norm":
                     values = totals[start:end]
                 else:
-                    values = [last_exponent(m.lyapunov_spectrum) for m in part]
+                    values = [last_exponent(s) if s else None for s in map(_SPECTRUM, part)]
                 accumulator.extend(part_steps, _missing_as_nan(values))
             for accumulator, key in self._lag_reads:
                 accumulator.extend(part_steps, _missing_as_nan([m.lag_norm.get(key) for m in part]))
@@ -715,6 +716,7 @@ _GRAD_NORM = attrgetter("grad_norm")
 _GRAD_NONFINITE = attrgetter("grad_nonfinite")
 _LYAPUNOV_MAX = attrgetter("lyapunov_max")
 _HORIZON = attrgetter("horizon")
+_SPECTRUM = attrgetter("lyapunov_spectrum")
 
 
 def _missing_as_nan(values: list[float | None] | list[float]) -> np.ndarray:
@@ -759,7 +761,7 @@ class _RunAccumulator:
     any_alert: bool = False
     alerts: AlertTimeline = field(default_factory=AlertTimeline)
     clips: ClipAccumulator = field(default_factory=ClipAccumulator)
-    errors: list[ErrorRecord] = field(default_factory=list)
+    errors: ErrorTimeline = field(default_factory=ErrorTimeline)
     first_step: int | None = None
     last_step: int | None = None
     layers: dict[tuple[str, int, str], _LayerAccumulator] = field(default_factory=dict)
@@ -919,6 +921,11 @@ class StreamingSummary:
             if force or self._clock - self._runs[key].last_fed >= IDLE_RECORDS:
                 self._finish(key)
 
+    def finish_all(self) -> None:
+        """Finish every run (no more records come: a worker's last act before it sends its summary)."""
+        for key in list(self._runs):
+            self._finish(key)
+
     def _finish(self, key: RunKey) -> None:
         """Finish a run: its summary is kept, its accumulators are dropped."""
         run = self._runs[key]
@@ -986,7 +993,7 @@ class StreamingSummary:
         elif isinstance(record, ClipEvent):
             run.clips.add(record)
         elif isinstance(record, ErrorRecord):
-            run.errors.append(record)
+            run.errors.add(record)
 
     def _add_row(self, row: MeasurementLine) -> None:
         """:meth:`add` for a measurement line: the same bookkeeping, one lookup for a known layer."""
@@ -1123,12 +1130,14 @@ class StreamingSummary:
             layers=layers,
             alerts=run.alerts.shown(),
             clips=ClipSummary.of(run.clips),
-            errors=tuple(sorted(run.errors, key=lambda e: e.step)),
+            errors=run.errors.shown(),
             first_step=run.first_step,
             last_step=run.last_step,
             truncated=truncated,
             unselected_measurements=run.unselected_measurements,
             alert_count=run.alerts.count,
+            error_count=run.errors.count,
+            error_kinds=run.errors.count_per_kind(),
         )
 
 

@@ -8,10 +8,11 @@ its alerts and a verdict (see :mod:`gradwatch.report.verdict`).
 from __future__ import annotations
 
 import fnmatch
+import functools
 import math
 import statistics
 from array import array
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TypeGuard, overload
@@ -243,6 +244,60 @@ class AlertTimeline:
         return tuple(sorted([*self.first, *self.last], key=_alert_order))
 
 
+ERRORS_PER_KIND = 10
+"""Error records a run keeps of each kind (``where``): the first and the last half of them, counted."""
+ERROR_KINDS = 20
+"""Kinds of error record a run counts apart; the errors of further kinds are counted together."""
+OTHER_ERROR_KIND = "(other kinds)"
+
+
+class ErrorTimeline:
+    """A run's gradwatch error records in bounded memory: per kind (``where``) the first and the last
+    ``ERRORS_PER_KIND // 2`` and a count; at most :data:`ERROR_KINDS` kinds apart (a fault repeated at
+    every step of a week-long run would otherwise be millions of records in the report)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.kinds: dict[str, tuple[list[tuple[int, ErrorRecord]], deque[tuple[int, ErrorRecord]]]] = {}
+        """kind -> its first and last errors, each with its arrival number (ties in step keep that order)."""
+        self.counts: Counter[str] = Counter()
+
+    @classmethod
+    def of(cls, errors: Iterable[ErrorRecord]) -> ErrorTimeline:
+        timeline = cls()
+        for error in errors:
+            timeline.add(error)
+        return timeline
+
+    def add(self, error: ErrorRecord) -> None:
+        self.count += 1
+        kind = error.where
+        if kind not in self.kinds and len(self.kinds) >= ERROR_KINDS:
+            kind = OTHER_ERROR_KIND
+        self.counts[kind] += 1
+        kept = self.kinds.get(kind)
+        if kept is None:
+            kept = self.kinds[kind] = ([], deque(maxlen=ERRORS_PER_KIND - ERRORS_PER_KIND // 2))
+        first, last = kept
+        if len(first) < ERRORS_PER_KIND // 2:
+            first.append((self.count, error))
+        else:
+            last.append((self.count, error))
+
+    def shown(self) -> tuple[ErrorRecord, ...]:
+        """The kept errors by step (ties in the order they came)."""
+        kept = [item for first, last in self.kinds.values() for item in (*first, *last)]
+        return tuple(error for _number, error in sorted(kept, key=lambda item: (item[1].step, item[0])))
+
+    def count_per_kind(self) -> tuple[tuple[str, int], ...]:
+        """(kind, count), the most frequent first."""
+        return tuple(sorted(self.counts.items(), key=lambda item: (-item[1], item[0])))
+
+
+def _error_step(error: ErrorRecord) -> int:
+    return error.step
+
+
 def _alert_order(alert: Alert) -> tuple[int, int, str, int]:
     return (alert.step, alert.rank, alert.module, alert.layer)
 
@@ -285,6 +340,15 @@ class RunSummary:
     """Measurements of this run left out by ``--module`` / ``--steps``."""
     alert_count: int = 0
     """How many alerts the run wrote (in the window); ``alerts`` holds the first and last of them."""
+    error_count: int = 0
+    """How many error records the run wrote (in the window); ``errors`` holds some of each kind."""
+    error_kinds: tuple[tuple[str, int], ...] = ()
+    """(kind, count) of the error records (their ``where``), the most frequent first (see ErrorTimeline)."""
+
+    @property
+    def errors_omitted(self) -> int:
+        """Error records left out of ``errors`` (the middle of each kind's)."""
+        return self.error_count - len(self.errors)
 
     @property
     def alerts_omitted(self) -> int:
@@ -423,7 +487,7 @@ def _summarize_run(
         (r for r in in_window if isinstance(r, Alert) and options.wants_module(r.module)), key=_alert_order
     )
     clips = [r for r in in_window if isinstance(r, ClipEvent)]
-    errors = tuple(sorted((r for r in in_window if isinstance(r, ErrorRecord)), key=lambda e: e.step))
+    errors = ErrorTimeline.of(sorted((r for r in in_window if isinstance(r, ErrorRecord)), key=_error_step))
     module_types = _module_types(headers)
     detection = run_detection(headers)
 
@@ -458,12 +522,14 @@ def _summarize_run(
         layers=layers,
         alerts=AlertTimeline.of(alerts).shown(),
         clips=ClipSummary.of(ClipAccumulator.of(clips)),
-        errors=errors,
+        errors=errors.shown(),
         first_step=min(steps) if steps else None,
         last_step=max(steps) if steps else None,
         truncated=truncated,
         unselected_measurements=unselected,
         alert_count=len(alerts),
+        error_count=errors.count,
+        error_kinds=errors.count_per_kind(),
     )
 
 
@@ -495,7 +561,7 @@ def unmeasured_layers(
             key = (name, layer, direction)
             if options.wants_module(name) and key not in present:
                 missing.setdefault(key, kind)
-    specs = metric_specs(options.metrics)
+    metrics = _unmeasured_metrics(options.metrics)
     needed = (detection or DetectionConfig()).measurements_needed
     reason = (
         f"never measured{options.steps.describe()}: the run header lists this layer; the rule needs {needed}"
@@ -511,12 +577,19 @@ def unmeasured_layers(
             first_step=None,
             last_step=None,
             lag=None,
-            metrics=tuple(_summarize_metric(spec, {}, None) for spec in specs),
+            metrics=metrics,
             alerts=(),
             verdict=LayerVerdict(Verdict.UNKNOWN, "rules", reason, "", ()),
         )
         for (module, layer, direction), kind in sorted(missing.items())
     )
+
+
+@functools.lru_cache(maxsize=16)
+def _unmeasured_metrics(names: tuple[str, ...] | None) -> tuple[MetricSummary, ...]:
+    """The metric summaries of a layer never measured (all empty): one shared tuple per metric selection,
+    so that thousands of runs with unmeasured layers neither compute nor keep them again."""
+    return tuple(_summarize_metric(spec, {}, None) for spec in metric_specs(names))
 
 
 def _module_types(headers: Sequence[RunHeader]) -> dict[str, str]:
