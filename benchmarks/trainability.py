@@ -322,7 +322,7 @@ def evaluate_lm(out: Path) -> None:
             if isinstance(record, Measurement):
                 alerts += detector.update(record)
                 reaches.append((record.step, record.metrics.gradient_reach, record.metrics.horizon))
-    history = " ".join(f"{a.alert.value[0].upper()}@{a.step}" for a in alerts) or "-"
+    history = alert_history(alerts)
     curve = outcome["held_out_perplexity"]
     print(f"word LM (LSTM, BPTT 35, vocabulary {outcome['vocabulary']}): held-out perplexity "
           f"{curve[0][1]:.0f} -> {curve[-1][1]:.0f} (unigram {outcome['unigram_perplexity']:.0f}); "
@@ -380,20 +380,11 @@ def judge_run(log: Path, outcome: dict[str, object], config: DetectionConfig) ->
     """Replay the run log through a fresh detector and check the verdicts against the outcome (#28)."""
     spec = RunSpec(**outcome["spec"])  # type: ignore[arg-type]
     curve = [(int(s), float(m)) for s, m in outcome["held_out_mse"]]  # type: ignore[attr-defined]
-    detector = TrendDetector(config)
-    alerts: list[Alert] = []
-    layer: tuple[str, int, str] | None = None
-    with log.open() as lines:
-        for line in lines:
-            record = record_from_json(json.loads(line))
-            if isinstance(record, Measurement):
-                layer = (record.module, record.layer, record.direction)
-                alerts += detector.update(record)
-    final = detector.verdict(*layer).value if layer is not None else "unknown"  # type: ignore[arg-type]
+    alerts, final = replay_run(log, config)
     learned, diverged = learned_at(curve), diverged_at(curve)
     ratio = final_input_ratio(outcome)
     final_mse = curve[-1][1]
-    history = " ".join(f"{a.alert.value[0].upper()}@{a.step}" for a in alerts) or "-"
+    history = alert_history(alerts)
     why = ""
     if diverged is not None:
         after = [a for a in alerts if a.step >= diverged and a.alert is AlertKind.RECOVERED]
@@ -504,8 +495,8 @@ def changed_config(overrides: tuple[str, ...]) -> DetectionConfig:
     return config
 
 
-def replay_alerts(log: Path, config: DetectionConfig) -> tuple[str, str]:
-    """The final verdict and the alert history ("V@140 R@1520") of a recorded run under ``config``."""
+def replay_run(log: Path, config: DetectionConfig) -> tuple[list[Alert], str]:
+    """The alerts and the final verdict of a recorded run replayed through a fresh detector."""
     detector = TrendDetector(config)
     alerts: list[Alert] = []
     layer: tuple[str, int, str] | None = None
@@ -515,8 +506,18 @@ def replay_alerts(log: Path, config: DetectionConfig) -> tuple[str, str]:
             if isinstance(record, Measurement):
                 layer = (record.module, record.layer, record.direction)
                 alerts += detector.update(record)
-    final = detector.verdict(*layer).value if layer is not None else "unknown"  # type: ignore[arg-type]
-    return final, " ".join(f"{a.alert.value[0].upper()}@{a.step}" for a in alerts) or "-"
+    return alerts, detector.verdict(*layer).value if layer is not None else "unknown"  # type: ignore[arg-type]
+
+
+def alert_history(alerts: list[Alert]) -> str:
+    """ "V@140 R@1520": the alerts' kinds (initials) and steps."""
+    return " ".join(f"{a.alert.value[0].upper()}@{a.step}" for a in alerts) or "-"
+
+
+def replay_alerts(log: Path, config: DetectionConfig) -> tuple[str, str]:
+    """The final verdict and the alert history of a recorded run under ``config``."""
+    alerts, final = replay_run(log, config)
+    return final, alert_history(alerts)
 
 
 @main.command()
