@@ -13,6 +13,8 @@ import random
 from pathlib import Path
 from typing import Literal
 
+import pytest
+
 from gradwatch.records import (
     Alert,
     AlertKind,
@@ -23,6 +25,7 @@ from gradwatch.records import (
     Record,
     RunHeader,
 )
+from gradwatch.report import command
 from gradwatch.sinks.jsonl import JsonlSink
 
 RunKind = Literal["healthy", "vanishing", "exploding", "nonfinite", "recovered"]
@@ -175,3 +178,18 @@ def write_log(path: Path, records: list[Record], *, crash_mid_line: bool = False
         with open(path, "ab") as handle:
             handle.write(whole[: len(whole) // 2].encode())
     return path
+
+
+def spy_on_parallel_reports(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Let files of any size take the worker processes, and record whether each report took them."""
+    used: list[bool] = []
+    real = command._summarize_in_parallel
+
+    def spy(*args: object) -> object:
+        result = real(*args)  # type: ignore[arg-type]
+        used.append(result is not None)
+        return result
+
+    monkeypatch.setattr(command, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(command, "_summarize_in_parallel", spy)
+    return used

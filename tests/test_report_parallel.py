@@ -12,7 +12,7 @@ from gradwatch.report.command import make_report, render
 from gradwatch.report.reader import LogContents, LogTail
 from gradwatch.report.streaming import StreamingSummary
 from gradwatch.report.summary import ReportOptions, StepRange
-from tests.report_logs import RUN_KINDS, make_run, write_log
+from tests.report_logs import RUN_KINDS, make_run, spy_on_parallel_reports, write_log
 
 
 def _logs(tmp_path: Path) -> list[str]:
@@ -33,16 +33,7 @@ def _logs(tmp_path: Path) -> list[str]:
 @pytest.fixture
 def parallel_for_any_size(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     """Lower the size threshold to 0 and record whether each report took the worker processes."""
-    used: list[bool] = []
-    real = command._summarize_in_parallel
-
-    def spy(*args: object) -> object:
-        result = real(*args)  # type: ignore[arg-type]
-        used.append(result is not None)
-        return result
-
-    monkeypatch.setattr(command, "PARALLEL_MIN_BYTES", 0)
-    monkeypatch.setattr(command, "_summarize_in_parallel", spy)
+    used = spy_on_parallel_reports(monkeypatch)
     return used
 
 

@@ -13,7 +13,7 @@ from gradwatch.report import command, pieces
 from gradwatch.report.command import make_report, render
 from gradwatch.report.pieces import split_at_runs
 from gradwatch.report.summary import ReportOptions, StepRange
-from tests.report_logs import RUN_KINDS, make_run
+from tests.report_logs import RUN_KINDS, make_run, spy_on_parallel_reports
 
 
 def _interleaved(kind: str, run_id: str, measurements: int = 30) -> list[Record]:
@@ -50,18 +50,9 @@ def _appended_log(path: Path, *, bad_lines: int = 1, resumed: bool = False) -> P
 @pytest.fixture
 def small_pieces(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     """Cut files of any size into pieces, and record whether each report took the worker processes."""
-    used: list[bool] = []
-    real = command._summarize_in_parallel
-
-    def spy(*args: object) -> object:
-        result = real(*args)  # type: ignore[arg-type]
-        used.append(result is not None)
-        return result
-
-    monkeypatch.setattr(command, "PARALLEL_MIN_BYTES", 0)
+    used = spy_on_parallel_reports(monkeypatch)
     monkeypatch.setattr(command, "PIECES_PER_WORKER", 3)
     monkeypatch.setattr(pieces, "PIECE_MIN_BYTES", 1)
-    monkeypatch.setattr(command, "_summarize_in_parallel", spy)
     return used
 
 
