@@ -187,7 +187,7 @@ def test_demo_serves_prometheus_on_a_free_port(runner: CliRunner, tmp_path: Path
     )
 
 
-def test_demo_port_in_use_says_what_to_do(runner: CliRunner, tmp_path: Path) -> None:
+def test_demo_port_in_use_says_what_to_do_and_leaves_no_empty_log(runner: CliRunner, tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -198,6 +198,7 @@ def test_demo_port_in_use_says_what_to_do(runner: CliRunner, tmp_path: Path) -> 
     assert result.exit_code == 1
     assert f"port {port}" in result.output
     assert "--port 0" in result.output and "--no-prometheus" in result.output
+    assert list(tmp_path.glob("*.jsonl")) == []  # no 0-byte log for a later report to call "empty"
 
 
 def test_demo_rejects_unknown_choices(runner: CliRunner, tmp_path: Path) -> None:
@@ -214,18 +215,6 @@ def test_live_alerts_keep_their_bracketed_evidence() -> None:
     message = "the product shrinks every step [sigma_max(W_hh) = 0.2, mean |f'| = 0.9]. Hint: [/] orthogonal"
     printer(Alert(10, 0.0, "rnn", 0, "forward", AlertKind.VANISHING, "lyapunov_max", -1.6, -0.8, message))
     assert console.file.getvalue().strip() == f"VANISHING at step 10: {message}"
-
-
-def test_demo_on_a_busy_port_leaves_no_empty_log(runner: CliRunner, tmp_path: Path) -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        result = runner.invoke(
-            main, ["demo", "--steps", "2", "--port", str(port), "--log-dir", str(tmp_path)]
-        )
-    assert result.exit_code == 1 and f"port {port}" in result.output  # the exporter's error, told
-    assert list(tmp_path.glob("*.jsonl")) == []  # no 0-byte log for a later report to call "empty"
 
 
 def test_ctrl_c_in_the_demo_points_at_the_partial_log(

@@ -20,31 +20,15 @@ from typing import Any
 
 import pytest
 import torch
-from torch import nn
 
 import gradwatch
 from gradwatch.capture import hooks as hooks_module
 from gradwatch.capture import optimizer_steps
 from gradwatch.records import Record
+from tests.tiny_gru import SeqModel
+from tests.tiny_gru import train_steps as _train
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-class SeqModel(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.rnn = nn.GRU(3, 5)
-        self.head = nn.Linear(5, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.rnn(x)[0]).squeeze(-1)
-
-
-def _train(model: nn.Module, optimizer: torch.optim.Optimizer, steps: int) -> None:
-    for _ in range(steps):
-        optimizer.zero_grad()
-        model(torch.randn(6, 2, 3)).pow(2).mean().backward()
-        optimizer.step()
 
 
 def _nothing_left_on(model: SeqModel, optimizer: torch.optim.Optimizer) -> bool:

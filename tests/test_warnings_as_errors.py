@@ -13,28 +13,12 @@ from typing import Any
 
 import pytest
 import torch
-from torch import nn
 
 import gradwatch
 from gradwatch.records import ErrorRecord, Record
 from gradwatch.sinks.jsonl import JsonlSink
-
-
-class SeqModel(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.rnn = nn.GRU(3, 5)
-        self.head = nn.Linear(5, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.rnn(x)[0]).squeeze(-1)
-
-
-def _train(model: nn.Module, optimizer: torch.optim.Optimizer, steps: int) -> None:
-    for _ in range(steps):
-        optimizer.zero_grad()
-        model(torch.randn(6, 2, 3)).pow(2).mean().backward()
-        optimizer.step()
+from tests.tiny_gru import SeqModel
+from tests.tiny_gru import train_steps as _train
 
 
 @pytest.fixture
