@@ -528,10 +528,14 @@ def compare(economy: Path, full: str) -> None:
     training is identical (the monitor changes nothing), so any difference is the estimator's."""
     config = DetectionConfig()
     same = total = 0
+    missing: list[str] = []
     print("| run | economy: verdict, alerts | full: verdict, alerts | same? |\n|---|---|---|---|")
     for spec in default_runs():
         logs = [Path(folder) / f"{spec.name}.jsonl" for folder in (economy, full)]
-        if not all((Path(folder) / f"{spec.name}.outcome.json").exists() for folder in (economy, full)):
+        present = [(Path(folder) / f"{spec.name}.outcome.json").exists() for folder in (economy, full)]
+        if not all(present):
+            if any(present):
+                missing.append(spec.name)
             continue
         (verdict_e, history_e), (verdict_f, history_f) = (replay_alerts(log, config) for log in logs)
         equal = (verdict_e, history_e) == (verdict_f, history_f)
@@ -540,6 +544,8 @@ def compare(economy: Path, full: str) -> None:
             f"| {spec.name} | {verdict_e}, {history_e} | {verdict_f}, {history_f} | {'yes' if equal else '**no**'} |"
         )
     print(f"\n{same} of {total} runs: the same final verdict and the same alert steps")
+    if missing:
+        print(f"not compared, recorded in one folder only: {', '.join(missing)}")
 
 
 @main.command()
