@@ -185,8 +185,13 @@ def test_a_push_sends_what_it_can_and_keeps_the_fault_for_the_training_thread(tm
         sink.registry.register(_BrokenCollector())
         metrics = MeasurementMetrics(*[0.5] * 9)
         sink.write(Measurement(3, 1.0, MODULE, 0, "forward", metrics, run_id=RUN_ID))
-        sink.flush()
-        pushed = http_get(gateway.url + "/metrics").decode()
+        sink.flush()  # asks the pusher thread for a push and returns at once: wait for it to arrive
+
+        def pushed_metrics() -> str | None:
+            body = http_get(gateway.url + "/metrics").decode()
+            return body if "gradwatch_lyapunov_max" in body else None
+
+        pushed = wait_until(pushed_metrics, timeout=10, what="the flush's push at the gateway")
         sink.close()
     assert sink.push_failures == 0 and sink.push_attempts == 2  # the flush and the final push
     ours = [labels for labels in _samples(pushed)["gradwatch_lyapunov_max"] if labels["job"] == "gradwatch"]
