@@ -19,7 +19,12 @@ from gradwatch.estimators.layer import (
     layer_metrics,
 )
 from gradwatch.estimators.power_iteration import random_start_vectors
-from gradwatch.estimators.products import WARM_POWER_MIN_LAG, default_lags, estimate_lag_norms
+from gradwatch.estimators.products import (
+    WARM_LONG_LAG,
+    WARM_POWER_MIN_LAG,
+    default_lags,
+    estimate_lag_norms,
+)
 from gradwatch.estimators.reach import gradient_reach
 from gradwatch.estimators.sampling import mean_error_bound, quantile_rank_error, stratum_ranges
 from tests._estimator_cases import (
@@ -256,6 +261,10 @@ def test_warm_power_steps_on_the_long_lags_keep_reach_and_lambda_of_full_and_exa
             abs(math.log10(records["economy"].lag_norm[tau] or math.nan) - math.log10(exact_means[tau]))
             <= 0.1
         )
+    for tau in lags:  # the short lags' Lanczos (three quiet checks in economy): within 5% of exact
+        if tau < WARM_LONG_LAG:
+            economy_mean = records["economy"].lag_norm[str(tau)] or math.nan
+            assert abs(economy_mean / exact_means[str(tau)] - 1) <= 0.05, tau
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.case_id)

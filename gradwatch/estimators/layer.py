@@ -79,12 +79,18 @@ ECONOMY_LAG_SEQUENCES = 8
 #: lag norms on a log scale (10% is 0.04 in log10) and lambda = log(norm) / T (10% is 0.0015 at T = 64),
 #: and the step-norm summaries carry a sampling error of a few percent anyway.
 ECONOMY_STEP_RTOL = 1e-3
-ECONOMY_LAG_RTOL = 1e-2
-ECONOMY_LAG_QUIET_CHECKS = 1  # long lags only: the short ones (a few steps per sweep) keep their five
-#: Warm-started long lags (tau >= 8) and whole products take this many power steps from the previous
+ECONOMY_LAG_RTOL = 5e-2
+ECONOMY_LAG_QUIET_CHECKS = 1  # the long lags' Lanczos (cold or fallback rows)
+#: The short lags' (tau < 8) Lanczos: three quiet checks, not the full estimator's five. On the warm
+#: measurements of a real run (benchmarks/drift_accuracy.py) they read lags 1-4 within 2% of exact; the
+#: reach they decide moved by < 1% (docs/performance.md, "Issue #32, third round").
+ECONOMY_SHORT_LAG_QUIET_CHECKS = 3
+#: Warm-started long lags (tau >= 16) and whole products take this many power steps from the previous
 #: measurement's vectors instead of a Lanczos run (the power iteration goes on across measurements); a row
-#: whose two lower bounds still differ by more than products.WARM_POWER_GAP falls back to Lanczos.
-ECONOMY_LAG_POWER_STEPS = 1
+#: whose two lower bounds still differ by more than products.WARM_POWER_GAP falls back to Lanczos. Two,
+#: not one: after one step most LSTM rows failed the gap test (their top singular vector had moved in 50
+#: Adam steps) and ran a Lanczos of several 64-step sweeps; a second step settles them, cheaper and closer.
+ECONOMY_LAG_POWER_STEPS = 2
 
 
 @dataclass(frozen=True)
@@ -413,6 +419,7 @@ def estimate_layer(
         full_products=settings.lyapunov,
         quiet_checks=ECONOMY_LAG_QUIET_CHECKS if economy else None,
         warm_power_steps=settings.lag_power_steps if economy else 0,
+        short_lag_quiet_checks=ECONOMY_SHORT_LAG_QUIET_CHECKS if economy else None,
     )
     # lambda from the whole-product rows of the lag sweeps (their GEMMs with W_hh are shared); the rescaled
     # path of lyapunov_max only for sequences too short, not converged, or out of the dtype's range.

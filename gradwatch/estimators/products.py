@@ -136,18 +136,19 @@ def estimate_lag_norms(
     full_products: bool = False,
     quiet_checks: int | None = None,
     warm_power_steps: int = 0,
+    short_lag_quiet_checks: int | None = None,
 ) -> LagNormEstimate:
     """Spectral norms of every lag product, all lags and sequences in one batched estimate.
 
     ``v0`` (K, B, D) warm start, (K + 1, B, D) with ``full_products`` (ignored unless its shape, dtype and
     device fit). ``full_products``: also estimate each sequence's whole product (tau = L_b, its own lag)
     in the same sweeps, for :func:`lyapunov_from_full_products`. Every step operator of a sweep then
-    multiplies the lag rows and the whole-product rows in one GEMM with W_hh: on CPU that GEMM is bound
-    by reading W_hh, so the extra rows cost little, while a separate Lyapunov sweep reads W_hh again at
-    every step of every iteration. ``quiet_checks``: the quiet checks asked of the long lags
-    (tau >= WARM_LONG_LAG) instead of :func:`_lag_quiet_checks`' rule (the economy estimator asks for
-    fewer); the short lags keep theirs. ``warm_power_steps`` >= 1 (the economy estimator): when ``v0``
-    fits, the long lags (and whole products) take that many power steps from it instead of a Lanczos run
+    multiplies the lag rows and the whole-product rows in one GEMM with W_hh, cheaper than a separate
+    Lyapunov sweep over every step of every iteration. ``quiet_checks``: the quiet checks asked of the long
+    lags (tau >= WARM_LONG_LAG) instead of :func:`_lag_quiet_checks`' rule (the economy estimator asks for
+    fewer); ``short_lag_quiet_checks`` likewise for the short lags (default SHORT_LAG_QUIET_CHECKS).
+    ``warm_power_steps`` >= 1 (the economy estimator): when ``v0`` fits, the long lags (and whole products)
+    take that many power steps from it instead of a Lanczos run
     (:func:`_warm_power_rows`); the rows whose steps leave a gap fall back to Lanczos.
     """
     checked_lags = _check_lags(lags)
@@ -167,6 +168,7 @@ def estimate_lag_norms(
             v0,
             quiet_checks,
             warm_power_steps,
+            short_lag_quiet_checks,
         )
     if lag_count == 0:
         empty = torch.empty((0, batch), dtype=jac.dtype, device=jac.device)
@@ -190,6 +192,7 @@ def estimate_lag_norms(
         checked_lags,
         quiet_checks=quiet_checks,
         warm_power_steps=warm_power_steps,
+        short_lag_quiet_checks=short_lag_quiet_checks,
     )
 
 
@@ -206,6 +209,7 @@ def _estimate_windows(
     fixed_start_rows: int = 0,
     quiet_checks: int | None = None,
     warm_power_steps: int = 0,
+    short_lag_quiet_checks: int | None = None,
 ) -> LagNormEstimate:
     """Norms of the products over the last tau[k, b] real steps of each sequence b (tau (K, 1) or (K, B)),
     one batched Lanczos; the last ``fixed_start_rows`` rows start from the private seed-0 vectors when no
@@ -237,7 +241,7 @@ def _estimate_windows(
             )
             start_vectors = torch.cat([start_vectors, fixed])
     step_jvp, step_vjp = step_products(jac)
-    quiet = _lag_quiet_checks(tau.expand(lag_count, batch), warm_rows, quiet_checks)
+    quiet = _lag_quiet_checks(tau.expand(lag_count, batch), warm_rows, quiet_checks, short_lag_quiet_checks)
     if not (warm_power_steps >= 1 and usable_warm_start and method == "lanczos"):
         return _lanczos_windows(
             jac,
@@ -417,15 +421,18 @@ def _unit(x: Tensor) -> tuple[Tensor, Tensor]:
     return x / torch.where(norm > 0, norm, torch.ones_like(norm)).unsqueeze(-1), norm
 
 
-def _lag_quiet_checks(tau: Tensor, warm: Tensor | bool, long_lag_checks: int | None = None) -> Tensor:
-    """Quiet checks per (row, sequence): SHORT_LAG_QUIET_CHECKS for the short lags; for the long ones
-    ``long_lag_checks`` if given, else WARM_LAG_QUIET_CHECKS where warm-started (``warm``: all rows, or a
-    (rows, sequences) mask), else 3."""
+def _lag_quiet_checks(
+    tau: Tensor, warm: Tensor | bool, long_lag_checks: int | None = None, short_lag_checks: int | None = None
+) -> Tensor:
+    """Quiet checks per (row, sequence): ``short_lag_checks`` (default SHORT_LAG_QUIET_CHECKS) for the
+    short lags; for the long ones ``long_lag_checks`` if given, else WARM_LAG_QUIET_CHECKS where
+    warm-started (``warm``: all rows, or a (rows, sequences) mask), else 3."""
     cold = _LAG_CONVERGENCE_TEST["quiet_checks"]
     long_lag = torch.where(torch.as_tensor(warm, device=tau.device), WARM_LAG_QUIET_CHECKS, cold)
     if long_lag_checks is not None:
         long_lag = torch.full_like(long_lag, long_lag_checks)
-    return torch.where(tau >= WARM_LONG_LAG, long_lag, SHORT_LAG_QUIET_CHECKS).to(torch.long)
+    short_lag = SHORT_LAG_QUIET_CHECKS if short_lag_checks is None else short_lag_checks
+    return torch.where(tau >= WARM_LONG_LAG, long_lag, short_lag).to(torch.long)
 
 
 def _with_full_products(
@@ -440,6 +447,7 @@ def _with_full_products(
     v0: Tensor | None,
     quiet_checks: int | None = None,
     warm_power_steps: int = 0,
+    short_lag_quiet_checks: int | None = None,
 ) -> LagNormEstimate:
     """The lags plus one row per sequence with tau = L_b (the whole product), split apart again."""
     lag_count = len(checked_lags)
@@ -465,6 +473,7 @@ def _with_full_products(
         fixed_start_rows=1,
         quiet_checks=quiet_checks,
         warm_power_steps=warm_power_steps,
+        short_lag_quiet_checks=short_lag_quiet_checks,
     )
     raw = both.estimate
     shared = torch.cat([whole_product, whole_product.new_zeros((1, batch))])  # (K + 1, B)
