@@ -303,3 +303,53 @@ def test_lag_power_steps_names_what_it_accepts() -> None:
     ):
         EstimatorSettings(lag_power_steps=-1)
     assert EstimatorSettings(lag_power_steps=0).lag_power_steps == 0
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.case_id)
+def test_a_warm_power_row_stops_once_its_bounds_agree_and_a_far_one_takes_the_second_step(
+    case: CellCase,
+) -> None:
+    """Two rows on the lag-16 product of one sequence: one starts at its exact top right singular vector
+    (its bounds agree after one step: it stops), the other mostly along the third (it fails the gap test
+    and takes step two). Each must equal the power steps done by hand on the dense product."""
+    weights, x, s_prev, _ = _layer(case, seed=21)
+    jac = builtin_step_jacobians(weights, x, s_prev)
+    dense = dense_step_jacobians(weights, x, s_prev)
+    tau, sequence = 16, 0
+    product = torch.eye(jac.state_size, dtype=torch.float64)
+    for t in range(STEPS - tau, STEPS):
+        product = dense[t, sequence] @ product
+    _, _, right = torch.linalg.svd(product)
+    top, third = right[0], right[2]
+    far = third + 0.1 * top  # mostly the third singular direction: one step leaves b far above a
+    starts = torch.zeros(2, BATCH, jac.state_size, dtype=torch.float64)
+    starts[:, :] = torch.stack([top, far / far.norm()]).unsqueeze(1)
+    window = torch.zeros(STEPS, 2, BATCH, dtype=torch.bool)
+    window[STEPS - tau :, :, sequence] = True
+
+    def by_hand(v: torch.Tensor, steps: int) -> tuple[float, float]:
+        for _ in range(steps):
+            image = product @ v
+            a = float(image.norm())
+            back = product.T @ (image / a)
+            b = float(back.norm())
+            v = back / b
+        return a, b
+
+    step_jvp, step_vjp = products_module.step_products(jac)
+    forward_rows: list[int] = []
+
+    def counting_jvp(v: torch.Tensor, t: int) -> torch.Tensor:
+        forward_rows.append(v.shape[0])  # the lag rows this step product carries
+        return step_jvp(v, t)
+
+    result = products_module._warm_power_rows(starts, window, counting_jvp, step_vjp, 2)
+    assert sum(forward_rows) == 2 * tau + 1 * tau  # step one: both rows; step two: the far row only
+    a_top, b_top = by_hand(top, 1)
+    assert b_top - a_top <= products_module.WARM_POWER_GAP * a_top  # the top row passes after one step
+    a_far_1, b_far_1 = by_hand(far / far.norm(), 1)
+    assert b_far_1 - a_far_1 > products_module.WARM_POWER_GAP * a_far_1  # the far row fails after one
+    _, b_far_2 = by_hand(far / far.norm(), 2)
+    assert float(result.sigma[0, sequence]) == pytest.approx(b_top, rel=1e-9)
+    assert float(result.sigma[1, sequence]) == pytest.approx(b_far_2, rel=1e-9)
+    assert b_far_2 > b_far_1 * (1 + 1e-2)  # so the two results differ: the far row took the second step

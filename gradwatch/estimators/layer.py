@@ -85,11 +85,12 @@ ECONOMY_LAG_QUIET_CHECKS = 1  # the long lags' Lanczos (cold or fallback rows)
 #: measurements of a real run (benchmarks/drift_accuracy.py) they read lags 1-4 within 2% of exact; the
 #: reach they decide moved by < 1% (docs/performance.md, "Issue #32, third round").
 ECONOMY_SHORT_LAG_QUIET_CHECKS = 3
-#: Warm-started long lags (tau >= 16) and whole products take this many power steps from the previous
-#: measurement's vectors instead of a Lanczos run (the power iteration goes on across measurements); a row
-#: whose two lower bounds still differ by more than products.WARM_POWER_GAP falls back to Lanczos. Two,
-#: not one: after one step most LSTM rows failed the gap test (their top singular vector had moved in 50
-#: Adam steps) and ran a Lanczos of several 64-step sweeps; a second step settles them, cheaper and closer.
+#: Warm-started long lags (tau >= 16) and whole products take up to this many power steps from the
+#: previous measurement's vectors instead of a Lanczos run (the power iteration goes on across
+#: measurements): a row stops once its two lower bounds agree within products.WARM_POWER_GAP, and only a
+#: row that still fails after the last step runs Lanczos. Two, not one: after one step most LSTM rows
+#: failed the test (the top singular vector of a gate-dominated product had moved in 50 Adam steps) and
+#: each paid a Lanczos run of several 64-step sweeps; a second step settles most of them for one more.
 ECONOMY_LAG_POWER_STEPS = 2
 
 

@@ -394,19 +394,30 @@ def _warm_power_rows(
     step_vjp: Callable[[Tensor, int], Tensor],
     power_steps: int,
 ) -> WarmPowerRows:
-    """``power_steps`` power steps on P^T P from unit ``start`` (K, B, D), on the rows with a window in
-    ``window`` (T, K, B): each a forward and an adjoint sweep, no convergence test but the final gap."""
+    """Up to ``power_steps`` power steps on P^T P from unit ``start`` (K, B, D), on the rows with a window
+    in ``window`` (T, K, B): each a forward and an adjoint sweep. A row stops stepping as soon as its two
+    lower bounds pass the :data:`WARM_POWER_GAP` test; the rows that never pass fall back to Lanczos."""
     steps = window.shape[0]
-    spans = _sweep_plan(window)
-    window_vectors = window.unsqueeze(-1)
     v = _unit(start)[0]
     forward_norm = backward_norm = torch.zeros(start.shape[:-1], dtype=start.dtype, device=start.device)
-    for _ in range(power_steps):
+    pending = window.any(dim=0)  # (K, B): rows still stepping
+    for index in range(power_steps):
+        stepping = window & pending.unsqueeze(0)
+        spans = _sweep_plan(stepping)
+        window_vectors = stepping.unsqueeze(-1)
         u = _sweep(v, step_jvp, range(steps), spans, window_vectors)
-        u, forward_norm = _unit(u)
+        u, new_forward = _unit(u)
         w = _sweep(u, step_vjp, reversed(range(steps)), spans, window_vectors)
-        w, backward_norm = _unit(w)
-        v = torch.where((backward_norm > 0).unsqueeze(-1), w, v)
+        w, new_backward = _unit(w)
+        forward_norm = torch.where(pending, new_forward, forward_norm)
+        backward_norm = torch.where(pending, new_backward, backward_norm)
+        v = torch.where((pending & (new_backward > 0)).unsqueeze(-1), w, v)
+        if index + 1 < power_steps:
+            close = torch.isfinite(forward_norm) & torch.isfinite(backward_norm)
+            close &= backward_norm - forward_norm <= WARM_POWER_GAP * forward_norm
+            pending = pending & ~close
+            if not bool(pending.any()):  # one host sync per extra step
+                break
     finite = torch.isfinite(forward_norm) & torch.isfinite(backward_norm)
     gap = backward_norm - forward_norm
     settled = finite & (gap <= WARM_POWER_GAP * forward_norm)
