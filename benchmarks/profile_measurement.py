@@ -38,6 +38,7 @@ import gradwatch
 import gradwatch.estimators.layer as layer_module
 import gradwatch.estimators.products as products_module
 import gradwatch.measure as measure_module
+from gradwatch.estimators.jacobian import AnalyticStepJacobians
 from gradwatch.estimators.layer import EstimatorSettings
 
 #: The stages of one measurement, timed by wrapping the functions that run them where this version of
@@ -65,6 +66,7 @@ STAGES = tuple((module, name, label) for module, name, label in CANDIDATE_STAGES
 ESTIMATORS = {
     "economy": "economy",
     "economy-lanczos": EstimatorSettings(lag_power_steps=0),
+    "economy-one-step": EstimatorSettings(lag_power_steps=1),
     "full": "full",
 }
 
@@ -83,15 +85,35 @@ class SmallLanguageModel(nn.Module):
         return self.readout(hidden)
 
 
-def _timed(name: str, function: Callable[..., Any], totals: dict[str, list[float]]) -> Callable[..., Any]:
+def _timed(
+    name: str, function: Callable[..., Any], totals: dict[str, list[float]], stages: list[str]
+) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         begin = time.perf_counter()
+        stages.append(name)
         try:
             return function(*args, **kwargs)
         finally:
+            stages.pop()
             totals[name].append(time.perf_counter() - begin)
 
     return wrapper
+
+
+def _counting_step_products(stages: list[str], products: dict[str, int]) -> list[tuple[str, Any]]:
+    """Count the vectors every step product (J_t v or J_t^T u of the built-in cells) carries, by the
+    innermost timed stage: the machine-independent cost of the sweeps (each vector is one row of a GEMM
+    with W_hh). Returns the originals to restore."""
+    originals = [(name, getattr(AnalyticStepJacobians, name)) for name in ("_jvp", "_vjp")]
+    for name, original in originals:
+
+        def counted(self: Any, v: torch.Tensor, t: Any, _original: Any = original) -> torch.Tensor:
+            stage = stages[-1] if stages else "other"
+            products[stage] = products.get(stage, 0) + v[..., 0].numel()
+            return _original(self, v, t)
+
+        setattr(AnalyticStepJacobians, name, counted)
+    return originals
 
 
 def profile(
@@ -128,37 +150,49 @@ def profile(
         return time.perf_counter() - begin
 
     totals: dict[str, list[float]] = defaultdict(list)
+    stages: list[str] = []
+    products: dict[str, int] = {}
     originals = [(module, name, getattr(module, name)) for module, name, _ in STAGES]
     for module, name, function in originals:
-        setattr(module, name, _timed(name, function, totals))
+        setattr(module, name, _timed(name, function, totals, stages))
+    product_originals = _counting_step_products(stages, products)
     monitor = gradwatch.watch(
         model, optimizer, every=gap, background=False, estimator=ESTIMATORS.get(estimator, estimator)
     )
     bare_times: list[float] = []
     measured_times: list[float] = []
     per_measurement: list[dict[str, float]] = []
+    products_per_measurement: list[dict[str, int]] = []
     try:
         train_step(batches[0])  # the cold first measurement, not counted
         index = 1
         while len(measured_times) < rounds:
             totals.clear()
+            products.clear()
             elapsed = train_step(batches[index % len(batches)])
             index += 1
             if totals:
                 measured_times.append(elapsed)
                 per_measurement.append({name: sum(times) for name, times in totals.items()})
+                products_per_measurement.append(dict(products))
             else:
                 bare_times.append(elapsed)
     finally:
         monitor.close()
         for module, name, function in originals:
             setattr(module, name, function)
+        for name, function in product_originals:
+            setattr(AnalyticStepJacobians, name, function)
     result = {
         "bare_step_s": statistics.median(bare_times) if bare_times else math.nan,
         "measured_step_s": statistics.median(measured_times),
     }
     for _, name, _ in STAGES:
         result[name] = statistics.median(m.get(name, 0.0) for m in per_measurement)
+    counted = {stage for m in products_per_measurement for stage in m}
+    result["step_products"] = {
+        stage: statistics.median(m.get(stage, 0) for m in products_per_measurement) for stage in counted
+    }
     return result
 
 
@@ -176,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         choices=list(ESTIMATORS),
         nargs="+",
         default=["economy", "full"],
-        help="economy-lanczos: the economy estimator without the warm power steps on the long lags",
+        help="economy-lanczos: the economy estimator without the warm power steps on the long lags; "
+        "economy-one-step: at most one power step (a row that fails its gap test runs Lanczos)",
     )
     parser.add_argument("--rounds", type=int, default=5, help="warm measured steps per setting")
     parser.add_argument("--quick", action="store_true", help="H=256, one warm measurement per setting")
@@ -218,9 +253,18 @@ def stage_table(result: dict) -> str:
     measurement = result["measured_step_s"] - bare
     timed = sum(seconds for seconds, label in rows if not label.startswith("  "))
     rows.append((measurement - timed, "other (hooks, sinks, warm starts, the rest)"))
-    return "\n".join(
-        f"    {1e3 * seconds:8.1f} ms {seconds / bare:6.2f} steps  {label}" for seconds, label in rows
-    )
+    lines = [f"    {1e3 * seconds:8.1f} ms {seconds / bare:6.2f} steps  {label}" for seconds, label in rows]
+    labels = {name: label.strip() for _, name, label in STAGES}
+    products = result.get("step_products", {})
+    if products:
+        parts = ", ".join(
+            f"{labels.get(stage, stage)} {count:.0f}"
+            for stage, count in sorted(products.items(), key=lambda item: -item[1])
+        )
+        lines.append(
+            f"    step products (vectors through J_t or J_t^T): {sum(products.values()):.0f} = {parts}"
+        )
+    return "\n".join(lines)
 
 
 def default_interval(cost_steps: float, every: int = 50, budget: float = 0.02) -> int:
