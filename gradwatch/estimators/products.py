@@ -116,6 +116,18 @@ class LagNormEstimate:
     full_product_converged: Tensor | None = None  # (B,) bool
 
 
+@dataclass(frozen=True)
+class _LagIteration:
+    """How the lag rows iterate (see :func:`estimate_lag_norms`' arguments of the same names)."""
+
+    method: SpectralMethod
+    max_iter: int
+    rtol: float
+    quiet_checks: int | None  # long lags; None: _lag_quiet_checks' rule
+    warm_power_steps: int
+    short_lag_quiet_checks: int | None  # None: SHORT_LAG_QUIET_CHECKS
+
+
 def _check_lags(lags: Sequence[int]) -> tuple[int, ...]:
     checked = tuple(lags)
     if not all(isinstance(tau, int) and not isinstance(tau, bool) and tau >= 1 for tau in checked):
@@ -155,21 +167,9 @@ def estimate_lag_norms(
     steps, batch, state = jac.time_steps, jac.batch_size, jac.state_size
     lengths = sequence_lengths(mask, steps, batch).to(jac.device)
     lag_count = len(checked_lags)
+    iteration = _LagIteration(method, max_iter, rtol, quiet_checks, warm_power_steps, short_lag_quiet_checks)
     if full_products:
-        return _with_full_products(
-            jac,
-            mask,
-            checked_lags,
-            lengths,
-            method,
-            max_iter,
-            rtol,
-            generator,
-            v0,
-            quiet_checks,
-            warm_power_steps,
-            short_lag_quiet_checks,
-        )
+        return _with_full_products(jac, checked_lags, lengths, iteration, generator, v0)
     if lag_count == 0:
         empty = torch.empty((0, batch), dtype=jac.dtype, device=jac.device)
         raw = SpectralNormEstimate(
@@ -180,36 +180,18 @@ def estimate_lag_norms(
         )
         return LagNormEstimate((), empty, raw)
     tau = torch.tensor(checked_lags, device=jac.device).unsqueeze(1)  # (K, 1)
-    return _estimate_windows(
-        jac,
-        tau,
-        lengths,
-        method,
-        max_iter,
-        rtol,
-        generator,
-        v0,
-        checked_lags,
-        quiet_checks=quiet_checks,
-        warm_power_steps=warm_power_steps,
-        short_lag_quiet_checks=short_lag_quiet_checks,
-    )
+    return _estimate_windows(jac, tau, lengths, iteration, generator, v0, checked_lags)
 
 
 def _estimate_windows(
     jac: StepJacobians,
     tau: Tensor,
     lengths: Tensor,
-    method: SpectralMethod,
-    max_iter: int,
-    rtol: float,
+    iteration: _LagIteration,
     generator: torch.Generator | None,
     v0: Tensor | None,
     checked_lags: tuple[int, ...],
     fixed_start_rows: int = 0,
-    quiet_checks: int | None = None,
-    warm_power_steps: int = 0,
-    short_lag_quiet_checks: int | None = None,
 ) -> LagNormEstimate:
     """Norms of the products over the last tau[k, b] real steps of each sequence b (tau (K, 1) or (K, B)),
     one batched Lanczos; the last ``fixed_start_rows`` rows start from the private seed-0 vectors when no
@@ -241,20 +223,13 @@ def _estimate_windows(
             )
             start_vectors = torch.cat([start_vectors, fixed])
     step_jvp, step_vjp = step_products(jac)
-    quiet = _lag_quiet_checks(tau.expand(lag_count, batch), warm_rows, quiet_checks, short_lag_quiet_checks)
-    if not (warm_power_steps >= 1 and usable_warm_start and method == "lanczos"):
+    quiet = _lag_quiet_checks(
+        tau.expand(lag_count, batch), warm_rows, iteration.quiet_checks, iteration.short_lag_quiet_checks
+    )
+    warm_power_steps = iteration.warm_power_steps
+    if not (warm_power_steps >= 1 and usable_warm_start and iteration.method == "lanczos"):
         return _lanczos_windows(
-            jac,
-            in_window,
-            valid,
-            start_vectors,
-            step_jvp,
-            step_vjp,
-            method,
-            max_iter,
-            rtol,
-            quiet,
-            checked_lags,
+            jac, in_window, valid, start_vectors, step_jvp, step_vjp, iteration, quiet, checked_lags
         )
     # Economy, warm: the long rows take a few power steps from their previous vectors, checked by the gap
     # between their two lower bounds; the short rows and the long rows that failed the check run Lanczos.
@@ -273,9 +248,7 @@ def _estimate_windows(
         lanczos_start,
         step_jvp,
         step_vjp,
-        method,
-        max_iter,
-        rtol,
+        iteration,
         quiet,
         checked_lags,
     )
@@ -301,9 +274,7 @@ def _lanczos_windows(
     start_vectors: Tensor,
     step_jvp: Callable[[Tensor, int], Tensor],
     step_vjp: Callable[[Tensor, int], Tensor],
-    method: SpectralMethod,
-    max_iter: int,
-    rtol: float,
+    iteration: _LagIteration,
     quiet: Tensor,
     checked_lags: tuple[int, ...],
 ) -> LagNormEstimate:
@@ -347,12 +318,12 @@ def _lanczos_windows(
         return restricted_product, restricted_adjoint
 
     raw = spectral_norm(
-        method,
+        iteration.method,
         product,
         adjoint_product,
         start_vectors,
-        max_iter=max_iter,
-        rtol=rtol,
+        max_iter=iteration.max_iter,
+        rtol=iteration.rtol,
         active=valid,
         restrict=restrict,
         check_interval=_LAG_CONVERGENCE_TEST["check_interval"],
@@ -448,17 +419,11 @@ def _lag_quiet_checks(
 
 def _with_full_products(
     jac: StepJacobians,
-    mask: Tensor,
     checked_lags: tuple[int, ...],
     lengths: Tensor,
-    method: SpectralMethod,
-    max_iter: int,
-    rtol: float,
+    iteration: _LagIteration,
     generator: torch.Generator | None,
     v0: Tensor | None,
-    quiet_checks: int | None = None,
-    warm_power_steps: int = 0,
-    short_lag_quiet_checks: int | None = None,
 ) -> LagNormEstimate:
     """The lags plus one row per sequence with tau = L_b (the whole product), split apart again."""
     lag_count = len(checked_lags)
@@ -471,21 +436,7 @@ def _with_full_products(
     whole_tau = lengths.to(torch.long).view(1, batch)
     whole_product = lag_tau == whole_tau
     tau = torch.cat([torch.where(whole_product, 0, lag_tau), whole_tau])
-    both = _estimate_windows(
-        jac,
-        tau,
-        lengths,
-        method,
-        max_iter,
-        rtol,
-        generator,
-        v0,
-        checked_lags,
-        fixed_start_rows=1,
-        quiet_checks=quiet_checks,
-        warm_power_steps=warm_power_steps,
-        short_lag_quiet_checks=short_lag_quiet_checks,
-    )
+    both = _estimate_windows(jac, tau, lengths, iteration, generator, v0, checked_lags, fixed_start_rows=1)
     raw = both.estimate
     shared = torch.cat([whole_product, whole_product.new_zeros((1, batch))])  # (K + 1, B)
 
