@@ -9,20 +9,10 @@ import time
 import warnings
 
 import torch
-from torch import nn
 
 import gradwatch
 from gradwatch.sinks.prometheus import PrometheusSink
-
-
-class SeqModel(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.rnn = nn.GRU(3, 5)
-        self.head = nn.Linear(5, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.rnn(x)[0]).squeeze(-1)
+from tests.tiny_gru import SeqModel
 
 
 def test_an_unanswering_pushgateway_never_blocks_the_training_step() -> None:
