@@ -103,7 +103,8 @@ def _timed(
 def _counting_step_products(stages: list[str], products: dict[str, int]) -> list[tuple[str, Any]]:
     """Count the vectors every step product (J_t v or J_t^T u of the built-in cells) carries, by the
     innermost timed stage: the machine-independent cost of the sweeps (each vector is one row of a GEMM
-    with W_hh). Returns the originals to restore."""
+    with W_hh). The count is one Python call per product (about 1 µs against 55-460 µs for the product itself at H=256), inside the
+    timed measurement like the stage timers. Returns the originals to restore."""
     originals = [(name, getattr(AnalyticStepJacobians, name)) for name in ("_jvp", "_vjp")]
     for name, original in originals:
 
