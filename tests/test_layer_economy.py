@@ -345,6 +345,7 @@ def test_a_warm_power_row_stops_once_its_bounds_agree_and_a_far_one_takes_the_se
 
     result = products_module._warm_power_rows(starts, window, counting_jvp, step_vjp, 2)
     assert sum(forward_rows) == 2 * tau + 1 * tau  # step one: both rows; step two: the far row only
+    assert result.steps_taken[:, sequence].tolist() == [1, 2] and result.sweeps == 2
     a_top, b_top = by_hand(top, 1)
     assert b_top - a_top <= products_module.WARM_POWER_GAP * a_top  # the top row passes after one step
     a_far_1, b_far_1 = by_hand(far / far.norm(), 1)

@@ -258,10 +258,10 @@ def _estimate_windows(
         sigma=torch.where(accepted, power.sigma, raw.sigma),
         right_vectors=torch.where(accepted.unsqueeze(-1), power.vectors, raw.right_vectors),
         converged=torch.where(accepted, True, raw.converged),
-        iterations=max(raw.iterations, warm_power_steps),
+        iterations=max(raw.iterations, power.sweeps),
         element_iterations=None
         if element_iterations is None
-        else torch.where(accepted, warm_power_steps, element_iterations),
+        else torch.where(accepted, power.steps_taken, element_iterations),
     )
     norms = torch.where(valid, merged.sigma, torch.full_like(merged.sigma, float("nan")))
     return LagNormEstimate(checked_lags, norms, merged)
@@ -351,11 +351,21 @@ WARM_POWER_MIN_LAG = 16
 @dataclass(frozen=True)
 class WarmPowerRows:
     """Power steps from warm vectors on window products: the estimate b (the larger lower bound), the new
-    unit vectors and whether each row's gap between its two lower bounds passed :data:`WARM_POWER_GAP`."""
+    unit vectors, whether each row's gap between its two lower bounds passed :data:`WARM_POWER_GAP`, and
+    the power steps each row took."""
 
     sigma: Tensor  # (K, B)
     vectors: Tensor  # (K, B, D)
     settled: Tensor  # (K, B) bool
+    steps_taken: Tensor  # (K, B) long
+    sweeps: int  # the power steps of the longest-stepping row
+
+
+def _bounds_agree(forward_norm: Tensor, backward_norm: Tensor) -> Tensor:
+    """The :data:`WARM_POWER_GAP` test on a power step's two lower bounds a <= b: both finite and
+    b - a <= WARM_POWER_GAP * a."""
+    finite = torch.isfinite(forward_norm) & torch.isfinite(backward_norm)
+    return finite & (backward_norm - forward_norm <= WARM_POWER_GAP * forward_norm)
 
 
 def _warm_power_rows(
@@ -372,7 +382,11 @@ def _warm_power_rows(
     v = _unit(start)[0]
     forward_norm = backward_norm = torch.zeros(start.shape[:-1], dtype=start.dtype, device=start.device)
     pending = window.any(dim=0)  # (K, B): rows still stepping
+    steps_taken = torch.zeros(pending.shape, dtype=torch.long, device=start.device)
+    sweeps = 0
     for index in range(power_steps):
+        sweeps = index + 1
+        steps_taken += pending
         stepping = window & pending.unsqueeze(0)
         spans = _sweep_plan(stepping)
         window_vectors = stepping.unsqueeze(-1)
@@ -384,17 +398,14 @@ def _warm_power_rows(
         backward_norm = torch.where(pending, new_backward, backward_norm)
         v = torch.where((pending & (new_backward > 0)).unsqueeze(-1), w, v)
         if index + 1 < power_steps:
-            close = torch.isfinite(forward_norm) & torch.isfinite(backward_norm)
-            close &= backward_norm - forward_norm <= WARM_POWER_GAP * forward_norm
-            pending = pending & ~close
+            pending = pending & ~_bounds_agree(forward_norm, backward_norm)
             if not bool(pending.any()):  # one host sync per extra step
                 break
     finite = torch.isfinite(forward_norm) & torch.isfinite(backward_norm)
-    gap = backward_norm - forward_norm
-    settled = finite & (gap <= WARM_POWER_GAP * forward_norm)
+    settled = _bounds_agree(forward_norm, backward_norm)
     sigma = torch.where(finite, backward_norm, torch.full_like(backward_norm, float("nan")))
     vectors = torch.where(finite.unsqueeze(-1), v, start)  # a non-finite product keeps its old start
-    return WarmPowerRows(sigma=sigma, vectors=vectors, settled=settled)
+    return WarmPowerRows(sigma, vectors, settled, steps_taken, sweeps)
 
 
 def _unit(x: Tensor) -> tuple[Tensor, Tensor]:
